@@ -1,0 +1,304 @@
+//! The one asset downloader: mirrors tried in order, SHA-256 computed while streaming, a temp
+//! file renamed into place only once verified, a cross-process lock so parallel test processes
+//! download once, and a record of the verified digest so a cache hit never re-hashes.
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A file known by its digest, with the places it can be fetched from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Artifact {
+    pub file_name: String,
+    pub urls: Vec<String>,
+    pub sha256: String,
+    pub size: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub url: String,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error("artifact {file_name:?} is not valid: {reason}")]
+    InvalidArtifact { file_name: String, reason: String },
+    #[error(
+        "cannot use the download cache {dir}: {source} (set DEVICELAB_DATA_DIR to a writable directory)"
+    )]
+    CacheDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("could not download {file_name} from any of its {} mirror(s):\n{}", attempts.len(), Attempts(attempts))]
+    AllMirrorsFailed {
+        file_name: String,
+        attempts: Vec<Attempt>,
+    },
+}
+
+struct Attempts<'a>(&'a [Attempt]);
+impl fmt::Display for Attempts<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for a in self.0 {
+            writeln!(f, "  {}: {}", a.url, a.reason)?;
+        }
+        Ok(())
+    }
+}
+
+/// What is recorded beside a verified file: the digest, and the size and mtime it had then.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct VerifiedRecord {
+    sha256: String,
+    size: u64,
+    mtime_ns: i64,
+}
+
+impl Artifact {
+    fn validate(&self) -> Result<(), DownloadError> {
+        let invalid = |reason: &str| DownloadError::InvalidArtifact {
+            file_name: self.file_name.clone(),
+            reason: reason.to_owned(),
+        };
+        if self.file_name.is_empty()
+            || self.file_name.contains('/')
+            || self.file_name.starts_with('.')
+        {
+            return Err(invalid(
+                "the file name must be a plain name, without '/' or a leading '.'",
+            ));
+        }
+        if self.sha256.len() != 64 || !self.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(invalid("sha256 must be 64 hex digits"));
+        }
+        if self.urls.is_empty() {
+            return Err(invalid("no URL to download it from"));
+        }
+        Ok(())
+    }
+}
+
+/// Returns the path of the verified file in `cache_dir`, downloading it first if needed.
+pub async fn fetch(cache_dir: &Path, artifact: &Artifact) -> Result<PathBuf, DownloadError> {
+    artifact.validate()?;
+    let cache_err = |source| DownloadError::CacheDir {
+        dir: cache_dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(cache_dir).map_err(cache_err)?;
+    let target = cache_dir.join(&artifact.file_name);
+    let lock_path = cache_dir.join(format!(".{}.lock", artifact.file_name));
+    let lock = File::create(&lock_path).map_err(cache_err)?;
+    // Another process may be downloading the same file: wait for it, then use its result.
+    let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
+        .await
+        .expect("lock task panicked")
+        .map_err(cache_err)?;
+
+    if is_verified(&target, &artifact.sha256) {
+        tracing::debug!(file = %target.display(), "cache hit");
+        return Ok(target);
+    }
+    // A file without a matching record (copied in by hand, or an older run died between the
+    // rename and the record): hash it once rather than downloading again.
+    if target.exists() {
+        match hash_file(&target).await {
+            Ok(digest) if digest.eq_ignore_ascii_case(&artifact.sha256) => {
+                record_verified(&target, &artifact.sha256).map_err(cache_err)?;
+                return Ok(target);
+            }
+            _ => {
+                tracing::warn!(file = %target.display(), "cached file does not match its sha256; downloading again");
+                std::fs::remove_file(&target).map_err(cache_err)?;
+            }
+        }
+    }
+
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(30))
+        .read_timeout(Duration::from_secs(60))
+        .build()
+        .expect("reqwest client builds");
+    let mut attempts = Vec::new();
+    for url in &artifact.urls {
+        match download_one(&client, url, &target, artifact).await {
+            Ok(()) => {
+                record_verified(&target, &artifact.sha256).map_err(cache_err)?;
+                drop(lock);
+                return Ok(target);
+            }
+            Err(reason) => {
+                tracing::warn!(%url, %reason, "download failed, trying the next mirror");
+                attempts.push(Attempt {
+                    url: url.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+    Err(DownloadError::AllMirrorsFailed {
+        file_name: artifact.file_name.clone(),
+        attempts,
+    })
+}
+
+/// Streams `url` into `<target>.part`, hashing as it goes; renames only a verified file.
+/// Any failure removes the partial file.
+async fn download_one(
+    client: &reqwest::Client,
+    url: &str,
+    target: &Path,
+    artifact: &Artifact,
+) -> Result<(), String> {
+    let part = target.with_file_name(format!(".{}.part", artifact.file_name));
+    let result = stream_to(client, url, &part, artifact).await;
+    match result {
+        Ok(()) => std::fs::rename(&part, target).map_err(|e| {
+            let _ = std::fs::remove_file(&part);
+            format!("cannot move the download into place: {e}")
+        }),
+        Err(reason) => {
+            let _ = std::fs::remove_file(&part);
+            Err(reason)
+        }
+    }
+}
+
+async fn stream_to(
+    client: &reqwest::Client,
+    url: &str,
+    part: &Path,
+    artifact: &Artifact,
+) -> Result<(), String> {
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("HTTP {status}"));
+    }
+    let expected_len = artifact.size.or(response.content_length());
+    let mut file =
+        File::create(part).map_err(|e| format!("cannot create {}: {e}", part.display()))?;
+    let mut hasher = Sha256::new();
+    let mut received: u64 = 0;
+    let mut stream = response.bytes_stream();
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| format!("transfer interrupted after {received} bytes: {e}"))?;
+        hasher.update(&chunk);
+        file.write_all(&chunk).map_err(|e| {
+            format!(
+                "cannot write {} after {received} bytes: {e} (is the disk full? free space in {})",
+                part.display(),
+                part.parent()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default()
+            )
+        })?;
+        received += chunk.len() as u64;
+        if let Some(max) = artifact.size
+            && received > max
+        {
+            return Err(format!("server sent more than the pinned {max} bytes"));
+        }
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            last_report = Instant::now();
+            let mib = received as f64 / 1048576.0;
+            let rate = mib / started.elapsed().as_secs_f64().max(0.001);
+            match expected_len {
+                Some(total) => tracing::info!(
+                    "downloading {}: {mib:.0} of {:.0} MiB ({:.0}%), {rate:.1} MiB/s",
+                    artifact.file_name,
+                    total as f64 / 1048576.0,
+                    received as f64 * 100.0 / total.max(1) as f64
+                ),
+                None => tracing::info!(
+                    "downloading {}: {mib:.0} MiB, {rate:.1} MiB/s",
+                    artifact.file_name
+                ),
+            }
+        }
+    }
+    if let Some(expected) = expected_len
+        && received != expected
+    {
+        return Err(format!("truncated: got {received} of {expected} bytes"));
+    }
+    let digest = hex::encode(hasher.finalize());
+    if !digest.eq_ignore_ascii_case(&artifact.sha256) {
+        return Err(format!(
+            "sha256 mismatch: expected {}, got {digest} (the mirror serves a different file: fix the pinned digest)",
+            artifact.sha256
+        ));
+    }
+    file.sync_all()
+        .map_err(|e| format!("cannot sync {}: {e}", part.display()))?;
+    Ok(())
+}
+
+fn record_path(target: &Path) -> PathBuf {
+    let name = target.file_name().unwrap_or_default().to_string_lossy();
+    target.with_file_name(format!(".{name}.verified.json"))
+}
+
+fn is_verified(target: &Path, sha256: &str) -> bool {
+    let (Ok(meta), Ok(text)) = (
+        std::fs::metadata(target),
+        std::fs::read_to_string(record_path(target)),
+    ) else {
+        return false;
+    };
+    let Ok(record) = serde_json::from_str::<VerifiedRecord>(&text) else {
+        return false;
+    };
+    record.sha256.eq_ignore_ascii_case(sha256)
+        && record.size == meta.len()
+        && record.mtime_ns == mtime_ns(&meta)
+}
+
+fn record_verified(target: &Path, sha256: &str) -> std::io::Result<()> {
+    let meta = std::fs::metadata(target)?;
+    let record = VerifiedRecord {
+        sha256: sha256.to_ascii_lowercase(),
+        size: meta.len(),
+        mtime_ns: mtime_ns(&meta),
+    };
+    let path = record_path(target);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(&record).expect("record serializes"),
+    )?;
+    std::fs::rename(tmp, path)
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
+}
+
+/// SHA-256 of a file, off the async threads.
+pub async fn hash_file(path: &Path) -> std::io::Result<String> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut file = File::open(path)?;
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut file, &mut hasher)?;
+        Ok(hex::encode(hasher.finalize()))
+    })
+    .await
+    .expect("hash task panicked")
+}

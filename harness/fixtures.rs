@@ -1,0 +1,67 @@
+//! rstest fixtures for users' own tests. Compose them in `#[rstest] #[tokio::test]`:
+//!
+//! ```ignore
+//! use devicelab::fixtures::*;
+//! #[rstest]
+//! #[tokio::test(flavor = "multi_thread")]
+//! async fn agent_survives_power_cycle(#[future] onboarded: OnboardedDevice) {
+//!     let device = onboarded.await;
+//!     device.vm.power_cycle().await.unwrap();
+//! }
+//! ```
+
+use crate::arch::VmArchitecture;
+use crate::lab::Lab;
+use crate::nats::NatsServer;
+pub use crate::scenario::OnboardedDevice;
+use crate::spec::VirtualMachineSpec;
+use crate::vm::Vm;
+pub use rstest::{fixture, rstest};
+use std::sync::Arc;
+
+/// The lab, from the environment (DEVICELAB_* variables).
+#[fixture]
+pub async fn lab() -> Arc<Lab> {
+    crate::init_logging();
+    Lab::from_env()
+        .await
+        .unwrap_or_else(|e| panic!("devicelab: {e}"))
+}
+
+/// The architecture under test: `ARCH`, else the host's.
+#[fixture]
+pub fn arch() -> VmArchitecture {
+    crate::config::HarnessConfig::from_env()
+        .unwrap_or_else(|e| panic!("devicelab: {e}"))
+        .arch_filter
+        .or_else(VmArchitecture::host)
+        .expect("devicelab: unknown host architecture; set ARCH")
+}
+
+/// A NATS server the lab's VMs can reach.
+#[fixture]
+pub async fn nats(#[future] lab: Arc<Lab>) -> NatsServer {
+    lab.await
+        .nats()
+        .await
+        .unwrap_or_else(|e| panic!("devicelab: {e}"))
+}
+
+/// A ready VM of `arch` (SSH up, cloud-init done), removed when dropped.
+#[fixture]
+pub async fn vm(#[future] lab: Arc<Lab>, arch: VmArchitecture) -> Vm {
+    let lab = lab.await;
+    let name = lab.vm_name("vm", arch);
+    lab.vm(VirtualMachineSpec::new(name, arch))
+        .await
+        .unwrap_or_else(|e| panic!("devicelab: {e}"))
+}
+
+/// A VM with the reference agent onboarded and its first status received.
+#[fixture]
+pub async fn onboarded(#[future] lab: Arc<Lab>, arch: VmArchitecture) -> OnboardedDevice {
+    let lab = lab.await;
+    crate::scenario::onboarded_device(&lab, arch, "dev")
+        .await
+        .unwrap_or_else(|e| panic!("devicelab: {e}"))
+}

@@ -1,0 +1,135 @@
+//! SSH keys: the harness's client key (one per data dir, 0600) and a fresh host key per VM,
+//! injected through cloud-init so every connection verifies the guest (no trust on first use).
+
+use russh::keys::ssh_key::LineEnding;
+use russh::keys::{Algorithm, PrivateKey, PublicKey};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot create the key directory {dir}: {source}")]
+    Dir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot generate an ed25519 key: {0}")]
+    Generate(String),
+    #[error("cannot write the key {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot load the key {path}: {reason} (delete it and its .pub to have a new one generated)"
+    )]
+    Load { path: PathBuf, reason: String },
+    #[error("the key {path} is readable by others (mode {mode:o}): run chmod 600 {path}")]
+    Permissions { path: PathBuf, mode: u32 },
+}
+
+#[derive(Clone)]
+pub struct ClientKey {
+    pub private: Arc<PrivateKey>,
+    /// `ssh-ed25519 AAAA… comment`, for authorized_keys.
+    pub public_line: String,
+    pub path: PathBuf,
+}
+
+/// A guest's SSH host key, made by the harness.
+#[derive(Clone)]
+pub struct HostKey {
+    pub private_openssh: String,
+    pub public: PublicKey,
+    pub public_line: String,
+}
+
+fn generate(comment: &str) -> Result<PrivateKey, KeyError> {
+    let mut key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
+        .map_err(|e| KeyError::Generate(e.to_string()))?;
+    key.set_comment(comment);
+    Ok(key)
+}
+
+fn public_line(key: &PrivateKey) -> String {
+    key.public_key()
+        .to_openssh()
+        .expect("an ed25519 public key always encodes")
+}
+
+impl ClientKey {
+    /// Loads `dir/id_ed25519`, generating it on first use. Safe against concurrent processes:
+    /// the key is written to a temp file and linked into place, so exactly one key wins.
+    pub fn load_or_generate(dir: &Path) -> Result<Self, KeyError> {
+        std::fs::create_dir_all(dir).map_err(|source| KeyError::Dir {
+            dir: dir.to_owned(),
+            source,
+        })?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| KeyError::Dir {
+                dir: dir.to_owned(),
+                source,
+            },
+        )?;
+        let path = dir.join("id_ed25519");
+        if !path.exists() {
+            let key = generate("devicelab")?;
+            let tmp = dir.join(format!(".id_ed25519.{}", std::process::id()));
+            let write_err = |source| KeyError::Write {
+                path: tmp.clone(),
+                source,
+            };
+            // write_openssh_file creates the file 0600.
+            key.write_openssh_file(&tmp, LineEnding::LF)
+                .map_err(|e| write_err(std::io::Error::other(e.to_string())))?;
+            std::fs::write(
+                dir.join("id_ed25519.pub"),
+                format!("{}\n", public_line(&key)),
+            )
+            .map_err(write_err)?;
+            // hard_link fails if another process won the race; then we use its key.
+            let _ = std::fs::hard_link(&tmp, &path);
+            let _ = std::fs::remove_file(&tmp);
+        }
+        let mode = std::fs::metadata(&path)
+            .map_err(|e| KeyError::Load {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Permissions { path, mode });
+        }
+        let private = russh::keys::load_secret_key(&path, None).map_err(|e| KeyError::Load {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            public_line: public_line(&private),
+            private: Arc::new(private),
+            path,
+        })
+    }
+}
+
+impl HostKey {
+    pub fn generate(comment: &str) -> Result<Self, KeyError> {
+        let key = generate(comment)?;
+        Ok(Self {
+            private_openssh: key
+                .to_openssh(LineEnding::LF)
+                .map_err(|e| KeyError::Generate(e.to_string()))?
+                .to_string(),
+            public_line: public_line(&key),
+            public: key.public_key().clone(),
+        })
+    }
+
+    /// The `known_hosts` line for an ssh command a human can paste.
+    pub fn known_hosts_line(&self, host: &str) -> String {
+        format!("{host} {}", self.public_line)
+    }
+}

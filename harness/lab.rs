@@ -1,0 +1,261 @@
+//! The lab ("the runner"): configuration, the libvirt connection, the storage pool, the SSH key
+//! and the cached images, shared by every VM a test process starts.
+
+use crate::accel::{self, AccelDecision, Accelerator};
+use crate::agent::{AgentBinary, AgentBinaryError};
+use crate::arch::VmArchitecture;
+use crate::config::{ConfigError, HarnessConfig};
+use crate::domain_xml::RunOwner;
+use crate::image::{BaseImage, ImageError, ImageSource};
+use crate::keys::{ClientKey, KeyError};
+use crate::libvirt::{Libvirt, LibvirtError};
+use crate::nats::{NatsError, NatsServer};
+use crate::pool::{Pool, PoolError};
+use crate::spec::VirtualMachineSpec;
+use crate::vm::{Vm, VmError};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(
+        "cannot prepare the data dir {dir}: {source} (set DEVICELAB_DATA_DIR to a directory you can write)"
+    )]
+    DataDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub struct Lab {
+    pub config: HarnessConfig,
+    pub libvirt: Libvirt,
+    pub pool: Pool,
+    pub client_key: ClientKey,
+    pub owner: RunOwner,
+    images: tokio::sync::Mutex<HashMap<VmArchitecture, BaseImage>>,
+    agents: tokio::sync::Mutex<HashMap<VmArchitecture, AgentBinary>>,
+    accels: Mutex<HashMap<VmArchitecture, AccelDecision>>,
+    qemu_args: Mutex<HashMap<VmArchitecture, Vec<String>>>,
+}
+
+/// This process's run identity, recorded on everything it creates.
+pub fn run_owner() -> RunOwner {
+    static OWNER: OnceLock<RunOwner> = OnceLock::new();
+    OWNER
+        .get_or_init(|| RunOwner {
+            run_id: hex::encode(rand::random::<[u8; 4]>()),
+            pid: std::process::id(),
+        })
+        .clone()
+}
+
+impl Lab {
+    pub async fn from_env() -> Result<Arc<Self>, LabError> {
+        Self::new(HarnessConfig::from_env()?).await
+    }
+
+    pub async fn new(config: HarnessConfig) -> Result<Arc<Self>, LabError> {
+        crate::install_crypto_provider();
+        let data = config.data_dir.clone();
+        let data_err = |source| LabError::DataDir {
+            dir: data.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&data).map_err(data_err)?;
+        // Traversable (libvirt's qemu user reaches images through it), not listable.
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o711))
+            .map_err(data_err)?;
+        let config2 = config.clone();
+        let (libvirt, pool) = tokio::task::spawn_blocking(move || -> Result<_, LabError> {
+            let libvirt = Libvirt::open(&config2.libvirt_uri)?;
+            // Several test processes start at once: one defines the pool, the others find it.
+            let lock = File::create(config2.data_dir.join(".pool.lock")).map_err(|source| {
+                LabError::DataDir {
+                    dir: config2.data_dir.clone(),
+                    source,
+                }
+            })?;
+            lock.lock().map_err(|source| LabError::DataDir {
+                dir: config2.data_dir.clone(),
+                source,
+            })?;
+            let pool = Pool::ensure(&libvirt, &config2.pool_dir())?;
+            Ok((libvirt, pool))
+        })
+        .await
+        .expect("lab setup task panicked")?;
+        let client_key = ClientKey::load_or_generate(&config.keys_dir())?;
+        Ok(Arc::new(Self {
+            config,
+            libvirt,
+            pool,
+            client_key,
+            owner: run_owner(),
+            images: Default::default(),
+            agents: Default::default(),
+            accels: Default::default(),
+            qemu_args: Default::default(),
+        }))
+    }
+
+    /// The accelerator for `arch` (probed once per process; the choice is logged).
+    pub fn accel(&self, arch: VmArchitecture) -> AccelDecision {
+        self.accels
+            .lock()
+            .unwrap()
+            .entry(arch)
+            .or_insert_with(|| {
+                let d = accel::decide(arch, self.config.accel);
+                tracing::info!("{arch}: accelerator {} ({})", d.accel, d.reason);
+                d
+            })
+            .clone()
+    }
+
+    pub async fn base_image(&self, arch: VmArchitecture) -> Result<BaseImage, ImageError> {
+        let mut images = self.images.lock().await;
+        if let Some(image) = images.get(&arch) {
+            return Ok(image.clone());
+        }
+        let image = ImageSource::for_arch(&self.config, arch)?
+            .resolve(&self.config.image_cache_dir())
+            .await?;
+        images.insert(arch, image.clone());
+        Ok(image)
+    }
+
+    pub async fn agent_binary(
+        &self,
+        arch: VmArchitecture,
+    ) -> Result<AgentBinary, AgentBinaryError> {
+        let mut agents = self.agents.lock().await;
+        if let Some(bin) = agents.get(&arch) {
+            return Ok(bin.clone());
+        }
+        let bin = AgentBinary::for_arch(&self.config, arch).await?;
+        agents.insert(arch, bin.clone());
+        Ok(bin)
+    }
+
+    /// The QEMU system emulator for `arch`, from the usual install locations.
+    pub fn emulator(&self, arch: VmArchitecture) -> PathBuf {
+        let bin = arch.emulator_binary();
+        ["/usr/bin", "/usr/local/bin", "/usr/libexec"]
+            .iter()
+            .map(|d| Path::new(d).join(bin))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| Path::new("/usr/bin").join(bin))
+    }
+
+    /// Extra QEMU arguments. Emulated aarch64: `pauth-impdef=on` is a `-cpu` property (not a
+    /// libvirt feature) that roughly halves boot time versus the architected pointer
+    /// authentication; QEMU takes the last `-cpu`, so it is appended. Only passed when this
+    /// host's QEMU accepts it (checked once).
+    pub fn qemu_args(&self, arch: VmArchitecture, accel: Accelerator) -> Vec<String> {
+        if arch != VmArchitecture::Aarch64 || accel != Accelerator::Tcg {
+            return Vec::new();
+        }
+        self.qemu_args
+            .lock()
+            .unwrap()
+            .entry(arch)
+            .or_insert_with(|| {
+                let emulator = self.emulator(arch);
+                let wanted = ["-cpu", "max,pauth-impdef=on", "-accel", "tcg,thread=multi"];
+                if qemu_accepts(&emulator, &wanted) {
+                    tracing::info!("aarch64: {} accepts {}", emulator.display(), wanted.join(" "));
+                    wanted.iter().map(|s| s.to_string()).collect()
+                } else {
+                    tracing::warn!(
+                        "aarch64: {} rejects pauth-impdef=on; using plain -cpu max (boots about 2x slower)",
+                        emulator.display()
+                    );
+                    Vec::new()
+                }
+            })
+            .clone()
+    }
+
+    pub fn run_dir(&self, vm_name: &str) -> std::io::Result<PathBuf> {
+        let runs = self.config.runs_dir();
+        std::fs::create_dir_all(&runs)?;
+        std::fs::set_permissions(&runs, std::fs::Permissions::from_mode(0o711))?;
+        let dir = runs.join(vm_name);
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    /// Provisions a VM and waits until it is ready.
+    pub async fn vm(&self, spec: VirtualMachineSpec) -> Result<Vm, VmError> {
+        Vm::provision(self, spec).await
+    }
+
+    /// Starts a NATS server reachable from this lab's VMs.
+    pub async fn nats(&self) -> Result<NatsServer, LabNatsError> {
+        let network = self.config.network.clone();
+        let gateway = self
+            .libvirt
+            .run(move |lv| lv.network_gateway(&network))
+            .await?;
+        Ok(NatsServer::start(&self.config, gateway, &self.owner).await?)
+    }
+
+    /// A VM name unique to this run: `devicelab-<what>-<arch>-<run id>`.
+    pub fn vm_name(&self, what: &str, arch: VmArchitecture) -> String {
+        format!(
+            "devicelab-{what}-{}-{}",
+            arch.debian_name(),
+            self.owner.run_id
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabNatsError {
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+}
+
+/// Does this QEMU start a `virt` machine with these arguments? Asked through QMP, so QEMU
+/// answers and quits at once instead of running a machine.
+fn qemu_accepts(emulator: &Path, args: &[&str]) -> bool {
+    use std::io::Write;
+    let child = Command::new(emulator)
+        .args([
+            "-machine",
+            "virt",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-S",
+            "-qmp",
+            "stdio",
+        ])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        return false;
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n");
+    }
+    child.wait().map(|s| s.success()).unwrap_or(false)
+}

@@ -1,0 +1,49 @@
+//! devicelab: prove an on-device agent works on the real target. Boots real cloud images as
+//! libvirt VMs of the real architecture, onboards the agent over SSH, watches it report to
+//! NATS, and pulls the plug to see it come back.
+//!
+//! The pieces mirror testcontainers: an image ([`image`]), a request ([`spec`]), a runner
+//! ([`lab::Lab`]), a handle that cleans up when dropped ([`vm::Vm`]), readiness probes
+//! ([`readiness`]).
+
+pub mod accel;
+pub mod agent;
+pub mod arch;
+pub mod config;
+pub mod domain_xml;
+pub mod download;
+pub mod firmware;
+pub mod fixtures;
+pub mod image;
+pub mod keys;
+pub mod lab;
+pub mod libvirt;
+pub mod nats;
+pub mod onboard;
+pub mod pool;
+pub mod readiness;
+pub mod scenario;
+pub mod seed;
+pub mod spec;
+pub mod ssh;
+pub mod vm;
+
+pub use arch::VmArchitecture;
+pub use lab::Lab;
+pub use spec::VirtualMachineSpec;
+pub use vm::Vm;
+
+/// rustls needs one process-wide crypto provider before the first TLS connection.
+pub fn install_crypto_provider() {
+    let _ = async_nats::rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Logs to stderr, filtered by RUST_LOG (default: info for devicelab). Idempotent.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("devicelab=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,375 @@
+//! The NATS server the agents report to: a podman container (default) or a local nats-server
+//! process, reachable by the test at 127.0.0.1 and by guests at the libvirt network's gateway.
+//! Reports are captured by a JetStream stream so a device's whole history can be read in order.
+
+use crate::config::{HarnessConfig, NatsMode};
+use crate::domain_xml::RunOwner;
+use crate::readiness;
+use async_nats::jetstream::{self, consumer, stream};
+use devicelab_agent::{DEFAULT_SUBJECT_PREFIX, Status, status_subject};
+use futures_util::StreamExt;
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const STREAM_NAME: &str = "DEVICELAB_STATUS";
+const START_BUDGET: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("cannot run {program}: {source} ({fix})")]
+    Missing {
+        program: String,
+        source: std::io::Error,
+        fix: &'static str,
+    },
+    #[error(
+        "podman could not start the NATS image {image}: {stderr}\n  set DEVICELAB_NATS_IMAGE to an image this host \
+         has (fixtures/nats/build-image.sh builds one from Debian's nats-server), or use DEVICELAB_NATS=process"
+    )]
+    ContainerStart { image: String, stderr: String },
+    #[error("NATS at {url} did not accept connections within {START_BUDGET:?}: {last}{logs}")]
+    NotReady {
+        url: String,
+        last: String,
+        logs: String,
+    },
+    #[error("JetStream request failed while {doing}: {message}")]
+    JetStream { doing: String, message: String },
+    #[error("no status from {device_id} matched within {budget:?}; seen: {seen}")]
+    StatusTimeout {
+        device_id: String,
+        budget: Duration,
+        seen: String,
+    },
+    #[error("status rejected: {reason} (stream sequence {seq}: {status:?})")]
+    StatusRejected {
+        reason: String,
+        seq: u64,
+        status: Status,
+    },
+}
+
+fn js_err(doing: &str) -> impl FnOnce(String) -> NatsError + '_ {
+    move |message| NatsError::JetStream {
+        doing: doing.to_owned(),
+        message,
+    }
+}
+
+enum Runner {
+    Container {
+        name: String,
+    },
+    Process {
+        child: Child,
+        _store: tempfile::TempDir,
+    },
+}
+
+pub struct NatsServer {
+    runner: Runner,
+    pub port: u16,
+    pub gateway: Ipv4Addr,
+    client: Option<async_nats::Client>,
+    keep: bool,
+}
+
+impl NatsServer {
+    pub async fn start(
+        config: &HarnessConfig,
+        gateway: Ipv4Addr,
+        owner: &RunOwner,
+    ) -> Result<Self, NatsError> {
+        let port = free_port();
+        let port_s = port.to_string();
+        let args = ["-js", "-a", "0.0.0.0", "-p", port_s.as_str()];
+        let runner = match &config.nats {
+            NatsMode::Container { image } => {
+                let name = format!("devicelab-nats-{}-{port}", owner.run_id);
+                // Host networking: inside the sandbox namespace that is where the VMs' bridge is.
+                let output = Command::new("podman")
+                    .args(["run", "-d", "--rm", "--network", "host", "--name", &name])
+                    .args(["--label", &format!("devicelab.run={}", owner.run_id)])
+                    .args(["--label", &format!("devicelab.pid={}", owner.pid)])
+                    .arg(image)
+                    .args(args)
+                    .args(["-sd", "/tmp/nats-js"])
+                    .output()
+                    .map_err(|source| NatsError::Missing {
+                        program: "podman".into(),
+                        source,
+                        fix: "install podman (fixtures/host/setup.sh), or set DEVICELAB_NATS=process",
+                    })?;
+                if !output.status.success() {
+                    return Err(NatsError::ContainerStart {
+                        image: image.clone(),
+                        stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+                    });
+                }
+                Runner::Container { name }
+            }
+            NatsMode::Process { binary } => {
+                let store = tempfile::tempdir().map_err(|source| NatsError::Missing {
+                    program: "a temp dir for JetStream".into(),
+                    source,
+                    fix: "check TMPDIR",
+                })?;
+                let child = Command::new(binary)
+                    .args(args)
+                    .arg("-sd")
+                    .arg(store.path())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .map_err(|source| NatsError::Missing {
+                        program: binary.display().to_string(),
+                        source,
+                        fix: "install nats-server, or set DEVICELAB_NATS_SERVER to its path",
+                    })?;
+                Runner::Process {
+                    child,
+                    _store: store,
+                }
+            }
+        };
+        // Constructed before waiting, so a start that never becomes ready is still cleaned up.
+        let mut server = Self {
+            runner,
+            port,
+            gateway,
+            client: None,
+            keep: config.keep,
+        };
+        server.client = Some(server.connect_when_ready().await?);
+        server.ensure_stream().await?;
+        tracing::info!(
+            "NATS ready: test at {}, guests at {}",
+            server.client_url(),
+            server.guest_url()
+        );
+        Ok(server)
+    }
+
+    async fn connect_when_ready(&self) -> Result<async_nats::Client, NatsError> {
+        let url = self.client_url();
+        readiness::poll(START_BUDGET, || async {
+            if let Runner::Container { name } = &self.runner
+                && !container_running(name)
+            {
+                return Err("the container exited".to_owned());
+            }
+            async_nats::connect(&url).await.map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|last| NatsError::NotReady {
+            url: url.clone(),
+            last,
+            logs: self.logs(),
+        })
+    }
+
+    async fn ensure_stream(&self) -> Result<(), NatsError> {
+        jetstream::new(self.client().clone())
+            .get_or_create_stream(stream::Config {
+                name: STREAM_NAME.into(),
+                subjects: vec![format!("{DEFAULT_SUBJECT_PREFIX}.>")],
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err("creating the status stream")(e.to_string()))?;
+        Ok(())
+    }
+
+    fn logs(&self) -> String {
+        match &self.runner {
+            Runner::Container { name } => Command::new("podman")
+                .args(["logs", "--tail", "20", name])
+                .output()
+                .map(|o| {
+                    format!(
+                        "\n  container log:\n{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    )
+                })
+                .unwrap_or_default(),
+            Runner::Process { .. } => String::new(),
+        }
+    }
+
+    /// Where the test process connects.
+    pub fn client_url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Where guests connect: the host's address on the libvirt network.
+    pub fn guest_url(&self) -> String {
+        format!("nats://{}:{}", self.gateway, self.port)
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        self.client.as_ref().expect("connected in start()")
+    }
+
+    pub fn status_log(&self, device_id: &str) -> StatusLog {
+        StatusLog {
+            js: jetstream::new(self.client().clone()),
+            device_id: device_id.to_owned(),
+        }
+    }
+}
+
+fn container_running(name: &str) -> bool {
+    Command::new("podman")
+        .args([
+            "container",
+            "inspect",
+            "--format",
+            "{{.State.Running}}",
+            name,
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "true")
+        .unwrap_or(false)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("0.0.0.0", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("the OS hands out a free port")
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        match &mut self.runner {
+            Runner::Container { name } if self.keep => {
+                eprintln!(
+                    "devicelab: keeping NATS container {name} (remove it with: podman rm -f {name})"
+                )
+            }
+            Runner::Container { name } => {
+                let _ = Command::new("podman")
+                    .args(["rm", "-f", "-t", "0", name.as_str()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            Runner::Process { child, .. } => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// What a status check decides about one report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// This is the report we were waiting for.
+    Accept,
+    /// Not this one; keep waiting.
+    Skip,
+    /// This report must not exist: fail now.
+    Reject(String),
+}
+
+/// One device's reports, in the order NATS received them.
+pub struct StatusLog {
+    js: jetstream::Context,
+    device_id: String,
+}
+
+impl StatusLog {
+    pub fn subject(&self) -> String {
+        status_subject(DEFAULT_SUBJECT_PREFIX, &self.device_id)
+    }
+
+    /// The stream's last sequence number: a gate, since later reports get higher numbers.
+    pub async fn last_sequence(&self) -> Result<u64, NatsError> {
+        let mut stream = self
+            .js
+            .get_stream(STREAM_NAME)
+            .await
+            .map_err(|e| js_err("looking up the status stream")(e.to_string()))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| js_err("reading the stream state")(e.to_string()))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// Reads this device's reports after stream sequence `after`, in order, until `check`
+    /// accepts one (returned with its sequence) or rejects one, or `budget` runs out.
+    pub async fn wait_for(
+        &self,
+        after: u64,
+        budget: Duration,
+        mut check: impl FnMut(&Status) -> Verdict,
+    ) -> Result<(u64, Status), NatsError> {
+        let stream = self
+            .js
+            .get_stream(STREAM_NAME)
+            .await
+            .map_err(|e| js_err("looking up the status stream")(e.to_string()))?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.subject(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err("creating a consumer")(e.to_string()))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| js_err("reading statuses")(e.to_string()))?;
+        let deadline = Instant::now() + budget;
+        let mut seen = Vec::new();
+        loop {
+            let next = tokio::time::timeout_at(deadline.into(), messages.next()).await;
+            let msg = match next {
+                Err(_) | Ok(None) => {
+                    return Err(NatsError::StatusTimeout {
+                        device_id: self.device_id.clone(),
+                        budget,
+                        seen: if seen.is_empty() {
+                            "nothing".into()
+                        } else {
+                            seen.join("; ")
+                        },
+                    });
+                }
+                Ok(Some(Err(e))) => return Err(js_err("reading statuses")(e.to_string())),
+                Ok(Some(Ok(msg))) => msg,
+            };
+            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
+            let status: Status = match serde_json::from_slice(&msg.payload) {
+                Ok(s) => s,
+                Err(e) => {
+                    seen.push(format!("#{seq} unparsable ({e})"));
+                    continue;
+                }
+            };
+            match check(&status) {
+                Verdict::Accept => return Ok((seq, status)),
+                Verdict::Skip => {
+                    if seen.len() < 20 {
+                        seen.push(format!("#{seq} boot {} seq {}", status.boot_id, status.seq));
+                    }
+                }
+                Verdict::Reject(reason) => {
+                    return Err(NatsError::StatusRejected {
+                        reason,
+                        seq,
+                        status,
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The trials the matrix runs, written as the story a user would tell: provision a device,
+//! onboard the agent, see it report; then pull the plug and see it report from the new boot.
+
+use crate::arch::VmArchitecture;
+use crate::lab::{Lab, LabNatsError};
+use crate::nats::{NatsError, NatsServer, Verdict};
+use crate::onboard::{OnboardError, Onboarding};
+use crate::spec::VirtualMachineSpec;
+use crate::vm::{PhaseTimings, Vm, VmError};
+use devicelab_agent::{AgentConfig, Status, now_ms};
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Nats(#[from] LabNatsError),
+    #[error(transparent)]
+    Status(#[from] NatsError),
+    #[error(transparent)]
+    Onboard(#[from] OnboardError),
+    #[error(transparent)]
+    Agent(#[from] crate::agent::AgentBinaryError),
+    #[error("{0}")]
+    Check(String),
+}
+
+/// A device with the agent onboarded and reporting.
+pub struct OnboardedDevice {
+    pub vm: Vm,
+    pub nats: NatsServer,
+    pub agent: AgentConfig,
+    pub first_status: Status,
+    pub timings: PhaseTimings,
+}
+
+/// Provision → check the architecture → onboard (twice: the second run must change nothing)
+/// → the agent's first status arrives from this boot.
+pub async fn onboarded_device(
+    lab: &Lab,
+    arch: VmArchitecture,
+    what: &str,
+) -> Result<OnboardedDevice, ScenarioError> {
+    let nats = lab.nats().await?;
+    let name = lab.vm_name(what, arch);
+    let (vm, binary) = tokio::join!(
+        lab.vm(VirtualMachineSpec::new(&name, arch)),
+        lab.agent_binary(arch)
+    );
+    let (vm, binary) = (vm?, binary?);
+    let timings = vm.timings.clone();
+    let machine = vm.succeed("uname -m").await?;
+    if machine.trim() != arch.name() {
+        return Err(ScenarioError::Check(format!(
+            "VM {name} reports `uname -m` = {}, expected {arch}",
+            machine.trim()
+        )));
+    }
+    let agent = AgentConfig {
+        device_id: name.clone(),
+        nats_url: nats.guest_url(),
+        interval_ms: 2_000,
+        subject_prefix: devicelab_agent::DEFAULT_SUBJECT_PREFIX.into(),
+        nats_user: None,
+        nats_password: None,
+    };
+    let onboarding = Onboarding {
+        binary,
+        config: agent.clone(),
+    };
+    let started = Instant::now();
+    let first = onboarding.apply(&vm).await?;
+    tracing::info!("onboarding: {first}");
+    if first.changed_steps().is_empty() {
+        return Err(ScenarioError::Check(format!(
+            "first onboarding of a fresh VM changed nothing: {first}"
+        )));
+    }
+    let second = onboarding.apply(&vm).await?;
+    if !second.changed_steps().is_empty() {
+        return Err(ScenarioError::Check(format!(
+            "onboarding is not idempotent; the second run changed: {second}"
+        )));
+    }
+    timings.record("onboard", started.elapsed());
+    vm.wait_for_unit(crate::onboard::AGENT_UNIT, Some(crate::onboard::AGENT_USER))
+        .await?;
+    let boot_id = vm.boot_id().await?;
+    let log = nats.status_log(&agent.device_id);
+    let started = Instant::now();
+    let (_, first_status) = log
+        .wait_for(0, vm.budgets().first_status, |s| {
+            if s.boot_id == boot_id {
+                Verdict::Accept
+            } else {
+                Verdict::Skip
+            }
+        })
+        .await?;
+    timings.record("first status", started.elapsed());
+    Ok(OnboardedDevice {
+        vm,
+        nats,
+        agent,
+        first_status,
+        timings,
+    })
+}
+
+/// The `e2e` trial.
+pub async fn e2e(lab: &Lab, arch: VmArchitecture) -> Result<PhaseTimings, ScenarioError> {
+    let device = onboarded_device(lab, arch, "e2e").await?;
+    Ok(device.timings.clone())
+}
+
+/// The `power_cycle` trial: a hard power cycle, then a status whose boot id differs and whose
+/// timestamp is after the gate. A status from the old boot after the gate fails the trial.
+pub async fn power_cycle(lab: &Lab, arch: VmArchitecture) -> Result<PhaseTimings, ScenarioError> {
+    let device = onboarded_device(lab, arch, "pc").await?;
+    let vm = &device.vm;
+    let old_boot = vm.boot_id().await?;
+    let log = device.nats.status_log(&device.agent.device_id);
+    let started = Instant::now();
+    vm.power_off().await?;
+    // The gate: everything the old boot sent is in the stream by now (the guest is gone).
+    let gate_seq = log.last_sequence().await?;
+    let gate_ms = now_ms();
+    vm.power_on_and_wait().await?;
+    let new_boot = vm.boot_id().await?;
+    if new_boot == old_boot {
+        return Err(ScenarioError::Check(format!(
+            "boot id unchanged after a power cycle: {new_boot}"
+        )));
+    }
+    let (_, status) = log
+        .wait_for(gate_seq, vm.budgets().power_cycle_recovery, |s| {
+            if s.boot_id == old_boot {
+                Verdict::Reject(format!(
+                    "a status from the old boot {old_boot} arrived after the gate"
+                ))
+            } else if s.boot_id == new_boot && s.timestamp_ms > gate_ms {
+                Verdict::Accept
+            } else {
+                Verdict::Skip
+            }
+        })
+        .await?;
+    device
+        .timings
+        .record("power-cycle recovery", started.elapsed());
+    tracing::info!(
+        "first status after the power cycle: boot {} seq {}",
+        status.boot_id,
+        status.seq
+    );
+    Ok(device.timings.clone())
+}

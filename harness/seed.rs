@@ -1,0 +1,142 @@
+//! The cloud-init NoCloud seed: user-data and meta-data as typed structs (JSON is YAML, so
+//! serde_json writes valid cloud-config), packed into an ISO labelled `cidata`.
+
+use crate::keys::HostKey;
+use crate::spec::VirtualMachineSpec;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error("cannot write seed files in {dir}: {source}")]
+    Write {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot run xorriso to build the seed ISO: {0} (install xorriso: fixtures/host/setup.sh)"
+    )]
+    XorrisoMissing(std::io::Error),
+    #[error("xorriso failed to build {path}: {stderr}")]
+    Xorriso { path: PathBuf, stderr: String },
+}
+
+#[derive(Debug, Serialize)]
+pub struct CloudConfig {
+    pub hostname: String,
+    pub users: Vec<CloudUser>,
+    pub ssh_pwauth: bool,
+    pub disable_root: bool,
+    /// The host key the harness generated; its public half is what SSH verifies.
+    pub ssh_keys: SshHostKeys,
+    /// No other host key types: generating RSA under emulation costs seconds for nothing.
+    pub ssh_genkeytypes: Vec<String>,
+    pub ssh_deletekeys: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CloudUser {
+    pub name: String,
+    pub gecos: String,
+    pub shell: String,
+    pub sudo: String,
+    pub lock_passwd: bool,
+    pub ssh_authorized_keys: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SshHostKeys {
+    pub ed25519_private: String,
+    pub ed25519_public: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MetaData {
+    #[serde(rename = "instance-id")]
+    pub instance_id: String,
+    #[serde(rename = "local-hostname")]
+    pub local_hostname: String,
+}
+
+pub struct Seed {
+    pub user_data: String,
+    pub meta_data: String,
+}
+
+impl Seed {
+    pub fn new(
+        spec: &VirtualMachineSpec,
+        client_key_line: &str,
+        host_key: &HostKey,
+        instance_id: &str,
+    ) -> Self {
+        let fb = &spec.first_boot;
+        let mut keys = vec![client_key_line.to_owned()];
+        keys.extend(fb.authorized_keys.iter().cloned());
+        let config = CloudConfig {
+            hostname: fb.hostname.clone(),
+            users: vec![CloudUser {
+                name: fb.admin_user.clone(),
+                gecos: "devicelab admin".into(),
+                shell: "/bin/bash".into(),
+                sudo: "ALL=(ALL) NOPASSWD:ALL".into(),
+                lock_passwd: true,
+                ssh_authorized_keys: keys,
+            }],
+            ssh_pwauth: false,
+            disable_root: true,
+            ssh_keys: SshHostKeys {
+                ed25519_private: host_key.private_openssh.clone(),
+                ed25519_public: host_key.public_line.clone(),
+            },
+            ssh_genkeytypes: Vec::new(),
+            ssh_deletekeys: true,
+        };
+        let meta = MetaData {
+            instance_id: instance_id.to_owned(),
+            local_hostname: fb.hostname.clone(),
+        };
+        Self {
+            user_data: format!(
+                "#cloud-config\n{}\n",
+                serde_json::to_string_pretty(&config).expect("cloud-config serializes")
+            ),
+            meta_data: format!(
+                "{}\n",
+                serde_json::to_string_pretty(&meta).expect("meta-data serializes")
+            ),
+        }
+    }
+
+    /// Writes the ISO to `path` (atomically: a temp file renamed into place).
+    pub fn write_iso(&self, path: &Path) -> Result<(), SeedError> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let write_err = |source| SeedError::Write {
+            dir: dir.to_owned(),
+            source,
+        };
+        let staging = tempfile::Builder::new()
+            .prefix(".seed-")
+            .tempdir_in(dir)
+            .map_err(write_err)?;
+        let user_data = staging.path().join("user-data");
+        let meta_data = staging.path().join("meta-data");
+        std::fs::write(&user_data, &self.user_data).map_err(write_err)?;
+        std::fs::write(&meta_data, &self.meta_data).map_err(write_err)?;
+        let tmp_iso = staging.path().join("seed.iso");
+        let output = Command::new("xorriso")
+            .args(["-as", "mkisofs", "-quiet", "-V", "cidata", "-J", "-R", "-o"])
+            .arg(&tmp_iso)
+            .args([&user_data, &meta_data])
+            .output()
+            .map_err(SeedError::XorrisoMissing)?;
+        if !output.status.success() {
+            return Err(SeedError::Xorriso {
+                path: path.to_owned(),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            });
+        }
+        std::fs::rename(&tmp_iso, path).map_err(write_err)
+    }
+}

@@ -1,0 +1,110 @@
+//! What VM to boot ("the request"): name, architecture, size and first-boot settings.
+
+use crate::arch::VmArchitecture;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtualMachineSpec {
+    pub name: String,
+    pub arch: VmArchitecture,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub first_boot: FirstBootConfig,
+}
+
+/// What cloud-init sets up on first boot. The harness's own SSH key is always authorized
+/// for `admin_user`, in addition to `authorized_keys`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstBootConfig {
+    pub hostname: String,
+    pub admin_user: String,
+    pub authorized_keys: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error(
+        "VM name {0:?} is not valid: use 1-50 characters a-z, 0-9 and '-', starting with a letter"
+    )]
+    Name(String),
+    #[error("user name {0:?} is not valid: use a-z, 0-9, '_' and '-', starting with a letter")]
+    User(String),
+    #[error("VM {name}: {what} must be at least {min}, got {got}")]
+    TooSmall {
+        name: String,
+        what: &'static str,
+        min: u64,
+        got: u64,
+    },
+}
+
+impl VirtualMachineSpec {
+    /// 2 vCPUs (measured faster than 1 even on a 2-core host), 2 GiB RAM, 8 GiB disk.
+    pub fn new(name: impl Into<String>, arch: VmArchitecture) -> Self {
+        let name = name.into();
+        Self {
+            first_boot: FirstBootConfig {
+                hostname: name.clone(),
+                admin_user: "devicelab".into(),
+                authorized_keys: Vec::new(),
+            },
+            name,
+            arch,
+            vcpus: 2,
+            memory_mib: 2048,
+            disk_gib: 8,
+        }
+    }
+
+    pub fn with_vcpus(mut self, vcpus: u32) -> Self {
+        self.vcpus = vcpus;
+        self
+    }
+    pub fn with_memory_mib(mut self, mib: u64) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+    pub fn with_disk_gib(mut self, gib: u64) -> Self {
+        self.disk_gib = gib;
+        self
+    }
+    pub fn with_first_boot(mut self, first_boot: FirstBootConfig) -> Self {
+        self.first_boot = first_boot;
+        self
+    }
+
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let n = &self.name;
+        let name_ok = (1..=50).contains(&n.len())
+            && n.starts_with(|c: char| c.is_ascii_lowercase())
+            && n.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !name_ok {
+            return Err(SpecError::Name(n.clone()));
+        }
+        let u = &self.first_boot.admin_user;
+        let user_ok = !u.is_empty()
+            && u.len() <= 32
+            && u.starts_with(|c: char| c.is_ascii_lowercase())
+            && u.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        if !user_ok {
+            return Err(SpecError::User(u.clone()));
+        }
+        for (what, min, got) in [
+            ("vcpus", 1, self.vcpus as u64),
+            ("memory_mib", 512, self.memory_mib),
+            ("disk_gib", 4, self.disk_gib),
+        ] {
+            if got < min {
+                return Err(SpecError::TooSmall {
+                    name: n.clone(),
+                    what,
+                    min,
+                    got,
+                });
+            }
+        }
+        Ok(())
+    }
+}

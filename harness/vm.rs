@@ -1,0 +1,617 @@
+//! A running VM ("the handle"): provisioned from a spec, reachable over SSH, power-cyclable,
+//! and cleaned up when dropped (also when the test panics).
+
+use crate::arch::{Budgets, VmArchitecture};
+use crate::domain_xml::{self, DomainXmlParams, UefiPflash};
+use crate::firmware::{self, FirmwareError};
+use crate::image::ImageError;
+use crate::keys::{HostKey, KeyError};
+use crate::lab::Lab;
+use crate::libvirt::{Libvirt, LibvirtError};
+use crate::pool::{Pool, PoolError};
+use crate::readiness;
+use crate::seed::{Seed, SeedError};
+use crate::spec::{SpecError, VirtualMachineSpec};
+use crate::ssh::{ExecOutput, SshError, SshSession, SshTarget, shell_quote};
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use virt::domain::Domain;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    #[error(transparent)]
+    Seed(#[from] SeedError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Firmware(#[from] FirmwareError),
+    #[error("VM {vm}: {source}")]
+    Ssh { vm: String, source: SshError },
+    #[error("VM {vm}: no {phase} within {budget:?} ({last}){console}", console = ConsoleTail(console_tail))]
+    Timeout {
+        vm: String,
+        phase: &'static str,
+        budget: Duration,
+        last: String,
+        console_tail: Vec<String>,
+    },
+    #[error(
+        "VM {vm}: `{command}` failed ({status}){}{}",
+        Quoted("stdout", stdout),
+        Quoted("stderr", stderr)
+    )]
+    CommandFailed {
+        vm: String,
+        command: String,
+        status: String,
+        stdout: String,
+        stderr: String,
+    },
+    #[error("VM {vm}: cloud-init did not finish cleanly:\n{output}")]
+    CloudInit { vm: String, output: String },
+}
+
+struct ConsoleTail<'a>(&'a [String]);
+impl fmt::Display for ConsoleTail<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.0.is_empty() {
+            f.write_str("\n  last serial console lines:")?;
+            for l in self.0 {
+                write!(f, "\n  | {l}")?;
+            }
+        }
+        Ok(())
+    }
+}
+struct Quoted<'a>(&'static str, &'a str);
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.1.trim();
+        if !text.is_empty() {
+            write!(f, "\n  {}: {}", self.0, text.replace('\n', "\n    "))?;
+        }
+        Ok(())
+    }
+}
+
+/// How long each phase took, in order, for the trial report.
+#[derive(Debug, Clone, Default)]
+pub struct PhaseTimings(Arc<Mutex<Vec<(String, Duration)>>>);
+
+impl PhaseTimings {
+    pub fn record(&self, phase: &str, took: Duration) {
+        tracing::info!("phase {phase}: {:.1} s", took.as_secs_f64());
+        self.0.lock().unwrap().push((phase.to_owned(), took));
+    }
+    pub fn entries(&self) -> Vec<(String, Duration)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl fmt::Display for PhaseTimings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self
+            .entries()
+            .iter()
+            .map(|(p, d)| format!("{p} {:.1}s", d.as_secs_f64()))
+            .collect();
+        f.write_str(&parts.join(", "))
+    }
+}
+
+pub struct Vm {
+    name: String,
+    arch: VmArchitecture,
+    libvirt: Libvirt,
+    pool: Pool,
+    domain: Domain,
+    volumes: Vec<String>,
+    ip: Ipv4Addr,
+    target: SshTarget,
+    session: tokio::sync::Mutex<Option<SshSession>>,
+    budgets: Budgets,
+    serial_log: PathBuf,
+    keep: bool,
+    known_hosts: PathBuf,
+    client_key_path: PathBuf,
+    pub timings: PhaseTimings,
+}
+
+/// Cleans up whatever provisioning created if it fails before a `Vm` exists.
+struct Partial {
+    libvirt: Libvirt,
+    pool: Pool,
+    name: String,
+    domain: Option<Domain>,
+    volumes: Vec<String>,
+    armed: bool,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if self.armed {
+            teardown(
+                &self.libvirt,
+                &self.pool,
+                &self.name,
+                self.domain.as_ref(),
+                &self.volumes,
+            );
+        }
+    }
+}
+
+fn teardown(
+    libvirt: &Libvirt,
+    pool: &Pool,
+    name: &str,
+    domain: Option<&Domain>,
+    volumes: &[String],
+) {
+    if let Some(dom) = domain
+        && let Err(e) = libvirt.remove_domain(dom, name)
+    {
+        eprintln!("devicelab: cleanup of VM {name}: {e}");
+    }
+    for v in volumes {
+        if let Err(e) = pool.delete_volume(v) {
+            eprintln!("devicelab: cleanup of volume {v}: {e}");
+        }
+    }
+}
+
+impl Vm {
+    /// Provisions `spec` and waits until it is ready: lease, TCP 22, SSH, cloud-init done.
+    pub async fn provision(lab: &Lab, spec: VirtualMachineSpec) -> Result<Vm, VmError> {
+        spec.validate()?;
+        let arch = spec.arch;
+        let name = spec.name.clone();
+        let accel = lab.accel(arch);
+        let budgets = arch.budgets(accel.accel).scaled(lab.config.budget_scale);
+        let timings = PhaseTimings::default();
+        let base = lab.base_image(arch).await?;
+        let host_key = HostKey::generate(&format!("devicelab-host@{name}"))?;
+        let pool = lab.pool.clone();
+        let run_dir = lab.run_dir(&name).map_err(|source| SeedError::Write {
+            dir: lab.config.runs_dir(),
+            source,
+        })?;
+        let serial_log = run_dir.join("serial.log");
+        let _ = std::fs::remove_file(&serial_log); // a stale log from a reused name would mislead
+
+        let disk_vol = format!("{name}.qcow2");
+        let seed_vol = format!("{name}-seed.iso");
+        let mut partial = Partial {
+            libvirt: lab.libvirt.clone(),
+            pool: pool.clone(),
+            name: name.clone(),
+            domain: None,
+            volumes: vec![disk_vol.clone(), seed_vol.clone()],
+            armed: true,
+        };
+        let started = Instant::now();
+        let uefi = match arch.firmware() {
+            crate::arch::FirmwareKind::Bios => None,
+            crate::arch::FirmwareKind::UefiPflash => {
+                let vars_vol = format!("{name}-VARS.fd");
+                partial.volumes.push(vars_vol.clone());
+                let fw = firmware::discover()?;
+                Some(UefiPflash {
+                    code: firmware::padded_code(&fw, &pool.dir)?,
+                    vars: firmware::vars_copy(&fw, &pool.path_of(&vars_vol))?,
+                })
+            }
+        };
+        let instance_id = format!("{name}-{}", lab.owner.run_id);
+        let seed = Seed::new(&spec, &lab.client_key.public_line, &host_key, &instance_id);
+        let seed_path = pool.path_of(&seed_vol);
+        let disk_path = {
+            let (pool, base, vol, gib, seed_path) = (
+                pool.clone(),
+                base.clone(),
+                disk_vol.clone(),
+                spec.disk_gib,
+                seed_path.clone(),
+            );
+            lab.libvirt
+                .run(move |_| -> Result<PathBuf, VmError> {
+                    let disk = pool.create_overlay(&vol, &base, gib)?;
+                    seed.write_iso(&seed_path)?;
+                    pool.refresh()?;
+                    Ok(disk)
+                })
+                .await?
+        };
+        let params = DomainXmlParams {
+            name: name.clone(),
+            arch,
+            accel: accel.accel,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            emulator: lab.emulator(arch),
+            disk: disk_path,
+            seed_iso: seed_path,
+            network: lab.config.network.clone(),
+            mac: domain_xml::mac_for(&name),
+            serial_log: serial_log.clone(),
+            uefi,
+            qemu_args: lab.qemu_args(arch, accel.accel),
+            owner: lab.owner.clone(),
+        };
+        let rendered = domain_xml::render(&params);
+        std::fs::write(run_dir.join("domain.xml"), &rendered.xml).ok();
+        let domain = {
+            let name = name.clone();
+            lab.libvirt
+                .run(move |lv| -> Result<Domain, LibvirtError> {
+                    let dom = lv.define(&name, &rendered)?;
+                    lv.start(&dom, &name)?;
+                    Ok(dom)
+                })
+                .await?
+        };
+        partial.domain = Some(domain.clone());
+        tracing::info!(
+            "VM {name}: {arch} under {} ({}), booting {}",
+            accel.accel,
+            accel.reason,
+            base.path.display()
+        );
+
+        let timeout = |phase: &'static str, budget: Duration, last: String| VmError::Timeout {
+            vm: name.clone(),
+            phase,
+            budget,
+            last,
+            console_tail: console_tail(&serial_log, 15),
+        };
+        let ip = {
+            let (dom, n) = (domain.clone(), name.clone());
+            let lv = lab.libvirt.clone();
+            readiness::poll(budgets.lease, move || {
+                let (dom, n, lv) = (dom.clone(), n.clone(), lv.clone());
+                async move {
+                    match lv.run(move |lv| lv.lease_ipv4(&dom, &n)).await {
+                        Ok(Some(ip)) => Ok(ip),
+                        Ok(None) => Err("no lease yet".to_owned()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+            })
+            .await
+            .map_err(|last| timeout("DHCP lease", budgets.lease, last))?
+        };
+        timings.record("lease", started.elapsed());
+        let addr = SocketAddr::from((ip, 22));
+        readiness::tcp_port(addr, budgets.ssh.saturating_sub(started.elapsed()))
+            .await
+            .map_err(|last| timeout("open port 22", budgets.ssh, last))?;
+        timings.record("port 22", started.elapsed());
+        let target = SshTarget {
+            addr,
+            user: spec.first_boot.admin_user.clone(),
+            key: lab.client_key.private.clone(),
+            host_key: host_key.public.clone(),
+        };
+        let session = readiness::ssh_login(&target, budgets.ssh.saturating_sub(started.elapsed()))
+            .await
+            .map_err(|source| VmError::Ssh {
+                vm: name.clone(),
+                source,
+            })?;
+        timings.record("ssh", started.elapsed());
+        let known_hosts = run_dir.join("known_hosts");
+        std::fs::write(
+            &known_hosts,
+            format!("{}\n", host_key.known_hosts_line(&ip.to_string())),
+        )
+        .ok();
+
+        partial.armed = false;
+        let vm = Vm {
+            name,
+            arch,
+            libvirt: lab.libvirt.clone(),
+            pool,
+            domain,
+            volumes: std::mem::take(&mut partial.volumes),
+            ip,
+            target,
+            session: tokio::sync::Mutex::new(Some(session)),
+            budgets,
+            serial_log,
+            keep: lab.config.keep,
+            known_hosts,
+            client_key_path: lab.client_key.path.clone(),
+            timings,
+        };
+        vm.wait_for_cloud_init().await?;
+        vm.timings.record("cloud-init", started.elapsed());
+        Ok(vm)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn arch(&self) -> VmArchitecture {
+        self.arch
+    }
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+    pub fn budgets(&self) -> Budgets {
+        self.budgets
+    }
+    pub fn serial_log(&self) -> &std::path::Path {
+        &self.serial_log
+    }
+
+    /// The command a human can paste to log in (it verifies the host key too).
+    pub fn ssh_command(&self) -> String {
+        format!(
+            "ssh -i {} -o UserKnownHostsFile={} {}@{}",
+            self.client_key_path.display(),
+            self.known_hosts.display(),
+            self.target.user,
+            self.ip
+        )
+    }
+
+    /// Runs a shell command as the admin user and returns what it did, whatever its status.
+    pub async fn exec(&self, command: &str) -> Result<ExecOutput, VmError> {
+        self.exec_with_input(command, None).await
+    }
+
+    pub async fn exec_with_input(
+        &self,
+        command: &str,
+        input: Option<&[u8]>,
+    ) -> Result<ExecOutput, VmError> {
+        let mut guard = self.session.lock().await;
+        if guard.as_ref().is_none_or(|s| s.is_closed()) {
+            let session = SshSession::connect(&self.target, readiness::CONNECT_TIMEOUT)
+                .await
+                .map_err(|source| self.ssh_err(source))?;
+            *guard = Some(session);
+        }
+        let session = guard.as_ref().expect("session just set");
+        session
+            .exec_with_input(command, input)
+            .await
+            .map_err(|source| self.ssh_err(source))
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub async fn succeed(&self, command: &str) -> Result<String, VmError> {
+        let out = self.exec(command).await?;
+        self.check(command, out)
+    }
+
+    fn check(&self, command: &str, out: ExecOutput) -> Result<String, VmError> {
+        if out.success() {
+            return Ok(out.stdout);
+        }
+        Err(VmError::CommandFailed {
+            vm: self.name.clone(),
+            command: command.to_owned(),
+            status: match (&out.exit_status, &out.signal) {
+                (Some(s), _) => format!("exit status {s}"),
+                (None, Some(sig)) => format!("killed by {sig}"),
+                (None, None) => "no exit status".into(),
+            },
+            stdout: out.stdout,
+            stderr: out.stderr,
+        })
+    }
+
+    /// Writes a file on the guest (as root with `sudo`), atomically.
+    pub async fn upload(
+        &self,
+        contents: &[u8],
+        remote_path: &str,
+        mode: u32,
+        sudo: bool,
+    ) -> Result<(), VmError> {
+        let mut guard = self.session.lock().await;
+        if guard.as_ref().is_none_or(|s| s.is_closed()) {
+            *guard = Some(
+                SshSession::connect(&self.target, readiness::CONNECT_TIMEOUT)
+                    .await
+                    .map_err(|source| self.ssh_err(source))?,
+            );
+        }
+        let out = guard
+            .as_ref()
+            .expect("session just set")
+            .upload(contents, remote_path, mode, sudo)
+            .await
+            .map_err(|source| self.ssh_err(source))?;
+        drop(guard);
+        self.check(&format!("upload {remote_path}"), out).map(drop)
+    }
+
+    fn ssh_err(&self, source: SshError) -> VmError {
+        VmError::Ssh {
+            vm: self.name.clone(),
+            source,
+        }
+    }
+
+    pub async fn boot_id(&self) -> Result<String, VmError> {
+        Ok(self
+            .succeed("cat /proc/sys/kernel/random/boot_id")
+            .await?
+            .trim()
+            .to_owned())
+    }
+
+    /// `cloud-init status --wait`: 0 = done; 2 = done with recoverable errors (newer
+    /// cloud-init); anything else, or a run without the NoCloud seed, is a failure.
+    pub async fn wait_for_cloud_init(&self) -> Result<(), VmError> {
+        let command = "sudo -n cloud-init status --wait --long";
+        let out = tokio::time::timeout(self.budgets.cloud_init, self.exec(command))
+            .await
+            .map_err(|_| {
+                self.timeout(
+                    "cloud-init done",
+                    self.budgets.cloud_init,
+                    "still running".into(),
+                )
+            })??;
+        let text = format!("{}{}", out.stdout, out.stderr);
+        if !matches!(out.exit_status, Some(0) | Some(2)) {
+            return Err(VmError::CloudInit {
+                vm: self.name.clone(),
+                output: text,
+            });
+        }
+        if text.contains("DataSourceNone") {
+            return Err(VmError::CloudInit {
+                vm: self.name.clone(),
+                output: format!(
+                    "{text}\n(the NoCloud seed was not seen: the guest kernel lacks the driver for its cdrom)"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits until a systemd unit is active: a system unit, or with `user` that user's unit.
+    pub async fn wait_for_unit(&self, unit: &str, user: Option<&str>) -> Result<(), VmError> {
+        let command = match user {
+            None => format!("systemctl is-active {}", shell_quote(unit)),
+            Some(u) => user_systemctl(u, &format!("is-active {}", shell_quote(unit))),
+        };
+        let budget = self.budgets.first_status;
+        readiness::poll(budget, || async {
+            match self.exec(&command).await {
+                Ok(out) if out.stdout.trim() == "active" => Ok(()),
+                Ok(out) => Err(format!("{unit} is {}", out.stdout.trim())),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await
+        .map_err(|last| self.timeout("active unit", budget, last))
+    }
+
+    /// Hard power cycle (destroy + start: no shutdown, like pulling the plug), then waits for
+    /// SSH again. Returns how long recovery took.
+    pub async fn power_cycle(&self) -> Result<Duration, VmError> {
+        let started = Instant::now();
+        self.power_off().await?;
+        self.power_on_and_wait().await?;
+        let took = started.elapsed();
+        self.timings.record("power-cycle recovery", took);
+        Ok(took)
+    }
+
+    /// Pulls the plug (libvirt destroy). The SSH session goes with it.
+    pub async fn power_off(&self) -> Result<(), VmError> {
+        self.session.lock().await.take();
+        let (dom, name) = (self.domain.clone(), self.name.clone());
+        Ok(self
+            .libvirt
+            .run(move |lv| lv.power_off(&dom, &name))
+            .await?)
+    }
+
+    /// Starts the VM again and waits for SSH. Not for the lease: after a power cycle the old
+    /// lease is listed at once, so it says nothing about the new boot.
+    pub async fn power_on_and_wait(&self) -> Result<(), VmError> {
+        let started = Instant::now();
+        let (dom, name) = (self.domain.clone(), self.name.clone());
+        self.libvirt.run(move |lv| lv.start(&dom, &name)).await?;
+        let budget = self.budgets.power_cycle_recovery;
+        readiness::tcp_port(self.target.addr, budget)
+            .await
+            .map_err(|last| self.timeout("port 22 after power cycle", budget, last))?;
+        let session = readiness::ssh_login(&self.target, budget.saturating_sub(started.elapsed()))
+            .await
+            .map_err(|source| self.ssh_err(source))?;
+        *self.session.lock().await = Some(session);
+        Ok(())
+    }
+
+    fn timeout(&self, phase: &'static str, budget: Duration, last: String) -> VmError {
+        VmError::Timeout {
+            vm: self.name.clone(),
+            phase,
+            budget,
+            last,
+            console_tail: console_tail(&self.serial_log, 15),
+        }
+    }
+}
+
+/// A `systemctl --user` command for `user`, with the runtime dir user units need.
+pub fn user_systemctl(user: &str, args: &str) -> String {
+    let u = shell_quote(user);
+    format!("sudo -n -u {u} XDG_RUNTIME_DIR=/run/user/$(id -u {u}) systemctl --user {args}")
+}
+
+/// The last `n` lines of the serial console log, ANSI escapes stripped.
+pub fn console_tail(path: &std::path::Path, n: usize) -> Vec<String> {
+    let Ok(bytes) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<String> = text
+        .lines()
+        .map(strip_ansi)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                while let Some(c) = chars.next() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else if c != '\r' {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!(
+                "devicelab: keeping VM {} (DEVICELAB_KEEP=1). Log in with:\n  {}\n  remove it with: virsh -c {} destroy {0}; virsh -c {} undefine --nvram {0}",
+                self.name,
+                self.ssh_command(),
+                self.libvirt.uri,
+                self.libvirt.uri
+            );
+            return;
+        }
+        teardown(
+            &self.libvirt,
+            &self.pool,
+            &self.name,
+            Some(&self.domain),
+            &self.volumes,
+        );
+    }
+}

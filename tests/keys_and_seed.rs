@@ -1,0 +1,145 @@
+//! SSH key generation and the NoCloud seed ISO, read back with real tools.
+
+use devicelab::VmArchitecture;
+use devicelab::keys::{ClientKey, HostKey, KeyError};
+use devicelab::seed::Seed;
+use devicelab::spec::VirtualMachineSpec;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+#[test]
+fn client_key_is_generated_once_private_and_valid_for_openssh() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let a = ClientKey::load_or_generate(&keys).unwrap();
+    let b = ClientKey::load_or_generate(&keys).unwrap();
+    assert_eq!(
+        a.public_line, b.public_line,
+        "the second call loads the same key"
+    );
+    assert!(a.public_line.starts_with("ssh-ed25519 "));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&a.path), 0o600);
+    assert_eq!(mode(&keys), 0o700);
+    // OpenSSH itself derives the same public key from the private file.
+    let out = Command::new("ssh-keygen")
+        .arg("-y")
+        .arg("-f")
+        .arg(&a.path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let derived = String::from_utf8(out.stdout).unwrap();
+    let fields = |s: &str| {
+        s.split_whitespace()
+            .take(2)
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(fields(&derived), fields(&a.public_line));
+}
+
+#[test]
+fn a_world_readable_key_is_refused_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ClientKey::load_or_generate(dir.path()).unwrap();
+    std::fs::set_permissions(&key.path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = ClientKey::load_or_generate(dir.path())
+        .err()
+        .expect("must refuse");
+    assert!(matches!(err, KeyError::Permissions { .. }));
+    assert!(err.to_string().contains("chmod 600"), "{err}");
+}
+
+#[test]
+fn host_keys_differ_per_vm() {
+    let a = HostKey::generate("a").unwrap();
+    let b = HostKey::generate("b").unwrap();
+    assert_ne!(a.public_line, b.public_line);
+    assert!(
+        a.private_openssh
+            .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----")
+    );
+    assert!(
+        a.known_hosts_line("10.0.0.1")
+            .starts_with("10.0.0.1 ssh-ed25519 ")
+    );
+}
+
+#[test]
+fn seed_iso_is_labelled_cidata_and_carries_the_cloud_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = VirtualMachineSpec::new("devicelab-seed-test", VmArchitecture::X86_64);
+    let host = HostKey::generate("h").unwrap();
+    let seed = Seed::new(
+        &spec,
+        "ssh-ed25519 AAAAC3Nza test@client",
+        &host,
+        "devicelab-seed-test-1",
+    );
+    let iso = dir.path().join("seed.iso");
+    seed.write_iso(&iso).unwrap();
+
+    let info = Command::new("xorriso")
+        .args(["-indev"])
+        .arg(&iso)
+        .arg("-pvd_info")
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("Volume Id    : cidata"), "{info}");
+
+    let out = dir.path().join("extracted");
+    let status = Command::new("xorriso")
+        .args(["-osirrox", "on", "-indev"])
+        .arg(&iso)
+        .args(["-extract", "/"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let user_data = std::fs::read_to_string(out.join("user-data")).unwrap();
+    let meta_data = std::fs::read_to_string(out.join("meta-data")).unwrap();
+    assert!(user_data.starts_with("#cloud-config\n"));
+    let config: serde_json::Value =
+        serde_json::from_str(user_data.trim_start_matches("#cloud-config\n")).unwrap();
+    assert_eq!(config["users"][0]["name"], "devicelab");
+    assert_eq!(
+        config["users"][0]["ssh_authorized_keys"][0],
+        "ssh-ed25519 AAAAC3Nza test@client"
+    );
+    assert_eq!(
+        config["ssh_keys"]["ed25519_public"],
+        host.public_line.as_str()
+    );
+    assert_eq!(config["ssh_pwauth"], false);
+    let meta: serde_json::Value = serde_json::from_str(&meta_data).unwrap();
+    assert_eq!(meta["instance-id"], "devicelab-seed-test-1");
+    assert_eq!(meta["local-hostname"], "devicelab-seed-test");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        2,
+        "no staging files left: iso + extracted"
+    );
+}
+
+#[test]
+fn invalid_specs_say_what_is_wrong() {
+    let bad = VirtualMachineSpec::new("Bad_Name", VmArchitecture::X86_64);
+    assert!(bad.validate().unwrap_err().to_string().contains("Bad_Name"));
+    let tiny = VirtualMachineSpec::new("ok", VmArchitecture::X86_64).with_memory_mib(64);
+    assert!(
+        tiny.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("memory_mib must be at least 512")
+    );
+}
