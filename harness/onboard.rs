@@ -141,7 +141,7 @@ impl Onboarding {
                 "if [ -e /var/lib/systemd/linger/{user} ]; then echo unchanged; \
                  else sudo -n loginctl enable-linger {user} && echo changed; fi; \
                  sock=/run/user/$(id -u {user})/systemd/private; \
-                 for i in $(seq 600); do [ -S $sock ] && exit 0; sleep 0.1; done; \
+                 for i in $(seq 600); do sudo -n test -S $sock && exit 0; sleep 0.1; done; \
                  echo \"the user manager never opened $sock\" >&2; exit 1"
             ))
             .await?;

@@ -25,6 +25,8 @@ pub enum SeedError {
 #[derive(Debug, Serialize)]
 pub struct CloudConfig {
     pub hostname: String,
+    /// Maps the hostname to 127.0.1.1, so `sudo` never waits on DNS for it.
+    pub manage_etc_hosts: bool,
     pub users: Vec<CloudUser>,
     pub ssh_pwauth: bool,
     pub disable_root: bool,
@@ -76,6 +78,7 @@ impl Seed {
         keys.extend(fb.authorized_keys.iter().cloned());
         let config = CloudConfig {
             hostname: fb.hostname.clone(),
+            manage_etc_hosts: true,
             users: vec![CloudUser {
                 name: fb.admin_user.clone(),
                 gecos: "devicelab admin".into(),

@@ -1,0 +1,91 @@
+//! The serial console log: its tail for error messages, and the lines that mean a boot has
+//! failed for good (so the harness fails at once instead of waiting out a 30-minute budget).
+
+use std::path::Path;
+
+/// Console lines after which the boot cannot succeed, with what they mean.
+const FATAL: &[(&str, &str)] = &[
+    ("Kernel panic - not syncing", "the guest kernel panicked"),
+    ("You are in emergency mode", "systemd dropped to the emergency shell"),
+    ("Give root password for maintenance", "systemd dropped to the emergency shell"),
+    ("(initramfs)", "the initramfs could not mount the root filesystem"),
+    ("ALERT!  UUID=", "the initramfs could not find the root filesystem"),
+    ("Failed to start cloud-init", "a cloud-init stage failed"),
+    ("Failed to start cloud-final", "a cloud-init stage failed"),
+    ("Failed to start cloud-config", "a cloud-init stage failed"),
+    ("Failed to start cloud-init-local", "a cloud-init stage failed"),
+];
+
+/// The first fatal line in the log, with its meaning.
+pub fn fatal_line(path: &Path) -> Option<(String, &'static str)> {
+    let bytes = std::fs::read(path).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    text.lines().map(strip_ansi).find_map(|line| {
+        FATAL
+            .iter()
+            .find(|(needle, _)| line.contains(needle))
+            .map(|(_, meaning)| (line.trim().to_owned(), *meaning))
+    })
+}
+
+/// The last `n` non-empty lines, ANSI escapes stripped.
+pub fn tail(path: &Path, n: usize) -> Vec<String> {
+    let Ok(bytes) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<String> = text
+        .lines()
+        .map(strip_ansi)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else if c != '\r' {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_panic_among_escape_codes_and_quotes_the_tail() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            f.path(),
+            "\x1b[0;32m  OK  \x1b[0m] Started foo\r\n[ 3.1] Kernel panic - not syncing: VFS: Unable to mount root fs\r\nlast\n",
+        )
+        .unwrap();
+        let (line, meaning) = fatal_line(f.path()).unwrap();
+        assert!(line.starts_with("[ 3.1] Kernel panic"), "{line}");
+        assert_eq!(meaning, "the guest kernel panicked");
+        assert_eq!(tail(f.path(), 2), vec!["[ 3.1] Kernel panic - not syncing: VFS: Unable to mount root fs", "last"]);
+        assert_eq!(tail(f.path(), 5)[0], "  OK  ] Started foo");
+    }
+
+    #[test]
+    fn a_healthy_boot_is_not_fatal() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), "[  OK  ] Finished cloud-init.service - Cloud-init: Network Stage.\n").unwrap();
+        assert_eq!(fatal_line(f.path()), None);
+        assert_eq!(fatal_line(Path::new("/nonexistent")), None);
+    }
+}
