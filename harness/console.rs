@@ -1,7 +1,7 @@
 //! The serial console log: its tail for error messages, and the lines that mean a boot has
 //! failed for good (so the harness fails at once instead of waiting out a 30-minute budget).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Console lines after which the boot cannot succeed, with what they mean.
 const FATAL: &[(&str, &str)] = &[
@@ -18,14 +18,40 @@ const FATAL: &[(&str, &str)] = &[
 
 /// The first fatal line in the log, with its meaning.
 pub fn fatal_line(path: &Path) -> Option<(String, &'static str)> {
+    fatal_line_after(path, 0)
+}
+
+/// Like [`fatal_line`], looking only at what was written after byte `offset` (this boot's output).
+pub fn fatal_line_after(path: &Path, offset: u64) -> Option<(String, &'static str)> {
     let bytes = std::fs::read(path).ok()?;
-    let text = String::from_utf8_lossy(&bytes);
+    let text = String::from_utf8_lossy(bytes.get(offset as usize..).unwrap_or_default());
     text.lines().map(strip_ansi).find_map(|line| {
         FATAL
             .iter()
             .find(|(needle, _)| line.contains(needle))
             .map(|(_, meaning)| (line.trim().to_owned(), *meaning))
     })
+}
+
+/// Current size of the log: where this boot's output will start.
+pub fn len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Resolves when a fatal line appears after `offset`: raced against readiness probes so a dead
+/// boot fails at once.
+pub async fn watch_for_fatal(path: PathBuf, offset: u64) -> (String, &'static str) {
+    loop {
+        let p = path.clone();
+        let found = tokio::task::spawn_blocking(move || fatal_line_after(&p, offset))
+            .await
+            .ok()
+            .flatten();
+        if let Some(found) = found {
+            return found;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 /// The last `n` non-empty lines, ANSI escapes stripped.

@@ -195,6 +195,8 @@ impl Lab {
         std::fs::set_permissions(&runs, std::fs::Permissions::from_mode(0o711))?;
         let dir = runs.join(vm_name);
         std::fs::create_dir_all(&dir)?;
+        // Holds the guest's logs and known_hosts: the owner's only.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         Ok(dir)
     }
 

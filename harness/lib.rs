@@ -10,6 +10,7 @@ pub mod accel;
 pub mod agent;
 pub mod arch;
 pub mod config;
+pub mod console;
 pub mod domain_xml;
 pub mod download;
 pub mod firmware;

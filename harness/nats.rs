@@ -57,6 +57,14 @@ fn js_err(doing: &str) -> impl FnOnce(String) -> NatsError + '_ {
     }
 }
 
+/// Per-run credentials: only the test and the agents it configures can publish, so nothing
+/// else on the host can slip a status into a trial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsCredentials {
+    pub user: String,
+    pub password: String,
+}
+
 enum Runner {
     Container {
         name: String,
@@ -72,6 +80,7 @@ pub struct NatsServer {
     pub port: u16,
     pub gateway: Ipv4Addr,
     client: Option<async_nats::Client>,
+    credentials: NatsCredentials,
     keep: bool,
 }
 
@@ -83,7 +92,21 @@ impl NatsServer {
     ) -> Result<Self, NatsError> {
         let port = free_port();
         let port_s = port.to_string();
-        let args = ["-js", "-a", "0.0.0.0", "-p", port_s.as_str()];
+        let credentials = NatsCredentials {
+            user: "devicelab".into(),
+            password: hex::encode(rand::random::<[u8; 16]>()),
+        };
+        let args = [
+            "-js",
+            "-a",
+            "0.0.0.0",
+            "-p",
+            port_s.as_str(),
+            "--user",
+            credentials.user.as_str(),
+            "--pass",
+            credentials.password.as_str(),
+        ];
         let runner = match &config.nats {
             NatsMode::Container { image } => {
                 let name = format!("devicelab-nats-{}-{port}", owner.run_id);
@@ -139,6 +162,7 @@ impl NatsServer {
             port,
             gateway,
             client: None,
+            credentials,
             keep: config.keep,
         };
         server.client = Some(server.connect_when_ready().await?);
@@ -159,7 +183,13 @@ impl NatsServer {
             {
                 return Err("the container exited".to_owned());
             }
-            async_nats::connect(&url).await.map_err(|e| e.to_string())
+            async_nats::ConnectOptions::with_user_and_password(
+                self.credentials.user.clone(),
+                self.credentials.password.clone(),
+            )
+            .connect(&url)
+            .await
+            .map_err(|e| e.to_string())
         })
         .await
         .map_err(|last| NatsError::NotReady {
@@ -207,6 +237,11 @@ impl NatsServer {
     /// Where guests connect: the host's address on the libvirt network.
     pub fn guest_url(&self) -> String {
         format!("nats://{}:{}", self.gateway, self.port)
+    }
+
+    /// The user and password agents must present (set them in the agent's config).
+    pub fn credentials(&self) -> Option<&NatsCredentials> {
+        Some(&self.credentials)
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -285,6 +320,23 @@ pub struct StatusLog {
 impl StatusLog {
     pub fn subject(&self) -> String {
         status_subject(DEFAULT_SUBJECT_PREFIX, &self.device_id)
+    }
+
+    /// Writes every report of this device, in order, as JSON lines `{"seq": …, "status": …}`.
+    pub async fn dump_history(&self, path: &std::path::Path) -> Result<usize, NatsError> {
+        let last = self.last_sequence().await?;
+        let mut lines = Vec::new();
+        if last > 0 {
+            let _ = self
+                .wait_for(0, Duration::from_secs(5), |s| {
+                    lines.push(serde_json::to_string(s).unwrap_or_default());
+                    if lines.len() >= 100_000 { Verdict::Accept } else { Verdict::Skip }
+                })
+                .await;
+        }
+        let count = lines.len();
+        std::fs::write(path, lines.join("\n") + "\n").map_err(|e| js_err("writing the status history")(e.to_string()))?;
+        Ok(count)
     }
 
     /// The stream's last sequence number: a gate, since later reports get higher numbers.

@@ -111,26 +111,13 @@ impl Onboarding {
             .await?;
         steps.push((step, outcome(step, &out)?));
 
-        let binary_changed =
-            ensure_file(vm, "binary", BINARY_PATH, &binary, 0o755, &mut steps).await?;
-        let config_changed = ensure_file(
-            vm,
-            "config",
-            CONFIG_PATH,
-            self.config.to_toml().as_bytes(),
-            0o644,
-            &mut steps,
-        )
-        .await?;
-        let unit_changed = ensure_file(
-            vm,
-            "unit",
-            UNIT_PATH,
-            unit_file().as_bytes(),
-            0o644,
-            &mut steps,
-        )
-        .await?;
+        let binary_changed = ensure_file(vm, "binary", BINARY_PATH, &binary, 0o755, "root", &mut steps).await?;
+        // The config holds the NATS password: readable by root and the agent's group only.
+        let config = self.config.to_toml();
+        let config_changed =
+            ensure_file(vm, "config", CONFIG_PATH, config.as_bytes(), 0o640, AGENT_USER, &mut steps).await?;
+        let unit = unit_file();
+        let unit_changed = ensure_file(vm, "unit", UNIT_PATH, unit.as_bytes(), 0o644, "root", &mut steps).await?;
 
         // Linger starts the user's systemd at boot, without a login: what lets a user unit
         // come back after a power cycle. Then wait for that manager's private socket (what
@@ -178,36 +165,32 @@ fn outcome(step: &'static str, output: &str) -> Result<StepOutcome, OnboardError
     }
 }
 
-/// Installs `contents` at `path` (root-owned, `mode`) unless it is already there; returns
-/// whether it changed anything.
+/// Installs `contents` at `path` (owner root, `group`, `mode`) unless it is already there;
+/// returns whether it changed anything.
 async fn ensure_file(
     vm: &Vm,
     step: &'static str,
     path: &str,
     contents: &[u8],
     mode: u32,
+    group: &str,
     steps: &mut Vec<(&'static str, StepOutcome)>,
 ) -> Result<bool, OnboardError> {
-    let want_hash = hex::encode(Sha256::digest(contents));
+    let want = format!("{} {mode:o} {group}", hex::encode(Sha256::digest(contents)));
     let p = shell_quote(path);
     let have = vm
         .exec(&format!(
-            "sudo -n sha256sum {p} 2>/dev/null && sudo -n stat -c %a {p}"
+            "h=$(sudo -n sha256sum {p} 2>/dev/null) && echo \"${{h%% *}} $(sudo -n stat -c '%a %G' {p})\""
         ))
         .await?;
-    let mut lines = have.stdout.lines();
-    let have_hash = lines.next().and_then(|l| l.split_whitespace().next());
-    let have_mode = lines.next().map(str::trim);
-    if have.success()
-        && have_hash == Some(want_hash.as_str())
-        && have_mode == Some(format!("{mode:o}").as_str())
-    {
+    if have.success() && have.stdout.trim() == want {
         steps.push((step, StepOutcome::Unchanged));
         return Ok(false);
     }
     let dir = shell_quote(path.rsplit_once('/').map(|(d, _)| d).unwrap_or("/"));
     vm.succeed(&format!("sudo -n mkdir -p {dir}")).await?;
     vm.upload(contents, path, mode, true).await?;
+    vm.succeed(&format!("sudo -n chgrp {} {p}", shell_quote(group))).await?;
     steps.push((step, StepOutcome::Changed));
     Ok(true)
 }

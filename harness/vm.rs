@@ -2,6 +2,7 @@
 //! and cleaned up when dropped (also when the test panics).
 
 use crate::arch::{Budgets, VmArchitecture};
+use crate::console;
 use crate::domain_xml::{self, DomainXmlParams, UefiPflash};
 use crate::firmware::{self, FirmwareError};
 use crate::image::ImageError;
@@ -16,6 +17,7 @@ use crate::ssh::{ExecOutput, SshError, SshSession, SshTarget, shell_quote};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use virt::domain::Domain;
@@ -57,6 +59,13 @@ pub enum VmError {
         status: String,
         stdout: String,
         stderr: String,
+    },
+    #[error("VM {vm}: {meaning}, so the boot cannot succeed; console: {line}{console}", console = ConsoleTail(console_tail))]
+    BootFailed {
+        vm: String,
+        meaning: &'static str,
+        line: String,
+        console_tail: Vec<String>,
     },
     #[error("VM {vm}: cloud-init did not finish cleanly:\n{output}")]
     CloudInit { vm: String, output: String },
@@ -125,6 +134,11 @@ pub struct Vm {
     keep: bool,
     known_hosts: PathBuf,
     client_key_path: PathBuf,
+    run_dir: PathBuf,
+    /// Where the current boot's output starts in the serial log.
+    boot_offset: AtomicU64,
+    /// Set once failure artifacts were collected: the run dir then outlives the VM.
+    keep_run_dir: AtomicBool,
     pub timings: PhaseTimings,
 }
 
@@ -274,42 +288,56 @@ impl Vm {
             phase,
             budget,
             last,
-            console_tail: console_tail(&serial_log, 15),
+            console_tail: console::tail(&serial_log, 15),
         };
-        let ip = {
-            let (dom, n) = (domain.clone(), name.clone());
-            let lv = lab.libvirt.clone();
-            readiness::poll(budgets.lease, move || {
-                let (dom, n, lv) = (dom.clone(), n.clone(), lv.clone());
-                async move {
-                    match lv.run(move |lv| lv.lease_ipv4(&dom, &n)).await {
-                        Ok(Some(ip)) => Ok(ip),
-                        Ok(None) => Err("no lease yet".to_owned()),
-                        Err(e) => Err(e.to_string()),
+        let waits = async {
+            let ip = {
+                let (dom, n) = (domain.clone(), name.clone());
+                let lv = lab.libvirt.clone();
+                readiness::poll(budgets.lease, move || {
+                    let (dom, n, lv) = (dom.clone(), n.clone(), lv.clone());
+                    async move {
+                        match lv.run(move |lv| lv.lease_ipv4(&dom, &n)).await {
+                            Ok(Some(ip)) => Ok(ip),
+                            Ok(None) => Err("no lease yet".to_owned()),
+                            Err(e) => Err(e.to_string()),
+                        }
                     }
-                }
-            })
-            .await
-            .map_err(|last| timeout("DHCP lease", budgets.lease, last))?
+                })
+                .await
+                .map_err(|last| timeout("DHCP lease", budgets.lease, last))?
+            };
+            timings.record("lease", started.elapsed());
+            let addr = SocketAddr::from((ip, 22));
+            readiness::tcp_port(addr, budgets.ssh.saturating_sub(started.elapsed()))
+                .await
+                .map_err(|last| timeout("open port 22", budgets.ssh, last))?;
+            timings.record("port 22", started.elapsed());
+            let target = SshTarget {
+                addr,
+                user: spec.first_boot.admin_user.clone(),
+                key: lab.client_key.private.clone(),
+                host_key: host_key.public.clone(),
+            };
+            let session = readiness::ssh_login(&target, budgets.ssh.saturating_sub(started.elapsed()))
+                .await
+                .map_err(|source| VmError::Ssh {
+                    vm: name.clone(),
+                    source,
+                })?;
+            Ok::<_, VmError>((ip, target, session))
         };
-        timings.record("lease", started.elapsed());
-        let addr = SocketAddr::from((ip, 22));
-        readiness::tcp_port(addr, budgets.ssh.saturating_sub(started.elapsed()))
-            .await
-            .map_err(|last| timeout("open port 22", budgets.ssh, last))?;
-        timings.record("port 22", started.elapsed());
-        let target = SshTarget {
-            addr,
-            user: spec.first_boot.admin_user.clone(),
-            key: lab.client_key.private.clone(),
-            host_key: host_key.public.clone(),
+        let (ip, target, session) = tokio::select! {
+            r = waits => r?,
+            (line, meaning) = console::watch_for_fatal(serial_log.clone(), 0) => {
+                return Err(VmError::BootFailed {
+                    vm: name.clone(),
+                    meaning,
+                    line,
+                    console_tail: console::tail(&serial_log, 15),
+                });
+            }
         };
-        let session = readiness::ssh_login(&target, budgets.ssh.saturating_sub(started.elapsed()))
-            .await
-            .map_err(|source| VmError::Ssh {
-                vm: name.clone(),
-                source,
-            })?;
         timings.record("ssh", started.elapsed());
         let known_hosts = run_dir.join("known_hosts");
         std::fs::write(
@@ -334,6 +362,9 @@ impl Vm {
             keep: lab.config.keep,
             known_hosts,
             client_key_path: lab.client_key.path.clone(),
+            run_dir,
+            boot_offset: AtomicU64::new(0),
+            keep_run_dir: AtomicBool::new(false),
             timings,
         };
         vm.wait_for_cloud_init().await?;
@@ -460,15 +491,13 @@ impl Vm {
     /// cloud-init); anything else, or a run without the NoCloud seed, is a failure.
     pub async fn wait_for_cloud_init(&self) -> Result<(), VmError> {
         let command = "sudo -n cloud-init status --wait --long";
-        let out = tokio::time::timeout(self.budgets.cloud_init, self.exec(command))
-            .await
-            .map_err(|_| {
-                self.timeout(
-                    "cloud-init done",
-                    self.budgets.cloud_init,
-                    "still running".into(),
-                )
-            })??;
+        let out = self
+            .guarded(async {
+                tokio::time::timeout(self.budgets.cloud_init, self.exec(command))
+                    .await
+                    .map_err(|_| self.timeout("cloud-init done", self.budgets.cloud_init, "still running".into()))?
+            })
+            .await?;
         let text = format!("{}{}", out.stdout, out.stderr);
         if !matches!(out.exit_status, Some(0) | Some(2)) {
             return Err(VmError::CloudInit {
@@ -530,17 +559,69 @@ impl Vm {
     /// lease is listed at once, so it says nothing about the new boot.
     pub async fn power_on_and_wait(&self) -> Result<(), VmError> {
         let started = Instant::now();
+        self.boot_offset.store(console::len(&self.serial_log), Ordering::SeqCst);
         let (dom, name) = (self.domain.clone(), self.name.clone());
         self.libvirt.run(move |lv| lv.start(&dom, &name)).await?;
         let budget = self.budgets.power_cycle_recovery;
-        readiness::tcp_port(self.target.addr, budget)
-            .await
-            .map_err(|last| self.timeout("port 22 after power cycle", budget, last))?;
-        let session = readiness::ssh_login(&self.target, budget.saturating_sub(started.elapsed()))
-            .await
-            .map_err(|source| self.ssh_err(source))?;
+        let session = self
+            .guarded(async {
+                readiness::tcp_port(self.target.addr, budget)
+                    .await
+                    .map_err(|last| self.timeout("port 22 after power cycle", budget, last))?;
+                readiness::ssh_login(&self.target, budget.saturating_sub(started.elapsed()))
+                    .await
+                    .map_err(|source| self.ssh_err(source))
+            })
+            .await?;
         *self.session.lock().await = Some(session);
         Ok(())
+    }
+
+    /// Runs `wait`, failing at once if the console shows this boot cannot succeed.
+    async fn guarded<T>(&self, wait: impl std::future::Future<Output = Result<T, VmError>>) -> Result<T, VmError> {
+        let offset = self.boot_offset.load(Ordering::SeqCst);
+        tokio::select! {
+            r = wait => r,
+            (line, meaning) = console::watch_for_fatal(self.serial_log.clone(), offset) => Err(VmError::BootFailed {
+                vm: self.name.clone(),
+                meaning,
+                line,
+                console_tail: console::tail(&self.serial_log, 15),
+            }),
+        }
+    }
+
+    /// The directory that holds this VM's serial log, domain XML and known_hosts.
+    pub fn run_dir(&self) -> &std::path::Path {
+        &self.run_dir
+    }
+
+    /// Saves what explains a failure into the run dir (which then outlives the VM): the
+    /// serial log and domain XML are there already; this adds cloud-init's logs and status and
+    /// the boot's journal, plus `extra` (file name, command) pairs. Best effort, 30 s per item.
+    pub async fn collect_artifacts(&self, extra: &[(&str, &str)]) -> PathBuf {
+        self.keep_run_dir.store(true, Ordering::SeqCst);
+        let mut items = vec![
+            ("cloud-init-status.txt", "sudo -n cloud-init status --long"),
+            ("cloud-init.log", "sudo -n cat /var/log/cloud-init.log"),
+            ("cloud-init-output.log", "sudo -n cat /var/log/cloud-init-output.log"),
+            ("journal.txt", "sudo -n journalctl -b --no-pager -n 500"),
+        ];
+        items.extend_from_slice(extra);
+        for (file, command) in items {
+            let text = match tokio::time::timeout(Duration::from_secs(30), self.exec(command)).await {
+                Ok(Ok(out)) => format!("{}{}", out.stdout, out.stderr),
+                Ok(Err(e)) => format!("could not run `{command}`: {e}\n"),
+                Err(_) => format!("`{command}` did not finish within 30 s\n"),
+            };
+            let _ = std::fs::write(self.run_dir.join(file), text);
+        }
+        self.run_dir.clone()
+    }
+
+    /// The last lines of the serial console.
+    pub fn console_tail(&self, n: usize) -> Vec<String> {
+        console::tail(&self.serial_log, n)
     }
 
     fn timeout(&self, phase: &'static str, budget: Duration, last: String) -> VmError {
@@ -549,7 +630,7 @@ impl Vm {
             phase,
             budget,
             last,
-            console_tail: console_tail(&self.serial_log, 15),
+            console_tail: console::tail(&self.serial_log, 15),
         }
     }
 }
@@ -558,40 +639,6 @@ impl Vm {
 pub fn user_systemctl(user: &str, args: &str) -> String {
     let u = shell_quote(user);
     format!("sudo -n -u {u} XDG_RUNTIME_DIR=/run/user/$(id -u {u}) systemctl --user {args}")
-}
-
-/// The last `n` lines of the serial console log, ANSI escapes stripped.
-pub fn console_tail(path: &std::path::Path, n: usize) -> Vec<String> {
-    let Ok(bytes) = std::fs::read(path) else {
-        return Vec::new();
-    };
-    let text = String::from_utf8_lossy(&bytes);
-    let lines: Vec<String> = text
-        .lines()
-        .map(strip_ansi)
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    lines[lines.len().saturating_sub(n)..].to_vec()
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                while let Some(c) = chars.next() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-        } else if c != '\r' {
-            out.push(c);
-        }
-    }
-    out
 }
 
 impl Drop for Vm {
@@ -613,5 +660,8 @@ impl Drop for Vm {
             Some(&self.domain),
             &self.volumes,
         );
+        if !self.keep_run_dir.load(Ordering::SeqCst) {
+            let _ = std::fs::remove_dir_all(&self.run_dir);
+        }
     }
 }

@@ -23,9 +23,25 @@ fn agent(nats: &NatsServer, device: &str) -> AgentConfig {
         nats_url: nats.client_url(),
         interval_ms: 50,
         subject_prefix: DEFAULT_SUBJECT_PREFIX.into(),
-        nats_user: None,
-        nats_password: None,
+        nats_user: nats.credentials().map(|c| c.user.clone()),
+        nats_password: nats.credentials().map(|c| c.password.clone()),
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_without_the_run_credentials_can_publish_a_status() {
+    let nats = server().await;
+    let err = async_nats::connect(nats.client_url()).await.err();
+    assert!(err.is_some(), "an anonymous client must be refused");
+    let mut cfg = agent(&nats, "dev-x");
+    cfg.nats_password = Some("wrong".into());
+    let outcome = tokio::time::timeout(Duration::from_secs(3), run(&cfg, "b", Some(1))).await;
+    assert!(!matches!(outcome, Ok(Ok(()))), "a wrong password must not get a report through");
+    let got = nats
+        .status_log("dev-x")
+        .wait_for(0, Duration::from_secs(1), |_| Verdict::Accept)
+        .await;
+    assert!(matches!(got, Err(NatsError::StatusTimeout { .. })));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -146,7 +162,8 @@ async fn the_agent_waits_for_a_server_that_comes_up_later() {
         })
         .unwrap(),
     )
-    .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+    .args(["-a", "127.0.0.1", "-p", &port.to_string(), "--user", "devicelab"])
+    .args(["--pass", &nats.credentials().unwrap().password])
     .stderr(std::process::Stdio::null())
     .spawn()
     .unwrap();
