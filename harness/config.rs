@@ -99,6 +99,7 @@ pub struct HarnessConfig {
     pub budget_scale: f64,
     pub keep: bool,
     pub nats: NatsMode,
+    pub podman: PathBuf,
     /// ARCH: restricts the trials to one architecture and opts in to running them.
     pub arch_filter: Option<VmArchitecture>,
     env: BTreeMap<String, String>,
@@ -184,6 +185,9 @@ impl HarnessConfig {
             budget_scale,
             keep,
             nats,
+            podman: get("DEVICELAB_PODMAN")
+                .unwrap_or_else(|| "podman".into())
+                .into(),
             arch_filter,
             env,
         })

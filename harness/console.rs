@@ -6,14 +6,29 @@ use std::path::{Path, PathBuf};
 /// Console lines after which the boot cannot succeed, with what they mean.
 const FATAL: &[(&str, &str)] = &[
     ("Kernel panic - not syncing", "the guest kernel panicked"),
-    ("You are in emergency mode", "systemd dropped to the emergency shell"),
-    ("Give root password for maintenance", "systemd dropped to the emergency shell"),
-    ("(initramfs)", "the initramfs could not mount the root filesystem"),
-    ("ALERT!  UUID=", "the initramfs could not find the root filesystem"),
+    (
+        "You are in emergency mode",
+        "systemd dropped to the emergency shell",
+    ),
+    (
+        "Give root password for maintenance",
+        "systemd dropped to the emergency shell",
+    ),
+    (
+        "(initramfs)",
+        "the initramfs could not mount the root filesystem",
+    ),
+    (
+        "ALERT!  UUID=",
+        "the initramfs could not find the root filesystem",
+    ),
     ("Failed to start cloud-init", "a cloud-init stage failed"),
     ("Failed to start cloud-final", "a cloud-init stage failed"),
     ("Failed to start cloud-config", "a cloud-init stage failed"),
-    ("Failed to start cloud-init-local", "a cloud-init stage failed"),
+    (
+        "Failed to start cloud-init-local",
+        "a cloud-init stage failed",
+    ),
 ];
 
 /// The first fatal line in the log, with its meaning.
@@ -103,14 +118,24 @@ mod tests {
         let (line, meaning) = fatal_line(f.path()).unwrap();
         assert!(line.starts_with("[ 3.1] Kernel panic"), "{line}");
         assert_eq!(meaning, "the guest kernel panicked");
-        assert_eq!(tail(f.path(), 2), vec!["[ 3.1] Kernel panic - not syncing: VFS: Unable to mount root fs", "last"]);
+        assert_eq!(
+            tail(f.path(), 2),
+            vec![
+                "[ 3.1] Kernel panic - not syncing: VFS: Unable to mount root fs",
+                "last"
+            ]
+        );
         assert_eq!(tail(f.path(), 5)[0], "  OK  ] Started foo");
     }
 
     #[test]
     fn a_healthy_boot_is_not_fatal() {
         let f = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(f.path(), "[  OK  ] Finished cloud-init.service - Cloud-init: Network Stage.\n").unwrap();
+        std::fs::write(
+            f.path(),
+            "[  OK  ] Finished cloud-init.service - Cloud-init: Network Stage.\n",
+        )
+        .unwrap();
         assert_eq!(fatal_line(f.path()), None);
         assert_eq!(fatal_line(Path::new("/nonexistent")), None);
     }

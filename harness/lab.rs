@@ -11,6 +11,7 @@ use crate::keys::{ClientKey, KeyError};
 use crate::libvirt::{Libvirt, LibvirtError};
 use crate::nats::{NatsError, NatsServer};
 use crate::pool::{Pool, PoolError};
+use crate::reaper;
 use crate::spec::VirtualMachineSpec;
 use crate::vm::{Vm, VmError};
 use std::collections::HashMap;
@@ -93,6 +94,15 @@ impl Lab {
                 source,
             })?;
             let pool = Pool::ensure(&libvirt, &config2.pool_dir())?;
+            // Runs killed with SIGKILL left VMs and containers behind: clean up after them.
+            let reaped = reaper::reap(&libvirt, &pool, &config2.runs_dir(), &config2.podman);
+            if !reaped.vms.is_empty() || !reaped.containers.is_empty() {
+                tracing::warn!(
+                    "reaped leftovers of dead runs: VMs {:?}, containers {:?}",
+                    reaped.vms,
+                    reaped.containers
+                );
+            }
             Ok((libvirt, pool))
         })
         .await

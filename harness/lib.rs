@@ -23,6 +23,7 @@ pub mod nats;
 pub mod onboard;
 pub mod pool;
 pub mod readiness;
+pub mod reaper;
 pub mod scenario;
 pub mod seed;
 pub mod spec;

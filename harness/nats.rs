@@ -5,6 +5,7 @@
 use crate::config::{HarnessConfig, NatsMode};
 use crate::domain_xml::RunOwner;
 use crate::readiness;
+use crate::reaper::{self, CleanupGuard};
 use async_nats::jetstream::{self, consumer, stream};
 use devicelab_agent::{DEFAULT_SUBJECT_PREFIX, Status, status_subject};
 use futures_util::StreamExt;
@@ -68,6 +69,7 @@ pub struct NatsCredentials {
 enum Runner {
     Container {
         name: String,
+        podman: std::path::PathBuf,
     },
     Process {
         child: Child,
@@ -82,6 +84,7 @@ pub struct NatsServer {
     client: Option<async_nats::Client>,
     credentials: NatsCredentials,
     keep: bool,
+    _interrupt_guard: Option<CleanupGuard>,
 }
 
 impl NatsServer {
@@ -111,16 +114,18 @@ impl NatsServer {
             NatsMode::Container { image } => {
                 let name = format!("devicelab-nats-{}-{port}", owner.run_id);
                 // Host networking: inside the sandbox namespace that is where the VMs' bridge is.
-                let output = Command::new("podman")
+                let start = reaper::process_start_time(owner.pid).unwrap_or(0);
+                let output = Command::new(&config.podman)
                     .args(["run", "-d", "--rm", "--network", "host", "--name", &name])
                     .args(["--label", &format!("devicelab.run={}", owner.run_id)])
                     .args(["--label", &format!("devicelab.pid={}", owner.pid)])
+                    .args(["--label", &format!("devicelab.start={start}")])
                     .arg(image)
                     .args(args)
                     .args(["-sd", "/tmp/nats-js"])
                     .output()
                     .map_err(|source| NatsError::Missing {
-                        program: "podman".into(),
+                        program: config.podman.display().to_string(),
                         source,
                         fix: "install podman (fixtures/host/setup.sh), or set DEVICELAB_NATS=process",
                     })?;
@@ -130,7 +135,10 @@ impl NatsServer {
                         stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
                     });
                 }
-                Runner::Container { name }
+                Runner::Container {
+                    name,
+                    podman: config.podman.clone(),
+                }
             }
             NatsMode::Process { binary } => {
                 let store = tempfile::tempdir().map_err(|source| NatsError::Missing {
@@ -138,7 +146,16 @@ impl NatsServer {
                     source,
                     fix: "check TMPDIR",
                 })?;
-                let child = Command::new(binary)
+                let mut command = Command::new(binary);
+                // If the harness is killed, the kernel takes the server with it.
+                unsafe {
+                    use std::os::unix::process::CommandExt;
+                    command.pre_exec(|| {
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                        Ok(())
+                    });
+                }
+                let child = command
                     .args(args)
                     .arg("-sd")
                     .arg(store.path())
@@ -156,6 +173,18 @@ impl NatsServer {
                 }
             }
         };
+        let interrupt_guard = match &runner {
+            Runner::Container { name, podman } => {
+                let (name, podman) = (name.clone(), podman.clone());
+                reaper::on_interrupt(move || remove_container(&podman, &name))
+            }
+            Runner::Process { child, .. } => {
+                let pid = child.id() as i32;
+                reaper::on_interrupt(move || unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                })
+            }
+        };
         // Constructed before waiting, so a start that never becomes ready is still cleaned up.
         let mut server = Self {
             runner,
@@ -164,6 +193,7 @@ impl NatsServer {
             client: None,
             credentials,
             keep: config.keep,
+            _interrupt_guard: Some(interrupt_guard),
         };
         server.client = Some(server.connect_when_ready().await?);
         server.ensure_stream().await?;
@@ -178,8 +208,8 @@ impl NatsServer {
     async fn connect_when_ready(&self) -> Result<async_nats::Client, NatsError> {
         let url = self.client_url();
         readiness::poll(START_BUDGET, || async {
-            if let Runner::Container { name } = &self.runner
-                && !container_running(name)
+            if let Runner::Container { name, podman } = &self.runner
+                && !container_running(podman, name)
             {
                 return Err("the container exited".to_owned());
             }
@@ -214,7 +244,7 @@ impl NatsServer {
 
     fn logs(&self) -> String {
         match &self.runner {
-            Runner::Container { name } => Command::new("podman")
+            Runner::Container { name, podman } => Command::new(podman)
                 .args(["logs", "--tail", "20", name])
                 .output()
                 .map(|o| {
@@ -256,8 +286,16 @@ impl NatsServer {
     }
 }
 
-fn container_running(name: &str) -> bool {
-    Command::new("podman")
+fn remove_container(podman: &std::path::Path, name: &str) {
+    let _ = Command::new(podman)
+        .args(["rm", "-f", "-t", "0", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn container_running(podman: &std::path::Path, name: &str) -> bool {
+    Command::new(podman)
         .args([
             "container",
             "inspect",
@@ -280,18 +318,12 @@ fn free_port() -> u16 {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         match &mut self.runner {
-            Runner::Container { name } if self.keep => {
+            Runner::Container { name, .. } if self.keep => {
                 eprintln!(
                     "devicelab: keeping NATS container {name} (remove it with: podman rm -f {name})"
                 )
             }
-            Runner::Container { name } => {
-                let _ = Command::new("podman")
-                    .args(["rm", "-f", "-t", "0", name.as_str()])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-            }
+            Runner::Container { name, podman } => remove_container(podman, name),
             Runner::Process { child, .. } => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -330,12 +362,17 @@ impl StatusLog {
             let _ = self
                 .wait_for(0, Duration::from_secs(5), |s| {
                     lines.push(serde_json::to_string(s).unwrap_or_default());
-                    if lines.len() >= 100_000 { Verdict::Accept } else { Verdict::Skip }
+                    if lines.len() >= 100_000 {
+                        Verdict::Accept
+                    } else {
+                        Verdict::Skip
+                    }
                 })
                 .await;
         }
         let count = lines.len();
-        std::fs::write(path, lines.join("\n") + "\n").map_err(|e| js_err("writing the status history")(e.to_string()))?;
+        std::fs::write(path, lines.join("\n") + "\n")
+            .map_err(|e| js_err("writing the status history")(e.to_string()))?;
         Ok(count)
     }
 

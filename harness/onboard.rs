@@ -111,13 +111,39 @@ impl Onboarding {
             .await?;
         steps.push((step, outcome(step, &out)?));
 
-        let binary_changed = ensure_file(vm, "binary", BINARY_PATH, &binary, 0o755, "root", &mut steps).await?;
+        let binary_changed = ensure_file(
+            vm,
+            "binary",
+            BINARY_PATH,
+            &binary,
+            0o755,
+            "root",
+            &mut steps,
+        )
+        .await?;
         // The config holds the NATS password: readable by root and the agent's group only.
         let config = self.config.to_toml();
-        let config_changed =
-            ensure_file(vm, "config", CONFIG_PATH, config.as_bytes(), 0o640, AGENT_USER, &mut steps).await?;
+        let config_changed = ensure_file(
+            vm,
+            "config",
+            CONFIG_PATH,
+            config.as_bytes(),
+            0o640,
+            AGENT_USER,
+            &mut steps,
+        )
+        .await?;
         let unit = unit_file();
-        let unit_changed = ensure_file(vm, "unit", UNIT_PATH, unit.as_bytes(), 0o644, "root", &mut steps).await?;
+        let unit_changed = ensure_file(
+            vm,
+            "unit",
+            UNIT_PATH,
+            unit.as_bytes(),
+            0o644,
+            "root",
+            &mut steps,
+        )
+        .await?;
 
         // Linger starts the user's systemd at boot, without a login: what lets a user unit
         // come back after a power cycle. Then wait for that manager's private socket (what
@@ -190,7 +216,8 @@ async fn ensure_file(
     let dir = shell_quote(path.rsplit_once('/').map(|(d, _)| d).unwrap_or("/"));
     vm.succeed(&format!("sudo -n mkdir -p {dir}")).await?;
     vm.upload(contents, path, mode, true).await?;
-    vm.succeed(&format!("sudo -n chgrp {} {p}", shell_quote(group))).await?;
+    vm.succeed(&format!("sudo -n chgrp {} {p}", shell_quote(group)))
+        .await?;
     steps.push((step, StepOutcome::Changed));
     Ok(true)
 }

@@ -49,10 +49,17 @@ pub struct OnboardedDevice {
 
 /// Provision → check the architecture → onboard (twice: the second run must change nothing)
 /// → the agent's first status arrives from this boot.
-pub async fn onboarded_device(lab: &Lab, arch: VmArchitecture, what: &str) -> Result<OnboardedDevice, ScenarioError> {
+pub async fn onboarded_device(
+    lab: &Lab,
+    arch: VmArchitecture,
+    what: &str,
+) -> Result<OnboardedDevice, ScenarioError> {
     let nats = lab.nats().await?;
     let name = lab.vm_name(what, arch);
-    let (vm, binary) = tokio::join!(lab.vm(VirtualMachineSpec::new(&name, arch)), lab.agent_binary(arch));
+    let (vm, binary) = tokio::join!(
+        lab.vm(VirtualMachineSpec::new(&name, arch)),
+        lab.agent_binary(arch)
+    );
     let (vm, binary) = (vm?, binary?);
     let agent = AgentConfig {
         device_id: name,
@@ -115,7 +122,11 @@ async fn onboard_and_first_status(
     let (_, first_status) = nats
         .status_log(&agent.device_id)
         .wait_for(0, vm.budgets().first_status, |s| {
-            if s.boot_id == boot_id { Verdict::Accept } else { Verdict::Skip }
+            if s.boot_id == boot_id {
+                Verdict::Accept
+            } else {
+                Verdict::Skip
+            }
         })
         .await?;
     vm.timings.record("first status", started.elapsed());
@@ -124,8 +135,14 @@ async fn onboard_and_first_status(
 
 /// Saves `vm`'s failure artifacts and the device's status history, and wraps `error` so it
 /// names the directory and quotes the last console lines.
-async fn with_artifacts(vm: &Vm, nats: &NatsServer, device_id: &str, error: ScenarioError) -> ScenarioError {
-    let agent_journal = format!("sudo -n journalctl --no-pager -o short-precise _SYSTEMD_USER_UNIT={AGENT_UNIT}");
+async fn with_artifacts(
+    vm: &Vm,
+    nats: &NatsServer,
+    device_id: &str,
+    error: ScenarioError,
+) -> ScenarioError {
+    let agent_journal =
+        format!("sudo -n journalctl --no-pager -o short-precise _SYSTEMD_USER_UNIT={AGENT_UNIT}");
     let dir = vm
         .collect_artifacts(&[("agent-journal.txt", agent_journal.as_str())])
         .await;
@@ -133,7 +150,11 @@ async fn with_artifacts(vm: &Vm, nats: &NatsServer, device_id: &str, error: Scen
         .status_log(device_id)
         .dump_history(&dir.join("status-history.jsonl"))
         .await;
-    let console = vm.console_tail(10).iter().map(|l| format!("\n  | {l}")).collect();
+    let console = vm
+        .console_tail(10)
+        .iter()
+        .map(|l| format!("\n  | {l}"))
+        .collect();
     ScenarioError::WithArtifacts {
         source: Box::new(error),
         dir,
@@ -176,7 +197,9 @@ async fn pull_the_plug(device: &OnboardedDevice) -> Result<(), ScenarioError> {
     let (_, status) = log
         .wait_for(gate_seq, vm.budgets().power_cycle_recovery, |s| {
             if s.boot_id == old_boot {
-                Verdict::Reject(format!("a status from the old boot {old_boot} arrived after the gate"))
+                Verdict::Reject(format!(
+                    "a status from the old boot {old_boot} arrived after the gate"
+                ))
             } else if s.boot_id == new_boot && s.timestamp_ms > gate_ms {
                 Verdict::Accept
             } else {
@@ -184,7 +207,9 @@ async fn pull_the_plug(device: &OnboardedDevice) -> Result<(), ScenarioError> {
             }
         })
         .await?;
-    device.timings.record("power-cycle recovery", started.elapsed());
+    device
+        .timings
+        .record("power-cycle recovery", started.elapsed());
     tracing::info!(
         "first status after the power cycle: boot {} seq {}",
         status.boot_id,

@@ -11,6 +11,7 @@ use crate::lab::Lab;
 use crate::libvirt::{Libvirt, LibvirtError};
 use crate::pool::{Pool, PoolError};
 use crate::readiness;
+use crate::reaper::{self, CleanupGuard, OwnerRecord};
 use crate::seed::{Seed, SeedError};
 use crate::spec::{SpecError, VirtualMachineSpec};
 use crate::ssh::{ExecOutput, SshError, SshSession, SshTarget, shell_quote};
@@ -125,7 +126,7 @@ pub struct Vm {
     libvirt: Libvirt,
     pool: Pool,
     domain: Domain,
-    volumes: Vec<String>,
+    _interrupt_guard: CleanupGuard,
     ip: Ipv4Addr,
     target: SshTarget,
     session: tokio::sync::Mutex<Option<SshSession>>,
@@ -147,41 +148,26 @@ struct Partial {
     libvirt: Libvirt,
     pool: Pool,
     name: String,
-    domain: Option<Domain>,
-    volumes: Vec<String>,
+    run_dir: PathBuf,
     armed: bool,
 }
 
 impl Drop for Partial {
     fn drop(&mut self) {
         if self.armed {
-            teardown(
-                &self.libvirt,
-                &self.pool,
-                &self.name,
-                self.domain.as_ref(),
-                &self.volumes,
-            );
+            teardown(&self.libvirt, &self.pool, &self.name, &self.run_dir);
         }
     }
 }
 
-fn teardown(
-    libvirt: &Libvirt,
-    pool: &Pool,
-    name: &str,
-    domain: Option<&Domain>,
-    volumes: &[String],
-) {
-    if let Some(dom) = domain
-        && let Err(e) = libvirt.remove_domain(dom, name)
-    {
+/// Removes the VM's domain and volumes; its owner record goes once that succeeded.
+fn teardown(libvirt: &Libvirt, pool: &Pool, name: &str, run_dir: &std::path::Path) {
+    let errors = reaper::remove_vm(libvirt, pool, name);
+    for e in &errors {
         eprintln!("devicelab: cleanup of VM {name}: {e}");
     }
-    for v in volumes {
-        if let Err(e) = pool.delete_volume(v) {
-            eprintln!("devicelab: cleanup of volume {v}: {e}");
-        }
+    if errors.is_empty() {
+        let _ = std::fs::remove_file(run_dir.join(reaper::OWNER_FILE));
     }
 }
 
@@ -204,22 +190,34 @@ impl Vm {
         let serial_log = run_dir.join("serial.log");
         let _ = std::fs::remove_file(&serial_log); // a stale log from a reused name would mislead
 
-        let disk_vol = format!("{name}.qcow2");
-        let seed_vol = format!("{name}-seed.iso");
+        let [disk_vol, seed_vol, vars_vol] = reaper::volume_names(&name);
+        // Recorded before anything exists, so a killed run leaves a trail for the reaper.
+        OwnerRecord::current(&lab.owner.run_id)
+            .write(&run_dir)
+            .map_err(|source| SeedError::Write {
+                dir: run_dir.clone(),
+                source,
+            })?;
         let mut partial = Partial {
             libvirt: lab.libvirt.clone(),
             pool: pool.clone(),
             name: name.clone(),
-            domain: None,
-            volumes: vec![disk_vol.clone(), seed_vol.clone()],
+            run_dir: run_dir.clone(),
             armed: true,
+        };
+        let interrupt_guard = {
+            let (lv, pool, name, run_dir) = (
+                lab.libvirt.clone(),
+                pool.clone(),
+                name.clone(),
+                run_dir.clone(),
+            );
+            reaper::on_interrupt(move || teardown(&lv, &pool, &name, &run_dir))
         };
         let started = Instant::now();
         let uefi = match arch.firmware() {
             crate::arch::FirmwareKind::Bios => None,
             crate::arch::FirmwareKind::UefiPflash => {
-                let vars_vol = format!("{name}-VARS.fd");
-                partial.volumes.push(vars_vol.clone());
                 let fw = firmware::discover()?;
                 Some(UefiPflash {
                     code: firmware::padded_code(&fw, &pool.dir)?,
@@ -275,7 +273,6 @@ impl Vm {
                 })
                 .await?
         };
-        partial.domain = Some(domain.clone());
         tracing::info!(
             "VM {name}: {arch} under {} ({}), booting {}",
             accel.accel,
@@ -319,12 +316,13 @@ impl Vm {
                 key: lab.client_key.private.clone(),
                 host_key: host_key.public.clone(),
             };
-            let session = readiness::ssh_login(&target, budgets.ssh.saturating_sub(started.elapsed()))
-                .await
-                .map_err(|source| VmError::Ssh {
-                    vm: name.clone(),
-                    source,
-                })?;
+            let session =
+                readiness::ssh_login(&target, budgets.ssh.saturating_sub(started.elapsed()))
+                    .await
+                    .map_err(|source| VmError::Ssh {
+                        vm: name.clone(),
+                        source,
+                    })?;
             Ok::<_, VmError>((ip, target, session))
         };
         let (ip, target, session) = tokio::select! {
@@ -353,7 +351,7 @@ impl Vm {
             libvirt: lab.libvirt.clone(),
             pool,
             domain,
-            volumes: std::mem::take(&mut partial.volumes),
+            _interrupt_guard: interrupt_guard,
             ip,
             target,
             session: tokio::sync::Mutex::new(Some(session)),
@@ -495,7 +493,13 @@ impl Vm {
             .guarded(async {
                 tokio::time::timeout(self.budgets.cloud_init, self.exec(command))
                     .await
-                    .map_err(|_| self.timeout("cloud-init done", self.budgets.cloud_init, "still running".into()))?
+                    .map_err(|_| {
+                        self.timeout(
+                            "cloud-init done",
+                            self.budgets.cloud_init,
+                            "still running".into(),
+                        )
+                    })?
             })
             .await?;
         let text = format!("{}{}", out.stdout, out.stderr);
@@ -559,7 +563,8 @@ impl Vm {
     /// lease is listed at once, so it says nothing about the new boot.
     pub async fn power_on_and_wait(&self) -> Result<(), VmError> {
         let started = Instant::now();
-        self.boot_offset.store(console::len(&self.serial_log), Ordering::SeqCst);
+        self.boot_offset
+            .store(console::len(&self.serial_log), Ordering::SeqCst);
         let (dom, name) = (self.domain.clone(), self.name.clone());
         self.libvirt.run(move |lv| lv.start(&dom, &name)).await?;
         let budget = self.budgets.power_cycle_recovery;
@@ -578,7 +583,10 @@ impl Vm {
     }
 
     /// Runs `wait`, failing at once if the console shows this boot cannot succeed.
-    async fn guarded<T>(&self, wait: impl std::future::Future<Output = Result<T, VmError>>) -> Result<T, VmError> {
+    async fn guarded<T>(
+        &self,
+        wait: impl std::future::Future<Output = Result<T, VmError>>,
+    ) -> Result<T, VmError> {
         let offset = self.boot_offset.load(Ordering::SeqCst);
         tokio::select! {
             r = wait => r,
@@ -604,12 +612,16 @@ impl Vm {
         let mut items = vec![
             ("cloud-init-status.txt", "sudo -n cloud-init status --long"),
             ("cloud-init.log", "sudo -n cat /var/log/cloud-init.log"),
-            ("cloud-init-output.log", "sudo -n cat /var/log/cloud-init-output.log"),
+            (
+                "cloud-init-output.log",
+                "sudo -n cat /var/log/cloud-init-output.log",
+            ),
             ("journal.txt", "sudo -n journalctl -b --no-pager -n 500"),
         ];
         items.extend_from_slice(extra);
         for (file, command) in items {
-            let text = match tokio::time::timeout(Duration::from_secs(30), self.exec(command)).await {
+            let text = match tokio::time::timeout(Duration::from_secs(30), self.exec(command)).await
+            {
                 Ok(Ok(out)) => format!("{}{}", out.stdout, out.stderr),
                 Ok(Err(e)) => format!("could not run `{command}`: {e}\n"),
                 Err(_) => format!("`{command}` did not finish within 30 s\n"),
@@ -644,6 +656,10 @@ pub fn user_systemctl(user: &str, args: &str) -> String {
 impl Drop for Vm {
     fn drop(&mut self) {
         if self.keep {
+            if let Some(mut owner) = OwnerRecord::read(&self.run_dir) {
+                owner.kept = true; // the reaper must not take it
+                let _ = owner.write(&self.run_dir);
+            }
             eprintln!(
                 "devicelab: keeping VM {} (DEVICELAB_KEEP=1). Log in with:\n  {}\n  remove it with: virsh -c {} destroy {0}; virsh -c {} undefine --nvram {0}",
                 self.name,
@@ -653,13 +669,7 @@ impl Drop for Vm {
             );
             return;
         }
-        teardown(
-            &self.libvirt,
-            &self.pool,
-            &self.name,
-            Some(&self.domain),
-            &self.volumes,
-        );
+        teardown(&self.libvirt, &self.pool, &self.name, &self.run_dir);
         if !self.keep_run_dir.load(Ordering::SeqCst) {
             let _ = std::fs::remove_dir_all(&self.run_dir);
         }

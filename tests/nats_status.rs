@@ -36,7 +36,10 @@ async fn nothing_without_the_run_credentials_can_publish_a_status() {
     let mut cfg = agent(&nats, "dev-x");
     cfg.nats_password = Some("wrong".into());
     let outcome = tokio::time::timeout(Duration::from_secs(3), run(&cfg, "b", Some(1))).await;
-    assert!(!matches!(outcome, Ok(Ok(()))), "a wrong password must not get a report through");
+    assert!(
+        !matches!(outcome, Ok(Ok(()))),
+        "a wrong password must not get a report through"
+    );
     let got = nats
         .status_log("dev-x")
         .wait_for(0, Duration::from_secs(1), |_| Verdict::Accept)
@@ -162,7 +165,14 @@ async fn the_agent_waits_for_a_server_that_comes_up_later() {
         })
         .unwrap(),
     )
-    .args(["-a", "127.0.0.1", "-p", &port.to_string(), "--user", "devicelab"])
+    .args([
+        "-a",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "--user",
+        "devicelab",
+    ])
     .args(["--pass", &nats.credentials().unwrap().password])
     .stderr(std::process::Stdio::null())
     .spawn()

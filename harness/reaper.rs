@@ -1,0 +1,230 @@
+//! Cleanup on every exit path. Normal exits and panics drop the handles; SIGINT/SIGTERM run
+//! the registered cleanups and exit non-zero; SIGKILL leaves an owner record behind, which the
+//! next run's reaper finds (its process is gone) and cleans up after.
+
+use crate::libvirt::Libvirt;
+use crate::pool::Pool;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, Once};
+
+/// Who created a VM: written before anything is created, removed once it is cleaned up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRecord {
+    pub run_id: String,
+    pub pid: u32,
+    /// The process's start time (clock ticks after boot), so a reused pid is not mistaken
+    /// for the owner.
+    pub start_time: u64,
+    /// Left on purpose (DEVICELAB_KEEP): never reaped.
+    pub kept: bool,
+}
+
+pub const OWNER_FILE: &str = "owner.json";
+
+/// This process's start time from /proc/self/stat.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22; the command name (field 2) may contain spaces, so count after its ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+pub fn is_alive(pid: u32, start_time: u64) -> bool {
+    process_start_time(pid) == Some(start_time)
+}
+
+impl OwnerRecord {
+    pub fn current(run_id: &str) -> Self {
+        let pid = std::process::id();
+        Self {
+            run_id: run_id.to_owned(),
+            pid,
+            start_time: process_start_time(pid).unwrap_or(0),
+            kept: false,
+        }
+    }
+
+    pub fn write(&self, run_dir: &Path) -> std::io::Result<()> {
+        let tmp = run_dir.join(".owner.json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(self).expect("owner record serializes"),
+        )?;
+        std::fs::rename(tmp, run_dir.join(OWNER_FILE))
+    }
+
+    pub fn read(run_dir: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(run_dir.join(OWNER_FILE)).ok()?).ok()
+    }
+}
+
+/// The volumes a VM named `name` may own in the pool.
+pub fn volume_names(name: &str) -> [String; 3] {
+    [
+        format!("{name}.qcow2"),
+        format!("{name}-seed.iso"),
+        format!("{name}-VARS.fd"),
+    ]
+}
+
+/// Removes a VM by name: its domain (NVRAM included) and its volumes. Absent parts are fine.
+pub fn remove_vm(libvirt: &Libvirt, pool: &Pool, name: &str) -> Vec<String> {
+    let mut errors = Vec::new();
+    if let Ok(dom) = libvirt.conn().lookup_domain_by_name(name)
+        && let Err(e) = libvirt.remove_domain(&dom, name)
+    {
+        errors.push(e.to_string());
+    }
+    for v in volume_names(name) {
+        if let Err(e) = pool.delete_volume(&v) {
+            errors.push(e.to_string());
+        }
+    }
+    errors
+}
+
+/// What the reaper removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reaped {
+    pub vms: Vec<String>,
+    pub containers: Vec<String>,
+}
+
+/// Cleans up after runs whose process is gone: VMs recorded under `runs_dir`, and containers
+/// labelled with a devicelab pid that no longer runs.
+pub fn reap(libvirt: &Libvirt, pool: &Pool, runs_dir: &Path, podman: &Path) -> Reaped {
+    let mut reaped = Reaped::default();
+    let entries = std::fs::read_dir(runs_dir).into_iter().flatten().flatten();
+    for entry in entries {
+        let dir = entry.path();
+        let Some(owner) = OwnerRecord::read(&dir) else {
+            continue;
+        };
+        if owner.kept || is_alive(owner.pid, owner.start_time) {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let errors = remove_vm(libvirt, pool, &name);
+        if errors.is_empty() {
+            let _ = std::fs::remove_file(dir.join(OWNER_FILE));
+            tracing::warn!(
+                "reaped VM {name} left by run {} (pid {} is gone)",
+                owner.run_id,
+                owner.pid
+            );
+            reaped.vms.push(name);
+        } else {
+            tracing::warn!("could not reap VM {name}: {}", errors.join("; "));
+        }
+    }
+    reaped.containers = reap_containers(podman);
+    reaped
+}
+
+fn reap_containers(podman: &Path) -> Vec<String> {
+    let Ok(out) = Command::new(podman)
+        .args(["ps", "-a", "--filter", "label=devicelab.pid"])
+        .args([
+            "--format",
+            "{{.Names}} {{index .Labels \"devicelab.pid\"}} {{index .Labels \"devicelab.start\"}}",
+        ])
+        .output()
+    else {
+        return Vec::new(); // no podman: nothing of ours can exist
+    };
+    let mut removed = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut f = line.split_whitespace();
+        let (Some(name), Some(pid), start) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let (Ok(pid), start) = (
+            pid.parse::<u32>(),
+            start.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0),
+        ) else {
+            continue;
+        };
+        if is_alive(pid, start) {
+            continue;
+        }
+        let ok = Command::new(podman)
+            .args(["rm", "-f", "-t", "0", name])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if ok {
+            tracing::warn!("reaped NATS container {name} (pid {pid} is gone)");
+            removed.push(name.to_owned());
+        }
+    }
+    removed
+}
+
+type Cleanup = Box<dyn FnOnce() + Send>;
+
+fn registry() -> &'static Mutex<BTreeMap<u64, Cleanup>> {
+    static LIVE: Mutex<BTreeMap<u64, Cleanup>> = Mutex::new(BTreeMap::new());
+    &LIVE
+}
+
+/// A cleanup that runs if the process is interrupted (SIGINT/SIGTERM) while the guard lives.
+/// Dropping the guard unregisters it (the owner then cleans up itself, or chose to keep).
+pub struct CleanupGuard(u64);
+
+pub fn on_interrupt(cleanup: impl FnOnce() + Send + 'static) -> CleanupGuard {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    install_signal_handler();
+    let id = NEXT.fetch_add(1, Ordering::SeqCst);
+    registry().lock().unwrap().insert(id, Box::new(cleanup));
+    CleanupGuard(id)
+}
+
+impl Drop for CleanupGuard {
+    fn drop(&mut self) {
+        registry().lock().unwrap().remove(&self.0);
+    }
+}
+
+/// On SIGINT or SIGTERM: run every registered cleanup, then exit 130 / 143.
+fn install_signal_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        std::thread::Builder::new()
+            .name("devicelab-signals".into())
+            .spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("signal runtime");
+                let code = rt.block_on(async {
+                    use tokio::signal::unix::{SignalKind, signal};
+                    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+                    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+                    tokio::select! {
+                        _ = int.recv() => 130,
+                        _ = term.recv() => 143,
+                    }
+                });
+                let cleanups: Vec<Cleanup> = std::mem::take(&mut *registry().lock().unwrap())
+                    .into_values()
+                    .collect();
+                eprintln!(
+                    "devicelab: interrupted; cleaning up {} resource(s)",
+                    cleanups.len()
+                );
+                for cleanup in cleanups {
+                    cleanup();
+                }
+                std::process::exit(code);
+            })
+            .expect("signal thread");
+    });
+}

@@ -1,0 +1,149 @@
+//! Nothing leaks: a trial's process killed mid-provisioning leaves a trail the next run reaps
+//! (SIGKILL), or cleans up itself and exits non-zero (SIGTERM). Boots (the start of) a VM, so
+//! it runs with `--features e2e`, inside the sandbox namespace.
+
+use devicelab::config::HarnessConfig;
+use devicelab::libvirt::Libvirt;
+use devicelab::{Lab, VirtualMachineSpec, VmArchitecture};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn arch() -> VmArchitecture {
+    HarnessConfig::from_env()
+        .unwrap()
+        .arch_filter
+        .or_else(VmArchitecture::host)
+        .unwrap()
+}
+
+/// Runs in a child process: provisions a VM and NATS, and never returns.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "helper for the leak tests"]
+async fn helper_provision_and_hang() {
+    let name = std::env::var("LEAK_VM_NAME").unwrap();
+    let lab = Lab::from_env().await.unwrap();
+    let _nats = lab.nats().await.unwrap();
+    let _vm = lab.vm(VirtualMachineSpec::new(name, arch())).await;
+    std::future::pending::<()>().await;
+}
+
+fn spawn_helper(name: &str) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_provision_and_hang",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env("LEAK_VM_NAME", name)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn libvirt() -> Libvirt {
+    Libvirt::open(&HarnessConfig::from_env().unwrap().libvirt_uri).unwrap()
+}
+
+fn domain_running(lv: &Libvirt, name: &str) -> bool {
+    lv.conn()
+        .lookup_domain_by_name(name)
+        .and_then(|d| d.is_active())
+        .unwrap_or(false)
+}
+
+fn domain_exists(lv: &Libvirt, name: &str) -> bool {
+    lv.conn().lookup_domain_by_name(name).is_ok()
+}
+
+fn containers_of(pid: u32) -> Vec<String> {
+    let podman = HarnessConfig::from_env().unwrap().podman;
+    let out = Command::new(podman)
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=devicelab.pid={pid}"),
+            "--format",
+            "{{.Names}}",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn volumes_of(name: &str) -> Vec<String> {
+    let dir = HarnessConfig::from_env().unwrap().pool_dir();
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with(name))
+        .collect()
+}
+
+/// Waits until the helper's VM runs and its NATS container exists.
+fn wait_until_provisioning(lv: &Libvirt, name: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !(domain_running(lv, name) && !containers_of(child.id()).is_empty()) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the helper exited early"
+        );
+        assert!(Instant::now() < deadline, "the helper never started its VM");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn unique(what: &str) -> String {
+    format!(
+        "devicelab-leak-{what}-{}",
+        hex::encode(rand::random::<[u8; 3]>())
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn a_killed_run_is_reaped_by_the_next_one() {
+    let lv = libvirt();
+    let name = unique("kill");
+    let mut child = spawn_helper(&name);
+    let pid = child.id();
+    wait_until_provisioning(&lv, &name, &mut child);
+    child.kill().unwrap(); // SIGKILL: no handler runs
+    child.wait().unwrap();
+    assert!(
+        domain_exists(&lv, &name),
+        "the killed run left its VM (the leak the reaper is for)"
+    );
+    assert!(!containers_of(pid).is_empty());
+
+    let _next_run = Lab::from_env().await.unwrap();
+    assert!(!domain_exists(&lv, &name), "the next run reaped the domain");
+    assert_eq!(volumes_of(&name), Vec::<String>::new(), "and its volumes");
+    assert_eq!(
+        containers_of(pid),
+        Vec::<String>::new(),
+        "and its NATS container"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn sigterm_cleans_up_and_exits_non_zero() {
+    let lv = libvirt();
+    let name = unique("term");
+    let mut child = spawn_helper(&name);
+    let pid = child.id();
+    wait_until_provisioning(&lv, &name, &mut child);
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "interrupted runs exit non-zero");
+    assert!(!domain_exists(&lv, &name));
+    assert_eq!(volumes_of(&name), Vec::<String>::new());
+    assert_eq!(containers_of(pid), Vec::<String>::new());
+}
