@@ -35,6 +35,8 @@ pub enum NatsError {
         last: String,
         logs: String,
     },
+    #[error("could not restart the NATS server {server}: {stderr}")]
+    Restart { server: String, stderr: String },
     #[error("JetStream request failed while {doing}: {message}")]
     JetStream { doing: String, message: String },
     #[error("no status from {device_id} matched within {budget:?}; seen: {seen}")]
@@ -73,6 +75,7 @@ enum Runner {
     },
     Process {
         child: Child,
+        command: Vec<std::ffi::OsString>,
         _store: tempfile::TempDir,
     },
 }
@@ -116,7 +119,8 @@ impl NatsServer {
                 // Host networking: inside the sandbox namespace that is where the VMs' bridge is.
                 let start = reaper::process_start_time(owner.pid).unwrap_or(0);
                 let output = Command::new(&config.podman)
-                    .args(["run", "-d", "--rm", "--network", "host", "--name", &name])
+                    // No --rm: it would delete the container on restart(); drop removes it.
+                    .args(["run", "-d", "--network", "host", "--name", &name])
                     .args(["--label", &format!("devicelab.run={}", owner.run_id)])
                     .args(["--label", &format!("devicelab.pid={}", owner.pid)])
                     .args(["--label", &format!("devicelab.start={start}")])
@@ -146,45 +150,22 @@ impl NatsServer {
                     source,
                     fix: "check TMPDIR",
                 })?;
-                let mut command = Command::new(binary);
-                // If the harness is killed, the kernel takes the server with it.
-                unsafe {
-                    use std::os::unix::process::CommandExt;
-                    command.pre_exec(|| {
-                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                        Ok(())
-                    });
-                }
-                let child = command
-                    .args(args)
-                    .arg("-sd")
-                    .arg(store.path())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .map_err(|source| NatsError::Missing {
-                        program: binary.display().to_string(),
-                        source,
-                        fix: "install nats-server, or set DEVICELAB_NATS_SERVER to its path",
-                    })?;
+                let mut command: Vec<std::ffi::OsString> = vec![binary.into()];
+                command.extend(args.iter().map(Into::into));
+                command.extend(["-sd".into(), store.path().into()]);
+                let child = spawn_server(&command).map_err(|source| NatsError::Missing {
+                    program: binary.display().to_string(),
+                    source,
+                    fix: "install nats-server, or set DEVICELAB_NATS_SERVER to its path",
+                })?;
                 Runner::Process {
                     child,
+                    command,
                     _store: store,
                 }
             }
         };
-        let interrupt_guard = match &runner {
-            Runner::Container { name, podman } => {
-                let (name, podman) = (name.clone(), podman.clone());
-                reaper::on_interrupt(move || remove_container(&podman, &name))
-            }
-            Runner::Process { child, .. } => {
-                let pid = child.id() as i32;
-                reaper::on_interrupt(move || unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                })
-            }
-        };
+        let interrupt_guard = interrupt_guard(&runner);
         // Constructed before waiting, so a start that never becomes ready is still cleaned up.
         let mut server = Self {
             runner,
@@ -259,6 +240,46 @@ impl NatsServer {
         }
     }
 
+    /// An outage: stops the server, keeps it down for `down_for`, and starts it again in
+    /// place (same port, same credentials, JetStream storage kept); returns once it accepts
+    /// connections. Agents must ride it out; the harness's own client reconnects by itself.
+    pub async fn restart(&mut self, down_for: Duration) -> Result<(), NatsError> {
+        let failed = |server: &str, stderr: String| NatsError::Restart {
+            server: server.to_owned(),
+            stderr,
+        };
+        match &mut self.runner {
+            Runner::Container { name, podman } => {
+                for action in ["stop", "start"] {
+                    if action == "start" {
+                        tokio::time::sleep(down_for).await;
+                    }
+                    let output = Command::new(&*podman)
+                        .args(if action == "stop" {
+                            vec![action, "--time", "0", name.as_str()]
+                        } else {
+                            vec![action, name.as_str()]
+                        })
+                        .output()
+                        .map_err(|e| failed(name, e.to_string()))?;
+                    if !output.status.success() {
+                        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+                        return Err(failed(name, format!("podman {action}: {stderr}")));
+                    }
+                }
+            }
+            Runner::Process { child, command, .. } => {
+                let _ = child.kill();
+                let _ = child.wait();
+                tokio::time::sleep(down_for).await;
+                *child = spawn_server(command)
+                    .map_err(|e| failed(&command[0].to_string_lossy(), e.to_string()))?;
+                self._interrupt_guard = Some(interrupt_guard(&self.runner));
+            }
+        }
+        self.connect_when_ready().await.map(drop)
+    }
+
     /// Where the test process connects.
     pub fn client_url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
@@ -284,6 +305,39 @@ impl NatsServer {
             device_id: device_id.to_owned(),
         }
     }
+}
+
+/// On SIGINT/SIGTERM the server goes too.
+fn interrupt_guard(runner: &Runner) -> CleanupGuard {
+    match runner {
+        Runner::Container { name, podman } => {
+            let (name, podman) = (name.clone(), podman.clone());
+            reaper::on_interrupt(move || remove_container(&podman, &name))
+        }
+        Runner::Process { child, .. } => {
+            let pid = child.id() as i32;
+            reaper::on_interrupt(move || unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            })
+        }
+    }
+}
+
+/// Starts `command` (program, then arguments); if the harness is killed, the kernel takes the
+/// server with it.
+fn spawn_server(command: &[std::ffi::OsString]) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(&command[0]);
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.args(&command[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
 }
 
 fn remove_container(podman: &std::path::Path, name: &str) {

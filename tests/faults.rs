@@ -1,0 +1,96 @@
+//! Faults the harness and the agent must ride out, each against the real part: a NATS server
+//! restarted while the agent reports (process mode here; the container mode runs with the e2e
+//! suite, which has the NATS image), and a domain left defined with other XML by an older run.
+
+use devicelab::config::HarnessConfig;
+use devicelab::lab::run_owner;
+use devicelab::nats::{NatsServer, Verdict};
+use devicelab_agent::{AgentConfig, DEFAULT_SUBJECT_PREFIX, run};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+/// A server configured from the environment (DEVICELAB_NATS_IMAGE…), with `overrides`.
+async fn server(overrides: &[(&str, &str)]) -> NatsServer {
+    let mut vars: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("DEVICELAB_"))
+        .collect();
+    vars.extend(
+        overrides
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let config = HarnessConfig::from_vars(vars).unwrap();
+    NatsServer::start(&config, Ipv4Addr::LOCALHOST, &run_owner())
+        .await
+        .unwrap()
+}
+
+/// The agent reports every 100 ms; after its fifth report the server goes down for 4 s (longer
+/// than the agent waits for an acknowledgement, so reports are retried). Every report must end
+/// up in the stream exactly once and in order, and the agent must finish.
+async fn restart_while_reporting(mut nats: NatsServer) {
+    const REPORTS: u64 = 40;
+    let cfg = AgentConfig {
+        device_id: "dev-outage".into(),
+        nats_url: nats.client_url(),
+        interval_ms: 100,
+        subject_prefix: DEFAULT_SUBJECT_PREFIX.into(),
+        nats_user: nats.credentials().map(|c| c.user.clone()),
+        nats_password: nats.credentials().map(|c| c.password.clone()),
+    };
+    let agent = tokio::spawn(async move { run(&cfg, "boot-outage", Some(REPORTS)).await });
+    let log = nats.status_log("dev-outage");
+    log.wait_for(0, Duration::from_secs(20), |s| {
+        if s.seq >= 5 {
+            Verdict::Accept
+        } else {
+            Verdict::Skip
+        }
+    })
+    .await
+    .unwrap();
+    nats.restart(Duration::from_secs(4)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), agent)
+        .await
+        .expect("the agent delivered its backlog after the restart")
+        .unwrap()
+        .unwrap();
+
+    let log = nats.status_log("dev-outage");
+    let mut seqs = Vec::new();
+    log.wait_for(0, Duration::from_secs(20), |s| {
+        seqs.push(s.seq);
+        if s.seq == REPORTS {
+            Verdict::Accept
+        } else {
+            Verdict::Skip
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; seqs so far: {seqs:?}"));
+    assert_eq!(
+        seqs,
+        (1..=REPORTS).collect::<Vec<_>>(),
+        "every report once, in order, across the restart"
+    );
+    assert_eq!(
+        log.last_sequence().await.unwrap(),
+        REPORTS,
+        "no duplicates stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nats_process_restarted_mid_report_loses_nothing() {
+    restart_while_reporting(server(&[("DEVICELAB_NATS", "process")]).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs the NATS container image: run with --features e2e"
+)]
+async fn a_nats_container_restarted_mid_report_loses_nothing() {
+    restart_while_reporting(server(&[]).await).await;
+}
