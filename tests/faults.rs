@@ -2,12 +2,17 @@
 //! restarted while the agent reports (process mode here; the container mode runs with the e2e
 //! suite, which has the NATS image), and a domain left defined with other XML by an older run.
 
+use devicelab::VmArchitecture;
+use devicelab::accel::Accelerator;
 use devicelab::config::HarnessConfig;
+use devicelab::domain_xml::{DomainXmlParams, digest_of_defined, mac_for, render};
 use devicelab::lab::run_owner;
+use devicelab::libvirt::Libvirt;
 use devicelab::nats::{NatsServer, Verdict};
 use devicelab_agent::{AgentConfig, DEFAULT_SUBJECT_PREFIX, run};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// A server configured from the environment (DEVICELAB_NATS_IMAGE…), with `overrides`.
@@ -93,4 +98,67 @@ async fn a_nats_process_restarted_mid_report_loses_nothing() {
 )]
 async fn a_nats_container_restarted_mid_report_loses_nothing() {
     restart_while_reporting(server(&[]).await).await;
+}
+
+fn domain_params(name: &str, memory_mib: u64) -> DomainXmlParams {
+    let dir = std::env::temp_dir().join(name);
+    DomainXmlParams {
+        name: name.into(),
+        arch: VmArchitecture::X86_64,
+        accel: Accelerator::Tcg,
+        vcpus: 1,
+        memory_mib,
+        emulator: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+        disk: dir.join("disk.qcow2"),
+        seed_iso: dir.join("seed.iso"),
+        network: "default".into(),
+        mac: mac_for(name),
+        serial_log: dir.join("serial.log"),
+        uefi: None,
+        qemu_args: Vec::new(),
+        owner: run_owner(),
+    }
+}
+
+/// Removes the test's domain even when an assertion fails.
+struct Undefine<'a>(&'a Libvirt, &'a str);
+impl Drop for Undefine<'_> {
+    fn drop(&mut self) {
+        if let Ok(dom) = self.0.conn().lookup_domain_by_name(self.1) {
+            let _ = self.0.remove_domain(&dom, self.1);
+        }
+    }
+}
+
+#[test]
+fn a_domain_left_defined_with_other_xml_is_redefined_not_replayed() {
+    let lv = Libvirt::open(
+        &HarnessConfig::from_vars(BTreeMap::new())
+            .unwrap()
+            .libvirt_uri,
+    )
+    .expect("libvirtd must be running for the fast suite (fixtures/host/setup.sh)");
+    let name = format!(
+        "devicelab-fault-stale-{}",
+        hex::encode(rand::random::<[u8; 3]>())
+    );
+    let _cleanup = Undefine(&lv, &name);
+    // An older run left this definition behind (another memory size, another digest).
+    let old = render(&domain_params(&name, 512));
+    lv.conn().define_domain_xml(&old.xml).unwrap();
+
+    let new = render(&domain_params(&name, 768));
+    assert_ne!(old.digest, new.digest);
+    let dom = lv.define(&name, &new).unwrap();
+    let defined = dom.xml_desc(0).unwrap();
+    assert_eq!(
+        digest_of_defined(&defined).as_deref(),
+        Some(new.digest.as_str())
+    );
+    assert!(defined.contains("786432"), "768 MiB in KiB: {defined}");
+
+    // The same XML again is reused as it is: same domain, same UUID.
+    let uuid = dom.uuid_string().unwrap();
+    let again = lv.define(&name, &new).unwrap();
+    assert_eq!(again.uuid_string().unwrap(), uuid);
 }

@@ -194,3 +194,33 @@ async fn two_processes_download_once() {
     );
     assert_eq!(std::fs::read(cache.path().join("disk.img")).unwrap(), body);
 }
+
+#[tokio::test]
+async fn a_download_cut_mid_stream_restarts_cleanly_on_the_next_mirror() {
+    let body = image_bytes(300_000);
+    let mut cut = Route::ok(body.clone());
+    cut.cut_after = Some(120_000);
+    let server = HttpServer::start(vec![
+        ("/cut/disk.img", cut),
+        ("/good/disk.img", Route::ok(body.clone())),
+    ])
+    .await;
+    let cache = tempfile::tempdir().unwrap();
+    let a = artifact(
+        vec![server.url("/cut/disk.img"), server.url("/good/disk.img")],
+        &body,
+    );
+    let path = fetch(cache.path(), &a).await.unwrap();
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        body,
+        "the whole file, not a splice"
+    );
+    assert_eq!(server.hits("/cut/disk.img"), 1);
+    assert_eq!(server.hits("/good/disk.img"), 1);
+    let leftovers: Vec<_> = files_in(cache.path())
+        .into_iter()
+        .filter(|f| f.contains(".tmp") || f.contains(".part"))
+        .collect();
+    assert!(leftovers.is_empty(), "no partial file left: {leftovers:?}");
+}
