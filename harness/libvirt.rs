@@ -3,7 +3,7 @@
 
 use crate::domain_xml::{RenderedDomain, digest_of_defined};
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::enumutil::Enum;
@@ -36,9 +36,12 @@ pub enum LibvirtError {
     },
 }
 
+/// A libvirt connection that survives a libvirtd restart: a dead connection is reopened on
+/// the next call. Domains and pools are looked up by name per call, never held across calls,
+/// since handles from a dead connection stay dead.
 #[derive(Clone)]
 pub struct Libvirt {
-    conn: Arc<Connect>,
+    conn: Arc<Mutex<Arc<Connect>>>,
     pub uri: String,
 }
 
@@ -60,20 +63,32 @@ pub(crate) fn is_code(e: &virt::error::Error, code: ErrorNumber) -> bool {
 
 impl Libvirt {
     pub fn open(uri: &str) -> Result<Self, LibvirtError> {
-        // libvirt would otherwise print every error to stderr, including the expected ones.
-        virt::error::clear_error_callback();
-        let conn = Connect::open(Some(uri)).map_err(|e| LibvirtError::Connect {
-            uri: uri.to_owned(),
-            message: e.message().to_owned(),
-        })?;
         Ok(Self {
-            conn: Arc::new(conn),
+            conn: Arc::new(Mutex::new(Arc::new(connect(uri)?))),
             uri: uri.to_owned(),
         })
     }
 
-    pub fn conn(&self) -> &Connect {
-        &self.conn
+    /// The live connection, reopened first if libvirtd went away since the last call (a
+    /// restart mid-trial); a clear error while it is still down.
+    pub fn conn(&self) -> Result<Arc<Connect>, LibvirtError> {
+        let mut current = self.conn.lock().unwrap();
+        // A round trip, not virConnectIsAlive: that says "alive" until a call has failed.
+        if current.lib_version().is_err() {
+            *current = Arc::new(connect(&self.uri)?);
+            tracing::warn!(
+                "the connection to libvirt at {} was lost; reconnected",
+                self.uri
+            );
+        }
+        Ok(current.clone())
+    }
+
+    /// The domain called `name`, looked up afresh.
+    pub fn domain(&self, name: &str) -> Result<Domain, LibvirtError> {
+        self.conn()?
+            .lookup_domain_by_name(name)
+            .map_err(call_err("look up domain", name))
     }
 
     /// Runs a blocking libvirt call on tokio's blocking pool.
@@ -89,10 +104,10 @@ impl Libvirt {
 
     /// The host's address on `network`: where guests reach services the harness runs.
     pub fn network_gateway(&self, name: &str) -> Result<Ipv4Addr, LibvirtError> {
-        let net = self.conn.lookup_network_by_name(name).map_err(|e| {
+        let conn = self.conn()?;
+        let net = conn.lookup_network_by_name(name).map_err(|e| {
             if is_code(&e, ErrorNumber::NoNetwork) {
-                let available = self
-                    .conn
+                let available = conn
                     .list_all_networks(0)
                     .map(|nets| {
                         nets.iter()
@@ -132,7 +147,8 @@ impl Libvirt {
     /// its XML differs (libvirt refuses to define over it, and starting it would boot the old
     /// definition); an identical one is reused.
     pub fn define(&self, name: &str, rendered: &RenderedDomain) -> Result<Domain, LibvirtError> {
-        match self.conn.lookup_domain_by_name(name) {
+        let conn = self.conn()?;
+        match conn.lookup_domain_by_name(name) {
             Ok(existing) => {
                 let defined = existing
                     .xml_desc(0)
@@ -150,8 +166,7 @@ impl Libvirt {
             Err(e) if is_code(&e, ErrorNumber::NoDomain) => {}
             Err(e) => return Err(call_err("look up domain", name)(e)),
         }
-        self.conn
-            .define_domain_xml(&rendered.xml)
+        conn.define_domain_xml(&rendered.xml)
             .map_err(call_err("define domain", name))
     }
 
@@ -198,6 +213,15 @@ impl Libvirt {
             .flat_map(|i| &i.addrs)
             .find_map(|a| a.addr.parse::<Ipv4Addr>().ok()))
     }
+}
+
+fn connect(uri: &str) -> Result<Connect, LibvirtError> {
+    // libvirt would otherwise print every error to stderr, including the expected ones.
+    virt::error::clear_error_callback();
+    Connect::open(Some(uri)).map_err(|e| LibvirtError::Connect {
+        uri: uri.to_owned(),
+        message: e.message().to_owned(),
+    })
 }
 
 /// Value of `name='…'` or `name="…"` in one line of XML.

@@ -29,7 +29,7 @@ pub enum PoolError {
 
 #[derive(Clone)]
 pub struct Pool {
-    pool: StoragePool,
+    libvirt: Libvirt,
     pub dir: PathBuf,
 }
 
@@ -44,7 +44,7 @@ impl Pool {
         std::fs::create_dir_all(dir).map_err(dir_err)?;
         // 0711: libvirt's qemu user must reach the files; nobody needs to list them.
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(dir_err)?;
-        let conn = libvirt.conn();
+        let conn = libvirt.conn()?;
         let pool = match conn.lookup_storage_pool_by_name(POOL_NAME) {
             Ok(pool) => {
                 let xml = pool.xml_desc(0).map_err(call_err("read pool", POOL_NAME))?;
@@ -96,9 +96,18 @@ impl Pool {
                 .map_err(call_err("autostart pool", POOL_NAME))?;
         }
         Ok(Self {
-            pool,
+            libvirt: libvirt.clone(),
             dir: dir.to_owned(),
         })
+    }
+
+    /// The pool, looked up afresh (a handle would not survive a libvirtd restart).
+    fn handle(&self) -> Result<StoragePool, PoolError> {
+        Ok(self
+            .libvirt
+            .conn()?
+            .lookup_storage_pool_by_name(POOL_NAME)
+            .map_err(call_err("look up pool", POOL_NAME))?)
     }
 
     pub fn path_of(&self, volume: &str) -> PathBuf {
@@ -130,7 +139,7 @@ impl Pool {
             backing = base.path.display(),
             format = base.format.as_str(),
         );
-        let vol = StorageVol::create_xml(&self.pool, &xml, 0)
+        let vol = StorageVol::create_xml(&self.handle()?, &xml, 0)
             .map_err(call_err("create volume", volume))?;
         Ok(PathBuf::from(
             vol.path().map_err(call_err("locate volume", volume))?,
@@ -139,7 +148,7 @@ impl Pool {
 
     /// Makes libvirt notice files the harness wrote into the pool directory itself.
     pub fn refresh(&self) -> Result<(), PoolError> {
-        self.pool
+        self.handle()?
             .refresh(0)
             .map_err(call_err("refresh pool", POOL_NAME))?;
         Ok(())
@@ -147,7 +156,7 @@ impl Pool {
 
     /// Deletes a volume (or a file libvirt has not seen yet); absent is fine.
     pub fn delete_volume(&self, volume: &str) -> Result<(), PoolError> {
-        match self.pool.lookup_storage_vol_by_name(volume) {
+        match self.handle()?.lookup_storage_vol_by_name(volume) {
             Ok(vol) => vol.delete(0).map_err(call_err("delete volume", volume))?,
             Err(e) if is_code(&e, ErrorNumber::NoStorageVolume) => {}
             Err(e) => return Err(call_err("look up volume", volume)(e).into()),
@@ -166,7 +175,7 @@ impl Pool {
     pub fn volumes(&self) -> Result<Vec<String>, PoolError> {
         self.refresh()?;
         Ok(self
-            .pool
+            .handle()?
             .list_volumes()
             .map_err(call_err("list volumes of", POOL_NAME))?)
     }

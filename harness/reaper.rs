@@ -78,7 +78,14 @@ pub fn volume_names(name: &str) -> [String; 3] {
 /// Removes a VM by name: its domain (NVRAM included) and its volumes. Absent parts are fine.
 pub fn remove_vm(libvirt: &Libvirt, pool: &Pool, name: &str) -> Vec<String> {
     let mut errors = Vec::new();
-    if let Ok(dom) = libvirt.conn().lookup_domain_by_name(name)
+    let dom = match libvirt.conn() {
+        Ok(conn) => conn.lookup_domain_by_name(name).ok(),
+        Err(e) => {
+            errors.push(e.to_string());
+            None
+        }
+    };
+    if let Some(dom) = dom
         && let Err(e) = libvirt.remove_domain(&dom, name)
     {
         errors.push(e.to_string());

@@ -21,7 +21,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use virt::domain::Domain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -125,7 +124,6 @@ pub struct Vm {
     arch: VmArchitecture,
     libvirt: Libvirt,
     pool: Pool,
-    domain: Domain,
     _interrupt_guard: CleanupGuard,
     ip: Ipv4Addr,
     target: SshTarget,
@@ -263,13 +261,12 @@ impl Vm {
         };
         let rendered = domain_xml::render(&params);
         std::fs::write(run_dir.join("domain.xml"), &rendered.xml).ok();
-        let domain = {
+        {
             let name = name.clone();
             lab.libvirt
-                .run(move |lv| -> Result<Domain, LibvirtError> {
+                .run(move |lv| -> Result<(), LibvirtError> {
                     let dom = lv.define(&name, &rendered)?;
-                    lv.start(&dom, &name)?;
-                    Ok(dom)
+                    lv.start(&dom, &name)
                 })
                 .await?
         };
@@ -289,12 +286,12 @@ impl Vm {
         };
         let waits = async {
             let ip = {
-                let (dom, n) = (domain.clone(), name.clone());
+                let n = name.clone();
                 let lv = lab.libvirt.clone();
                 readiness::poll(budgets.lease, move || {
-                    let (dom, n, lv) = (dom.clone(), n.clone(), lv.clone());
+                    let (n, lv) = (n.clone(), lv.clone());
                     async move {
-                        match lv.run(move |lv| lv.lease_ipv4(&dom, &n)).await {
+                        match lv.run(move |lv| lv.lease_ipv4(&lv.domain(&n)?, &n)).await {
                             Ok(Some(ip)) => Ok(ip),
                             Ok(None) => Err("no lease yet".to_owned()),
                             Err(e) => Err(e.to_string()),
@@ -350,7 +347,6 @@ impl Vm {
             arch,
             libvirt: lab.libvirt.clone(),
             pool,
-            domain,
             _interrupt_guard: interrupt_guard,
             ip,
             target,
@@ -552,10 +548,10 @@ impl Vm {
     /// Pulls the plug (libvirt destroy). The SSH session goes with it.
     pub async fn power_off(&self) -> Result<(), VmError> {
         self.session.lock().await.take();
-        let (dom, name) = (self.domain.clone(), self.name.clone());
+        let name = self.name.clone();
         Ok(self
             .libvirt
-            .run(move |lv| lv.power_off(&dom, &name))
+            .run(move |lv| lv.power_off(&lv.domain(&name)?, &name))
             .await?)
     }
 
@@ -565,8 +561,10 @@ impl Vm {
         let started = Instant::now();
         self.boot_offset
             .store(console::len(&self.serial_log), Ordering::SeqCst);
-        let (dom, name) = (self.domain.clone(), self.name.clone());
-        self.libvirt.run(move |lv| lv.start(&dom, &name)).await?;
+        let name = self.name.clone();
+        self.libvirt
+            .run(move |lv| lv.start(&lv.domain(&name)?, &name))
+            .await?;
         let budget = self.budgets.power_cycle_recovery;
         let session = self
             .guarded(async {

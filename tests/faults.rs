@@ -7,12 +7,12 @@ use devicelab::accel::Accelerator;
 use devicelab::config::HarnessConfig;
 use devicelab::domain_xml::{DomainXmlParams, digest_of_defined, mac_for, render};
 use devicelab::lab::run_owner;
-use devicelab::libvirt::Libvirt;
+use devicelab::libvirt::{Libvirt, LibvirtError};
 use devicelab::nats::{NatsServer, Verdict};
 use devicelab_agent::{AgentConfig, DEFAULT_SUBJECT_PREFIX, run};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A server configured from the environment (DEVICELAB_NATS_IMAGE…), with `overrides`.
@@ -124,7 +124,7 @@ fn domain_params(name: &str, memory_mib: u64) -> DomainXmlParams {
 struct Undefine<'a>(&'a Libvirt, &'a str);
 impl Drop for Undefine<'_> {
     fn drop(&mut self) {
-        if let Ok(dom) = self.0.conn().lookup_domain_by_name(self.1) {
+        if let Ok(dom) = self.0.domain(self.1) {
             let _ = self.0.remove_domain(&dom, self.1);
         }
     }
@@ -145,7 +145,7 @@ fn a_domain_left_defined_with_other_xml_is_redefined_not_replayed() {
     let _cleanup = Undefine(&lv, &name);
     // An older run left this definition behind (another memory size, another digest).
     let old = render(&domain_params(&name, 512));
-    lv.conn().define_domain_xml(&old.xml).unwrap();
+    lv.conn().unwrap().define_domain_xml(&old.xml).unwrap();
 
     let new = render(&domain_params(&name, 768));
     assert_ne!(old.digest, new.digest);
@@ -161,4 +161,97 @@ fn a_domain_left_defined_with_other_xml_is_redefined_not_replayed() {
     let uuid = dom.uuid_string().unwrap();
     let again = lv.define(&name, &new).unwrap();
     assert_eq!(again.uuid_string().unwrap(), uuid);
+}
+
+/// A libvirtd of the test's own, so restarting it disturbs nothing else: private mount and
+/// network namespaces, its state and config in a temp dir, its socket at `<dir>/run/libvirt-sock`.
+struct PrivateLibvirtd {
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateLibvirtd {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["run", "lib", "cache", "etc"] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        for conf in ["libvirtd.conf", "qemu.conf"] {
+            std::fs::copy(
+                Path::new("/etc/libvirt").join(conf),
+                dir.path().join("etc").join(conf),
+            )
+            .unwrap();
+        }
+        let mut this = Self { dir, child: None };
+        this.spawn();
+        this
+    }
+
+    fn uri(&self) -> String {
+        format!(
+            "qemu:///system?socket={}",
+            self.dir.path().join("run/libvirt-sock").display()
+        )
+    }
+
+    fn spawn(&mut self) {
+        let d = self.dir.path().display();
+        let script = format!(
+            "mount --bind {d}/run /run/libvirt && mount --bind {d}/lib /var/lib/libvirt && \
+             mount --bind {d}/cache /var/cache/libvirt && mount --bind {d}/etc /etc/libvirt && \
+             exec libvirtd -p {d}/libvirtd.pid"
+        );
+        let child = std::process::Command::new("unshare")
+            .args(["--mount", "--net", "--propagation", "private", "sh", "-c"])
+            .arg(script)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("unshare (util-linux) runs libvirtd");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while Libvirt::open(&self.uri()).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the private libvirtd did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for PrivateLibvirtd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[test]
+fn a_libvirtd_restart_mid_run_is_a_clear_error_then_a_reconnect() {
+    let mut daemon = PrivateLibvirtd::start();
+    let lv = Libvirt::open(&daemon.uri()).unwrap();
+    let name = "devicelab-fault-restart";
+    let dom = lv.define(name, &render(&domain_params(name, 512))).unwrap();
+    assert!(!dom.is_active().unwrap());
+
+    daemon.stop();
+    let err = lv.domain(name).err().expect("libvirtd is down");
+    let msg = err.to_string();
+    assert!(matches!(err, LibvirtError::Connect { .. }), "{msg}");
+    assert!(msg.contains("is libvirtd running?"), "{msg}");
+
+    daemon.spawn();
+    let dom = lv
+        .domain(name)
+        .expect("the same handle reconnects to the restarted libvirtd");
+    lv.remove_domain(&dom, name).unwrap();
+    assert!(lv.domain(name).is_err(), "removed");
 }

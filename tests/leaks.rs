@@ -46,14 +46,14 @@ fn libvirt() -> Libvirt {
 }
 
 fn domain_running(lv: &Libvirt, name: &str) -> bool {
-    lv.conn()
-        .lookup_domain_by_name(name)
-        .and_then(|d| d.is_active())
+    lv.domain(name)
+        .ok()
+        .and_then(|d| d.is_active().ok())
         .unwrap_or(false)
 }
 
 fn domain_exists(lv: &Libvirt, name: &str) -> bool {
-    lv.conn().lookup_domain_by_name(name).is_ok()
+    lv.domain(name).is_ok()
 }
 
 fn containers_of(pid: u32) -> Vec<String> {
