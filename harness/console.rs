@@ -5,6 +5,19 @@ use std::path::{Path, PathBuf};
 
 /// Console lines after which the boot cannot succeed, with what they mean.
 const FATAL: &[(&str, &str)] = &[
+    (
+        "Minimal BASH-like line editing is supported",
+        "GRUB found no grub.cfg (or not the root filesystem holding it) and stopped at its prompt",
+    ),
+    (
+        "grub rescue>",
+        "GRUB could not load its modules and stopped at the rescue prompt",
+    ),
+    (
+        "UEFI Interactive Shell",
+        "the UEFI firmware found nothing to boot and started its shell",
+    ),
+    ("No bootable device", "the BIOS found nothing to boot"),
     ("Kernel panic - not syncing", "the guest kernel panicked"),
     (
         "You are in emergency mode",
@@ -126,6 +139,19 @@ mod tests {
             ]
         );
         assert_eq!(tail(f.path(), 5)[0], "  OK  ] Started foo");
+    }
+
+    #[test]
+    fn a_grub_prompt_is_fatal() {
+        // What the serial log showed for an arm64 image whose grub.cfg was missing.
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            f.path(),
+            "Welcome to GRUB!\r\n\r\n   Minimal BASH-like line editing is supported. For the first word, TAB   \r\n\r\ngrub> ",
+        )
+        .unwrap();
+        let (_, meaning) = fatal_line(f.path()).unwrap();
+        assert!(meaning.contains("grub.cfg"), "{meaning}");
     }
 
     #[test]
