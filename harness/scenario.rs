@@ -97,6 +97,17 @@ async fn onboard_and_first_status(
             machine.trim()
         )));
     }
+    // The seed the harness wrote must pass cloud-init's own schema check: an invalid key is
+    // only a warning on the console, and the setting it carried silently does nothing.
+    let schema = vm.exec("sudo -n cloud-init schema --system").await?;
+    if !schema.success() {
+        return Err(ScenarioError::Check(format!(
+            "VM {}: cloud-init rejects the harness's cloud-config: {}{}",
+            vm.name(),
+            schema.stdout.trim(),
+            schema.stderr.trim()
+        )));
+    }
     let onboarding = Onboarding {
         binary,
         config: agent.clone(),

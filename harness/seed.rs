@@ -32,7 +32,8 @@ pub struct CloudConfig {
     pub disable_root: bool,
     /// The host key the harness generated; its public half is what SSH verifies.
     pub ssh_keys: SshHostKeys,
-    /// No other host key types: generating RSA under emulation costs seconds for nothing.
+    /// Only ed25519, which `ssh_keys` already provides, so nothing is generated: RSA under
+    /// emulation costs seconds for nothing. (An empty list fails cloud-init's schema check.)
     pub ssh_genkeytypes: Vec<String>,
     pub ssh_deletekeys: bool,
 }
@@ -93,7 +94,7 @@ impl Seed {
                 ed25519_private: host_key.private_openssh.clone(),
                 ed25519_public: host_key.public_line.clone(),
             },
-            ssh_genkeytypes: Vec::new(),
+            ssh_genkeytypes: vec!["ed25519".into()],
             ssh_deletekeys: true,
         };
         let meta = MetaData {
