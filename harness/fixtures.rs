@@ -10,12 +10,13 @@
 //! }
 //! ```
 
-use crate::arch::VmArchitecture;
-use crate::lab::Lab;
-use crate::nats::NatsServer;
+// What a test using the fixtures names, so one `use devicelab::fixtures::*` is enough.
+pub use crate::arch::VmArchitecture;
+pub use crate::lab::Lab;
+pub use crate::nats::NatsServer;
 pub use crate::scenario::OnboardedDevice;
 use crate::spec::VirtualMachineSpec;
-use crate::vm::Vm;
+pub use crate::vm::Vm;
 pub use rstest::{fixture, rstest};
 use std::sync::Arc;
 

@@ -1,0 +1,54 @@
+//! When a device fails, the harness says so at once and leaves what explains it: one real VM
+//! collects its failure artifacts, then its kernel is crashed and the next wait must fail on the
+//! console's panic line instead of waiting out its budget. Boots a VM: `--features e2e`.
+
+use devicelab::fixtures::*;
+use devicelab::vm::VmError;
+use std::time::{Duration, Instant};
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn a_crashed_device_fails_fast_and_leaves_its_artifacts(#[future] vm: Vm) {
+    let vm = vm.await;
+
+    let dir = vm.collect_artifacts(&[("uname.txt", "uname -a")]).await;
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    assert!(
+        read("serial.log").contains("Linux version"),
+        "the boot's console"
+    );
+    assert!(read("domain.xml").contains(&format!("<name>{}</name>", vm.name())));
+    assert!(read("cloud-init-status.txt").contains("status: done"));
+    assert!(read("cloud-init.log").contains("DataSourceNoCloud"));
+    assert!(!read("journal.txt").trim().is_empty());
+    assert!(read("uname.txt").contains("Linux"), "extra items run too");
+
+    // Crash the guest kernel; the SSH call that does it may never answer.
+    let crash = "sudo -n sh -c 'echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger'";
+    let _ = tokio::time::timeout(Duration::from_secs(10), vm.exec(crash)).await;
+    let started = Instant::now();
+    let err = vm
+        .wait_for_cloud_init()
+        .await
+        .expect_err("a crashed guest cannot be waited on");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, VmError::BootFailed { .. }),
+        "a boot failure, not a timeout: {msg}"
+    );
+    assert!(msg.contains("panicked") && msg.contains("sysrq"), "{msg}");
+    assert!(
+        started.elapsed() < vm.budgets().cloud_init / 4,
+        "failed at once ({:?}), not after the budget",
+        started.elapsed()
+    );
+
+    let run_dir = dir.clone();
+    drop(vm);
+    assert!(
+        run_dir.join("cloud-init.log").exists(),
+        "the artifacts outlive the VM"
+    );
+    std::fs::remove_dir_all(run_dir).unwrap();
+}
