@@ -121,7 +121,8 @@ pub fn reap(libvirt: &Libvirt, pool: &Pool, runs_dir: &Path, podman: &Path) -> R
         let name = entry.file_name().to_string_lossy().into_owned();
         let errors = remove_vm(libvirt, pool, &name);
         if errors.is_empty() {
-            let _ = std::fs::remove_file(dir.join(OWNER_FILE));
+            // The run was killed before it could collect anything: its logs are not artifacts.
+            let _ = std::fs::remove_dir_all(&dir);
             tracing::warn!(
                 "reaped VM {name} left by run {} (pid {} is gone)",
                 owner.run_id,

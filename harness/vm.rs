@@ -210,7 +210,11 @@ impl Vm {
                 name.clone(),
                 run_dir.clone(),
             );
-            reaper::on_interrupt(move || teardown(&lv, &pool, &name, &run_dir))
+            // Interrupted: nobody will read this run's logs (DEVICELAB_KEEP is for that).
+            reaper::on_interrupt(move || {
+                teardown(&lv, &pool, &name, &run_dir);
+                let _ = std::fs::remove_dir_all(&run_dir);
+            })
         };
         let started = Instant::now();
         let uefi = match arch.firmware() {

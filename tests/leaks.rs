@@ -99,6 +99,10 @@ fn wait_until_provisioning(lv: &Libvirt, name: &str, child: &mut Child) {
     }
 }
 
+fn run_dir(name: &str) -> std::path::PathBuf {
+    HarnessConfig::from_env().unwrap().runs_dir().join(name)
+}
+
 fn unique(what: &str) -> String {
     format!(
         "devicelab-leak-{what}-{}",
@@ -130,6 +134,7 @@ async fn a_killed_run_is_reaped_by_the_next_one() {
         Vec::<String>::new(),
         "and its NATS container"
     );
+    assert!(!run_dir(&name).exists(), "and its run dir");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -146,4 +151,5 @@ async fn sigterm_cleans_up_and_exits_non_zero() {
     assert!(!domain_exists(&lv, &name));
     assert_eq!(volumes_of(&name), Vec::<String>::new());
     assert_eq!(containers_of(pid), Vec::<String>::new());
+    assert!(!run_dir(&name).exists());
 }
