@@ -250,23 +250,20 @@ impl NatsServer {
         };
         match &mut self.runner {
             Runner::Container { name, podman } => {
-                for action in ["stop", "start"] {
-                    if action == "start" {
-                        tokio::time::sleep(down_for).await;
-                    }
+                let run = |args: &[&str]| -> Result<(), NatsError> {
                     let output = Command::new(&*podman)
-                        .args(if action == "stop" {
-                            vec![action, "--time", "0", name.as_str()]
-                        } else {
-                            vec![action, name.as_str()]
-                        })
+                        .args(args)
                         .output()
                         .map_err(|e| failed(name, e.to_string()))?;
-                    if !output.status.success() {
-                        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-                        return Err(failed(name, format!("podman {action}: {stderr}")));
+                    if output.status.success() {
+                        return Ok(());
                     }
-                }
+                    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+                    Err(failed(name, format!("podman {}: {stderr}", args[0])))
+                };
+                run(&["stop", "--time", "0", name])?;
+                tokio::time::sleep(down_for).await;
+                run(&["start", name])?;
             }
             Runner::Process { child, command, .. } => {
                 let _ = child.kill();
