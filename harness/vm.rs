@@ -662,12 +662,17 @@ impl Drop for Vm {
                 owner.kept = true; // the reaper must not take it
                 let _ = owner.write(&self.run_dir);
             }
+            let uri = &self.libvirt.uri;
+            let [disk, seed, _vars] = reaper::volume_names(&self.name);
             eprintln!(
-                "devicelab: keeping VM {} (DEVICELAB_KEEP=1). Log in with:\n  {}\n  remove it with: virsh -c {} destroy {0}; virsh -c {} undefine --nvram {0}",
-                self.name,
-                self.ssh_command(),
-                self.libvirt.uri,
-                self.libvirt.uri
+                "devicelab: keeping VM {name} (DEVICELAB_KEEP=1). Log in with:\n  {ssh}\n  \
+                 remove it with: virsh -c {uri} destroy {name}; virsh -c {uri} undefine --nvram {name}; \
+                 virsh -c {uri} vol-delete --pool {pool} {disk}; virsh -c {uri} vol-delete --pool {pool} {seed}; \
+                 rm -r {run_dir}",
+                name = self.name,
+                ssh = self.ssh_command(),
+                pool = crate::pool::POOL_NAME,
+                run_dir = self.run_dir.display(),
             );
             return;
         }
