@@ -137,19 +137,34 @@ async fn a_killed_run_is_reaped_by_the_next_one() {
     assert!(!run_dir(&name).exists(), "and its run dir");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
-async fn sigterm_cleans_up_and_exits_non_zero() {
+/// Interrupts a provisioning run with `signal`: it must clean up and exit with `code`.
+fn interrupt_cleans_up(signal: i32, code: i32) {
     let lv = libvirt();
-    let name = unique("term");
+    let name = unique(if signal == libc::SIGINT {
+        "int"
+    } else {
+        "term"
+    });
     let mut child = spawn_helper(&name);
     let pid = child.id();
     wait_until_provisioning(&lv, &name, &mut child);
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    unsafe { libc::kill(pid as i32, signal) };
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(143), "interrupted runs exit non-zero");
+    assert_eq!(status.code(), Some(code), "interrupted runs exit non-zero");
     assert!(!domain_exists(&lv, &name));
     assert_eq!(volumes_of(&name), Vec::<String>::new());
     assert_eq!(containers_of(pid), Vec::<String>::new());
     assert!(!run_dir(&name).exists());
+}
+
+#[test]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+fn sigterm_cleans_up_and_exits_non_zero() {
+    interrupt_cleans_up(libc::SIGTERM, 143);
+}
+
+#[test]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+fn ctrl_c_cleans_up_and_exits_non_zero() {
+    interrupt_cleans_up(libc::SIGINT, 130);
 }
