@@ -11,6 +11,7 @@ use crate::keys::{ClientKey, KeyError};
 use crate::libvirt::{Libvirt, LibvirtError};
 use crate::nats::{NatsError, NatsServer};
 use crate::pool::{Pool, PoolError};
+use crate::qemu_probe;
 use crate::reaper;
 use crate::spec::VirtualMachineSpec;
 use crate::vm::{Vm, VmError};
@@ -18,7 +19,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 
 #[derive(Debug, thiserror::Error)]
@@ -170,10 +170,8 @@ impl Lab {
             .unwrap_or_else(|| Path::new("/usr/bin").join(bin))
     }
 
-    /// Extra QEMU arguments. Emulated aarch64: `pauth-impdef=on` is a `-cpu` property (not a
-    /// libvirt feature) that roughly halves boot time versus the architected pointer
-    /// authentication; QEMU takes the last `-cpu`, so it is appended. Only passed when this
-    /// host's QEMU accepts it (checked once).
+    /// Extra QEMU arguments: for emulated aarch64 the knobs of `qemu_probe::AARCH64_TCG_KNOBS`
+    /// this host's QEMU accepts (probed once per process, each choice logged).
     pub fn qemu_args(&self, arch: VmArchitecture, accel: Accelerator) -> Vec<String> {
         if arch != VmArchitecture::Aarch64 || accel != Accelerator::Tcg {
             return Vec::new();
@@ -183,18 +181,7 @@ impl Lab {
             .unwrap()
             .entry(arch)
             .or_insert_with(|| {
-                let emulator = self.emulator(arch);
-                let wanted = ["-cpu", "max,pauth-impdef=on", "-accel", "tcg,thread=multi"];
-                if qemu_accepts(&emulator, &wanted) {
-                    tracing::info!("aarch64: {} accepts {}", emulator.display(), wanted.join(" "));
-                    wanted.iter().map(|s| s.to_string()).collect()
-                } else {
-                    tracing::warn!(
-                        "aarch64: {} rejects pauth-impdef=on; using plain -cpu max (boots about 2x slower)",
-                        emulator.display()
-                    );
-                    Vec::new()
-                }
+                qemu_probe::accepted_args(&self.emulator(arch), qemu_probe::AARCH64_TCG_KNOBS)
             })
             .clone()
     }
@@ -241,33 +228,4 @@ pub enum LabNatsError {
     Libvirt(#[from] LibvirtError),
     #[error(transparent)]
     Nats(#[from] NatsError),
-}
-
-/// Does this QEMU start a `virt` machine with these arguments? Asked through QMP, so QEMU
-/// answers and quits at once instead of running a machine.
-fn qemu_accepts(emulator: &Path, args: &[&str]) -> bool {
-    use std::io::Write;
-    let child = Command::new(emulator)
-        .args([
-            "-machine",
-            "virt",
-            "-display",
-            "none",
-            "-nodefaults",
-            "-S",
-            "-qmp",
-            "stdio",
-        ])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let Ok(mut child) = child else {
-        return false;
-    };
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n");
-    }
-    child.wait().map(|s| s.success()).unwrap_or(false)
 }
