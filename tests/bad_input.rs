@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{HttpServer, Route, files_in, sha256_hex};
+use common::{HttpServer, Route, files_in, sha256_hex, system_libvirt};
 use devicelab::VmArchitecture;
 use devicelab::config::HarnessConfig;
 use devicelab::download::{Artifact, fetch};
@@ -12,7 +12,6 @@ use devicelab::image::{ImageError, ImageSource};
 use devicelab::lab::run_owner;
 use devicelab::libvirt::{Libvirt, LibvirtError};
 use devicelab::nats::{NatsError, NatsServer};
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 fn config(pairs: &[(&str, &str)]) -> HarnessConfig {
@@ -34,12 +33,7 @@ fn assert_mentions(err: &dyn std::fmt::Display, needles: &[&str]) {
 
 #[test]
 fn unknown_libvirt_network_lists_the_real_ones() {
-    let lv = Libvirt::open(
-        &HarnessConfig::from_vars(BTreeMap::new())
-            .unwrap()
-            .libvirt_uri,
-    )
-    .expect("libvirtd must be running for the fast suite (fixtures/host/setup.sh)");
+    let lv = system_libvirt();
     let err = lv.network_gateway("devicelab-no-such-network").unwrap_err();
     assert!(matches!(err, LibvirtError::NoSuchNetwork { .. }));
     assert_mentions(

@@ -2,6 +2,9 @@
 //! restarted while the agent reports (process mode here; the container mode runs with the e2e
 //! suite, which has the NATS image), and a domain left defined with other XML by an older run.
 
+mod common;
+
+use common::system_libvirt;
 use devicelab::VmArchitecture;
 use devicelab::accel::Accelerator;
 use devicelab::config::HarnessConfig;
@@ -132,12 +135,7 @@ impl Drop for Undefine<'_> {
 
 #[test]
 fn a_domain_left_defined_with_other_xml_is_redefined_not_replayed() {
-    let lv = Libvirt::open(
-        &HarnessConfig::from_vars(BTreeMap::new())
-            .unwrap()
-            .libvirt_uri,
-    )
-    .expect("libvirtd must be running for the fast suite (fixtures/host/setup.sh)");
+    let lv = system_libvirt();
     let name = format!(
         "devicelab-fault-stale-{}",
         hex::encode(rand::random::<[u8; 3]>())
