@@ -27,6 +27,9 @@ pub struct Budgets {
     pub cloud_init: Duration,
     pub first_status: Duration,
     pub power_cycle_recovery: Duration,
+    /// How long a guest may sit at its login prompt with nothing listening on port 22 before
+    /// a wait for SSH gives up on it (sshd normally listens within seconds of the prompt).
+    pub idle_grace: Duration,
 }
 
 /// How the guest firmware is provided.
@@ -137,6 +140,7 @@ impl VmArchitecture {
                 cloud_init: minutes(5),
                 first_status: minutes(2),
                 power_cycle_recovery: minutes(5),
+                idle_grace: Duration::from_secs(30),
             },
             (Self::X86_64, Accelerator::Tcg) => Budgets {
                 lease: minutes(10),
@@ -144,6 +148,7 @@ impl VmArchitecture {
                 cloud_init: minutes(15),
                 first_status: minutes(5),
                 power_cycle_recovery: minutes(15),
+                idle_grace: Duration::from_secs(60),
             },
             (Self::Aarch64, Accelerator::Tcg) => Budgets {
                 lease: minutes(30),
@@ -151,6 +156,7 @@ impl VmArchitecture {
                 cloud_init: minutes(30),
                 first_status: minutes(10),
                 power_cycle_recovery: minutes(30),
+                idle_grace: Duration::from_secs(90),
             },
         }
     }
@@ -166,6 +172,7 @@ impl Budgets {
             cloud_init: s(self.cloud_init),
             first_status: s(self.first_status),
             power_cycle_recovery: s(self.power_cycle_recovery),
+            idle_grace: s(self.idle_grace),
         }
     }
 }

@@ -42,7 +42,47 @@ const FATAL: &[(&str, &str)] = &[
         "Failed to start cloud-init-local",
         "a cloud-init stage failed",
     ),
+    // The harness reaches the device through sshd: once it has failed to start (systemd
+    // retries it a few times, each as hopeless as the first), SSH cannot come back this boot.
+    (
+        "Failed to start ssh.service",
+        "sshd failed to start, so SSH cannot come back this boot",
+    ),
+    (
+        "Failed to start sshd.service",
+        "sshd failed to start, so SSH cannot come back this boot",
+    ),
 ];
+
+/// What the guest itself prints about the files the harness's access depends on (the seed's
+/// `bootcmd` checks them on every boot, before sshd starts): direct evidence for a diagnosis.
+pub const EVIDENCE_MARK: &str = "devicelab-evidence:";
+
+/// The evidence lines (without the mark) printed after byte `offset`.
+pub fn evidence_after(path: &Path, offset: u64) -> Vec<String> {
+    boot_text(path, offset)
+        .lines()
+        .map(strip_ansi)
+        .filter_map(|l| {
+            l.split_once(EVIDENCE_MARK)
+                .map(|(_, rest)| rest.trim().to_owned())
+        })
+        .collect()
+}
+
+/// Whether a getty's login prompt (`<host> login:`) appeared after byte `offset`: the boot
+/// has reached its idle state.
+pub fn login_prompt_after(path: &Path, offset: u64) -> bool {
+    boot_text(path, offset)
+        .lines()
+        .map(strip_ansi)
+        .any(|l| l.trim_end().ends_with(" login:"))
+}
+
+fn boot_text(path: &Path, offset: u64) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    String::from_utf8_lossy(bytes.get(offset as usize..).unwrap_or_default()).into_owned()
+}
 
 /// The first fatal line in the log, with its meaning.
 pub fn fatal_line(path: &Path) -> Option<(String, &'static str)> {
@@ -51,9 +91,8 @@ pub fn fatal_line(path: &Path) -> Option<(String, &'static str)> {
 
 /// Like [`fatal_line`], looking only at what was written after byte `offset` (this boot's output).
 pub fn fatal_line_after(path: &Path, offset: u64) -> Option<(String, &'static str)> {
-    let bytes = std::fs::read(path).ok()?;
-    let text = String::from_utf8_lossy(bytes.get(offset as usize..).unwrap_or_default());
-    text.lines().map(strip_ansi).find_map(|line| {
+    boot_text(path, offset)
+        .lines().map(strip_ansi).find_map(|line| {
         FATAL
             .iter()
             .find(|(needle, _)| line.contains(needle))
@@ -152,6 +191,31 @@ mod tests {
         .unwrap();
         let (_, meaning) = fatal_line(f.path()).unwrap();
         assert!(meaning.contains("grub.cfg"), "{meaning}");
+    }
+
+    #[test]
+    fn a_failed_sshd_is_fatal_and_the_guests_evidence_is_read_for_this_boot_only() {
+        // The second boot's console from issue 8 (host keys empty after an early power cut).
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let first_boot = "devicelab-evidence: stale line from the first boot\r\ndev login: \r\n";
+        std::fs::write(
+            f.path(),
+            format!(
+                "{first_boot}[    5.1] cloud-init[301]: devicelab-evidence: /etc/ssh/ssh_host_ed25519_key is empty (0 bytes)\r\n\
+                 [\x1b[0;1;31mFAILED\x1b[0m] Failed to start ssh.service - OpenBSD Secure Shell server.\r\n"
+            ),
+        )
+        .unwrap();
+        let offset = first_boot.len() as u64;
+        let (line, meaning) = fatal_line_after(f.path(), offset).unwrap();
+        assert!(line.contains("ssh.service"), "{line}");
+        assert!(meaning.contains("sshd failed"), "{meaning}");
+        assert_eq!(
+            evidence_after(f.path(), offset),
+            vec!["/etc/ssh/ssh_host_ed25519_key is empty (0 bytes)"]
+        );
+        assert!(login_prompt_after(f.path(), 0));
+        assert!(!login_prompt_after(f.path(), offset), "this boot has no prompt yet");
     }
 
     #[test]

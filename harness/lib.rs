@@ -22,6 +22,7 @@ pub mod libvirt;
 pub mod nats;
 pub mod onboard;
 pub mod pool;
+pub mod power_cut;
 pub mod qemu_probe;
 pub mod readiness;
 pub mod reaper;

@@ -26,7 +26,12 @@ pub enum OnboardError {
     },
     #[error("onboarding step {step} printed {output:?}, expected `changed` or `unchanged`")]
     Unexpected { step: &'static str, output: String },
+    #[error("there is no onboarding step {0:?}: use one of {STEPS:?}")]
+    UnknownStep(String),
 }
+
+/// The onboarding steps, in the order they run.
+pub const STEPS: [&str; 6] = ["user", "binary", "config", "unit", "linger", "service"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepOutcome {
@@ -94,7 +99,37 @@ WantedBy=default.target
 }
 
 impl Onboarding {
+    /// Runs every step, then flushes what they wrote (unless the VM's spec turned provisioning
+    /// flushes off): an onboarded device keeps its onboarding through a power cut.
     pub async fn apply(&self, vm: &Vm) -> Result<OnboardReport, OnboardError> {
+        let report = self.run(vm, None).await?;
+        vm.flush_harness_writes("onboarding").await?;
+        Ok(report)
+    }
+
+    /// Runs the steps up to and including `last` (one of [`STEPS`]) and stops there, flushing
+    /// nothing: a device caught mid-onboarding, for power-cut tests.
+    pub async fn apply_until(&self, vm: &Vm, last: &str) -> Result<OnboardReport, OnboardError> {
+        let last = STEPS
+            .into_iter()
+            .find(|s| *s == last)
+            .ok_or_else(|| OnboardError::UnknownStep(last.to_owned()))?;
+        self.run(vm, Some(last)).await
+    }
+
+    async fn run(
+        &self,
+        vm: &Vm,
+        stop_after: Option<&'static str>,
+    ) -> Result<OnboardReport, OnboardError> {
+        // Each step ends with this: it returns early once the step to stop after has run.
+        macro_rules! stop_here {
+            ($steps:expr) => {
+                if $steps.last().map(|(s, _)| Some(*s)) == Some(stop_after) {
+                    return Ok(OnboardReport { steps: $steps });
+                }
+            };
+        }
         let binary = std::fs::read(&self.binary.path).map_err(|source| OnboardError::Binary {
             path: self.binary.path.clone(),
             source,
@@ -110,6 +145,7 @@ impl Onboarding {
             ))
             .await?;
         steps.push((step, outcome(step, &out)?));
+        stop_here!(steps);
 
         let binary_changed = ensure_file(
             vm,
@@ -121,6 +157,7 @@ impl Onboarding {
             &mut steps,
         )
         .await?;
+        stop_here!(steps);
         // The config holds the NATS password: readable by root and the agent's group only.
         let config = self.config.to_toml();
         let config_changed = ensure_file(
@@ -133,6 +170,7 @@ impl Onboarding {
             &mut steps,
         )
         .await?;
+        stop_here!(steps);
         let unit = unit_file();
         let unit_changed = ensure_file(
             vm,
@@ -144,6 +182,7 @@ impl Onboarding {
             &mut steps,
         )
         .await?;
+        stop_here!(steps);
 
         // Linger starts the user's systemd at boot, without a login: what lets a user unit
         // come back after a power cycle. Then wait for that manager's private socket (what
@@ -159,6 +198,7 @@ impl Onboarding {
             ))
             .await?;
         steps.push((step, outcome(step, &out)?));
+        stop_here!(steps);
 
         let step = "service";
         let restart = binary_changed || config_changed || unit_changed;

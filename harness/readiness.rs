@@ -4,6 +4,7 @@
 use crate::ssh::{SshError, SshSession, SshTarget};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// How often a probe retries.
@@ -60,5 +61,41 @@ pub async fn ssh_login(target: &SshTarget, budget: Duration) -> Result<SshSessio
                 tokio::time::sleep(BACKOFF).await;
             }
         }
+    }
+}
+
+/// Resolves when the guest has sat at its login prompt (after byte `offset` of the serial log)
+/// for `grace` while port `addr` refuses connections: the boot is over and nothing will start
+/// listening, so waiting longer only burns the budget. Raced against SSH waits.
+pub async fn nothing_listening(
+    addr: SocketAddr,
+    serial_log: PathBuf,
+    offset: u64,
+    grace: Duration,
+) -> String {
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        let log = serial_log.clone();
+        let at_prompt =
+            tokio::task::spawn_blocking(move || crate::console::login_prompt_after(&log, offset))
+                .await
+                .unwrap_or(false);
+        let refused = at_prompt
+            && matches!(
+                tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+            );
+        if refused {
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= grace {
+                return format!(
+                    "the guest has been at its login prompt for {:.0} s and {addr} still refuses connections",
+                    since.elapsed().as_secs_f64()
+                );
+            }
+        } else {
+            idle_since = None;
+        }
+        tokio::time::sleep(BACKOFF).await;
     }
 }

@@ -11,7 +11,28 @@ use crate::spec::VirtualMachineSpec;
 use crate::vm::{PhaseTimings, Vm, VmError};
 use devicelab_agent::{AgentConfig, DEFAULT_SUBJECT_PREFIX, Status, now_ms};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+fn recovery_message(agent: &Result<Duration, String>, ssh: &Result<Duration, String>) -> String {
+    match (agent, ssh) {
+        (Ok(a), Err(e)) => format!(
+            "the agent recovered in {:.1} s (a status from the new boot), but SSH did not come back: {e}",
+            a.as_secs_f64()
+        ),
+        (Err(e), Ok(s)) => format!(
+            "SSH came back in {:.1} s, but the agent did not recover: {e}",
+            s.as_secs_f64()
+        ),
+        (Err(a), Err(s)) => {
+            format!("neither the agent nor SSH came back:\n  agent: {a}\n  SSH: {s}")
+        }
+        (Ok(a), Ok(s)) => format!(
+            "the agent recovered in {:.1} s and SSH in {:.1} s",
+            a.as_secs_f64(),
+            s.as_secs_f64()
+        ),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
@@ -27,6 +48,15 @@ pub enum ScenarioError {
     Agent(#[from] AgentBinaryError),
     #[error("{0}")]
     Check(String),
+    /// After a power cycle the agent (judged by its status stream) and the device's SSH are
+    /// two verdicts: a broken sshd is never reported as a broken agent, nor the reverse.
+    #[error("{}", recovery_message(agent, ssh))]
+    Recovery {
+        /// How long until a status from the new boot arrived, or why none did.
+        agent: Result<Duration, String>,
+        /// How long until SSH was back, or why it was not.
+        ssh: Result<Duration, String>,
+    },
     #[error(
         "{source}\n  failure artifacts: {dir} (serial log, domain XML, cloud-init logs, journal, \
          agent journal, status history)\n  last console lines:{console}"
@@ -61,14 +91,7 @@ pub async fn onboarded_device(
         lab.agent_binary(arch)
     );
     let (vm, binary) = (vm?, binary?);
-    let agent = AgentConfig {
-        device_id: name,
-        nats_url: nats.guest_url(),
-        interval_ms: 2_000,
-        subject_prefix: DEFAULT_SUBJECT_PREFIX.into(),
-        nats_user: nats.credentials().map(|c| c.user.clone()),
-        nats_password: nats.credentials().map(|c| c.password.clone()),
-    };
+    let agent = agent_config(name, &nats);
     let timings = vm.timings.clone();
     match onboard_and_first_status(&vm, &nats, &agent, binary).await {
         Ok(first_status) => Ok(OnboardedDevice {
@@ -80,6 +103,39 @@ pub async fn onboarded_device(
         }),
         Err(e) => Err(with_artifacts(&vm, &nats, &agent.device_id, e).await),
     }
+}
+
+/// The reference agent's configuration for device `name`, reporting to `nats` every 2 s.
+pub fn agent_config(name: String, nats: &NatsServer) -> AgentConfig {
+    AgentConfig {
+        device_id: name,
+        nats_url: nats.guest_url(),
+        interval_ms: 2_000,
+        subject_prefix: DEFAULT_SUBJECT_PREFIX.into(),
+        nats_user: nats.credentials().map(|c| c.user.clone()),
+        nats_password: nats.credentials().map(|c| c.password.clone()),
+    }
+}
+
+/// Waits for a report of `device_id` from boot `boot_id`, after stream sequence `after`.
+pub async fn status_from_boot(
+    nats: &NatsServer,
+    device_id: &str,
+    after: u64,
+    boot_id: &str,
+    budget: Duration,
+) -> Result<Status, NatsError> {
+    let (_, status) = nats
+        .status_log(device_id)
+        .wait_for(after, budget, |s| {
+            if s.boot_id == boot_id {
+                Verdict::Accept
+            } else {
+                Verdict::Skip
+            }
+        })
+        .await?;
+    Ok(status)
 }
 
 async fn onboard_and_first_status(
@@ -130,23 +186,15 @@ async fn onboard_and_first_status(
     vm.wait_for_unit(AGENT_UNIT, Some(AGENT_USER)).await?;
     let boot_id = vm.boot_id().await?;
     let started = Instant::now();
-    let (_, first_status) = nats
-        .status_log(&agent.device_id)
-        .wait_for(0, vm.budgets().first_status, |s| {
-            if s.boot_id == boot_id {
-                Verdict::Accept
-            } else {
-                Verdict::Skip
-            }
-        })
-        .await?;
+    let first_status =
+        status_from_boot(nats, &agent.device_id, 0, &boot_id, vm.budgets().first_status).await?;
     vm.timings.record("first status", started.elapsed());
     Ok(first_status)
 }
 
 /// Saves `vm`'s failure artifacts and the device's status history, and wraps `error` so it
 /// names the directory and quotes the last console lines.
-async fn with_artifacts(
+pub(crate) async fn with_artifacts(
     vm: &Vm,
     nats: &NatsServer,
     device_id: &str,
@@ -179,8 +227,10 @@ pub async fn e2e(lab: &Lab, arch: VmArchitecture) -> Result<PhaseTimings, Scenar
     Ok(device.timings.clone())
 }
 
-/// The `power_cycle` trial: a hard power cycle, then a status whose boot id differs and whose
-/// timestamp is after the gate. A status from the old boot after the gate fails the trial.
+/// The `power_cycle` trial: a device in service (provisioning and onboarding flushed, the
+/// agent reporting) loses power; then a status whose boot id differs and whose timestamp is
+/// after the gate must arrive, and SSH must come back (a separate verdict). A status from the
+/// old boot after the gate fails the trial.
 pub async fn power_cycle(lab: &Lab, arch: VmArchitecture) -> Result<PhaseTimings, ScenarioError> {
     let device = onboarded_device(lab, arch, "pc").await?;
     match pull_the_plug(&device).await {
@@ -198,29 +248,43 @@ async fn pull_the_plug(device: &OnboardedDevice) -> Result<(), ScenarioError> {
     // The gate: the guest is gone, so everything the old boot sent is in the stream by now.
     let gate_seq = log.last_sequence().await?;
     let gate_ms = now_ms();
-    vm.power_on_and_wait().await?;
+    vm.power_on().await?;
+    let agent = async {
+        let status = log
+            .wait_for(gate_seq, vm.budgets().power_cycle_recovery, |s| {
+                if s.boot_id == old_boot {
+                    Verdict::Reject(format!(
+                        "a status from the old boot {old_boot} arrived after the gate"
+                    ))
+                } else if s.timestamp_ms > gate_ms {
+                    Verdict::Accept
+                } else {
+                    Verdict::Skip
+                }
+            })
+            .await;
+        (status, started.elapsed())
+    };
+    let ssh = async { (vm.wait_for_ssh().await, started.elapsed()) };
+    let ((status, agent_took), (ssh, ssh_took)) = tokio::join!(agent, ssh);
+    let status = match (status, ssh) {
+        (Ok((_, status)), Ok(())) => status,
+        (status, ssh) => {
+            return Err(ScenarioError::Recovery {
+                agent: status.map(|_| agent_took).map_err(|e| e.to_string()),
+                ssh: ssh.map(|()| ssh_took).map_err(|e| e.to_string()),
+            });
+        }
+    };
     let new_boot = vm.boot_id().await?;
-    if new_boot == old_boot {
+    if status.boot_id != new_boot {
         return Err(ScenarioError::Check(format!(
-            "boot id unchanged after a power cycle: {new_boot}"
+            "the agent reported boot {} after the power cycle, but the device's boot is {new_boot}",
+            status.boot_id
         )));
     }
-    let (_, status) = log
-        .wait_for(gate_seq, vm.budgets().power_cycle_recovery, |s| {
-            if s.boot_id == old_boot {
-                Verdict::Reject(format!(
-                    "a status from the old boot {old_boot} arrived after the gate"
-                ))
-            } else if s.boot_id == new_boot && s.timestamp_ms > gate_ms {
-                Verdict::Accept
-            } else {
-                Verdict::Skip
-            }
-        })
-        .await?;
-    device
-        .timings
-        .record("power-cycle recovery", started.elapsed());
+    device.timings.record("power-cycle recovery", agent_took);
+    device.timings.record("ssh after power cycle", ssh_took);
     tracing::info!(
         "first status after the power cycle: boot {} seq {}",
         status.boot_id,

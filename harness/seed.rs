@@ -36,6 +36,18 @@ pub struct CloudConfig {
     /// emulation costs seconds for nothing. (An empty list fails cloud-init's schema check.)
     pub ssh_genkeytypes: Vec<String>,
     pub ssh_deletekeys: bool,
+    /// Runs on every boot, before sshd: prints evidence for the harness's diagnosis.
+    pub bootcmd: Vec<String>,
+}
+
+/// On every boot, before sshd starts, the guest names on its console each file the harness's
+/// SSH access depends on that exists but is empty: what a power cut leaves of data that was
+/// never flushed (issue 8). Read-only: it changes nothing on the device.
+pub fn evidence_bootcmd() -> String {
+    let mark = crate::console::EVIDENCE_MARK;
+    format!(
+        r#"for f in /etc/ssh/ssh_host_*key /etc/ssh/ssh_host_*key.pub /home/*/.ssh/authorized_keys; do if [ -e "$f" ] && [ ! -s "$f" ]; then echo "{mark} $f is empty (0 bytes)" >/dev/console; fi; done"#
+    )
 }
 
 #[derive(Debug, Serialize)]
@@ -96,6 +108,7 @@ impl Seed {
             },
             ssh_genkeytypes: vec!["ed25519".into()],
             ssh_deletekeys: true,
+            bootcmd: vec![evidence_bootcmd()],
         };
         let meta = MetaData {
             instance_id: instance_id.to_owned(),

@@ -10,6 +10,11 @@ pub struct VirtualMachineSpec {
     pub memory_mib: u64,
     pub disk_gib: u64,
     pub first_boot: FirstBootConfig,
+    /// Whether the harness flushes the guest's filesystems (`sync`) once provisioning and
+    /// onboarding are done, so a later power cut tests a device that was in service, not one
+    /// whose provisioning was still in its page cache. On by default; turned off only to show
+    /// what an unflushed provisioning does (the power-cut sweep).
+    pub flush_provisioning: bool,
 }
 
 /// What cloud-init sets up on first boot. The harness's own SSH key is always authorized
@@ -53,6 +58,7 @@ impl VirtualMachineSpec {
             vcpus: 2,
             memory_mib: 2048,
             disk_gib: 8,
+            flush_provisioning: true,
         }
     }
 
@@ -66,6 +72,11 @@ impl VirtualMachineSpec {
     }
     pub fn with_disk_gib(mut self, gib: u64) -> Self {
         self.disk_gib = gib;
+        self
+    }
+    /// `false`: never flush what provisioning and onboarding wrote (see `flush_provisioning`).
+    pub fn with_provisioning_flush(mut self, flush: bool) -> Self {
+        self.flush_provisioning = flush;
         self
     }
     pub fn with_first_boot(mut self, first_boot: FirstBootConfig) -> Self {

@@ -60,11 +60,21 @@ pub enum VmError {
         stdout: String,
         stderr: String,
     },
-    #[error("VM {vm}: {meaning}, so the boot cannot succeed; console: {line}{console}", console = ConsoleTail(console_tail))]
+    #[error("VM {vm}: {meaning}, so the wait cannot succeed; console: {line}{cause}{console}", console = ConsoleTail(console_tail))]
     BootFailed {
         vm: String,
         meaning: &'static str,
         line: String,
+        /// What the guest and the harness know about why (evidence lines, the last power cut).
+        cause: String,
+        console_tail: Vec<String>,
+    },
+    #[error("VM {vm}: no {phase}: {evidence}{cause}{console}", console = ConsoleTail(console_tail))]
+    NothingListening {
+        vm: String,
+        phase: &'static str,
+        evidence: String,
+        cause: String,
         console_tail: Vec<String>,
     },
     #[error("VM {vm}: cloud-init did not finish cleanly:\n{output}")]
@@ -119,6 +129,42 @@ impl fmt::Display for PhaseTimings {
     }
 }
 
+/// What the harness knows about the last hard power cut: how long after provisioning it came
+/// and what had been flushed by then. A diagnosis rests on it.
+#[derive(Debug, Clone)]
+pub struct PowerCut {
+    /// Time from "cloud-init done" (end of provisioning) to the cut.
+    pub after_provisioning: Duration,
+    /// The last flush before the cut, what it made durable and how long before the cut it
+    /// ran; `None`: nothing the guest wrote since boot was flushed by the harness.
+    pub last_flush: Option<(String, Duration)>,
+}
+
+impl fmt::Display for PowerCut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the plug was pulled {:.0} s after provisioning finished, ",
+            self.after_provisioning.as_secs_f64()
+        )?;
+        match &self.last_flush {
+            Some((what, ago)) => write!(
+                f,
+                "{:.0} s after the harness flushed {what}",
+                ago.as_secs_f64()
+            ),
+            None => f.write_str("with nothing flushed since the first boot"),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Durability {
+    provisioned_at: Option<Instant>,
+    last_flush: Option<(String, Instant)>,
+    last_cut: Option<PowerCut>,
+}
+
 pub struct Vm {
     name: String,
     arch: VmArchitecture,
@@ -138,6 +184,8 @@ pub struct Vm {
     boot_offset: AtomicU64,
     /// Set once failure artifacts were collected: the run dir then outlives the VM.
     keep_run_dir: AtomicBool,
+    flush_provisioning: bool,
+    durability: Mutex<Durability>,
     pub timings: PhaseTimings,
 }
 
@@ -333,6 +381,7 @@ impl Vm {
                     vm: name.clone(),
                     meaning,
                     line,
+                    cause: diagnosis(&serial_log, 0, None),
                     console_tail: console::tail(&serial_log, 15),
                 });
             }
@@ -363,10 +412,14 @@ impl Vm {
             run_dir,
             boot_offset: AtomicU64::new(0),
             keep_run_dir: AtomicBool::new(false),
+            flush_provisioning: spec.flush_provisioning,
+            durability: Mutex::default(),
             timings,
         };
         vm.wait_for_cloud_init().await?;
         vm.timings.record("cloud-init", started.elapsed());
+        vm.durability.lock().unwrap().provisioned_at = Some(Instant::now());
+        vm.flush_harness_writes("provisioning").await?;
         Ok(vm)
     }
 
@@ -549,26 +602,86 @@ impl Vm {
         Ok(took)
     }
 
-    /// Pulls the plug (libvirt destroy). The SSH session goes with it.
+    /// Makes everything the guest has written so far durable (`sync`): what a test calls
+    /// before cutting power when its own writes must survive the cut.
+    pub async fn flush(&self) -> Result<(), VmError> {
+        self.sync_and_record("what the test wrote").await
+    }
+
+    /// Flushes what the harness itself wrote (provisioning, onboarding) unless the spec
+    /// turned that off; either way it is logged, so a power cut's report says what was durable.
+    pub(crate) async fn flush_harness_writes(&self, what: &str) -> Result<(), VmError> {
+        if !self.flush_provisioning {
+            tracing::info!(
+                "VM {}: not flushing {what} (the spec turned provisioning flushes off)",
+                self.name
+            );
+            return Ok(());
+        }
+        self.sync_and_record(what).await
+    }
+
+    async fn sync_and_record(&self, what: &str) -> Result<(), VmError> {
+        let started = Instant::now();
+        self.succeed("sudo -n sync").await?;
+        tracing::info!(
+            "VM {}: flushed {what} ({:.1} s)",
+            self.name,
+            started.elapsed().as_secs_f64()
+        );
+        self.durability.lock().unwrap().last_flush = Some((what.to_owned(), Instant::now()));
+        Ok(())
+    }
+
+    /// The last hard power cut, with what had been flushed before it.
+    pub fn last_power_cut(&self) -> Option<PowerCut> {
+        self.durability.lock().unwrap().last_cut.clone()
+    }
+
+    /// Pulls the plug (libvirt destroy): whatever the guest has not flushed is lost, as on a
+    /// real device. The SSH session goes with it.
     pub async fn power_off(&self) -> Result<(), VmError> {
         self.session.lock().await.take();
         let name = self.name.clone();
-        Ok(self
-            .libvirt
+        self.libvirt
             .run(move |lv| lv.power_off(&lv.domain(&name)?, &name))
-            .await?)
+            .await?;
+        let cut = {
+            let mut d = self.durability.lock().unwrap();
+            let now = Instant::now();
+            let cut = PowerCut {
+                after_provisioning: d
+                    .provisioned_at
+                    .map_or(Duration::ZERO, |t| now.duration_since(t)),
+                last_flush: d
+                    .last_flush
+                    .as_ref()
+                    .map(|(what, t)| (what.clone(), now.duration_since(*t))),
+            };
+            d.last_cut = Some(cut.clone());
+            cut
+        };
+        tracing::info!("VM {}: power cut: {cut}", self.name);
+        Ok(())
     }
 
-    /// Starts the VM again and waits for SSH. Not for the lease: after a power cycle the old
-    /// lease is listed at once, so it says nothing about the new boot.
-    pub async fn power_on_and_wait(&self) -> Result<(), VmError> {
-        let started = Instant::now();
+    /// Powers the VM on again after [`Vm::power_off`]; returns at once (see `wait_for_ssh`).
+    pub async fn power_on(&self) -> Result<(), VmError> {
         self.boot_offset
             .store(console::len(&self.serial_log), Ordering::SeqCst);
         let name = self.name.clone();
-        self.libvirt
+        Ok(self
+            .libvirt
             .run(move |lv| lv.start(&lv.domain(&name)?, &name))
-            .await?;
+            .await?)
+    }
+
+    /// Waits for SSH to come back on this boot. Not for the lease: after a power cycle the old
+    /// lease is listed at once, so it says nothing about the new boot. Fails at once on a
+    /// fatal console line (sshd failing included) or a guest idle at its login prompt with
+    /// nothing listening, with the evidence and the last power cut in the message.
+    pub async fn wait_for_ssh(&self) -> Result<(), VmError> {
+        let started = Instant::now();
         let budget = self.budgets.power_cycle_recovery;
         let session = self
             .guarded(async {
@@ -584,18 +697,34 @@ impl Vm {
         Ok(())
     }
 
-    /// Runs `wait`, failing at once if the console shows this boot cannot succeed.
+    /// [`Vm::power_on`], then [`Vm::wait_for_ssh`].
+    pub async fn power_on_and_wait(&self) -> Result<(), VmError> {
+        self.power_on().await?;
+        self.wait_for_ssh().await
+    }
+
+    /// Runs `wait`, failing at once if the console shows this boot cannot succeed, or the
+    /// guest sits idle at its login prompt with nothing listening on port 22.
     async fn guarded<T>(
         &self,
         wait: impl std::future::Future<Output = Result<T, VmError>>,
     ) -> Result<T, VmError> {
         let offset = self.boot_offset.load(Ordering::SeqCst);
+        let cut = self.last_power_cut();
         tokio::select! {
             r = wait => r,
             (line, meaning) = console::watch_for_fatal(self.serial_log.clone(), offset) => Err(VmError::BootFailed {
                 vm: self.name.clone(),
                 meaning,
                 line,
+                cause: diagnosis(&self.serial_log, offset, cut.as_ref()),
+                console_tail: console::tail(&self.serial_log, 15),
+            }),
+            evidence = readiness::nothing_listening(self.target.addr, self.serial_log.clone(), offset, self.budgets.idle_grace) => Err(VmError::NothingListening {
+                vm: self.name.clone(),
+                phase: "SSH",
+                evidence,
+                cause: diagnosis(&self.serial_log, offset, cut.as_ref()),
                 console_tail: console::tail(&self.serial_log, 15),
             }),
         }
@@ -647,6 +776,36 @@ impl Vm {
             console_tail: console::tail(&self.serial_log, 15),
         }
     }
+}
+
+/// Why a boot went wrong, as far as the guest's own evidence (printed on the console by the
+/// seed's `bootcmd`) and the last power cut tell: indented lines for an error message, empty
+/// when there is nothing to say.
+pub fn diagnosis(serial_log: &std::path::Path, offset: u64, cut: Option<&PowerCut>) -> String {
+    let evidence = console::evidence_after(serial_log, offset);
+    let mut out = String::new();
+    for e in &evidence {
+        out.push_str(&format!("\n  the guest reports: {e}"));
+    }
+    if let Some(cut) = cut {
+        out.push_str(&format!("\n  {cut}"));
+    }
+    let empty_host_keys = evidence.iter().any(|e| e.contains("ssh_host_"));
+    match cut {
+        Some(cut) if empty_host_keys && cut.last_flush.is_none() => out.push_str(&format!(
+            "\n  likely cause: host keys empty after a power cut within ~30 s of first boot: \
+             provisioning not flushed (the cut came {:.0} s after cloud-init finished; ext4 \
+             writes new file data back only after ~30 s). Keep the spec's provisioning flush on, \
+             or call Vm::flush before cutting power",
+            cut.after_provisioning.as_secs_f64()
+        )),
+        Some(_) if empty_host_keys => out.push_str(
+            "\n  likely cause: files empty although the harness flushed them: something on the \
+             device rewrote them after the flush and the cut came before its writeback",
+        ),
+        _ => {}
+    }
+    out
 }
 
 /// A `systemctl --user` command for `user`, with the runtime dir user units need.

@@ -2,7 +2,7 @@
 
 use devicelab::VmArchitecture;
 use devicelab::keys::{ClientKey, HostKey, KeyError};
-use devicelab::seed::Seed;
+use devicelab::seed::{Seed, evidence_bootcmd};
 use devicelab::spec::VirtualMachineSpec;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
@@ -141,5 +141,41 @@ fn invalid_specs_say_what_is_wrong() {
             .unwrap_err()
             .to_string()
             .contains("memory_mib must be at least 512")
+    );
+}
+
+#[test]
+fn the_seed_makes_the_guest_name_empty_access_files_on_every_boot() {
+    let spec = VirtualMachineSpec::new("devicelab-seed-test", VmArchitecture::X86_64);
+    let host = HostKey::generate("h").unwrap();
+    let seed = Seed::new(&spec, "ssh-ed25519 AAAAC3Nza t@c", &host, "id-1");
+    let config: serde_json::Value =
+        serde_json::from_str(seed.user_data.trim_start_matches("#cloud-config\n")).unwrap();
+    let script = evidence_bootcmd();
+    assert_eq!(config["bootcmd"][0], script.as_str());
+
+    // The script itself, run by sh against a directory standing in for /etc/ssh and /home:
+    // an empty key is named, a full one and a missing one are not.
+    let root = tempfile::tempdir().unwrap();
+    let etc_ssh = root.path().join("etc/ssh");
+    let ssh_dir = root.path().join("home/devicelab/.ssh");
+    std::fs::create_dir_all(&etc_ssh).unwrap();
+    std::fs::create_dir_all(&ssh_dir).unwrap();
+    std::fs::write(etc_ssh.join("ssh_host_ed25519_key"), "").unwrap();
+    std::fs::write(etc_ssh.join("ssh_host_ed25519_key.pub"), "ssh-ed25519 AAAA").unwrap();
+    std::fs::write(ssh_dir.join("authorized_keys"), "").unwrap();
+    let root_s = root.path().display().to_string();
+    let local = script
+        .replace("/etc/ssh", &format!("{root_s}/etc/ssh"))
+        .replace("/home", &format!("{root_s}/home"))
+        .replace(">/dev/console", "");
+    let out = Command::new("sh").args(["-c", &local]).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "devicelab-evidence: {root_s}/etc/ssh/ssh_host_ed25519_key is empty (0 bytes)\n\
+             devicelab-evidence: {root_s}/home/devicelab/.ssh/authorized_keys is empty (0 bytes)\n"
+        )
     );
 }
