@@ -44,12 +44,18 @@ const FATAL: &[(&str, &str)] = &[
     ),
     // The harness reaches the device through sshd: once it has failed to start (systemd
     // retries it a few times, each as hopeless as the first), SSH cannot come back this boot.
+    // systemd shortens unit names to the console's width (`ssh.servic…`), so match the
+    // start of the name, and the unit's description (Debian's and Ubuntu's) on a failure line.
     (
-        "Failed to start ssh.service",
+        "Failed to start ssh.",
         "sshd failed to start, so SSH cannot come back this boot",
     ),
     (
-        "Failed to start sshd.service",
+        "Failed to start sshd.",
+        "sshd failed to start, so SSH cannot come back this boot",
+    ),
+    (
+        "- OpenBSD Secure Shell server.",
         "sshd failed to start, so SSH cannot come back this boot",
     ),
 ];
@@ -70,13 +76,13 @@ pub fn evidence_after(path: &Path, offset: u64) -> Vec<String> {
         .collect()
 }
 
-/// Whether a getty's login prompt (`<host> login:`) appeared after byte `offset`: the boot
-/// has reached its idle state.
+/// Whether a getty's login prompt (`<host> login: `) appeared after byte `offset`: the boot
+/// has reached its idle state. Later console output often continues on the prompt's line.
 pub fn login_prompt_after(path: &Path, offset: u64) -> bool {
-    boot_text(path, offset)
-        .lines()
-        .map(strip_ansi)
-        .any(|l| l.trim_end().ends_with(" login:"))
+    boot_text(path, offset).lines().map(strip_ansi).any(|l| {
+        l.split_once(" login:")
+            .is_some_and(|(host, _)| !host.is_empty() && !host.contains(char::is_whitespace))
+    })
 }
 
 fn boot_text(path: &Path, offset: u64) -> String {
@@ -95,9 +101,14 @@ pub fn fatal_line_after(path: &Path, offset: u64) -> Option<(String, &'static st
         .lines().map(strip_ansi).find_map(|line| {
         FATAL
             .iter()
-            .find(|(needle, _)| line.contains(needle))
+            .find(|(needle, _)| line.contains(needle) && is_failure(&line, needle))
             .map(|(_, meaning)| (line.trim().to_owned(), *meaning))
     })
+}
+
+/// A description needle (starting with "- ") only counts on a failure line.
+fn is_failure(line: &str, needle: &str) -> bool {
+    !needle.starts_with("- ") || line.contains("Failed to start")
 }
 
 /// Current size of the log: where this boot's output will start.
@@ -197,24 +208,38 @@ mod tests {
     fn a_failed_sshd_is_fatal_and_the_guests_evidence_is_read_for_this_boot_only() {
         // The second boot's console from issue 8 (host keys empty after an early power cut).
         let f = tempfile::NamedTempFile::new().unwrap();
-        let first_boot = "devicelab-evidence: stale line from the first boot\r\ndev login: \r\n";
+        // As seen: the prompt, then a cloud-init line continuing on it.
+        let first_boot = "devicelab-evidence: stale line from the first boot\r\n\
+                          dev-x86 login: [   56.9] cloud-init[408]: running 'modules:config'\r\n";
         std::fs::write(
             f.path(),
             format!(
                 "{first_boot}[    5.1] cloud-init[301]: devicelab-evidence: /etc/ssh/ssh_host_ed25519_key is empty (0 bytes)\r\n\
-                 [\x1b[0;1;31mFAILED\x1b[0m] Failed to start ssh.service - OpenBSD Secure Shell server.\r\n"
+                 [\x1b[0;1;31mFAILED\x1b[0m] Failed to start \x1b[0;1;39mssh.servic\u{2026}\x1b[0m - OpenBSD Secure Shell server.\r\n"
             ),
         )
         .unwrap();
         let offset = first_boot.len() as u64;
         let (line, meaning) = fatal_line_after(f.path(), offset).unwrap();
-        assert!(line.contains("ssh.service"), "{line}");
+        assert!(line.contains("ssh.servic"), "{line}");
+        // A healthy start of the same unit is not a failure.
+        let ok = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            ok.path(),
+            "[  OK  ] Started ssh.service - OpenBSD Secure Shell server.\n",
+        )
+        .unwrap();
+        assert_eq!(fatal_line(ok.path()), None);
         assert!(meaning.contains("sshd failed"), "{meaning}");
         assert_eq!(
             evidence_after(f.path(), offset),
             vec!["/etc/ssh/ssh_host_ed25519_key is empty (0 bytes)"]
         );
         assert!(login_prompt_after(f.path(), 0));
+        let not_a_prompt = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(not_a_prompt.path(), "[  3.2] systemd[1]: Started getty: login: prompts\n")
+            .unwrap();
+        assert!(!login_prompt_after(not_a_prompt.path(), 0));
         assert!(!login_prompt_after(f.path(), offset), "this boot has no prompt yet");
     }
 

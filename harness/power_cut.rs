@@ -10,7 +10,7 @@ use crate::lab::Lab;
 use crate::nats::{NatsServer, Verdict};
 use crate::onboard::{AGENT_UNIT, AGENT_USER, Onboarding};
 use crate::scenario::{ScenarioError, agent_config, status_from_boot};
-use crate::spec::VirtualMachineSpec;
+use crate::spec::{Readiness, VirtualMachineSpec};
 use crate::vm::{PowerCut, Vm, user_systemctl};
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 /// The event a cut point is measured from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Anchor {
+    /// An SSH login works: cloud-init's init stage has just written the host keys (sshd
+    /// starts right after it); its later stages may still run.
+    SshUp,
     /// Provisioning finished: `cloud-init status --wait` returned.
     CloudInitDone,
     /// Onboarding ran up to and including this step (one of `onboard::STEPS`), then stopped.
@@ -34,6 +37,12 @@ pub struct CutPoint {
 }
 
 impl CutPoint {
+    pub fn after_ssh_up(delay: Duration) -> Self {
+        Self {
+            anchor: Anchor::SshUp,
+            delay,
+        }
+    }
     pub fn after_cloud_init(delay: Duration) -> Self {
         Self {
             anchor: Anchor::CloudInitDone,
@@ -58,8 +67,8 @@ impl CutPoint {
     pub fn full_sweep() -> Vec<CutPoint> {
         let s = Duration::from_secs;
         vec![
+            Self::after_ssh_up(s(0)),
             Self::after_cloud_init(s(0)),
-            Self::after_cloud_init(s(15)),
             Self::after_cloud_init(s(40)),
             Self::after_onboard_step("binary"),
             Self::while_reporting(s(0)),
@@ -70,6 +79,7 @@ impl CutPoint {
 impl fmt::Display for CutPoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.anchor {
+            Anchor::SshUp => f.write_str("SSH up")?,
             Anchor::CloudInitDone => f.write_str("cloud-init done")?,
             Anchor::OnboardStep(step) => write!(f, "onboarding step `{step}`")?,
             Anchor::Reporting => f.write_str("agent reporting")?,
@@ -176,7 +186,13 @@ pub async fn cut_at(
     point: CutPoint,
     flush: bool,
 ) -> Result<CutOutcome, ScenarioError> {
-    let spec = VirtualMachineSpec::new(name, arch).with_provisioning_flush(flush);
+    let ready = match point.anchor {
+        Anchor::SshUp => Readiness::SshLogin,
+        _ => Readiness::CloudInitDone,
+    };
+    let spec = VirtualMachineSpec::new(name, arch)
+        .with_provisioning_flush(flush)
+        .ready_when(ready);
     // The binary first: the cut is timed from the end of provisioning, which must not wait
     // on a build.
     let binary = lab.agent_binary(arch).await?;
@@ -187,7 +203,7 @@ pub async fn cut_at(
     };
     let device_id = onboarding.config.device_id.clone();
     let reporting = match point.anchor {
-        Anchor::CloudInitDone => false,
+        Anchor::SshUp | Anchor::CloudInitDone => false,
         Anchor::OnboardStep(step) => {
             onboarding.apply_until(&vm, step).await?;
             false
@@ -200,8 +216,7 @@ pub async fn cut_at(
         }
     };
     tokio::time::sleep(point.delay).await;
-    let (host_key_age, writeback_after) = writeback_timing(&vm).await?;
-    let old_boot = vm.boot_id().await?;
+    let (host_key_age, writeback_after, old_boot) = last_look(&vm).await?;
 
     vm.power_off().await?;
     let gate = nats.status_log(&device_id).last_sequence().await?;
@@ -269,6 +284,10 @@ async fn onboard_after_cut(
     nats: &NatsServer,
     gate: u64,
 ) -> Result<(), String> {
+    // A cut during first boot may leave cloud-init stages to finish on this one.
+    vm.wait_for_cloud_init()
+        .await
+        .map_err(|e| format!("cloud-init after the cut: {e}"))?;
     onboarding
         .apply(vm)
         .await
@@ -286,17 +305,18 @@ async fn onboard_after_cut(
     .map_err(|e| e.to_string())
 }
 
-/// The host key's age and the guest's dirty-data writeback delay, both read on the guest.
-async fn writeback_timing(
+/// Read on the guest in one round trip just before the cut (each costs seconds under TCG):
+/// the host key's age, the dirty-data writeback delay, and the boot id.
+async fn last_look(
     vm: &Vm,
-) -> Result<(Option<Duration>, Option<Duration>), ScenarioError> {
+) -> Result<(Option<Duration>, Option<Duration>, String), ScenarioError> {
     let out = vm
-        .exec(
+        .succeed(
             "echo $(( $(date +%s) - $(stat -c %Y /etc/ssh/ssh_host_ed25519_key) )) \
-             $(cat /proc/sys/vm/dirty_expire_centisecs)",
+             $(cat /proc/sys/vm/dirty_expire_centisecs) $(cat /proc/sys/kernel/random/boot_id)",
         )
         .await?;
-    let mut fields = out.stdout.split_whitespace();
+    let mut fields = out.split_whitespace();
     let age = fields
         .next()
         .and_then(|v| v.parse().ok())
@@ -305,7 +325,8 @@ async fn writeback_timing(
         .next()
         .and_then(|v| v.parse::<u64>().ok())
         .map(|cs| Duration::from_millis(cs * 10));
-    Ok((age, expire))
+    let boot_id = fields.next().unwrap_or_default().to_owned();
+    Ok((age, expire, boot_id))
 }
 
 /// A Markdown table of `outcomes`, one row per cut.

@@ -15,6 +15,27 @@ pub struct VirtualMachineSpec {
     /// whose provisioning was still in its page cache. On by default; turned off only to show
     /// what an unflushed provisioning does (the power-cut sweep).
     pub flush_provisioning: bool,
+    /// When provisioning is done and the handle is returned.
+    pub ready_when: Readiness,
+}
+
+/// How far provisioning goes before the VM handle is returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// An SSH login works (cloud-init's init stage has written the host keys; its later
+    /// stages may still be running): for tests of a device caught early in its first boot.
+    SshLogin,
+    /// `cloud-init status --wait` is done: the default.
+    CloudInitDone,
+}
+
+impl std::fmt::Display for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::SshLogin => "SSH up",
+            Self::CloudInitDone => "cloud-init done",
+        })
+    }
 }
 
 /// What cloud-init sets up on first boot. The harness's own SSH key is always authorized
@@ -59,6 +80,7 @@ impl VirtualMachineSpec {
             memory_mib: 2048,
             disk_gib: 8,
             flush_provisioning: true,
+            ready_when: Readiness::CloudInitDone,
         }
     }
 
@@ -77,6 +99,10 @@ impl VirtualMachineSpec {
     /// `false`: never flush what provisioning and onboarding wrote (see `flush_provisioning`).
     pub fn with_provisioning_flush(mut self, flush: bool) -> Self {
         self.flush_provisioning = flush;
+        self
+    }
+    pub fn ready_when(mut self, readiness: Readiness) -> Self {
+        self.ready_when = readiness;
         self
     }
     pub fn with_first_boot(mut self, first_boot: FirstBootConfig) -> Self {

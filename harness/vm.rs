@@ -13,7 +13,7 @@ use crate::pool::{Pool, PoolError};
 use crate::readiness;
 use crate::reaper::{self, CleanupGuard, OwnerRecord};
 use crate::seed::{Seed, SeedError};
-use crate::spec::{SpecError, VirtualMachineSpec};
+use crate::spec::{Readiness, SpecError, VirtualMachineSpec};
 use crate::ssh::{ExecOutput, SshError, SshSession, SshTarget, shell_quote};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -133,7 +133,8 @@ impl fmt::Display for PhaseTimings {
 /// and what had been flushed by then. A diagnosis rests on it.
 #[derive(Debug, Clone)]
 pub struct PowerCut {
-    /// Time from "cloud-init done" (end of provisioning) to the cut.
+    /// What provisioning waited for (the spec's readiness), and the time from then to the cut.
+    pub ready: Readiness,
     pub after_provisioning: Duration,
     /// The last flush before the cut, what it made durable and how long before the cut it
     /// ran; `None`: nothing the guest wrote since boot was flushed by the harness.
@@ -144,8 +145,9 @@ impl fmt::Display for PowerCut {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "the plug was pulled {:.0} s after provisioning finished, ",
-            self.after_provisioning.as_secs_f64()
+            "the plug was pulled {:.0} s after provisioning ({}), ",
+            self.after_provisioning.as_secs_f64(),
+            self.ready
         )?;
         match &self.last_flush {
             Some((what, ago)) => write!(
@@ -160,6 +162,7 @@ impl fmt::Display for PowerCut {
 
 #[derive(Debug, Default)]
 struct Durability {
+    ready: Option<Readiness>,
     provisioned_at: Option<Instant>,
     last_flush: Option<(String, Instant)>,
     last_cut: Option<PowerCut>,
@@ -416,9 +419,15 @@ impl Vm {
             durability: Mutex::default(),
             timings,
         };
-        vm.wait_for_cloud_init().await?;
-        vm.timings.record("cloud-init", started.elapsed());
-        vm.durability.lock().unwrap().provisioned_at = Some(Instant::now());
+        if spec.ready_when == Readiness::CloudInitDone {
+            vm.wait_for_cloud_init().await?;
+            vm.timings.record("cloud-init", started.elapsed());
+        }
+        {
+            let mut d = vm.durability.lock().unwrap();
+            d.ready = Some(spec.ready_when);
+            d.provisioned_at = Some(Instant::now());
+        }
         vm.flush_harness_writes("provisioning").await?;
         Ok(vm)
     }
@@ -650,6 +659,7 @@ impl Vm {
             let mut d = self.durability.lock().unwrap();
             let now = Instant::now();
             let cut = PowerCut {
+                ready: d.ready.unwrap_or(Readiness::SshLogin),
                 after_provisioning: d
                     .provisioned_at
                     .map_or(Duration::ZERO, |t| now.duration_since(t)),
@@ -794,10 +804,11 @@ pub fn diagnosis(serial_log: &std::path::Path, offset: u64, cut: Option<&PowerCu
     match cut {
         Some(cut) if empty_host_keys && cut.last_flush.is_none() => out.push_str(&format!(
             "\n  likely cause: host keys empty after a power cut within ~30 s of first boot: \
-             provisioning not flushed (the cut came {:.0} s after cloud-init finished; ext4 \
+             provisioning not flushed (the cut came {:.0} s after provisioning ({}); ext4 \
              writes new file data back only after ~30 s). Keep the spec's provisioning flush on, \
              or call Vm::flush before cutting power",
-            cut.after_provisioning.as_secs_f64()
+            cut.after_provisioning.as_secs_f64(),
+            cut.ready
         )),
         Some(_) if empty_host_keys => out.push_str(
             "\n  likely cause: files empty although the harness flushed them: something on the \

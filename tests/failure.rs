@@ -1,6 +1,8 @@
 //! When a device fails, the harness says so at once and leaves what explains it: one real VM
 //! collects its failure artifacts, then its kernel is crashed and the next wait must fail on the
-//! console's panic line instead of waiting out its budget. Boots a VM: `--features e2e`.
+//! console's panic line instead of waiting out its budget; powered on again with sshd masked, it
+//! idles at its login prompt and the wait for SSH must say so after the idle grace, not after
+//! its budget. Boots a VM: `--features e2e`.
 
 use devicelab::fixtures::*;
 use devicelab::vm::VmError;
@@ -24,6 +26,13 @@ async fn a_crashed_device_fails_fast_and_leaves_its_artifacts(#[future] vm: Vm) 
     assert!(!read("journal.txt").trim().is_empty());
     assert!(read("uname.txt").contains("Linux"), "extra items run too");
 
+    // The next boot will have no sshd (masked, and made durable): no failure on the console,
+    // only a login prompt and a refused port 22.
+    vm.succeed("sudo -n systemctl mask ssh.service ssh.socket")
+        .await
+        .unwrap();
+    vm.flush().await.unwrap();
+
     // Crash the guest kernel; the SSH call that does it may never answer.
     let crash = "sudo -n sh -c 'echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger'";
     let _ = tokio::time::timeout(Duration::from_secs(10), vm.exec(crash)).await;
@@ -43,6 +52,30 @@ async fn a_crashed_device_fails_fast_and_leaves_its_artifacts(#[future] vm: Vm) 
         "failed at once ({:?}), not after the budget",
         started.elapsed()
     );
+
+    vm.power_off().await.unwrap();
+    vm.power_on().await.unwrap();
+    let started = Instant::now();
+    let err = vm
+        .wait_for_ssh()
+        .await
+        .expect_err("no sshd, no SSH");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, VmError::NothingListening { .. }),
+        "the idle guest is named, not a timeout: {msg}"
+    );
+    assert!(msg.contains("at its login prompt"), "{msg}");
+    assert!(
+        msg.contains("the plug was pulled") && msg.contains("after the harness flushed what the test wrote"),
+        "the last power cut is described: {msg}"
+    );
+    assert!(
+        started.elapsed() < vm.budgets().power_cycle_recovery / 4,
+        "failed after the idle grace ({:?}), not after the budget",
+        started.elapsed()
+    );
+    eprintln!("idle guest reported after {:.1} s", started.elapsed().as_secs_f64());
 
     let run_dir = dir.clone();
     drop(vm);

@@ -10,7 +10,8 @@ use devicelab::power_cut::{self, CutOutcome, CutPoint};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Cuts `arch`'s power right after provisioning, with the harness's flush or without.
+/// Cuts `arch`'s power as soon as SSH is up (cloud-init has just written the host keys), with
+/// the harness's flush or without.
 async fn cut_right_after_first_boot(lab: &Lab, arch: VmArchitecture, flush: bool) -> CutOutcome {
     let nats = lab.nats().await.unwrap();
     let what = if flush { "cutf" } else { "cutn" };
@@ -19,7 +20,7 @@ async fn cut_right_after_first_boot(lab: &Lab, arch: VmArchitecture, flush: bool
         &nats,
         arch,
         &lab.vm_name(what, arch),
-        CutPoint::after_cloud_init(Duration::ZERO),
+        CutPoint::after_ssh_up(Duration::ZERO),
         flush,
     )
     .await
@@ -63,7 +64,7 @@ async fn an_unflushed_cut_right_after_first_boot_loses_the_host_keys_and_says_wh
         "{error}"
     );
     assert!(
-        error.contains("with nothing flushed since the first boot"),
+        error.contains("after provisioning (SSH up), with nothing flushed since the first boot"),
         "the cut is described: {error}"
     );
     // Said on evidence (the console), not after waiting out the budget.
@@ -121,7 +122,7 @@ async fn full_sweep(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
     }
     let first = outcomes
         .iter()
-        .find(|o| !o.flushed && o.point == CutPoint::after_cloud_init(Duration::ZERO))
+        .find(|o| !o.flushed && o.point == CutPoint::after_ssh_up(Duration::ZERO))
         .expect("the unflushed cut right after first boot");
     assert!(!first.usable(), "the unflushed early cut must reproduce issue 8\n{table}");
 }
