@@ -469,6 +469,18 @@ impl Vm {
         command: &str,
         input: Option<&[u8]>,
     ) -> Result<ExecOutput, VmError> {
+        self.exec_within(command, input, self.budgets.command).await
+    }
+
+    /// Runs a command and gives up after `timeout` (every other exec has the budget table's
+    /// `command` budget). A command that timed out takes its session with it: the next call
+    /// logs in afresh instead of queueing behind a channel that may never close.
+    pub async fn exec_within(
+        &self,
+        command: &str,
+        input: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<ExecOutput, VmError> {
         let mut guard = self.session.lock().await;
         if guard.as_ref().is_none_or(|s| s.is_closed()) {
             let session = SshSession::connect(&self.target, readiness::CONNECT_TIMEOUT)
@@ -477,10 +489,11 @@ impl Vm {
             *guard = Some(session);
         }
         let session = guard.as_ref().expect("session just set");
-        session
-            .exec_with_input(command, input)
-            .await
-            .map_err(|source| self.ssh_err(source))
+        let result = session.exec_within(command, input, timeout).await;
+        if matches!(result, Err(SshError::CommandTimeout { .. })) {
+            guard.take();
+        }
+        result.map_err(|source| self.ssh_err(source))
     }
 
     /// Runs a command that must succeed; returns its stdout.
@@ -514,21 +527,8 @@ impl Vm {
         mode: u32,
         sudo: bool,
     ) -> Result<(), VmError> {
-        let mut guard = self.session.lock().await;
-        if guard.as_ref().is_none_or(|s| s.is_closed()) {
-            *guard = Some(
-                SshSession::connect(&self.target, readiness::CONNECT_TIMEOUT)
-                    .await
-                    .map_err(|source| self.ssh_err(source))?,
-            );
-        }
-        let out = guard
-            .as_ref()
-            .expect("session just set")
-            .upload(contents, remote_path, mode, sudo)
-            .await
-            .map_err(|source| self.ssh_err(source))?;
-        drop(guard);
+        let command = crate::ssh::upload_command(remote_path, mode, sudo);
+        let out = self.exec_with_input(&command, Some(contents)).await?;
         self.check(&format!("upload {remote_path}"), out).map(drop)
     }
 
@@ -553,15 +553,17 @@ impl Vm {
         let command = "sudo -n cloud-init status --wait --long";
         let out = self
             .guarded(async {
-                tokio::time::timeout(self.budgets.cloud_init, self.exec(command))
-                    .await
-                    .map_err(|_| {
-                        self.timeout(
-                            "cloud-init done",
-                            self.budgets.cloud_init,
-                            "still running".into(),
-                        )
-                    })?
+                match self.exec_within(command, None, self.budgets.cloud_init).await {
+                    Err(VmError::Ssh {
+                        source: SshError::CommandTimeout { .. },
+                        ..
+                    }) => Err(self.timeout(
+                        "cloud-init done",
+                        self.budgets.cloud_init,
+                        "still running".into(),
+                    )),
+                    other => other,
+                }
             })
             .await?;
         let text = format!("{}{}", out.stdout, out.stderr);

@@ -90,6 +90,30 @@ async fn nats_server_missing_names_the_variable() {
 }
 
 #[tokio::test]
+async fn a_nats_server_that_dies_at_start_is_reported_at_once_with_its_output() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("nats-server");
+    std::fs::write(&fake, "#!/bin/sh\necho \"nats-server: cannot listen: $*\" >&2\nexit 3\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let c = config(&[
+        ("DEVICELAB_NATS", "process"),
+        ("DEVICELAB_NATS_SERVER", fake.to_str().unwrap()),
+    ]);
+    let started = std::time::Instant::now();
+    let err = NatsServer::start(&c, Ipv4Addr::LOCALHOST, &run_owner())
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, NatsError::Exited { .. }), "{err}");
+    assert_mentions(&err, &["exit status: 3", "nats-server: cannot listen: -c"]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "not after the start budget"
+    );
+}
+
+#[tokio::test]
 async fn a_missing_nats_image_names_the_ways_out() {
     let c = config(&[(
         "DEVICELAB_NATS_IMAGE",
