@@ -278,7 +278,13 @@ impl Vm {
                 })
             }
         };
-        let instance_id = format!("{name}-{}", lab.owner.run_id);
+        // Every instance gets its own identity, MAC included: a name reused within the DHCP
+        // lease time (an hour) must not find the previous instance's lease under its MAC.
+        let instance_id = format!(
+            "{name}-{}-{}",
+            lab.owner.run_id,
+            hex::encode(rand::random::<[u8; 3]>())
+        );
         let seed = Seed::new(&spec, &lab.client_key.public_line, &host_key, &instance_id);
         let seed_path = pool.path_of(&seed_vol);
         let disk_path = {
@@ -308,7 +314,7 @@ impl Vm {
             disk: disk_path,
             seed_iso: seed_path,
             network: lab.config.network.clone(),
-            mac: domain_xml::mac_for(&name),
+            mac: domain_xml::mac_for(&instance_id),
             serial_log: serial_log.clone(),
             uefi,
             qemu_args: lab.qemu_args(arch, accel.accel),

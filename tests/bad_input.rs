@@ -177,6 +177,15 @@ fn image_overrides_must_be_complete_and_absolute() {
     let c = config(&[("DEVICELAB_IMAGE_X86_64", "images/x.qcow2")]);
     let err = ImageSource::for_arch(&c, VmArchitecture::X86_64).unwrap_err();
     assert_mentions(&err, &["images/x.qcow2", "absolute"]);
+    // Not a digest (here with multi-byte characters, which once panicked the harness).
+    for bad in ["abc", "ééééééééééééééééééééééééééééééééé"] {
+        let c = config(&[
+            ("DEVICELAB_IMAGE_URL_X86_64", "http://127.0.0.1/x.img"),
+            ("DEVICELAB_IMAGE_SHA256_X86_64", bad),
+        ]);
+        let err = ImageSource::for_arch(&c, VmArchitecture::X86_64).unwrap_err();
+        assert_mentions(&err, &["DEVICELAB_IMAGE_SHA256_X86_64", bad, "64 hex digits"]);
+    }
 }
 
 /// Runs in a child whose file-size limit makes writes fail like a full disk.
