@@ -30,6 +30,8 @@ pub struct Budgets {
     /// How long a guest may sit at its login prompt with nothing listening on port 22 before
     /// a wait for SSH gives up on it (sshd normally listens within seconds of the prompt).
     pub idle_grace: Duration,
+    /// How long one command over SSH may run (`Vm::exec`, `succeed`, `upload`).
+    pub command: Duration,
 }
 
 /// How the guest firmware is provided.
@@ -141,6 +143,7 @@ impl VmArchitecture {
                 first_status: minutes(2),
                 power_cycle_recovery: minutes(5),
                 idle_grace: Duration::from_secs(30),
+                command: minutes(5),
             },
             (Self::X86_64, Accelerator::Tcg) => Budgets {
                 lease: minutes(10),
@@ -149,6 +152,7 @@ impl VmArchitecture {
                 first_status: minutes(5),
                 power_cycle_recovery: minutes(15),
                 idle_grace: Duration::from_secs(60),
+                command: minutes(10),
             },
             (Self::Aarch64, Accelerator::Tcg) => Budgets {
                 lease: minutes(30),
@@ -157,6 +161,7 @@ impl VmArchitecture {
                 first_status: minutes(10),
                 power_cycle_recovery: minutes(30),
                 idle_grace: Duration::from_secs(90),
+                command: minutes(15),
             },
         }
     }
@@ -173,6 +178,7 @@ impl Budgets {
             first_status: s(self.first_status),
             power_cycle_recovery: s(self.power_cycle_recovery),
             idle_grace: s(self.idle_grace),
+            command: s(self.command),
         }
     }
 }

@@ -192,7 +192,8 @@ fn xml_escape(s: &str) -> String {
     out
 }
 
-/// A stable, locally administered MAC for a VM name (QEMU's 52:54:00 prefix).
+/// A locally administered MAC (QEMU's 52:54:00 prefix) derived from `id`: the harness passes
+/// each instance's own id, so a reused VM name never inherits an old lease.
 pub fn mac_for(name: &str) -> String {
     let h = Sha256::digest(name.as_bytes());
     format!("52:54:00:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2])

@@ -118,6 +118,15 @@ impl ImageSource {
                 var,
                 missing: format!("DEVICELAB_IMAGE_URL_{}", arch.env_token()),
             }),
+            (Some(_), Some((var, sha256)))
+                if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                Err(ConfigError::Invalid {
+                    var,
+                    value: sha256,
+                    expected: "use the image's SHA-256: 64 hex digits (sha256sum prints it)".into(),
+                })
+            }
             (Some((_, url)), Some((_, sha256))) => {
                 let file_name = url
                     .rsplit('/')
@@ -127,7 +136,7 @@ impl ImageSource {
                     .to_owned();
                 // Keyed by digest so two URLs with the same file name never collide.
                 Ok(Self::Download(Artifact {
-                    file_name: format!("{}-{file_name}", &sha256[..sha256.len().min(12)]),
+                    file_name: format!("{}-{file_name}", &sha256[..12]),
                     urls: vec![url],
                     sha256,
                     size: None,

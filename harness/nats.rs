@@ -37,6 +37,20 @@ pub enum NatsError {
     },
     #[error("could not restart the NATS server {server}: {stderr}")]
     Restart { server: String, stderr: String },
+    #[error("cannot write the NATS server's configuration in {dir}: {source}")]
+    Config {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the NATS server exited ({status}) before it was ready:{stderr}")]
+    Exited { status: String, stderr: String },
+    #[error(
+        "the NATS server wrote no ports file in {dir} within {START_BUDGET:?}, so its port is unknown{logs}"
+    )]
+    NoPort {
+        dir: std::path::PathBuf,
+        logs: String,
+    },
     #[error("JetStream request failed while {doing}: {message}")]
     JetStream { doing: String, message: String },
     #[error("no status from {device_id} matched within {budget:?}; seen: {seen}")]
@@ -76,12 +90,104 @@ enum Runner {
     Process {
         child: Child,
         command: Vec<std::ffi::OsString>,
-        _store: tempfile::TempDir,
     },
+}
+
+/// Where the server's files live, and what the server calls that place (the container sees
+/// the directory mounted at [`CONTAINER_DIR`]).
+struct ServerDir {
+    host: std::path::PathBuf,
+    seen_by_server: String,
+}
+
+const CONTAINER_DIR: &str = "/devicelab";
+const CONFIG_FILE: &str = "nats.conf";
+const LOG_FILE: &str = "server.log";
+
+/// The server's configuration: credentials and the listen address stay out of every command
+/// line (`/proc/*/cmdline`, `podman inspect`); `port: -1` lets the server pick a free port
+/// and report it in its ports file, so no port is chosen here and bound later.
+fn config_text(dir: &str, host: Ipv4Addr, port: Option<u16>, creds: &NatsCredentials) -> String {
+    let q = |s: &str| serde_json::to_string(s).expect("a string serializes");
+    let port = port.map_or(-1, i32::from);
+    format!(
+        r#"# written by devicelab: this run's NATS server
+host: {host}
+port: {port}
+ports_file_dir: {ports_dir}
+authorization {{
+  user: {user}
+  password: {password}
+}}
+jetstream {{
+  store_dir: {store}
+}}
+"#,
+        host = q(&host.to_string()),
+        ports_dir = q(dir),
+        user = q(&creds.user),
+        password = q(&creds.password),
+        store = q(&format!("{dir}/jetstream")),
+    )
+}
+
+/// Writes the configuration, readable by its owner only (it holds the password).
+fn write_config(
+    dir: &ServerDir,
+    host: Ipv4Addr,
+    port: Option<u16>,
+    creds: &NatsCredentials,
+) -> Result<(), NatsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.host.join(CONFIG_FILE);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        f.write_all(config_text(&dir.seen_by_server, host, port, creds).as_bytes())
+    };
+    write().map_err(|source| NatsError::Config {
+        dir: dir.host.clone(),
+        source,
+    })
+}
+
+/// What nats-server writes to `<ports_file_dir>/nats-server_<pid>.ports`: its client URLs
+/// under `nats` (and other listeners under other keys).
+#[derive(Debug, serde::Deserialize)]
+struct PortsFile {
+    nats: Vec<String>,
+}
+
+/// The client port from the first ports file in `dir`, if one is there yet.
+fn read_port(dir: &std::path::Path) -> Option<u16> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".ports"))
+        .find_map(|e| {
+            let ports: PortsFile = serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
+            ports.nats.first()?.rsplit(':').next()?.parse().ok()
+        })
+}
+
+fn remove_ports_files(dir: &std::path::Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().ends_with(".ports") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 pub struct NatsServer {
     runner: Runner,
+    dir: ServerDir,
+    /// Removed with the server (or left in place with DEVICELAB_KEEP).
+    dir_guard: Option<tempfile::TempDir>,
     pub port: u16,
     pub gateway: Ipv4Addr,
     client: Option<async_nats::Client>,
@@ -96,38 +202,52 @@ impl NatsServer {
         gateway: Ipv4Addr,
         owner: &RunOwner,
     ) -> Result<Self, NatsError> {
-        let port = free_port();
-        let port_s = port.to_string();
         let credentials = NatsCredentials {
             user: "devicelab".into(),
             password: hex::encode(rand::random::<[u8; 16]>()),
         };
-        let args = [
-            "-js",
-            "-a",
-            "0.0.0.0",
-            "-p",
-            port_s.as_str(),
-            "--user",
-            credentials.user.as_str(),
-            "--pass",
-            credentials.password.as_str(),
-        ];
+        // Private (0700): it holds the configuration with the password, and the JetStream store.
+        let tmp = tempfile::Builder::new()
+            .prefix("devicelab-nats-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir()
+            .map_err(|source| NatsError::Config {
+                dir: std::env::temp_dir(),
+                source,
+            })?;
+        let container = matches!(config.nats, NatsMode::Container { .. });
+        let dir = ServerDir {
+            host: tmp.path().to_owned(),
+            seen_by_server: if container {
+                CONTAINER_DIR.to_owned()
+            } else {
+                tmp.path().display().to_string()
+            },
+        };
+        // Only where the test and the guests reach it: the libvirt network's gateway.
+        write_config(&dir, gateway, None, &credentials)?;
+        let server_config = format!("{}/{CONFIG_FILE}", dir.seen_by_server);
         let runner = match &config.nats {
             NatsMode::Container { image } => {
-                let name = format!("devicelab-nats-{}-{port}", owner.run_id);
+                let name = format!(
+                    "devicelab-nats-{}-{}",
+                    owner.run_id,
+                    hex::encode(rand::random::<[u8; 3]>())
+                );
                 // Host networking: inside the sandbox namespace that is where the VMs' bridge is.
                 let start = reaper::process_start_time(owner.pid).unwrap_or(0);
-                let output = Command::new(&config.podman)
+                let output = tokio::process::Command::new(&config.podman)
                     // No --rm: it would delete the container on restart(); drop removes it.
                     .args(["run", "-d", "--network", "host", "--name", &name])
                     .args(["--label", &format!("devicelab.run={}", owner.run_id)])
                     .args(["--label", &format!("devicelab.pid={}", owner.pid)])
                     .args(["--label", &format!("devicelab.start={start}")])
+                    .args(["--label", &format!("devicelab.kept={}", u8::from(config.keep))])
+                    .args(["-v", &format!("{}:{CONTAINER_DIR}", dir.host.display())])
                     .arg(image)
-                    .args(args)
-                    .args(["-sd", "/tmp/nats-js"])
+                    .args(["-c", &server_config])
                     .output()
+                    .await
                     .map_err(|source| NatsError::Missing {
                         program: config.podman.display().to_string(),
                         source,
@@ -145,37 +265,34 @@ impl NatsServer {
                 }
             }
             NatsMode::Process { binary } => {
-                let store = tempfile::tempdir().map_err(|source| NatsError::Missing {
-                    program: "a temp dir for JetStream".into(),
-                    source,
-                    fix: "check TMPDIR",
+                let command: Vec<std::ffi::OsString> =
+                    vec![binary.into(), "-c".into(), server_config.into()];
+                let child = spawn_server(&command, &dir.host, config.keep).map_err(|source| {
+                    NatsError::Missing {
+                        program: binary.display().to_string(),
+                        source,
+                        fix: "install nats-server, or set DEVICELAB_NATS_SERVER to its path",
+                    }
                 })?;
-                let mut command: Vec<std::ffi::OsString> = vec![binary.into()];
-                command.extend(args.iter().map(Into::into));
-                command.extend(["-sd".into(), store.path().into()]);
-                let child = spawn_server(&command).map_err(|source| NatsError::Missing {
-                    program: binary.display().to_string(),
-                    source,
-                    fix: "install nats-server, or set DEVICELAB_NATS_SERVER to its path",
-                })?;
-                Runner::Process {
-                    child,
-                    command,
-                    _store: store,
-                }
+                Runner::Process { child, command }
             }
         };
         let interrupt_guard = interrupt_guard(&runner);
         // Constructed before waiting, so a start that never becomes ready is still cleaned up.
         let mut server = Self {
             runner,
-            port,
+            dir,
+            dir_guard: Some(tmp),
+            port: 0,
             gateway,
             client: None,
             credentials,
             keep: config.keep,
             _interrupt_guard: Some(interrupt_guard),
         };
+        server.port = server.wait_for_port().await?;
+        // A restart must come back on the same port: the agents were told this one.
+        write_config(&server.dir, gateway, Some(server.port), &server.credentials)?;
         server.client = Some(server.connect_when_ready().await?);
         server.ensure_stream().await?;
         tracing::info!(
@@ -186,14 +303,49 @@ impl NatsServer {
         Ok(server)
     }
 
-    async fn connect_when_ready(&self) -> Result<async_nats::Client, NatsError> {
+    /// Waits for the port the server chose (its ports file), failing at once with its
+    /// output if it exits first.
+    async fn wait_for_port(&mut self) -> Result<u16, NatsError> {
+        let deadline = Instant::now() + START_BUDGET;
+        loop {
+            if let Some(port) = read_port(&self.dir.host) {
+                return Ok(port);
+            }
+            self.check_alive().await?;
+            if Instant::now() >= deadline {
+                return Err(NatsError::NoPort {
+                    dir: self.dir.host.clone(),
+                    logs: self.logs().await,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// An error with the server's own output if it is no longer running.
+    async fn check_alive(&mut self) -> Result<(), NatsError> {
+        let status = match &mut self.runner {
+            Runner::Process { child, .. } => match child.try_wait() {
+                Ok(Some(status)) => status.to_string(),
+                _ => return Ok(()),
+            },
+            Runner::Container { name, podman } => {
+                if container_running(podman, name).await {
+                    return Ok(());
+                }
+                "the container is not running".to_owned()
+            }
+        };
+        Err(NatsError::Exited {
+            status,
+            stderr: self.logs().await,
+        })
+    }
+
+    async fn connect_when_ready(&mut self) -> Result<async_nats::Client, NatsError> {
+        self.check_alive().await?;
         let url = self.client_url();
         readiness::poll(START_BUDGET, || async {
-            if let Runner::Container { name, podman } = &self.runner
-                && !container_running(podman, name)
-            {
-                return Err("the container exited".to_owned());
-            }
             async_nats::ConnectOptions::with_user_and_password(
                 self.credentials.user.clone(),
                 self.credentials.password.clone(),
@@ -206,7 +358,7 @@ impl NatsServer {
         .map_err(|last| NatsError::NotReady {
             url: url.clone(),
             last,
-            logs: self.logs(),
+            logs: String::new(),
         })
     }
 
@@ -223,20 +375,32 @@ impl NatsServer {
         Ok(())
     }
 
-    fn logs(&self) -> String {
-        match &self.runner {
-            Runner::Container { name, podman } => Command::new(podman)
+    /// The server's last output lines: the container's log, or the process's stderr file.
+    async fn logs(&self) -> String {
+        let text = match &self.runner {
+            Runner::Container { name, podman } => tokio::process::Command::new(podman)
                 .args(["logs", "--tail", "20", name])
                 .output()
+                .await
                 .map(|o| {
                     format!(
-                        "\n  container log:\n{}{}",
+                        "{}{}",
                         String::from_utf8_lossy(&o.stdout),
                         String::from_utf8_lossy(&o.stderr)
                     )
                 })
                 .unwrap_or_default(),
-            Runner::Process { .. } => String::new(),
+            Runner::Process { .. } => {
+                let log = tokio::fs::read(self.dir.host.join(LOG_FILE)).await;
+                let log = String::from_utf8_lossy(&log.unwrap_or_default()).into_owned();
+                let lines: Vec<&str> = log.lines().collect();
+                lines[lines.len().saturating_sub(20)..].join("\n")
+            }
+        };
+        if text.trim().is_empty() {
+            String::new()
+        } else {
+            format!("\n  server output:\n{}", text.trim_end())
         }
     }
 
@@ -250,36 +414,52 @@ impl NatsServer {
         };
         match &mut self.runner {
             Runner::Container { name, podman } => {
-                let run = |args: &[&str]| -> Result<(), NatsError> {
-                    let output = Command::new(&*podman)
-                        .args(args)
-                        .output()
-                        .map_err(|e| failed(name, e.to_string()))?;
-                    if output.status.success() {
-                        return Ok(());
-                    }
-                    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-                    Err(failed(name, format!("podman {}: {stderr}", args[0])))
-                };
-                run(&["stop", "--time", "0", name])?;
+                podman_run(podman, &["stop", "--time", "0", name])
+                    .await
+                    .map_err(|e| failed(name, e))?;
+                remove_ports_files(&self.dir.host);
                 tokio::time::sleep(down_for).await;
-                run(&["start", name])?;
+                podman_run(podman, &["start", name])
+                    .await
+                    .map_err(|e| failed(name, e))?;
             }
-            Runner::Process { child, command, .. } => {
+            Runner::Process { child, command } => {
                 let _ = child.kill();
                 let _ = child.wait();
+                remove_ports_files(&self.dir.host);
                 tokio::time::sleep(down_for).await;
-                *child = spawn_server(command)
+                *child = spawn_server(command, &self.dir.host, self.keep)
                     .map_err(|e| failed(&command[0].to_string_lossy(), e.to_string()))?;
                 self._interrupt_guard = Some(interrupt_guard(&self.runner));
             }
         }
+        let port = self.wait_for_port().await?;
+        if port != self.port {
+            return Err(failed(
+                "nats-server",
+                format!("it came back on port {port}, not {}", self.port),
+            ));
+        }
         self.connect_when_ready().await.map(drop)
     }
 
-    /// Where the test process connects.
+    /// Where the test process connects: the same address as the guests (the server listens
+    /// there only).
     pub fn client_url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        self.guest_url()
+    }
+
+    /// The server's process id in process mode (`None` for a container).
+    pub fn process_id(&self) -> Option<u32> {
+        match &self.runner {
+            Runner::Process { child, .. } => Some(child.id()),
+            Runner::Container { .. } => None,
+        }
+    }
+
+    /// The configuration file the server reads (0600: it holds the password).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.host.join(CONFIG_FILE)
     }
 
     /// Where guests connect: the host's address on the libvirt network.
@@ -320,21 +500,48 @@ fn interrupt_guard(runner: &Runner) -> CleanupGuard {
     }
 }
 
-/// Starts `command` (program, then arguments); if the harness is killed, the kernel takes the
-/// server with it.
-fn spawn_server(command: &[std::ffi::OsString]) -> std::io::Result<Child> {
+/// Starts `command` (program, then arguments), its output in `dir`'s log file. Unless the
+/// server is to be kept, the kernel takes it with the harness if the harness is killed.
+fn spawn_server(
+    command: &[std::ffi::OsString],
+    dir: &std::path::Path,
+    keep: bool,
+) -> std::io::Result<Child> {
     use std::os::unix::process::CommandExt;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(LOG_FILE))?;
     let mut cmd = Command::new(&command[0]);
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
+    if !keep {
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
     }
     cmd.args(&command[1..])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
+}
+
+/// `podman <args>`; its stderr as the error.
+async fn podman_run(podman: &std::path::Path, args: &[&str]) -> Result<(), String> {
+    let output = tokio::process::Command::new(podman)
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| e.to_string())?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "podman {}: {}",
+        args[0],
+        String::from_utf8_lossy(&output.stderr).trim()
+    ))
 }
 
 fn remove_container(podman: &std::path::Path, name: &str) {
@@ -345,8 +552,8 @@ fn remove_container(podman: &std::path::Path, name: &str) {
         .status();
 }
 
-fn container_running(podman: &std::path::Path, name: &str) -> bool {
-    Command::new(podman)
+async fn container_running(podman: &std::path::Path, name: &str) -> bool {
+    tokio::process::Command::new(podman)
         .args([
             "container",
             "inspect",
@@ -355,25 +562,39 @@ fn container_running(podman: &std::path::Path, name: &str) -> bool {
             name,
         ])
         .output()
+        .await
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "true")
         .unwrap_or(false)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("0.0.0.0", 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("the OS hands out a free port")
-}
-
 impl Drop for NatsServer {
     fn drop(&mut self) {
+        if self.keep {
+            // DEVICELAB_KEEP: the server, its configuration and its store stay for a human.
+            let dir = self
+                .dir_guard
+                .take()
+                .map(|d| d.keep())
+                .unwrap_or_else(|| self.dir.host.clone());
+            let how = match &self.runner {
+                Runner::Container { name, .. } => format!(
+                    "container {name} (remove it with: podman rm -f {name}; rm -r {})",
+                    dir.display()
+                ),
+                Runner::Process { child, .. } => format!(
+                    "process {pid} (stop it with: kill {pid}; rm -r {})",
+                    dir.display(),
+                    pid = child.id()
+                ),
+            };
+            eprintln!(
+                "devicelab: keeping NATS at {} as {how}; its configuration (with the password) is {}",
+                self.client_url(),
+                dir.join(CONFIG_FILE).display()
+            );
+            return;
+        }
         match &mut self.runner {
-            Runner::Container { name, .. } if self.keep => {
-                eprintln!(
-                    "devicelab: keeping NATS container {name} (remove it with: podman rm -f {name})"
-                )
-            }
             Runner::Container { name, podman } => remove_container(podman, name),
             Runner::Process { child, .. } => {
                 let _ = child.kill();

@@ -142,7 +142,7 @@ fn reap_containers(podman: &Path) -> Vec<String> {
         .args(["ps", "-a", "--filter", "label=devicelab.pid"])
         .args([
             "--format",
-            "{{.Names}} {{index .Labels \"devicelab.pid\"}} {{index .Labels \"devicelab.start\"}}",
+            "{{.Names}} {{index .Labels \"devicelab.pid\"}} {{index .Labels \"devicelab.start\"}} {{index .Labels \"devicelab.kept\"}}",
         ])
         .output()
     else {
@@ -151,9 +151,12 @@ fn reap_containers(podman: &Path) -> Vec<String> {
     let mut removed = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let mut f = line.split_whitespace();
-        let (Some(name), Some(pid), start) = (f.next(), f.next(), f.next()) else {
+        let (Some(name), Some(pid), start, kept) = (f.next(), f.next(), f.next(), f.next()) else {
             continue;
         };
+        if kept == Some("1") {
+            continue; // DEVICELAB_KEEP: left for a human, never reaped
+        }
         let (Ok(pid), start) = (
             pid.parse::<u32>(),
             start.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0),

@@ -28,6 +28,14 @@ pub enum SshError {
     },
     #[error("{addr} rejected the key for user {user:?} (is cloud-init done creating the user?)")]
     AuthRejected { addr: SocketAddr, user: String },
+    #[error(
+        "`{command}` on {addr} did not finish within {after:?} (the command may still run on the guest)"
+    )]
+    CommandTimeout {
+        addr: SocketAddr,
+        command: String,
+        after: Duration,
+    },
     #[error("ssh to {addr} failed while {doing}: {message}")]
     Session {
         addr: SocketAddr,
@@ -166,6 +174,23 @@ impl SshSession {
         self.exec_with_input(command, None).await
     }
 
+    /// Like [`SshSession::exec_with_input`], but gives up after `timeout`: a hung command
+    /// must not hold the session (and the test) until the test runner kills it.
+    pub async fn exec_within(
+        &self,
+        command: &str,
+        input: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<ExecOutput, SshError> {
+        tokio::time::timeout(timeout, self.exec_with_input(command, input))
+            .await
+            .map_err(|_| SshError::CommandTimeout {
+                addr: self.addr,
+                command: command.to_owned(),
+                after: timeout,
+            })?
+    }
+
     /// Runs `command`, feeding it `input` on stdin (then EOF), and collects everything until
     /// the server closes the channel.
     pub async fn exec_with_input(
@@ -224,13 +249,8 @@ impl SshSession {
         mode: u32,
         sudo: bool,
     ) -> Result<ExecOutput, SshError> {
-        let path = shell_quote(remote_path);
-        let prefix = if sudo { "sudo -n " } else { "" };
-        let command = format!(
-            "set -e; tmp=$({prefix}mktemp {path}.XXXXXX); {prefix}sh -c 'cat > \"$1\"' sh \"$tmp\"; \
-             {prefix}chmod {mode:o} \"$tmp\"; {prefix}mv -f \"$tmp\" {path}"
-        );
-        self.exec_with_input(&command, Some(contents)).await
+        self.exec_with_input(&upload_command(remote_path, mode, sudo), Some(contents))
+            .await
     }
 
     pub async fn close(self) {
@@ -239,6 +259,18 @@ impl SshSession {
             .disconnect(russh::Disconnect::ByApplication, "", "en")
             .await;
     }
+}
+
+/// The command that writes its stdin to `remote_path` with `mode`, atomically (temp file +
+/// rename), as the login user or, with `sudo`, as root. Not flushed: see the README's
+/// "Power cuts".
+pub fn upload_command(remote_path: &str, mode: u32, sudo: bool) -> String {
+    let path = shell_quote(remote_path);
+    let prefix = if sudo { "sudo -n " } else { "" };
+    format!(
+        "set -e; tmp=$({prefix}mktemp {path}.XXXXXX); {prefix}sh -c 'cat > \"$1\"' sh \"$tmp\"; \
+         {prefix}chmod {mode:o} \"$tmp\"; {prefix}mv -f \"$tmp\" {path}"
+    )
 }
 
 /// Quotes a string for a POSIX shell.

@@ -278,7 +278,13 @@ impl Vm {
                 })
             }
         };
-        let instance_id = format!("{name}-{}", lab.owner.run_id);
+        // Every instance gets its own identity, MAC included: a name reused within the DHCP
+        // lease time (an hour) must not find the previous instance's lease under its MAC.
+        let instance_id = format!(
+            "{name}-{}-{}",
+            lab.owner.run_id,
+            hex::encode(rand::random::<[u8; 3]>())
+        );
         let seed = Seed::new(&spec, &lab.client_key.public_line, &host_key, &instance_id);
         let seed_path = pool.path_of(&seed_vol);
         let disk_path = {
@@ -308,7 +314,7 @@ impl Vm {
             disk: disk_path,
             seed_iso: seed_path,
             network: lab.config.network.clone(),
-            mac: domain_xml::mac_for(&name),
+            mac: domain_xml::mac_for(&instance_id),
             serial_log: serial_log.clone(),
             uefi,
             qemu_args: lab.qemu_args(arch, accel.accel),
@@ -469,6 +475,18 @@ impl Vm {
         command: &str,
         input: Option<&[u8]>,
     ) -> Result<ExecOutput, VmError> {
+        self.exec_within(command, input, self.budgets.command).await
+    }
+
+    /// Runs a command and gives up after `timeout` (every other exec has the budget table's
+    /// `command` budget). A command that timed out takes its session with it: the next call
+    /// logs in afresh instead of queueing behind a channel that may never close.
+    pub async fn exec_within(
+        &self,
+        command: &str,
+        input: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<ExecOutput, VmError> {
         let mut guard = self.session.lock().await;
         if guard.as_ref().is_none_or(|s| s.is_closed()) {
             let session = SshSession::connect(&self.target, readiness::CONNECT_TIMEOUT)
@@ -477,10 +495,11 @@ impl Vm {
             *guard = Some(session);
         }
         let session = guard.as_ref().expect("session just set");
-        session
-            .exec_with_input(command, input)
-            .await
-            .map_err(|source| self.ssh_err(source))
+        let result = session.exec_within(command, input, timeout).await;
+        if matches!(result, Err(SshError::CommandTimeout { .. })) {
+            guard.take();
+        }
+        result.map_err(|source| self.ssh_err(source))
     }
 
     /// Runs a command that must succeed; returns its stdout.
@@ -514,21 +533,8 @@ impl Vm {
         mode: u32,
         sudo: bool,
     ) -> Result<(), VmError> {
-        let mut guard = self.session.lock().await;
-        if guard.as_ref().is_none_or(|s| s.is_closed()) {
-            *guard = Some(
-                SshSession::connect(&self.target, readiness::CONNECT_TIMEOUT)
-                    .await
-                    .map_err(|source| self.ssh_err(source))?,
-            );
-        }
-        let out = guard
-            .as_ref()
-            .expect("session just set")
-            .upload(contents, remote_path, mode, sudo)
-            .await
-            .map_err(|source| self.ssh_err(source))?;
-        drop(guard);
+        let command = crate::ssh::upload_command(remote_path, mode, sudo);
+        let out = self.exec_with_input(&command, Some(contents)).await?;
         self.check(&format!("upload {remote_path}"), out).map(drop)
     }
 
@@ -553,15 +559,17 @@ impl Vm {
         let command = "sudo -n cloud-init status --wait --long";
         let out = self
             .guarded(async {
-                tokio::time::timeout(self.budgets.cloud_init, self.exec(command))
-                    .await
-                    .map_err(|_| {
-                        self.timeout(
-                            "cloud-init done",
-                            self.budgets.cloud_init,
-                            "still running".into(),
-                        )
-                    })?
+                match self.exec_within(command, None, self.budgets.cloud_init).await {
+                    Err(VmError::Ssh {
+                        source: SshError::CommandTimeout { .. },
+                        ..
+                    }) => Err(self.timeout(
+                        "cloud-init done",
+                        self.budgets.cloud_init,
+                        "still running".into(),
+                    )),
+                    other => other,
+                }
             })
             .await?;
         let text = format!("{}{}", out.stdout, out.stderr);

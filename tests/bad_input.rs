@@ -90,6 +90,30 @@ async fn nats_server_missing_names_the_variable() {
 }
 
 #[tokio::test]
+async fn a_nats_server_that_dies_at_start_is_reported_at_once_with_its_output() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("nats-server");
+    std::fs::write(&fake, "#!/bin/sh\necho \"nats-server: cannot listen: $*\" >&2\nexit 3\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let c = config(&[
+        ("DEVICELAB_NATS", "process"),
+        ("DEVICELAB_NATS_SERVER", fake.to_str().unwrap()),
+    ]);
+    let started = std::time::Instant::now();
+    let err = NatsServer::start(&c, Ipv4Addr::LOCALHOST, &run_owner())
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, NatsError::Exited { .. }), "{err}");
+    assert_mentions(&err, &["exit status: 3", "nats-server: cannot listen: -c"]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "not after the start budget"
+    );
+}
+
+#[tokio::test]
 async fn a_missing_nats_image_names_the_ways_out() {
     let c = config(&[(
         "DEVICELAB_NATS_IMAGE",
@@ -153,6 +177,15 @@ fn image_overrides_must_be_complete_and_absolute() {
     let c = config(&[("DEVICELAB_IMAGE_X86_64", "images/x.qcow2")]);
     let err = ImageSource::for_arch(&c, VmArchitecture::X86_64).unwrap_err();
     assert_mentions(&err, &["images/x.qcow2", "absolute"]);
+    // Not a digest (here with multi-byte characters, which once panicked the harness).
+    for bad in ["abc", "ééééééééééééééééééééééééééééééééé"] {
+        let c = config(&[
+            ("DEVICELAB_IMAGE_URL_X86_64", "http://127.0.0.1/x.img"),
+            ("DEVICELAB_IMAGE_SHA256_X86_64", bad),
+        ]);
+        let err = ImageSource::for_arch(&c, VmArchitecture::X86_64).unwrap_err();
+        assert_mentions(&err, &["DEVICELAB_IMAGE_SHA256_X86_64", bad, "64 hex digits"]);
+    }
 }
 
 /// Runs in a child whose file-size limit makes writes fail like a full disk.

@@ -31,20 +31,60 @@ fn agent(nats: &NatsServer, device: &str) -> AgentConfig {
 #[tokio::test(flavor = "multi_thread")]
 async fn nothing_without_the_run_credentials_can_publish_a_status() {
     let nats = server().await;
-    let err = async_nats::connect(nats.client_url()).await.err();
-    assert!(err.is_some(), "an anonymous client must be refused");
+    let creds = nats.credentials().unwrap().clone();
+    let connect = |password: &str| {
+        async_nats::ConnectOptions::with_user_and_password(creds.user.clone(), password.to_owned())
+            .connect(nats.client_url())
+    };
+    let anonymous = async_nats::connect(nats.client_url()).await.err();
+    let wrong = connect("wrong").await.err();
+    for (who, err) in [("an anonymous client", anonymous), ("a wrong password", wrong)] {
+        let err = err.unwrap_or_else(|| panic!("{who} must be refused"));
+        assert!(
+            err.to_string().to_lowercase().contains("authorization"),
+            "{who} is refused for its credentials, not for anything else: {err}"
+        );
+    }
+    // The same server takes the run's credentials: the refusals above are about them.
+    connect(&creds.password).await.expect("the run's credentials work");
+
+    // And the agent with a wrong password gets no report into the stream.
     let mut cfg = agent(&nats, "dev-x");
     cfg.nats_password = Some("wrong".into());
-    let outcome = tokio::time::timeout(Duration::from_secs(3), run(&cfg, "b", Some(1))).await;
-    assert!(
-        !matches!(outcome, Ok(Ok(()))),
-        "a wrong password must not get a report through"
-    );
+    let _ = tokio::time::timeout(Duration::from_secs(3), run(&cfg, "b", Some(1))).await;
     let got = nats
         .status_log("dev-x")
         .wait_for(0, Duration::from_secs(1), |_| Verdict::Accept)
         .await;
     assert!(matches!(got, Err(NatsError::StatusTimeout { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_password_is_in_a_private_file_and_the_server_listens_only_where_asked() {
+    use std::os::unix::fs::PermissionsExt;
+    let nats = server().await;
+    let password = nats.credentials().unwrap().password.clone();
+    let pid = nats.process_id().expect("process mode");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains(&password),
+        "the password is on the server's command line"
+    );
+    let config = nats.config_path();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&config), 0o600, "{}", config.display());
+    assert_eq!(mode(config.parent().unwrap()), 0o700, "its directory is private too");
+    assert!(std::fs::read_to_string(&config).unwrap().contains(&password));
+
+    // Asked to listen on 127.0.0.1 (the gateway here): another local address finds nothing.
+    let port = nats.port;
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let elsewhere = std::net::TcpStream::connect(("127.0.0.2", port));
+    assert_eq!(
+        elsewhere.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "the server must not listen on every address"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -138,50 +178,66 @@ async fn waiting_for_a_report_that_never_comes_times_out_with_what_was_seen() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_agent_waits_for_a_server_that_comes_up_later() {
-    let nats = server().await;
-    // Point the agent at a port where nothing listens yet, then start a server there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut cfg = agent(&nats, "dev-late");
-    cfg.nats_url = format!("nats://127.0.0.1:{port}");
-    let agent_task = tokio::spawn(async move { run(&cfg, "boot-late", Some(2)).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !agent_task.is_finished(),
-        "the agent must keep trying, not give up"
-    );
-    let mut late = std::process::Command::new(
-        devicelab::config::HarnessConfig::from_vars(BTreeMap::from([(
-            "DEVICELAB_NATS".to_owned(),
-            "process".to_owned(),
-        )]))
-        .map(|c| match c.nats {
-            devicelab::config::NatsMode::Process { binary } => binary,
-            _ => unreachable!(),
-        })
-        .unwrap(),
-    )
-    .args([
-        "-a",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "--user",
-        "devicelab",
-    ])
-    .args(["--pass", &nats.credentials().unwrap().password])
-    .stderr(std::process::Stdio::null())
-    .spawn()
-    .unwrap();
-    let result = tokio::time::timeout(Duration::from_secs(20), agent_task).await;
-    let _ = late.kill();
-    let _ = late.wait();
-    result
-        .expect("agent finished after the server came up")
+async fn the_agent_waits_for_a_server_that_comes_up_later_and_loses_nothing() {
+    let mut nats = server().await;
+    let cfg = agent(&nats, "dev-late");
+    // The agent starts while the server is down, so its first connection attempts fail.
+    let (restarted, agent) = tokio::join!(nats.restart(Duration::from_secs(3)), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let agent = tokio::spawn(async move { run(&cfg, "boot-late", Some(3)).await });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            !agent.is_finished(),
+            "the agent must keep trying while the server is down, not give up"
+        );
+        agent
+    });
+    restarted.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), agent)
+        .await
+        .expect("the agent finished after the server came up")
         .unwrap()
         .unwrap();
+    // Every report reached the stream, once each and in order: none went out as a message
+    // nobody stored.
+    let mut seen = Vec::new();
+    nats.status_log("dev-late")
+        .wait_for(0, Duration::from_secs(10), |s| {
+            seen.push(s.seq);
+            if s.seq == 3 {
+                Verdict::Accept
+            } else {
+                Verdict::Skip
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, [1, 2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keep_leaves_a_process_server_serving_after_the_handle_drops() {
+    let vars = BTreeMap::from([
+        ("DEVICELAB_NATS".to_owned(), "process".to_owned()),
+        ("DEVICELAB_KEEP".to_owned(), "1".to_owned()),
+    ]);
+    let config = HarnessConfig::from_vars(vars).unwrap();
+    let nats = NatsServer::start(&config, Ipv4Addr::LOCALHOST, &run_owner())
+        .await
+        .unwrap();
+    let (pid, url, dir) = (
+        nats.process_id().unwrap(),
+        nats.client_url(),
+        nats.config_path().parent().unwrap().to_owned(),
+    );
+    let creds = nats.credentials().unwrap().clone();
+    drop(nats);
+    let served =
+        async_nats::ConnectOptions::with_user_and_password(creds.user, creds.password)
+            .connect(url)
+            .await;
+    // What the printed removal command does, so the test leaves nothing behind.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    std::fs::remove_dir_all(&dir).unwrap();
+    served.expect("DEVICELAB_KEEP: the server still serves after its handle dropped");
 }

@@ -110,6 +110,30 @@ async fn exec_returns_status_stdout_and_stderr() {
 }
 
 #[tokio::test]
+async fn a_hung_command_times_out_and_the_session_stays_usable() {
+    let sshd = start_sshd().await;
+    let s = SshSession::connect(&target(&sshd), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = s
+        .exec_within("sleep 60", None, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, devicelab::ssh::SshError::CommandTimeout { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("`sleep 60`"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "gave up on time");
+    let out = s
+        .exec_within("echo still here", None, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, "still here\n");
+}
+
+#[tokio::test]
 async fn large_output_is_drained_completely() {
     let sshd = start_sshd().await;
     let s = SshSession::connect(&target(&sshd), Duration::from_secs(10))

@@ -1,0 +1,38 @@
+//! A VM name reused within the DHCP lease time (an hour): the README's own example names its
+//! VM `my-vm`, and a second run used to wait on the first instance's stale lease ("No route to
+//! host"). Every instance now has its own MAC, so the second provisioning finds its own lease.
+//! Boots two VMs, one after the other, to SSH only: `--features e2e`.
+
+use devicelab::fixtures::*;
+use devicelab::spec::{Readiness, VirtualMachineSpec};
+use std::sync::Arc;
+
+fn mac_of(vm: &Vm) -> String {
+    let xml = std::fs::read_to_string(vm.run_dir().join("domain.xml")).unwrap();
+    let at = xml.find("<mac address=").expect("a MAC in the domain XML") + 14;
+    xml[at..at + 17].to_owned()
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots two VMs: run with --features e2e")]
+async fn the_same_name_provisioned_twice_in_a_row_gets_its_own_lease(
+    #[future] lab: Arc<Lab>,
+    arch: VmArchitecture,
+) {
+    let lab = lab.await;
+    let name = lab.vm_name("reuse", arch);
+    let spec = || VirtualMachineSpec::new(&name, arch).ready_when(Readiness::SshLogin);
+    let first = lab.vm(spec()).await.unwrap();
+    let (first_ip, first_mac) = (first.ip(), mac_of(&first));
+    drop(first);
+    // The first instance's lease is still listed by dnsmasq; the second must not wait on it.
+    let second = lab.vm(spec()).await.unwrap();
+    second.succeed("true").await.unwrap();
+    assert_ne!(mac_of(&second), first_mac, "each instance has its own MAC");
+    eprintln!(
+        "first instance {first_ip} ({first_mac}), second {} ({})",
+        second.ip(),
+        mac_of(&second)
+    );
+}
