@@ -112,6 +112,20 @@ pub struct CutOutcome {
 }
 
 impl CutOutcome {
+    /// Whether the host key was younger than the guest's writeback delay at the cut, by at
+    /// least `margin` (`Some(true)`), older by at least `margin` (`Some(false)`), or too close
+    /// to call (`None`): the timing that decides whether an unflushed key survives.
+    pub fn cut_inside_writeback_window(&self, margin: Duration) -> Option<bool> {
+        let (age, window) = (self.host_key_age?, self.writeback_after?);
+        if age + margin <= window {
+            Some(true)
+        } else if age >= window + margin {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
     /// The device came back usable: SSH, the agent's unit active, a status from the new boot.
     pub fn usable(&self) -> bool {
         self.ssh.is_ok() && self.status.is_ok() && self.agent_active == Some(true)
@@ -153,12 +167,14 @@ pub async fn sweep(
     points: &[CutPoint],
     flush_modes: &[bool],
 ) -> Result<Vec<CutOutcome>, ScenarioError> {
+    let guest_default = None;
     let nats = lab.nats().await?;
     let mut outcomes = Vec::new();
     for (i, point) in points.iter().enumerate() {
         for (j, flush) in flush_modes.iter().enumerate() {
             let name = lab.vm_name(&format!("cut{i}{j}"), arch);
-            let outcome = cut_at(lab, &nats, arch, &name, *point, *flush).await?;
+            let outcome =
+                cut_at(lab, &nats, arch, &name, *point, *flush, guest_default).await?;
             tracing::info!(
                 "power-cut sweep, {arch}, {point}, {}: {}",
                 if *flush { "flushed" } else { "not flushed" },
@@ -174,10 +190,11 @@ pub async fn sweep(
     Ok(outcomes)
 }
 
-/// One cut: provision a device named `name` (flushing provisioning or not), bring it to
-/// `point`, pull the plug, power on, and judge what came back. A device cut before its
-/// onboarding finished is onboarded once SSH is back, as a provisioning system would retry.
-/// Errors before the cut are errors; what the cut breaks is the outcome.
+/// One cut: provision a device named `name` (flushing provisioning or not; with the guest's
+/// writeback delay set to `writeback_delay`, or the image's), bring it to `point`, pull the
+/// plug, power on, and judge what came back. A device cut before its onboarding finished is
+/// onboarded once SSH is back, as a provisioning system would retry. Errors before the cut
+/// are errors; what the cut breaks is the outcome.
 pub async fn cut_at(
     lab: &Lab,
     nats: &NatsServer,
@@ -185,14 +202,16 @@ pub async fn cut_at(
     name: &str,
     point: CutPoint,
     flush: bool,
+    writeback_delay: Option<Duration>,
 ) -> Result<CutOutcome, ScenarioError> {
     let ready = match point.anchor {
         Anchor::SshUp => Readiness::SshLogin,
         _ => Readiness::CloudInitDone,
     };
-    let spec = VirtualMachineSpec::new(name, arch)
+    let mut spec = VirtualMachineSpec::new(name, arch)
         .with_provisioning_flush(flush)
         .ready_when(ready);
+    spec.writeback_delay = writeback_delay;
     // The binary first: the cut is timed from the end of provisioning, which must not wait
     // on a build.
     let binary = lab.agent_binary(arch).await?;

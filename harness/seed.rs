@@ -108,7 +108,19 @@ impl Seed {
             },
             ssh_genkeytypes: vec!["ed25519".into()],
             ssh_deletekeys: true,
-            bootcmd: vec![evidence_bootcmd()],
+            // bootcmd runs first in cloud-init's init stage, before the modules that write
+            // users and host keys.
+            bootcmd: spec
+                .writeback_delay
+                .map(|d| {
+                    format!(
+                        "sysctl -w vm.dirty_expire_centisecs={}",
+                        d.as_millis().div_ceil(10)
+                    )
+                })
+                .into_iter()
+                .chain([evidence_bootcmd()])
+                .collect(),
         };
         let meta = MetaData {
             instance_id: instance_id.to_owned(),

@@ -17,6 +17,11 @@ pub struct VirtualMachineSpec {
     pub flush_provisioning: bool,
     /// When provisioning is done and the handle is returned.
     pub ready_when: Readiness,
+    /// The guest's dirty-data writeback delay (`vm.dirty_expire_centisecs`), set at first boot
+    /// before cloud-init writes anything; `None` keeps the image's (30 s on Debian and Ubuntu).
+    /// For power-cut tests that need the window an unflushed write is lost in to be wide
+    /// whatever the host's speed: the timing made explicit.
+    pub writeback_delay: Option<std::time::Duration>,
 }
 
 /// How far provisioning goes before the VM handle is returned.
@@ -81,6 +86,7 @@ impl VirtualMachineSpec {
             disk_gib: 8,
             flush_provisioning: true,
             ready_when: Readiness::CloudInitDone,
+            writeback_delay: None,
         }
     }
 
@@ -103,6 +109,10 @@ impl VirtualMachineSpec {
     }
     pub fn ready_when(mut self, readiness: Readiness) -> Self {
         self.ready_when = readiness;
+        self
+    }
+    pub fn with_writeback_delay(mut self, delay: std::time::Duration) -> Self {
+        self.writeback_delay = Some(delay);
         self
     }
     pub fn with_first_boot(mut self, first_boot: FirstBootConfig) -> Self {
