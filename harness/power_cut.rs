@@ -95,10 +95,14 @@ pub struct CutOutcome {
     /// Whether the harness flushed provisioning (and onboarding) before the cut.
     pub flushed: bool,
     pub cut: Option<PowerCut>,
-    /// Age of the SSH host key (written by cloud-init at first boot) at the cut, by the
-    /// guest's clock, and the guest's writeback delay for dirty data: a cut inside that
-    /// delay loses the unflushed key.
+    /// Age of the SSH host key (written by cloud-init at first boot) at the harness's last
+    /// look before the cut, by the guest's clock, and the guest's writeback delay for dirty
+    /// data: a cut inside that delay can lose the unflushed key.
     pub host_key_age: Option<Duration>,
+    /// From that last look until the plug was pulled (libvirt's destroy returned), by the
+    /// host's clock: the key was at most `host_key_age + to_cut` old at the cut. Seconds on a
+    /// loaded host.
+    pub to_cut: Duration,
     pub writeback_after: Option<Duration>,
     /// Power on → SSH back, or the harness's error (with its diagnosis).
     pub ssh: Result<Duration, String>,
@@ -113,11 +117,12 @@ pub struct CutOutcome {
 
 impl CutOutcome {
     /// Whether the host key was younger than the guest's writeback delay at the cut, by at
-    /// least `margin` (`Some(true)`), older by at least `margin` (`Some(false)`), or too close
-    /// to call (`None`): the timing that decides whether an unflushed key survives.
+    /// least `margin` even at its oldest (`Some(true)`), older by at least `margin` even at its
+    /// youngest (`Some(false)`), or too close to call (`None`): the timing that decides whether
+    /// an unflushed key survives.
     pub fn cut_inside_writeback_window(&self, margin: Duration) -> Option<bool> {
         let (age, window) = (self.host_key_age?, self.writeback_after?);
-        if age + margin <= window {
+        if age + self.to_cut + margin <= window {
             Some(true)
         } else if age >= window + margin {
             Some(false)
@@ -236,8 +241,9 @@ pub async fn cut_at(
     };
     tokio::time::sleep(point.delay).await;
     let (host_key_age, writeback_after, old_boot) = last_look(&vm).await?;
-
+    let looked = Instant::now();
     vm.power_off().await?;
+    let to_cut = looked.elapsed();
     let gate = nats.status_log(&device_id).last_sequence().await?;
     let started = Instant::now();
     vm.power_on().await?;
@@ -289,6 +295,7 @@ pub async fn cut_at(
         flushed: flush,
         cut: vm.last_power_cut(),
         host_key_age,
+        to_cut,
         writeback_after,
         ssh,
         ssh_decided_after: ssh_decided_after.into_inner().unwrap(),
@@ -360,15 +367,16 @@ pub fn table(arch: VmArchitecture, outcomes: &[CutOutcome]) -> String {
         Err(_) => format!("no (said so after {:.0} s)", o.ssh_decided_after.as_secs_f64()),
     };
     let mut out = format!(
-        "| {arch}: cut at | flushed | host key age at cut (s) | SSH back | agent active | status from the new boot | usable | what broke |\n\
+        "| {arch}: cut at | flushed | host key age at the cut, s (at the last look – at most) | SSH back | agent active | status from the new boot | usable | what broke |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     );
     for o in outcomes {
         out.push_str(&format!(
-            "| {} | {} | {} (writeback after {}) | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {}–{} (writeback after {}) | {} | {} | {} | {} | {} |\n",
             o.point,
             if o.flushed { "yes" } else { "no" },
             secs(&o.host_key_age),
+            secs(&o.host_key_age.map(|a| a + o.to_cut)),
             secs(&o.writeback_after),
             ssh(o),
             match o.agent_active {
@@ -398,6 +406,7 @@ mod tests {
             flushed: false,
             cut: None,
             host_key_age: Some(Duration::from_secs(9)),
+            to_cut: Duration::from_millis(1500),
             writeback_after: Some(Duration::from_secs(30)),
             ssh: Err(ssh.to_owned()),
             ssh_decided_after: Duration::from_secs(31),
@@ -406,9 +415,21 @@ mod tests {
         };
         assert!(!o.usable());
         assert!(o.broke().starts_with("SSH: likely cause: host keys empty"), "{}", o.broke());
+        // 9–10 s old against 30 s: inside by 5 s margins; the upper bound decides.
+        assert_eq!(o.cut_inside_writeback_window(Duration::from_secs(5)), Some(true));
+        let late = CutOutcome {
+            to_cut: Duration::from_secs(18),
+            ..o.clone()
+        };
+        assert_eq!(late.cut_inside_writeback_window(Duration::from_secs(5)), None);
+        let old = CutOutcome {
+            host_key_age: Some(Duration::from_secs(40)),
+            ..o.clone()
+        };
+        assert_eq!(old.cut_inside_writeback_window(Duration::from_secs(5)), Some(false));
         let t = table(VmArchitecture::X86_64, &[o]);
         assert!(
-            t.contains("| cloud-init done + 0 s | no | 9 (writeback after 30) | no (said so after 31 s) | ? | no | **no** |"),
+            t.contains("| cloud-init done + 0 s | no | 9–10 (writeback after 30) | no (said so after 31 s) | ? | no | **no** |"),
             "{t}"
         );
     }
