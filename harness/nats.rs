@@ -207,8 +207,9 @@ impl NatsServer {
             password: hex::encode(rand::random::<[u8; 16]>()),
         };
         // Private (0700): it holds the configuration with the password, and the JetStream store.
+        // Named for its owner, so the reaper can remove it if this process is killed.
         let tmp = tempfile::Builder::new()
-            .prefix("devicelab-nats-")
+            .prefix(&reaper::nats_dir_prefix(owner.pid))
             .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir()
             .map_err(|source| NatsError::Config {
@@ -277,7 +278,7 @@ impl NatsServer {
                 Runner::Process { child, command }
             }
         };
-        let interrupt_guard = interrupt_guard(&runner);
+        let interrupt_guard = interrupt_guard(&runner, tmp.path());
         // Constructed before waiting, so a start that never becomes ready is still cleaned up.
         let mut server = Self {
             runner,
@@ -430,7 +431,7 @@ impl NatsServer {
                 tokio::time::sleep(down_for).await;
                 *child = spawn_server(command, &self.dir.host, self.keep)
                     .map_err(|e| failed(&command[0].to_string_lossy(), e.to_string()))?;
-                self._interrupt_guard = Some(interrupt_guard(&self.runner));
+                self._interrupt_guard = Some(interrupt_guard(&self.runner, &self.dir.host));
             }
         }
         let port = self.wait_for_port().await?;
@@ -484,17 +485,22 @@ impl NatsServer {
     }
 }
 
-/// On SIGINT/SIGTERM the server goes too.
-fn interrupt_guard(runner: &Runner) -> CleanupGuard {
+/// On SIGINT/SIGTERM the server goes too, and its directory with it.
+fn interrupt_guard(runner: &Runner, dir: &std::path::Path) -> CleanupGuard {
+    let dir = dir.to_owned();
     match runner {
         Runner::Container { name, podman } => {
             let (name, podman) = (name.clone(), podman.clone());
-            reaper::on_interrupt(move || remove_container(&podman, &name))
+            reaper::on_interrupt(move || {
+                remove_container(&podman, &name);
+                let _ = std::fs::remove_dir_all(&dir);
+            })
         }
         Runner::Process { child, .. } => {
             let pid = child.id() as i32;
-            reaper::on_interrupt(move || unsafe {
-                libc::kill(pid, libc::SIGKILL);
+            reaper::on_interrupt(move || {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = std::fs::remove_dir_all(&dir);
             })
         }
     }
@@ -576,6 +582,7 @@ impl Drop for NatsServer {
                 .take()
                 .map(|d| d.keep())
                 .unwrap_or_else(|| self.dir.host.clone());
+            let _ = std::fs::write(dir.join(reaper::KEPT_MARK), "DEVICELAB_KEEP\n");
             let how = match &self.runner {
                 Runner::Container { name, .. } => format!(
                     "container {name} (remove it with: podman rm -f {name}; rm -r {})",

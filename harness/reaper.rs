@@ -41,6 +41,46 @@ pub fn is_alive(pid: u32, start_time: u64) -> bool {
     process_start_time(pid) == Some(start_time)
 }
 
+/// In a kept NATS directory: the reaper leaves it alone.
+pub const KEPT_MARK: &str = "kept";
+
+/// The start of a NATS server directory's name in the temp dir: owner pid and start time, so a
+/// dead owner's directory can be found and removed.
+pub fn nats_dir_prefix(pid: u32) -> String {
+    format!(
+        "devicelab-nats-{pid}-{}-",
+        process_start_time(pid).unwrap_or(0)
+    )
+}
+
+/// Removes the NATS directories (configuration with the password, JetStream store) of owners
+/// that are gone; returns their paths.
+pub fn reap_nats_dirs(temp_dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(temp_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("devicelab-nats-") else {
+            continue;
+        };
+        let mut f = rest.splitn(3, '-');
+        let (Some(Ok(pid)), Some(Ok(start))) = (
+            f.next().map(str::parse::<u32>),
+            f.next().map(str::parse::<u64>),
+        ) else {
+            continue;
+        };
+        let path = entry.path();
+        if is_alive(pid, start) || path.join(KEPT_MARK).exists() {
+            continue;
+        }
+        if std::fs::remove_dir_all(&path).is_ok() {
+            tracing::warn!("reaped NATS dir {} (pid {pid} is gone)", path.display());
+            removed.push(path);
+        }
+    }
+    removed
+}
+
 impl OwnerRecord {
     pub fn current(run_id: &str) -> Self {
         let pid = std::process::id();
@@ -134,6 +174,7 @@ pub fn reap(libvirt: &Libvirt, pool: &Pool, runs_dir: &Path, podman: &Path) -> R
         }
     }
     reaped.containers = reap_containers(podman);
+    reap_nats_dirs(&std::env::temp_dir());
     reaped
 }
 

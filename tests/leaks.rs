@@ -135,6 +135,18 @@ async fn a_killed_run_is_reaped_by_the_next_one() {
         "and its NATS container"
     );
     assert!(!run_dir(&name).exists(), "and its run dir");
+    assert_eq!(nats_dirs_of(pid), Vec::<String>::new(), "and its NATS dir");
+}
+
+/// The NATS server directories (configuration, store) a process left in the temp dir.
+fn nats_dirs_of(pid: u32) -> Vec<String> {
+    let prefix = format!("devicelab-nats-{pid}-");
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .collect()
 }
 
 /// Interrupts a provisioning run with `signal`: it must clean up and exit with `code`.
@@ -155,6 +167,7 @@ fn interrupt_cleans_up(signal: i32, code: i32) {
     assert_eq!(volumes_of(&name), Vec::<String>::new());
     assert_eq!(containers_of(pid), Vec::<String>::new());
     assert!(!run_dir(&name).exists());
+    assert_eq!(nats_dirs_of(pid), Vec::<String>::new(), "the NATS dir goes too");
 }
 
 #[test]
