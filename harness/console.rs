@@ -98,12 +98,14 @@ pub fn fatal_line(path: &Path) -> Option<(String, &'static str)> {
 /// Like [`fatal_line`], looking only at what was written after byte `offset` (this boot's output).
 pub fn fatal_line_after(path: &Path, offset: u64) -> Option<(String, &'static str)> {
     boot_text(path, offset)
-        .lines().map(strip_ansi).find_map(|line| {
-        FATAL
-            .iter()
-            .find(|(needle, _)| line.contains(needle) && is_failure(&line, needle))
-            .map(|(_, meaning)| (line.trim().to_owned(), *meaning))
-    })
+        .lines()
+        .map(strip_ansi)
+        .find_map(|line| {
+            FATAL
+                .iter()
+                .find(|(needle, _)| line.contains(needle) && is_failure(&line, needle))
+                .map(|(_, meaning)| (line.trim().to_owned(), *meaning))
+        })
 }
 
 /// A description needle (starting with "- ") only counts on a failure line.
@@ -237,10 +239,16 @@ mod tests {
         );
         assert!(login_prompt_after(f.path(), 0));
         let not_a_prompt = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(not_a_prompt.path(), "[  3.2] systemd[1]: Started getty: login: prompts\n")
-            .unwrap();
+        std::fs::write(
+            not_a_prompt.path(),
+            "[  3.2] systemd[1]: Started getty: login: prompts\n",
+        )
+        .unwrap();
         assert!(!login_prompt_after(not_a_prompt.path(), 0));
-        assert!(!login_prompt_after(f.path(), offset), "this boot has no prompt yet");
+        assert!(
+            !login_prompt_after(f.path(), offset),
+            "this boot has no prompt yet"
+        );
     }
 
     #[test]

@@ -178,8 +178,7 @@ pub async fn sweep(
     for (i, point) in points.iter().enumerate() {
         for (j, flush) in flush_modes.iter().enumerate() {
             let name = lab.vm_name(&format!("cut{i}{j}"), arch);
-            let outcome =
-                cut_at(lab, &nats, arch, &name, *point, *flush, guest_default).await?;
+            let outcome = cut_at(lab, &nats, arch, &name, *point, *flush, guest_default).await?;
             tracing::info!(
                 "power-cut sweep, {arch}, {point}, {}: {}",
                 if *flush { "flushed" } else { "not flushed" },
@@ -260,7 +259,9 @@ pub async fn cut_at(
             nats.status_log(&device_id)
                 .wait_for(gate, budget, |s| {
                     if s.boot_id == old_boot {
-                        Verdict::Reject(format!("a status from the old boot {old_boot} after the cut"))
+                        Verdict::Reject(format!(
+                            "a status from the old boot {old_boot} after the cut"
+                        ))
                     } else {
                         Verdict::Accept
                     }
@@ -283,10 +284,13 @@ pub async fn cut_at(
     let agent_active = match &ssh {
         Err(_) => None,
         Ok(_) => Some(
-            vm.exec(&user_systemctl(AGENT_USER, &format!("is-active {AGENT_UNIT}")))
-                .await?
-                .stdout
-                .trim()
+            vm.exec(&user_systemctl(
+                AGENT_USER,
+                &format!("is-active {AGENT_UNIT}"),
+            ))
+            .await?
+            .stdout
+            .trim()
                 == "active",
         ),
     };
@@ -333,9 +337,7 @@ async fn onboard_after_cut(
 
 /// Read on the guest in one round trip just before the cut (each costs seconds under TCG):
 /// the host key's age, the dirty-data writeback delay, and the boot id.
-async fn last_look(
-    vm: &Vm,
-) -> Result<(Option<Duration>, Option<Duration>, String), ScenarioError> {
+async fn last_look(vm: &Vm) -> Result<(Option<Duration>, Option<Duration>, String), ScenarioError> {
     let out = vm
         .succeed(
             "echo $(( $(date +%s) - $(stat -c %Y /etc/ssh/ssh_host_ed25519_key) )) \
@@ -364,7 +366,10 @@ pub fn table(arch: VmArchitecture, outcomes: &[CutOutcome]) -> String {
     };
     let ssh = |o: &CutOutcome| match &o.ssh {
         Ok(d) => format!("{:.0} s", d.as_secs_f64()),
-        Err(_) => format!("no (said so after {:.0} s)", o.ssh_decided_after.as_secs_f64()),
+        Err(_) => format!(
+            "no (said so after {:.0} s)",
+            o.ssh_decided_after.as_secs_f64()
+        ),
     };
     let mut out = format!(
         "| {arch}: cut at | flushed | host key age at the cut, s (at the last look – at most) | SSH back | agent active | status from the new boot | usable | what broke |\n\
@@ -414,19 +419,32 @@ mod tests {
             agent_active: None,
         };
         assert!(!o.usable());
-        assert!(o.broke().starts_with("SSH: likely cause: host keys empty"), "{}", o.broke());
+        assert!(
+            o.broke().starts_with("SSH: likely cause: host keys empty"),
+            "{}",
+            o.broke()
+        );
         // 9–10 s old against 30 s: inside by 5 s margins; the upper bound decides.
-        assert_eq!(o.cut_inside_writeback_window(Duration::from_secs(5)), Some(true));
+        assert_eq!(
+            o.cut_inside_writeback_window(Duration::from_secs(5)),
+            Some(true)
+        );
         let late = CutOutcome {
             to_cut: Duration::from_secs(18),
             ..o.clone()
         };
-        assert_eq!(late.cut_inside_writeback_window(Duration::from_secs(5)), None);
+        assert_eq!(
+            late.cut_inside_writeback_window(Duration::from_secs(5)),
+            None
+        );
         let old = CutOutcome {
             host_key_age: Some(Duration::from_secs(40)),
             ..o.clone()
         };
-        assert_eq!(old.cut_inside_writeback_window(Duration::from_secs(5)), Some(false));
+        assert_eq!(
+            old.cut_inside_writeback_window(Duration::from_secs(5)),
+            Some(false)
+        );
         let t = table(VmArchitecture::X86_64, &[o]);
         assert!(
             t.contains("| cloud-init done + 0 s | no | 9–10 (writeback after 30) | no (said so after 31 s) | ? | no | **no** |"),

@@ -186,8 +186,14 @@ async fn onboard_and_first_status(
     vm.wait_for_unit(AGENT_UNIT, Some(AGENT_USER)).await?;
     let boot_id = vm.boot_id().await?;
     let started = Instant::now();
-    let first_status =
-        status_from_boot(nats, &agent.device_id, 0, &boot_id, vm.budgets().first_status).await?;
+    let first_status = status_from_boot(
+        nats,
+        &agent.device_id,
+        0,
+        &boot_id,
+        vm.budgets().first_status,
+    )
+    .await?;
     vm.timings.record("first status", started.elapsed());
     Ok(first_status)
 }

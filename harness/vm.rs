@@ -559,7 +559,10 @@ impl Vm {
         let command = "sudo -n cloud-init status --wait --long";
         let out = self
             .guarded(async {
-                match self.exec_within(command, None, self.budgets.cloud_init).await {
+                match self
+                    .exec_within(command, None, self.budgets.cloud_init)
+                    .await
+                {
                     Err(VmError::Ssh {
                         source: SshError::CommandTimeout { .. },
                         ..

@@ -94,7 +94,11 @@ async fn a_nats_server_that_dies_at_start_is_reported_at_once_with_its_output() 
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let fake = dir.path().join("nats-server");
-    std::fs::write(&fake, "#!/bin/sh\necho \"nats-server: cannot listen: $*\" >&2\nexit 3\n").unwrap();
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho \"nats-server: cannot listen: $*\" >&2\nexit 3\n",
+    )
+    .unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
     let c = config(&[
         ("DEVICELAB_NATS", "process"),
@@ -184,7 +188,10 @@ fn image_overrides_must_be_complete_and_absolute() {
             ("DEVICELAB_IMAGE_SHA256_X86_64", bad),
         ]);
         let err = ImageSource::for_arch(&c, VmArchitecture::X86_64).unwrap_err();
-        assert_mentions(&err, &["DEVICELAB_IMAGE_SHA256_X86_64", bad, "64 hex digits"]);
+        assert_mentions(
+            &err,
+            &["DEVICELAB_IMAGE_SHA256_X86_64", bad, "64 hex digits"],
+        );
     }
 }
 

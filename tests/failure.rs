@@ -56,10 +56,7 @@ async fn a_crashed_device_fails_fast_and_leaves_its_artifacts(#[future] vm: Vm) 
     vm.power_off().await.unwrap();
     vm.power_on().await.unwrap();
     let started = Instant::now();
-    let err = vm
-        .wait_for_ssh()
-        .await
-        .expect_err("no sshd, no SSH");
+    let err = vm.wait_for_ssh().await.expect_err("no sshd, no SSH");
     let msg = err.to_string();
     assert!(
         matches!(err, VmError::NothingListening { .. }),
@@ -67,7 +64,8 @@ async fn a_crashed_device_fails_fast_and_leaves_its_artifacts(#[future] vm: Vm) 
     );
     assert!(msg.contains("at its login prompt"), "{msg}");
     assert!(
-        msg.contains("the plug was pulled") && msg.contains("after the harness flushed what the test wrote"),
+        msg.contains("the plug was pulled")
+            && msg.contains("after the harness flushed what the test wrote"),
         "the last power cut is described: {msg}"
     );
     // The variant says it was the evidence (the idle guest), not the budget; the time is
@@ -77,7 +75,10 @@ async fn a_crashed_device_fails_fast_and_leaves_its_artifacts(#[future] vm: Vm) 
         "failed after {:?}",
         started.elapsed()
     );
-    eprintln!("idle guest reported after {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "idle guest reported after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 
     let run_dir = dir.clone();
     drop(vm);

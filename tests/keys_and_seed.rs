@@ -155,7 +155,9 @@ fn the_seed_makes_the_guest_name_empty_access_files_on_every_boot() {
     assert_eq!(config["bootcmd"], serde_json::json!([script.as_str()]));
 
     // A spec that sets the writeback delay gets it first, before anything else cloud-init does.
-    let slow = spec.clone().with_writeback_delay(std::time::Duration::from_secs(300));
+    let slow = spec
+        .clone()
+        .with_writeback_delay(std::time::Duration::from_secs(300));
     let seed = Seed::new(&slow, "ssh-ed25519 AAAAC3Nza t@c", &host, "id-2");
     let config: serde_json::Value =
         serde_json::from_str(seed.user_data.trim_start_matches("#cloud-config\n")).unwrap();

@@ -167,7 +167,11 @@ fn interrupt_cleans_up(signal: i32, code: i32) {
     assert_eq!(volumes_of(&name), Vec::<String>::new());
     assert_eq!(containers_of(pid), Vec::<String>::new());
     assert!(!run_dir(&name).exists());
-    assert_eq!(nats_dirs_of(pid), Vec::<String>::new(), "the NATS dir goes too");
+    assert_eq!(
+        nats_dirs_of(pid),
+        Vec::<String>::new(),
+        "the NATS dir goes too"
+    );
 }
 
 #[test]

@@ -38,7 +38,10 @@ async fn nothing_without_the_run_credentials_can_publish_a_status() {
     };
     let anonymous = async_nats::connect(nats.client_url()).await.err();
     let wrong = connect("wrong").await.err();
-    for (who, err) in [("an anonymous client", anonymous), ("a wrong password", wrong)] {
+    for (who, err) in [
+        ("an anonymous client", anonymous),
+        ("a wrong password", wrong),
+    ] {
         let err = err.unwrap_or_else(|| panic!("{who} must be refused"));
         assert!(
             err.to_string().to_lowercase().contains("authorization"),
@@ -46,7 +49,9 @@ async fn nothing_without_the_run_credentials_can_publish_a_status() {
         );
     }
     // The same server takes the run's credentials: the refusals above are about them.
-    connect(&creds.password).await.expect("the run's credentials work");
+    connect(&creds.password)
+        .await
+        .expect("the run's credentials work");
 
     // And the agent with a wrong password gets no report into the stream.
     let mut cfg = agent(&nats, "dev-x");
@@ -73,8 +78,16 @@ async fn the_password_is_in_a_private_file_and_the_server_listens_only_where_ask
     let config = nats.config_path();
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&config), 0o600, "{}", config.display());
-    assert_eq!(mode(config.parent().unwrap()), 0o700, "its directory is private too");
-    assert!(std::fs::read_to_string(&config).unwrap().contains(&password));
+    assert_eq!(
+        mode(config.parent().unwrap()),
+        0o700,
+        "its directory is private too"
+    );
+    assert!(
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .contains(&password)
+    );
 
     // Asked to listen on 127.0.0.1 (the gateway here): another local address finds nothing.
     let port = nats.port;
@@ -232,10 +245,9 @@ async fn keep_leaves_a_process_server_serving_after_the_handle_drops() {
     );
     let creds = nats.credentials().unwrap().clone();
     drop(nats);
-    let served =
-        async_nats::ConnectOptions::with_user_and_password(creds.user, creds.password)
-            .connect(url)
-            .await;
+    let served = async_nats::ConnectOptions::with_user_and_password(creds.user, creds.password)
+        .connect(url)
+        .await;
     // What the printed removal command does, so the test leaves nothing behind.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     std::fs::remove_dir_all(&dir).unwrap();

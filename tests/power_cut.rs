@@ -65,7 +65,10 @@ async fn an_unflushed_cut_right_after_first_boot_loses_the_host_keys_and_says_wh
     let lab = lab.await;
     let outcome = cut_right_after_first_boot(&lab, arch, false).await;
     assert!(!outcome.usable(), "the unflushed keys survived the cut?");
-    let error = outcome.ssh.as_ref().expect_err("SSH cannot come back without host keys");
+    let error = outcome
+        .ssh
+        .as_ref()
+        .expect_err("SSH cannot come back without host keys");
     assert!(
         error.contains("the guest reports: /etc/ssh/ssh_host_ed25519_key is empty (0 bytes)"),
         "the guest's own evidence: {error}"
@@ -158,7 +161,12 @@ async fn run_sweep(lab: &Lab, arch: VmArchitecture, points: &[CutPoint], which: 
     // timing is asserted.
     for o in &outcomes {
         if o.flushed {
-            assert!(o.usable(), "flushed, yet {}: {}\n{table}", o.point, o.broke());
+            assert!(
+                o.usable(),
+                "flushed, yet {}: {}\n{table}",
+                o.point,
+                o.broke()
+            );
             continue;
         }
         let keys_lost = o

@@ -125,7 +125,10 @@ async fn a_hung_command_times_out_and_the_session_stays_usable() {
         "{err}"
     );
     assert!(err.to_string().contains("`sleep 60`"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(10), "gave up on time");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "gave up on time"
+    );
     let out = s
         .exec_within("echo still here", None, Duration::from_secs(10))
         .await

@@ -15,7 +15,10 @@ fn mac_of(vm: &Vm) -> String {
 
 #[rstest]
 #[tokio::test(flavor = "multi_thread")]
-#[cfg_attr(not(feature = "e2e"), ignore = "boots two VMs: run with --features e2e")]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "boots two VMs: run with --features e2e"
+)]
 async fn the_same_name_provisioned_twice_in_a_row_gets_its_own_lease(
     #[future] lab: Arc<Lab>,
     arch: VmArchitecture,
