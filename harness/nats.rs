@@ -346,7 +346,7 @@ impl NatsServer {
     async fn connect_when_ready(&mut self) -> Result<async_nats::Client, NatsError> {
         self.check_alive().await?;
         let url = self.client_url();
-        readiness::poll(START_BUDGET, || async {
+        let connected = readiness::poll(START_BUDGET, || async {
             async_nats::ConnectOptions::with_user_and_password(
                 self.credentials.user.clone(),
                 self.credentials.password.clone(),
@@ -355,12 +355,15 @@ impl NatsServer {
             .await
             .map_err(|e| e.to_string())
         })
-        .await
-        .map_err(|last| NatsError::NotReady {
-            url: url.clone(),
-            last,
-            logs: String::new(),
-        })
+        .await;
+        match connected {
+            Ok(client) => Ok(client),
+            Err(last) => Err(NatsError::NotReady {
+                last,
+                logs: self.logs().await,
+                url,
+            }),
+        }
     }
 
     async fn ensure_stream(&self) -> Result<(), NatsError> {
