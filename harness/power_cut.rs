@@ -7,9 +7,9 @@
 
 use crate::arch::VmArchitecture;
 use crate::lab::Lab;
-use crate::nats::{NatsServer, Verdict};
+use crate::nats::NatsServer;
 use crate::onboard::{AGENT_UNIT, AGENT_USER, Onboarding};
-use crate::scenario::{ScenarioError, agent_config, status_from_boot};
+use crate::scenario::{ScenarioError, agent_config, status_after_cut, status_from_boot};
 use crate::spec::{Readiness, VirtualMachineSpec};
 use crate::vm::{PowerCut, Vm, user_systemctl};
 use std::fmt;
@@ -247,25 +247,16 @@ pub async fn cut_at(
     let started = Instant::now();
     vm.power_on().await?;
     let budget = vm.budgets().power_cycle_recovery;
-    let ssh_decided_after = std::sync::Mutex::new(Duration::ZERO);
+    // The verdict and when it came, whichever it was.
     let ssh = async {
         let r = vm.wait_for_ssh().await;
-        *ssh_decided_after.lock().unwrap() = started.elapsed();
-        r.map(|()| started.elapsed()).map_err(|e| e.to_string())
+        let decided = started.elapsed();
+        (r.map(|()| decided).map_err(|e| e.to_string()), decided)
     };
-    let (ssh, status) = if reporting {
+    let ((ssh, ssh_decided_after), status) = if reporting {
         // The agent is judged by its own reports, whether or not SSH comes back.
         let status = async {
-            nats.status_log(&device_id)
-                .wait_for(gate, budget, |s| {
-                    if s.boot_id == old_boot {
-                        Verdict::Reject(format!(
-                            "a status from the old boot {old_boot} after the cut"
-                        ))
-                    } else {
-                        Verdict::Accept
-                    }
-                })
+            status_after_cut(nats, &device_id, gate, &old_boot, None, budget)
                 .await
                 .map(|_| started.elapsed())
                 .map_err(|e| e.to_string())
@@ -273,7 +264,7 @@ pub async fn cut_at(
         tokio::join!(ssh, status)
     } else {
         let ssh = ssh.await;
-        let status = match &ssh {
+        let status = match &ssh.0 {
             Err(_) => Err("not onboarded before the cut, and no SSH to onboard it".to_owned()),
             Ok(_) => onboard_after_cut(&vm, &onboarding, nats, gate)
                 .await
@@ -302,7 +293,7 @@ pub async fn cut_at(
         to_cut,
         writeback_after,
         ssh,
-        ssh_decided_after: ssh_decided_after.into_inner().unwrap(),
+        ssh_decided_after,
         status,
         agent_active,
     })

@@ -138,6 +138,35 @@ pub async fn status_from_boot(
     Ok(status)
 }
 
+/// Waits for the first report of `device_id` after a power cut: after stream sequence `gate`
+/// (everything the old boot sent is before it), from any boot but `old_boot` (a report from
+/// the old boot after the gate fails at once), and, with `not_before_ms`, stamped later than
+/// that by the agent's clock.
+pub async fn status_after_cut(
+    nats: &NatsServer,
+    device_id: &str,
+    gate: u64,
+    old_boot: &str,
+    not_before_ms: Option<u64>,
+    budget: Duration,
+) -> Result<Status, NatsError> {
+    let (_, status) = nats
+        .status_log(device_id)
+        .wait_for(gate, budget, |s| {
+            if s.boot_id == old_boot {
+                Verdict::Reject(format!(
+                    "a status from the old boot {old_boot} arrived after the gate"
+                ))
+            } else if not_before_ms.is_none_or(|t| s.timestamp_ms > t) {
+                Verdict::Accept
+            } else {
+                Verdict::Skip
+            }
+        })
+        .await?;
+    Ok(status)
+}
+
 async fn onboard_and_first_status(
     vm: &Vm,
     nats: &NatsServer,
@@ -256,25 +285,21 @@ async fn pull_the_plug(device: &OnboardedDevice) -> Result<(), ScenarioError> {
     let gate_ms = now_ms();
     vm.power_on().await?;
     let agent = async {
-        let status = log
-            .wait_for(gate_seq, vm.budgets().power_cycle_recovery, |s| {
-                if s.boot_id == old_boot {
-                    Verdict::Reject(format!(
-                        "a status from the old boot {old_boot} arrived after the gate"
-                    ))
-                } else if s.timestamp_ms > gate_ms {
-                    Verdict::Accept
-                } else {
-                    Verdict::Skip
-                }
-            })
-            .await;
+        let status = status_after_cut(
+            &device.nats,
+            &device.agent.device_id,
+            gate_seq,
+            &old_boot,
+            Some(gate_ms),
+            vm.budgets().power_cycle_recovery,
+        )
+        .await;
         (status, started.elapsed())
     };
     let ssh = async { (vm.wait_for_ssh().await, started.elapsed()) };
     let ((status, agent_took), (ssh, ssh_took)) = tokio::join!(agent, ssh);
     let status = match (status, ssh) {
-        (Ok((_, status)), Ok(())) => status,
+        (Ok(status), Ok(())) => status,
         (status, ssh) => {
             return Err(ScenarioError::Recovery {
                 agent: status.map(|_| agent_took).map_err(|e| e.to_string()),

@@ -162,8 +162,8 @@ impl fmt::Display for PowerCut {
 
 #[derive(Debug, Default)]
 struct Durability {
-    ready: Option<Readiness>,
-    provisioned_at: Option<Instant>,
+    /// What provisioning waited for, and when it was done.
+    provisioned: Option<(Readiness, Instant)>,
     last_flush: Option<(String, Instant)>,
     last_cut: Option<PowerCut>,
 }
@@ -429,11 +429,7 @@ impl Vm {
             vm.wait_for_cloud_init().await?;
             vm.timings.record("cloud-init", started.elapsed());
         }
-        {
-            let mut d = vm.durability.lock().unwrap();
-            d.ready = Some(spec.ready_when);
-            d.provisioned_at = Some(Instant::now());
-        }
+        vm.durability.lock().unwrap().provisioned = Some((spec.ready_when, Instant::now()));
         vm.flush_harness_writes("provisioning").await?;
         Ok(vm)
     }
@@ -670,10 +666,10 @@ impl Vm {
             let mut d = self.durability.lock().unwrap();
             let now = Instant::now();
             let cut = PowerCut {
-                ready: d.ready.unwrap_or(Readiness::SshLogin),
+                ready: d.provisioned.map_or(Readiness::SshLogin, |(r, _)| r),
                 after_provisioning: d
-                    .provisioned_at
-                    .map_or(Duration::ZERO, |t| now.duration_since(t)),
+                    .provisioned
+                    .map_or(Duration::ZERO, |(_, t)| now.duration_since(t)),
                 last_flush: d
                     .last_flush
                     .as_ref()
