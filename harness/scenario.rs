@@ -229,7 +229,7 @@ async fn onboard_and_first_status(
 
 /// Saves `vm`'s failure artifacts and the device's status history, and wraps `error` so it
 /// names the directory and quotes the last console lines.
-pub(crate) async fn with_artifacts(
+async fn with_artifacts(
     vm: &Vm,
     nats: &NatsServer,
     device_id: &str,
