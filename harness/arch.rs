@@ -32,6 +32,10 @@ pub struct Budgets {
     pub idle_grace: Duration,
     /// How long one command over SSH may run (`Vm::exec`, `succeed`, `upload`).
     pub command: Duration,
+    /// A wait inside one guest command (onboarding waiting for the user's systemd manager).
+    pub guest_step: Duration,
+    /// Collecting one failure artifact (a log read over SSH).
+    pub artifact_item: Duration,
 }
 
 /// How the guest firmware is provided.
@@ -144,6 +148,8 @@ impl VmArchitecture {
                 power_cycle_recovery: minutes(5),
                 idle_grace: Duration::from_secs(30),
                 command: minutes(5),
+                guest_step: minutes(1),
+                artifact_item: Duration::from_secs(30),
             },
             (Self::X86_64, Accelerator::Tcg) => Budgets {
                 lease: minutes(10),
@@ -153,6 +159,8 @@ impl VmArchitecture {
                 power_cycle_recovery: minutes(15),
                 idle_grace: Duration::from_secs(60),
                 command: minutes(10),
+                guest_step: minutes(1),
+                artifact_item: Duration::from_secs(30),
             },
             (Self::Aarch64, Accelerator::Tcg) => Budgets {
                 lease: minutes(30),
@@ -162,6 +170,8 @@ impl VmArchitecture {
                 power_cycle_recovery: minutes(30),
                 idle_grace: Duration::from_secs(90),
                 command: minutes(15),
+                guest_step: minutes(2),
+                artifact_item: Duration::from_secs(60),
             },
         }
     }
@@ -179,6 +189,23 @@ impl Budgets {
             power_cycle_recovery: s(self.power_cycle_recovery),
             idle_grace: s(self.idle_grace),
             command: s(self.command),
+            guest_step: s(self.guest_step),
+            artifact_item: s(self.artifact_item),
+        }
+    }
+}
+
+/// Waits on the host's side, the same for every architecture; scaled like the rest.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HostBudgets {
+    /// A NATS server writing its port and accepting connections.
+    pub nats_start: Duration,
+}
+
+impl HostBudgets {
+    pub fn scaled(factor: f64) -> Self {
+        Self {
+            nats_start: Duration::from_secs(60).mul_f64(factor),
         }
     }
 }

@@ -108,6 +108,11 @@ pub struct HarnessConfig {
 pub const DEFAULT_NATS_IMAGE: &str = "docker.io/library/nats:2.10";
 
 impl HarnessConfig {
+    /// The host-side budgets, scaled by DEVICELAB_BUDGET_SCALE.
+    pub fn host_budgets(&self) -> crate::arch::HostBudgets {
+        crate::arch::HostBudgets::scaled(self.budget_scale)
+    }
+
     pub fn from_env() -> Result<Self, ConfigError> {
         let env = std::env::vars()
             .filter(|(k, _)| k == "ARCH" || k.starts_with("DEVICELAB_"))

@@ -85,6 +85,15 @@ pub fn login_prompt_after(path: &Path, offset: u64) -> bool {
     })
 }
 
+/// The first line after byte `offset` that contains `text` (ANSI escapes stripped).
+pub fn line_with_after(path: &Path, offset: u64, text: &str) -> Option<String> {
+    boot_text(path, offset)
+        .lines()
+        .map(strip_ansi)
+        .find(|l| l.contains(text))
+        .map(|l| l.trim().to_owned())
+}
+
 fn boot_text(path: &Path, offset: u64) -> String {
     let bytes = std::fs::read(path).unwrap_or_default();
     String::from_utf8_lossy(bytes.get(offset as usize..).unwrap_or_default()).into_owned()

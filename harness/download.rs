@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
 
 /// A file known by its digest, with the places it can be fetched from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,7 +101,7 @@ pub async fn fetch(cache_dir: &Path, artifact: &Artifact) -> Result<PathBuf, Dow
     // Another process may be downloading the same file: wait for it, then use its result.
     let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
         .await
-        .expect("lock task panicked")
+        .map_err(|e| cache_err(std::io::Error::other(e)))?
         .map_err(cache_err)?;
 
     if is_verified(&target, &artifact.sha256) {
@@ -127,7 +127,13 @@ pub async fn fetch(cache_dir: &Path, artifact: &Artifact) -> Result<PathBuf, Dow
         .connect_timeout(Duration::from_secs(30))
         .read_timeout(Duration::from_secs(60))
         .build()
-        .expect("reqwest client builds");
+        .map_err(|e| DownloadError::AllMirrorsFailed {
+            file_name: artifact.file_name.clone(),
+            attempts: vec![Attempt {
+                url: "(no request made)".into(),
+                reason: format!("cannot build the HTTP client: {e}"),
+            }],
+        })?;
     let mut attempts = Vec::new();
     for url in &artifact.urls {
         match download_one(&client, url, &target, artifact).await {
@@ -189,8 +195,10 @@ async fn stream_to(
         return Err(format!("HTTP {status}"));
     }
     let expected_len = artifact.size.or(response.content_length());
-    let mut file =
-        File::create(part).map_err(|e| format!("cannot create {}: {e}", part.display()))?;
+    // tokio's file: every write and the final fsync run off the runtime's workers.
+    let mut file = tokio::fs::File::create(part)
+        .await
+        .map_err(|e| format!("cannot create {}: {e}", part.display()))?;
     let mut hasher = Sha256::new();
     let mut received: u64 = 0;
     let mut stream = response.bytes_stream();
@@ -200,7 +208,7 @@ async fn stream_to(
         let chunk =
             chunk.map_err(|e| format!("transfer interrupted after {received} bytes: {e}"))?;
         hasher.update(&chunk);
-        file.write_all(&chunk).map_err(|e| {
+        file.write_all(&chunk).await.map_err(|e| {
             format!(
                 "cannot write {} after {received} bytes: {e} (is the disk full? free space in {})",
                 part.display(),
@@ -246,6 +254,7 @@ async fn stream_to(
         ));
     }
     file.sync_all()
+        .await
         .map_err(|e| format!("cannot sync {}: {e}", part.display()))?;
     Ok(())
 }
@@ -300,5 +309,5 @@ pub async fn hash_file(path: &Path) -> std::io::Result<String> {
         Ok(hex::encode(hasher.finalize()))
     })
     .await
-    .expect("hash task panicked")
+    .map_err(std::io::Error::other)?
 }

@@ -13,6 +13,7 @@ use crate::nats::{NatsError, NatsServer};
 use crate::pool::{Pool, PoolError};
 use crate::qemu_probe;
 use crate::reaper;
+use crate::runner::{self, Plan};
 use crate::spec::VirtualMachineSpec;
 use crate::vm::{Vm, VmError};
 use std::collections::HashMap;
@@ -38,6 +39,8 @@ pub enum LabError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    #[error("the lab's setup task failed: {0}")]
+    Task(String),
 }
 
 pub struct Lab {
@@ -49,7 +52,25 @@ pub struct Lab {
     images: tokio::sync::Mutex<HashMap<VmArchitecture, BaseImage>>,
     agents: tokio::sync::Mutex<HashMap<VmArchitecture, AgentBinary>>,
     accels: Mutex<HashMap<VmArchitecture, AccelDecision>>,
-    qemu_args: Mutex<HashMap<VmArchitecture, Vec<String>>>,
+    qemu_args: Arc<Mutex<HashMap<VmArchitecture, Vec<String>>>>,
+}
+
+/// Extra QEMU arguments: for emulated aarch64 the knobs of `qemu_probe::AARCH64_TCG_KNOBS`
+/// this host's QEMU accepts (probed once per process, each choice logged). Blocking.
+fn qemu_args_for(
+    cache: &Mutex<HashMap<VmArchitecture, Vec<String>>>,
+    arch: VmArchitecture,
+    accel: Accelerator,
+    emulator: &Path,
+) -> Vec<String> {
+    if arch != VmArchitecture::Aarch64 || accel != Accelerator::Tcg {
+        return Vec::new();
+    }
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    cache
+        .entry(arch)
+        .or_insert_with(|| qemu_probe::accepted_args(emulator, qemu_probe::AARCH64_TCG_KNOBS))
+        .clone()
 }
 
 /// This process's run identity, recorded on everything it creates.
@@ -106,7 +127,7 @@ impl Lab {
             Ok((libvirt, pool))
         })
         .await
-        .expect("lab setup task panicked")?;
+        .map_err(|e| LabError::Task(e.to_string()))??;
         let client_key = ClientKey::load_or_generate(&config.keys_dir())?;
         Ok(Arc::new(Self {
             config,
@@ -125,7 +146,7 @@ impl Lab {
     pub fn accel(&self, arch: VmArchitecture) -> AccelDecision {
         self.accels
             .lock()
-            .unwrap()
+            .unwrap_or_else(|p| p.into_inner())
             .entry(arch)
             .or_insert_with(|| {
                 let d = accel::decide(arch, self.config.accel);
@@ -170,36 +191,46 @@ impl Lab {
             .unwrap_or_else(|| Path::new("/usr/bin").join(bin))
     }
 
-    /// Extra QEMU arguments: for emulated aarch64 the knobs of `qemu_probe::AARCH64_TCG_KNOBS`
-    /// this host's QEMU accepts (probed once per process, each choice logged).
-    pub fn qemu_args(&self, arch: VmArchitecture, accel: Accelerator) -> Vec<String> {
-        if arch != VmArchitecture::Aarch64 || accel != Accelerator::Tcg {
-            return Vec::new();
-        }
-        self.qemu_args
-            .lock()
-            .unwrap()
-            .entry(arch)
-            .or_insert_with(|| {
-                qemu_probe::accepted_args(&self.emulator(arch), qemu_probe::AARCH64_TCG_KNOBS)
-            })
-            .clone()
+    /// Resolves `spec` into everything the runner needs (architecture facts, accelerator,
+    /// budgets, image, emulator, QEMU arguments, firmware), before anything is created.
+    pub async fn plan(&self, spec: VirtualMachineSpec) -> Result<Plan, VmError> {
+        spec.validate()?;
+        let arch = spec.arch;
+        let accel = self.accel(arch);
+        let image = self.base_image(arch).await?;
+        let emulator = self.emulator(arch);
+        let qemu_args = {
+            let (emu, accel) = (emulator.clone(), accel.accel);
+            let cache = self.qemu_args.clone();
+            tokio::task::spawn_blocking(move || qemu_args_for(&cache, arch, accel, &emu))
+                .await
+                .map_err(|e| VmError::Task(e.to_string()))?
+        };
+        let firmware = tokio::task::spawn_blocking(move || runner::firmware_for(arch.firmware()))
+            .await
+            .map_err(|e| VmError::Task(e.to_string()))??;
+        Ok(Plan {
+            budgets: arch.budgets(accel.accel).scaled(self.config.budget_scale),
+            waits: spec.waits(),
+            spec,
+            accel,
+            image,
+            emulator,
+            qemu_args,
+            firmware,
+            libvirt: self.libvirt.clone(),
+            pool: self.pool.clone(),
+            network: self.config.network.clone(),
+            client_key: self.client_key.clone(),
+            owner: self.owner.clone(),
+            runs_dir: self.config.runs_dir(),
+            keep: self.config.keep,
+        })
     }
 
-    pub fn run_dir(&self, vm_name: &str) -> std::io::Result<PathBuf> {
-        let runs = self.config.runs_dir();
-        std::fs::create_dir_all(&runs)?;
-        std::fs::set_permissions(&runs, std::fs::Permissions::from_mode(0o711))?;
-        let dir = runs.join(vm_name);
-        std::fs::create_dir_all(&dir)?;
-        // Holds the guest's logs and known_hosts: the owner's only.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        Ok(dir)
-    }
-
-    /// Provisions a VM and waits until it is ready.
+    /// Provisions a VM and waits until it is ready (the spec's wait strategies).
     pub async fn vm(&self, spec: VirtualMachineSpec) -> Result<Vm, VmError> {
-        Vm::provision(self, spec).await
+        runner::run(self.plan(spec).await?).await
     }
 
     /// Starts a NATS server reachable from this lab's VMs.

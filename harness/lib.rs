@@ -2,9 +2,9 @@
 //! libvirt VMs of the real architecture, onboards the agent over SSH, watches it report to
 //! NATS, and pulls the plug to see it come back.
 //!
-//! The pieces mirror testcontainers: an image ([`image`]), a request ([`spec`]), a runner
-//! ([`lab::Lab`]), a handle that cleans up when dropped ([`vm::Vm`]), readiness probes
-//! ([`readiness`]).
+//! The pieces mirror testcontainers: an image ([`image`]), a request ([`spec`]), the lab that
+//! resolves a request into a plan ([`lab::Lab`]), a runner that carries it out ([`runner`]), a
+//! handle ([`vm::Vm`]) removed by [`teardown`], and wait strategies ([`waits`]).
 
 pub mod accel;
 pub mod agent;
@@ -24,13 +24,15 @@ pub mod onboard;
 pub mod pool;
 pub mod power_cut;
 pub mod qemu_probe;
-pub mod readiness;
 pub mod reaper;
+pub mod runner;
 pub mod scenario;
 pub mod seed;
 pub mod spec;
 pub mod ssh;
+pub mod teardown;
 pub mod vm;
+pub mod waits;
 
 pub use arch::VmArchitecture;
 pub use lab::Lab;

@@ -72,16 +72,23 @@ impl Libvirt {
     /// The live connection, reopened first if libvirtd went away since the last call (a
     /// restart mid-trial); a clear error while it is still down.
     pub fn conn(&self) -> Result<Arc<Connect>, LibvirtError> {
-        let mut current = self.conn.lock().unwrap();
+        // The lock only guards the swap: the round trip and a reconnect run without it, so
+        // one slow call never holds up every other thread's libvirt calls.
+        let current = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
         // A round trip, not virConnectIsAlive: that says "alive" until a call has failed.
-        if current.lib_version().is_err() {
-            *current = Arc::new(connect(&self.uri)?);
+        if current.lib_version().is_ok() {
+            return Ok(current);
+        }
+        let fresh = Arc::new(connect(&self.uri)?);
+        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::ptr_eq(&slot, &current) {
+            *slot = fresh;
             tracing::warn!(
                 "the connection to libvirt at {} was lost; reconnected",
                 self.uri
             );
         }
-        Ok(current.clone())
+        Ok(slot.clone())
     }
 
     /// The domain called `name`, looked up afresh.

@@ -188,13 +188,15 @@ impl Onboarding {
         // come back after a power cycle. Then wait for that manager's private socket (what
         // `systemctl --user` uses when there is no user D-Bus, as on minimal images).
         let step = "linger";
+        let tries = vm.budgets().guest_step.as_millis().div_ceil(100);
         let out = vm
             .succeed(&format!(
                 "if [ -e /var/lib/systemd/linger/{user} ]; then echo unchanged; \
                  else sudo -n loginctl enable-linger {user} && echo changed; fi; \
                  sock=/run/user/$(id -u {user})/systemd/private; \
-                 for i in $(seq 600); do sudo -n test -S $sock && exit 0; sleep 0.1; done; \
-                 echo \"the user manager never opened $sock\" >&2; exit 1"
+                 for i in $(seq {tries}); do sudo -n test -S $sock && exit 0; sleep 0.1; done; \
+                 echo \"the user manager never opened $sock within {budget:?}\" >&2; exit 1",
+                budget = vm.budgets().guest_step
             ))
             .await?;
         steps.push((step, outcome(step, &out)?));

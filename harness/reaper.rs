@@ -37,8 +37,14 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// Whether the process that recorded (`pid`, `start_time`) still runs. A start time of 0 means
+/// it could not be read when recorded: then any process with that pid counts as the owner, so
+/// a live run is never taken for dead (at worst a dead one is reaped a little later).
 pub fn is_alive(pid: u32, start_time: u64) -> bool {
-    process_start_time(pid) == Some(start_time)
+    match process_start_time(pid) {
+        Some(now) => start_time == 0 || now == start_time,
+        None => false,
+    }
 }
 
 /// In a kept NATS directory: the reaper leaves it alone.
@@ -235,48 +241,79 @@ pub fn on_interrupt(cleanup: impl FnOnce() + Send + 'static) -> CleanupGuard {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     install_signal_handler();
     let id = NEXT.fetch_add(1, Ordering::SeqCst);
-    registry().lock().unwrap().insert(id, Box::new(cleanup));
+    registry()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, Box::new(cleanup));
     CleanupGuard(id)
 }
 
 impl Drop for CleanupGuard {
     fn drop(&mut self) {
-        registry().lock().unwrap().remove(&self.0);
+        registry()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.0);
     }
 }
 
-/// On SIGINT or SIGTERM: run every registered cleanup, then exit 130 / 143.
+/// On SIGINT or SIGTERM: run every registered cleanup, then exit 130 / 143. A second signal
+/// while the cleanups run exits at once: the owner records stay, so the next run's reaper
+/// finishes the job.
 fn install_signal_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("devicelab-signals".into())
             .spawn(|| {
-                let rt = tokio::runtime::Builder::new_current_thread()
+                let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .expect("signal runtime");
-                let code = rt.block_on(async {
-                    use tokio::signal::unix::{SignalKind, signal};
-                    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-                    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-                    tokio::select! {
-                        _ = int.recv() => 130,
-                        _ = term.recv() => 143,
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        eprintln!("devicelab: no signal handling (cannot build its runtime: {e})");
+                        return;
                     }
-                });
-                let cleanups: Vec<Cleanup> = std::mem::take(&mut *registry().lock().unwrap())
-                    .into_values()
-                    .collect();
-                eprintln!(
-                    "devicelab: interrupted; cleaning up {} resource(s)",
-                    cleanups.len()
-                );
-                for cleanup in cleanups {
-                    cleanup();
-                }
-                std::process::exit(code);
-            })
-            .expect("signal thread");
+                };
+                rt.block_on(handle_signals());
+            });
+        if let Err(e) = spawned {
+            eprintln!("devicelab: no signal handling (cannot start its thread: {e})");
+        }
     });
+}
+
+async fn handle_signals() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        eprintln!("devicelab: cannot install the SIGINT/SIGTERM handlers");
+        return;
+    };
+    let code = tokio::select! {
+        _ = int.recv() => 130,
+        _ = term.recv() => 143,
+    };
+    let cleanups: Vec<Cleanup> =
+        std::mem::take(&mut *registry().lock().unwrap_or_else(|p| p.into_inner()))
+            .into_values()
+            .collect();
+    eprintln!(
+        "devicelab: interrupted; cleaning up {} resource(s) (interrupt again to exit at once)",
+        cleanups.len()
+    );
+    let cleaning = tokio::task::spawn_blocking(move || {
+        for cleanup in cleanups {
+            cleanup();
+        }
+    });
+    tokio::select! {
+        _ = cleaning => {}
+        _ = int.recv() => eprintln!("devicelab: interrupted again: exiting without finishing the cleanup (the next run reaps what is left)"),
+        _ = term.recv() => eprintln!("devicelab: terminated again: exiting without finishing the cleanup (the next run reaps what is left)"),
+    }
+    std::process::exit(code);
 }

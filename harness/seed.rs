@@ -38,6 +38,9 @@ pub struct CloudConfig {
     pub ssh_deletekeys: bool,
     /// Runs on every boot, before sshd: prints evidence for the harness's diagnosis.
     pub bootcmd: Vec<String>,
+    /// The spec's first-boot commands, run once in cloud-init's final stage.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runcmd: Vec<String>,
 }
 
 /// On every boot, before sshd starts, the guest names on its console each file the harness's
@@ -121,6 +124,7 @@ impl Seed {
                 .into_iter()
                 .chain([evidence_bootcmd()])
                 .collect(),
+            runcmd: fb.runcmd.clone(),
         };
         let meta = MetaData {
             instance_id: instance_id.to_owned(),

@@ -1,6 +1,7 @@
 //! What VM to boot ("the request"): name, architecture, size and first-boot settings.
 
 use crate::arch::VmArchitecture;
+use crate::waits::Wait;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VirtualMachineSpec {
@@ -22,6 +23,8 @@ pub struct VirtualMachineSpec {
     /// For power-cut tests that need the window an unflushed write is lost in to be wide
     /// whatever the host's speed: the timing made explicit.
     pub writeback_delay: Option<std::time::Duration>,
+    /// The test's own waits, applied after the harness's (see [`VirtualMachineSpec::waits`]).
+    pub extra_waits: Vec<Wait>,
 }
 
 /// How far provisioning goes before the VM handle is returned.
@@ -50,6 +53,9 @@ pub struct FirstBootConfig {
     pub hostname: String,
     pub admin_user: String,
     pub authorized_keys: Vec<String>,
+    /// Shell commands cloud-init runs once, in its final stage of the first boot (`runcmd`); one that
+    /// fails makes cloud-init, and so provisioning, fail.
+    pub runcmd: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +84,7 @@ impl VirtualMachineSpec {
                 hostname: name.clone(),
                 admin_user: "devicelab".into(),
                 authorized_keys: Vec::new(),
+                runcmd: Vec::new(),
             },
             name,
             arch,
@@ -87,7 +94,26 @@ impl VirtualMachineSpec {
             flush_provisioning: true,
             ready_when: Readiness::CloudInitDone,
             writeback_delay: None,
+            extra_waits: Vec::new(),
         }
+    }
+
+    /// What provisioning waits for, in order: the lease, port 22, an SSH login, cloud-init
+    /// done (unless `ready_when` is `SshLogin`), then the test's own waits.
+    pub fn waits(&self) -> Vec<Wait> {
+        let mut waits = vec![Wait::Lease, Wait::OpenPort(22), Wait::SshLogin];
+        if self.ready_when == Readiness::CloudInitDone {
+            waits.push(Wait::CloudInitDone);
+        }
+        waits.extend(self.extra_waits.iter().cloned());
+        waits
+    }
+
+    /// One more thing provisioning waits for before the handle is returned (a unit active, a
+    /// console line, a command that succeeds).
+    pub fn with_wait(mut self, wait: Wait) -> Self {
+        self.extra_waits.push(wait);
+        self
     }
 
     pub fn with_vcpus(mut self, vcpus: u32) -> Self {

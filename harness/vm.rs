@@ -1,25 +1,25 @@
-//! A running VM ("the handle"): provisioned from a spec, reachable over SSH, power-cyclable,
-//! and cleaned up when dropped (also when the test panics).
+//! A VM ("the handle"): reachable over SSH, power-cyclable, removed by `remove` or when
+//! dropped (also when the test panics). The runner creates it; waits live in `waits`.
 
 use crate::arch::{Budgets, VmArchitecture};
 use crate::console;
-use crate::domain_xml::{self, DomainXmlParams, UefiPflash};
-use crate::firmware::{self, FirmwareError};
+use crate::firmware::FirmwareError;
 use crate::image::ImageError;
 use crate::keys::{HostKey, KeyError};
-use crate::lab::Lab;
-use crate::libvirt::{Libvirt, LibvirtError};
-use crate::pool::{Pool, PoolError};
-use crate::readiness;
+use crate::libvirt::LibvirtError;
+use crate::pool::PoolError;
 use crate::reaper::{self, CleanupGuard, OwnerRecord};
-use crate::seed::{Seed, SeedError};
-use crate::spec::{Readiness, SpecError, VirtualMachineSpec};
+use crate::seed::SeedError;
+use crate::spec::{Readiness, SpecError};
 use crate::ssh::{ExecOutput, SshError, SshSession, SshTarget, shell_quote};
+use crate::teardown::{Owned, TeardownError};
+use crate::waits;
+use russh::keys::PrivateKey;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +43,7 @@ pub enum VmError {
     #[error("VM {vm}: no {phase} within {budget:?} ({last}){console}", console = ConsoleTail(console_tail))]
     Timeout {
         vm: String,
-        phase: &'static str,
+        phase: String,
         budget: Duration,
         last: String,
         console_tail: Vec<String>,
@@ -79,6 +79,43 @@ pub enum VmError {
     },
     #[error("VM {vm}: cloud-init did not finish cleanly:\n{output}")]
     CloudInit { vm: String, output: String },
+    #[error("VM {vm}: cannot write {path}: {source}")]
+    RunDir {
+        vm: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "VM {vm}: `{command}` succeeded, but it was expected to fail{}",
+        Quoted("stdout", stdout)
+    )]
+    UnexpectedSuccess {
+        vm: String,
+        command: String,
+        stdout: String,
+    },
+    #[error("VM {vm}: no address yet (wait for its DHCP lease first: Wait::Lease)")]
+    NoAddress { vm: String },
+    #[error("{source}\n  provisioning VM {vm} failed; what explains it is kept in {}", artifacts.display())]
+    Provision {
+        vm: String,
+        artifacts: PathBuf,
+        source: Box<VmError>,
+    },
+    #[error(transparent)]
+    Teardown(#[from] TeardownError),
+    #[error("a harness task failed: {0}")]
+    Task(String),
+}
+
+impl VmError {
+    /// The error itself, past the provisioning wrapper that says where the artifacts are.
+    pub fn root(&self) -> &VmError {
+        match self {
+            Self::Provision { source, .. } => source.root(),
+            other => other,
+        }
+    }
 }
 
 struct ConsoleTail<'a>(&'a [String]);
@@ -168,280 +205,150 @@ struct Durability {
     last_cut: Option<PowerCut>,
 }
 
+/// A VM ("the handle"): reachable over SSH, power-cyclable, removed by [`Vm::remove`] or,
+/// failing that, when dropped. The runner creates it; it knows nothing of the lab.
 pub struct Vm {
-    name: String,
+    pub(crate) owned: Owned,
     arch: VmArchitecture,
-    libvirt: Libvirt,
-    pool: Pool,
-    _interrupt_guard: CleanupGuard,
-    ip: Ipv4Addr,
-    target: SshTarget,
-    session: tokio::sync::Mutex<Option<SshSession>>,
-    budgets: Budgets,
-    serial_log: PathBuf,
+    /// Taken by `Drop`/`remove`, which keep it registered until the teardown is done.
+    interrupt_guard: Option<CleanupGuard>,
+    /// Known once the DHCP lease wait found it.
+    pub(crate) ip: OnceLock<Ipv4Addr>,
+    pub(crate) login: Login,
+    pub(crate) session: tokio::sync::Mutex<Option<SshSession>>,
+    pub(crate) budgets: Budgets,
+    pub(crate) serial_log: PathBuf,
     keep: bool,
     known_hosts: PathBuf,
-    client_key_path: PathBuf,
-    run_dir: PathBuf,
     /// Where the current boot's output starts in the serial log.
-    boot_offset: AtomicU64,
-    /// Set once failure artifacts were collected: the run dir then outlives the VM.
+    pub(crate) boot_offset: AtomicU64,
+    /// An SSH login worked at least once: the guest can be asked for its own logs.
+    pub(crate) ssh_reached: AtomicBool,
+    /// Set once failure artifacts were kept: the run dir then outlives the VM.
     keep_run_dir: AtomicBool,
     flush_provisioning: bool,
     durability: Mutex<Durability>,
+    /// Set by `remove`: `Drop` has nothing left to do.
+    removed: bool,
     pub timings: PhaseTimings,
 }
 
-/// Cleans up whatever provisioning created if it fails before a `Vm` exists.
-struct Partial {
-    libvirt: Libvirt,
-    pool: Pool,
-    name: String,
-    run_dir: PathBuf,
-    armed: bool,
-}
-
-impl Drop for Partial {
-    fn drop(&mut self) {
-        if self.armed {
-            teardown(&self.libvirt, &self.pool, &self.name, &self.run_dir);
-        }
+impl fmt::Debug for Vm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vm")
+            .field("name", &self.owned.name)
+            .field("arch", &self.arch)
+            .field("ip", &self.ip())
+            .field("run_dir", &self.owned.run_dir)
+            .finish_non_exhaustive()
     }
 }
 
-/// Removes the VM's domain and volumes; its owner record goes once that succeeded.
-fn teardown(libvirt: &Libvirt, pool: &Pool, name: &str, run_dir: &std::path::Path) {
-    let errors = reaper::remove_vm(libvirt, pool, name);
-    for e in &errors {
-        eprintln!("devicelab: cleanup of VM {name}: {e}");
-    }
-    if errors.is_empty() {
-        let _ = std::fs::remove_file(run_dir.join(reaper::OWNER_FILE));
-    }
+/// How the harness logs in: the admin user, the client key, and the host key it verifies.
+pub(crate) struct Login {
+    pub user: String,
+    pub key: Arc<PrivateKey>,
+    pub key_path: PathBuf,
+    pub host_key: HostKey,
+}
+
+/// What the runner hands a new handle.
+pub(crate) struct VmParts {
+    pub owned: Owned,
+    pub arch: VmArchitecture,
+    pub login: Login,
+    pub budgets: Budgets,
+    pub serial_log: PathBuf,
+    pub keep: bool,
+    pub flush_provisioning: bool,
 }
 
 impl Vm {
-    /// Provisions `spec` and waits until it is ready: lease, TCP 22, SSH, cloud-init done.
-    pub async fn provision(lab: &Lab, spec: VirtualMachineSpec) -> Result<Vm, VmError> {
-        spec.validate()?;
-        let arch = spec.arch;
-        let name = spec.name.clone();
-        let accel = lab.accel(arch);
-        let budgets = arch.budgets(accel.accel).scaled(lab.config.budget_scale);
-        let timings = PhaseTimings::default();
-        let base = lab.base_image(arch).await?;
-        let host_key = HostKey::generate(&format!("devicelab-host@{name}"))?;
-        let pool = lab.pool.clone();
-        let run_dir = lab.run_dir(&name).map_err(|source| SeedError::Write {
-            dir: lab.config.runs_dir(),
-            source,
-        })?;
-        let serial_log = run_dir.join("serial.log");
-        let _ = std::fs::remove_file(&serial_log); // a stale log from a reused name would mislead
-
-        let [disk_vol, seed_vol, vars_vol] = reaper::volume_names(&name);
-        // Recorded before anything exists, so a killed run leaves a trail for the reaper.
-        OwnerRecord::current(&lab.owner.run_id)
-            .write(&run_dir)
-            .map_err(|source| SeedError::Write {
-                dir: run_dir.clone(),
-                source,
-            })?;
-        let mut partial = Partial {
-            libvirt: lab.libvirt.clone(),
-            pool: pool.clone(),
-            name: name.clone(),
-            run_dir: run_dir.clone(),
-            armed: true,
-        };
-        let interrupt_guard = {
-            let (lv, pool, name, run_dir) = (
-                lab.libvirt.clone(),
-                pool.clone(),
-                name.clone(),
-                run_dir.clone(),
-            );
-            // Interrupted: nobody will read this run's logs (DEVICELAB_KEEP is for that).
-            reaper::on_interrupt(move || {
-                teardown(&lv, &pool, &name, &run_dir);
-                let _ = std::fs::remove_dir_all(&run_dir);
-            })
-        };
-        let started = Instant::now();
-        let uefi = match arch.firmware() {
-            crate::arch::FirmwareKind::Bios => None,
-            crate::arch::FirmwareKind::UefiPflash => {
-                let fw = firmware::discover()?;
-                Some(UefiPflash {
-                    code: firmware::padded_code(&fw, &pool.dir)?,
-                    vars: firmware::vars_copy(&fw, &pool.path_of(&vars_vol))?,
-                })
-            }
-        };
-        // Every instance gets its own identity, MAC included: a name reused within the DHCP
-        // lease time (an hour) must not find the previous instance's lease under its MAC.
-        let instance_id = format!(
-            "{name}-{}-{}",
-            lab.owner.run_id,
-            hex::encode(rand::random::<[u8; 3]>())
-        );
-        let seed = Seed::new(&spec, &lab.client_key.public_line, &host_key, &instance_id);
-        let seed_path = pool.path_of(&seed_vol);
-        let disk_path = {
-            let (pool, base, vol, gib, seed_path) = (
-                pool.clone(),
-                base.clone(),
-                disk_vol.clone(),
-                spec.disk_gib,
-                seed_path.clone(),
-            );
-            lab.libvirt
-                .run(move |_| -> Result<PathBuf, VmError> {
-                    let disk = pool.create_overlay(&vol, &base, gib)?;
-                    seed.write_iso(&seed_path)?;
-                    pool.refresh()?;
-                    Ok(disk)
-                })
-                .await?
-        };
-        let params = DomainXmlParams {
-            name: name.clone(),
-            arch,
-            accel: accel.accel,
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            emulator: lab.emulator(arch),
-            disk: disk_path,
-            seed_iso: seed_path,
-            network: lab.config.network.clone(),
-            mac: domain_xml::mac_for(&instance_id),
-            serial_log: serial_log.clone(),
-            uefi,
-            qemu_args: lab.qemu_args(arch, accel.accel),
-            owner: lab.owner.clone(),
-        };
-        let rendered = domain_xml::render(&params);
-        std::fs::write(run_dir.join("domain.xml"), &rendered.xml).ok();
-        {
-            let name = name.clone();
-            lab.libvirt
-                .run(move |lv| -> Result<(), LibvirtError> {
-                    let dom = lv.define(&name, &rendered)?;
-                    lv.start(&dom, &name)
-                })
-                .await?
-        };
-        tracing::info!(
-            "VM {name}: {arch} under {} ({}), booting {}",
-            accel.accel,
-            accel.reason,
-            base.path.display()
-        );
-
-        let timeout = |phase: &'static str, budget: Duration, last: String| VmError::Timeout {
-            vm: name.clone(),
-            phase,
-            budget,
-            last,
-            console_tail: console::tail(&serial_log, 15),
-        };
-        let waits = async {
-            let ip = {
-                let n = name.clone();
-                let lv = lab.libvirt.clone();
-                readiness::poll(budgets.lease, move || {
-                    let (n, lv) = (n.clone(), lv.clone());
-                    async move {
-                        match lv.run(move |lv| lv.lease_ipv4(&lv.domain(&n)?, &n)).await {
-                            Ok(Some(ip)) => Ok(ip),
-                            Ok(None) => Err("no lease yet".to_owned()),
-                            Err(e) => Err(e.to_string()),
-                        }
-                    }
-                })
-                .await
-                .map_err(|last| timeout("DHCP lease", budgets.lease, last))?
-            };
-            timings.record("lease", started.elapsed());
-            let addr = SocketAddr::from((ip, 22));
-            readiness::tcp_port(addr, budgets.ssh.saturating_sub(started.elapsed()))
-                .await
-                .map_err(|last| timeout("open port 22", budgets.ssh, last))?;
-            timings.record("port 22", started.elapsed());
-            let target = SshTarget {
-                addr,
-                user: spec.first_boot.admin_user.clone(),
-                key: lab.client_key.private.clone(),
-                host_key: host_key.public.clone(),
-            };
-            let session =
-                readiness::ssh_login(&target, budgets.ssh.saturating_sub(started.elapsed()))
-                    .await
-                    .map_err(|source| VmError::Ssh {
-                        vm: name.clone(),
-                        source,
-                    })?;
-            Ok::<_, VmError>((ip, target, session))
-        };
-        let (ip, target, session) = tokio::select! {
-            r = waits => r?,
-            (line, meaning) = console::watch_for_fatal(serial_log.clone(), 0) => {
-                return Err(VmError::BootFailed {
-                    vm: name.clone(),
-                    meaning,
-                    line,
-                    cause: diagnosis(&serial_log, 0, None),
-                    console_tail: console::tail(&serial_log, 15),
-                });
-            }
-        };
-        timings.record("ssh", started.elapsed());
-        let known_hosts = run_dir.join("known_hosts");
-        std::fs::write(
-            &known_hosts,
-            format!("{}\n", host_key.known_hosts_line(&ip.to_string())),
-        )
-        .ok();
-
-        partial.armed = false;
-        let vm = Vm {
-            name,
-            arch,
-            libvirt: lab.libvirt.clone(),
-            pool,
-            _interrupt_guard: interrupt_guard,
-            ip,
-            target,
-            session: tokio::sync::Mutex::new(Some(session)),
-            budgets,
-            serial_log,
-            keep: lab.config.keep,
-            known_hosts,
-            client_key_path: lab.client_key.path.clone(),
-            run_dir,
+    /// A handle for a VM whose run dir and owner record exist; from here on, dropping it
+    /// removes whatever of the VM has been created.
+    pub(crate) fn new(p: VmParts) -> Self {
+        let interrupt_guard = Some(p.owned.on_interrupt());
+        Self {
+            known_hosts: p.owned.run_dir.join("known_hosts"),
+            owned: p.owned,
+            arch: p.arch,
+            interrupt_guard,
+            ip: OnceLock::new(),
+            login: p.login,
+            session: tokio::sync::Mutex::new(None),
+            budgets: p.budgets,
+            serial_log: p.serial_log,
+            keep: p.keep,
             boot_offset: AtomicU64::new(0),
+            ssh_reached: AtomicBool::new(false),
             keep_run_dir: AtomicBool::new(false),
-            flush_provisioning: spec.flush_provisioning,
+            flush_provisioning: p.flush_provisioning,
             durability: Mutex::default(),
-            timings,
-        };
-        if spec.ready_when == Readiness::CloudInitDone {
-            vm.wait_for_cloud_init().await?;
-            vm.timings.record("cloud-init", started.elapsed());
+            removed: false,
+            timings: PhaseTimings::default(),
         }
-        vm.durability.lock().unwrap().provisioned = Some((spec.ready_when, Instant::now()));
-        vm.flush_harness_writes("provisioning").await?;
-        Ok(vm)
+    }
+
+    /// Records the guest's address (the lease wait) and writes the known_hosts a human's ssh
+    /// command uses.
+    pub(crate) fn set_ip(&self, ip: Ipv4Addr) -> Result<(), VmError> {
+        let _ = self.ip.set(ip);
+        let line = format!(
+            "{}\n",
+            self.login.host_key.known_hosts_line(&ip.to_string())
+        );
+        std::fs::write(&self.known_hosts, line).map_err(|source| VmError::RunDir {
+            vm: self.owned.name.clone(),
+            path: self.known_hosts.clone(),
+            source,
+        })
+    }
+
+    /// Where SSH goes: an error before the lease gave the guest an address.
+    pub(crate) fn target(&self) -> Result<SshTarget, VmError> {
+        let ip = *self.ip.get().ok_or_else(|| VmError::NoAddress {
+            vm: self.owned.name.clone(),
+        })?;
+        Ok(SshTarget {
+            addr: SocketAddr::from((ip, 22)),
+            user: self.login.user.clone(),
+            key: self.login.key.clone(),
+            host_key: self.login.host_key.public.clone(),
+        })
+    }
+
+    pub(crate) fn mark_provisioned(&self, ready: Readiness) {
+        self.durability
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .provisioned = Some((ready, Instant::now()));
+    }
+
+    /// A provisioning failure once the domain has started: the run dir (serial log, domain
+    /// XML) is kept, with the guest's own logs when SSH ever worked, and the error says where.
+    pub(crate) async fn keep_artifacts_of(&self, error: VmError) -> VmError {
+        let artifacts = if self.ssh_reached.load(Ordering::SeqCst) {
+            self.collect_artifacts(&[]).await
+        } else {
+            self.keep_run_dir.store(true, Ordering::SeqCst);
+            self.owned.run_dir.clone()
+        };
+        VmError::Provision {
+            vm: self.owned.name.clone(),
+            artifacts,
+            source: Box::new(error),
+        }
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        &self.owned.name
     }
     pub fn arch(&self) -> VmArchitecture {
         self.arch
     }
-    pub fn ip(&self) -> Ipv4Addr {
-        self.ip
+    /// The guest's address; `None` only before the DHCP lease wait found it.
+    pub fn ip(&self) -> Option<Ipv4Addr> {
+        self.ip.get().copied()
     }
     pub fn budgets(&self) -> Budgets {
         self.budgets
@@ -452,12 +359,14 @@ impl Vm {
 
     /// The command a human can paste to log in (it verifies the host key too).
     pub fn ssh_command(&self) -> String {
+        let ip = self
+            .ip()
+            .map_or_else(|| "<no address yet>".to_owned(), |ip| ip.to_string());
         format!(
-            "ssh -i {} -o UserKnownHostsFile={} {}@{}",
-            self.client_key_path.display(),
+            "ssh -i {} -o UserKnownHostsFile={} {}@{ip}",
+            self.login.key_path.display(),
             self.known_hosts.display(),
-            self.target.user,
-            self.ip
+            self.login.user,
         )
     }
 
@@ -484,16 +393,16 @@ impl Vm {
         timeout: Duration,
     ) -> Result<ExecOutput, VmError> {
         let mut guard = self.session.lock().await;
-        if guard.as_ref().is_none_or(|s| s.is_closed()) {
-            let session = SshSession::connect(&self.target, readiness::CONNECT_TIMEOUT)
+        let session = match guard.take() {
+            Some(s) if !s.is_closed() => s,
+            _ => SshSession::connect(&self.target()?, waits::CONNECT_TIMEOUT)
                 .await
-                .map_err(|source| self.ssh_err(source))?;
-            *guard = Some(session);
-        }
-        let session = guard.as_ref().expect("session just set");
+                .map_err(|source| self.ssh_err(source))?,
+        };
         let result = session.exec_within(command, input, timeout).await;
-        if matches!(result, Err(SshError::CommandTimeout { .. })) {
-            guard.take();
+        // A timed-out command keeps its channel: the session goes with it.
+        if !matches!(result, Err(SshError::CommandTimeout { .. })) {
+            *guard = Some(session);
         }
         result.map_err(|source| self.ssh_err(source))
     }
@@ -504,12 +413,26 @@ impl Vm {
         self.check(command, out)
     }
 
+    /// Runs a command that must fail (a non-zero exit); returns what it printed (stdout, then
+    /// stderr), for asserting on the refusal.
+    pub async fn fail(&self, command: &str) -> Result<String, VmError> {
+        let out = self.exec(command).await?;
+        if out.success() {
+            return Err(VmError::UnexpectedSuccess {
+                vm: self.owned.name.clone(),
+                command: command.to_owned(),
+                stdout: out.stdout,
+            });
+        }
+        Ok(format!("{}{}", out.stdout, out.stderr))
+    }
+
     fn check(&self, command: &str, out: ExecOutput) -> Result<String, VmError> {
         if out.success() {
             return Ok(out.stdout);
         }
         Err(VmError::CommandFailed {
-            vm: self.name.clone(),
+            vm: self.owned.name.clone(),
             command: command.to_owned(),
             status: match (&out.exit_status, &out.signal) {
                 (Some(s), _) => format!("exit status {s}"),
@@ -534,9 +457,9 @@ impl Vm {
         self.check(&format!("upload {remote_path}"), out).map(drop)
     }
 
-    fn ssh_err(&self, source: SshError) -> VmError {
+    pub(crate) fn ssh_err(&self, source: SshError) -> VmError {
         VmError::Ssh {
-            vm: self.name.clone(),
+            vm: self.owned.name.clone(),
             source,
         }
     }
@@ -547,64 +470,6 @@ impl Vm {
             .await?
             .trim()
             .to_owned())
-    }
-
-    /// `cloud-init status --wait`: 0 = done; 2 = done with recoverable errors (newer
-    /// cloud-init); anything else, or a run without the NoCloud seed, is a failure.
-    pub async fn wait_for_cloud_init(&self) -> Result<(), VmError> {
-        let command = "sudo -n cloud-init status --wait --long";
-        let out = self
-            .guarded(async {
-                match self
-                    .exec_within(command, None, self.budgets.cloud_init)
-                    .await
-                {
-                    Err(VmError::Ssh {
-                        source: SshError::CommandTimeout { .. },
-                        ..
-                    }) => Err(self.timeout(
-                        "cloud-init done",
-                        self.budgets.cloud_init,
-                        "still running".into(),
-                    )),
-                    other => other,
-                }
-            })
-            .await?;
-        let text = format!("{}{}", out.stdout, out.stderr);
-        if !matches!(out.exit_status, Some(0) | Some(2)) {
-            return Err(VmError::CloudInit {
-                vm: self.name.clone(),
-                output: text,
-            });
-        }
-        if text.contains("DataSourceNone") {
-            return Err(VmError::CloudInit {
-                vm: self.name.clone(),
-                output: format!(
-                    "{text}\n(the NoCloud seed was not seen: the guest kernel lacks the driver for its cdrom)"
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    /// Waits until a systemd unit is active: a system unit, or with `user` that user's unit.
-    pub async fn wait_for_unit(&self, unit: &str, user: Option<&str>) -> Result<(), VmError> {
-        let command = match user {
-            None => format!("systemctl is-active {}", shell_quote(unit)),
-            Some(u) => user_systemctl(u, &format!("is-active {}", shell_quote(unit))),
-        };
-        let budget = self.budgets.first_status;
-        readiness::poll(budget, || async {
-            match self.exec(&command).await {
-                Ok(out) if out.stdout.trim() == "active" => Ok(()),
-                Ok(out) => Err(format!("{unit} is {}", out.stdout.trim())),
-                Err(e) => Err(e.to_string()),
-            }
-        })
-        .await
-        .map_err(|last| self.timeout("active unit", budget, last))
     }
 
     /// Hard power cycle (destroy + start: no shutdown, like pulling the plug), then waits for
@@ -630,7 +495,7 @@ impl Vm {
         if !self.flush_provisioning {
             tracing::info!(
                 "VM {}: not flushing {what} (the spec turned provisioning flushes off)",
-                self.name
+                self.owned.name
             );
             return Ok(());
         }
@@ -642,28 +507,36 @@ impl Vm {
         self.succeed("sudo -n sync").await?;
         tracing::info!(
             "VM {}: flushed {what} ({:.1} s)",
-            self.name,
+            self.owned.name,
             started.elapsed().as_secs_f64()
         );
-        self.durability.lock().unwrap().last_flush = Some((what.to_owned(), Instant::now()));
+        self.durability
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_flush = Some((what.to_owned(), Instant::now()));
         Ok(())
     }
 
     /// The last hard power cut, with what had been flushed before it.
     pub fn last_power_cut(&self) -> Option<PowerCut> {
-        self.durability.lock().unwrap().last_cut.clone()
+        self.durability
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_cut
+            .clone()
     }
 
     /// Pulls the plug (libvirt destroy): whatever the guest has not flushed is lost, as on a
     /// real device. The SSH session goes with it.
     pub async fn power_off(&self) -> Result<(), VmError> {
         self.session.lock().await.take();
-        let name = self.name.clone();
-        self.libvirt
+        let name = self.owned.name.clone();
+        self.owned
+            .libvirt
             .run(move |lv| lv.power_off(&lv.domain(&name)?, &name))
             .await?;
         let cut = {
-            let mut d = self.durability.lock().unwrap();
+            let mut d = self.durability.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             let cut = PowerCut {
                 ready: d.provisioned.map_or(Readiness::SshLogin, |(r, _)| r),
@@ -678,7 +551,7 @@ impl Vm {
             d.last_cut = Some(cut.clone());
             cut
         };
-        tracing::info!("VM {}: power cut: {cut}", self.name);
+        tracing::info!("VM {}: power cut: {cut}", self.owned.name);
         Ok(())
     }
 
@@ -686,75 +559,26 @@ impl Vm {
     pub async fn power_on(&self) -> Result<(), VmError> {
         self.boot_offset
             .store(console::len(&self.serial_log), Ordering::SeqCst);
-        let name = self.name.clone();
+        let owned = self.owned.clone();
         Ok(self
+            .owned
             .libvirt
-            .run(move |lv| lv.start(&lv.domain(&name)?, &name))
-            .await?)
-    }
-
-    /// Waits for SSH to come back on this boot. Not for the lease: after a power cycle the old
-    /// lease is listed at once, so it says nothing about the new boot. Fails at once on a
-    /// fatal console line (sshd failing included) or a guest idle at its login prompt with
-    /// nothing listening, with the evidence and the last power cut in the message.
-    pub async fn wait_for_ssh(&self) -> Result<(), VmError> {
-        let started = Instant::now();
-        let budget = self.budgets.power_cycle_recovery;
-        let session = self
-            .guarded(async {
-                readiness::tcp_port(self.target.addr, budget)
-                    .await
-                    .map_err(|last| self.timeout("port 22 after power cycle", budget, last))?;
-                readiness::ssh_login(&self.target, budget.saturating_sub(started.elapsed()))
-                    .await
-                    .map_err(|source| self.ssh_err(source))
+            .run(move |lv| {
+                let _held = owned.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+                lv.start(&lv.domain(&owned.name)?, &owned.name)
             })
-            .await?;
-        *self.session.lock().await = Some(session);
-        Ok(())
-    }
-
-    /// [`Vm::power_on`], then [`Vm::wait_for_ssh`].
-    pub async fn power_on_and_wait(&self) -> Result<(), VmError> {
-        self.power_on().await?;
-        self.wait_for_ssh().await
-    }
-
-    /// Runs `wait`, failing at once if the console shows this boot cannot succeed, or the
-    /// guest sits idle at its login prompt with nothing listening on port 22.
-    async fn guarded<T>(
-        &self,
-        wait: impl std::future::Future<Output = Result<T, VmError>>,
-    ) -> Result<T, VmError> {
-        let offset = self.boot_offset.load(Ordering::SeqCst);
-        let cut = self.last_power_cut();
-        tokio::select! {
-            r = wait => r,
-            (line, meaning) = console::watch_for_fatal(self.serial_log.clone(), offset) => Err(VmError::BootFailed {
-                vm: self.name.clone(),
-                meaning,
-                line,
-                cause: diagnosis(&self.serial_log, offset, cut.as_ref()),
-                console_tail: console::tail(&self.serial_log, 15),
-            }),
-            evidence = readiness::nothing_listening(self.target.addr, self.serial_log.clone(), offset, self.budgets.idle_grace) => Err(VmError::NothingListening {
-                vm: self.name.clone(),
-                phase: "SSH",
-                evidence,
-                cause: diagnosis(&self.serial_log, offset, cut.as_ref()),
-                console_tail: console::tail(&self.serial_log, 15),
-            }),
-        }
+            .await?)
     }
 
     /// The directory that holds this VM's serial log, domain XML and known_hosts.
     pub fn run_dir(&self) -> &std::path::Path {
-        &self.run_dir
+        &self.owned.run_dir
     }
 
     /// Saves what explains a failure into the run dir (which then outlives the VM): the
     /// serial log and domain XML are there already; this adds cloud-init's logs and status and
-    /// the boot's journal, plus `extra` (file name, command) pairs. Best effort, 30 s per item.
+    /// the boot's journal, plus `extra` (file name, command) pairs. Best effort, each item
+    /// within the budget table's `artifact_item`.
     pub async fn collect_artifacts(&self, extra: &[(&str, &str)]) -> PathBuf {
         self.keep_run_dir.store(true, Ordering::SeqCst);
         let mut items = vec![
@@ -768,15 +592,14 @@ impl Vm {
         ];
         items.extend_from_slice(extra);
         for (file, command) in items {
-            let text = match tokio::time::timeout(Duration::from_secs(30), self.exec(command)).await
-            {
-                Ok(Ok(out)) => format!("{}{}", out.stdout, out.stderr),
-                Ok(Err(e)) => format!("could not run `{command}`: {e}\n"),
-                Err(_) => format!("`{command}` did not finish within 30 s\n"),
+            let budget = self.budgets.artifact_item;
+            let text = match self.exec_within(command, None, budget).await {
+                Ok(out) => format!("{}{}", out.stdout, out.stderr),
+                Err(e) => format!("could not run `{command}` within {budget:?}: {e}\n"),
             };
-            let _ = std::fs::write(self.run_dir.join(file), text);
+            let _ = std::fs::write(self.owned.run_dir.join(file), text);
         }
-        self.run_dir.clone()
+        self.owned.run_dir.clone()
     }
 
     /// The last lines of the serial console.
@@ -784,10 +607,10 @@ impl Vm {
         console::tail(&self.serial_log, n)
     }
 
-    fn timeout(&self, phase: &'static str, budget: Duration, last: String) -> VmError {
+    pub(crate) fn timeout(&self, phase: &str, budget: Duration, last: String) -> VmError {
         VmError::Timeout {
-            vm: self.name.clone(),
-            phase,
+            vm: self.owned.name.clone(),
+            phase: phase.to_owned(),
             budget,
             last,
             console_tail: console::tail(&self.serial_log, 15),
@@ -832,30 +655,74 @@ pub fn user_systemctl(user: &str, args: &str) -> String {
     format!("sudo -n -u {u} XDG_RUNTIME_DIR=/run/user/$(id -u {u}) systemctl --user {args}")
 }
 
-impl Drop for Vm {
-    fn drop(&mut self) {
+impl Vm {
+    /// Removes the VM now (domain, NVRAM, volumes; the run dir unless failure artifacts were
+    /// kept) and says whether that worked. With DEVICELAB_KEEP=1 the VM is kept instead, as
+    /// on drop. Dropping a handle does the same in the background and only logs errors.
+    pub async fn remove(mut self) -> Result<(), VmError> {
+        self.removed = true;
         if self.keep {
-            if let Some(mut owner) = OwnerRecord::read(&self.run_dir) {
-                owner.kept = true; // the reaper must not take it
-                let _ = owner.write(&self.run_dir);
+            self.announce_kept();
+            return Ok(());
+        }
+        self.session.lock().await.take();
+        let owned = self.owned.clone();
+        let keep_dir = self.keep_run_dir.load(Ordering::SeqCst);
+        let guard = self.interrupt_guard.take();
+        tokio::task::spawn_blocking(move || {
+            let result = owned.remove(keep_dir);
+            drop(guard);
+            result
+        })
+        .await
+        .map_err(|e| VmError::Task(e.to_string()))??;
+        Ok(())
+    }
+
+    /// DEVICELAB_KEEP: the owner record says "kept" (the reaper leaves it), and the user gets
+    /// the commands to log in and to remove it.
+    fn announce_kept(&self) {
+        let run_dir = &self.owned.run_dir;
+        if let Some(mut owner) = OwnerRecord::read(run_dir) {
+            owner.kept = true;
+            if let Err(e) = owner.write(run_dir) {
+                eprintln!("devicelab: cannot mark {} as kept: {e}", run_dir.display());
             }
-            let uri = &self.libvirt.uri;
-            let [disk, seed, _vars] = reaper::volume_names(&self.name);
-            eprintln!(
-                "devicelab: keeping VM {name} (DEVICELAB_KEEP=1). Log in with:\n  {ssh}\n  \
-                 remove it with: virsh -c {uri} destroy {name}; virsh -c {uri} undefine --nvram {name}; \
-                 virsh -c {uri} vol-delete --pool {pool} {disk}; virsh -c {uri} vol-delete --pool {pool} {seed}; \
-                 rm -r {run_dir}",
-                name = self.name,
-                ssh = self.ssh_command(),
-                pool = crate::pool::POOL_NAME,
-                run_dir = self.run_dir.display(),
-            );
+        }
+        let uri = &self.owned.libvirt.uri;
+        let [disk, seed, _vars] = reaper::volume_names(&self.owned.name);
+        eprintln!(
+            "devicelab: keeping VM {name} (DEVICELAB_KEEP=1). Log in with:\n  {ssh}\n  \
+             remove it with: virsh -c {uri} destroy {name}; virsh -c {uri} undefine --nvram {name}; \
+             virsh -c {uri} vol-delete --pool {pool} {disk}; virsh -c {uri} vol-delete --pool {pool} {seed}; \
+             rm -r {run_dir}",
+            name = self.owned.name,
+            ssh = self.ssh_command(),
+            pool = crate::pool::POOL_NAME,
+            run_dir = run_dir.display(),
+        );
+    }
+}
+
+impl Drop for Vm {
+    /// The fallback when `remove` was not awaited: never blocks a runtime worker on libvirt
+    /// (the teardown gets a thread of its own, joined before the process exits).
+    fn drop(&mut self) {
+        if self.removed {
             return;
         }
-        teardown(&self.libvirt, &self.pool, &self.name, &self.run_dir);
-        if !self.keep_run_dir.load(Ordering::SeqCst) {
-            let _ = std::fs::remove_dir_all(&self.run_dir);
+        if self.keep {
+            self.announce_kept();
+            return;
+        }
+        let keep_dir = self.keep_run_dir.load(Ordering::SeqCst);
+        let Some(guard) = self.interrupt_guard.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.owned.clone().remove_in_background(keep_dir, guard);
+        } else if let Err(e) = self.owned.remove(keep_dir) {
+            eprintln!("devicelab: {e}");
         }
     }
 }

@@ -88,3 +88,50 @@ async fn a_crashed_device_fails_fast_and_leaves_its_artifacts(#[future] vm: Vm) 
     );
     std::fs::remove_dir_all(run_dir).unwrap();
 }
+
+/// A first boot whose cloud-config fails (a `runcmd` that exits non-zero) fails provisioning
+/// with cloud-init's own words, and what explains it is kept: the guest's cloud-init logs and
+/// journal beside the serial log and domain XML, while the VM itself is gone.
+#[rstest]
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn a_failing_first_boot_keeps_its_artifacts(
+    #[future] lab: std::sync::Arc<Lab>,
+    arch: VmArchitecture,
+) {
+    use devicelab::spec::VirtualMachineSpec;
+    let lab = lab.await;
+    let name = lab.vm_name("cifail", arch);
+    let mut spec = VirtualMachineSpec::new(&name, arch);
+    spec.first_boot.runcmd = vec!["echo devicelab-runcmd-fails >&2; exit 3".into()];
+    let err = lab
+        .vm(spec)
+        .await
+        .expect_err("a failing cloud-config fails provisioning");
+    let msg = err.to_string();
+    let VmError::Provision { artifacts, .. } = &err else {
+        panic!("a provisioning failure names its artifacts: {msg}");
+    };
+    assert!(
+        matches!(err.root(), VmError::CloudInit { .. }),
+        "cloud-init's failure, not a timeout: {msg}"
+    );
+    assert!(msg.contains("status: error"), "{msg}");
+    assert!(msg.contains(&artifacts.display().to_string()), "{msg}");
+    let read = |f: &str| std::fs::read_to_string(artifacts.join(f)).unwrap_or_default();
+    assert!(read("serial.log").contains("Linux version"), "the console");
+    assert!(read("domain.xml").contains(&format!("<name>{name}</name>")));
+    assert!(
+        read("cloud-init-output.log").contains("devicelab-runcmd-fails"),
+        "the failing command's own output"
+    );
+    assert!(read("cloud-init-status.txt").contains("error"));
+    assert!(!read("journal.txt").trim().is_empty());
+    let lv = devicelab::libvirt::Libvirt::open(&lab.config.libvirt_uri).unwrap();
+    assert!(lv.domain(&name).is_err(), "the VM itself is gone");
+    assert!(
+        !artifacts.join("owner.json").exists(),
+        "nothing left for the reaper: the VM was removed"
+    );
+    std::fs::remove_dir_all(artifacts).unwrap();
+}

@@ -241,7 +241,7 @@ fn a_libvirtd_restart_mid_run_is_a_clear_error_then_a_reconnect() {
     assert!(!dom.is_active().unwrap());
 
     daemon.stop();
-    let err = lv.domain(name).err().expect("libvirtd is down");
+    let err = lv.domain(name).expect_err("libvirtd is down");
     let msg = err.to_string();
     assert!(matches!(err, LibvirtError::Connect { .. }), "{msg}");
     assert!(msg.contains("is libvirtd running?"), "{msg}");

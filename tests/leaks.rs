@@ -4,6 +4,7 @@
 
 use devicelab::config::HarnessConfig;
 use devicelab::libvirt::Libvirt;
+use devicelab::spec::Readiness;
 use devicelab::{Lab, VirtualMachineSpec, VmArchitecture};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,14 +28,36 @@ async fn helper_provision_and_hang() {
     std::future::pending::<()>().await;
 }
 
+/// Runs in a child process: provisions a VM to SSH, drops the handle on the runtime and
+/// returns at once, so the process exits right behind the drop.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "helper for the leak tests"]
+async fn helper_drop_and_exit() {
+    let name = std::env::var("LEAK_VM_NAME").unwrap();
+    let lab = Lab::from_env().await.unwrap();
+    let vm = lab
+        .vm(VirtualMachineSpec::new(name, arch()).ready_when(Readiness::SshLogin))
+        .await
+        .unwrap();
+    drop(vm);
+}
+
+/// Runs in a child process: registers a cleanup that takes a minute, then hangs.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "helper for the leak tests"]
+async fn helper_slow_cleanup_and_hang() {
+    let _guard = devicelab::reaper::on_interrupt(|| std::thread::sleep(Duration::from_secs(60)));
+    eprintln!("helper: cleanup registered");
+    std::future::pending::<()>().await;
+}
+
 fn spawn_helper(name: &str) -> Child {
+    spawn("helper_provision_and_hang", name)
+}
+
+fn spawn(helper: &str, name: &str) -> Child {
     Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "helper_provision_and_hang",
-            "--include-ignored",
-            "--nocapture",
-        ])
+        .args(["--exact", helper, "--include-ignored", "--nocapture"])
         .env("LEAK_VM_NAME", name)
         .stdout(Stdio::null())
         .spawn()
@@ -89,7 +112,7 @@ fn volumes_of(name: &str) -> Vec<String> {
 /// Waits until the helper's VM runs and its NATS container exists.
 fn wait_until_provisioning(lv: &Libvirt, name: &str, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(300);
-    while !(domain_running(lv, name) && !containers_of(child.id()).is_empty()) {
+    while !domain_running(lv, name) || containers_of(child.id()).is_empty() {
         assert!(
             child.try_wait().unwrap().is_none(),
             "the helper exited early"
@@ -184,4 +207,57 @@ fn sigterm_cleans_up_and_exits_non_zero() {
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
 fn ctrl_c_cleans_up_and_exits_non_zero() {
     interrupt_cleans_up(libc::SIGINT, 130);
+}
+
+/// A handle dropped on a runtime worker hands its teardown to a thread of its own (the drop
+/// never blocks the runtime); a process that exits right after still removes the VM, since
+/// those threads are joined at exit.
+#[test]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+fn a_vm_dropped_just_before_exit_is_still_removed() {
+    let lv = libvirt();
+    let name = unique("exit");
+    let status = spawn("helper_drop_and_exit", &name).wait().unwrap();
+    assert!(status.success(), "the helper passed");
+    assert!(!domain_exists(&lv, &name), "the domain is gone");
+    assert_eq!(volumes_of(&name), Vec::<String>::new(), "its volumes too");
+    assert!(!run_dir(&name).exists(), "and its run dir");
+}
+
+/// A second Ctrl-C while the cleanups run exits at once instead of being swallowed.
+#[test]
+fn a_second_ctrl_c_exits_at_once() {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_slow_cleanup_and_hang",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the helper's line: its cleanup (and so the signal handler) is in place.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("cleanup registered") {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() > 0,
+            "the helper exited early"
+        );
+    }
+    let pid = child.id() as i32;
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the second Ctrl-C ended the 60 s cleanup ({:?})",
+        started.elapsed()
+    );
 }

@@ -195,6 +195,7 @@ async fn the_agent_waits_for_a_server_that_comes_up_later_and_loses_nothing() {
     let mut nats = server().await;
     let cfg = agent(&nats, "dev-late");
     // The agent starts while the server is down, so its first connection attempts fail.
+    #[allow(clippy::async_yields_async)] // the agent's handle is awaited after the restart
     let (restarted, agent) = tokio::join!(nats.restart(Duration::from_secs(3)), async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let agent = tokio::spawn(async move { run(&cfg, "boot-late", Some(3)).await });

@@ -73,7 +73,7 @@ async fn start_sshd() -> Sshd {
         .spawn()
         .unwrap();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    devicelab::readiness::tcp_port(addr, Duration::from_secs(20))
+    devicelab::waits::tcp_port(addr, Duration::from_secs(20))
         .await
         .unwrap();
     Sshd {

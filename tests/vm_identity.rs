@@ -27,15 +27,15 @@ async fn the_same_name_provisioned_twice_in_a_row_gets_its_own_lease(
     let name = lab.vm_name("reuse", arch);
     let spec = || VirtualMachineSpec::new(&name, arch).ready_when(Readiness::SshLogin);
     let first = lab.vm(spec()).await.unwrap();
-    let (first_ip, first_mac) = (first.ip(), mac_of(&first));
-    drop(first);
+    let (first_ip, first_mac) = (first.ip().expect("a leased VM"), mac_of(&first));
+    first.remove().await.unwrap();
     // The first instance's lease is still listed by dnsmasq; the second must not wait on it.
     let second = lab.vm(spec()).await.unwrap();
     second.succeed("true").await.unwrap();
     assert_ne!(mac_of(&second), first_mac, "each instance has its own MAC");
     eprintln!(
         "first instance {first_ip} ({first_mac}), second {} ({})",
-        second.ip(),
+        second.ip().expect("a leased VM"),
         mac_of(&second)
     );
 }

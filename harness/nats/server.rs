@@ -1,0 +1,614 @@
+//! The NATS server's lifecycle: configuration (a 0600 file: credentials never on a command
+//! line), start as a podman container or a local process, the port it chose, readiness,
+//! restart in place, and removal (or keeping it, with DEVICELAB_KEEP).
+
+use super::{NatsCredentials, NatsError, STREAM_NAME, StatusLog, js_err};
+use crate::config::{HarnessConfig, NatsMode};
+use crate::domain_xml::RunOwner;
+use crate::reaper::{self, CleanupGuard};
+use crate::waits;
+use async_nats::jetstream::{self, stream};
+use devicelab_agent::DEFAULT_SUBJECT_PREFIX;
+use std::net::Ipv4Addr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+enum Runner {
+    Container {
+        name: String,
+        podman: std::path::PathBuf,
+    },
+    Process {
+        child: Child,
+        command: Vec<std::ffi::OsString>,
+    },
+}
+
+/// Where the server's files live, and what the server calls that place (the container sees
+/// the directory mounted at [`CONTAINER_DIR`]).
+struct ServerDir {
+    host: std::path::PathBuf,
+    seen_by_server: String,
+}
+
+const CONTAINER_DIR: &str = "/devicelab";
+const CONFIG_FILE: &str = "nats.conf";
+const LOG_FILE: &str = "server.log";
+
+/// The server's configuration: credentials and the listen address stay out of every command
+/// line (`/proc/*/cmdline`, `podman inspect`); `port: -1` lets the server pick a free port
+/// and report it in its ports file, so no port is chosen here and bound later.
+fn config_text(dir: &str, host: Ipv4Addr, port: Option<u16>, creds: &NatsCredentials) -> String {
+    let q = |s: &str| serde_json::to_string(s).expect("a string serializes");
+    let port = port.map_or(-1, i32::from);
+    format!(
+        r#"# written by devicelab: this run's NATS server
+host: {host}
+port: {port}
+ports_file_dir: {ports_dir}
+authorization {{
+  user: {user}
+  password: {password}
+}}
+jetstream {{
+  store_dir: {store}
+}}
+"#,
+        host = q(&host.to_string()),
+        ports_dir = q(dir),
+        user = q(&creds.user),
+        password = q(&creds.password),
+        store = q(&format!("{dir}/jetstream")),
+    )
+}
+
+/// Writes the configuration, readable by its owner only (it holds the password).
+fn write_config(
+    dir: &ServerDir,
+    host: Ipv4Addr,
+    port: Option<u16>,
+    creds: &NatsCredentials,
+) -> Result<(), NatsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.host.join(CONFIG_FILE);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        f.write_all(config_text(&dir.seen_by_server, host, port, creds).as_bytes())
+    };
+    write().map_err(|source| NatsError::Config {
+        dir: dir.host.clone(),
+        source,
+    })
+}
+
+/// What nats-server writes to `<ports_file_dir>/nats-server_<pid>.ports`: its client URLs
+/// under `nats` (and other listeners under other keys).
+#[derive(Debug, serde::Deserialize)]
+struct PortsFile {
+    nats: Vec<String>,
+}
+
+/// The client port from the first ports file in `dir`, if one is there yet.
+fn read_port(dir: &std::path::Path) -> Option<u16> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".ports"))
+        .find_map(|e| {
+            let ports: PortsFile = serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
+            ports.nats.first()?.rsplit(':').next()?.parse().ok()
+        })
+}
+
+fn remove_ports_files(dir: &std::path::Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().ends_with(".ports") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// The running server, without the harness's client: what `Drop` cleans up.
+struct Server {
+    runner: Runner,
+    dir: ServerDir,
+    /// Removed with the server (or left in place with DEVICELAB_KEEP).
+    dir_guard: Option<tempfile::TempDir>,
+    port: u16,
+    gateway: Ipv4Addr,
+    credentials: NatsCredentials,
+    keep: bool,
+    /// How long the server may take to write its port and accept connections (scaled by
+    /// DEVICELAB_BUDGET_SCALE).
+    start_budget: Duration,
+    _interrupt_guard: Option<CleanupGuard>,
+}
+
+impl Server {
+    async fn start(
+        config: &HarnessConfig,
+        gateway: Ipv4Addr,
+        owner: &RunOwner,
+    ) -> Result<Self, NatsError> {
+        let credentials = NatsCredentials {
+            user: "devicelab".into(),
+            password: hex::encode(rand::random::<[u8; 16]>()),
+        };
+        // Private (0700): it holds the configuration with the password, and the JetStream store.
+        // Named for its owner, so the reaper can remove it if this process is killed.
+        let tmp = tempfile::Builder::new()
+            .prefix(&reaper::nats_dir_prefix(owner.pid))
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir()
+            .map_err(|source| NatsError::Config {
+                dir: std::env::temp_dir(),
+                source,
+            })?;
+        let container = matches!(config.nats, NatsMode::Container { .. });
+        let dir = ServerDir {
+            host: tmp.path().to_owned(),
+            seen_by_server: if container {
+                CONTAINER_DIR.to_owned()
+            } else {
+                tmp.path().display().to_string()
+            },
+        };
+        // Only where the test and the guests reach it: the libvirt network's gateway.
+        write_config(&dir, gateway, None, &credentials)?;
+        let server_config = format!("{}/{CONFIG_FILE}", dir.seen_by_server);
+        let runner = match &config.nats {
+            NatsMode::Container { image } => {
+                let name = format!(
+                    "devicelab-nats-{}-{}",
+                    owner.run_id,
+                    hex::encode(rand::random::<[u8; 3]>())
+                );
+                // Host networking: inside the sandbox namespace that is where the VMs' bridge is.
+                let start = reaper::process_start_time(owner.pid).unwrap_or(0);
+                let output = Command::new(&config.podman)
+                    // No --rm: it would delete the container on restart(); drop removes it.
+                    .args(["run", "-d", "--network", "host", "--name", &name])
+                    .args(["--label", &format!("devicelab.run={}", owner.run_id)])
+                    .args(["--label", &format!("devicelab.pid={}", owner.pid)])
+                    .args(["--label", &format!("devicelab.start={start}")])
+                    .args(["--label", &format!("devicelab.kept={}", u8::from(config.keep))])
+                    .args(["-v", &format!("{}:{CONTAINER_DIR}", dir.host.display())])
+                    .arg(image)
+                    .args(["-c", &server_config])
+                    .output()
+                    .await
+                    .map_err(|source| NatsError::Missing {
+                        program: config.podman.display().to_string(),
+                        source,
+                        fix: "install podman (fixtures/host/setup.sh), or set DEVICELAB_NATS=process",
+                    })?;
+                if !output.status.success() {
+                    return Err(NatsError::ContainerStart {
+                        image: image.clone(),
+                        stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+                    });
+                }
+                Runner::Container {
+                    name,
+                    podman: config.podman.clone(),
+                }
+            }
+            NatsMode::Process { binary } => {
+                let command: Vec<std::ffi::OsString> =
+                    vec![binary.into(), "-c".into(), server_config.into()];
+                let child = spawn_server(&command, &dir.host, config.keep).map_err(|source| {
+                    NatsError::Missing {
+                        program: binary.display().to_string(),
+                        source,
+                        fix: "install nats-server, or set DEVICELAB_NATS_SERVER to its path",
+                    }
+                })?;
+                Runner::Process { child, command }
+            }
+        };
+        let interrupt_guard = interrupt_guard(&runner, tmp.path());
+        // Constructed before waiting, so a start that never becomes ready is still cleaned up.
+        let mut server = Self {
+            runner,
+            dir,
+            dir_guard: Some(tmp),
+            port: 0,
+            gateway,
+            credentials,
+            keep: config.keep,
+            start_budget: config.host_budgets().nats_start,
+            _interrupt_guard: Some(interrupt_guard),
+        };
+        server.port = server.wait_for_port().await?;
+        // A restart must come back on the same port: the agents were told this one.
+        write_config(&server.dir, gateway, Some(server.port), &server.credentials)?;
+        Ok(server)
+    }
+
+    /// Waits for the port the server chose (its ports file), failing at once with its
+    /// output if it exits first.
+    async fn wait_for_port(&mut self) -> Result<u16, NatsError> {
+        let deadline = Instant::now() + self.start_budget;
+        loop {
+            if let Some(port) = read_port(&self.dir.host) {
+                return Ok(port);
+            }
+            self.check_alive().await?;
+            if Instant::now() >= deadline {
+                return Err(NatsError::NoPort {
+                    dir: self.dir.host.clone(),
+                    budget: self.start_budget,
+                    logs: self.logs().await,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// An error with the server's own output if it is no longer running.
+    async fn check_alive(&mut self) -> Result<(), NatsError> {
+        let status = match &mut self.runner {
+            Runner::Process { child, .. } => match child.try_wait() {
+                Ok(Some(status)) => status.to_string(),
+                _ => return Ok(()),
+            },
+            Runner::Container { name, podman } => {
+                if container_running(podman, name).await {
+                    return Ok(());
+                }
+                "the container is not running".to_owned()
+            }
+        };
+        Err(NatsError::Exited {
+            status,
+            stderr: self.logs().await,
+        })
+    }
+
+    async fn connect_when_ready(&mut self) -> Result<async_nats::Client, NatsError> {
+        self.check_alive().await?;
+        let url = self.guest_url();
+        let connected = waits::poll(self.start_budget, || async {
+            async_nats::ConnectOptions::with_user_and_password(
+                self.credentials.user.clone(),
+                self.credentials.password.clone(),
+            )
+            .connect(&url)
+            .await
+            .map_err(|e| e.to_string())
+        })
+        .await;
+        match connected {
+            Ok(client) => Ok(client),
+            Err(last) => Err(NatsError::NotReady {
+                last,
+                budget: self.start_budget,
+                logs: self.logs().await,
+                url,
+            }),
+        }
+    }
+
+    async fn ensure_stream(client: &async_nats::Client) -> Result<(), NatsError> {
+        jetstream::new(client.clone())
+            .get_or_create_stream(stream::Config {
+                name: STREAM_NAME.into(),
+                subjects: vec![format!("{DEFAULT_SUBJECT_PREFIX}.>")],
+                storage: stream::StorageType::File,
+                // A report re-sent after a lost ack is dropped as a duplicate only inside this
+                // window: as long as the agent may keep a report before re-sending it.
+                duplicate_window: devicelab_agent::longest_resend(Duration::from_millis(
+                    devicelab_agent::DEFAULT_INTERVAL_MS,
+                )),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err("creating the status stream")(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The server's last output lines: the container's log, or the process's stderr file.
+    async fn logs(&self) -> String {
+        let text = match &self.runner {
+            Runner::Container { name, podman } => Command::new(podman)
+                .args(["logs", "--tail", "20", name])
+                .output()
+                .await
+                .map(|o| {
+                    format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    )
+                })
+                .unwrap_or_default(),
+            Runner::Process { .. } => {
+                let log = tokio::fs::read(self.dir.host.join(LOG_FILE)).await;
+                let log = String::from_utf8_lossy(&log.unwrap_or_default()).into_owned();
+                let lines: Vec<&str> = log.lines().collect();
+                lines[lines.len().saturating_sub(20)..].join("\n")
+            }
+        };
+        if text.trim().is_empty() {
+            String::new()
+        } else {
+            format!("\n  server output:\n{}", text.trim_end())
+        }
+    }
+
+    /// An outage: stops the server, keeps it down for `down_for`, and starts it again in
+    /// place (same port, same credentials, JetStream storage kept); returns once it accepts
+    /// connections. Agents must ride it out; the harness's own client reconnects by itself.
+    async fn restart(&mut self, down_for: Duration) -> Result<(), NatsError> {
+        let failed = |server: &str, stderr: String| NatsError::Restart {
+            server: server.to_owned(),
+            stderr,
+        };
+        match &mut self.runner {
+            Runner::Container { name, podman } => {
+                podman_run(podman, &["stop", "--time", "0", name])
+                    .await
+                    .map_err(|e| failed(name, e))?;
+                remove_ports_files(&self.dir.host);
+                tokio::time::sleep(down_for).await;
+                podman_run(podman, &["start", name])
+                    .await
+                    .map_err(|e| failed(name, e))?;
+            }
+            Runner::Process { child, command } => {
+                let _ = child.kill().await;
+                remove_ports_files(&self.dir.host);
+                tokio::time::sleep(down_for).await;
+                *child = spawn_server(command, &self.dir.host, self.keep)
+                    .map_err(|e| failed(&command[0].to_string_lossy(), e.to_string()))?;
+                self._interrupt_guard = Some(interrupt_guard(&self.runner, &self.dir.host));
+            }
+        }
+        let port = self.wait_for_port().await?;
+        if port != self.port {
+            return Err(failed(
+                "nats-server",
+                format!("it came back on port {port}, not {}", self.port),
+            ));
+        }
+        self.connect_when_ready().await.map(drop)
+    }
+
+    fn guest_url(&self) -> String {
+        format!("nats://{}:{}", self.gateway, self.port)
+    }
+}
+
+/// A NATS server for one run, and the harness's client connected to it. Dropping it removes
+/// the server (container or process) and its directory, unless DEVICELAB_KEEP=1.
+pub struct NatsServer {
+    server: Server,
+    client: async_nats::Client,
+    pub port: u16,
+    pub gateway: Ipv4Addr,
+}
+
+impl NatsServer {
+    /// Starts the server (listening on `gateway` only), connects, and creates the status
+    /// stream.
+    pub async fn start(
+        config: &HarnessConfig,
+        gateway: Ipv4Addr,
+        owner: &RunOwner,
+    ) -> Result<Self, NatsError> {
+        // A server that never becomes ready is still cleaned up: `server` drops on error.
+        let mut server = Server::start(config, gateway, owner).await?;
+        let client = server.connect_when_ready().await?;
+        Server::ensure_stream(&client).await?;
+        let this = Self {
+            port: server.port,
+            gateway,
+            server,
+            client,
+        };
+        tracing::info!(
+            "NATS ready: test at {}, guests at {}",
+            this.client_url(),
+            this.guest_url()
+        );
+        Ok(this)
+    }
+
+    /// An outage: stops the server, keeps it down for `down_for`, and starts it again in
+    /// place (same port, same credentials, JetStream storage kept); returns once it accepts
+    /// connections. Agents must ride it out; the harness's own client reconnects by itself.
+    pub async fn restart(&mut self, down_for: Duration) -> Result<(), NatsError> {
+        self.server.restart(down_for).await
+    }
+
+    /// Where the test process connects: the same address as the guests (the server listens
+    /// there only).
+    pub fn client_url(&self) -> String {
+        self.guest_url()
+    }
+
+    /// Where guests connect: the host's address on the libvirt network.
+    pub fn guest_url(&self) -> String {
+        self.server.guest_url()
+    }
+
+    /// The server's process id in process mode (`None` for a container).
+    pub fn process_id(&self) -> Option<u32> {
+        match &self.server.runner {
+            Runner::Process { child, .. } => child.id(),
+            Runner::Container { .. } => None,
+        }
+    }
+
+    /// The configuration file the server reads (0600: it holds the password).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.server.dir.host.join(CONFIG_FILE)
+    }
+
+    /// The user and password agents must present (set them in the agent's config).
+    pub fn credentials(&self) -> Option<&NatsCredentials> {
+        Some(&self.server.credentials)
+    }
+
+    /// The harness's own client (connected as the run's user).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// One device's reports.
+    pub fn status_log(&self, device_id: &str) -> StatusLog {
+        StatusLog::new(self.client.clone(), device_id)
+    }
+}
+
+/// On SIGINT/SIGTERM the server goes too, and its directory with it.
+fn interrupt_guard(runner: &Runner, dir: &std::path::Path) -> CleanupGuard {
+    let dir = dir.to_owned();
+    match runner {
+        Runner::Container { name, podman } => {
+            let (name, podman) = (name.clone(), podman.clone());
+            reaper::on_interrupt(move || {
+                remove_container(&podman, &name);
+                let _ = std::fs::remove_dir_all(&dir);
+            })
+        }
+        Runner::Process { child, .. } => {
+            let pid = child.id();
+            // Checked again before the kill: a pid the kernel gave to another process since
+            // (the server exited and was reaped) must not be killed.
+            let start = pid.and_then(reaper::process_start_time);
+            reaper::on_interrupt(move || {
+                if let Some(pid) = pid
+                    && start.is_some_and(|s| reaper::process_start_time(pid) == Some(s))
+                {
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+            })
+        }
+    }
+}
+
+/// Starts `command` (program, then arguments), its output in `dir`'s log file. Unless the
+/// server is to be kept, the kernel takes it with the harness if the harness is killed.
+fn spawn_server(
+    command: &[std::ffi::OsString],
+    dir: &std::path::Path,
+    keep: bool,
+) -> std::io::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(LOG_FILE))?;
+    let mut cmd = Command::new(&command[0]);
+    if !keep {
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    cmd.args(&command[1..])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+}
+
+/// `podman <args>`; its stderr as the error.
+async fn podman_run(podman: &std::path::Path, args: &[&str]) -> Result<(), String> {
+    let output = Command::new(podman)
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| e.to_string())?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "podman {}: {}",
+        args[0],
+        String::from_utf8_lossy(&output.stderr).trim()
+    ))
+}
+
+/// Blocking (the interrupt cleanup and the drop thread call it).
+fn remove_container(podman: &std::path::Path, name: &str) {
+    let _ = std::process::Command::new(podman)
+        .args(["rm", "-f", "-t", "0", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+async fn container_running(podman: &std::path::Path, name: &str) -> bool {
+    Command::new(podman)
+        .args([
+            "container",
+            "inspect",
+            "--format",
+            "{{.State.Running}}",
+            name,
+        ])
+        .output()
+        .await
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "true")
+        .unwrap_or(false)
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.keep {
+            // DEVICELAB_KEEP: the server, its configuration and its store stay for a human.
+            let dir = self
+                .dir_guard
+                .take()
+                .map(|d| d.keep())
+                .unwrap_or_else(|| self.dir.host.clone());
+            let _ = std::fs::write(dir.join(reaper::KEPT_MARK), "DEVICELAB_KEEP\n");
+            let how = match &self.runner {
+                Runner::Container { name, .. } => format!(
+                    "container {name} (remove it with: podman rm -f {name}; rm -r {})",
+                    dir.display()
+                ),
+                Runner::Process { child, .. } => format!(
+                    "process {pid} (stop it with: kill {pid}; rm -r {})",
+                    dir.display(),
+                    pid = child.id().map_or("?".into(), |p| p.to_string())
+                ),
+            };
+            eprintln!(
+                "devicelab: keeping NATS at {} as {how}; its configuration (with the password) is {}",
+                self.guest_url(),
+                dir.join(CONFIG_FILE).display()
+            );
+            return;
+        }
+        // Never blocks a runtime worker: the container goes on a thread of its own (joined
+        // before the process exits), the directory and the interrupt guard with it.
+        let dir = self.dir_guard.take();
+        let guard = self._interrupt_guard.take();
+        match &mut self.runner {
+            Runner::Container { name, podman } => {
+                let (name, podman) = (name.clone(), podman.clone());
+                crate::teardown::in_background(format!("NATS {name}"), move || {
+                    remove_container(&podman, &name);
+                    drop(dir);
+                    drop(guard);
+                });
+            }
+            Runner::Process { child, .. } => {
+                // SIGKILL now; tokio reaps the exited child.
+                let _ = child.start_kill();
+            }
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! Wait strategies: what "ready" means, as a list the runner applies in order with the console
+//! guard around it (a fatal console line or an idle guest ends any wait at once). Provisioning
+//! applies the spec's list (lease, port 22, SSH login, cloud-init done, then the test's own);
+//! a power-on applies the same strategies minus the lease. The probes below poll tightly with a
+//! short backoff; none sleeps a fixed time.
+
+use crate::console;
+use crate::ssh::{SshError, SshSession, SshTarget, shell_quote};
+use crate::vm::{Vm, VmError, diagnosis, user_systemctl};
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// One thing to wait for. Each has its budget in the architecture's budget table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wait {
+    /// A DHCP lease for this instance's MAC: the guest's address. Only on a first boot: after
+    /// a power cycle the old lease is listed at once and says nothing about the new boot.
+    Lease,
+    /// Something accepts TCP connections on this port of the guest.
+    OpenPort(u16),
+    /// An SSH login as the admin user works (the host key verified).
+    SshLogin,
+    /// `cloud-init status --wait` is done, cleanly.
+    CloudInitDone,
+    /// A systemd unit is active: a system unit, or with `user` that user's unit.
+    UnitActive { unit: String, user: Option<String> },
+    /// This text appears on the serial console after the current boot began.
+    ConsoleText(String),
+    /// A shell command run as the admin user exits 0.
+    CommandSucceeds(String),
+}
+
+impl fmt::Display for Wait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Lease => f.write_str("lease"),
+            Self::OpenPort(p) => write!(f, "port {p}"),
+            Self::SshLogin => f.write_str("ssh"),
+            Self::CloudInitDone => f.write_str("cloud-init"),
+            Self::UnitActive { unit, user: None } => write!(f, "unit {unit}"),
+            Self::UnitActive {
+                unit,
+                user: Some(u),
+            } => write!(f, "user unit {unit} of {u}"),
+            Self::ConsoleText(t) => write!(f, "console text {t:?}"),
+            Self::CommandSucceeds(c) => write!(f, "`{c}` succeeds"),
+        }
+    }
+}
+
+/// How often a probe retries.
+pub const BACKOFF: Duration = Duration::from_secs(1);
+/// One TCP or SSH connection attempt may take this long.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Calls `attempt` every `BACKOFF` until it returns `Ok`, or `budget` has passed; then returns
+/// the last reason it gave for not being ready.
+pub async fn poll<T, F, Fut>(budget: Duration, mut attempt: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + budget;
+    loop {
+        let started = Instant::now();
+        let last = match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(reason) => reason,
+        };
+        if Instant::now() >= deadline {
+            return Err(last);
+        }
+        let next = (started + BACKOFF).min(deadline);
+        tokio::time::sleep_until(next.into()).await;
+    }
+}
+
+/// Waits until something accepts TCP connections at `addr`.
+pub async fn tcp_port(addr: SocketAddr, budget: Duration) -> Result<(), String> {
+    poll(budget, || async move {
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("connect {addr}: {e}")),
+            Err(_) => Err(format!(
+                "connect {addr}: no answer within {CONNECT_TIMEOUT:?}"
+            )),
+        }
+    })
+    .await
+}
+
+/// Waits until an SSH login succeeds. A wrong host key is fatal at once: retrying cannot fix it.
+pub async fn ssh_login(target: &SshTarget, budget: Duration) -> Result<SshSession, SshError> {
+    let deadline = Instant::now() + budget;
+    loop {
+        match SshSession::connect(target, CONNECT_TIMEOUT).await {
+            Ok(session) => return Ok(session),
+            Err(e @ SshError::HostKeyMismatch { .. }) => return Err(e),
+            Err(e) if Instant::now() + BACKOFF >= deadline => return Err(e),
+            Err(e) => {
+                tracing::debug!("ssh not ready yet: {e}");
+                tokio::time::sleep(BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// Resolves when the guest has sat at its login prompt (after byte `offset` of the serial log)
+/// for `grace` while port `addr` refuses connections: the boot is over and nothing will start
+/// listening, so waiting longer only burns the budget. Raced against SSH waits.
+/// `addr` gives the address once it is known (not before the lease).
+pub async fn nothing_listening(
+    addr: impl Fn() -> Option<SocketAddr>,
+    serial_log: PathBuf,
+    offset: u64,
+    grace: Duration,
+) -> String {
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        let Some(addr) = addr() else {
+            tokio::time::sleep(BACKOFF).await;
+            continue;
+        };
+        let log = serial_log.clone();
+        let at_prompt =
+            tokio::task::spawn_blocking(move || crate::console::login_prompt_after(&log, offset))
+                .await
+                .unwrap_or(false);
+        let refused = at_prompt
+            && matches!(
+                tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+            );
+        if refused {
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= grace {
+                return format!(
+                    "the guest has been at its login prompt for {:.0} s and {addr} still refuses connections",
+                    since.elapsed().as_secs_f64()
+                );
+            }
+        } else {
+            idle_since = None;
+        }
+        tokio::time::sleep(BACKOFF).await;
+    }
+}
+
+/// Whether the VM is on its first boot (provisioning) or was powered on again: budgets differ,
+/// and only a first boot has a lease worth waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Boot {
+    First,
+    Again,
+}
+
+impl Vm {
+    fn boot(&self) -> Boot {
+        if self.boot_offset.load(Ordering::SeqCst) == 0 {
+            Boot::First
+        } else {
+            Boot::Again
+        }
+    }
+
+    /// The budget table's entry for `wait` on this boot.
+    fn budget_for(&self, wait: &Wait) -> Duration {
+        let b = &self.budgets;
+        let boot = match self.boot() {
+            Boot::First => b.ssh,
+            Boot::Again => b.power_cycle_recovery,
+        };
+        match wait {
+            Wait::Lease => b.lease,
+            Wait::OpenPort(_) | Wait::SshLogin | Wait::ConsoleText(_) => boot,
+            Wait::CloudInitDone => b.cloud_init,
+            Wait::UnitActive { .. } => b.first_status,
+            Wait::CommandSucceeds(_) => b.command,
+        }
+    }
+
+    /// Waits for one strategy, within its budget, with the console guard around it; returns
+    /// what it found (the console line, the command's stdout), if anything.
+    pub async fn wait_for(&self, wait: &Wait) -> Result<Option<String>, VmError> {
+        let deadline = Instant::now() + self.budget_for(wait);
+        self.guarded(self.wait_until(wait, deadline)).await
+    }
+
+    /// Applies `waits` in order; each one's budget counts from `started` (the define, or the
+    /// power on), as a user's stopwatch would. First-boot phases go into the trial's timings.
+    pub(crate) async fn wait_all(&self, waits: &[Wait], started: Instant) -> Result<(), VmError> {
+        let first = self.boot() == Boot::First;
+        self.guarded(async {
+            for wait in waits {
+                self.wait_until(wait, started + self.budget_for(wait))
+                    .await?;
+                if first {
+                    self.timings.record(&wait.to_string(), started.elapsed());
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn wait_until(&self, wait: &Wait, deadline: Instant) -> Result<Option<String>, VmError> {
+        let budget = self.budget_for(wait);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = |last: String| self.timeout(&wait.to_string(), budget, last);
+        match wait {
+            Wait::Lease => {
+                if let Some(ip) = self.ip() {
+                    return Ok(Some(ip.to_string()));
+                }
+                let ip = poll(left, || async {
+                    let name = self.name().to_owned();
+                    match self
+                        .owned
+                        .libvirt
+                        .run(move |lv| lv.lease_ipv4(&lv.domain(&name)?, &name))
+                        .await
+                    {
+                        Ok(Some(ip)) => Ok(ip),
+                        Ok(None) => Err("no lease yet".to_owned()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                })
+                .await
+                .map_err(timeout)?;
+                self.set_ip(ip)?;
+                Ok(Some(ip.to_string()))
+            }
+            Wait::OpenPort(port) => {
+                let ip = self.target()?.addr.ip();
+                tcp_port(SocketAddr::new(ip, *port), left)
+                    .await
+                    .map_err(timeout)?;
+                Ok(None)
+            }
+            Wait::SshLogin => {
+                let session = ssh_login(&self.target()?, left)
+                    .await
+                    .map_err(|source| self.ssh_err(source))?;
+                *self.session.lock().await = Some(session);
+                self.ssh_reached.store(true, Ordering::SeqCst);
+                Ok(None)
+            }
+            Wait::CloudInitDone => self.cloud_init_done(left).await.map(|()| None),
+            Wait::UnitActive { unit, user } => {
+                let command = match user {
+                    None => format!("systemctl is-active {}", shell_quote(unit)),
+                    Some(u) => user_systemctl(u, &format!("is-active {}", shell_quote(unit))),
+                };
+                poll(left, || async {
+                    match self.exec(&command).await {
+                        Ok(out) if out.stdout.trim() == "active" => Ok(()),
+                        Ok(out) => Err(format!("{unit} is {}", out.stdout.trim())),
+                        Err(e) => Err(e.to_string()),
+                    }
+                })
+                .await
+                .map_err(timeout)?;
+                Ok(None)
+            }
+            Wait::ConsoleText(text) => {
+                let offset = self.boot_offset.load(Ordering::SeqCst);
+                let line = poll(left, || async {
+                    let (log, wanted) = (self.serial_log.clone(), text.clone());
+                    tokio::task::spawn_blocking(move || {
+                        console::line_with_after(&log, offset, &wanted)
+                    })
+                    .await
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| format!("{text:?} not on the console yet"))
+                })
+                .await
+                .map_err(timeout)?;
+                Ok(Some(line))
+            }
+            Wait::CommandSucceeds(command) => {
+                let out = poll(left, || async {
+                    match self.exec(command).await {
+                        Ok(out) if out.success() => Ok(out.stdout),
+                        Ok(out) => Err(format!(
+                            "exit {}: {}",
+                            out.exit_status.map_or("?".into(), |s| s.to_string()),
+                            out.stderr.trim()
+                        )),
+                        Err(e) => Err(e.to_string()),
+                    }
+                })
+                .await
+                .map_err(timeout)?;
+                Ok(Some(out))
+            }
+        }
+    }
+
+    /// `cloud-init status --wait`: 0 = done; 2 = done with recoverable errors (newer
+    /// cloud-init); anything else, or a run without the NoCloud seed, is a failure.
+    async fn cloud_init_done(&self, budget: Duration) -> Result<(), VmError> {
+        let command = "sudo -n cloud-init status --wait --long";
+        let out = match self.exec_within(command, None, budget).await {
+            Err(VmError::Ssh {
+                source: SshError::CommandTimeout { .. },
+                ..
+            }) => {
+                return Err(self.timeout(
+                    "cloud-init done",
+                    self.budgets.cloud_init,
+                    "still running".into(),
+                ));
+            }
+            other => other?,
+        };
+        let text = format!("{}{}", out.stdout, out.stderr);
+        if !matches!(out.exit_status, Some(0) | Some(2)) {
+            return Err(VmError::CloudInit {
+                vm: self.name().to_owned(),
+                output: text,
+            });
+        }
+        if text.contains("DataSourceNone") {
+            return Err(VmError::CloudInit {
+                vm: self.name().to_owned(),
+                output: format!(
+                    "{text}\n(the NoCloud seed was not seen: the guest kernel lacks the driver for its cdrom)"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits until cloud-init is done ([`Wait::CloudInitDone`]).
+    pub async fn wait_for_cloud_init(&self) -> Result<(), VmError> {
+        self.wait_for(&Wait::CloudInitDone).await.map(drop)
+    }
+
+    /// Waits until a systemd unit is active: a system unit, or with `user` that user's unit.
+    pub async fn wait_for_unit(&self, unit: &str, user: Option<&str>) -> Result<(), VmError> {
+        let wait = Wait::UnitActive {
+            unit: unit.to_owned(),
+            user: user.map(str::to_owned),
+        };
+        self.wait_for(&wait).await.map(drop)
+    }
+
+    /// Waits until something listens on `port` of the guest.
+    pub async fn wait_for_open_port(&self, port: u16) -> Result<(), VmError> {
+        self.wait_for(&Wait::OpenPort(port)).await.map(drop)
+    }
+
+    /// Waits until `text` appears on this boot's console; returns the line.
+    pub async fn wait_for_console_text(&self, text: &str) -> Result<String, VmError> {
+        let line = self.wait_for(&Wait::ConsoleText(text.to_owned())).await?;
+        Ok(line.unwrap_or_default())
+    }
+
+    /// Runs `command` until it exits 0 (within the command budget); returns its stdout.
+    pub async fn wait_until_succeeds(&self, command: &str) -> Result<String, VmError> {
+        let out = self
+            .wait_for(&Wait::CommandSucceeds(command.to_owned()))
+            .await?;
+        Ok(out.unwrap_or_default())
+    }
+
+    /// Waits for SSH to come back on this boot: [`Wait::OpenPort`] 22, then
+    /// [`Wait::SshLogin`]. Not for the lease: after a power cycle the old lease is listed at
+    /// once, so it says nothing about the new boot. Fails at once on a fatal console line
+    /// (sshd failing included) or a guest idle at its login prompt with nothing listening,
+    /// with the evidence and the last power cut in the message.
+    pub async fn wait_for_ssh(&self) -> Result<(), VmError> {
+        self.wait_all(&[Wait::OpenPort(22), Wait::SshLogin], Instant::now())
+            .await
+    }
+
+    /// [`Vm::power_on`], then [`Vm::wait_for_ssh`].
+    pub async fn power_on_and_wait(&self) -> Result<(), VmError> {
+        self.power_on().await?;
+        self.wait_for_ssh().await
+    }
+
+    /// Runs `wait`, failing at once if the console shows this boot cannot succeed, or the
+    /// guest sits idle at its login prompt with nothing listening on port 22.
+    async fn guarded<T>(
+        &self,
+        wait: impl std::future::Future<Output = Result<T, VmError>>,
+    ) -> Result<T, VmError> {
+        let offset = self.boot_offset.load(Ordering::SeqCst);
+        let cut = self.last_power_cut();
+        let serial_log = &self.serial_log;
+        let ssh_addr = || self.ip().map(|ip| SocketAddr::from((ip, 22)));
+        tokio::select! {
+            r = wait => r,
+            (line, meaning) = console::watch_for_fatal(serial_log.clone(), offset) => Err(VmError::BootFailed {
+                vm: self.name().to_owned(),
+                meaning,
+                line,
+                cause: diagnosis(serial_log, offset, cut.as_ref()),
+                console_tail: console::tail(serial_log, 15),
+            }),
+            evidence = nothing_listening(ssh_addr, serial_log.clone(), offset, self.budgets.idle_grace) => Err(VmError::NothingListening {
+                vm: self.name().to_owned(),
+                phase: "SSH",
+                evidence,
+                cause: diagnosis(serial_log, offset, cut.as_ref()),
+                console_tail: console::tail(serial_log, 15),
+            }),
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The handle a test holds: the wait strategies (the spec's own waits run before the handle is
+//! returned), the NixOS-driver verbs (`fail`, `wait_until_succeeds`, `wait_for_open_port`,
+//! `wait_for_console_text`), and `remove`, which reports cleanup instead of leaving it to
+//! `Drop`. Boots a VM: `--features e2e`.
+
+use devicelab::fixtures::*;
+use devicelab::spec::{Readiness, VirtualMachineSpec};
+use devicelab::vm::VmError;
+use devicelab::waits::Wait;
+use std::sync::Arc;
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn waits_verbs_and_remove(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
+    let lab = lab.await;
+    let name = lab.vm_name("handle", arch);
+    let spec = VirtualMachineSpec::new(&name, arch)
+        .ready_when(Readiness::SshLogin)
+        .with_wait(Wait::UnitActive {
+            unit: "ssh.service".into(),
+            user: None,
+        })
+        .with_wait(Wait::CommandSucceeds("test -d /home/devicelab".into()));
+    let vm = lab.vm(spec).await.unwrap();
+    let phases: Vec<String> = vm.timings.entries().into_iter().map(|(p, _)| p).collect();
+    assert_eq!(
+        phases,
+        [
+            "lease",
+            "port 22",
+            "ssh",
+            "unit ssh.service",
+            "`test -d /home/devicelab` succeeds"
+        ],
+        "the spec's waits, in order, after the harness's own"
+    );
+
+    vm.wait_for_open_port(22).await.unwrap();
+    let line = vm.wait_for_console_text("Linux version").await.unwrap();
+    assert!(line.contains("Linux version"), "{line}");
+
+    let refusal = vm.fail("echo nope >&2; exit 4").await.unwrap();
+    assert!(refusal.contains("nope"), "{refusal}");
+    let err = vm.fail("true").await.expect_err("`true` does not fail");
+    assert!(matches!(err, VmError::UnexpectedSuccess { .. }), "{err}");
+
+    // Something the guest does later: the wait polls until it is there.
+    vm.succeed("nohup sh -c 'sleep 3; echo ready > /tmp/later' >/dev/null 2>&1 &")
+        .await
+        .unwrap();
+    assert!(vm.fail("cat /tmp/later").await.is_ok(), "not there yet");
+    let out = vm.wait_until_succeeds("cat /tmp/later").await.unwrap();
+    assert_eq!(out.trim(), "ready");
+
+    // remove: done (and its errors reported) by the time it returns.
+    let run_dir = vm.run_dir().to_owned();
+    vm.remove().await.unwrap();
+    let lv = devicelab::libvirt::Libvirt::open(&lab.config.libvirt_uri).unwrap();
+    assert!(lv.domain(&name).is_err(), "the domain is gone");
+    let leftovers: Vec<String> = lab
+        .pool
+        .volumes()
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.starts_with(&name))
+        .collect();
+    assert!(leftovers.is_empty(), "volumes left: {leftovers:?}");
+    assert!(!run_dir.exists(), "the run dir is gone");
+}
