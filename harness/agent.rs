@@ -9,6 +9,8 @@ use std::process::Command;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentBinaryError {
+    #[error("the agent build task failed: {0}")]
+    Task(String),
     #[error("cannot read the agent binary {path} (from {origin}): {source}")]
     Unreadable {
         path: PathBuf,
@@ -60,18 +62,17 @@ impl AgentBinary {
         config: &HarnessConfig,
         arch: VmArchitecture,
     ) -> Result<Self, AgentBinaryError> {
-        if let Some((var, path)) = config.per_arch("DEVICELAB_AGENT_BIN", arch) {
-            let path = PathBuf::from(path);
+        let overrides = config.overrides(arch);
+        if let Some((var, path)) = overrides.agent_bin {
             check_elf(&path, arch, &var)?;
             return Ok(Self { path, arch });
         }
-        let target = config
-            .per_arch("DEVICELAB_AGENT_TARGET", arch)
-            .map(|(_, t)| t)
+        let target = overrides
+            .agent_target
             .unwrap_or_else(|| arch.rust_target().to_owned());
         let path = tokio::task::spawn_blocking(move || build_reference_agent(arch, &target))
             .await
-            .expect("build task panicked")?;
+            .map_err(|e| AgentBinaryError::Task(e.to_string()))??;
         check_elf(
             &path,
             arch,

@@ -5,7 +5,7 @@ use crate::accel::Accelerator;
 use std::fmt;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum VmArchitecture {
     X86_64,
     Aarch64,

@@ -6,69 +6,110 @@ use crate::arch::{ArchError, VmArchitecture};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-/// Every variable the harness reads (the README's configuration table mirrors this list).
+/// Every variable the harness reads, with its meaning: the one source of the README's
+/// configuration table (a test renders this list and compares it with the README's rows
+/// between the `variables` markers). `<ARCH>` stands for `X86_64` or `AARCH64`.
 pub const VARIABLES: &[(&str, &str)] = &[
     (
         "ARCH",
-        "run only this architecture's VM trials (x86_64|aarch64); setting it opts in to booting VMs",
+        "run only this architecture's VM trials (`x86_64`/`amd64`, `aarch64`/`arm64`); setting it opts in to booting VMs",
     ),
     (
         "DEVICELAB_DATA_DIR",
-        "cache, keys, storage pool (default /var/lib/devicelab as root, else /var/tmp/devicelab-$UID)",
+        "cache, keys, storage pool, run logs. Default `/var/lib/devicelab` as root, else `/var/tmp/devicelab-$UID` (not `$HOME`: libvirt's qemu user must reach the images)",
     ),
     (
         "DEVICELAB_LIBVIRT_URI",
-        "libvirt connection (default qemu:///system)",
+        "libvirt connection, default `qemu:///system`",
     ),
     (
         "DEVICELAB_NETWORK",
-        "libvirt network the VMs join (default: default)",
+        "libvirt network the VMs join, default `default`; guests reach host services at its gateway",
     ),
     (
         "DEVICELAB_ACCEL",
-        "auto|kvm|tcg (default auto: KVM where it really works)",
+        "`auto` (default), `kvm` or `tcg`. auto uses KVM only where it really works (see below)",
     ),
     (
         "DEVICELAB_BUDGET_SCALE",
-        "multiplies every readiness budget, e.g. 2 on a slow host (default 1)",
+        "multiply every budget of the budget table (VM phases, in-guest waits, the NATS server's start), e.g. `2` on a slow host",
     ),
     (
         "DEVICELAB_KEEP",
-        "1 = leave VMs and NATS running after a trial and print how to get in",
+        "`1`: leave VMs and NATS running after a test and print the exact `ssh` command",
     ),
     (
         "DEVICELAB_IMAGE_<ARCH>",
-        "local cloud image to boot instead of the pinned Ubuntu download",
+        "a local qcow2/raw image (absolute path) to boot instead of the pinned download",
     ),
     (
         "DEVICELAB_IMAGE_URL_<ARCH>",
-        "image URL to download instead of the pin (needs DEVICELAB_IMAGE_SHA256_<ARCH>)",
+        "download this image instead of the pin (needs `DEVICELAB_IMAGE_SHA256_<ARCH>`)",
     ),
     (
         "DEVICELAB_IMAGE_SHA256_<ARCH>",
-        "sha256 of DEVICELAB_IMAGE_URL_<ARCH>",
+        "the SHA-256 of `DEVICELAB_IMAGE_URL_<ARCH>` (64 hex digits)",
     ),
     (
         "DEVICELAB_AGENT_BIN_<ARCH>",
-        "prebuilt agent binary for that architecture (default: build fixtures/agent)",
+        "a prebuilt agent binary (its ELF machine is checked) instead of building `fixtures/agent`",
     ),
     (
         "DEVICELAB_AGENT_TARGET_<ARCH>",
-        "Rust target triple for building the agent (default <arch>-unknown-linux-gnu)",
+        "Rust target for building the agent (default `x86_64-unknown-linux-gnu` / `aarch64-unknown-linux-gnu`)",
     ),
     (
         "DEVICELAB_NATS",
-        "container|process: NATS in a podman container (default) or a local nats-server process",
+        "`container` (default: podman) or `process` (a local `nats-server`)",
     ),
     (
         "DEVICELAB_NATS_IMAGE",
-        "NATS container image (default docker.io/library/nats:2.10)",
+        "container image, default `docker.io/library/nats:2.10`",
     ),
     (
         "DEVICELAB_NATS_SERVER",
-        "nats-server binary for DEVICELAB_NATS=process (default nats-server from PATH)",
+        "`nats-server` binary for `DEVICELAB_NATS=process` (default: from `PATH`, else `/usr/sbin`)",
     ),
+    (
+        "DEVICELAB_PODMAN",
+        "the podman binary for the NATS container and the reaper (default `podman` from `PATH`)",
+    ),
+    ("RUST_LOG", "log filter (default `devicelab=info`)"),
 ];
+
+/// The README's configuration table, rendered from [`VARIABLES`].
+pub fn variables_table() -> String {
+    let mut out = String::from("| variable | meaning |\n| --- | --- |\n");
+    for (name, meaning) in VARIABLES {
+        out.push_str(&format!("| `{name}` | {meaning} |\n"));
+    }
+    out
+}
+
+/// Whether `var` is one of [`VARIABLES`] (a `<ARCH>` entry matches either architecture).
+pub fn is_known(var: &str) -> bool {
+    VARIABLES
+        .iter()
+        .any(|(name, _)| match name.strip_suffix("<ARCH>") {
+            Some(prefix) => var
+                .strip_prefix(prefix)
+                .is_some_and(|token| VmArchitecture::ALL.iter().any(|a| a.env_token() == token)),
+            None => *name == var,
+        })
+}
+
+/// Per-architecture overrides, parsed and checked when the configuration is read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArchOverrides {
+    /// DEVICELAB_IMAGE_<ARCH>: (variable, absolute path).
+    pub image: Option<(String, PathBuf)>,
+    /// DEVICELAB_IMAGE_URL_<ARCH> with its SHA-256 (64 hex digits).
+    pub image_url: Option<(String, String)>,
+    /// DEVICELAB_AGENT_BIN_<ARCH>: (variable, path).
+    pub agent_bin: Option<(String, PathBuf)>,
+    /// DEVICELAB_AGENT_TARGET_<ARCH>.
+    pub agent_target: Option<String>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -102,7 +143,8 @@ pub struct HarnessConfig {
     pub podman: PathBuf,
     /// ARCH: restricts the trials to one architecture and opts in to running them.
     pub arch_filter: Option<VmArchitecture>,
-    env: BTreeMap<String, String>,
+    /// DEVICELAB_*_<ARCH> settings, per architecture.
+    pub overrides: BTreeMap<VmArchitecture, ArchOverrides>,
 }
 
 pub const DEFAULT_NATS_IMAGE: &str = "docker.io/library/nats:2.10";
@@ -114,9 +156,19 @@ impl HarnessConfig {
     }
 
     pub fn from_env() -> Result<Self, ConfigError> {
-        let env = std::env::vars()
+        let env: BTreeMap<String, String> = std::env::vars()
             .filter(|(k, _)| k == "ARCH" || k.starts_with("DEVICELAB_"))
             .collect();
+        // A typo is never silently ignored (warned once per process: fixtures read this often).
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        let unknown: Vec<&String> = env.keys().filter(|k| !is_known(k)).collect();
+        if !unknown.is_empty() {
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "devicelab does not read {unknown:?} (a typo? the variables are listed in the README's configuration table)"
+                )
+            });
+        }
         Self::from_vars(env)
     }
 
@@ -194,16 +246,16 @@ impl HarnessConfig {
                 .unwrap_or_else(|| "podman".into())
                 .into(),
             arch_filter,
-            env,
+            overrides: VmArchitecture::ALL
+                .iter()
+                .map(|&arch| Ok((arch, arch_overrides(&get, arch)?)))
+                .collect::<Result<_, ConfigError>>()?,
         })
     }
 
-    /// A per-architecture variable, e.g. `per_arch("DEVICELAB_IMAGE", X86_64)` reads
-    /// DEVICELAB_IMAGE_X86_64.
-    pub fn per_arch(&self, prefix: &str, arch: VmArchitecture) -> Option<(String, String)> {
-        let var = format!("{prefix}_{}", arch.env_token());
-        let value = self.env.get(&var)?.trim().to_owned();
-        (!value.is_empty()).then_some((var, value))
+    /// The DEVICELAB_*_<ARCH> settings for `arch`.
+    pub fn overrides(&self, arch: VmArchitecture) -> ArchOverrides {
+        self.overrides.get(&arch).cloned().unwrap_or_default()
     }
 
     pub fn image_cache_dir(&self) -> PathBuf {
@@ -218,6 +270,61 @@ impl HarnessConfig {
     pub fn runs_dir(&self) -> PathBuf {
         self.data_dir.join("runs")
     }
+}
+
+/// Reads and checks `arch`'s DEVICELAB_*_<ARCH> variables.
+fn arch_overrides(
+    get: &impl Fn(&str) -> Option<String>,
+    arch: VmArchitecture,
+) -> Result<ArchOverrides, ConfigError> {
+    let named = |prefix: &str| {
+        let var = format!("{prefix}_{}", arch.env_token());
+        get(&var).map(|value| (var, value))
+    };
+    let image = match named("DEVICELAB_IMAGE") {
+        Some((var, path)) if PathBuf::from(&path).is_relative() => {
+            return Err(ConfigError::Invalid {
+                var,
+                value: path,
+                expected: "use an absolute path".into(),
+            });
+        }
+        other => other.map(|(var, path)| (var, PathBuf::from(path))),
+    };
+    let image_url = match (
+        named("DEVICELAB_IMAGE_URL"),
+        named("DEVICELAB_IMAGE_SHA256"),
+    ) {
+        (None, None) => None,
+        (Some((var, _)), None) => {
+            return Err(ConfigError::Incomplete {
+                var,
+                missing: format!("DEVICELAB_IMAGE_SHA256_{}", arch.env_token()),
+            });
+        }
+        (None, Some((var, _))) => {
+            return Err(ConfigError::Incomplete {
+                var,
+                missing: format!("DEVICELAB_IMAGE_URL_{}", arch.env_token()),
+            });
+        }
+        (Some(_), Some((var, sha256)))
+            if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
+            return Err(ConfigError::Invalid {
+                var,
+                value: sha256,
+                expected: "use the image's SHA-256: 64 hex digits (sha256sum prints it)".into(),
+            });
+        }
+        (Some((_, url)), Some((_, sha256))) => Some((url, sha256)),
+    };
+    Ok(ArchOverrides {
+        image,
+        image_url,
+        agent_bin: named("DEVICELAB_AGENT_BIN").map(|(var, p)| (var, PathBuf::from(p))),
+        agent_target: named("DEVICELAB_AGENT_TARGET").map(|(_, t)| t),
+    })
 }
 
 /// nats-server from PATH, else Debian's /usr/sbin (not on every user's PATH).
@@ -289,13 +396,62 @@ mod tests {
     }
 
     #[test]
-    fn per_arch_variables() {
+    fn per_arch_variables_are_parsed_when_read() {
         let c =
             HarnessConfig::from_vars(vars(&[("DEVICELAB_IMAGE_AARCH64", "/img/a.qcow2")])).unwrap();
         assert_eq!(
-            c.per_arch("DEVICELAB_IMAGE", VmArchitecture::Aarch64),
+            c.overrides(VmArchitecture::Aarch64).image,
             Some(("DEVICELAB_IMAGE_AARCH64".into(), "/img/a.qcow2".into()))
         );
-        assert_eq!(c.per_arch("DEVICELAB_IMAGE", VmArchitecture::X86_64), None);
+        assert_eq!(c.overrides(VmArchitecture::X86_64).image, None);
+        // Checked at read time, not when an image is first needed.
+        for (pairs, hint) in [
+            (&[("DEVICELAB_IMAGE_X86_64", "rel.qcow2")][..], "absolute"),
+            (
+                &[("DEVICELAB_IMAGE_URL_AARCH64", "http://x/i.img")][..],
+                "DEVICELAB_IMAGE_SHA256_AARCH64",
+            ),
+            (
+                &[
+                    ("DEVICELAB_IMAGE_URL_X86_64", "http://x/i.img"),
+                    ("DEVICELAB_IMAGE_SHA256_X86_64", "abc"),
+                ][..],
+                "64 hex digits",
+            ),
+        ] {
+            let err = HarnessConfig::from_vars(vars(pairs))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(hint), "{pairs:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn known_variables_include_the_per_arch_forms() {
+        assert!(is_known("DEVICELAB_IMAGE_X86_64"));
+        assert!(is_known("DEVICELAB_AGENT_BIN_AARCH64"));
+        assert!(is_known("DEVICELAB_PODMAN"));
+        assert!(!is_known("DEVICELAB_IMAGE_RISCV64"));
+        assert!(!is_known("DEVICELAB_KEPP"));
+    }
+
+    /// The README's configuration table is `variables_table()`, row for row: a variable added
+    /// here and not documented there (or the reverse) fails this test.
+    #[test]
+    fn the_readme_table_is_rendered_from_variables() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+            .expect("README.md");
+        let start = readme
+            .find("<!-- variables:start -->\n")
+            .expect("the README's variables:start marker")
+            + "<!-- variables:start -->\n".len();
+        let end = readme
+            .find("<!-- variables:end -->")
+            .expect("the README's variables:end marker");
+        assert_eq!(
+            &readme[start..end],
+            variables_table(),
+            "paste this table between the README's variables markers"
+        );
     }
 }

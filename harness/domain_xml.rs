@@ -60,12 +60,12 @@ pub fn render(p: &DomainXmlParams) -> RenderedDomain {
 
 /// Finds the digest in XML read back from libvirt (which may requote attributes).
 pub fn digest_of_defined(xml: &str) -> Option<String> {
-    let start = xml.find("xml-sha256=")? + "xml-sha256=".len() + 1;
-    let digest = xml.get(start..start + 64)?;
-    digest
-        .chars()
-        .all(|c| c.is_ascii_hexdigit())
-        .then(|| digest.to_owned())
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let digest = doc
+        .descendants()
+        .find(|n| n.has_tag_name((METADATA_NS, "run")))?
+        .attribute("xml-sha256")?;
+    (digest.len() == 64 && digest.chars().all(|c| c.is_ascii_hexdigit())).then(|| digest.to_owned())
 }
 
 fn render_with_digest(p: &DomainXmlParams, digest: &str) -> String {
@@ -177,7 +177,8 @@ fn render_with_digest(p: &DomainXmlParams, digest: &str) -> String {
     )
 }
 
-fn xml_escape(s: &str) -> String {
+/// Escapes a value for the XML templates (paths, names, arguments).
+pub(crate) fn xml_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {

@@ -91,58 +91,33 @@ pub fn ubuntu_pin(arch: VmArchitecture) -> Artifact {
 impl ImageSource {
     /// The pin, unless DEVICELAB_IMAGE_<ARCH> or DEVICELAB_IMAGE_URL_<ARCH> overrides it.
     pub fn for_arch(config: &HarnessConfig, arch: VmArchitecture) -> Result<Self, ConfigError> {
-        if let Some((var, path)) = config.per_arch("DEVICELAB_IMAGE", arch) {
-            let path = PathBuf::from(path);
-            if path.is_relative() {
-                return Err(ConfigError::Invalid {
-                    var,
-                    value: path.display().to_string(),
-                    expected: "use an absolute path".into(),
-                });
-            }
+        let overrides = config.overrides(arch);
+        if let Some((var, path)) = overrides.image {
             return Ok(Self::LocalFile {
                 path,
                 from_var: var,
             });
         }
-        match (
-            config.per_arch("DEVICELAB_IMAGE_URL", arch),
-            config.per_arch("DEVICELAB_IMAGE_SHA256", arch),
-        ) {
-            (None, None) => Ok(Self::Download(ubuntu_pin(arch))),
-            (Some((var, _)), None) => Err(ConfigError::Incomplete {
-                var,
-                missing: format!("DEVICELAB_IMAGE_SHA256_{}", arch.env_token()),
-            }),
-            (None, Some((var, _))) => Err(ConfigError::Incomplete {
-                var,
-                missing: format!("DEVICELAB_IMAGE_URL_{}", arch.env_token()),
-            }),
-            (Some(_), Some((var, sha256)))
-                if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) =>
-            {
-                Err(ConfigError::Invalid {
-                    var,
-                    value: sha256,
-                    expected: "use the image's SHA-256: 64 hex digits (sha256sum prints it)".into(),
-                })
-            }
-            (Some((_, url)), Some((_, sha256))) => {
+        Ok(match overrides.image_url {
+            None => Self::Download(ubuntu_pin(arch)),
+            Some((url, sha256)) => {
                 let file_name = url
                     .rsplit('/')
                     .next()
                     .filter(|n| !n.is_empty())
                     .unwrap_or("image")
                     .to_owned();
-                // Keyed by digest so two URLs with the same file name never collide.
-                Ok(Self::Download(Artifact {
-                    file_name: format!("{}-{file_name}", &sha256[..12]),
+                // Keyed by digest so two URLs with the same file name never collide (the
+                // digest was checked to be 64 hex digits when the configuration was read).
+                let key: String = sha256.chars().take(12).collect();
+                Self::Download(Artifact {
+                    file_name: format!("{key}-{file_name}"),
                     urls: vec![url],
                     sha256,
                     size: None,
-                }))
+                })
             }
-        }
+        })
     }
 
     /// Makes the image available locally (downloading into `cache_dir` if needed).

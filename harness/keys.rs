@@ -75,7 +75,10 @@ impl ClientKey {
         let path = dir.join("id_ed25519");
         if !path.exists() {
             let key = generate("devicelab")?;
-            let tmp = dir.join(format!(".id_ed25519.{}", std::process::id()));
+            let tmp = dir.join(format!(
+                ".id_ed25519.{}",
+                hex::encode(rand::random::<[u8; 6]>())
+            ));
             let write_err = |source| KeyError::Write {
                 path: tmp.clone(),
                 source,
@@ -83,11 +86,6 @@ impl ClientKey {
             // write_openssh_file creates the file 0600.
             key.write_openssh_file(&tmp, LineEnding::LF)
                 .map_err(|e| write_err(std::io::Error::other(e.to_string())))?;
-            std::fs::write(
-                dir.join("id_ed25519.pub"),
-                format!("{}\n", public_line(&key)),
-            )
-            .map_err(write_err)?;
             // hard_link fails if another process won the race; then we use its key.
             let _ = std::fs::hard_link(&tmp, &path);
             let _ = std::fs::remove_file(&tmp);
@@ -107,8 +105,25 @@ impl ClientKey {
             path: path.clone(),
             reason: e.to_string(),
         })?;
+        // The public half is written from the key that won, whoever generated it, and
+        // atomically: a racing process can never leave a .pub of another key.
+        let public_line = public_line(&private);
+        let pub_path = dir.join("id_ed25519.pub");
+        let wanted = format!("{public_line}\n");
+        if std::fs::read_to_string(&pub_path).ok().as_deref() != Some(wanted.as_str()) {
+            let tmp = dir.join(format!(
+                ".id_ed25519.pub.{}",
+                hex::encode(rand::random::<[u8; 6]>())
+            ));
+            std::fs::write(&tmp, &wanted)
+                .and_then(|()| std::fs::rename(&tmp, &pub_path))
+                .map_err(|source| KeyError::Write {
+                    path: pub_path.clone(),
+                    source,
+                })?;
+        }
         Ok(Self {
-            public_line: public_line(&private),
+            public_line,
             private: Arc::new(private),
             path,
         })

@@ -142,9 +142,14 @@ impl Libvirt {
             });
         }
         let xml = net.xml_desc(0).map_err(call_err("read network", name))?;
-        xml.lines()
-            .filter(|l| l.trim_start().starts_with("<ip "))
-            .find_map(|l| attribute(l, "address")?.parse::<Ipv4Addr>().ok())
+        let doc = roxmltree::Document::parse(&xml).map_err(|e| LibvirtError::Call {
+            action: "parse the XML of network",
+            object: name.to_owned(),
+            message: e.to_string(),
+        })?;
+        doc.descendants()
+            .filter(|n| n.has_tag_name("ip"))
+            .find_map(|n| n.attribute("address")?.parse::<Ipv4Addr>().ok())
             .ok_or_else(|| LibvirtError::NetworkWithoutIpv4 {
                 name: name.to_owned(),
             })
@@ -229,12 +234,4 @@ fn connect(uri: &str) -> Result<Connect, LibvirtError> {
         uri: uri.to_owned(),
         message: e.message().to_owned(),
     })
-}
-
-/// Value of `name='…'` or `name="…"` in one line of XML.
-pub(crate) fn attribute<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    let start = line.find(&format!("{name}="))? + name.len() + 1;
-    let quote = line[start..].chars().next()?;
-    let rest = &line[start + 1..];
-    Some(&rest[..rest.find(quote)?])
 }

@@ -1,6 +1,7 @@
 //! The harness's dir-backed libvirt storage pool: VM overlays (backed by the cached image)
 //! and seed ISOs live there, so libvirt labels and cleans them like any volume.
 
+use crate::domain_xml::xml_escape;
 use crate::image::BaseImage;
 use crate::libvirt::{Libvirt, LibvirtError, call_err, is_code};
 use std::os::unix::fs::PermissionsExt;
@@ -48,12 +49,14 @@ impl Pool {
         let pool = match conn.lookup_storage_pool_by_name(POOL_NAME) {
             Ok(pool) => {
                 let xml = pool.xml_desc(0).map_err(call_err("read pool", POOL_NAME))?;
-                let existing = xml
-                    .lines()
-                    .find_map(|l| {
-                        let l = l.trim();
-                        l.strip_prefix("<path>")?
-                            .strip_suffix("</path>")
+                let existing = roxmltree::Document::parse(&xml)
+                    .ok()
+                    .and_then(|doc| {
+                        doc.descendants()
+                            .find(|n| n.has_tag_name("target"))?
+                            .children()
+                            .find(|n| n.has_tag_name("path"))?
+                            .text()
                             .map(str::to_owned)
                     })
                     .unwrap_or_default();
@@ -75,7 +78,7 @@ impl Pool {
   </target>
 </pool>
 "#,
-                    dir.display()
+                    xml_escape(&dir.display().to_string())
                 );
                 let pool = conn
                     .define_storage_pool_xml(&xml, 0)
@@ -136,7 +139,8 @@ impl Pool {
   </backingStore>
 </volume>
 "#,
-            backing = base.path.display(),
+            volume = xml_escape(volume),
+            backing = xml_escape(&base.path.display().to_string()),
             format = base.format.as_str(),
         );
         let vol = StorageVol::create_xml(&self.handle()?, &xml, 0)

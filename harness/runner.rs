@@ -47,29 +47,30 @@ pub struct Plan {
 /// the domain had started).
 pub async fn run(plan: Plan) -> Result<Vm, VmError> {
     let name = plan.spec.name.clone();
-    let run_dir = create_run_dir(&plan.runs_dir, &name).map_err(|source| VmError::RunDir {
-        vm: name.clone(),
-        path: plan.runs_dir.join(&name),
-        source,
-    })?;
-    // A background teardown of an earlier VM of this name finishes first.
+    let host_key = HostKey::generate(&format!("devicelab-host@{name}"))?;
+    // A background teardown of an earlier VM of this name (run dir included) finishes first.
     {
         let name = name.clone();
         tokio::task::spawn_blocking(move || teardown::wait_for(&name))
             .await
             .map_err(|e| VmError::Task(e.to_string()))?;
     }
+    let run_dir = create_run_dir(&plan.runs_dir, &name).map_err(|source| VmError::RunDir {
+        vm: name.clone(),
+        path: plan.runs_dir.join(&name),
+        source,
+    })?;
     let serial_log = run_dir.join("serial.log");
     let _ = std::fs::remove_file(&serial_log); // a stale log from a reused name would mislead
     // Recorded before anything exists, so a killed run leaves a trail for the reaper.
-    OwnerRecord::current(&plan.owner.run_id)
-        .write(&run_dir)
-        .map_err(|source| VmError::RunDir {
+    if let Err(source) = OwnerRecord::current(&plan.owner.run_id).write(&run_dir) {
+        let _ = std::fs::remove_dir_all(&run_dir); // nothing else exists yet
+        return Err(VmError::RunDir {
             vm: name.clone(),
             path: run_dir.join(reaper::OWNER_FILE),
             source,
-        })?;
-    let host_key = HostKey::generate(&format!("devicelab-host@{name}"))?;
+        });
+    }
     let owned = Owned {
         libvirt: plan.libvirt.clone(),
         pool: plan.pool.clone(),

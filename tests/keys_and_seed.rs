@@ -43,6 +43,28 @@ fn client_key_is_generated_once_private_and_valid_for_openssh() {
     assert_eq!(fields(&derived), fields(&a.public_line));
 }
 
+/// Several test processes start at once on a fresh data dir: one key wins, and the `.pub`
+/// beside it is that key's, whoever wrote it (repeated: the race is not always lost).
+#[test]
+fn racing_generators_agree_on_one_key_and_its_pub_file() {
+    for _ in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let lines: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6)
+                .map(|_| s.spawn(|| ClientKey::load_or_generate(&keys).unwrap().public_line))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(
+            lines.iter().all(|l| l == &lines[0]),
+            "one key for all: {lines:?}"
+        );
+        let on_disk = std::fs::read_to_string(keys.join("id_ed25519.pub")).unwrap();
+        assert_eq!(on_disk.trim(), lines[0], "the .pub is the winning key's");
+    }
+}
+
 #[test]
 fn a_world_readable_key_is_refused_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();

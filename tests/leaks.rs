@@ -42,6 +42,30 @@ async fn helper_drop_and_exit() {
     drop(vm);
 }
 
+/// Runs in a child process with DEVICELAB_KEEP=1: provisions a VM to SSH and a NATS server,
+/// prints their names, drops both and exits.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "helper for the leak tests"]
+async fn helper_keep_and_exit() {
+    let name = std::env::var("LEAK_VM_NAME").unwrap();
+    let lab = Lab::from_env().await.unwrap();
+    assert!(lab.config.keep, "run with DEVICELAB_KEEP=1");
+    let vm = lab
+        .vm(VirtualMachineSpec::new(name, arch()).ready_when(Readiness::SshLogin))
+        .await
+        .unwrap();
+    let nats = lab.nats().await.unwrap();
+    println!(
+        "kept-container {}",
+        nats.container_name().expect("container mode")
+    );
+    println!(
+        "kept-nats-dir {}",
+        nats.config_path().parent().unwrap().display()
+    );
+    drop((vm, nats));
+}
+
 /// Runs in a child process: registers a cleanup that takes a minute, then hangs.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "helper for the leak tests"]
@@ -259,5 +283,76 @@ fn a_second_ctrl_c_exits_at_once() {
         started.elapsed() < Duration::from_secs(30),
         "the second Ctrl-C ended the 60 s cleanup ({:?})",
         started.elapsed()
+    );
+}
+
+/// DEVICELAB_KEEP=1: the VM and the NATS container outlive their handles, and the next run's
+/// reaper leaves them alone even though the run that made them is gone (the owner record says
+/// kept; the container carries `devicelab.kept=1`; the NATS dir holds the kept mark).
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn kept_vm_and_nats_survive_their_run_and_the_next_reaper() {
+    let lv = libvirt();
+    let name = unique("keep");
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_keep_and_exit",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env("LEAK_VM_NAME", &name)
+        .env("DEVICELAB_KEEP", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let value = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().to_owned())
+    };
+    let (container, nats_dir) = (value("kept-container "), value("kept-nats-dir "));
+    // The run is over: its pid is gone, so only the kept marks stand between its leftovers
+    // and the reaper.
+    let next = Lab::from_env().await.unwrap();
+    let vm_running = domain_running(&lv, &name);
+    let podman = HarnessConfig::from_env().unwrap().podman;
+    let container_running = container.as_deref().is_some_and(|c| {
+        let o = Command::new(&podman)
+            .args(["container", "inspect", "--format", "{{.State.Running}}", c])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim() == "true"
+    });
+    let dir_kept = nats_dir
+        .as_deref()
+        .is_some_and(|d| std::path::Path::new(d).exists());
+
+    // What the printed removal commands do, so the test leaves nothing behind.
+    let errors = devicelab::reaper::remove_vm(&lv, &next.pool, &name);
+    let _ = std::fs::remove_dir_all(run_dir(&name));
+    if let Some(c) = &container {
+        let _ = Command::new(&podman)
+            .args(["rm", "-f", "-t", "0", c])
+            .output();
+    }
+    if let Some(d) = &nats_dir {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    assert!(
+        out.status.success(),
+        "the helper passed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(vm_running, "the kept VM still runs, unreaped");
+    assert!(
+        container_running,
+        "the kept NATS container still runs, unreaped"
+    );
+    assert!(
+        dir_kept,
+        "the kept NATS dir (configuration, store) is still there"
     );
 }

@@ -254,3 +254,22 @@ async fn keep_leaves_a_process_server_serving_after_the_handle_drops() {
     std::fs::remove_dir_all(&dir).unwrap();
     served.expect("DEVICELAB_KEEP: the server still serves after its handle dropped");
 }
+
+/// "Stored once" needs the stream to remember a report's id for as long as the agent may re-send
+/// it: JetStream's default duplicate window (2 minutes) is far shorter than a full backlog.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_duplicate_window_covers_the_agents_longest_resend() {
+    let nats = server().await;
+    let mut stream = async_nats::jetstream::new(nats.client().clone())
+        .get_stream(devicelab::nats::STREAM_NAME)
+        .await
+        .unwrap();
+    let window = stream.info().await.unwrap().config.duplicate_window;
+    let needed = devicelab_agent::longest_resend(Duration::from_millis(
+        devicelab_agent::DEFAULT_INTERVAL_MS,
+    ));
+    assert!(
+        window >= needed,
+        "duplicate window {window:?} < the agent's longest resend {needed:?}"
+    );
+}

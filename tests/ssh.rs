@@ -5,11 +5,13 @@ use devicelab::keys::{ClientKey, HostKey};
 use devicelab::ssh::{SshError, SshSession, SshTarget};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 struct Sshd {
-    child: Child,
+    /// Accepts connections on the port the test bound (and keeps) and hands each to
+    /// `sshd -i`: no port is picked, freed and bound again later by someone else.
+    acceptor: tokio::task::JoinHandle<()>,
     addr: SocketAddr,
     host_key: HostKey,
     client: ClientKey,
@@ -18,8 +20,7 @@ struct Sshd {
 
 impl Drop for Sshd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.acceptor.abort();
     }
 }
 
@@ -44,16 +45,13 @@ async fn start_sshd() -> Sshd {
     let client = ClientKey::load_or_generate(&dir.path().join("keys")).unwrap();
     let authorized = dir.path().join("authorized_keys");
     std::fs::write(&authorized, format!("{}\n", client.public_line)).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
     let config = dir.path().join("sshd_config");
     std::fs::write(
         &config,
         format!(
-            "ListenAddress 127.0.0.1\nPort {port}\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\n\
+            "HostKey {}\nAuthorizedKeysFile {}\nPidFile none\n\
              UsePAM no\nStrictModes no\nPasswordAuthentication no\nPermitRootLogin prohibit-password\n",
             host_key_path.display(),
             authorized.display()
@@ -65,19 +63,38 @@ async fn start_sshd() -> Sshd {
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
         .expect("sshd not installed: run fixtures/host/setup.sh (openssh-server)");
-    let child = Command::new(sshd)
-        .args(["-D", "-e", "-f"])
+    // Fails here, clearly, if sshd cannot run with this configuration.
+    let check = Command::new(sshd)
+        .args(["-t", "-f"])
         .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+        .output()
         .unwrap();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    devicelab::waits::tcp_port(addr, Duration::from_secs(20))
-        .await
-        .unwrap();
+    assert!(
+        check.status.success(),
+        "sshd -t: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let acceptor = tokio::spawn(async move {
+        // Held by the task: aborting it (the drop) kills every sshd it started.
+        let mut sessions = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            let stream = stream.into_std().unwrap();
+            stream.set_nonblocking(false).unwrap();
+            let input = stream.try_clone().unwrap();
+            // Inetd mode: this connection is sshd's stdin and stdout; it exits with it.
+            let session = tokio::process::Command::new(sshd)
+                .args(["-i", "-f"])
+                .arg(&config)
+                .stdin(Stdio::from(std::os::fd::OwnedFd::from(input)))
+                .stdout(Stdio::from(std::os::fd::OwnedFd::from(stream)))
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn();
+            sessions.extend(session.ok());
+        }
+    });
     Sshd {
-        child,
+        acceptor,
         addr,
         host_key,
         client,

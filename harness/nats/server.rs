@@ -447,6 +447,14 @@ impl NatsServer {
         }
     }
 
+    /// The container's name in container mode (`None` for a process).
+    pub fn container_name(&self) -> Option<&str> {
+        match &self.server.runner {
+            Runner::Container { name, .. } => Some(name),
+            Runner::Process { .. } => None,
+        }
+    }
+
     /// The configuration file the server reads (0600: it holds the password).
     pub fn config_path(&self) -> std::path::PathBuf {
         self.server.dir.host.join(CONFIG_FILE)
