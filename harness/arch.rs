@@ -239,6 +239,39 @@ mod tests {
         );
     }
 
+    /// DEVICELAB_BUDGET_SCALE reaches every wait: the destructuring names every field, so a
+    /// budget added to the table without being scaled does not compile.
+    #[test]
+    fn scaling_scales_every_budget() {
+        let base = VmArchitecture::X86_64.budgets(Accelerator::Tcg);
+        let Budgets {
+            lease,
+            ssh,
+            cloud_init,
+            first_status,
+            power_cycle_recovery,
+            idle_grace,
+            command,
+            guest_step,
+            artifact_item,
+        } = base.scaled(2.0);
+        for (scaled, original) in [
+            (lease, base.lease),
+            (ssh, base.ssh),
+            (cloud_init, base.cloud_init),
+            (first_status, base.first_status),
+            (power_cycle_recovery, base.power_cycle_recovery),
+            (idle_grace, base.idle_grace),
+            (command, base.command),
+            (guest_step, base.guest_step),
+            (artifact_item, base.artifact_item),
+        ] {
+            assert_eq!(scaled, original * 2);
+        }
+        let HostBudgets { nats_start } = HostBudgets::scaled(2.0);
+        assert_eq!(nats_start, HostBudgets::scaled(1.0).nats_start * 2);
+    }
+
     #[test]
     fn aarch64_budgets_are_tens_of_minutes() {
         let b = VmArchitecture::Aarch64.budgets(Accelerator::Tcg);

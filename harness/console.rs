@@ -1,7 +1,7 @@
 //! The serial console log: its tail for error messages, and the lines that mean a boot has
 //! failed for good (so the harness fails at once instead of waiting out a 30-minute budget).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Console lines after which the boot cannot succeed, with what they mean.
 const FATAL: &[(&str, &str)] = &[
@@ -79,7 +79,12 @@ pub fn evidence_after(path: &Path, offset: u64) -> Vec<String> {
 /// Whether a getty's login prompt (`<host> login: `) appeared after byte `offset`: the boot
 /// has reached its idle state. Later console output often continues on the prompt's line.
 pub fn login_prompt_after(path: &Path, offset: u64) -> bool {
-    boot_text(path, offset).lines().map(strip_ansi).any(|l| {
+    login_prompt_in(&boot_text(path, offset))
+}
+
+/// [`login_prompt_after`] on text already read.
+pub fn login_prompt_in(text: &str) -> bool {
+    text.lines().map(strip_ansi).any(|l| {
         l.split_once(" login:")
             .is_some_and(|(host, _)| !host.is_empty() && !host.contains(char::is_whitespace))
     })
@@ -94,7 +99,8 @@ pub fn line_with_after(path: &Path, offset: u64, text: &str) -> Option<String> {
         .map(|l| l.trim().to_owned())
 }
 
-fn boot_text(path: &Path, offset: u64) -> String {
+/// What the log holds after byte `offset` (this boot's output), lossily decoded.
+pub fn boot_text(path: &Path, offset: u64) -> String {
     let bytes = std::fs::read(path).unwrap_or_default();
     String::from_utf8_lossy(bytes.get(offset as usize..).unwrap_or_default()).into_owned()
 }
@@ -106,15 +112,17 @@ pub fn fatal_line(path: &Path) -> Option<(String, &'static str)> {
 
 /// Like [`fatal_line`], looking only at what was written after byte `offset` (this boot's output).
 pub fn fatal_line_after(path: &Path, offset: u64) -> Option<(String, &'static str)> {
-    boot_text(path, offset)
-        .lines()
-        .map(strip_ansi)
-        .find_map(|line| {
-            FATAL
-                .iter()
-                .find(|(needle, _)| line.contains(needle) && is_failure(&line, needle))
-                .map(|(_, meaning)| (line.trim().to_owned(), *meaning))
-        })
+    fatal_line_in(&boot_text(path, offset))
+}
+
+/// [`fatal_line_after`] on text already read.
+pub fn fatal_line_in(text: &str) -> Option<(String, &'static str)> {
+    text.lines().map(strip_ansi).find_map(|line| {
+        FATAL
+            .iter()
+            .find(|(needle, _)| line.contains(needle) && is_failure(&line, needle))
+            .map(|(_, meaning)| (line.trim().to_owned(), *meaning))
+    })
 }
 
 /// A description needle (starting with "- ") only counts on a failure line.
@@ -125,22 +133,6 @@ fn is_failure(line: &str, needle: &str) -> bool {
 /// Current size of the log: where this boot's output will start.
 pub fn len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
-}
-
-/// Resolves when a fatal line appears after `offset`: raced against readiness probes so a dead
-/// boot fails at once.
-pub async fn watch_for_fatal(path: PathBuf, offset: u64) -> (String, &'static str) {
-    loop {
-        let p = path.clone();
-        let found = tokio::task::spawn_blocking(move || fatal_line_after(&p, offset))
-            .await
-            .ok()
-            .flatten();
-        if let Some(found) = found {
-            return found;
-        }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    }
 }
 
 /// The last `n` non-empty lines, ANSI escapes stripped.

@@ -12,6 +12,8 @@
 
 // What a test using the fixtures names, so one `use devicelab::fixtures::*` is enough.
 pub use crate::arch::VmArchitecture;
+pub use crate::firmware::FirmwarePair;
+pub use crate::image::BaseImage;
 pub use crate::lab::Lab;
 pub use crate::nats::NatsServer;
 pub use crate::scenario::OnboardedDevice;
@@ -37,6 +39,24 @@ pub fn arch() -> VmArchitecture {
         .arch_filter
         .or_else(VmArchitecture::host)
         .expect("devicelab: unknown host architecture; set ARCH")
+}
+
+/// The cloud image VMs of `arch` boot (downloaded and verified once, or the local override).
+#[fixture]
+pub async fn image(#[future] lab: Arc<Lab>, arch: VmArchitecture) -> BaseImage {
+    lab.await
+        .base_image(arch)
+        .await
+        .unwrap_or_else(|e| panic!("devicelab: {e}"))
+}
+
+/// The aarch64 UEFI firmware, CODE padded to 64 MiB, as the lab's aarch64 VMs boot it.
+#[fixture]
+pub async fn firmware(#[future] lab: Arc<Lab>) -> FirmwarePair {
+    lab.await
+        .firmware()
+        .await
+        .unwrap_or_else(|e| panic!("devicelab: {e}"))
 }
 
 /// A NATS server the lab's VMs can reach.

@@ -6,6 +6,7 @@ use crate::agent::{AgentBinary, AgentBinaryError};
 use crate::arch::VmArchitecture;
 use crate::config::{ConfigError, HarnessConfig};
 use crate::domain_xml::RunOwner;
+use crate::firmware::{self, FirmwareError, FirmwarePair};
 use crate::image::{BaseImage, ImageError, ImageSource};
 use crate::keys::{ClientKey, KeyError};
 use crate::libvirt::{Libvirt, LibvirtError};
@@ -226,6 +227,24 @@ impl Lab {
             runs_dir: self.config.runs_dir(),
             keep: self.config.keep,
         })
+    }
+
+    /// The aarch64 UEFI firmware as VMs boot it: CODE padded to the 64 MiB a `virt` pflash
+    /// needs (cached in the pool), and the VARS template each VM copies.
+    pub async fn firmware(&self) -> Result<FirmwarePair, FirmwareError> {
+        let pool_dir = self.pool.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let fw = firmware::discover()?;
+            Ok(FirmwarePair {
+                code: firmware::padded_code(&fw, &pool_dir)?,
+                vars: fw.vars,
+            })
+        })
+        .await
+        .map_err(|e| FirmwareError::Io {
+            path: PathBuf::from("(firmware task)"),
+            source: std::io::Error::other(e),
+        })?
     }
 
     /// Provisions a VM and waits until it is ready (the spec's wait strategies).

@@ -9,6 +9,7 @@
 pub mod accel;
 pub mod agent;
 pub mod arch;
+pub mod artifacts;
 pub mod config;
 pub mod console;
 pub mod domain_xml;

@@ -263,36 +263,43 @@ impl Drop for CleanupGuard {
 fn install_signal_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
+        use tokio::signal::unix::{SignalKind, signal};
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("devicelab: no signal handling (cannot build its runtime: {e})");
+                return;
+            }
+        };
+        // The handlers are in place before this returns: a signal right after the first
+        // registered cleanup must not take the process down without running it.
+        let handlers = {
+            let _in_rt = rt.enter();
+            (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            )
+        };
+        let (Ok(int), Ok(term)) = handlers else {
+            eprintln!("devicelab: cannot install the SIGINT/SIGTERM handlers");
+            return;
+        };
         let spawned = std::thread::Builder::new()
             .name("devicelab-signals".into())
-            .spawn(|| {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        eprintln!("devicelab: no signal handling (cannot build its runtime: {e})");
-                        return;
-                    }
-                };
-                rt.block_on(handle_signals());
-            });
+            .spawn(move || rt.block_on(handle_signals(int, term)));
         if let Err(e) = spawned {
             eprintln!("devicelab: no signal handling (cannot start its thread: {e})");
         }
     });
 }
 
-async fn handle_signals() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        eprintln!("devicelab: cannot install the SIGINT/SIGTERM handlers");
-        return;
-    };
+async fn handle_signals(
+    mut int: tokio::signal::unix::Signal,
+    mut term: tokio::signal::unix::Signal,
+) {
     let code = tokio::select! {
         _ = int.recv() => 130,
         _ = term.recv() => 143,
@@ -316,4 +323,20 @@ async fn handle_signals() {
         _ = term.recv() => eprintln!("devicelab: terminated again: exiting without finishing the cleanup (the next run reaps what is left)"),
     }
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A start time that could not be read (0) never makes a live run look dead.
+    #[test]
+    fn an_unknown_start_time_keeps_a_live_owner_alive() {
+        let me = std::process::id();
+        assert!(is_alive(me, 0), "this process, start time unknown");
+        let start = process_start_time(me).expect("our own /proc entry");
+        assert!(is_alive(me, start));
+        assert!(!is_alive(me, start + 1), "a recycled pid is not the owner");
+        assert!(!is_alive(u32::MAX - 1, 0), "no such process");
+    }
 }

@@ -2,6 +2,7 @@
 //! dropped (also when the test panics). The runner creates it; waits live in `waits`.
 
 use crate::arch::{Budgets, VmArchitecture};
+use crate::artifacts;
 use crate::console;
 use crate::firmware::FirmwareError;
 use crate::image::ImageError;
@@ -581,25 +582,10 @@ impl Vm {
     /// within the budget table's `artifact_item`.
     pub async fn collect_artifacts(&self, extra: &[(&str, &str)]) -> PathBuf {
         self.keep_run_dir.store(true, Ordering::SeqCst);
-        let mut items = vec![
-            ("cloud-init-status.txt", "sudo -n cloud-init status --long"),
-            ("cloud-init.log", "sudo -n cat /var/log/cloud-init.log"),
-            (
-                "cloud-init-output.log",
-                "sudo -n cat /var/log/cloud-init-output.log",
-            ),
-            ("journal.txt", "sudo -n journalctl -b --no-pager -n 500"),
-        ];
-        items.extend_from_slice(extra);
-        for (file, command) in items {
-            let budget = self.budgets.artifact_item;
-            let text = match self.exec_within(command, None, budget).await {
-                Ok(out) => format!("{}{}", out.stdout, out.stderr),
-                Err(e) => format!("could not run `{command}` within {budget:?}: {e}\n"),
-            };
-            let _ = std::fs::write(self.owned.run_dir.join(file), text);
-        }
-        self.owned.run_dir.clone()
+        let target = self.target().ok();
+        let dir = &self.owned.run_dir;
+        artifacts::collect(target.as_ref(), dir, extra, self.budgets.artifact_item).await;
+        dir.clone()
     }
 
     /// The last lines of the serial console.
@@ -715,10 +701,45 @@ impl Drop for Vm {
             self.announce_kept();
             return;
         }
-        let keep_dir = self.keep_run_dir.load(Ordering::SeqCst);
+        // A test that panics with its VM up keeps the evidence, as a failed trial does: the
+        // guest's logs are read before the VM goes (on the teardown's own thread).
+        let panicking = std::thread::panicking();
+        let collect = panicking
+            && !self.keep_run_dir.load(Ordering::SeqCst)
+            && self.ssh_reached.load(Ordering::SeqCst);
+        let keep_dir = self.keep_run_dir.load(Ordering::SeqCst) || panicking;
+        if panicking {
+            eprintln!(
+                "devicelab: the test failed with VM {} up; what explains it is kept in {}",
+                self.owned.name,
+                self.owned.run_dir.display()
+            );
+        }
         let Some(guard) = self.interrupt_guard.take() else {
             return;
         };
+        if collect {
+            let (target, dir, budget) = (
+                self.target().ok(),
+                self.owned.run_dir.clone(),
+                self.budgets.artifact_item,
+            );
+            let owned = self.owned.clone();
+            crate::teardown::in_background(self.owned.name.clone(), move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(artifacts::collect(target.as_ref(), &dir, &[], budget)),
+                    Err(e) => eprintln!("devicelab: no runtime to collect the artifacts: {e}"),
+                }
+                if let Err(e) = owned.remove(true) {
+                    eprintln!("devicelab: {e}");
+                }
+                drop(guard);
+            });
+            return;
+        }
         if tokio::runtime::Handle::try_current().is_ok() {
             self.owned.clone().remove_in_background(keep_dir, guard);
         } else if let Err(e) = self.owned.remove(keep_dir) {

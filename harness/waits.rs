@@ -109,39 +109,47 @@ pub async fn ssh_login(target: &SshTarget, budget: Duration) -> Result<SshSessio
     }
 }
 
-/// Resolves when the guest has sat at its login prompt (after byte `offset` of the serial log)
-/// for `grace` while port `addr` refuses connections: the boot is over and nothing will start
-/// listening, so waiting longer only burns the budget. Raced against SSH waits.
-/// `addr` gives the address once it is known (not before the lease).
-pub async fn nothing_listening(
-    addr: impl Fn() -> Option<SocketAddr>,
+/// Why a boot cannot succeed, as the console guard saw it.
+pub enum BootTrouble {
+    /// A fatal console line (kernel panic, emergency shell, a failed sshd, ...) and its meaning.
+    Fatal(String, &'static str),
+    /// The guest sat at its login prompt for the idle grace while port 22 refused connections.
+    Idle(String),
+}
+
+/// Watches this boot's console (after byte `offset`), reading the log once a second, and
+/// resolves on the first sign the boot cannot succeed: a fatal line, or the guest idle at its
+/// login prompt for `grace` while `ssh` (once the address is known) refuses connections. Raced
+/// against every wait, so a dead boot fails at once instead of burning the budget.
+pub async fn watch_boot(
     serial_log: PathBuf,
     offset: u64,
+    ssh: impl Fn() -> Option<SocketAddr>,
     grace: Duration,
-) -> String {
+) -> BootTrouble {
     let mut idle_since: Option<Instant> = None;
     loop {
-        let Some(addr) = addr() else {
-            tokio::time::sleep(BACKOFF).await;
-            continue;
-        };
         let log = serial_log.clone();
-        let at_prompt =
-            tokio::task::spawn_blocking(move || crate::console::login_prompt_after(&log, offset))
-                .await
-                .unwrap_or(false);
-        let refused = at_prompt
-            && matches!(
+        let text = tokio::task::spawn_blocking(move || console::boot_text(&log, offset))
+            .await
+            .unwrap_or_default();
+        if let Some((line, meaning)) = console::fatal_line_in(&text) {
+            return BootTrouble::Fatal(line, meaning);
+        }
+        let refused = match ssh() {
+            Some(addr) if console::login_prompt_in(&text) => matches!(
                 tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
-            );
+            ),
+            _ => false,
+        };
         if refused {
             let since = *idle_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= grace {
-                return format!(
-                    "the guest has been at its login prompt for {:.0} s and {addr} still refuses connections",
+                return BootTrouble::Idle(format!(
+                    "the guest has been at its login prompt for {:.0} s and port 22 still refuses connections",
                     since.elapsed().as_secs_f64()
-                );
+                ));
             }
         } else {
             idle_since = None;
@@ -397,19 +405,21 @@ impl Vm {
         let ssh_addr = || self.ip().map(|ip| SocketAddr::from((ip, 22)));
         tokio::select! {
             r = wait => r,
-            (line, meaning) = console::watch_for_fatal(serial_log.clone(), offset) => Err(VmError::BootFailed {
-                vm: self.name().to_owned(),
-                meaning,
-                line,
-                cause: diagnosis(serial_log, offset, cut.as_ref()),
-                console_tail: console::tail(serial_log, 15),
-            }),
-            evidence = nothing_listening(ssh_addr, serial_log.clone(), offset, self.budgets.idle_grace) => Err(VmError::NothingListening {
-                vm: self.name().to_owned(),
-                phase: "SSH",
-                evidence,
-                cause: diagnosis(serial_log, offset, cut.as_ref()),
-                console_tail: console::tail(serial_log, 15),
+            trouble = watch_boot(serial_log.clone(), offset, ssh_addr, self.budgets.idle_grace) => Err(match trouble {
+                BootTrouble::Fatal(line, meaning) => VmError::BootFailed {
+                    vm: self.name().to_owned(),
+                    meaning,
+                    line,
+                    cause: diagnosis(serial_log, offset, cut.as_ref()),
+                    console_tail: console::tail(serial_log, 15),
+                },
+                BootTrouble::Idle(evidence) => VmError::NothingListening {
+                    vm: self.name().to_owned(),
+                    phase: "SSH",
+                    evidence,
+                    cause: diagnosis(serial_log, offset, cut.as_ref()),
+                    console_tail: console::tail(serial_log, 15),
+                },
             }),
         }
     }

@@ -167,10 +167,19 @@ async fn an_override_that_is_not_a_disk_image_is_refused() {
     assert_mentions(&err, &[&path, "DEVICELAB_IMAGE_AARCH64", "qcow2 or raw"]);
 }
 
+/// Checked when the configuration is read, before anything boots.
 #[test]
 fn image_overrides_must_be_complete_and_absolute() {
-    let c = config(&[("DEVICELAB_IMAGE_URL_X86_64", "http://127.0.0.1/x.img")]);
-    let err = ImageSource::for_arch(&c, VmArchitecture::X86_64).unwrap_err();
+    let refused = |pairs: &[(&str, &str)]| {
+        HarnessConfig::from_vars(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+        .unwrap_err()
+    };
+    let err = refused(&[("DEVICELAB_IMAGE_URL_X86_64", "http://127.0.0.1/x.img")]);
     assert_mentions(
         &err,
         &[
@@ -178,16 +187,14 @@ fn image_overrides_must_be_complete_and_absolute() {
             "DEVICELAB_IMAGE_SHA256_X86_64",
         ],
     );
-    let c = config(&[("DEVICELAB_IMAGE_X86_64", "images/x.qcow2")]);
-    let err = ImageSource::for_arch(&c, VmArchitecture::X86_64).unwrap_err();
+    let err = refused(&[("DEVICELAB_IMAGE_X86_64", "images/x.qcow2")]);
     assert_mentions(&err, &["images/x.qcow2", "absolute"]);
     // Not a digest (here with multi-byte characters, which once panicked the harness).
     for bad in ["abc", "ééééééééééééééééééééééééééééééééé"] {
-        let c = config(&[
+        let err = refused(&[
             ("DEVICELAB_IMAGE_URL_X86_64", "http://127.0.0.1/x.img"),
             ("DEVICELAB_IMAGE_SHA256_X86_64", bad),
         ]);
-        let err = ImageSource::for_arch(&c, VmArchitecture::X86_64).unwrap_err();
         assert_mentions(
             &err,
             &["DEVICELAB_IMAGE_SHA256_X86_64", bad, "64 hex digits"],

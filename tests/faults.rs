@@ -200,13 +200,18 @@ impl PrivateLibvirtd {
              mount --bind {d}/cache /var/cache/libvirt && mount --bind {d}/etc /etc/libvirt && \
              exec libvirtd -p {d}/libvirtd.pid"
         );
-        let child = std::process::Command::new("unshare")
-            .args(["--mount", "--net", "--propagation", "private", "sh", "-c"])
-            .arg(script)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("unshare (util-linux) runs libvirtd");
+        common::require(
+            "libvirtd",
+            "apt install libvirt-daemon-system (fixtures/host/setup.sh)",
+        );
+        let child =
+            std::process::Command::new(common::require("unshare", "apt install util-linux"))
+                .args(["--mount", "--net", "--propagation", "private", "sh", "-c"])
+                .arg(script)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("unshare (util-linux) runs libvirtd");
         self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while Libvirt::open(&self.uri()).is_err() {

@@ -68,3 +68,25 @@ async fn waits_verbs_and_remove(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
     assert!(leftovers.is_empty(), "volumes left: {leftovers:?}");
     assert!(!run_dir.exists(), "the run dir is gone");
 }
+
+/// The `image` and `firmware` fixtures: what a VM boots, for a test that wants to look at it.
+#[rstest]
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "reads the lab's images: run with --features e2e"
+)]
+async fn the_image_and_firmware_fixtures(
+    #[future] image: BaseImage,
+    #[future] firmware: FirmwarePair,
+) {
+    let (image, firmware) = (image.await, firmware.await);
+    assert!(image.path.is_file(), "{}", image.path.display());
+    let code = std::fs::metadata(&firmware.code).unwrap().len();
+    assert_eq!(
+        code,
+        devicelab::firmware::PFLASH_SIZE,
+        "CODE padded to 64 MiB"
+    );
+    assert!(firmware.vars.is_file());
+}

@@ -1,4 +1,7 @@
-//! SSH key generation and the NoCloud seed ISO, read back with real tools.
+//! SSH key generation and the NoCloud seed ISO, read back with real tools (ssh-keygen, xorriso:
+//! fixtures/host/setup.sh installs both).
+
+mod common;
 
 use devicelab::VmArchitecture;
 use devicelab::keys::{ClientKey, HostKey, KeyError};
@@ -22,12 +25,15 @@ fn client_key_is_generated_once_private_and_valid_for_openssh() {
     assert_eq!(mode(&a.path), 0o600);
     assert_eq!(mode(&keys), 0o700);
     // OpenSSH itself derives the same public key from the private file.
-    let out = Command::new("ssh-keygen")
-        .arg("-y")
-        .arg("-f")
-        .arg(&a.path)
-        .output()
-        .unwrap();
+    let out = Command::new(common::require(
+        "ssh-keygen",
+        "apt install openssh-client (fixtures/host/setup.sh)",
+    ))
+    .arg("-y")
+    .arg("-f")
+    .arg(&a.path)
+    .output()
+    .unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -106,23 +112,29 @@ fn seed_iso_is_labelled_cidata_and_carries_the_cloud_config() {
     let iso = dir.path().join("seed.iso");
     seed.write_iso(&iso).unwrap();
 
-    let info = Command::new("xorriso")
-        .args(["-indev"])
-        .arg(&iso)
-        .arg("-pvd_info")
-        .output()
-        .unwrap();
+    let info = Command::new(common::require(
+        "xorriso",
+        "apt install xorriso (fixtures/host/setup.sh)",
+    ))
+    .args(["-indev"])
+    .arg(&iso)
+    .arg("-pvd_info")
+    .output()
+    .unwrap();
     let info = String::from_utf8_lossy(&info.stdout);
     assert!(info.contains("Volume Id    : cidata"), "{info}");
 
     let out = dir.path().join("extracted");
-    let status = Command::new("xorriso")
-        .args(["-osirrox", "on", "-indev"])
-        .arg(&iso)
-        .args(["-extract", "/"])
-        .arg(&out)
-        .output()
-        .unwrap();
+    let status = Command::new(common::require(
+        "xorriso",
+        "apt install xorriso (fixtures/host/setup.sh)",
+    ))
+    .args(["-osirrox", "on", "-indev"])
+    .arg(&iso)
+    .args(["-extract", "/"])
+    .arg(&out)
+    .output()
+    .unwrap();
     assert!(
         status.status.success(),
         "{}",

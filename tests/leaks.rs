@@ -66,6 +66,22 @@ async fn helper_keep_and_exit() {
     drop((vm, nats));
 }
 
+/// Runs in a child process: provisions a VM to SSH, then fails the way a user's test does.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "helper for the leak tests"]
+async fn helper_panic_with_vm_up() {
+    let name = std::env::var("LEAK_VM_NAME").unwrap();
+    let lab = Lab::from_env().await.unwrap();
+    let vm = lab
+        .vm(VirtualMachineSpec::new(name, arch()).ready_when(Readiness::SshLogin))
+        .await
+        .unwrap();
+    vm.succeed("echo devicelab-evidence-marker | sudo -n tee /dev/kmsg")
+        .await
+        .unwrap();
+    panic!("the user's assertion failed");
+}
+
 /// Runs in a child process: registers a cleanup that takes a minute, then hangs.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "helper for the leak tests"]
@@ -77,6 +93,14 @@ async fn helper_slow_cleanup_and_hang() {
 
 fn spawn_helper(name: &str) -> Child {
     spawn("helper_provision_and_hang", name)
+}
+
+fn spawn_output(helper: &str, name: &str) -> std::process::Output {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", helper, "--include-ignored", "--nocapture"])
+        .env("LEAK_VM_NAME", name)
+        .output()
+        .unwrap()
 }
 
 fn spawn(helper: &str, name: &str) -> Child {
@@ -355,4 +379,36 @@ async fn kept_vm_and_nats_survive_their_run_and_the_next_reaper() {
         dir_kept,
         "the kept NATS dir (configuration, store) is still there"
     );
+}
+
+/// A user's own test that panics with its VM up keeps the evidence, as a failed trial does: the
+/// guest's journal and cloud-init logs are read before the VM goes, and the run dir stays.
+#[test]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+fn a_test_that_panics_with_its_vm_up_keeps_the_evidence() {
+    let lv = libvirt();
+    let name = unique("panic");
+    let out = spawn_output("helper_panic_with_vm_up", &name);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let dir = run_dir(&name);
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let (journal, status, serial) = (
+        read("journal.txt"),
+        read("cloud-init-status.txt"),
+        read("serial.log"),
+    );
+    let gone = !domain_exists(&lv, &name) && volumes_of(&name).is_empty();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success(), "the helper's test failed");
+    assert!(
+        stderr.contains(&format!("what explains it is kept in {}", dir.display())),
+        "the failure names the directory: {stderr}"
+    );
+    assert!(
+        journal.contains("devicelab-evidence-marker"),
+        "this boot's journal: {journal}"
+    );
+    assert!(status.contains("status:"), "cloud-init's status: {status}");
+    assert!(serial.contains("Linux version"), "the console");
+    assert!(gone, "the VM itself is removed");
 }

@@ -1,6 +1,8 @@
 //! The SSH client against a real OpenSSH sshd started on 127.0.0.1 by the test, with a host key
 //! and an authorized key the harness generated.
 
+mod common;
+
 use devicelab::keys::{ClientKey, HostKey};
 use devicelab::ssh::{SshError, SshSession, SshTarget};
 use std::net::SocketAddr;
@@ -59,12 +61,12 @@ async fn start_sshd() -> Sshd {
     )
     .unwrap();
     let _ = std::fs::create_dir_all("/run/sshd"); // privilege separation dir (Debian)
-    let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("sshd not installed: run fixtures/host/setup.sh (openssh-server)");
+    let sshd = common::require(
+        "sshd",
+        "apt install openssh-server (fixtures/host/setup.sh)",
+    );
     // Fails here, clearly, if sshd cannot run with this configuration.
-    let check = Command::new(sshd)
+    let check = Command::new(&sshd)
         .args(["-t", "-f"])
         .arg(&config)
         .output()
@@ -82,7 +84,7 @@ async fn start_sshd() -> Sshd {
             stream.set_nonblocking(false).unwrap();
             let input = stream.try_clone().unwrap();
             // Inetd mode: this connection is sshd's stdin and stdout; it exits with it.
-            let session = tokio::process::Command::new(sshd)
+            let session = tokio::process::Command::new(&sshd)
                 .args(["-i", "-f"])
                 .arg(&config)
                 .stdin(Stdio::from(std::os::fd::OwnedFd::from(input)))

@@ -126,3 +126,14 @@ pub fn system_libvirt() -> devicelab::libvirt::Libvirt {
     devicelab::libvirt::Libvirt::open(&config.libvirt_uri)
         .expect("libvirtd must be running for the fast suite (fixtures/host/setup.sh)")
 }
+
+/// The path of a host program a test needs, or a failure at once that names the fix (never a
+/// hang, never a bare "No such file or directory").
+pub fn require(program: &str, fix: &str) -> std::path::PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/sbin"].map(std::path::PathBuf::from))
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("this test needs `{program}` on the host: {fix}"))
+}
