@@ -4,6 +4,7 @@
 
 use crate::arch::VmArchitecture;
 use crate::config::HarnessConfig;
+use crate::description::Source;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -51,15 +52,47 @@ pub struct AgentBinary {
     pub arch: VmArchitecture,
 }
 
-/// The workspace that holds the reference agent (fixtures/agent).
-fn workspace_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+/// The reference agent's package and binary name (fixtures/agent).
+pub const REFERENCE_PACKAGE: &str = "devicelab-agent";
+
+fn reference_manifest() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/agent/Cargo.toml")
+}
+
+/// The reference agent's package, as a cargo source.
+pub fn reference_source() -> Source {
+    Source::Cargo {
+        manifest: reference_manifest(),
+        package: REFERENCE_PACKAGE.into(),
+        bin: REFERENCE_PACKAGE.into(),
+    }
 }
 
 impl AgentBinary {
-    /// DEVICELAB_AGENT_BIN_<ARCH> if set, else the reference agent built for `arch`.
+    /// The reference agent for `arch` (see [`AgentBinary::cargo`]).
     pub async fn for_arch(
         config: &HarnessConfig,
+        arch: VmArchitecture,
+    ) -> Result<Self, AgentBinaryError> {
+        let manifest = reference_manifest();
+        Self::cargo(
+            config,
+            &manifest,
+            REFERENCE_PACKAGE,
+            REFERENCE_PACKAGE,
+            arch,
+        )
+        .await
+    }
+
+    /// DEVICELAB_AGENT_BIN_<ARCH> if set (the agent under test, prebuilt), else `bin` of
+    /// `package` built for `arch`'s target (DEVICELAB_AGENT_TARGET_<ARCH> picks another), its
+    /// ELF machine checked either way.
+    pub async fn cargo(
+        config: &HarnessConfig,
+        manifest: &Path,
+        package: &str,
+        bin: &str,
         arch: VmArchitecture,
     ) -> Result<Self, AgentBinaryError> {
         let overrides = config.overrides(arch);
@@ -70,9 +103,12 @@ impl AgentBinary {
         let target = overrides
             .agent_target
             .unwrap_or_else(|| arch.rust_target().to_owned());
-        let path = tokio::task::spawn_blocking(move || build_reference_agent(arch, &target))
-            .await
-            .map_err(|e| AgentBinaryError::Task(e.to_string()))??;
+        let (manifest, package, bin) = (manifest.to_owned(), package.to_owned(), bin.to_owned());
+        let path = tokio::task::spawn_blocking(move || {
+            build_cargo(&manifest, &package, &bin, arch, &target)
+        })
+        .await
+        .map_err(|e| AgentBinaryError::Task(e.to_string()))??;
         check_elf(
             &path,
             arch,
@@ -82,27 +118,40 @@ impl AgentBinary {
     }
 }
 
-/// `cargo build --release` of fixtures/agent for `target`, into its own target dir (so it
-/// never waits on the lock of the build that is running the tests). Offline: the crates are
-/// already fetched by the build of the tests, and the sandbox namespace has no route out.
-fn build_reference_agent(arch: VmArchitecture, target: &str) -> Result<PathBuf, AgentBinaryError> {
-    let root = workspace_root();
-    let target_dir = root.join("target").join("devicelab-agent");
+/// Where agents are built: `devicelab-agent/` in the running test's own target dir (the
+/// user's workspace, never devicelab's source tree when devicelab is a dependency), in a
+/// directory of its own so the build never waits on the lock of the build running the tests.
+fn agent_target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir).join("devicelab-agent");
+    }
+    // <target>/<profile>/deps/<test binary>
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.ancestors().nth(3).map(Path::to_owned))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("devicelab-agent")
+}
+
+/// `cargo build --release --bin <bin>` of `package` for `target`. Offline: the crates are
+/// already fetched by the build of the tests (run `cargo fetch` first for a package the tests
+/// do not depend on), and the sandbox namespace has no route out.
+fn build_cargo(
+    manifest: &Path,
+    package: &str,
+    bin: &str,
+    arch: VmArchitecture,
+    target: &str,
+) -> Result<PathBuf, AgentBinaryError> {
+    let target_dir = agent_target_dir();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--release",
-        "--offline",
-        "--package",
-        "devicelab-agent",
-        "--target",
-        target,
-    ])
-    .arg("--manifest-path")
-    .arg(root.join("Cargo.toml"))
-    .arg("--target-dir")
-    .arg(&target_dir);
+    cmd.args(["build", "--release", "--offline", "--package", package])
+        .args(["--bin", bin, "--target", target])
+        .arg("--manifest-path")
+        .arg(manifest)
+        .arg("--target-dir")
+        .arg(&target_dir);
     if VmArchitecture::host() != Some(arch) {
         let var = format!(
             "CARGO_TARGET_{}_LINKER",
@@ -112,7 +161,7 @@ fn build_reference_agent(arch: VmArchitecture, target: &str) -> Result<PathBuf, 
             cmd.env(var, arch.cross_linker());
         }
     }
-    tracing::info!("building the reference agent for {target}");
+    tracing::info!("building {package} ({bin}) for {target}");
     let output = cmd.output().map_err(AgentBinaryError::CargoMissing)?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -124,10 +173,7 @@ fn build_reference_agent(arch: VmArchitecture, target: &str) -> Result<PathBuf, 
             stderr: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
         });
     }
-    Ok(target_dir
-        .join(target)
-        .join("release")
-        .join("devicelab-agent"))
+    Ok(target_dir.join(target).join("release").join(bin))
 }
 
 /// Checks the ELF header's machine field against `arch`.

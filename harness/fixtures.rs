@@ -12,6 +12,7 @@
 
 // What a test using the fixtures names, so one `use devicelab::fixtures::*` is enough.
 pub use crate::arch::VmArchitecture;
+pub use crate::description::AgentDescription;
 pub use crate::firmware::FirmwarePair;
 pub use crate::image::BaseImage;
 pub use crate::lab::Lab;
@@ -78,11 +79,22 @@ pub async fn vm(#[future] lab: Arc<Lab>, arch: VmArchitecture) -> Vm {
         .unwrap_or_else(|e| panic!("devicelab: {e}"))
 }
 
-/// A VM with the reference agent onboarded and its first status received.
+/// The agent under test: the reference agent unless a test passes its own (rstest's
+/// `#[with(..)]`, or a fixture of your own named `agent` in scope).
 #[fixture]
-pub async fn onboarded(#[future] lab: Arc<Lab>, arch: VmArchitecture) -> OnboardedDevice {
+pub fn agent() -> AgentDescription {
+    crate::reference::agent()
+}
+
+/// A VM with `agent` onboarded and its first report received.
+#[fixture]
+pub async fn onboarded(
+    #[future] lab: Arc<Lab>,
+    arch: VmArchitecture,
+    agent: AgentDescription,
+) -> OnboardedDevice {
     let lab = lab.await;
-    crate::scenario::onboarded_device(&lab, arch, "dev")
+    crate::scenario::onboarded_device_with(&lab, arch, "dev", &agent)
         .await
         .unwrap_or_else(|e| panic!("devicelab: {e}"))
 }

@@ -5,6 +5,7 @@ use crate::accel::{self, AccelDecision, Accelerator};
 use crate::agent::{AgentBinary, AgentBinaryError};
 use crate::arch::VmArchitecture;
 use crate::config::{ConfigError, HarnessConfig};
+use crate::description::AgentDescription;
 use crate::domain_xml::RunOwner;
 use crate::firmware::{self, FirmwareError, FirmwarePair};
 use crate::image::{BaseImage, ImageError, ImageSource};
@@ -254,12 +255,21 @@ impl Lab {
 
     /// Starts a NATS server reachable from this lab's VMs.
     pub async fn nats(&self) -> Result<NatsServer, LabNatsError> {
+        self.nats_with("").await
+    }
+
+    /// A NATS server offering what `agent` asks of it (its description's `nats_config`).
+    pub async fn nats_for(&self, agent: &AgentDescription) -> Result<NatsServer, LabNatsError> {
+        self.nats_with(&agent.nats_config).await
+    }
+
+    async fn nats_with(&self, extra: &str) -> Result<NatsServer, LabNatsError> {
         let network = self.config.network.clone();
         let gateway = self
             .libvirt
             .run(move |lv| lv.network_gateway(&network))
             .await?;
-        Ok(NatsServer::start(&self.config, gateway, &self.owner).await?)
+        Ok(NatsServer::start_with(&self.config, gateway, &self.owner, extra).await?)
     }
 
     /// A VM name unique to this run: `devicelab-<what>-<arch>-<run id>`.

@@ -2,14 +2,13 @@
 //! or a local nats-server process) and [`status`] reads what devices reported (a JetStream
 //! stream captures every report, so a device's whole history can be read in order).
 
-use devicelab_agent::Status;
 use std::time::Duration;
 
 pub mod server;
 pub mod status;
 
 pub use server::NatsServer;
-pub use status::{StatusLog, Verdict};
+pub use status::{MessageLog, ReportLog, StatusLog, Verdict};
 
 pub const STREAM_NAME: &str = "DEVICELAB_STATUS";
 
@@ -59,17 +58,17 @@ pub enum NatsError {
     },
     #[error("JetStream request failed while {doing}: {message}")]
     JetStream { doing: String, message: String },
-    #[error("no status from {device_id} matched within {budget:?}; seen: {seen}")]
+    #[error("no report on {subject} matched within {budget:?}; seen: {seen}")]
     StatusTimeout {
-        device_id: String,
+        subject: String,
         budget: Duration,
         seen: String,
     },
-    #[error("status rejected: {reason} (stream sequence {seq}: {status:?})")]
+    #[error("report rejected: {reason} (stream sequence {seq}: {report})")]
     StatusRejected {
         reason: String,
         seq: u64,
-        status: Status,
+        report: String,
     },
 }
 

@@ -8,8 +8,10 @@
 use crate::arch::VmArchitecture;
 use crate::lab::Lab;
 use crate::nats::NatsServer;
-use crate::onboard::{AGENT_UNIT, AGENT_USER, Onboarding};
-use crate::scenario::{ScenarioError, agent_config, status_after_cut, status_from_boot};
+use crate::nats::ReportLog;
+use crate::onboard::Onboarding;
+use crate::reference::{self, AGENT_UNIT, AGENT_USER};
+use crate::scenario::{ScenarioError, report_after_cut, report_from_boot, template_values};
 use crate::spec::{Readiness, VirtualMachineSpec};
 use crate::vm::{PowerCut, Vm, user_systemctl};
 use std::fmt;
@@ -23,7 +25,8 @@ pub enum Anchor {
     SshUp,
     /// Provisioning finished: `cloud-init status --wait` returned.
     CloudInitDone,
-    /// Onboarding ran up to and including this step (one of `onboard::STEPS`), then stopped.
+    /// Onboarding ran up to and including this step (one of the reference agent's steps:
+    /// `reference::agent().steps()`), then stopped.
     OnboardStep(&'static str),
     /// Onboarding finished and the agent's first status arrived.
     Reporting,
@@ -216,15 +219,16 @@ pub async fn cut_at(
         .with_provisioning_flush(flush)
         .ready_when(ready);
     spec.writeback_delay = writeback_delay;
-    // The binary first: the cut is timed from the end of provisioning, which must not wait
+    // The agent first: the cut is timed from the end of provisioning, which must not wait
     // on a build.
-    let binary = lab.agent_binary(arch).await?;
+    let agent = reference::agent();
+    let values = template_values(name, nats, arch);
+    let subject = agent
+        .subject(&values)
+        .map_err(crate::onboard::OnboardError::from)?;
+    let onboarding = Onboarding::prepare(&lab.config, &agent, values).await?;
+    let log = nats.report_log(&subject, agent.reports.decode.clone());
     let vm = lab.vm(spec).await?;
-    let onboarding = Onboarding {
-        binary,
-        config: agent_config(name.to_owned(), nats),
-    };
-    let device_id = onboarding.config.device_id.clone();
     let reporting = match point.anchor {
         Anchor::SshUp | Anchor::CloudInitDone => false,
         Anchor::OnboardStep(step) => {
@@ -234,7 +238,7 @@ pub async fn cut_at(
         Anchor::Reporting => {
             onboarding.apply(&vm).await?;
             let boot = vm.boot_id().await?;
-            status_from_boot(nats, &device_id, 0, &boot, vm.budgets().first_status).await?;
+            report_from_boot(&log, 0, &boot, vm.budgets().first_status).await?;
             true
         }
     };
@@ -243,7 +247,7 @@ pub async fn cut_at(
     let looked = Instant::now();
     vm.power_off().await?;
     let to_cut = looked.elapsed();
-    let gate = nats.status_log(&device_id).last_sequence().await?;
+    let gate = log.last_sequence().await?;
     let started = Instant::now();
     vm.power_on().await?;
     let budget = vm.budgets().power_cycle_recovery;
@@ -256,7 +260,7 @@ pub async fn cut_at(
     let ((ssh, ssh_decided_after), status) = if reporting {
         // The agent is judged by its own reports, whether or not SSH comes back.
         let status = async {
-            status_after_cut(nats, &device_id, gate, &old_boot, None, budget)
+            report_after_cut(&log, gate, &old_boot, None, budget)
                 .await
                 .map(|_| started.elapsed())
                 .map_err(|e| e.to_string())
@@ -266,7 +270,7 @@ pub async fn cut_at(
         let ssh = ssh.await;
         let status = match &ssh.0 {
             Err(_) => Err("not onboarded before the cut, and no SSH to onboard it".to_owned()),
-            Ok(_) => onboard_after_cut(&vm, &onboarding, nats, gate)
+            Ok(_) => onboard_after_cut(&vm, &onboarding, &log, gate)
                 .await
                 .map(|()| started.elapsed()),
         };
@@ -302,7 +306,7 @@ pub async fn cut_at(
 async fn onboard_after_cut(
     vm: &Vm,
     onboarding: &Onboarding,
-    nats: &NatsServer,
+    log: &ReportLog,
     gate: u64,
 ) -> Result<(), String> {
     // A cut during first boot may leave cloud-init stages to finish on this one.
@@ -314,16 +318,10 @@ async fn onboard_after_cut(
         .await
         .map_err(|e| format!("onboarding after the cut failed: {e}"))?;
     let boot = vm.boot_id().await.map_err(|e| e.to_string())?;
-    status_from_boot(
-        nats,
-        &onboarding.config.device_id,
-        gate,
-        &boot,
-        vm.budgets().first_status,
-    )
-    .await
-    .map(drop)
-    .map_err(|e| e.to_string())
+    report_from_boot(log, gate, &boot, vm.budgets().first_status)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// Read on the guest in one round trip just before the cut (each costs seconds under TCG):

@@ -2,14 +2,16 @@
 //! onboard the agent, see it report; then pull the plug and see it report from the new boot.
 //! When a step fails, the VM's artifacts are saved and the error names where.
 
-use crate::agent::{AgentBinary, AgentBinaryError};
+use crate::agent::AgentBinaryError;
 use crate::arch::VmArchitecture;
+use crate::description::{AgentDescription, Report, TemplateValues};
 use crate::lab::{Lab, LabNatsError};
-use crate::nats::{NatsError, NatsServer, Verdict};
-use crate::onboard::{AGENT_UNIT, AGENT_USER, OnboardError, Onboarding};
+use crate::nats::{NatsError, NatsServer, ReportLog, Verdict};
+use crate::onboard::{OnboardError, Onboarding};
+use crate::reference;
 use crate::spec::VirtualMachineSpec;
 use crate::vm::{PhaseTimings, Vm, VmError};
-use devicelab_agent::{AgentConfig, DEFAULT_SUBJECT_PREFIX, Status, now_ms};
+use devicelab_agent::{AgentConfig, now_ms};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -68,111 +70,141 @@ pub enum ScenarioError {
     },
 }
 
-/// A device with the agent onboarded and reporting.
+/// A device with an agent onboarded and reporting.
 pub struct OnboardedDevice {
     pub vm: Vm,
     pub nats: NatsServer,
-    pub agent: AgentConfig,
-    pub first_status: Status,
+    /// The agent, described.
+    pub agent: AgentDescription,
+    pub device_id: String,
+    /// The subject this device reports on.
+    pub subject: String,
+    pub first_report: Report,
     pub timings: PhaseTimings,
 }
 
-/// Provision → check the architecture → onboard (twice: the second run must change nothing)
-/// → the agent's first status arrives from this boot.
+impl OnboardedDevice {
+    /// This device's reports, decoded by its agent's description.
+    pub fn reports(&self) -> ReportLog {
+        self.nats
+            .report_log(&self.subject, self.agent.reports.decode.clone())
+    }
+}
+
+/// [`onboarded_device_with`] the reference agent.
 pub async fn onboarded_device(
     lab: &Lab,
     arch: VmArchitecture,
     what: &str,
 ) -> Result<OnboardedDevice, ScenarioError> {
-    let nats = lab.nats().await?;
+    onboarded_device_with(lab, arch, what, &reference::agent()).await
+}
+
+/// Provision → check the architecture → onboard `agent` (twice: the second run must change
+/// nothing) → its first report arrives from this boot. The description is checked before
+/// anything boots.
+pub async fn onboarded_device_with(
+    lab: &Lab,
+    arch: VmArchitecture,
+    what: &str,
+    agent: &AgentDescription,
+) -> Result<OnboardedDevice, ScenarioError> {
+    agent.check(&[arch]).map_err(OnboardError::from)?;
+    let nats = lab.nats_for(agent).await?;
     let name = lab.vm_name(what, arch);
-    let (vm, binary) = tokio::join!(
+    let values = template_values(&name, &nats, arch);
+    let subject = agent.subject(&values).map_err(OnboardError::from)?;
+    nats.capture(&subject).await?;
+    // The agent is built while the VM boots.
+    let (vm, onboarding) = tokio::join!(
         lab.vm(VirtualMachineSpec::new(&name, arch)),
-        lab.agent_binary(arch)
+        Onboarding::prepare(&lab.config, agent, values)
     );
-    let (vm, binary) = (vm?, binary?);
-    let agent = agent_config(name, &nats);
+    let (vm, onboarding) = (vm?, onboarding?);
     let timings = vm.timings.clone();
-    match onboard_and_first_status(&vm, &nats, &agent, binary).await {
-        Ok(first_status) => Ok(OnboardedDevice {
+    let log = nats.report_log(&subject, agent.reports.decode.clone());
+    match onboard_and_first_report(&vm, &log, &onboarding).await {
+        Ok(first_report) => Ok(OnboardedDevice {
             vm,
             nats,
-            agent,
-            first_status,
+            agent: agent.clone(),
+            device_id: name,
+            subject,
+            first_report,
             timings,
         }),
-        Err(e) => Err(with_artifacts(&vm, &nats, &agent.device_id, e).await),
+        Err(e) => Err(with_artifacts(&vm, &log, agent, e).await),
+    }
+}
+
+/// What `name`'s templates receive: its id, the server as the guest sees it, the run's
+/// credentials and the architecture.
+pub fn template_values(name: &str, nats: &NatsServer, arch: VmArchitecture) -> TemplateValues {
+    let creds = nats.credentials();
+    TemplateValues {
+        device_id: name.to_owned(),
+        nats_url: nats.guest_url(),
+        nats_user: creds.map(|c| c.user.clone()).unwrap_or_default(),
+        nats_password: creds.map(|c| c.password.clone()).unwrap_or_default(),
+        arch,
     }
 }
 
 /// The reference agent's configuration for device `name`, reporting to `nats` every 2 s.
 pub fn agent_config(name: String, nats: &NatsServer) -> AgentConfig {
-    AgentConfig {
-        device_id: name,
-        nats_url: nats.guest_url(),
-        interval_ms: 2_000,
-        subject_prefix: DEFAULT_SUBJECT_PREFIX.into(),
-        nats_user: nats.credentials().map(|c| c.user.clone()),
-        nats_password: nats.credentials().map(|c| c.password.clone()),
-    }
+    let arch = VmArchitecture::host().unwrap_or(VmArchitecture::X86_64);
+    reference::config_for(&template_values(&name, nats, arch))
 }
 
-/// Waits for a report of `device_id` from boot `boot_id`, after stream sequence `after`.
-pub async fn status_from_boot(
-    nats: &NatsServer,
-    device_id: &str,
+/// Waits for the first report from boot `boot_id` after stream sequence `after` (an agent
+/// without a boot marker: its first report after `after`).
+pub async fn report_from_boot(
+    log: &ReportLog,
     after: u64,
     boot_id: &str,
     budget: Duration,
-) -> Result<Status, NatsError> {
-    let (_, status) = nats
-        .status_log(device_id)
-        .wait_for(after, budget, |s| {
-            if s.boot_id == boot_id {
-                Verdict::Accept
-            } else {
-                Verdict::Skip
-            }
+) -> Result<Report, NatsError> {
+    let (_, report) = log
+        .wait_for(after, budget, |r| match &r.boot_marker {
+            Some(marker) if marker != boot_id => Verdict::Skip,
+            _ => Verdict::Accept,
         })
         .await?;
-    Ok(status)
+    Ok(report)
 }
 
-/// Waits for the first report of `device_id` after a power cut: after stream sequence `gate`
-/// (everything the old boot sent is before it), from any boot but `old_boot` (a report from
-/// the old boot after the gate fails at once), and, with `not_before_ms`, stamped later than
-/// that by the agent's clock.
-pub async fn status_after_cut(
-    nats: &NatsServer,
-    device_id: &str,
+/// Waits for the first report after a power cut: after stream sequence `gate` (everything the
+/// old boot sent is before it); a report carrying the old boot's marker after the gate fails at
+/// once; with `not_before_ms`, stamped later than that by the agent's clock. An agent without
+/// a boot marker is judged on the stream position and the time alone.
+pub async fn report_after_cut(
+    log: &ReportLog,
     gate: u64,
     old_boot: &str,
     not_before_ms: Option<u64>,
     budget: Duration,
-) -> Result<Status, NatsError> {
-    let (_, status) = nats
-        .status_log(device_id)
-        .wait_for(gate, budget, |s| {
-            if s.boot_id == old_boot {
+) -> Result<Report, NatsError> {
+    let (_, report) = log
+        .wait_for(gate, budget, |r| {
+            if r.boot_marker.as_deref() == Some(old_boot) {
                 Verdict::Reject(format!(
-                    "a status from the old boot {old_boot} arrived after the gate"
+                    "a report from the old boot {old_boot} arrived after the gate"
                 ))
-            } else if not_before_ms.is_none_or(|t| s.timestamp_ms > t) {
+            } else if not_before_ms.is_none_or(|t| r.timestamp_ms > t) {
                 Verdict::Accept
             } else {
                 Verdict::Skip
             }
         })
         .await?;
-    Ok(status)
+    Ok(report)
 }
 
-async fn onboard_and_first_status(
+async fn onboard_and_first_report(
     vm: &Vm,
-    nats: &NatsServer,
-    agent: &AgentConfig,
-    binary: AgentBinary,
-) -> Result<Status, ScenarioError> {
+    log: &ReportLog,
+    onboarding: &Onboarding,
+) -> Result<Report, ScenarioError> {
     let arch = vm.arch();
     let machine = vm.succeed("uname -m").await?;
     if machine.trim() != arch.name() {
@@ -193,13 +225,9 @@ async fn onboard_and_first_status(
             schema.stderr.trim()
         )));
     }
-    let onboarding = Onboarding {
-        binary,
-        config: agent.clone(),
-    };
     let started = Instant::now();
     let first = onboarding.apply(vm).await?;
-    tracing::info!("onboarding: {first}");
+    tracing::info!("onboarding {}: {first}", onboarding.description.name);
     if first.changed_steps().is_empty() {
         return Err(ScenarioError::Check(format!(
             "the first onboarding of a fresh VM changed nothing: {first}"
@@ -212,38 +240,26 @@ async fn onboard_and_first_status(
         )));
     }
     vm.timings.record("onboard", started.elapsed());
-    vm.wait_for_unit(AGENT_UNIT, Some(AGENT_USER)).await?;
     let boot_id = vm.boot_id().await?;
     let started = Instant::now();
-    let first_status = status_from_boot(
-        nats,
-        &agent.device_id,
-        0,
-        &boot_id,
-        vm.budgets().first_status,
-    )
-    .await?;
+    let first = report_from_boot(log, 0, &boot_id, vm.budgets().first_status).await?;
     vm.timings.record("first status", started.elapsed());
-    Ok(first_status)
+    Ok(first)
 }
 
-/// Saves `vm`'s failure artifacts and the device's status history, and wraps `error` so it
-/// names the directory and quotes the last console lines.
+/// Saves `vm`'s failure artifacts, the agent's journal and the device's raw report history,
+/// and wraps `error` so it names the directory and quotes the last console lines.
 async fn with_artifacts(
     vm: &Vm,
-    nats: &NatsServer,
-    device_id: &str,
+    log: &ReportLog,
+    agent: &AgentDescription,
     error: ScenarioError,
 ) -> ScenarioError {
-    let agent_journal =
-        format!("sudo -n journalctl --no-pager -o short-precise _SYSTEMD_USER_UNIT={AGENT_UNIT}");
+    let journal = agent.service.journal_command(2000);
     let dir = vm
-        .collect_artifacts(&[("agent-journal.txt", agent_journal.as_str())])
+        .collect_artifacts(&[("agent-journal.txt", journal.as_str())])
         .await;
-    let _ = nats
-        .status_log(device_id)
-        .dump_history(&dir.join("status-history.jsonl"))
-        .await;
+    let _ = log.dump_history(&dir.join("status-history.jsonl")).await;
     let console = vm
         .console_tail(10)
         .iter()
@@ -258,7 +274,16 @@ async fn with_artifacts(
 
 /// The `e2e` trial.
 pub async fn e2e(lab: &Lab, arch: VmArchitecture) -> Result<PhaseTimings, ScenarioError> {
-    let device = onboarded_device(lab, arch, "e2e").await?;
+    e2e_with(lab, arch, &reference::agent()).await
+}
+
+/// The `e2e` trial for any agent.
+pub async fn e2e_with(
+    lab: &Lab,
+    arch: VmArchitecture,
+    agent: &AgentDescription,
+) -> Result<PhaseTimings, ScenarioError> {
+    let device = onboarded_device_with(lab, arch, "e2e", agent).await?;
     Ok(device.timings.clone())
 }
 
@@ -267,17 +292,26 @@ pub async fn e2e(lab: &Lab, arch: VmArchitecture) -> Result<PhaseTimings, Scenar
 /// after the gate must arrive, and SSH must come back (a separate verdict). A status from the
 /// old boot after the gate fails the trial.
 pub async fn power_cycle(lab: &Lab, arch: VmArchitecture) -> Result<PhaseTimings, ScenarioError> {
-    let device = onboarded_device(lab, arch, "pc").await?;
+    power_cycle_with(lab, arch, &reference::agent()).await
+}
+
+/// The `power_cycle` trial for any agent.
+pub async fn power_cycle_with(
+    lab: &Lab,
+    arch: VmArchitecture,
+    agent: &AgentDescription,
+) -> Result<PhaseTimings, ScenarioError> {
+    let device = onboarded_device_with(lab, arch, "pc", agent).await?;
     match pull_the_plug(&device).await {
         Ok(()) => Ok(device.timings.clone()),
-        Err(e) => Err(with_artifacts(&device.vm, &device.nats, &device.agent.device_id, e).await),
+        Err(e) => Err(with_artifacts(&device.vm, &device.reports(), &device.agent, e).await),
     }
 }
 
 async fn pull_the_plug(device: &OnboardedDevice) -> Result<(), ScenarioError> {
     let vm = &device.vm;
     let old_boot = vm.boot_id().await?;
-    let log = device.nats.status_log(&device.agent.device_id);
+    let log = device.reports();
     let started = Instant::now();
     vm.power_off().await?;
     // The gate: the guest is gone, so everything the old boot sent is in the stream by now.
@@ -285,9 +319,8 @@ async fn pull_the_plug(device: &OnboardedDevice) -> Result<(), ScenarioError> {
     let gate_ms = now_ms();
     vm.power_on().await?;
     let agent = async {
-        let status = status_after_cut(
-            &device.nats,
-            &device.agent.device_id,
+        let status = report_after_cut(
+            &log,
             gate_seq,
             &old_boot,
             Some(gate_ms),
@@ -308,18 +341,15 @@ async fn pull_the_plug(device: &OnboardedDevice) -> Result<(), ScenarioError> {
         }
     };
     let new_boot = vm.boot_id().await?;
-    if status.boot_id != new_boot {
+    if let Some(marker) = &status.boot_marker
+        && *marker != new_boot
+    {
         return Err(ScenarioError::Check(format!(
-            "the agent reported boot {} after the power cycle, but the device's boot is {new_boot}",
-            status.boot_id
+            "the agent reported boot {marker} after the power cycle, but the device's boot is {new_boot}"
         )));
     }
     device.timings.record("power-cycle recovery", agent_took);
     device.timings.record("ssh after power cycle", ssh_took);
-    tracing::info!(
-        "first status after the power cycle: boot {} seq {}",
-        status.boot_id,
-        status.seq
-    );
+    tracing::info!("first report after the power cycle: {status:?}");
     Ok(())
 }

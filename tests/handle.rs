@@ -1,13 +1,29 @@
 //! The handle a test holds: the wait strategies (the spec's own waits run before the handle is
 //! returned), the NixOS-driver verbs (`fail`, `wait_until_succeeds`, `wait_for_open_port`,
 //! `wait_for_console_text`), and `remove`, which reports cleanup instead of leaving it to
-//! `Drop`. Boots a VM: `--features e2e`.
+//! `Drop`; and onboarding a description that cannot work on the device (a `.deb` of the other
+//! architecture, a unit that fails) fails with the device's own words. Boots a VM:
+//! `--features e2e`.
 
+mod agents;
+
+use devicelab::description::{Package, Service, TemplateValues};
 use devicelab::fixtures::*;
+use devicelab::onboard::{OnboardError, Onboarding};
 use devicelab::spec::{Readiness, VirtualMachineSpec};
 use devicelab::vm::VmError;
 use devicelab::waits::Wait;
 use std::sync::Arc;
+
+fn values(arch: VmArchitecture) -> TemplateValues {
+    TemplateValues {
+        device_id: "dev-1".into(),
+        nats_url: "nats://192.0.2.1:4222".into(),
+        nats_user: "u".into(),
+        nats_password: "p".into(),
+        arch,
+    }
+}
 
 #[rstest]
 #[tokio::test(flavor = "multi_thread")]
@@ -52,6 +68,49 @@ async fn waits_verbs_and_remove(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
     assert!(vm.fail("cat /tmp/later").await.is_ok(), "not there yet");
     let out = vm.wait_until_succeeds("cat /tmp/later").await.unwrap();
     assert_eq!(out.trim(), "ready");
+
+    // Onboarding any description fails clearly on the device: a .deb of the other
+    // architecture (dpkg's words), a unit that fails to start (its journal).
+    let other = VmArchitecture::ALL
+        .into_iter()
+        .find(|a| *a != arch)
+        .unwrap();
+    let mut wrong_deb = agents::heartbeat();
+    if let Package::Deb { files, .. } = &mut wrong_deb.packages[2] {
+        let theirs = files[&other].clone();
+        files.insert(arch, theirs);
+    }
+    let err = Onboarding::prepare(&lab.config, &wrong_deb, values(arch))
+        .await
+        .unwrap()
+        .apply(&vm)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, OnboardError::Package { .. }), "{msg}");
+    assert!(
+        msg.contains("netcat-openbsd") && msg.contains(other.debian_name()),
+        "{msg}"
+    );
+
+    let mut failing = agents::heartbeat();
+    failing.packages.clear();
+    failing.service = Service::System {
+        unit: "failing.service".into(),
+        text: "[Service]\nExecStart=/bin/sh -c 'echo devicelab-unit-fails >&2; exit 3'\n\n[Install]\nWantedBy=multi-user.target\n".into(),
+    };
+    let err = Onboarding::prepare(&lab.config, &failing, values(arch))
+        .await
+        .unwrap()
+        .apply(&vm)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, OnboardError::UnitFailed { .. }), "{msg}");
+    assert!(
+        msg.contains("failing.service") && msg.contains("devicelab-unit-fails"),
+        "the unit's journal is quoted: {msg}"
+    );
 
     // remove: done (and its errors reported) by the time it returns.
     let run_dir = vm.run_dir().to_owned();

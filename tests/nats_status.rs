@@ -185,7 +185,7 @@ async fn waiting_for_a_report_that_never_comes_times_out_with_what_was_seen() {
     let msg = err.to_string();
     assert!(matches!(err, NatsError::StatusTimeout { .. }));
     assert!(
-        msg.contains("dev-t") && msg.contains("boot b seq 2"),
+        msg.contains("dev-t") && msg.contains("boot_id: \"b\", seq: 2"),
         "{msg}"
     );
 }

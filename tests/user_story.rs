@@ -3,7 +3,6 @@
 
 use devicelab::fixtures::*;
 use devicelab::nats::Verdict;
-use devicelab::onboard::{AGENT_UNIT, AGENT_USER};
 
 #[rstest]
 #[tokio::test(flavor = "multi_thread")]
@@ -11,7 +10,7 @@ use devicelab::onboard::{AGENT_UNIT, AGENT_USER};
 async fn onboarded_agent_comes_back_after_pulling_the_plug(#[future] onboarded: OnboardedDevice) {
     let device = onboarded.await;
     let vm = &device.vm;
-    let reports = device.nats.status_log(&device.agent.device_id);
+    let reports = device.reports();
 
     let before = vm.boot_id().await.unwrap();
     vm.power_cycle().await.unwrap();
@@ -21,24 +20,22 @@ async fn onboarded_agent_comes_back_after_pulling_the_plug(#[future] onboarded: 
     let after = vm.boot_id().await.unwrap();
     assert_ne!(before, after, "a power cycle is a new boot");
 
-    vm.wait_for_unit(AGENT_UNIT, Some(AGENT_USER))
+    let service = &device.agent.service;
+    vm.wait_for_unit(service.unit(), service.user())
         .await
         .unwrap();
     let (seq, status) = reports
-        .wait_for(gate, vm.budgets().first_status, |s| {
-            if s.boot_id == before {
-                Verdict::Reject(format!("a report from the old boot after the gate: {s:?}"))
-            } else if s.boot_id == after {
-                Verdict::Accept
-            } else {
-                Verdict::Skip
+        .wait_for(gate, vm.budgets().first_status, |r| {
+            match r.boot_marker.as_deref() {
+                Some(b) if b == before => {
+                    Verdict::Reject(format!("a report from the old boot after the gate: {r:?}"))
+                }
+                Some(b) if b == after => Verdict::Accept,
+                _ => Verdict::Skip,
             }
         })
         .await
         .unwrap();
-    eprintln!(
-        "first report of the new boot: stream sequence {seq} (gate {gate}), agent seq {}",
-        status.seq
-    );
+    eprintln!("first report of the new boot: stream sequence {seq} (gate {gate}): {status:?}");
     eprintln!("{}: phases {}", vm.name(), device.timings);
 }

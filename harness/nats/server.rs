@@ -2,8 +2,9 @@
 //! line), start as a podman container or a local process, the port it chose, readiness,
 //! restart in place, and removal (or keeping it, with DEVICELAB_KEEP).
 
-use super::{NatsCredentials, NatsError, STREAM_NAME, StatusLog, js_err};
+use super::{NatsCredentials, NatsError, ReportLog, STREAM_NAME, StatusLog, js_err};
 use crate::config::{HarnessConfig, NatsMode};
+use crate::description::Decoder;
 use crate::domain_xml::RunOwner;
 use crate::reaper::{self, CleanupGuard};
 use crate::waits;
@@ -39,7 +40,14 @@ const LOG_FILE: &str = "server.log";
 /// The server's configuration: credentials and the listen address stay out of every command
 /// line (`/proc/*/cmdline`, `podman inspect`); `port: -1` lets the server pick a free port
 /// and report it in its ports file, so no port is chosen here and bound later.
-fn config_text(dir: &str, host: Ipv4Addr, port: Option<u16>, creds: &NatsCredentials) -> String {
+/// `extra` (the agent description's own server settings) is appended as given.
+fn config_text(
+    dir: &str,
+    host: Ipv4Addr,
+    port: Option<u16>,
+    creds: &NatsCredentials,
+    extra: &str,
+) -> String {
     let q = |s: &str| serde_json::to_string(s).expect("a string serializes");
     let port = port.map_or(-1, i32::from);
     format!(
@@ -54,6 +62,8 @@ authorization {{
 jetstream {{
   store_dir: {store}
 }}
+# the agent's own settings (its description's nats_config)
+{extra}
 "#,
         host = q(&host.to_string()),
         ports_dir = q(dir),
@@ -69,6 +79,7 @@ fn write_config(
     host: Ipv4Addr,
     port: Option<u16>,
     creds: &NatsCredentials,
+    extra: &str,
 ) -> Result<(), NatsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -80,7 +91,7 @@ fn write_config(
             .truncate(true)
             .mode(0o600)
             .open(&path)?;
-        f.write_all(config_text(&dir.seen_by_server, host, port, creds).as_bytes())
+        f.write_all(config_text(&dir.seen_by_server, host, port, creds, extra).as_bytes())
     };
     write().map_err(|source| NatsError::Config {
         dir: dir.host.clone(),
@@ -128,6 +139,8 @@ struct Server {
     /// How long the server may take to write its port and accept connections (scaled by
     /// DEVICELAB_BUDGET_SCALE).
     start_budget: Duration,
+    /// Extra server configuration (the agent description's).
+    extra: String,
     _interrupt_guard: Option<CleanupGuard>,
 }
 
@@ -136,6 +149,7 @@ impl Server {
         config: &HarnessConfig,
         gateway: Ipv4Addr,
         owner: &RunOwner,
+        extra: &str,
     ) -> Result<Self, NatsError> {
         let credentials = NatsCredentials {
             user: "devicelab".into(),
@@ -161,7 +175,7 @@ impl Server {
             },
         };
         // Only where the test and the guests reach it: the libvirt network's gateway.
-        write_config(&dir, gateway, None, &credentials)?;
+        write_config(&dir, gateway, None, &credentials, extra)?;
         let server_config = format!("{}/{CONFIG_FILE}", dir.seen_by_server);
         let runner = match &config.nats {
             NatsMode::Container { image } => {
@@ -224,11 +238,18 @@ impl Server {
             credentials,
             keep: config.keep,
             start_budget: config.host_budgets().nats_start,
+            extra: extra.to_owned(),
             _interrupt_guard: Some(interrupt_guard),
         };
         server.port = server.wait_for_port().await?;
         // A restart must come back on the same port: the agents were told this one.
-        write_config(&server.dir, gateway, Some(server.port), &server.credentials)?;
+        write_config(
+            &server.dir,
+            gateway,
+            Some(server.port),
+            &server.credentials,
+            &server.extra,
+        )?;
         Ok(server)
     }
 
@@ -403,8 +424,19 @@ impl NatsServer {
         gateway: Ipv4Addr,
         owner: &RunOwner,
     ) -> Result<Self, NatsError> {
+        Self::start_with(config, gateway, owner, "").await
+    }
+
+    /// [`NatsServer::start`] with `extra` server configuration (an agent description's
+    /// `nats_config`) appended to the run's.
+    pub async fn start_with(
+        config: &HarnessConfig,
+        gateway: Ipv4Addr,
+        owner: &RunOwner,
+        extra: &str,
+    ) -> Result<Self, NatsError> {
         // A server that never becomes ready is still cleaned up: `server` drops on error.
-        let mut server = Server::start(config, gateway, owner).await?;
+        let mut server = Server::start(config, gateway, owner, extra).await?;
         let client = server.connect_when_ready().await?;
         Server::ensure_stream(&client).await?;
         let this = Self {
@@ -470,9 +502,38 @@ impl NatsServer {
         &self.client
     }
 
-    /// One device's reports.
+    /// One device's reports of the reference protocol.
     pub fn status_log(&self, device_id: &str) -> StatusLog {
         StatusLog::new(self.client.clone(), device_id)
+    }
+
+    /// The reports on `subject`, decoded by `decode` (an agent description's).
+    pub fn report_log(&self, subject: &str, decode: Decoder) -> ReportLog {
+        ReportLog::for_subject(self.client.clone(), subject, decode)
+    }
+
+    /// Makes the run's stream capture `subject` too (an agent that reports elsewhere than
+    /// `devicelab.status.>`), so its reports can be read back in order.
+    pub async fn capture(&self, subject: &str) -> Result<(), NatsError> {
+        let js = jetstream::new(self.client.clone());
+        let mut stream = js
+            .get_stream(STREAM_NAME)
+            .await
+            .map_err(|e| js_err("looking up the status stream")(e.to_string()))?;
+        let mut config = stream
+            .info()
+            .await
+            .map_err(|e| js_err("reading the stream's configuration")(e.to_string()))?
+            .config
+            .clone();
+        if config.subjects.iter().any(|p| subject_matches(p, subject)) {
+            return Ok(());
+        }
+        config.subjects.push(subject.to_owned());
+        js.update_stream(config)
+            .await
+            .map_err(|e| js_err("adding a subject to the status stream")(e.to_string()))?;
+        Ok(())
     }
 }
 
@@ -618,5 +679,38 @@ impl Drop for Server {
                 let _ = child.start_kill();
             }
         }
+    }
+}
+
+/// Whether NATS subject `pattern` (`*` one token, `>` the rest) covers `subject`.
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_matches;
+
+    #[test]
+    fn nats_wildcards() {
+        assert!(subject_matches(
+            "devicelab.status.>",
+            "devicelab.status.dev-1"
+        ));
+        assert!(subject_matches("a.*.c", "a.b.c"));
+        assert!(!subject_matches("a.*.c", "a.b.d"));
+        assert!(!subject_matches("devicelab.status.>", "devicelab.status"));
+        assert!(!subject_matches("acme.heartbeat", "acme.heartbeat.x"));
+        assert!(subject_matches("acme.heartbeat.x", "acme.heartbeat.x"));
     }
 }

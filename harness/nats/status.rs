@@ -1,13 +1,15 @@
-//! Reading what devices reported: one device's statuses from the run's JetStream stream, in
-//! the order NATS stored them, judged one by one.
+//! Reading what devices reported: one device's messages from the run's JetStream stream, in
+//! the order NATS stored them, decoded by the agent's description and judged one by one.
 
 use super::{NatsError, STREAM_NAME, js_err};
+use crate::description::{Decoder, Report};
 use async_nats::jetstream::{self, consumer};
 use devicelab_agent::{DEFAULT_SUBJECT_PREFIX, Status, status_subject};
 use futures_util::StreamExt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// What a status check decides about one report.
+/// What a check decides about one report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// This is the report we were waiting for.
@@ -18,32 +20,63 @@ pub enum Verdict {
     Reject(String),
 }
 
-/// One device's reports, in the order NATS received them.
-pub struct StatusLog {
+/// Decodes one message's payload to a `T`, or says why not.
+pub type DecodeAs<T> = Arc<dyn Fn(&[u8]) -> Result<T, String> + Send + Sync>;
+
+/// The messages on one subject, in the order NATS stored them, each decoded to a `T`.
+pub struct MessageLog<T> {
     js: jetstream::Context,
-    device_id: String,
+    subject: String,
+    decode: DecodeAs<T>,
 }
+
+/// One device's reports of the reference protocol.
+pub type StatusLog = MessageLog<Status>;
+/// One device's reports of any agent, as its description decodes them.
+pub type ReportLog = MessageLog<Report>;
 
 impl StatusLog {
     pub(crate) fn new(client: async_nats::Client, device_id: &str) -> Self {
-        Self {
+        MessageLog {
             js: jetstream::new(client),
-            device_id: device_id.to_owned(),
+            subject: status_subject(DEFAULT_SUBJECT_PREFIX, device_id),
+            decode: Arc::new(|p| serde_json::from_slice(p).map_err(|e| e.to_string())),
         }
     }
+}
 
-    pub fn subject(&self) -> String {
-        status_subject(DEFAULT_SUBJECT_PREFIX, &self.device_id)
+impl ReportLog {
+    pub(crate) fn for_subject(client: async_nats::Client, subject: &str, decode: Decoder) -> Self {
+        MessageLog {
+            js: jetstream::new(client),
+            subject: subject.to_owned(),
+            decode,
+        }
+    }
+}
+
+impl<T: std::fmt::Debug + Clone> MessageLog<T> {
+    pub fn subject(&self) -> &str {
+        &self.subject
     }
 
-    /// Writes every report of this device, in order, as JSON lines `{"seq": …, "status": …}`.
+    /// Writes every message, in order, as JSON lines `{"seq": …, "payload": …}`: the raw
+    /// payload, so what the decoder could not read is kept too.
     pub async fn dump_history(&self, path: &std::path::Path) -> Result<usize, NatsError> {
-        let last = self.last_sequence().await?;
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            seq: u64,
+            payload: &'a str,
+        }
         let mut lines = Vec::new();
-        if last > 0 {
+        if self.last_sequence().await? > 0 {
             let _ = self
-                .wait_for(0, Duration::from_secs(5), |s| {
-                    lines.push(serde_json::to_string(s).unwrap_or_default());
+                .scan(0, Duration::from_secs(5), |seq, raw, _| {
+                    let line = Line {
+                        seq,
+                        payload: &String::from_utf8_lossy(raw),
+                    };
+                    lines.push(serde_json::to_string(&line).unwrap_or_default());
                     if lines.len() >= 100_000 {
                         Verdict::Accept
                     } else {
@@ -76,14 +109,38 @@ impl StatusLog {
         Ok(info.state.last_sequence)
     }
 
-    /// Reads this device's reports after stream sequence `after`, in order, until `check`
-    /// accepts one (returned with its sequence) or rejects one, or `budget` runs out.
+    /// Reads the reports after stream sequence `after`, in order, until `check` accepts one
+    /// (returned with its sequence) or rejects one, or `budget` runs out. A message the decoder
+    /// cannot read is skipped, and quoted if the wait times out.
     pub async fn wait_for(
         &self,
         after: u64,
         budget: Duration,
-        mut check: impl FnMut(&Status) -> Verdict,
-    ) -> Result<(u64, Status), NatsError> {
+        mut check: impl FnMut(&T) -> Verdict,
+    ) -> Result<(u64, T), NatsError> {
+        let mut found = None;
+        self.scan(after, budget, |seq, _, decoded| match decoded {
+            Some(report) => {
+                let verdict = check(report);
+                if verdict == Verdict::Accept {
+                    found = Some((seq, report.clone()));
+                }
+                verdict
+            }
+            None => Verdict::Skip,
+        })
+        .await?;
+        found.ok_or_else(|| js_err("reading statuses")("the accepted report went missing".into()))
+    }
+
+    /// Feeds every message after `after` to `visit` (sequence, raw payload, decoded if the
+    /// decoder took it) until it accepts or rejects one, or `budget` runs out.
+    async fn scan(
+        &self,
+        after: u64,
+        budget: Duration,
+        mut visit: impl FnMut(u64, &[u8], Option<&T>) -> Verdict,
+    ) -> Result<(), NatsError> {
         let stream = self
             .js
             .get_stream(STREAM_NAME)
@@ -91,7 +148,7 @@ impl StatusLog {
             .map_err(|e| js_err("looking up the status stream")(e.to_string()))?;
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: self.subject(),
+                filter_subject: self.subject.clone(),
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: after + 1,
                 },
@@ -110,7 +167,7 @@ impl StatusLog {
             let msg = match next {
                 Err(_) | Ok(None) => {
                     return Err(NatsError::StatusTimeout {
-                        device_id: self.device_id.clone(),
+                        subject: self.subject.clone(),
                         budget,
                         seen: if seen.is_empty() {
                             "nothing".into()
@@ -123,25 +180,27 @@ impl StatusLog {
                 Ok(Some(Ok(msg))) => msg,
             };
             let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
-            let status: Status = match serde_json::from_slice(&msg.payload) {
-                Ok(s) => s,
-                Err(e) => {
-                    seen.push(format!("#{seq} unparsable ({e})"));
-                    continue;
-                }
-            };
-            match check(&status) {
-                Verdict::Accept => return Ok((seq, status)),
+            let decoded = (self.decode)(&msg.payload);
+            let verdict = visit(seq, &msg.payload, decoded.as_ref().ok());
+            match verdict {
+                Verdict::Accept => return Ok(()),
                 Verdict::Skip => {
-                    if seen.len() < 20 {
-                        seen.push(format!("#{seq} boot {} seq {}", status.boot_id, status.seq));
+                    if seen.len() >= 20 {
+                        seen.remove(0); // the last ones say most about a wait that timed out
                     }
+                    seen.push(match &decoded {
+                        Ok(report) => format!("#{seq} {report:?}"),
+                        Err(why) => format!(
+                            "#{seq} undecodable ({why}): {:?}",
+                            String::from_utf8_lossy(&msg.payload[..msg.payload.len().min(200)])
+                        ),
+                    });
                 }
                 Verdict::Reject(reason) => {
                     return Err(NatsError::StatusRejected {
                         reason,
                         seq,
-                        status,
+                        report: format!("{:?}", decoded.map_err(|e| e.to_string())),
                     });
                 }
             }

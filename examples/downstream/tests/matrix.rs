@@ -1,0 +1,12 @@
+//! acme's device tests: the whole {e2e, power_cycle} × {x86_64, aarch64} matrix for the acme
+//! agent. `cargo nextest run -p acme-device-tests --features e2e` (ARCH=x86_64 for one arch).
+
+mod acme;
+
+use devicelab::trials::{Matrix, Scenario};
+
+fn main() {
+    Matrix::new(cfg!(feature = "e2e"))
+        .agent("acme", acme::agent, &Scenario::ALL)
+        .run()
+}

@@ -1,0 +1,407 @@
+//! An on-device agent, described (what testcontainers' `Image` is to a container): what to
+//! ship per architecture, which files to render per device, the Debian packages it needs, its
+//! service, how it reports, and what the NATS server must offer it. The reference agent is
+//! one description ([`crate::reference::agent`]); a user's agent is another, and both go through
+//! the same onboarding and the same verdicts.
+
+use crate::arch::VmArchitecture;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DescriptionError {
+    #[error(
+        "agent {agent}: {what} names {{{name}}}, which is not a template value (use one of: {})",
+        TEMPLATE_VALUES.join(", ")
+    )]
+    UnknownValue {
+        agent: String,
+        what: String,
+        name: String,
+    },
+    #[error("agent {agent}: {what} has an unclosed `{{` (write `{{{{` for a literal brace)")]
+    Unclosed { agent: String, what: String },
+    #[error(
+        "agent {agent}: {what} has no file for {arch} (give one per architecture the tests boot)"
+    )]
+    MissingArch {
+        agent: String,
+        what: String,
+        arch: VmArchitecture,
+    },
+    #[error("agent {agent}: {problem}")]
+    Invalid { agent: String, problem: String },
+}
+
+/// What a template may name, as `{name}`.
+pub const TEMPLATE_VALUES: [&str; 5] = [
+    "device_id",
+    "nats_url",
+    "nats_user",
+    "nats_password",
+    "arch",
+];
+
+/// The values a template receives for one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateValues {
+    pub device_id: String,
+    /// The NATS URL as the guest sees it (the libvirt network's gateway).
+    pub nats_url: String,
+    pub nats_user: String,
+    pub nats_password: String,
+    pub arch: VmArchitecture,
+}
+
+impl TemplateValues {
+    fn get(&self, name: &str) -> Option<String> {
+        Some(match name {
+            "device_id" => self.device_id.clone(),
+            "nats_url" => self.nats_url.clone(),
+            "nats_user" => self.nats_user.clone(),
+            "nats_password" => self.nats_password.clone(),
+            "arch" => self.arch.name().to_owned(),
+            _ => return None,
+        })
+    }
+}
+
+/// Renders `{name}` placeholders (`{{` and `}}` are literal braces). `values` of `None` only
+/// checks the names: what `AgentDescription::check` does before anything boots.
+fn render_with(
+    template: &str,
+    values: Option<&TemplateValues>,
+    agent: &str,
+    what: &str,
+) -> Result<String, DescriptionError> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(i) = rest.find(['{', '}']) {
+        out.push_str(&rest[..i]);
+        let (brace, after) = (&rest[i..i + 1], &rest[i + 1..]);
+        if after.starts_with(brace) {
+            out.push_str(brace);
+            rest = &after[1..];
+            continue;
+        }
+        if brace == "}" {
+            out.push('}');
+            rest = after;
+            continue;
+        }
+        let end = after.find('}').ok_or_else(|| DescriptionError::Unclosed {
+            agent: agent.to_owned(),
+            what: what.to_owned(),
+        })?;
+        let name = &after[..end];
+        if !TEMPLATE_VALUES.contains(&name) {
+            return Err(DescriptionError::UnknownValue {
+                agent: agent.to_owned(),
+                what: what.to_owned(),
+                name: name.to_owned(),
+            });
+        }
+        if let Some(v) = values.and_then(|v| v.get(name)) {
+            out.push_str(&v);
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Where a shipped file comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A binary of a cargo package in the user's own workspace, built for the VM's target
+    /// (cross linker set, ELF machine checked), into that workspace's target dir.
+    Cargo {
+        manifest: PathBuf,
+        package: String,
+        bin: String,
+    },
+    /// A prebuilt binary per architecture (its ELF machine is checked).
+    Prebuilt(BTreeMap<VmArchitecture, PathBuf>),
+    /// The same plain file for every architecture (a script, data).
+    File(PathBuf),
+    /// Fixed contents.
+    Bytes(Vec<u8>),
+}
+
+/// One file installed on the device (owner root; `group` may read it as `mode` allows).
+#[derive(Debug, Clone)]
+pub struct Installed {
+    /// The onboarding step's name in reports (e.g. "binary", "config").
+    pub step: String,
+    pub path: String,
+    pub mode: u32,
+    pub group: String,
+    pub content: Content,
+}
+
+#[derive(Debug, Clone)]
+pub enum Content {
+    Shipped(Source),
+    /// Rendered per device from a template (see [`TEMPLATE_VALUES`]).
+    Template(String),
+    /// Rendered per device by code: for a config that has a typed form (serde).
+    Render(Renderer),
+}
+
+/// Renders a file from a device's values.
+#[derive(Clone)]
+pub struct Renderer(pub Arc<dyn Fn(&TemplateValues) -> String + Send + Sync>);
+
+impl std::ops::Deref for Renderer {
+    type Target = dyn Fn(&TemplateValues) -> String + Send + Sync;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl fmt::Debug for Renderer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Renderer(..)")
+    }
+}
+
+/// A Debian package the device needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Package {
+    /// From the guest's own mirror (needs a route out).
+    Mirror(String),
+    /// A `.deb` per architecture, uploaded and installed offline (air-gapped labs).
+    Deb {
+        name: String,
+        files: BTreeMap<VmArchitecture, PathBuf>,
+    },
+}
+
+/// How the agent runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Service {
+    /// A system unit (`/etc/systemd/system/<unit>`); `text` may name `User=`.
+    System { unit: String, text: String },
+    /// A user unit of `user` (`/etc/systemd/user/<unit>`), with linger so it starts at boot.
+    User {
+        user: String,
+        unit: String,
+        text: String,
+    },
+}
+
+impl Service {
+    pub fn unit(&self) -> &str {
+        match self {
+            Self::System { unit, .. } | Self::User { unit, .. } => unit,
+        }
+    }
+    /// The user whose manager runs it (`None`: the system manager).
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            Self::System { .. } => None,
+            Self::User { user, .. } => Some(user),
+        }
+    }
+    pub fn text(&self) -> &str {
+        match self {
+            Self::System { text, .. } | Self::User { text, .. } => text,
+        }
+    }
+    pub fn path(&self) -> String {
+        match self {
+            Self::System { unit, .. } => format!("/etc/systemd/system/{unit}"),
+            Self::User { unit, .. } => format!("/etc/systemd/user/{unit}"),
+        }
+    }
+    /// The journal of this unit, for the failure artifacts and a failed start.
+    pub fn journal_command(&self, lines: usize) -> String {
+        let field = match self {
+            Self::System { .. } => "_SYSTEMD_UNIT",
+            Self::User { .. } => "_SYSTEMD_USER_UNIT",
+        };
+        format!(
+            "sudo -n journalctl --no-pager -o short-precise -n {lines} {field}={}",
+            self.unit()
+        )
+    }
+}
+
+/// What the verdicts need from one report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub device_id: String,
+    /// The agent's own clock, in milliseconds since the epoch.
+    pub timestamp_ms: u64,
+    /// Something that changes on every boot (the kernel's boot id), if the agent reports one.
+    pub boot_marker: Option<String>,
+}
+
+/// Turns one message's payload into a [`Report`], or says why it is not one.
+pub type Decoder = Arc<dyn Fn(&[u8]) -> Result<Report, String> + Send + Sync>;
+
+/// How the agent reports: the NATS subject it publishes on (a template: `{device_id}` is the
+/// usual part), and its decoder.
+#[derive(Clone)]
+pub struct Reports {
+    pub subject: String,
+    pub decode: Decoder,
+}
+
+impl fmt::Debug for Reports {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reports")
+            .field("subject", &self.subject)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An agent, described.
+#[derive(Debug, Clone)]
+pub struct AgentDescription {
+    /// Short, for logs and artifacts.
+    pub name: String,
+    /// A user the agent runs as, created on the device (`None`: it runs as root or as a user
+    /// the image has).
+    pub user: Option<String>,
+    pub packages: Vec<Package>,
+    pub files: Vec<Installed>,
+    pub service: Service,
+    pub reports: Reports,
+    /// Extra nats-server configuration (accounts, listeners, JetStream limits), merged into the
+    /// run's server configuration, container and process alike.
+    pub nats_config: String,
+}
+
+impl AgentDescription {
+    /// Checks everything that can be checked before a VM boots: templates name known values,
+    /// every architecture in `archs` has its per-architecture files, a user unit has a user.
+    pub fn check(&self, archs: &[VmArchitecture]) -> Result<(), DescriptionError> {
+        let agent = &self.name;
+        for f in &self.files {
+            match &f.content {
+                Content::Template(t) => {
+                    render_with(t, None, agent, &format!("the template for {}", f.path))?;
+                }
+                Content::Shipped(Source::Prebuilt(per_arch)) => {
+                    for &arch in archs {
+                        if !per_arch.contains_key(&arch) {
+                            return Err(DescriptionError::MissingArch {
+                                agent: agent.clone(),
+                                what: f.path.clone(),
+                                arch,
+                            });
+                        }
+                    }
+                }
+                Content::Shipped(_) | Content::Render(_) => {}
+            }
+        }
+        for p in &self.packages {
+            if let Package::Deb { name, files } = p {
+                for &arch in archs {
+                    if !files.contains_key(&arch) {
+                        return Err(DescriptionError::MissingArch {
+                            agent: agent.clone(),
+                            what: format!("the package {name}"),
+                            arch,
+                        });
+                    }
+                }
+            }
+        }
+        render_with(&self.reports.subject, None, agent, "the report subject")?;
+        render_with(self.service.text(), None, agent, "the unit")?;
+        if let Service::User { user, .. } = &self.service
+            && self.user.as_deref() != Some(user.as_str())
+        {
+            return Err(DescriptionError::Invalid {
+                agent: agent.clone(),
+                problem: format!(
+                    "the user unit runs as {user}, but the description creates {:?}: set `user` to {user:?}",
+                    self.user
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// `template` with this device's values.
+    pub fn render(
+        &self,
+        template: &str,
+        values: &TemplateValues,
+    ) -> Result<String, DescriptionError> {
+        render_with(template, Some(values), &self.name, "a template")
+    }
+
+    /// The subject this device reports on.
+    pub fn subject(&self, values: &TemplateValues) -> Result<String, DescriptionError> {
+        self.render(&self.reports.subject, values)
+    }
+
+    /// The onboarding steps this description has, in the order they run.
+    pub fn steps(&self) -> Vec<String> {
+        let mut steps = Vec::new();
+        if !self.packages.is_empty() {
+            steps.push("packages".to_owned());
+        }
+        if self.user.is_some() {
+            steps.push("user".to_owned());
+        }
+        steps.extend(self.files.iter().map(|f| f.step.clone()));
+        steps.push("unit".to_owned());
+        if self.service.user().is_some() {
+            steps.push("linger".to_owned());
+        }
+        steps.push("service".to_owned());
+        steps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values() -> TemplateValues {
+        TemplateValues {
+            device_id: "dev-1".into(),
+            nats_url: "nats://10.0.0.1:4222".into(),
+            nats_user: "u".into(),
+            nats_password: "p".into(),
+            arch: VmArchitecture::Aarch64,
+        }
+    }
+
+    #[test]
+    fn templates_render_known_values_and_literal_braces() {
+        let out = render_with(
+            "id={device_id} url={nats_url} arch={arch} json={{\"a\": 1}}",
+            Some(&values()),
+            "a",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "id=dev-1 url=nats://10.0.0.1:4222 arch=aarch64 json={\"a\": 1}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_value_is_an_error_naming_the_known_ones() {
+        let err = render_with("x={device}", None, "acme", "the config")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("acme") && err.contains("{device}") && err.contains("device_id"),
+            "{err}"
+        );
+        let err = render_with("x={device_id", None, "acme", "the config")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unclosed"), "{err}");
+    }
+}

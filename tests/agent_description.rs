@@ -1,0 +1,194 @@
+//! An agent description's bad input, each a clear error that names the fix, found before a VM
+//! boots where it can be: a template naming an unknown value, a binary or `.deb` missing for an
+//! architecture or built for the other one, a cargo package that does not exist; and, against
+//! a real nats-server, a decoder that rejects every message and a subject nothing publishes on.
+
+mod agents;
+
+use devicelab::VmArchitecture;
+use devicelab::config::HarnessConfig;
+use devicelab::description::{Content, Installed, Package, Source, TemplateValues};
+use devicelab::lab::run_owner;
+use devicelab::nats::{NatsError, NatsServer, Verdict};
+use devicelab::onboard::{OnboardError, Onboarding};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn values(arch: VmArchitecture) -> TemplateValues {
+    TemplateValues {
+        device_id: "dev-1".into(),
+        nats_url: "nats://192.0.2.1:4222".into(),
+        nats_user: "u".into(),
+        nats_password: "p".into(),
+        arch,
+    }
+}
+
+fn config() -> HarnessConfig {
+    HarnessConfig::from_vars(BTreeMap::new()).unwrap()
+}
+
+#[tokio::test]
+async fn a_template_naming_an_unknown_value_fails_before_anything_boots() {
+    let mut agent = agents::heartbeat();
+    agent.files[1].content = Content::Template("DEVICE={device}\n".into());
+    let err = agent
+        .check(&[VmArchitecture::X86_64])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("heartbeat") && err.contains("{device}") && err.contains("device_id"),
+        "{err}"
+    );
+    let err = Onboarding::prepare(&config(), &agent, values(VmArchitecture::X86_64))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OnboardError::Description(_)), "{err}");
+}
+
+#[test]
+fn a_deb_missing_for_an_architecture_is_named() {
+    let mut agent = agents::heartbeat();
+    if let Package::Deb { files, .. } = &mut agent.packages[2] {
+        files.remove(&VmArchitecture::Aarch64);
+    }
+    agent.check(&[VmArchitecture::X86_64]).unwrap();
+    let err = agent
+        .check(&[VmArchitecture::Aarch64])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("netcat-openbsd") && err.contains("aarch64"),
+        "{err}"
+    );
+}
+
+/// The x86_64 test binary itself, offered as the aarch64 build of a prebuilt agent.
+#[tokio::test]
+async fn a_binary_for_the_other_architecture_is_refused_with_the_fix() {
+    let this = std::env::current_exe().unwrap();
+    let host = VmArchitecture::host().unwrap();
+    let other = VmArchitecture::ALL
+        .into_iter()
+        .find(|a| *a != host)
+        .unwrap();
+    let mut agent = agents::heartbeat();
+    agent.files[0] = Installed {
+        step: "binary".into(),
+        path: "/usr/local/bin/agent".into(),
+        mode: 0o755,
+        group: "root".into(),
+        content: Content::Shipped(Source::Prebuilt(BTreeMap::from([(other, this)]))),
+    };
+    let err = Onboarding::prepare(&config(), &agent, values(other))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(host.name()) && err.contains(other.name()),
+        "names what it is and what the VM is: {err}"
+    );
+}
+
+#[tokio::test]
+async fn a_cargo_package_that_does_not_exist_is_a_build_error() {
+    let mut agent = agents::heartbeat();
+    agent.files[0].content = Content::Shipped(Source::Cargo {
+        manifest: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"),
+        package: "no-such-agent".into(),
+        bin: "no-such-agent".into(),
+    });
+    let host = VmArchitecture::host().unwrap();
+    let err = Onboarding::prepare(&config(), &agent, values(host))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no-such-agent"), "cargo's own words: {err}");
+}
+
+async fn server() -> NatsServer {
+    let vars = BTreeMap::from([("DEVICELAB_NATS".to_owned(), "process".to_owned())]);
+    let config = HarnessConfig::from_vars(vars).unwrap();
+    NatsServer::start(&config, Ipv4Addr::LOCALHOST, &run_owner())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_decoder_that_rejects_every_message_times_out_quoting_them() {
+    let nats = server().await;
+    let subject = "acme.heartbeat.dev-1";
+    nats.capture(subject).await.unwrap();
+    let js = async_nats::jetstream::new(nats.client().clone());
+    for text in ["hello", "not a report"] {
+        js.publish(subject, text.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let log = nats.report_log(subject, agents::heartbeat().reports.decode);
+    let err = log
+        .wait_for(0, Duration::from_secs(2), |_| Verdict::Accept)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, NatsError::StatusTimeout { .. }), "{msg}");
+    assert!(
+        msg.contains("undecodable") && msg.contains("not a report") && msg.contains("hello"),
+        "the raw messages are quoted: {msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subject_nothing_publishes_on_times_out_saying_so() {
+    let nats = server().await;
+    nats.capture("acme.heartbeat.dev-2").await.unwrap();
+    let log = nats.report_log("acme.heartbeat.dev-2", agents::heartbeat().reports.decode);
+    let err = log
+        .wait_for(0, Duration::from_secs(1), |_| Verdict::Accept)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("acme.heartbeat.dev-2") && err.contains("seen: nothing"),
+        "{err}"
+    );
+}
+
+/// A heartbeat line decodes to what the verdicts need.
+#[test]
+fn the_heartbeat_decoder_reads_its_line() {
+    let r = agents::decode_heartbeat(b"device=d1 boot=b-2 ts=1700000000123").unwrap();
+    assert_eq!(
+        (
+            r.device_id.as_str(),
+            r.boot_marker.as_deref(),
+            r.timestamp_ms
+        ),
+        ("d1", Some("b-2"), 1_700_000_000_123)
+    );
+    assert!(agents::decode_heartbeat(b"{\"json\": 1}").is_err());
+}
+
+/// The README's "Testing your own agent" example is the downstream crate's real matrix, line
+/// for line (its doc comment aside).
+#[test]
+fn the_readme_example_is_the_downstream_crates_code() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let section = &readme[readme
+        .find("## Testing your own agent")
+        .expect("the README's section")..];
+    let start = section.find("```rust\n").expect("its example") + "```rust\n".len();
+    let example = &section[start..start + section[start..].find("```").unwrap()];
+    let code = std::fs::read_to_string(root.join("examples/downstream/tests/matrix.rs")).unwrap();
+    let code: String = code
+        .lines()
+        .skip_while(|l| l.starts_with("//!") || l.is_empty())
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(example, code);
+}

@@ -1,0 +1,107 @@
+//! Agents described through the public API, as a user would describe their own.
+
+use devicelab::VmArchitecture;
+use devicelab::description::{
+    AgentDescription, Content, Installed, Package, Report, Reports, Service, Source,
+};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/agents/heartbeat")
+}
+
+/// A `.deb` per architecture from the fixture's `debs/` (Debian's names: amd64, arm64).
+fn deb(name: &str, version: &str) -> Package {
+    let files = VmArchitecture::ALL
+        .into_iter()
+        .map(|arch| {
+            let file = format!("{name}_{version}_{}.deb", arch.debian_name());
+            (arch, fixtures().join("debs").join(file))
+        })
+        .collect::<BTreeMap<_, _>>();
+    Package::Deb {
+        name: name.into(),
+        files,
+    }
+}
+
+/// `device=<id> boot=<boot id> ts=<ms>`: the heartbeat's line of text.
+pub fn decode_heartbeat(payload: &[u8]) -> Result<Report, String> {
+    let text = std::str::from_utf8(payload).map_err(|e| e.to_string())?;
+    let field = |key: &str| {
+        text.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            .ok_or_else(|| format!("no {key}= in {text:?}"))
+    };
+    Ok(Report {
+        device_id: field("device")?.to_owned(),
+        timestamp_ms: field("ts")?
+            .parse()
+            .map_err(|e| format!("ts is not a number: {e}"))?,
+        boot_marker: Some(field("boot")?.to_owned()),
+    })
+}
+
+/// A second agent, deliberately unlike the reference: a shell script (not built by cargo)
+/// around Debian's netcat (`.deb` files provided offline), a system unit running as its own
+/// user, a shell-variable config, and one line of text per report on its own subject.
+pub fn heartbeat() -> AgentDescription {
+    AgentDescription {
+        name: "heartbeat".into(),
+        user: Some("heartbeat".into()),
+        packages: vec![
+            deb("libmd0", "1.0.4-2"),
+            deb("libbsd0", "0.11.7-2"),
+            deb("netcat-openbsd", "1.219-1"),
+        ],
+        files: vec![
+            Installed {
+                step: "script".into(),
+                path: "/usr/local/bin/heartbeat".into(),
+                mode: 0o755,
+                group: "root".into(),
+                content: Content::Shipped(Source::File(fixtures().join("heartbeat.sh"))),
+            },
+            Installed {
+                step: "config".into(),
+                path: "/etc/heartbeat/heartbeat.conf".into(),
+                mode: 0o640,
+                group: "heartbeat".into(),
+                content: Content::Template(
+                    r#"DEVICE={device_id}
+NATS_URL={nats_url}
+NATS_USER={nats_user}
+NATS_PASSWORD={nats_password}
+SUBJECT=acme.heartbeat.{device_id}
+INTERVAL=2
+"#
+                    .into(),
+                ),
+            },
+        ],
+        service: Service::System {
+            unit: "heartbeat.service".into(),
+            text: r#"[Unit]
+Description=heartbeat agent (devicelab's second agent)
+StartLimitIntervalSec=0
+
+[Service]
+User=heartbeat
+ExecStart=/usr/local/bin/heartbeat
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+"#
+            .into(),
+        },
+        reports: Reports {
+            subject: "acme.heartbeat.{device_id}".into(),
+            decode: Arc::new(decode_heartbeat),
+        },
+        nats_config: String::new(),
+    }
+}
