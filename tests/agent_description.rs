@@ -4,27 +4,16 @@
 //! a real nats-server, a decoder that rejects every message and a subject nothing publishes on.
 
 mod agents;
+mod common;
 
 use devicelab::VmArchitecture;
 use devicelab::config::HarnessConfig;
-use devicelab::description::{Content, Installed, Package, Source, TemplateValues};
-use devicelab::lab::run_owner;
-use devicelab::nats::{NatsError, NatsServer, Verdict};
+use devicelab::description::{Content, Installed, Package, Source};
+use devicelab::nats::{NatsError, Verdict};
 use devicelab::onboard::{OnboardError, Onboarding};
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
-
-fn values(arch: VmArchitecture) -> TemplateValues {
-    TemplateValues {
-        device_id: "dev-1".into(),
-        nats_url: "nats://192.0.2.1:4222".into(),
-        nats_user: "u".into(),
-        nats_password: "p".into(),
-        arch,
-    }
-}
 
 fn config() -> HarnessConfig {
     HarnessConfig::from_vars(BTreeMap::new()).unwrap()
@@ -42,9 +31,13 @@ async fn a_template_naming_an_unknown_value_fails_before_anything_boots() {
         err.contains("heartbeat") && err.contains("{device}") && err.contains("device_id"),
         "{err}"
     );
-    let err = Onboarding::prepare(&config(), &agent, values(VmArchitecture::X86_64))
-        .await
-        .unwrap_err();
+    let err = Onboarding::prepare(
+        &config(),
+        &agent,
+        agents::test_values(VmArchitecture::X86_64),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, OnboardError::Description(_)), "{err}");
 }
 
@@ -82,7 +75,7 @@ async fn a_binary_for_the_other_architecture_is_refused_with_the_fix() {
         group: "root".into(),
         content: Content::Shipped(Source::Prebuilt(BTreeMap::from([(other, this)]))),
     };
-    let err = Onboarding::prepare(&config(), &agent, values(other))
+    let err = Onboarding::prepare(&config(), &agent, agents::test_values(other))
         .await
         .unwrap_err()
         .to_string();
@@ -101,24 +94,16 @@ async fn a_cargo_package_that_does_not_exist_is_a_build_error() {
         bin: "no-such-agent".into(),
     });
     let host = VmArchitecture::host().unwrap();
-    let err = Onboarding::prepare(&config(), &agent, values(host))
+    let err = Onboarding::prepare(&config(), &agent, agents::test_values(host))
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("no-such-agent"), "cargo's own words: {err}");
 }
 
-async fn server() -> NatsServer {
-    let vars = BTreeMap::from([("DEVICELAB_NATS".to_owned(), "process".to_owned())]);
-    let config = HarnessConfig::from_vars(vars).unwrap();
-    NatsServer::start(&config, Ipv4Addr::LOCALHOST, &run_owner())
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_decoder_that_rejects_every_message_times_out_quoting_them() {
-    let nats = server().await;
+    let nats = common::nats_process_server().await;
     let subject = "acme.heartbeat.dev-1";
     nats.capture(subject).await.unwrap();
     let js = async_nats::jetstream::new(nats.client().clone());
@@ -144,7 +129,7 @@ async fn a_decoder_that_rejects_every_message_times_out_quoting_them() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_subject_nothing_publishes_on_times_out_saying_so() {
-    let nats = server().await;
+    let nats = common::nats_process_server().await;
     nats.capture("acme.heartbeat.dev-2").await.unwrap();
     let log = nats.report_log("acme.heartbeat.dev-2", agents::heartbeat().reports.decode);
     let err = log
@@ -191,4 +176,23 @@ fn the_readme_example_is_the_downstream_crates_code() {
         .map(|l| format!("{l}\n"))
         .collect();
     assert_eq!(example, code);
+}
+
+/// What a description asks of the server (`nats_config`) is in the server's configuration:
+/// here a smaller maximum payload, which the server then announces to its clients.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_descriptions_nats_config_reaches_the_server() {
+    let vars = BTreeMap::from([("DEVICELAB_NATS".to_owned(), "process".to_owned())]);
+    let config = HarnessConfig::from_vars(vars).unwrap();
+    let mut agent = agents::heartbeat();
+    agent.nats_config = "max_payload: 4096".into();
+    let nats = devicelab::nats::NatsServer::start_with(
+        &config,
+        std::net::Ipv4Addr::LOCALHOST,
+        &devicelab::lab::run_owner(),
+        &agent.nats_config,
+    )
+    .await
+    .unwrap();
+    assert_eq!(nats.client().server_info().max_payload, 4096);
 }

@@ -7,7 +7,7 @@
 
 mod agents;
 
-use devicelab::description::{Package, Service, TemplateValues};
+use devicelab::description::{Package, Service};
 use devicelab::fixtures::*;
 use devicelab::onboard::{OnboardError, Onboarding};
 use devicelab::spec::{Readiness, VirtualMachineSpec};
@@ -15,14 +15,14 @@ use devicelab::vm::VmError;
 use devicelab::waits::Wait;
 use std::sync::Arc;
 
-fn values(arch: VmArchitecture) -> TemplateValues {
-    TemplateValues {
-        device_id: "dev-1".into(),
-        nats_url: "nats://192.0.2.1:4222".into(),
-        nats_user: "u".into(),
-        nats_password: "p".into(),
-        arch,
-    }
+/// Onboards `agent` on `vm`, which must fail; its message and the error.
+async fn onboarding_error(lab: &Lab, vm: &Vm, agent: AgentDescription) -> (String, OnboardError) {
+    let values = agents::test_values(vm.arch());
+    let onboarding = Onboarding::prepare(&lab.config, &agent, values)
+        .await
+        .unwrap();
+    let err = onboarding.apply(vm).await.unwrap_err();
+    (err.to_string(), err)
 }
 
 #[rstest]
@@ -80,13 +80,7 @@ async fn waits_verbs_and_remove(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
         let theirs = files[&other].clone();
         files.insert(arch, theirs);
     }
-    let err = Onboarding::prepare(&lab.config, &wrong_deb, values(arch))
-        .await
-        .unwrap()
-        .apply(&vm)
-        .await
-        .unwrap_err();
-    let msg = err.to_string();
+    let (msg, err) = onboarding_error(&lab, &vm, wrong_deb).await;
     assert!(matches!(err, OnboardError::Package { .. }), "{msg}");
     assert!(
         msg.contains("netcat-openbsd") && msg.contains(other.debian_name()),
@@ -99,13 +93,7 @@ async fn waits_verbs_and_remove(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
         unit: "failing.service".into(),
         text: "[Service]\nExecStart=/bin/sh -c 'echo devicelab-unit-fails >&2; exit 3'\n\n[Install]\nWantedBy=multi-user.target\n".into(),
     };
-    let err = Onboarding::prepare(&lab.config, &failing, values(arch))
-        .await
-        .unwrap()
-        .apply(&vm)
-        .await
-        .unwrap_err();
-    let msg = err.to_string();
+    let (msg, err) = onboarding_error(&lab, &vm, failing).await;
     assert!(matches!(err, OnboardError::UnitFailed { .. }), "{msg}");
     assert!(
         msg.contains("failing.service") && msg.contains("devicelab-unit-fails"),

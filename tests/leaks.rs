@@ -33,13 +33,19 @@ async fn helper_provision_and_hang() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "helper for the leak tests"]
 async fn helper_drop_and_exit() {
+    let (_lab, vm) = helper_vm_to_ssh().await;
+    drop(vm);
+}
+
+/// The helpers' VM: LEAK_VM_NAME, provisioned to SSH.
+async fn helper_vm_to_ssh() -> (std::sync::Arc<Lab>, devicelab::Vm) {
     let name = std::env::var("LEAK_VM_NAME").unwrap();
     let lab = Lab::from_env().await.unwrap();
     let vm = lab
         .vm(VirtualMachineSpec::new(name, arch()).ready_when(Readiness::SshLogin))
         .await
         .unwrap();
-    drop(vm);
+    (lab, vm)
 }
 
 /// Runs in a child process with DEVICELAB_KEEP=1: provisions a VM to SSH and a NATS server,
@@ -47,13 +53,8 @@ async fn helper_drop_and_exit() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "helper for the leak tests"]
 async fn helper_keep_and_exit() {
-    let name = std::env::var("LEAK_VM_NAME").unwrap();
-    let lab = Lab::from_env().await.unwrap();
+    let (lab, vm) = helper_vm_to_ssh().await;
     assert!(lab.config.keep, "run with DEVICELAB_KEEP=1");
-    let vm = lab
-        .vm(VirtualMachineSpec::new(name, arch()).ready_when(Readiness::SshLogin))
-        .await
-        .unwrap();
     let nats = lab.nats().await.unwrap();
     println!(
         "kept-container {}",
@@ -70,12 +71,7 @@ async fn helper_keep_and_exit() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "helper for the leak tests"]
 async fn helper_panic_with_vm_up() {
-    let name = std::env::var("LEAK_VM_NAME").unwrap();
-    let lab = Lab::from_env().await.unwrap();
-    let vm = lab
-        .vm(VirtualMachineSpec::new(name, arch()).ready_when(Readiness::SshLogin))
-        .await
-        .unwrap();
+    let (_lab, vm) = helper_vm_to_ssh().await;
     vm.succeed("echo devicelab-evidence-marker | sudo -n tee /dev/kmsg")
         .await
         .unwrap();

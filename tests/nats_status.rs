@@ -1,6 +1,8 @@
 //! The status protocol end to end on loopback: the real agent loop publishes to a real
 //! nats-server started by the harness, and the harness reads the history back in order.
 
+mod common;
+
 use devicelab::config::HarnessConfig;
 use devicelab::lab::run_owner;
 use devicelab::nats::{NatsError, NatsServer, Verdict};
@@ -10,11 +12,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 async fn server() -> NatsServer {
-    let vars = BTreeMap::from([("DEVICELAB_NATS".to_owned(), "process".to_owned())]);
-    let config = HarnessConfig::from_vars(vars).unwrap();
-    NatsServer::start(&config, Ipv4Addr::LOCALHOST, &run_owner())
-        .await
-        .unwrap()
+    common::nats_process_server().await
 }
 
 fn agent(nats: &NatsServer, device: &str) -> AgentConfig {

@@ -1,8 +1,9 @@
 //! Agents described through the public API, as a user would describe their own.
+#![allow(dead_code)] // each test binary uses its own part
 
 use devicelab::VmArchitecture;
 use devicelab::description::{
-    AgentDescription, Content, Installed, Package, Report, Reports, Service, Source,
+    AgentDescription, Content, Installed, Package, Report, Reports, Service, Source, TemplateValues,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -103,5 +104,16 @@ WantedBy=multi-user.target
             decode: Arc::new(decode_heartbeat),
         },
         nats_config: String::new(),
+    }
+}
+
+/// A device's template values for tests that never reach a NATS server.
+pub fn test_values(arch: VmArchitecture) -> TemplateValues {
+    TemplateValues {
+        device_id: "dev-1".into(),
+        nats_url: "nats://192.0.2.1:4222".into(),
+        nats_user: "u".into(),
+        nats_password: "p".into(),
+        arch,
     }
 }

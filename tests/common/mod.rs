@@ -137,3 +137,17 @@ pub fn require(program: &str, fix: &str) -> std::path::PathBuf {
         .find(|p| p.is_file())
         .unwrap_or_else(|| panic!("this test needs `{program}` on the host: {fix}"))
 }
+
+/// A nats-server process of the harness's own, on loopback (no VM will reach it).
+pub async fn nats_process_server() -> devicelab::nats::NatsServer {
+    let vars =
+        std::collections::BTreeMap::from([("DEVICELAB_NATS".to_owned(), "process".to_owned())]);
+    let config = devicelab::config::HarnessConfig::from_vars(vars).unwrap();
+    devicelab::nats::NatsServer::start(
+        &config,
+        std::net::Ipv4Addr::LOCALHOST,
+        &devicelab::lab::run_owner(),
+    )
+    .await
+    .unwrap()
+}
