@@ -2,8 +2,8 @@
 //! outlives the VM). The serial log and the domain XML are there from the start; this adds
 //! what only the guest can tell, each item read over SSH within its budget, best effort.
 
-use crate::ssh::{SshSession, SshTarget};
-use crate::waits::CONNECT_TIMEOUT;
+use crate::ssh::SshTarget;
+use crate::waits::ssh_login;
 use std::path::Path;
 use std::time::Duration;
 
@@ -26,10 +26,10 @@ pub async fn collect(
     extra: &[(&str, &str)],
     budget: Duration,
 ) {
+    // Retried within the item budget: a guest restarting sshd (cloud-init does, mid first
+    // boot) refuses connections for a moment, and its logs are what explains the failure.
     let session = match target {
-        Some(t) => SshSession::connect(t, CONNECT_TIMEOUT)
-            .await
-            .map_err(|e| e.to_string()),
+        Some(t) => ssh_login(t, budget).await.map_err(|e| e.to_string()),
         None => Err("the guest had no address yet".to_owned()),
     };
     for (file, command) in GUEST_ITEMS.iter().chain(extra) {

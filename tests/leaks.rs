@@ -75,6 +75,15 @@ async fn helper_panic_with_vm_up() {
     vm.succeed("echo devicelab-evidence-marker | sudo -n tee /dev/kmsg")
         .await
         .unwrap();
+    // sshd goes away for 5 s right as the test fails, as when cloud-init restarts it mid first
+    // boot: the evidence is still collected (the collection retries within its budget).
+    vm.succeed(
+        "sudo -n nohup sh -c 'systemctl stop ssh.service; sleep 5; systemctl start ssh.service' \
+         >/dev/null 2>&1 &",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     panic!("the user's assertion failed");
 }
 
