@@ -286,30 +286,14 @@ impl AgentDescription {
                     render_with(t, None, agent, &format!("the template for {}", f.path))?;
                 }
                 Content::Shipped(Source::Prebuilt(per_arch)) => {
-                    for &arch in archs {
-                        if !per_arch.contains_key(&arch) {
-                            return Err(DescriptionError::MissingArch {
-                                agent: agent.clone(),
-                                what: f.path.clone(),
-                                arch,
-                            });
-                        }
-                    }
+                    self.every_arch(per_arch, archs, &f.path)?;
                 }
                 Content::Shipped(_) | Content::Render(_) => {}
             }
         }
         for p in &self.packages {
             if let Package::Deb { name, files } = p {
-                for &arch in archs {
-                    if !files.contains_key(&arch) {
-                        return Err(DescriptionError::MissingArch {
-                            agent: agent.clone(),
-                            what: format!("the package {name}"),
-                            arch,
-                        });
-                    }
-                }
+                self.every_arch(files, archs, &format!("the package {name}"))?;
             }
         }
         render_with(&self.reports.subject, None, agent, "the report subject")?;
@@ -326,6 +310,24 @@ impl AgentDescription {
             });
         }
         Ok(())
+    }
+
+    /// `per_arch` has an entry for each of `archs`, or the error names `what` and the first
+    /// architecture missing.
+    fn every_arch(
+        &self,
+        per_arch: &BTreeMap<VmArchitecture, PathBuf>,
+        archs: &[VmArchitecture],
+        what: &str,
+    ) -> Result<(), DescriptionError> {
+        match archs.iter().find(|a| !per_arch.contains_key(a)) {
+            Some(&arch) => Err(DescriptionError::MissingArch {
+                agent: self.name.clone(),
+                what: what.to_owned(),
+                arch,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// `template` with this device's values.

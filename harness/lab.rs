@@ -2,7 +2,6 @@
 //! and the cached images, shared by every VM a test process starts.
 
 use crate::accel::{self, AccelDecision, Accelerator};
-use crate::agent::{AgentBinary, AgentBinaryError};
 use crate::arch::VmArchitecture;
 use crate::config::{ConfigError, HarnessConfig};
 use crate::description::AgentDescription;
@@ -52,7 +51,6 @@ pub struct Lab {
     pub client_key: ClientKey,
     pub owner: RunOwner,
     images: tokio::sync::Mutex<HashMap<VmArchitecture, BaseImage>>,
-    agents: tokio::sync::Mutex<HashMap<VmArchitecture, AgentBinary>>,
     accels: Mutex<HashMap<VmArchitecture, AccelDecision>>,
     qemu_args: Arc<Mutex<HashMap<VmArchitecture, Vec<String>>>>,
 }
@@ -138,7 +136,6 @@ impl Lab {
             client_key,
             owner: run_owner(),
             images: Default::default(),
-            agents: Default::default(),
             accels: Default::default(),
             qemu_args: Default::default(),
         }))
@@ -168,19 +165,6 @@ impl Lab {
             .await?;
         images.insert(arch, image.clone());
         Ok(image)
-    }
-
-    pub async fn agent_binary(
-        &self,
-        arch: VmArchitecture,
-    ) -> Result<AgentBinary, AgentBinaryError> {
-        let mut agents = self.agents.lock().await;
-        if let Some(bin) = agents.get(&arch) {
-            return Ok(bin.clone());
-        }
-        let bin = AgentBinary::for_arch(&self.config, arch).await?;
-        agents.insert(arch, bin.clone());
-        Ok(bin)
     }
 
     /// The QEMU system emulator for `arch`, from the usual install locations.

@@ -11,7 +11,7 @@ use crate::onboard::{OnboardError, Onboarding};
 use crate::reference;
 use crate::spec::VirtualMachineSpec;
 use crate::vm::{PhaseTimings, Vm, VmError};
-use devicelab_agent::{AgentConfig, now_ms};
+use devicelab_agent::now_ms;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -148,12 +148,6 @@ pub fn template_values(name: &str, nats: &NatsServer, arch: VmArchitecture) -> T
         nats_password: creds.map(|c| c.password.clone()).unwrap_or_default(),
         arch,
     }
-}
-
-/// The reference agent's configuration for device `name`, reporting to `nats` every 2 s.
-pub fn agent_config(name: String, nats: &NatsServer) -> AgentConfig {
-    let arch = VmArchitecture::host().unwrap_or(VmArchitecture::X86_64);
-    reference::config_for(&template_values(&name, nats, arch))
 }
 
 /// Waits for the first report from boot `boot_id` after stream sequence `after` (an agent

@@ -65,18 +65,6 @@ impl Owned {
             }
         })
     }
-
-    /// Tears down on a thread of its own (the `Drop` path); `guard` stays registered until it
-    /// is done, so an interrupt meanwhile still cleans up.
-    pub fn remove_in_background(self, keep_run_dir: bool, guard: CleanupGuard) {
-        let name = self.name.clone();
-        in_background(name, move || {
-            if let Err(e) = self.remove(keep_run_dir) {
-                eprintln!("devicelab: {e}");
-            }
-            drop(guard);
-        });
-    }
 }
 
 /// Runs a blocking cleanup on a thread of its own, joined before the process exits (and by

@@ -718,32 +718,33 @@ impl Drop for Vm {
         let Some(guard) = self.interrupt_guard.take() else {
             return;
         };
-        if collect {
-            let (target, dir, budget) = (
-                self.target().ok(),
-                self.owned.run_dir.clone(),
-                self.budgets.artifact_item,
-            );
-            let owned = self.owned.clone();
-            crate::teardown::in_background(self.owned.name.clone(), move || {
+        let collect = collect.then(|| (self.target().ok(), self.budgets.artifact_item));
+        let owned = self.owned.clone();
+        let teardown = move || {
+            if let Some((target, budget)) = collect {
                 match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(artifacts::collect(target.as_ref(), &dir, &[], budget)),
+                    Ok(rt) => rt.block_on(artifacts::collect(
+                        target.as_ref(),
+                        &owned.run_dir,
+                        &[],
+                        budget,
+                    )),
                     Err(e) => eprintln!("devicelab: no runtime to collect the artifacts: {e}"),
                 }
-                if let Err(e) = owned.remove(true) {
-                    eprintln!("devicelab: {e}");
-                }
-                drop(guard);
-            });
-            return;
-        }
+            }
+            if let Err(e) = owned.remove(keep_dir) {
+                eprintln!("devicelab: {e}");
+            }
+            // Registered until the teardown is done: an interrupt meanwhile still cleans up.
+            drop(guard);
+        };
         if tokio::runtime::Handle::try_current().is_ok() {
-            self.owned.clone().remove_in_background(keep_dir, guard);
-        } else if let Err(e) = self.owned.remove(keep_dir) {
-            eprintln!("devicelab: {e}");
+            crate::teardown::in_background(self.owned.name.clone(), teardown);
+        } else {
+            teardown();
         }
     }
 }
