@@ -242,18 +242,83 @@ pub struct Report {
 /// Turns one message's payload into a [`Report`], or says why it is not one.
 pub type Decoder = Arc<dyn Fn(&[u8]) -> Result<Report, String> + Send + Sync>;
 
-/// How the agent reports: the NATS subject it publishes on (a template: `{device_id}` is the
-/// usual part), and its decoder.
+/// Where the agent's reports land. Subjects, keys and bucket names are templates
+/// (`{device_id}` is the usual part).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportsOn {
+    /// A NATS subject; wildcards are allowed (`acme.{device_id}.>`: every subject under it).
+    /// The run's stream captures it, so a device's whole history is kept in order.
+    Subject(String),
+    /// A key of a JetStream key-value bucket (the agent puts to `$KV.<bucket>.<key>`). The
+    /// harness creates the bucket before the device boots, keeping the most history JetStream
+    /// allows (64 revisions per key), unless it exists already.
+    KeyValue { bucket: String, key: String },
+}
+
+impl ReportsOn {
+    /// The JetStream stream that stores these reports, given the run's own stream.
+    pub fn stream(&self, run_stream: &str) -> String {
+        match self {
+            Self::Subject(_) => run_stream.to_owned(),
+            Self::KeyValue { bucket, .. } => format!("KV_{bucket}"),
+        }
+    }
+    /// The subject (a filter, with wildcards) these reports are published on.
+    pub fn subject(&self) -> String {
+        match self {
+            Self::Subject(s) => s.clone(),
+            Self::KeyValue { bucket, key } => format!("$KV.{bucket}.{key}"),
+        }
+    }
+}
+
+impl fmt::Display for ReportsOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Subject(s) => write!(f, "subject {s}"),
+            Self::KeyValue { bucket, key } => write!(f, "key {key} of the KV bucket {bucket}"),
+        }
+    }
+}
+
+/// How the agent reports: where ([`ReportsOn`]), and its decoder.
 #[derive(Clone)]
 pub struct Reports {
-    pub subject: String,
+    pub on: ReportsOn,
     pub decode: Decoder,
+}
+
+impl Reports {
+    /// Reports published on `subject` (a template; wildcards allowed).
+    pub fn subject(
+        subject: impl Into<String>,
+        decode: impl Fn(&[u8]) -> Result<Report, String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            on: ReportsOn::Subject(subject.into()),
+            decode: Arc::new(decode),
+        }
+    }
+    /// Reports put to `key` (a template) of the JetStream KV bucket `bucket`.
+    pub fn key_value(
+        bucket: impl Into<String>,
+        key: impl Into<String>,
+        decode: impl Fn(&[u8]) -> Result<Report, String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            on: ReportsOn::KeyValue {
+                bucket: bucket.into(),
+                key: key.into(),
+            },
+            decode: Arc::new(decode),
+        }
+    }
 }
 
 impl fmt::Debug for Reports {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reports")
-            .field("subject", &self.subject)
+            .field("on", &self.on)
             .finish_non_exhaustive()
     }
 }
@@ -296,7 +361,7 @@ impl AgentDescription {
                 self.every_arch(files, archs, &format!("the package {name}"))?;
             }
         }
-        render_with(&self.reports.subject, None, agent, "the report subject")?;
+        self.render_reports_on(None)?;
         render_with(self.service.text(), None, agent, "the unit")?;
         if let Service::User { user, .. } = &self.service
             && self.user.as_deref() != Some(user.as_str())
@@ -339,9 +404,38 @@ impl AgentDescription {
         render_with(template, Some(values), &self.name, "a template")
     }
 
-    /// The subject this device reports on.
-    pub fn subject(&self, values: &TemplateValues) -> Result<String, DescriptionError> {
-        self.render(&self.reports.subject, values)
+    /// Where this device's reports land.
+    pub fn reports_on(&self, values: &TemplateValues) -> Result<ReportsOn, DescriptionError> {
+        self.render_reports_on(Some(values))
+    }
+
+    /// Renders the subject, or the bucket and key (a bucket name JetStream would refuse is an
+    /// error now, not when the server is asked to create it).
+    fn render_reports_on(
+        &self,
+        values: Option<&TemplateValues>,
+    ) -> Result<ReportsOn, DescriptionError> {
+        let agent = &self.name;
+        Ok(match &self.reports.on {
+            ReportsOn::Subject(s) => {
+                ReportsOn::Subject(render_with(s, values, agent, "the report subject")?)
+            }
+            ReportsOn::KeyValue { bucket, key } => {
+                let bucket = render_with(bucket, values, agent, "the KV bucket")?;
+                let valid = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+                // Unrendered, a template's values are empty: only the literal part is checked.
+                if (values.is_some() && bucket.is_empty()) || !bucket.chars().all(valid) {
+                    return Err(DescriptionError::Invalid {
+                        agent: agent.clone(),
+                        problem: format!(
+                            "the KV bucket name {bucket:?} is not one JetStream accepts: use letters, digits, `_` and `-` only"
+                        ),
+                    });
+                }
+                let key = render_with(key, values, agent, "the KV key")?;
+                ReportsOn::KeyValue { bucket, key }
+            }
+        })
     }
 
     /// The onboarding steps this description has, in the order they run.

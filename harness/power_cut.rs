@@ -223,11 +223,13 @@ pub async fn cut_at(
     // on a build.
     let agent = reference::agent();
     let values = template_values(name, nats, arch);
-    let subject = agent
-        .subject(&values)
+    let reports_on = agent
+        .reports_on(&values)
         .map_err(crate::onboard::OnboardError::from)?;
     let onboarding = Onboarding::prepare(&lab.config, &agent, values).await?;
-    let log = nats.report_log(&subject, agent.reports.decode.clone());
+    let log = nats
+        .report_log(&reports_on, agent.reports.decode.clone())
+        .for_device(name);
     let vm = lab.vm(spec).await?;
     let reporting = match point.anchor {
         Anchor::SshUp | Anchor::CloudInitDone => false,

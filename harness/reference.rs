@@ -84,10 +84,7 @@ pub fn agent() -> AgentDescription {
             unit: AGENT_UNIT.into(),
             text: unit_file(),
         },
-        reports: Reports {
-            subject: format!("{DEFAULT_SUBJECT_PREFIX}.{{device_id}}"),
-            decode: Arc::new(decode),
-        },
+        reports: Reports::subject(format!("{DEFAULT_SUBJECT_PREFIX}.{{device_id}}"), decode),
         nats_config: String::new(),
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::agent::AgentBinaryError;
 use crate::arch::VmArchitecture;
-use crate::description::{AgentDescription, Report, TemplateValues};
+use crate::description::{AgentDescription, Report, ReportsOn, TemplateValues};
 use crate::lab::{Lab, LabNatsError};
 use crate::nats::{NatsError, NatsServer, ReportLog, Verdict};
 use crate::onboard::{OnboardError, Onboarding};
@@ -77,8 +77,8 @@ pub struct OnboardedDevice {
     /// The agent, described.
     pub agent: AgentDescription,
     pub device_id: String,
-    /// The subject this device reports on.
-    pub subject: String,
+    /// Where this device's reports land.
+    pub reports_on: ReportsOn,
     pub first_report: Report,
     pub timings: PhaseTimings,
 }
@@ -87,7 +87,8 @@ impl OnboardedDevice {
     /// This device's reports, decoded by its agent's description.
     pub fn reports(&self) -> ReportLog {
         self.nats
-            .report_log(&self.subject, self.agent.reports.decode.clone())
+            .report_log(&self.reports_on, self.agent.reports.decode.clone())
+            .for_device(&self.device_id)
     }
 }
 
@@ -113,8 +114,8 @@ pub async fn onboarded_device_with(
     let nats = lab.nats_for(agent).await?;
     let name = lab.vm_name(what, arch);
     let values = template_values(&name, &nats, arch);
-    let subject = agent.subject(&values).map_err(OnboardError::from)?;
-    nats.capture(&subject).await?;
+    let reports_on = agent.reports_on(&values).map_err(OnboardError::from)?;
+    nats.capture(&reports_on).await?;
     // The agent is built while the VM boots.
     let (vm, onboarding) = tokio::join!(
         lab.vm(VirtualMachineSpec::new(&name, arch)),
@@ -122,14 +123,16 @@ pub async fn onboarded_device_with(
     );
     let (vm, onboarding) = (vm?, onboarding?);
     let timings = vm.timings.clone();
-    let log = nats.report_log(&subject, agent.reports.decode.clone());
+    let log = nats
+        .report_log(&reports_on, agent.reports.decode.clone())
+        .for_device(&name);
     match onboard_and_first_report(&vm, &log, &onboarding).await {
         Ok(first_report) => Ok(OnboardedDevice {
             vm,
             nats,
             agent: agent.clone(),
             device_id: name,
-            subject,
+            reports_on,
             first_report,
             timings,
         }),

@@ -2,13 +2,14 @@
 //! boots where it can be: a template naming an unknown value, a binary or `.deb` missing for an
 //! architecture or built for the other one, a cargo package that does not exist; and, against
 //! a real nats-server, a decoder that rejects every message and a subject nothing publishes on.
+//! Also against a real nats-server: reports on a wildcard subject, and in a KV bucket.
 
 mod agents;
 mod common;
 
 use devicelab::VmArchitecture;
 use devicelab::config::HarnessConfig;
-use devicelab::description::{Content, Installed, Package, Source};
+use devicelab::description::{Content, Installed, Package, Reports, ReportsOn, Source};
 use devicelab::nats::{NatsError, Verdict};
 use devicelab::onboard::{OnboardError, Onboarding};
 use std::collections::BTreeMap;
@@ -105,7 +106,8 @@ async fn a_cargo_package_that_does_not_exist_is_a_build_error() {
 async fn a_decoder_that_rejects_every_message_times_out_quoting_them() {
     let nats = common::nats_process_server().await;
     let subject = "acme.heartbeat.dev-1";
-    nats.capture(subject).await.unwrap();
+    let on = ReportsOn::Subject(subject.into());
+    nats.capture(&on).await.unwrap();
     let js = async_nats::jetstream::new(nats.client().clone());
     for text in ["hello", "not a report"] {
         js.publish(subject, text.into())
@@ -114,7 +116,7 @@ async fn a_decoder_that_rejects_every_message_times_out_quoting_them() {
             .await
             .unwrap();
     }
-    let log = nats.report_log(subject, agents::heartbeat().reports.decode);
+    let log = nats.report_log(&on, agents::heartbeat().reports.decode);
     let err = log
         .wait_for(0, Duration::from_secs(2), |_| Verdict::Accept)
         .await
@@ -130,8 +132,9 @@ async fn a_decoder_that_rejects_every_message_times_out_quoting_them() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_subject_nothing_publishes_on_times_out_saying_so() {
     let nats = common::nats_process_server().await;
-    nats.capture("acme.heartbeat.dev-2").await.unwrap();
-    let log = nats.report_log("acme.heartbeat.dev-2", agents::heartbeat().reports.decode);
+    let on = ReportsOn::Subject("acme.heartbeat.dev-2".into());
+    nats.capture(&on).await.unwrap();
+    let log = nats.report_log(&on, agents::heartbeat().reports.decode);
     let err = log
         .wait_for(0, Duration::from_secs(1), |_| Verdict::Accept)
         .await
@@ -139,6 +142,124 @@ async fn a_subject_nothing_publishes_on_times_out_saying_so() {
         .to_string();
     assert!(
         err.contains("acme.heartbeat.dev-2") && err.contains("seen: nothing"),
+        "{err}"
+    );
+}
+
+/// A subject with a wildcard takes every subject under it, and only those: here an agent
+/// that reports its boot and its beats on two subjects of its own. Where devices share a
+/// wildcard, a device's log skips the others' reports.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wildcard_subject_reads_every_subject_under_it() {
+    let mut agent = agents::heartbeat();
+    agent.reports = Reports::subject("acme.{device_id}.>", agents::decode_heartbeat);
+    let own = agent
+        .reports_on(&agents::test_values(VmArchitecture::X86_64))
+        .unwrap();
+    assert_eq!(own, ReportsOn::Subject("acme.dev-1.>".into()));
+    // Captured second, the wider subject takes the narrower one's place in the stream.
+    let shared = ReportsOn::Subject("acme.>".into());
+    let nats = common::nats_process_server().await;
+    nats.capture(&own).await.unwrap();
+    nats.capture(&shared).await.unwrap();
+    let client = nats.client();
+    for (subject, line) in [
+        ("acme.dev-1.boot", "device=dev-1 boot=b ts=1"),
+        ("acme.dev-2.beat", "device=dev-2 boot=b ts=2"),
+        ("acme.dev-1.beat", "device=dev-1 boot=b ts=3"),
+    ] {
+        client.publish(subject, line.into()).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    let read = |log: devicelab::nats::ReportLog| async move {
+        let mut seen = Vec::new();
+        log.wait_for(0, Duration::from_secs(10), |r| {
+            seen.push(r.timestamp_ms);
+            if r.timestamp_ms == 3 {
+                Verdict::Accept
+            } else {
+                Verdict::Skip
+            }
+        })
+        .await
+        .unwrap();
+        seen
+    };
+    let decode = || agent.reports.decode.clone();
+    assert_eq!(read(nats.report_log(&own, decode())).await, [1, 3]);
+    assert_eq!(read(nats.report_log(&shared, decode())).await, [1, 2, 3]);
+    let dev1 = nats.report_log(&shared, decode()).for_device("dev-1");
+    assert_eq!(read(dev1).await, [1, 3], "dev-2's report is not dev-1's");
+}
+
+/// An agent that puts its reports to a JetStream key-value bucket: the harness creates the
+/// bucket (keeping 64 revisions per key), and reads a device's revisions in order, from a gate
+/// on, like a subject's messages. The device publishes plainly on `$KV.<bucket>.<key>`, as the
+/// heartbeat agent does.
+#[tokio::test(flavor = "multi_thread")]
+async fn reports_put_to_a_kv_bucket_are_read_in_order_from_a_gate() {
+    let agent = agents::heartbeat();
+    let on = agent
+        .reports_on(&agents::test_values(VmArchitecture::X86_64))
+        .unwrap();
+    assert_eq!(
+        on,
+        ReportsOn::KeyValue {
+            bucket: "heartbeat".into(),
+            key: "dev-1".into()
+        }
+    );
+    let nats = common::nats_process_server().await;
+    nats.capture(&on).await.unwrap();
+    nats.capture(&on).await.unwrap(); // the bucket exists now: kept as it is
+    let js = async_nats::jetstream::new(nats.client().clone());
+    let kv = js.get_key_value("heartbeat").await.unwrap();
+    assert_eq!(kv.status().await.unwrap().history(), 64);
+
+    let put = |ts: u64| {
+        let client = nats.client().clone();
+        async move {
+            let line = format!("device=dev-1 boot=b ts={ts}");
+            client
+                .publish("$KV.heartbeat.dev-1", line.into())
+                .await
+                .unwrap();
+            client.flush().await.unwrap();
+        }
+    };
+    put(1).await;
+    kv.put("dev-2", "device=dev-2 boot=b ts=2".into())
+        .await
+        .unwrap();
+    let log = nats.report_log(&on, agent.reports.decode.clone());
+    let (_, first) = log
+        .wait_for(0, Duration::from_secs(10), |_| Verdict::Accept)
+        .await
+        .unwrap();
+    assert_eq!((first.device_id.as_str(), first.timestamp_ms), ("dev-1", 1));
+
+    let gate = log.last_sequence().await.unwrap();
+    put(3).await;
+    let mut seen = Vec::new();
+    log.wait_for(gate, Duration::from_secs(10), |r| {
+        seen.push(r.timestamp_ms);
+        Verdict::Accept
+    })
+    .await
+    .unwrap();
+    assert_eq!(seen, [3], "only what came after the gate");
+}
+
+#[test]
+fn a_kv_bucket_name_jetstream_refuses_is_an_error_before_anything_boots() {
+    let mut agent = agents::heartbeat();
+    agent.reports = Reports::key_value("heart beat", "{device_id}", agents::decode_heartbeat);
+    let err = agent
+        .check(&[VmArchitecture::X86_64])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("\"heart beat\"") && err.contains("letters, digits"),
         "{err}"
     );
 }

@@ -4,7 +4,7 @@
 
 use super::{NatsCredentials, NatsError, ReportLog, STREAM_NAME, StatusLog, js_err};
 use crate::config::{HarnessConfig, NatsMode};
-use crate::description::Decoder;
+use crate::description::{Decoder, ReportsOn};
 use crate::domain_xml::RunOwner;
 use crate::reaper::{self, CleanupGuard};
 use crate::waits;
@@ -507,15 +507,30 @@ impl NatsServer {
         StatusLog::new(self.client.clone(), device_id)
     }
 
-    /// The reports on `subject`, decoded by `decode` (an agent description's).
-    pub fn report_log(&self, subject: &str, decode: Decoder) -> ReportLog {
-        ReportLog::for_subject(self.client.clone(), subject, decode)
+    /// The reports `on` (rendered for one device), decoded by `decode` (an agent description's).
+    /// [`Self::capture`] them first.
+    pub fn report_log(&self, on: &ReportsOn, decode: Decoder) -> ReportLog {
+        ReportLog::new(self.client.clone(), on, decode)
     }
 
-    /// Makes the run's stream capture `subject` too (an agent that reports elsewhere than
-    /// `devicelab.status.>`), so its reports can be read back in order.
-    pub async fn capture(&self, subject: &str) -> Result<(), NatsError> {
+    /// Makes sure reports `on` are stored, in order, before any device sends one: the run's
+    /// stream captures a subject elsewhere than `devicelab.status.>`; a KV bucket is created
+    /// (with the most history JetStream keeps per key) unless it exists.
+    pub async fn capture(&self, on: &ReportsOn) -> Result<(), NatsError> {
         let js = jetstream::new(self.client.clone());
+        let subject = match on {
+            ReportsOn::Subject(subject) => subject,
+            ReportsOn::KeyValue { bucket, .. } => {
+                let name = on.stream(STREAM_NAME);
+                if js.get_stream(&name).await.is_ok() {
+                    return Ok(());
+                }
+                js.create_stream(kv_stream_config(name, bucket))
+                    .await
+                    .map_err(|e| js_err("creating the reports' KV bucket")(e.to_string()))?;
+                return Ok(());
+            }
+        };
         let mut stream = js
             .get_stream(STREAM_NAME)
             .await
@@ -529,11 +544,35 @@ impl NatsServer {
         if config.subjects.iter().any(|p| subject_matches(p, subject)) {
             return Ok(());
         }
-        config.subjects.push(subject.to_owned());
-        js.update_stream(config)
-            .await
-            .map_err(|e| js_err("adding a subject to the status stream")(e.to_string()))?;
+        // A stream's subjects must not overlap: the ones the new subject covers make way.
+        config.subjects.retain(|p| !subject_matches(subject, p));
+        config.subjects.push(subject.clone());
+        let captured = config.subjects.join(", ");
+        js.update_stream(config).await.map_err(|e| {
+            js_err("adding a subject to the status stream")(format!(
+                "{e} (the run's stream captures {captured}: subjects that partly overlap, like \
+                 a.*.x and a.b.>, cannot share it; give each device's reports a subject of its own)"
+            ))
+        })?;
         Ok(())
+    }
+}
+
+/// The stream behind a KV bucket, as the NATS clients' `create_key_value` makes it, keeping
+/// JetStream's most revisions per key (64: a device reporting every 2 s keeps about two
+/// minutes). Written out because async-nats's own `create_key_value` first queries the
+/// account, and cannot read nats-server 2.9's answer.
+fn kv_stream_config(name: String, bucket: &str) -> stream::Config {
+    stream::Config {
+        name,
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 64,
+        discard: stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
     }
 }
 
@@ -682,15 +721,16 @@ impl Drop for Server {
     }
 }
 
-/// Whether NATS subject `pattern` (`*` one token, `>` the rest) covers `subject`.
+/// Whether NATS subject `pattern` (`*` one token, `>` the rest) covers `subject`, which may
+/// have wildcards itself (then: every subject it matches).
 pub fn subject_matches(pattern: &str, subject: &str) -> bool {
     let mut p = pattern.split('.');
     let mut s = subject.split('.');
     loop {
         match (p.next(), s.next()) {
             (Some(">"), Some(_)) => return true,
-            (Some("*"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(a), Some(b)) if a == b && a != ">" => {}
             (None, None) => return true,
             _ => return false,
         }
@@ -712,5 +752,11 @@ mod tests {
         assert!(!subject_matches("devicelab.status.>", "devicelab.status"));
         assert!(!subject_matches("acme.heartbeat", "acme.heartbeat.x"));
         assert!(subject_matches("acme.heartbeat.x", "acme.heartbeat.x"));
+        // Patterns covering patterns.
+        assert!(subject_matches("acme.>", "acme.dev-1.>"));
+        assert!(subject_matches("acme.*.*", "acme.*.beat"));
+        assert!(!subject_matches("acme.*", "acme.>"));
+        assert!(!subject_matches("acme.*.x", "acme.b.>"));
+        assert!(!subject_matches("acme.b.>", "acme.*.x"));
     }
 }

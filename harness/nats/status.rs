@@ -2,7 +2,7 @@
 //! the order NATS stored them, decoded by the agent's description and judged one by one.
 
 use super::{NatsError, STREAM_NAME, js_err};
-use crate::description::{Decoder, Report};
+use crate::description::{Decoder, Report, ReportsOn};
 use async_nats::jetstream::{self, consumer};
 use devicelab_agent::{DEFAULT_SUBJECT_PREFIX, Status, status_subject};
 use futures_util::StreamExt;
@@ -20,14 +20,36 @@ pub enum Verdict {
     Reject(String),
 }
 
+/// A report that names its device: a log read for one device skips other devices' reports (a
+/// wildcard subject can carry several devices').
+pub trait FromDevice {
+    fn device_id(&self) -> &str;
+}
+
+impl FromDevice for Status {
+    fn device_id(&self) -> &str {
+        &self.device_id
+    }
+}
+
+impl FromDevice for Report {
+    fn device_id(&self) -> &str {
+        &self.device_id
+    }
+}
+
 /// Decodes one message's payload to a `T`, or says why not.
 pub type DecodeAs<T> = Arc<dyn Fn(&[u8]) -> Result<T, String> + Send + Sync>;
 
 /// The messages on one subject, in the order NATS stored them, each decoded to a `T`.
 pub struct MessageLog<T> {
     js: jetstream::Context,
+    /// The stream that stores them: the run's, or a KV bucket's.
+    stream: String,
     subject: String,
     decode: DecodeAs<T>,
+    /// Only this device's reports count (`None`: every report on the subject).
+    device: Option<String>,
 }
 
 /// One device's reports of the reference protocol.
@@ -39,25 +61,35 @@ impl StatusLog {
     pub(crate) fn new(client: async_nats::Client, device_id: &str) -> Self {
         MessageLog {
             js: jetstream::new(client),
+            stream: STREAM_NAME.to_owned(),
             subject: status_subject(DEFAULT_SUBJECT_PREFIX, device_id),
             decode: Arc::new(|p| serde_json::from_slice(p).map_err(|e| e.to_string())),
+            device: Some(device_id.to_owned()),
         }
     }
 }
 
 impl ReportLog {
-    pub(crate) fn for_subject(client: async_nats::Client, subject: &str, decode: Decoder) -> Self {
+    pub(crate) fn new(client: async_nats::Client, on: &ReportsOn, decode: Decoder) -> Self {
         MessageLog {
             js: jetstream::new(client),
-            subject: subject.to_owned(),
+            stream: on.stream(STREAM_NAME),
+            subject: on.subject(),
             decode,
+            device: None,
         }
     }
 }
 
-impl<T: std::fmt::Debug + Clone> MessageLog<T> {
+impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
     pub fn subject(&self) -> &str {
         &self.subject
+    }
+
+    /// Only `device_id`'s reports are waited for; others on the same subject are skipped.
+    pub fn for_device(mut self, device_id: &str) -> Self {
+        self.device = Some(device_id.to_owned());
+        self
     }
 
     /// Writes every message, in order, as JSON lines `{"seq": …, "payload": …}`: the raw
@@ -95,11 +127,11 @@ impl<T: std::fmt::Debug + Clone> MessageLog<T> {
         Ok(count)
     }
 
-    /// The stream's last sequence number: a gate, since later reports get higher numbers.
+    /// The stream's last sequence number (of every subject it stores): a gate, since later reports get higher numbers.
     pub async fn last_sequence(&self) -> Result<u64, NatsError> {
         let mut stream = self
             .js
-            .get_stream(STREAM_NAME)
+            .get_stream(&self.stream)
             .await
             .map_err(|e| js_err("looking up the status stream")(e.to_string()))?;
         let info = stream
@@ -111,7 +143,7 @@ impl<T: std::fmt::Debug + Clone> MessageLog<T> {
 
     /// Reads the reports after stream sequence `after`, in order, until `check` accepts one
     /// (returned with its sequence) or rejects one, or `budget` runs out. A message the decoder
-    /// cannot read is skipped, and quoted if the wait times out.
+    /// cannot read, or another device's, is skipped, and quoted if the wait times out.
     pub async fn wait_for(
         &self,
         after: u64,
@@ -119,15 +151,17 @@ impl<T: std::fmt::Debug + Clone> MessageLog<T> {
         mut check: impl FnMut(&T) -> Verdict,
     ) -> Result<(u64, T), NatsError> {
         let mut found = None;
+        let device = self.device.clone();
+        let ours = |r: &T| device.as_deref().is_none_or(|d| r.device_id() == d);
         self.scan(after, budget, |seq, _, decoded| match decoded {
-            Some(report) => {
+            Some(report) if ours(report) => {
                 let verdict = check(report);
                 if verdict == Verdict::Accept {
                     found = Some((seq, report.clone()));
                 }
                 verdict
             }
-            None => Verdict::Skip,
+            _ => Verdict::Skip,
         })
         .await?;
         found.ok_or_else(|| js_err("reading statuses")("the accepted report went missing".into()))
@@ -143,7 +177,7 @@ impl<T: std::fmt::Debug + Clone> MessageLog<T> {
     ) -> Result<(), NatsError> {
         let stream = self
             .js
-            .get_stream(STREAM_NAME)
+            .get_stream(&self.stream)
             .await
             .map_err(|e| js_err("looking up the status stream")(e.to_string()))?;
         let consumer = stream

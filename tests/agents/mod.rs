@@ -7,7 +7,6 @@ use devicelab::description::{
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/agents/heartbeat")
@@ -47,7 +46,8 @@ pub fn decode_heartbeat(payload: &[u8]) -> Result<Report, String> {
 
 /// A second agent, deliberately unlike the reference: a shell script (not built by cargo)
 /// around Debian's netcat (`.deb` files provided offline), a system unit running as its own
-/// user, a shell-variable config, and one line of text per report on its own subject.
+/// user, a shell-variable config, and one line of text per report, put to a key of a
+/// JetStream key-value bucket.
 pub fn heartbeat() -> AgentDescription {
     AgentDescription {
         name: "heartbeat".into(),
@@ -75,7 +75,7 @@ pub fn heartbeat() -> AgentDescription {
 NATS_URL={nats_url}
 NATS_USER={nats_user}
 NATS_PASSWORD={nats_password}
-SUBJECT=acme.heartbeat.{device_id}
+SUBJECT='$KV.heartbeat.{device_id}'
 INTERVAL=2
 "#
                     .into(),
@@ -99,10 +99,8 @@ WantedBy=multi-user.target
 "#
             .into(),
         },
-        reports: Reports {
-            subject: "acme.heartbeat.{device_id}".into(),
-            decode: Arc::new(decode_heartbeat),
-        },
+        // Reports go to a JetStream key-value bucket, the reference's to a plain subject.
+        reports: Reports::key_value("heartbeat", "{device_id}", decode_heartbeat),
         nats_config: String::new(),
     }
 }

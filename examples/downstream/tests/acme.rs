@@ -41,13 +41,10 @@ pub fn agent() -> AgentDescription {
             unit: "acme-agent.service".into(),
             text: "[Service]\nUser=acme\nExecStart=/usr/local/bin/acme-agent\nRestart=always\nRestartSec=1\n\n[Install]\nWantedBy=multi-user.target\n".into(),
         },
-        reports: Reports {
-            subject: "acme.reports.{device_id}".into(),
-            decode: Arc::new(|payload| {
-                let r: AcmeReport = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-                Ok(Report { device_id: r.id, timestamp_ms: r.t, boot_marker: Some(r.boot) })
-            }),
-        },
+        reports: Reports::subject("acme.reports.{device_id}", |payload| {
+            let r: AcmeReport = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+            Ok(Report { device_id: r.id, timestamp_ms: r.t, boot_marker: Some(r.boot) })
+        }),
         nats_config: String::new(),
     }
 }
