@@ -248,12 +248,17 @@ impl Lab {
     }
 
     async fn nats_with(&self, extra: &str) -> Result<NatsServer, LabNatsError> {
-        let network = self.config.network.clone();
-        let gateway = self
-            .libvirt
-            .run(move |lv| lv.network_gateway(&network))
-            .await?;
+        let gateway = self.gateway().await?;
         Ok(NatsServer::start_with(&self.config, gateway, &self.owner, extra).await?)
+    }
+
+    /// The host's address on the lab's network: where a service the VMs use listens (the NATS
+    /// server; a test's own apt mirror).
+    pub async fn gateway(&self) -> Result<std::net::Ipv4Addr, crate::libvirt::LibvirtError> {
+        let network = self.config.network.clone();
+        self.libvirt
+            .run(move |lv| lv.network_gateway(&network))
+            .await
     }
 
     /// A VM name unique to this run: `devicelab-<what>-<arch>-<run id>`.

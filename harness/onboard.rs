@@ -50,6 +50,16 @@ pub enum OnboardError {
         output: String,
     },
     #[error(
+        "VM {vm}: apt could not install {packages} from the guest's mirror:\n{output}\n  \
+         check the names, and that the guest's apt sources reach a mirror; a guest with no \
+         route out needs the .deb files instead (Package::Deb)"
+    )]
+    MirrorPackage {
+        vm: String,
+        packages: String,
+        output: String,
+    },
+    #[error(
         "VM {vm}: {unit} is {state} {waited:.0?} after it was started; its journal:\n{journal}"
     )]
     UnitFailed {
@@ -335,27 +345,36 @@ impl Onboarding {
             }
             changed = true;
         }
+        // Mirror packages not installed yet: the package lists first (a fresh cloud image has
+        // none), then all of them in one apt run.
+        let mut missing = Vec::new();
         for p in &self.description.packages {
             if let Package::Mirror(name) = p {
                 let n = shell_quote(name);
-                let out = vm
-                    .exec(&format!(
-                        "dpkg-query -W -f='${{Status}}' {n} 2>/dev/null | grep -q 'install ok installed' && echo unchanged || \
-                         (sudo -n DEBIAN_FRONTEND=noninteractive apt-get install -y {n} >&2 && echo changed)"
-                    ))
+                let state = vm
+                    .exec(&format!("dpkg-query -W -f='${{Status}}' {n} 2>/dev/null"))
                     .await?;
-                match outcome("packages", &out.stdout) {
-                    Ok(o) => changed |= o == StepOutcome::Changed,
-                    Err(_) => {
-                        return Err(OnboardError::Package {
-                            vm: vm.name().to_owned(),
-                            package: name.clone(),
-                            arch: self.values.arch,
-                            output: format!("{}{}", out.stdout, out.stderr),
-                        });
-                    }
+                if state.stdout.trim() != "install ok installed" {
+                    missing.push(n);
                 }
             }
+        }
+        if !missing.is_empty() {
+            let names = missing.join(" ");
+            let out = vm
+                .exec(&format!(
+                    "sudo -n apt-get update -q && \
+                     sudo -n DEBIAN_FRONTEND=noninteractive apt-get install -y -q {names}"
+                ))
+                .await?;
+            if !out.success() {
+                return Err(OnboardError::MirrorPackage {
+                    vm: vm.name().to_owned(),
+                    packages: names,
+                    output: format!("{}{}", out.stdout, out.stderr),
+                });
+            }
+            changed = true;
         }
         Ok(changed.into())
     }

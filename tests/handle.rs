@@ -1,11 +1,13 @@
 //! The handle a test holds: the wait strategies (the spec's own waits run before the handle is
 //! returned), the NixOS-driver verbs (`fail`, `wait_until_succeeds`, `wait_for_open_port`,
 //! `wait_for_console_text`), and `remove`, which reports cleanup instead of leaving it to
-//! `Drop`; and onboarding a description that cannot work on the device (a `.deb` of the other
-//! architecture, a unit that fails) fails with the device's own words. Boots a VM:
+//! `Drop`; onboarding a description that cannot work on the device (a `.deb` of the other
+//! architecture, a unit that fails, a package the mirror lacks) fails with the device's own
+//! words; packages from the guest's apt mirror install once. Boots a VM:
 //! `--features e2e`.
 
 mod agents;
+mod common;
 
 use devicelab::description::{Package, Service};
 use devicelab::fixtures::*;
@@ -100,6 +102,38 @@ async fn waits_verbs_and_remove(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
         "the unit's journal is quoted: {msg}"
     );
 
+    // Package::Mirror, from the guest's own apt mirror (here the lab's: the guest has no
+    // route out): the package lists are fetched, the package and what it depends on installed;
+    // a second run changes nothing; a name the mirror lacks is apt's own error.
+    let mirror = apt_mirror(&lab, arch).await;
+    vm.succeed(&format!(
+        "sudo sh -c 'mkdir -p /root/apt-off && mv /etc/apt/sources.list /etc/apt/sources.list.d/* /root/apt-off/ 2>/dev/null; \
+         echo \"deb [trusted=yes] {} ./\" > /etc/apt/sources.list.d/lab.list'",
+        mirror.url("/")
+    ))
+    .await
+    .unwrap();
+    vm.fail("command -v nc").await.unwrap();
+    let mut from_mirror = agents::heartbeat();
+    from_mirror.packages = vec![Package::Mirror("netcat-openbsd".into())];
+    let onboarding = Onboarding::prepare(&lab.config, &from_mirror, agents::test_values(arch))
+        .await
+        .unwrap();
+    let first = onboarding.apply(&vm).await.unwrap();
+    assert!(first.changed_steps().contains(&"packages"), "{first}");
+    vm.succeed("command -v nc").await.unwrap();
+    assert!(mirror.hits("/Packages") > 0, "apt read the mirror's index");
+    let second = onboarding.apply(&vm).await.unwrap();
+    assert!(second.changed_steps().is_empty(), "{second}");
+    let mut missing = from_mirror.clone();
+    missing.packages = vec![Package::Mirror("devicelab-no-such-package".into())];
+    let (msg, err) = onboarding_error(&lab, &vm, missing).await;
+    assert!(matches!(err, OnboardError::MirrorPackage { .. }), "{msg}");
+    assert!(
+        msg.contains("Unable to locate package devicelab-no-such-package"),
+        "apt's words: {msg}"
+    );
+
     // remove: done (and its errors reported) by the time it returns.
     let run_dir = vm.run_dir().to_owned();
     vm.remove().await.unwrap();
@@ -114,6 +148,48 @@ async fn waits_verbs_and_remove(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
         .collect();
     assert!(leftovers.is_empty(), "volumes left: {leftovers:?}");
     assert!(!run_dir.exists(), "the run dir is gone");
+}
+
+/// A flat apt repository of the heartbeat's `.deb` files for `arch`, served on the lab's
+/// gateway: its `Packages` index from each file's own control fields (`dpkg-deb -f`).
+async fn apt_mirror(lab: &Lab, arch: VmArchitecture) -> common::HttpServer {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/agents/heartbeat/debs");
+    let mut index = String::new();
+    let mut routes = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.ends_with(&format!("_{}.deb", arch.debian_name())) {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let control = std::process::Command::new("dpkg-deb")
+            .args(["-f"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(control.status.success(), "dpkg-deb -f {name}");
+        index += &format!(
+            "{}Filename: ./{name}\nSize: {}\nSHA256: {}\n\n",
+            String::from_utf8(control.stdout).unwrap(),
+            bytes.len(),
+            common::sha256_hex(&bytes)
+        );
+        routes.push((format!("/{name}"), common::Route::ok(bytes)));
+    }
+    let release = format!(
+        "Date: Thu, 01 Jan 2026 00:00:00 UTC\nSHA256:\n {} {} Packages\n",
+        common::sha256_hex(index.as_bytes()),
+        index.len()
+    );
+    routes.push(("/Packages".into(), common::Route::ok(index)));
+    routes.push(("/Release".into(), common::Route::ok(release)));
+    let routes = routes
+        .iter()
+        .map(|(p, r)| (p.as_str(), r.clone()))
+        .collect();
+    common::HttpServer::start_on(lab.gateway().await.unwrap(), routes).await
 }
 
 /// The `image` and `firmware` fixtures: what a VM boots, for a test that wants to look at it.

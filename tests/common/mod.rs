@@ -41,9 +41,14 @@ pub struct HttpServer {
 
 impl HttpServer {
     pub async fn start(routes: Vec<(&str, Route)>) -> Self {
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST, routes).await
+    }
+
+    /// Listening on `ip` (a port the kernel picks): the lab's gateway, for a VM.
+    pub async fn start_on(ip: std::net::Ipv4Addr, routes: Vec<(&str, Route)>) -> Self {
         let routes: Arc<HashMap<String, Route>> =
             Arc::new(routes.into_iter().map(|(p, r)| (p.to_owned(), r)).collect());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits: Arc<Mutex<HashMap<String, usize>>> = Default::default();
         let hits2 = hits.clone();
@@ -65,7 +70,9 @@ impl HttpServer {
                         req.extend_from_slice(&buf[..n]);
                     }
                     let text = String::from_utf8_lossy(&req);
-                    let path = text.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    // apt asks a flat repository `./` for `/./Packages`.
+                    let path = text.split_whitespace().nth(1).unwrap_or("/");
+                    let path = path.replace("/./", "/");
                     *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
                     let route = routes.get(&path).cloned().unwrap_or(Route::status(404));
                     let head = format!(
