@@ -18,7 +18,7 @@ pub struct DomainXmlParams {
     pub memory_mib: u64,
     pub emulator: PathBuf,
     pub disk: PathBuf,
-    pub seed_iso: PathBuf,
+    pub seed: PathBuf,
     pub network: String,
     pub mac: String,
     pub serial_log: PathBuf,
@@ -135,11 +135,10 @@ fn render_with_digest(p: &DomainXmlParams, digest: &str) -> String {
       <source file='{disk}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
-    <controller type='scsi' index='0' model='virtio-scsi'/>
-    <disk type='file' device='cdrom'>
+    <disk type='file' device='disk'>
       <driver name='qemu' type='raw'/>
       <source file='{seed}'/>
-      <target dev='sda' bus='scsi'/>
+      <target dev='vdb' bus='virtio'/>
       <readonly/>
     </disk>
     <interface type='network'>
@@ -170,7 +169,7 @@ fn render_with_digest(p: &DomainXmlParams, digest: &str) -> String {
         machine = p.arch.machine(),
         emulator = path(&p.emulator),
         disk = path(&p.disk),
-        seed = path(&p.seed_iso),
+        seed = path(&p.seed),
         mac = e(&p.mac),
         network = e(&p.network),
         serial_log = path(&p.serial_log),

@@ -48,12 +48,14 @@ pub fn install_crypto_provider() {
     let _ = async_nats::rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-/// Logs to stderr, filtered by RUST_LOG (default: info for devicelab). Idempotent.
+/// Logs through the test harness's output capture (libtest keeps each test's log and shows it
+/// with a failure; nextest keeps it per test anyway), filtered by RUST_LOG (default: info for
+/// devicelab). Idempotent: a test that `test-log` set up keeps its own subscriber.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("devicelab=info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_test_writer()
         .try_init();
 }

@@ -116,7 +116,7 @@ impl OwnerRecord {
 pub fn volume_names(name: &str) -> [String; 3] {
     [
         format!("{name}.qcow2"),
-        format!("{name}-seed.iso"),
+        format!("{name}-seed.img"),
         format!("{name}-VARS.fd"),
     ]
 }
@@ -136,7 +136,11 @@ pub fn remove_vm(libvirt: &Libvirt, pool: &Pool, name: &str) -> Vec<String> {
     {
         errors.push(e.to_string());
     }
-    for v in volume_names(name) {
+    // `-seed.iso`: the seed's name before it became a FAT image, left by older versions.
+    for v in volume_names(name)
+        .into_iter()
+        .chain([format!("{name}-seed.iso")])
+    {
         if let Err(e) = pool.delete_volume(&v) {
             errors.push(e.to_string());
         }

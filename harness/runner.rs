@@ -128,14 +128,14 @@ pub async fn run(plan: Plan) -> Result<Vm, VmError> {
                     };
                     let disk = pool.create_overlay(&disk_vol, &image, gib)?;
                     let seed_path = pool.path_of(&seed_vol);
-                    seed.write_iso(&seed_path)?;
+                    seed.write_image(&seed_path)?;
                     pool.refresh()?;
                     Ok((disk, seed_path, uefi))
                 },
             )
             .await?
     };
-    let (disk, seed_iso, uefi) = assets;
+    let (disk, seed, uefi) = assets;
     let rendered = domain_xml::render(&DomainXmlParams {
         name: name.clone(),
         arch: plan.spec.arch,
@@ -144,7 +144,7 @@ pub async fn run(plan: Plan) -> Result<Vm, VmError> {
         memory_mib: plan.spec.memory_mib,
         emulator: plan.emulator.clone(),
         disk,
-        seed_iso,
+        seed,
         network: plan.network.clone(),
         mac: domain_xml::mac_for(&instance_id),
         serial_log: serial_log.clone(),

@@ -1,26 +1,26 @@
 //! The cloud-init NoCloud seed: user-data and meta-data as typed structs (JSON is YAML, so
-//! serde_json writes valid cloud-config), packed into an ISO labelled `cidata`.
+//! serde_json writes valid cloud-config), on a small FAT volume labelled `CIDATA` written by
+//! the `fatfs` crate (no host tool: cloud-init reads vfat and iso9660 seeds alike).
 
 use crate::keys::HostKey;
 use crate::spec::VirtualMachineSpec;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
-    #[error("cannot write seed files in {dir}: {source}")]
+    #[error("cannot write the seed image in {dir}: {source}")]
     Write {
         dir: PathBuf,
         source: std::io::Error,
     },
-    #[error(
-        "cannot run xorriso to build the seed ISO: {0} (install xorriso: fixtures/host/setup.sh)"
-    )]
-    XorrisoMissing(std::io::Error),
-    #[error("xorriso failed to build {path}: {stderr}")]
-    Xorriso { path: PathBuf, stderr: String },
 }
+
+/// The seed volume's size: a FAT12 volume with room to spare for a few KiB of user-data.
+const SEED_BYTES: u64 = 1024 * 1024;
+/// The label cloud-init's NoCloud source looks for (`cidata` or `CIDATA`; FAT labels are
+/// upper case).
+pub const SEED_LABEL: &str = "CIDATA";
 
 #[derive(Debug, Serialize)]
 pub struct CloudConfig {
@@ -142,34 +142,42 @@ impl Seed {
         }
     }
 
-    /// Writes the ISO to `path` (atomically: a temp file renamed into place).
-    pub fn write_iso(&self, path: &Path) -> Result<(), SeedError> {
+    /// Writes the seed volume to `path` (atomically: a temp file renamed into place, so a
+    /// crash never leaves a half-written seed).
+    pub fn write_image(&self, path: &Path) -> Result<(), SeedError> {
         let dir = path.parent().unwrap_or(Path::new("."));
         let write_err = |source| SeedError::Write {
             dir: dir.to_owned(),
             source,
         };
-        let staging = tempfile::Builder::new()
+        let mut tmp = tempfile::Builder::new()
             .prefix(".seed-")
-            .tempdir_in(dir)
+            .tempfile_in(dir)
             .map_err(write_err)?;
-        let user_data = staging.path().join("user-data");
-        let meta_data = staging.path().join("meta-data");
-        std::fs::write(&user_data, &self.user_data).map_err(write_err)?;
-        std::fs::write(&meta_data, &self.meta_data).map_err(write_err)?;
-        let tmp_iso = staging.path().join("seed.iso");
-        let output = Command::new("xorriso")
-            .args(["-as", "mkisofs", "-quiet", "-V", "cidata", "-J", "-R", "-o"])
-            .arg(&tmp_iso)
-            .args([&user_data, &meta_data])
-            .output()
-            .map_err(SeedError::XorrisoMissing)?;
-        if !output.status.success() {
-            return Err(SeedError::Xorriso {
-                path: path.to_owned(),
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-            });
+        self.format(tmp.as_file_mut()).map_err(write_err)?;
+        tmp.as_file().sync_all().map_err(write_err)?;
+        tmp.persist(path).map_err(|e| write_err(e.error))?;
+        Ok(())
+    }
+
+    fn format(&self, file: &mut std::fs::File) -> std::io::Result<()> {
+        use std::io::Write;
+        file.set_len(SEED_BYTES)?;
+        let mut label = [b' '; 11];
+        label[..SEED_LABEL.len()].copy_from_slice(SEED_LABEL.as_bytes());
+        fatfs::format_volume(
+            &mut *file,
+            fatfs::FormatVolumeOptions::new().volume_label(label),
+        )?;
+        let fs = fatfs::FileSystem::new(&mut *file, fatfs::FsOptions::new())?;
+        for (name, text) in [
+            ("user-data", &self.user_data),
+            ("meta-data", &self.meta_data),
+        ] {
+            let mut f = fs.root_dir().create_file(name)?;
+            f.truncate()?;
+            f.write_all(text.as_bytes())?;
         }
-        std::fs::rename(&tmp_iso, path).map_err(write_err)
+        fs.unmount()
     }
 }

@@ -60,7 +60,7 @@ fn a_script_is_not_an_agent() {
     assert!(matches!(err, AgentBinaryError::NotElf { .. }), "{err}");
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn a_prebuilt_binary_from_the_environment_is_checked() {
     let aarch64 = elf_with_machine(183);
     let vars = BTreeMap::from([

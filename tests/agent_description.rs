@@ -20,7 +20,7 @@ fn config() -> HarnessConfig {
     HarnessConfig::from_vars(BTreeMap::new()).unwrap()
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn a_template_naming_an_unknown_value_fails_before_anything_boots() {
     let mut agent = agents::heartbeat();
     agent.files[1].content = Content::Template("DEVICE={device}\n".into());
@@ -60,7 +60,7 @@ fn a_deb_missing_for_an_architecture_is_named() {
 }
 
 /// The x86_64 test binary itself, offered as the aarch64 build of a prebuilt agent.
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn a_binary_for_the_other_architecture_is_refused_with_the_fix() {
     let this = std::env::current_exe().unwrap();
     let host = VmArchitecture::host().unwrap();
@@ -86,7 +86,7 @@ async fn a_binary_for_the_other_architecture_is_refused_with_the_fix() {
     );
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn a_cargo_package_that_does_not_exist_is_a_build_error() {
     let mut agent = agents::heartbeat();
     agent.files[0].content = Content::Shipped(Source::Cargo {
@@ -102,7 +102,7 @@ async fn a_cargo_package_that_does_not_exist_is_a_build_error() {
     assert!(err.contains("no-such-agent"), "cargo's own words: {err}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn a_decoder_that_rejects_every_message_times_out_quoting_them() {
     let nats = common::nats_process_server().await;
     let subject = "acme.heartbeat.dev-1";
@@ -129,7 +129,7 @@ async fn a_decoder_that_rejects_every_message_times_out_quoting_them() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn a_subject_nothing_publishes_on_times_out_saying_so() {
     let nats = common::nats_process_server().await;
     let on = ReportsOn::Subject("acme.heartbeat.dev-2".into());
@@ -149,7 +149,7 @@ async fn a_subject_nothing_publishes_on_times_out_saying_so() {
 /// A subject with a wildcard takes every subject under it, and only those: here an agent
 /// that reports its boot and its beats on two subjects of its own. Where devices share a
 /// wildcard, a device's log skips the others' reports.
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn a_wildcard_subject_reads_every_subject_under_it() {
     let mut agent = agents::heartbeat();
     agent.reports = Reports::subject("acme.{device_id}.>", agents::decode_heartbeat);
@@ -196,7 +196,7 @@ async fn a_wildcard_subject_reads_every_subject_under_it() {
 /// bucket (keeping 64 revisions per key), and reads a device's revisions in order, from a gate
 /// on, like a subject's messages. The device publishes plainly on `$KV.<bucket>.<key>`, as the
 /// heartbeat agent does.
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn reports_put_to_a_kv_bucket_are_read_in_order_from_a_gate() {
     let agent = agents::heartbeat();
     let on = agent
@@ -301,7 +301,7 @@ fn the_readme_example_is_the_downstream_crates_code() {
 
 /// What a description asks of the server (`nats_config`) is in the server's configuration:
 /// here a smaller maximum payload, which the server then announces to its clients.
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn the_descriptions_nats_config_reaches_the_server() {
     let vars = BTreeMap::from([("DEVICELAB_NATS".to_owned(), "process".to_owned())]);
     let config = HarnessConfig::from_vars(vars).unwrap();

@@ -58,7 +58,7 @@ fn libvirtd_not_running_says_how_to_start_it() {
     );
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn podman_missing_offers_the_process_mode() {
     let c = config(&[("DEVICELAB_PODMAN", "/nonexistent/podman")]);
     let err = NatsServer::start(&c, Ipv4Addr::LOCALHOST, &run_owner())
@@ -76,7 +76,7 @@ async fn podman_missing_offers_the_process_mode() {
     );
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn nats_server_missing_names_the_variable() {
     let c = config(&[
         ("DEVICELAB_NATS", "process"),
@@ -89,7 +89,7 @@ async fn nats_server_missing_names_the_variable() {
     assert_mentions(&err, &["/nonexistent/nats-server", "DEVICELAB_NATS_SERVER"]);
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn a_nats_server_that_dies_at_start_is_reported_at_once_with_its_output() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
@@ -117,7 +117,7 @@ async fn a_nats_server_that_dies_at_start_is_reported_at_once_with_its_output() 
     );
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn a_missing_nats_image_names_the_ways_out() {
     let c = config(&[(
         "DEVICELAB_NATS_IMAGE",
@@ -138,7 +138,7 @@ async fn a_missing_nats_image_names_the_ways_out() {
     );
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn an_unreadable_image_override_names_the_variable() {
     let c = config(&[("DEVICELAB_IMAGE_X86_64", "/nonexistent/disk.qcow2")]);
     let cache = tempfile::tempdir().unwrap();
@@ -151,7 +151,7 @@ async fn an_unreadable_image_override_names_the_variable() {
     assert_mentions(&err, &["/nonexistent/disk.qcow2", "DEVICELAB_IMAGE_X86_64"]);
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn an_override_that_is_not_a_disk_image_is_refused() {
     let f = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(f.path(), "<html>404</html>").unwrap();
@@ -203,7 +203,7 @@ fn image_overrides_must_be_complete_and_absolute() {
 }
 
 /// Runs in a child whose file-size limit makes writes fail like a full disk.
-#[tokio::test]
+#[test_log::test(tokio::test)]
 #[ignore = "helper for disk_full_during_download_leaves_nothing"]
 async fn helper_download_with_a_tiny_disk() {
     unsafe {

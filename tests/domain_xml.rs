@@ -18,7 +18,7 @@ fn params(arch: VmArchitecture, accel: Accelerator) -> DomainXmlParams {
         memory_mib: 2048,
         emulator: PathBuf::from(format!("/usr/bin/{}", arch.emulator_binary())),
         disk: pool.join(format!("{name}.qcow2")),
-        seed_iso: pool.join(format!("{name}-seed.iso")),
+        seed: pool.join(format!("{name}-seed.img")),
         network: "default".into(),
         mac: mac_for(&name),
         serial_log: PathBuf::from(format!("/var/lib/devicelab/runs/{name}/serial.log")),

@@ -9,7 +9,7 @@ use devicelab::vm::VmError;
 use std::time::{Duration, Instant};
 
 #[rstest]
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
 async fn a_crashed_device_fails_fast_and_leaves_its_artifacts(#[future] vm: Vm) {
     let vm = vm.await;
@@ -93,7 +93,7 @@ async fn a_crashed_device_fails_fast_and_leaves_its_artifacts(#[future] vm: Vm) 
 /// with cloud-init's own words, and what explains it is kept: the guest's cloud-init logs and
 /// journal beside the serial log and domain XML, while the VM itself is gone.
 #[rstest]
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
 async fn a_failing_first_boot_keeps_its_artifacts(
     #[future] lab: std::sync::Arc<Lab>,

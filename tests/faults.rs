@@ -89,12 +89,12 @@ async fn restart_while_reporting(mut nats: NatsServer) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn a_nats_process_restarted_mid_report_loses_nothing() {
     restart_while_reporting(server(&[("DEVICELAB_NATS", "process")]).await).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(
     not(feature = "e2e"),
     ignore = "needs the NATS container image: run with --features e2e"
@@ -113,7 +113,7 @@ fn domain_params(name: &str, memory_mib: u64) -> DomainXmlParams {
         memory_mib,
         emulator: PathBuf::from("/usr/bin/qemu-system-x86_64"),
         disk: dir.join("disk.qcow2"),
-        seed_iso: dir.join("seed.iso"),
+        seed: dir.join("seed.img"),
         network: "default".into(),
         mac: mac_for(name),
         serial_log: dir.join("serial.log"),

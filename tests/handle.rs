@@ -28,7 +28,7 @@ async fn onboarding_error(lab: &Lab, vm: &Vm, agent: AgentDescription) -> (Strin
 }
 
 #[rstest]
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
 async fn waits_verbs_and_remove(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
     let lab = lab.await;
@@ -164,7 +164,7 @@ async fn apt_mirror(lab: &Lab, arch: VmArchitecture) -> common::HttpServer {
             continue;
         }
         let bytes = std::fs::read(&path).unwrap();
-        let control = std::process::Command::new("dpkg-deb")
+        let control = std::process::Command::new(common::require("dpkg-deb", "apt install dpkg"))
             .args(["-f"])
             .arg(&path)
             .output()
@@ -194,7 +194,7 @@ async fn apt_mirror(lab: &Lab, arch: VmArchitecture) -> common::HttpServer {
 
 /// The `image` and `firmware` fixtures: what a VM boots, for a test that wants to look at it.
 #[rstest]
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(
     not(feature = "e2e"),
     ignore = "reads the lab's images: run with --features e2e"

@@ -19,7 +19,7 @@ fn artifact(urls: Vec<String>, body: &[u8]) -> Artifact {
     }
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn miss_downloads_verifies_and_hit_does_not_download_again() {
     let body = image_bytes(3 * 1024 * 1024 + 17);
     let server = HttpServer::start(vec![("/disk.img", Route::ok(body.clone()))]).await;
@@ -35,7 +35,7 @@ async fn miss_downloads_verifies_and_hit_does_not_download_again() {
     assert_eq!(server.hits("/disk.img"), 1, "a cache hit must not download");
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn a_hit_trusts_the_record_but_a_changed_file_is_fetched_again() {
     let body = image_bytes(100_000);
     let server = HttpServer::start(vec![("/disk.img", Route::ok(body.clone()))]).await;
@@ -50,7 +50,7 @@ async fn a_hit_trusts_the_record_but_a_changed_file_is_fetched_again() {
     assert_eq!(server.hits("/disk.img"), 2);
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn sha_mismatch_leaves_nothing_usable() {
     let body = image_bytes(50_000);
     let server = HttpServer::start(vec![("/disk.img", Route::ok(body.clone()))]).await;
@@ -72,7 +72,7 @@ async fn sha_mismatch_leaves_nothing_usable() {
     );
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn truncated_download_is_an_error_and_leaves_nothing() {
     let body = image_bytes(200_000);
     let mut route = Route::ok(body.clone());
@@ -89,7 +89,7 @@ async fn truncated_download_is_an_error_and_leaves_nothing() {
     assert!(files_in(cache.path()).iter().all(|f| f.ends_with(".lock")));
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn a_404_on_the_first_mirror_falls_back_to_the_next() {
     let body = image_bytes(10_000);
     let server = HttpServer::start(vec![("/mirror2/disk.img", Route::ok(body.clone()))]).await;
@@ -106,7 +106,7 @@ async fn a_404_on_the_first_mirror_falls_back_to_the_next() {
     assert_eq!(server.hits("/mirror1/disk.img"), 1);
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn all_mirrors_failing_lists_every_attempt() {
     let server = HttpServer::start(vec![("/b/disk.img", Route::status(503))]).await;
     let cache = tempfile::tempdir().unwrap();
@@ -119,7 +119,7 @@ async fn all_mirrors_failing_lists_every_attempt() {
     assert!(msg.contains("/b/disk.img: HTTP 503"), "{msg}");
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn invalid_pins_are_refused_before_any_request() {
     let cache = tempfile::tempdir().unwrap();
     let mut a = artifact(vec!["http://127.0.0.1:9/x".into()], b"x");
@@ -143,7 +143,7 @@ async fn invalid_pins_are_refused_before_any_request() {
 }
 
 /// Helper run in child processes by `two_processes_download_once`.
-#[tokio::test]
+#[test_log::test(tokio::test)]
 #[ignore = "helper for two_processes_download_once"]
 async fn helper_fetch_from_env() {
     let url = std::env::var("DL_URL").unwrap();
@@ -161,7 +161,7 @@ async fn helper_fetch_from_env() {
     .unwrap();
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn two_processes_download_once() {
     let body = image_bytes(8 * 1024 * 1024);
     let server = HttpServer::start(vec![("/disk.img", Route::ok(body.clone()))]).await;
@@ -195,7 +195,7 @@ async fn two_processes_download_once() {
     assert_eq!(std::fs::read(cache.path().join("disk.img")).unwrap(), body);
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn a_download_cut_mid_stream_restarts_cleanly_on_the_next_mirror() {
     let body = image_bytes(300_000);
     let mut cut = Route::ok(body.clone());

@@ -1,5 +1,5 @@
-//! SSH key generation and the NoCloud seed ISO, read back with real tools (ssh-keygen, xorriso:
-//! fixtures/host/setup.sh installs both).
+//! SSH key generation and the NoCloud seed volume, read back with real tools (ssh-keygen; blkid
+//! and mtools for the FAT seed: fixtures/host/setup.sh installs them).
 
 mod common;
 
@@ -99,7 +99,7 @@ fn host_keys_differ_per_vm() {
 }
 
 #[test]
-fn seed_iso_is_labelled_cidata_and_carries_the_cloud_config() {
+fn seed_image_is_a_vfat_volume_labelled_cidata_carrying_the_cloud_config() {
     let dir = tempfile::tempdir().unwrap();
     let spec = VirtualMachineSpec::new("devicelab-seed-test", VmArchitecture::X86_64);
     let host = HostKey::generate("h").unwrap();
@@ -109,39 +109,37 @@ fn seed_iso_is_labelled_cidata_and_carries_the_cloud_config() {
         &host,
         "devicelab-seed-test-1",
     );
-    let iso = dir.path().join("seed.iso");
-    seed.write_iso(&iso).unwrap();
+    let image = dir.path().join("seed.img");
+    seed.write_image(&image).unwrap();
 
-    let info = Command::new(common::require(
-        "xorriso",
-        "apt install xorriso (fixtures/host/setup.sh)",
-    ))
-    .args(["-indev"])
-    .arg(&iso)
-    .arg("-pvd_info")
-    .output()
-    .unwrap();
-    let info = String::from_utf8_lossy(&info.stdout);
-    assert!(info.contains("Volume Id    : cidata"), "{info}");
-
-    let out = dir.path().join("extracted");
-    let status = Command::new(common::require(
-        "xorriso",
-        "apt install xorriso (fixtures/host/setup.sh)",
-    ))
-    .args(["-osirrox", "on", "-indev"])
-    .arg(&iso)
-    .args(["-extract", "/"])
-    .arg(&out)
-    .output()
-    .unwrap();
+    // What the guest's blkid (and so cloud-init's ds-identify) sees.
+    let probe = Command::new(common::require("blkid", "apt install util-linux"))
+        .args(["-p", "-o", "export"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    let probe = String::from_utf8_lossy(&probe.stdout);
     assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
+        probe.contains("TYPE=vfat") && probe.contains("LABEL=CIDATA"),
+        "{probe}"
     );
-    let user_data = std::fs::read_to_string(out.join("user-data")).unwrap();
-    let meta_data = std::fs::read_to_string(out.join("meta-data")).unwrap();
+    // Read back by another FAT implementation (mtools).
+    let read = |name: &str| {
+        let out = Command::new(common::require("mtype", "apt install mtools"))
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(&image)
+            .arg(format!("::{name}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (user_data, meta_data) = (read("user-data"), read("meta-data"));
     assert!(user_data.starts_with("#cloud-config\n"));
     let config: serde_json::Value =
         serde_json::from_str(user_data.trim_start_matches("#cloud-config\n")).unwrap();
@@ -160,8 +158,8 @@ fn seed_iso_is_labelled_cidata_and_carries_the_cloud_config() {
     assert_eq!(meta["local-hostname"], "devicelab-seed-test");
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),
-        2,
-        "no staging files left: iso + extracted"
+        1,
+        "no staging files left, only the image"
     );
 }
 

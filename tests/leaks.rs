@@ -18,7 +18,7 @@ fn arch() -> VmArchitecture {
 }
 
 /// Runs in a child process: provisions a VM and NATS, and never returns.
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[ignore = "helper for the leak tests"]
 async fn helper_provision_and_hang() {
     let name = std::env::var("LEAK_VM_NAME").unwrap();
@@ -30,7 +30,7 @@ async fn helper_provision_and_hang() {
 
 /// Runs in a child process: provisions a VM to SSH, drops the handle on the runtime and
 /// returns at once, so the process exits right behind the drop.
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[ignore = "helper for the leak tests"]
 async fn helper_drop_and_exit() {
     let (_lab, vm) = helper_vm_to_ssh().await;
@@ -50,7 +50,7 @@ async fn helper_vm_to_ssh() -> (std::sync::Arc<Lab>, devicelab::Vm) {
 
 /// Runs in a child process with DEVICELAB_KEEP=1: provisions a VM to SSH and a NATS server,
 /// prints their names, drops both and exits.
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[ignore = "helper for the leak tests"]
 async fn helper_keep_and_exit() {
     let (lab, vm) = helper_vm_to_ssh().await;
@@ -68,7 +68,7 @@ async fn helper_keep_and_exit() {
 }
 
 /// Runs in a child process: provisions a VM to SSH, then fails the way a user's test does.
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[ignore = "helper for the leak tests"]
 async fn helper_panic_with_vm_up() {
     let (_lab, vm) = helper_vm_to_ssh().await;
@@ -88,7 +88,7 @@ async fn helper_panic_with_vm_up() {
 }
 
 /// Runs in a child process: registers a cleanup that takes a minute, then hangs.
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[ignore = "helper for the leak tests"]
 async fn helper_slow_cleanup_and_hang() {
     let _guard = devicelab::reaper::on_interrupt(|| std::thread::sleep(Duration::from_secs(60)));
@@ -186,7 +186,7 @@ fn unique(what: &str) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
 async fn a_killed_run_is_reaped_by_the_next_one() {
     let lv = libvirt();
@@ -318,7 +318,7 @@ fn a_second_ctrl_c_exits_at_once() {
 /// DEVICELAB_KEEP=1: the VM and the NATS container outlive their handles, and the next run's
 /// reaper leaves them alone even though the run that made them is gone (the owner record says
 /// kept; the container carries `devicelab.kept=1`; the NATS dir holds the kept mark).
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
 async fn kept_vm_and_nats_survive_their_run_and_the_next_reaper() {
     let lv = libvirt();

@@ -26,7 +26,7 @@ fn agent(nats: &NatsServer, device: &str) -> AgentConfig {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn nothing_without_the_run_credentials_can_publish_a_status() {
     let nats = server().await;
     let creds = nats.credentials().unwrap().clone();
@@ -62,7 +62,7 @@ async fn nothing_without_the_run_credentials_can_publish_a_status() {
     assert!(matches!(got, Err(NatsError::StatusTimeout { .. })));
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn the_password_is_in_a_private_file_and_the_server_listens_only_where_asked() {
     use std::os::unix::fs::PermissionsExt;
     let nats = server().await;
@@ -98,7 +98,7 @@ async fn the_password_is_in_a_private_file_and_the_server_listens_only_where_ask
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn the_agent_reports_in_order_and_the_harness_reads_them_back() {
     let nats = server().await;
     let before = now_ms();
@@ -133,7 +133,7 @@ async fn the_agent_reports_in_order_and_the_harness_reads_them_back() {
     assert!(last.timestamp_ms >= before && last.timestamp_ms <= now_ms());
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn the_gate_ignores_the_past_and_rejects_the_old_boot_after_it() {
     let nats = server().await;
     let cfg = agent(&nats, "dev-g");
@@ -171,7 +171,7 @@ async fn the_gate_ignores_the_past_and_rejects_the_old_boot_after_it() {
     assert!(matches!(err, NatsError::StatusRejected { .. }), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn waiting_for_a_report_that_never_comes_times_out_with_what_was_seen() {
     let nats = server().await;
     run(&agent(&nats, "dev-t"), "b", Some(2)).await.unwrap();
@@ -188,7 +188,7 @@ async fn waiting_for_a_report_that_never_comes_times_out_with_what_was_seen() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn the_agent_waits_for_a_server_that_comes_up_later_and_loses_nothing() {
     let mut nats = server().await;
     let cfg = agent(&nats, "dev-late");
@@ -227,7 +227,7 @@ async fn the_agent_waits_for_a_server_that_comes_up_later_and_loses_nothing() {
     assert_eq!(seen, [1, 2, 3]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn keep_leaves_a_process_server_serving_after_the_handle_drops() {
     let vars = BTreeMap::from([
         ("DEVICELAB_NATS".to_owned(), "process".to_owned()),
@@ -255,7 +255,7 @@ async fn keep_leaves_a_process_server_serving_after_the_handle_drops() {
 
 /// "Stored once" needs the stream to remember a report's id for as long as the agent may re-send
 /// it: JetStream's default duplicate window (2 minutes) is far shorter than a full backlog.
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn the_duplicate_window_covers_the_agents_longest_resend() {
     let nats = server().await;
     let mut stream = async_nats::jetstream::new(nats.client().clone())

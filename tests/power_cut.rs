@@ -56,7 +56,7 @@ async fn cut_right_after_first_boot(lab: &Lab, arch: VmArchitecture, flush: bool
 }
 
 #[rstest]
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
 async fn an_unflushed_cut_right_after_first_boot_loses_the_host_keys_and_says_why(
     #[future] lab: Arc<Lab>,
@@ -103,7 +103,7 @@ async fn an_unflushed_cut_right_after_first_boot_loses_the_host_keys_and_says_wh
 }
 
 #[rstest]
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
 async fn the_same_cut_after_the_harness_flush_comes_back_usable(
     #[future] lab: Arc<Lab>,
@@ -124,7 +124,7 @@ async fn the_same_cut_after_the_harness_flush_comes_back_usable(
 /// and with the flush: `ARCH=<arch> ../shared/sandbox/run cargo test --features e2e --test
 /// power_cut key_points_sweep -- --ignored --nocapture`.
 #[rstest]
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[ignore = "a power-cut sweep: 4 VMs; run it with -- --ignored"]
 async fn key_points_sweep(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
     let points = [
@@ -138,7 +138,7 @@ async fn key_points_sweep(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
 /// power_cut full_sweep -- --ignored --nocapture` (about 10 VMs, 30-45 min under TCG). Also
 /// written to `target/power-cut-sweep-full-<arch>.md`.
 #[rstest]
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[ignore = "the full power-cut sweep: about 10 VMs; run it with -- --ignored"]
 async fn full_sweep(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
     run_sweep(&*lab.await, arch, &CutPoint::full_sweep(), "full").await;

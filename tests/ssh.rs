@@ -113,7 +113,7 @@ fn target(sshd: &Sshd) -> SshTarget {
     }
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn exec_returns_status_stdout_and_stderr() {
     let sshd = start_sshd().await;
     let s = SshSession::connect(&target(&sshd), Duration::from_secs(10))
@@ -128,7 +128,7 @@ async fn exec_returns_status_stdout_and_stderr() {
     assert!(ok.success());
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn a_hung_command_times_out_and_the_session_stays_usable() {
     let sshd = start_sshd().await;
     let s = SshSession::connect(&target(&sshd), Duration::from_secs(10))
@@ -155,7 +155,7 @@ async fn a_hung_command_times_out_and_the_session_stays_usable() {
     assert_eq!(out.stdout, "still here\n");
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn large_output_is_drained_completely() {
     let sshd = start_sshd().await;
     let s = SshSession::connect(&target(&sshd), Duration::from_secs(10))
@@ -169,7 +169,7 @@ async fn large_output_is_drained_completely() {
     assert_eq!(out.exit_status, Some(0));
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn stdin_is_delivered_then_closed() {
     let sshd = start_sshd().await;
     let s = SshSession::connect(&target(&sshd), Duration::from_secs(10))
@@ -182,7 +182,7 @@ async fn stdin_is_delivered_then_closed() {
     assert_eq!(out.stdout.trim(), "100000");
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn upload_writes_contents_and_mode_atomically() {
     let sshd = start_sshd().await;
     let s = SshSession::connect(&target(&sshd), Duration::from_secs(10))
@@ -208,7 +208,7 @@ async fn upload_writes_contents_and_mode_atomically() {
     );
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn a_different_host_key_is_refused() {
     let sshd = start_sshd().await;
     let mut t = target(&sshd);
@@ -221,7 +221,7 @@ async fn a_different_host_key_is_refused() {
     assert!(err.to_string().contains("SHA256:"), "{err}");
 }
 
-#[tokio::test]
+#[test_log::test(tokio::test)]
 async fn an_unauthorized_client_key_is_rejected() {
     let sshd = start_sshd().await;
     let other = tempfile::tempdir().unwrap();

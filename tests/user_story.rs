@@ -5,7 +5,7 @@ use devicelab::fixtures::*;
 use devicelab::nats::Verdict;
 
 #[rstest]
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
 async fn onboarded_agent_comes_back_after_pulling_the_plug(#[future] onboarded: OnboardedDevice) {
     let device = onboarded.await;

@@ -14,7 +14,7 @@ fn mac_of(vm: &Vm) -> String {
 }
 
 #[rstest]
-#[tokio::test(flavor = "multi_thread")]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(
     not(feature = "e2e"),
     ignore = "boots two VMs: run with --features e2e"
