@@ -39,6 +39,14 @@ pub const VARIABLES: &[(&str, &str)] = &[
         "`1`: leave VMs and NATS running after a test and print the exact `ssh` command",
     ),
     (
+        "DEVICELAB_UEFI_CODE",
+        "the aarch64 UEFI CODE file to boot, instead of the usual places (with `DEVICELAB_UEFI_VARS`: both or neither)",
+    ),
+    (
+        "DEVICELAB_UEFI_VARS",
+        "the aarch64 UEFI VARS template each VM copies (with `DEVICELAB_UEFI_CODE`)",
+    ),
+    (
         "DEVICELAB_IMAGE_<ARCH>",
         "a local qcow2/raw image (absolute path) to boot instead of the pinned download",
     ),
@@ -145,6 +153,9 @@ pub struct HarnessConfig {
     pub arch_filter: Option<VmArchitecture>,
     /// DEVICELAB_*_<ARCH> settings, per architecture.
     pub overrides: BTreeMap<VmArchitecture, ArchOverrides>,
+    /// DEVICELAB_UEFI_CODE + DEVICELAB_UEFI_VARS: the aarch64 firmware, where it is not in
+    /// the usual places.
+    pub uefi: Option<crate::firmware::FirmwarePair>,
 }
 
 pub const DEFAULT_NATS_IMAGE: &str = "docker.io/library/nats:2.10";
@@ -234,6 +245,20 @@ impl HarnessConfig {
             ));
         }
         let network = get("DEVICELAB_NETWORK").unwrap_or_else(|| "default".into());
+        let uefi = match (get("DEVICELAB_UEFI_CODE"), get("DEVICELAB_UEFI_VARS")) {
+            (None, None) => None,
+            (Some(code), Some(vars)) => Some(crate::firmware::FirmwarePair {
+                code: code.into(),
+                vars: vars.into(),
+            }),
+            (Some(one), None) | (None, Some(one)) => {
+                return Err(invalid(
+                    "DEVICELAB_UEFI_CODE/DEVICELAB_UEFI_VARS",
+                    &one,
+                    "set both (the CODE file and the VARS template), or neither",
+                ));
+            }
+        };
         Ok(Self {
             data_dir,
             libvirt_uri: get("DEVICELAB_LIBVIRT_URI").unwrap_or_else(|| "qemu:///system".into()),
@@ -250,6 +275,7 @@ impl HarnessConfig {
                 .iter()
                 .map(|&arch| Ok((arch, arch_overrides(&get, arch)?)))
                 .collect::<Result<_, ConfigError>>()?,
+            uefi,
         })
     }
 

@@ -87,6 +87,17 @@ impl Artifact {
     }
 }
 
+/// Shows a download's progress: file name, bytes so far, bytes expected.
+pub type ShowProgress = Box<dyn Fn(&str, u64, Option<u64>) + Send + Sync>;
+
+static PROGRESS: std::sync::OnceLock<ShowProgress> = std::sync::OnceLock::new();
+
+/// Replaces the progress lines logged every 5 s with `show`, called on every chunk: a
+/// terminal's progress bar (`devicelab fetch`). Once per process.
+pub fn show_progress_with(show: ShowProgress) {
+    let _ = PROGRESS.set(show);
+}
+
 /// Returns the path of the verified file in `cache_dir`, downloading it first if needed.
 pub async fn fetch(cache_dir: &Path, artifact: &Artifact) -> Result<PathBuf, DownloadError> {
     artifact.validate()?;
@@ -223,7 +234,9 @@ async fn stream_to(
         {
             return Err(format!("server sent more than the pinned {max} bytes"));
         }
-        if last_report.elapsed() >= Duration::from_secs(5) {
+        if let Some(show) = PROGRESS.get() {
+            show(&artifact.file_name, received, expected_len);
+        } else if last_report.elapsed() >= Duration::from_secs(5) {
             last_report = Instant::now();
             let mib = received as f64 / 1048576.0;
             let rate = mib / started.elapsed().as_secs_f64().max(0.001);

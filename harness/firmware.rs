@@ -44,6 +44,11 @@ pub enum FirmwareError {
     )]
     NotFound { probed: Vec<PathBuf> },
     #[error(
+        "DEVICELAB_UEFI_CODE/DEVICELAB_UEFI_VARS name {path}, which is not a file: point them at the \
+         firmware pair, or unset both to use the one installed in the usual places"
+    )]
+    ConfiguredMissing { path: PathBuf },
+    #[error(
         "UEFI CODE {path} is {size} bytes, larger than the {PFLASH_SIZE} bytes of a `virt` pflash device: use a build made for QEMU's virt machine"
     )]
     TooLarge { path: PathBuf, size: u64 },
@@ -60,8 +65,18 @@ pub struct FirmwarePair {
     pub vars: PathBuf,
 }
 
-pub fn discover() -> Result<FirmwarePair, FirmwareError> {
-    discover_in(Path::new("/"), CANDIDATES)
+/// The pair to boot: `configured` (DEVICELAB_UEFI_CODE/VARS) if given, both files there; else
+/// the first pair found in the usual places.
+pub fn discover(configured: Option<&FirmwarePair>) -> Result<FirmwarePair, FirmwareError> {
+    match configured {
+        Some(pair) => match [&pair.code, &pair.vars].into_iter().find(|p| !p.is_file()) {
+            Some(missing) => Err(FirmwareError::ConfiguredMissing {
+                path: missing.clone(),
+            }),
+            None => Ok(pair.clone()),
+        },
+        None => discover_in(Path::new("/"), CANDIDATES),
+    }
 }
 
 /// Probes `candidates` under `root`; the first pair whose two files both exist wins.

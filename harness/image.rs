@@ -46,7 +46,11 @@ pub struct BaseImage {
 pub enum ImageError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error(transparent)]
+    #[error(
+        "{0}\n  offline, or no route to these mirrors? point DEVICELAB_IMAGE_<ARCH> at a local image \
+         instead (fixtures/images/build-debian12.sh builds one; README: Air-gapped hosts), or \
+         DEVICELAB_IMAGE_URL_<ARCH> + DEVICELAB_IMAGE_SHA256_<ARCH> at a mirror you can reach"
+    )]
     Download(#[from] DownloadError),
     #[error("cannot read the image {path} (from {from_var}): {source}")]
     Unreadable {

@@ -5,6 +5,7 @@ use crate::accel::{self, AccelDecision, Accelerator};
 use crate::arch::VmArchitecture;
 use crate::config::{ConfigError, HarnessConfig};
 use crate::description::AgentDescription;
+use crate::doctor;
 use crate::domain_xml::RunOwner;
 use crate::firmware::{self, FirmwareError, FirmwarePair};
 use crate::image::{BaseImage, ImageError, ImageSource};
@@ -42,6 +43,11 @@ pub enum LabError {
     },
     #[error("the lab's setup task failed: {0}")]
     Task(String),
+    #[error(
+        "this host is not ready for devicelab; every miss, with its fix:\n{misses}  \
+         (`devicelab doctor` shows every check; `fixtures/host/setup.sh` installs what is missing)"
+    )]
+    HostNotReady { misses: String },
 }
 
 pub struct Lab {
@@ -53,6 +59,29 @@ pub struct Lab {
     images: tokio::sync::Mutex<HashMap<VmArchitecture, BaseImage>>,
     accels: Mutex<HashMap<VmArchitecture, AccelDecision>>,
     qemu_args: Arc<Mutex<HashMap<VmArchitecture, Vec<String>>>>,
+    /// Architectures whose host pieces passed the preflight.
+    ready_archs: Mutex<std::collections::HashSet<VmArchitecture>>,
+}
+
+/// Runs the doctor's checks for `scope` off the runtime; logs the warnings, and returns the
+/// misses, if any.
+async fn preflight(config: &HarnessConfig, scope: doctor::Scope) -> Result<(), String> {
+    let config = config.clone();
+    let report = tokio::task::spawn_blocking(move || doctor::check(&config, &scope))
+        .await
+        .map_err(|e| format!("  the preflight task failed: {e}\n"))?;
+    for c in report
+        .checks
+        .iter()
+        .filter(|c| c.status == doctor::Status::Warn)
+    {
+        tracing::warn!("{c}");
+    }
+    if report.passed() {
+        Ok(())
+    } else {
+        Err(report.misses())
+    }
 }
 
 /// Extra QEMU arguments: for emulated aarch64 the knobs of `qemu_probe::AARCH64_TCG_KNOBS`
@@ -91,6 +120,18 @@ impl Lab {
 
     pub async fn new(config: HarnessConfig) -> Result<Arc<Self>, LabError> {
         crate::install_crypto_provider();
+        // Everything the run needs, checked at once: a miss fails here, naming every other
+        // miss too, not one at a time minutes into the run. The architectures a run boots
+        // (unless ARCH names one) are checked when their first VM is planned.
+        let scope = doctor::Scope {
+            host_wide: true,
+            archs: config.arch_filter.into_iter().collect(),
+            qemu_knobs: false,
+            cargo_agent: false,
+        };
+        preflight(&config, scope)
+            .await
+            .map_err(|misses| LabError::HostNotReady { misses })?;
         let data = config.data_dir.clone();
         let data_err = |source| LabError::DataDir {
             dir: data.clone(),
@@ -138,6 +179,7 @@ impl Lab {
             images: Default::default(),
             accels: Default::default(),
             qemu_args: Default::default(),
+            ready_archs: Default::default(),
         }))
     }
 
@@ -169,12 +211,34 @@ impl Lab {
 
     /// The QEMU system emulator for `arch`, from the usual install locations.
     pub fn emulator(&self, arch: VmArchitecture) -> PathBuf {
-        let bin = arch.emulator_binary();
-        ["/usr/bin", "/usr/local/bin", "/usr/libexec"]
-            .iter()
-            .map(|d| Path::new(d).join(bin))
-            .find(|p| p.exists())
-            .unwrap_or_else(|| Path::new("/usr/bin").join(bin))
+        doctor::find_emulator(arch)
+            .unwrap_or_else(|| Path::new("/usr/bin").join(arch.emulator_binary()))
+    }
+
+    /// `arch`'s host pieces (QEMU, firmware), checked before its first VM: every miss at once.
+    async fn preflight_arch(&self, arch: VmArchitecture) -> Result<(), VmError> {
+        if self
+            .ready_archs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&arch)
+        {
+            return Ok(());
+        }
+        let scope = doctor::Scope {
+            host_wide: false,
+            archs: vec![arch],
+            qemu_knobs: false,
+            cargo_agent: false,
+        };
+        preflight(&self.config, scope)
+            .await
+            .map_err(|misses| VmError::HostNotReady { arch, misses })?;
+        self.ready_archs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(arch);
+        Ok(())
     }
 
     /// Resolves `spec` into everything the runner needs (architecture facts, accelerator,
@@ -182,6 +246,7 @@ impl Lab {
     pub async fn plan(&self, spec: VirtualMachineSpec) -> Result<Plan, VmError> {
         spec.validate()?;
         let arch = spec.arch;
+        self.preflight_arch(arch).await?;
         let accel = self.accel(arch);
         let image = self.base_image(arch).await?;
         let emulator = self.emulator(arch);
@@ -192,9 +257,12 @@ impl Lab {
                 .await
                 .map_err(|e| VmError::Task(e.to_string()))?
         };
-        let firmware = tokio::task::spawn_blocking(move || runner::firmware_for(arch.firmware()))
-            .await
-            .map_err(|e| VmError::Task(e.to_string()))??;
+        let configured = self.config.uefi.clone();
+        let firmware = tokio::task::spawn_blocking(move || {
+            runner::firmware_for(arch.firmware(), configured.as_ref())
+        })
+        .await
+        .map_err(|e| VmError::Task(e.to_string()))??;
         Ok(Plan {
             budgets: arch.budgets(accel.accel).scaled(self.config.budget_scale),
             waits: spec.waits(),
@@ -218,8 +286,9 @@ impl Lab {
     /// needs (cached in the pool), and the VARS template each VM copies.
     pub async fn firmware(&self) -> Result<FirmwarePair, FirmwareError> {
         let pool_dir = self.pool.dir.clone();
+        let configured = self.config.uefi.clone();
         tokio::task::spawn_blocking(move || {
-            let fw = firmware::discover()?;
+            let fw = firmware::discover(configured.as_ref())?;
             Ok(FirmwarePair {
                 code: firmware::padded_code(&fw, &pool_dir)?,
                 vars: fw.vars,

@@ -13,6 +13,7 @@ pub mod artifacts;
 pub mod config;
 pub mod console;
 pub mod description;
+pub mod doctor;
 pub mod domain_xml;
 pub mod download;
 pub mod firmware;

@@ -60,8 +60,12 @@ pub fn nats_dir_prefix(pid: u32) -> String {
 }
 
 /// Removes the NATS directories (configuration with the password, JetStream store) of owners
-/// that are gone; returns their paths.
+/// that are gone, except kept ones; returns their paths.
 pub fn reap_nats_dirs(temp_dir: &Path) -> Vec<std::path::PathBuf> {
+    reap_nats_dirs_of(temp_dir, false)
+}
+
+fn reap_nats_dirs_of(temp_dir: &Path, kept_too: bool) -> Vec<std::path::PathBuf> {
     let mut removed = Vec::new();
     for entry in std::fs::read_dir(temp_dir).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -76,7 +80,7 @@ pub fn reap_nats_dirs(temp_dir: &Path) -> Vec<std::path::PathBuf> {
             continue;
         };
         let path = entry.path();
-        if is_alive(pid, start) || path.join(KEPT_MARK).exists() {
+        if is_alive(pid, start) || (path.join(KEPT_MARK).exists() && !kept_too) {
             continue;
         }
         if std::fs::remove_dir_all(&path).is_ok() {
@@ -156,8 +160,28 @@ pub struct Reaped {
 }
 
 /// Cleans up after runs whose process is gone: VMs recorded under `runs_dir`, and containers
-/// labelled with a devicelab pid that no longer runs.
+/// labelled with a devicelab pid that no longer runs. What DEVICELAB_KEEP kept stays.
 pub fn reap(libvirt: &Libvirt, pool: &Pool, runs_dir: &Path, podman: &Path) -> Reaped {
+    reap_runs(libvirt, pool, runs_dir, podman, false)
+}
+
+/// [`reap`], and what DEVICELAB_KEEP kept (once its run is gone): `devicelab clean`.
+pub fn reap_including_kept(
+    libvirt: &Libvirt,
+    pool: &Pool,
+    runs_dir: &Path,
+    podman: &Path,
+) -> Reaped {
+    reap_runs(libvirt, pool, runs_dir, podman, true)
+}
+
+fn reap_runs(
+    libvirt: &Libvirt,
+    pool: &Pool,
+    runs_dir: &Path,
+    podman: &Path,
+    kept_too: bool,
+) -> Reaped {
     let mut reaped = Reaped::default();
     let entries = std::fs::read_dir(runs_dir).into_iter().flatten().flatten();
     for entry in entries {
@@ -165,7 +189,7 @@ pub fn reap(libvirt: &Libvirt, pool: &Pool, runs_dir: &Path, podman: &Path) -> R
         let Some(owner) = OwnerRecord::read(&dir) else {
             continue;
         };
-        if owner.kept || is_alive(owner.pid, owner.start_time) {
+        if (owner.kept && !kept_too) || is_alive(owner.pid, owner.start_time) {
             continue;
         }
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -183,12 +207,12 @@ pub fn reap(libvirt: &Libvirt, pool: &Pool, runs_dir: &Path, podman: &Path) -> R
             tracing::warn!("could not reap VM {name}: {}", errors.join("; "));
         }
     }
-    reaped.containers = reap_containers(podman);
-    reap_nats_dirs(&std::env::temp_dir());
+    reaped.containers = reap_containers(podman, kept_too);
+    reap_nats_dirs_of(&std::env::temp_dir(), kept_too);
     reaped
 }
 
-fn reap_containers(podman: &Path) -> Vec<String> {
+fn reap_containers(podman: &Path, kept_too: bool) -> Vec<String> {
     let Ok(out) = Command::new(podman)
         .args(["ps", "-a", "--filter", "label=devicelab.pid"])
         .args([
@@ -205,8 +229,8 @@ fn reap_containers(podman: &Path) -> Vec<String> {
         let (Some(name), Some(pid), start, kept) = (f.next(), f.next(), f.next(), f.next()) else {
             continue;
         };
-        if kept == Some("1") {
-            continue; // DEVICELAB_KEEP: left for a human, never reaped
+        if kept == Some("1") && !kept_too {
+            continue; // DEVICELAB_KEEP: left for a human until `devicelab clean`
         }
         let (Ok(pid), start) = (
             pid.parse::<u32>(),

@@ -206,9 +206,12 @@ fn create_run_dir(runs: &Path, name: &str) -> std::io::Result<PathBuf> {
 }
 
 /// The firmware a plan for `kind` needs (found once per plan; copies happen at run time).
-pub fn firmware_for(kind: FirmwareKind) -> Result<Option<FirmwarePair>, firmware::FirmwareError> {
+pub fn firmware_for(
+    kind: FirmwareKind,
+    configured: Option<&FirmwarePair>,
+) -> Result<Option<FirmwarePair>, firmware::FirmwareError> {
     match kind {
         FirmwareKind::Bios => Ok(None),
-        FirmwareKind::UefiPflash => firmware::discover().map(Some),
+        FirmwareKind::UefiPflash => firmware::discover(configured).map(Some),
     }
 }

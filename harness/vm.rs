@@ -27,6 +27,14 @@ use std::time::{Duration, Instant};
 pub enum VmError {
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error(
+        "this host cannot boot {arch} VMs yet; every miss, with its fix:\n{misses}  \
+         (`devicelab doctor --arch {arch}` shows every check)"
+    )]
+    HostNotReady {
+        arch: crate::arch::VmArchitecture,
+        misses: String,
+    },
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]

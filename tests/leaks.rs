@@ -55,6 +55,10 @@ async fn helper_vm_to_ssh() -> (std::sync::Arc<Lab>, devicelab::Vm) {
 async fn helper_keep_and_exit() {
     let (lab, vm) = helper_vm_to_ssh().await;
     assert!(lab.config.keep, "run with DEVICELAB_KEEP=1");
+    // Left for a human: first boot finished (cloud-init restarts sshd on its way).
+    vm.succeed("cloud-init status --wait >/dev/null; true")
+        .await
+        .unwrap();
     let nats = lab.nats().await.unwrap();
     println!(
         "kept-container {}",
@@ -317,7 +321,9 @@ fn a_second_ctrl_c_exits_at_once() {
 
 /// DEVICELAB_KEEP=1: the VM and the NATS container outlive their handles, and the next run's
 /// reaper leaves them alone even though the run that made them is gone (the owner record says
-/// kept; the container carries `devicelab.kept=1`; the NATS dir holds the kept mark).
+/// kept; the container carries `devicelab.kept=1`; the NATS dir holds the kept mark). Then a
+/// human's tools: `devicelab ls` lists them with the ssh command, `devicelab ssh` logs in,
+/// and `devicelab clean` removes all three.
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
 async fn kept_vm_and_nats_survive_their_run_and_the_next_reaper() {
@@ -358,7 +364,32 @@ async fn kept_vm_and_nats_survive_their_run_and_the_next_reaper() {
         .as_deref()
         .is_some_and(|d| std::path::Path::new(d).exists());
 
-    // What the printed removal commands do, so the test leaves nothing behind.
+    // A human's view of it (`devicelab ls`, `devicelab ssh`), then `devicelab clean` removes
+    // what was kept, and only that.
+    let cli = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_devicelab"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text =
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        (o.status.success(), text)
+    };
+    let (_, listed) = cli(&["ls"]);
+    let (ssh_ok, hostname) = cli(&["ssh", &name, "hostname"]);
+    let (clean_ok, cleaned) = cli(&["clean"]);
+    let vm_gone = !domain_exists(&lv, &name) && !run_dir(&name).exists();
+    let container_gone = container.as_deref().is_some_and(|c| {
+        !Command::new(&podman)
+            .args(["container", "exists", c])
+            .status()
+            .unwrap()
+            .success()
+    });
+    let nats_dir_gone = nats_dir
+        .as_deref()
+        .is_some_and(|d| !std::path::Path::new(d).exists());
+    // Whatever the CLI did not remove, so the test leaves nothing behind.
     let errors = devicelab::reaper::remove_vm(&lv, &next.pool, &name);
     let _ = std::fs::remove_dir_all(run_dir(&name));
     if let Some(c) = &container {
@@ -369,6 +400,23 @@ async fn kept_vm_and_nats_survive_their_run_and_the_next_reaper() {
     if let Some(d) = &nats_dir {
         let _ = std::fs::remove_dir_all(d);
     }
+    assert!(
+        listed.contains(&format!("VM {name} (running): kept"))
+            && listed.contains("ssh: ssh -i ")
+            && container.as_deref().is_some_and(|c| listed.contains(c)),
+        "devicelab ls shows the kept VM, how to log in, and the container:\n{listed}"
+    );
+    assert!(
+        ssh_ok && hostname.contains(&name),
+        "devicelab ssh {name} hostname: {hostname}"
+    );
+    assert!(clean_ok, "{cleaned}");
+    assert!(
+        vm_gone,
+        "devicelab clean removed the kept VM and its run dir:\n{cleaned}"
+    );
+    assert!(container_gone, "and the kept container:\n{cleaned}");
+    assert!(nats_dir_gone, "and the kept NATS dir:\n{cleaned}");
     assert!(
         out.status.success(),
         "the helper passed: {}",

@@ -1,0 +1,328 @@
+//! `devicelab`: the host side of the harness from a shell. `doctor` checks every host piece a
+//! run needs; `fetch` downloads and verifies the images (what a CI cache step runs); `ls`,
+//! `ssh` and `clean` look after what runs left on this host.
+
+use clap::{Parser, Subcommand};
+use devicelab::VmArchitecture;
+use devicelab::config::{HarnessConfig, NatsMode};
+use devicelab::doctor::{self, Scope};
+use devicelab::image::ImageSource;
+use devicelab::libvirt::Libvirt;
+use devicelab::pool::Pool;
+use devicelab::reaper::{self, OwnerRecord};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitCode};
+
+#[derive(Parser)]
+#[command(
+    name = "devicelab",
+    version,
+    about = "devicelab's host tools (configured by the same DEVICELAB_* variables as the tests)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Checks every host piece a run needs, one line each, with the fix for each miss
+    /// (non-zero exit status on any miss).
+    Doctor {
+        /// x86_64, aarch64 or all.
+        #[arg(long, default_value = "all", value_parser = archs)]
+        arch: Archs,
+    },
+    /// Downloads and verifies the pinned images (and pulls the NATS image), then prints their
+    /// paths: what a CI cache step runs.
+    Fetch {
+        /// x86_64, aarch64 or all.
+        #[arg(long, default_value = "all", value_parser = archs)]
+        arch: Archs,
+    },
+    /// Lists devicelab's VMs and NATS containers on this host, and how to log in to kept VMs.
+    Ls,
+    /// Logs in to a VM (one kept with DEVICELAB_KEEP, or one a running test holds).
+    Ssh {
+        vm: String,
+        /// A command to run instead of a login shell.
+        #[arg(trailing_var_arg = true)]
+        command: Vec<String>,
+    },
+    /// Removes what dead runs left behind and what was kept (VMs, volumes, run dirs,
+    /// containers), through the same reaper the tests run; a live run's VMs are left alone.
+    Clean,
+}
+
+#[derive(Clone)]
+struct Archs(Vec<VmArchitecture>);
+
+fn archs(value: &str) -> Result<Archs, String> {
+    if value == "all" {
+        return Ok(Archs(VmArchitecture::ALL.to_vec()));
+    }
+    VmArchitecture::parse(value, "--arch")
+        .map(|a| Archs(vec![a]))
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    devicelab::install_crypto_provider();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("devicelab=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let config = match HarnessConfig::from_env() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let result = match cli.command {
+        Cmd::Doctor { arch } => return doctor(&config, arch.0).await,
+        Cmd::Fetch { arch } => fetch(&config, arch.0).await,
+        Cmd::Ls => ls(&config).await,
+        Cmd::Ssh { vm, command } => ssh(&config, &vm, &command),
+        Cmd::Clean => clean(&config).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("devicelab: {e}");
+    ExitCode::FAILURE
+}
+
+type Result<T = (), E = String> = std::result::Result<T, E>;
+
+async fn doctor(config: &HarnessConfig, archs: Vec<VmArchitecture>) -> ExitCode {
+    let config = config.clone();
+    let report =
+        tokio::task::spawn_blocking(move || doctor::check(&config, &Scope::everything(archs)))
+            .await
+            .expect("the checks ran");
+    print!("{report}");
+    let misses = report.failures().count();
+    if misses == 0 {
+        println!("all set: nothing missing");
+        ExitCode::SUCCESS
+    } else {
+        println!("{misses} missing (each ✗ above says how to fix it)");
+        ExitCode::FAILURE
+    }
+}
+
+async fn fetch(config: &HarnessConfig, archs: Vec<VmArchitecture>) -> Result {
+    use std::io::{IsTerminal, Write};
+    // A terminal gets a bar redrawn in place; a log (CI) keeps the plain lines every 5 s.
+    if std::io::stderr().is_terminal() {
+        let last = std::sync::Mutex::new(std::time::Instant::now());
+        devicelab::download::show_progress_with(Box::new(move |name, got, total| {
+            let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+            let done = total.is_some_and(|t| got >= t);
+            if last.elapsed() < std::time::Duration::from_millis(200) && !done {
+                return;
+            }
+            *last = std::time::Instant::now();
+            let mib = |b: u64| b as f64 / 1048576.0;
+            let line = match total {
+                Some(t) => {
+                    let filled = (got.min(t) * 30 / t.max(1)) as usize;
+                    format!(
+                        "{name} [{}{}] {:.0}/{:.0} MiB",
+                        "#".repeat(filled),
+                        " ".repeat(30 - filled),
+                        mib(got),
+                        mib(t)
+                    )
+                }
+                None => format!("{name} {:.0} MiB", mib(got)),
+            };
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r{line}{}", if done { "\n" } else { "" });
+            let _ = err.flush();
+        }));
+    }
+    for arch in archs {
+        let source = ImageSource::for_arch(config, arch).map_err(|e| e.to_string())?;
+        let image = source
+            .resolve(&config.image_cache_dir())
+            .await
+            .map_err(|e| format!("{arch} image: {e}"))?;
+        println!("{arch} image: {}", image.path.display());
+    }
+    if let NatsMode::Container { image } = &config.nats {
+        let podman = &config.podman;
+        let exists = tokio::process::Command::new(podman)
+            .args(["image", "exists", image])
+            .status()
+            .await
+            .is_ok_and(|s| s.success());
+        if !exists {
+            let out = tokio::process::Command::new(podman)
+                .args(["pull", "-q", image])
+                .output()
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot run {}: {e} (install podman, or DEVICELAB_NATS=process)",
+                        podman.display()
+                    )
+                })?;
+            if !out.status.success() {
+                return Err(format!(
+                    "podman could not pull the NATS image {image}: {}\n  offline: fixtures/nats/build-image.sh builds one from Debian's nats-server (set DEVICELAB_NATS_IMAGE to it), or use DEVICELAB_NATS=process",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        println!("NATS image: {image}");
+    }
+    Ok(())
+}
+
+/// A VM of devicelab's on this host, as its run dir records it.
+struct Listed {
+    name: String,
+    running: bool,
+    owner: Option<OwnerRecord>,
+}
+
+async fn ls(config: &HarnessConfig) -> Result {
+    let uri = config.libvirt_uri.clone();
+    let runs = config.runs_dir();
+    let vms = tokio::task::spawn_blocking(move || -> Result<Vec<Listed>> {
+        let lv = Libvirt::open(&uri).map_err(|e| e.to_string())?;
+        let conn = lv.conn().map_err(|e| e.to_string())?;
+        let domains = conn.list_all_domains(0).map_err(|e| e.to_string())?;
+        Ok(domains
+            .iter()
+            .filter_map(|d| {
+                let name = d.name().ok()?;
+                name.starts_with("devicelab-").then(|| Listed {
+                    running: d.is_active().unwrap_or(false),
+                    owner: OwnerRecord::read(&runs.join(&name)),
+                    name,
+                })
+            })
+            .collect())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    if vms.is_empty() {
+        println!("VMs: none");
+    }
+    for vm in &vms {
+        let state = if vm.running { "running" } else { "shut off" };
+        let whose = match &vm.owner {
+            Some(o) if o.kept => "kept (DEVICELAB_KEEP)".to_owned(),
+            Some(o) if reaper::is_alive(o.pid, o.start_time) => {
+                format!("run {} (pid {}) is using it", o.run_id, o.pid)
+            }
+            Some(o) => format!(
+                "left by run {} (pid {} is gone): devicelab clean removes it",
+                o.run_id, o.pid
+            ),
+            None => "no run dir: devicelab clean cannot tell whose it is".to_owned(),
+        };
+        println!("VM {} ({state}): {whose}", vm.name);
+        if let Some(login) = login_command(config, &vm.name) {
+            println!("    ssh: {login}");
+        }
+    }
+    let podman = &config.podman;
+    if let Ok(out) = tokio::process::Command::new(podman)
+        .args(["ps", "-a", "--filter", "label=devicelab.pid"])
+        .args([
+            "--format",
+            "{{.Names}} ({{.Status}}) kept={{index .Labels \"devicelab.kept\"}}",
+        ])
+        .output()
+        .await
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.trim().is_empty() {
+            println!("NATS containers: none");
+        }
+        for line in text.lines() {
+            println!(
+                "NATS container {}",
+                line.replace("kept=1", "kept").replace(" kept=", "")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `ssh …` for `vm`, from its run dir: the lab's key, and the host key the harness pinned.
+fn login_command(config: &HarnessConfig, vm: &str) -> Option<String> {
+    let (ip, known_hosts) = address(config, vm)?;
+    Some(format!(
+        "ssh -i {} -o UserKnownHostsFile={} devicelab@{ip}",
+        config.keys_dir().join("id_ed25519").display(),
+        known_hosts.display()
+    ))
+}
+
+/// The VM's address and its known_hosts file, as the harness wrote them once it had a lease.
+fn address(config: &HarnessConfig, vm: &str) -> Option<(String, std::path::PathBuf)> {
+    let known_hosts = config.runs_dir().join(vm).join("known_hosts");
+    let text = std::fs::read_to_string(&known_hosts).ok()?;
+    let ip = text.split_whitespace().next()?.to_owned();
+    Some((ip, known_hosts))
+}
+
+fn ssh(config: &HarnessConfig, vm: &str, command: &[String]) -> Result {
+    let Some((ip, known_hosts)) = address(config, vm) else {
+        return Err(format!(
+            "no address recorded for {vm} under {}: `devicelab ls` lists the VMs you can log in to",
+            config.runs_dir().display()
+        ));
+    };
+    let key = config.keys_dir().join("id_ed25519");
+    let err = Command::new("ssh")
+        .arg("-i")
+        .arg(&key)
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .args(["-o", "StrictHostKeyChecking=yes"])
+        // A VM that is (re)booting refuses connections for a moment: try for ~10 s.
+        .args(["-o", "ConnectionAttempts=10"])
+        .arg(format!("devicelab@{ip}"))
+        .args(command)
+        .exec();
+    Err(format!(
+        "cannot run ssh: {err} (install the OpenSSH client)"
+    ))
+}
+
+async fn clean(config: &HarnessConfig) -> Result {
+    let config = config.clone();
+    let reaped = tokio::task::spawn_blocking(move || -> Result<reaper::Reaped> {
+        let lv = Libvirt::open(&config.libvirt_uri).map_err(|e| e.to_string())?;
+        let pool = Pool::ensure(&lv, &config.pool_dir()).map_err(|e| e.to_string())?;
+        Ok(reaper::reap_including_kept(
+            &lv,
+            &pool,
+            &config.runs_dir(),
+            &config.podman,
+        ))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    println!("removed VMs: {}", list(&reaped.vms));
+    println!("removed NATS containers: {}", list(&reaped.containers));
+    Ok(())
+}
