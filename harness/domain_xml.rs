@@ -6,6 +6,9 @@ use crate::arch::VmArchitecture;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
+/// The TCG translation cache of an emulated guest, in MiB (QEMU's default is 1 GiB).
+pub const TCG_TB_CACHE_MIB: u64 = 256;
+
 /// Namespace of the `<metadata>` element that marks a domain as devicelab's.
 pub const METADATA_NS: &str = "https://devicelab.dev/xmlns/run/1";
 
@@ -84,10 +87,18 @@ fn render_with_digest(p: &DomainXmlParams, digest: &str) -> String {
         ),
         None => String::new(),
     };
-    let features = match p.arch {
+    let mut features = match p.arch {
         VmArchitecture::X86_64 => "<acpi/>\n    <apic/>",
         VmArchitecture::Aarch64 => "<acpi/>",
-    };
+    }
+    .to_owned();
+    if p.accel == Accelerator::Tcg {
+        // QEMU's translation cache is 1 GiB by default, resident once filled: capped, a TCG
+        // guest costs about its RAM plus this much of the host's memory.
+        features += &format!(
+            "\n    <tcg>\n      <tb-cache unit='MiB'>{TCG_TB_CACHE_MIB}</tb-cache>\n    </tcg>"
+        );
+    }
     let cpu = match (p.arch, p.accel) {
         (VmArchitecture::X86_64, Accelerator::Kvm) => "<cpu mode='host-model'/>",
         (VmArchitecture::Aarch64, Accelerator::Kvm) => "<cpu mode='host-passthrough'/>",

@@ -36,6 +36,8 @@ pub struct CloudConfig {
     /// emulation costs seconds for nothing. (An empty list fails cloud-init's schema check.)
     pub ssh_genkeytypes: Vec<String>,
     pub ssh_deletekeys: bool,
+    /// `noblock`: the root file system grows in the background, not on boot's critical path.
+    pub resize_rootfs: &'static str,
     /// Runs on every boot, before sshd: prints evidence for the harness's diagnosis.
     pub bootcmd: Vec<String>,
     /// The spec's first-boot commands, run once in cloud-init's final stage.
@@ -111,6 +113,7 @@ impl Seed {
             },
             ssh_genkeytypes: vec!["ed25519".into()],
             ssh_deletekeys: true,
+            resize_rootfs: "noblock",
             // bootcmd runs first in cloud-init's init stage, before the modules that write
             // users and host keys.
             bootcmd: spec

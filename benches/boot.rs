@@ -1,0 +1,237 @@
+//! The boot benchmark: what a device test costs, phase by phase, against a bare baseline.
+//!
+//!     ../shared/sandbox/run cargo bench --bench boot            # both architectures, 3 runs
+//!     BENCH_RUNS=1 ARCH=aarch64 ../shared/sandbox/run cargo bench --bench boot
+//!
+//! Per architecture, `BENCH_RUNS` times: the reference agent's power-cycle trial (provision →
+//! onboard twice → first status → pull the plug → status from the new boot), and a bare
+//! baseline on the same image, the same domain XML and the same cloud-config: define, start,
+//! poll the lease and TCP 22 every 100 ms, then `ssh true` with the OpenSSH client (retried
+//! every 100 ms until it logs in), then `cloud-init status --wait` and QEMU's resident memory.
+//! The harness's own overhead is the ratio of its time to SSH to the baseline's. Prints a
+//! table (min / median / max per phase) and writes `target/devicelab-bench/boot.json`; says
+//! how busy the host was (load average before and after).
+
+use devicelab::spec::VirtualMachineSpec;
+use devicelab::{Lab, VmArchitecture, runner, scenario};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    runs_per_arch: usize,
+    load_before: String,
+    load_after: String,
+    /// Per architecture, per phase: every run's seconds.
+    phases: BTreeMap<String, BTreeMap<String, Vec<f64>>>,
+}
+
+/// Seconds from the define to each point of the bare boot.
+struct Bare {
+    lease: f64,
+    port_22: f64,
+    ssh: f64,
+    cloud_init: f64,
+    qemu_rss_mib: Option<f64>,
+}
+
+const POLL: Duration = Duration::from_millis(100);
+
+fn main() {
+    devicelab::init_logging();
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    // `cargo bench` passes `--bench`; a filter, if any, is not ours to read.
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let report = rt.block_on(bench(runs));
+    print_table(&report);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/devicelab-bench");
+    std::fs::create_dir_all(&dir).expect("target/devicelab-bench");
+    let path = dir.join("boot.json");
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(&report).expect("serializes"),
+    )
+    .expect("write the report");
+    println!("\nwritten: {}", path.display());
+}
+
+async fn bench(runs: usize) -> Report {
+    let lab = Lab::from_env().await.unwrap_or_else(|e| panic!("{e}"));
+    let archs: Vec<VmArchitecture> = match lab.config.arch_filter {
+        Some(a) => vec![a],
+        None => VmArchitecture::ALL.to_vec(),
+    };
+    let mut report = Report {
+        runs_per_arch: runs,
+        load_before: load(),
+        ..Default::default()
+    };
+    for arch in archs {
+        let phases = report.phases.entry(arch.name().to_owned()).or_default();
+        for run in 1..=runs {
+            eprintln!("bench: {arch} run {run}/{runs}: bare baseline");
+            let bare = bare_baseline(&lab, arch, run).await;
+            let mut add =
+                |phase: &str, secs: f64| phases.entry(phase.to_owned()).or_default().push(secs);
+            add("bare: define → lease", bare.lease);
+            add("bare: define → port 22", bare.port_22);
+            add("bare: define → ssh true", bare.ssh);
+            add("bare: define → cloud-init done", bare.cloud_init);
+            if let Some(rss) = bare.qemu_rss_mib {
+                add("QEMU RSS at cloud-init done (MiB)", rss);
+            }
+            eprintln!("bench: {arch} run {run}/{runs}: the power-cycle trial");
+            let timings = scenario::power_cycle(&lab, arch)
+                .await
+                .unwrap_or_else(|e| panic!("{arch} power cycle: {e}"));
+            let t: BTreeMap<String, f64> = timings
+                .entries()
+                .into_iter()
+                .map(|(p, d)| (p, d.as_secs_f64()))
+                .collect();
+            for (phase, secs) in &t {
+                add(&format!("harness: {phase}"), *secs);
+            }
+            if let Some(ssh) = t.get("ssh") {
+                add("ratio: harness time to SSH ÷ bare", ssh / bare.ssh);
+            }
+        }
+    }
+    report.load_after = load();
+    report
+}
+
+/// The same plan the harness boots (image, XML, cloud-config), with none of its waits: the
+/// domain is defined and started, and the clock runs from there.
+async fn bare_baseline(lab: &Arc<Lab>, arch: VmArchitecture, run: usize) -> Bare {
+    let name = lab.vm_name(&format!("bare{run}"), arch);
+    let spec = VirtualMachineSpec::new(&name, arch).with_provisioning_flush(false);
+    let mut plan = lab.plan(spec).await.unwrap_or_else(|e| panic!("{e}"));
+    plan.waits.clear();
+    let started = Instant::now();
+    let vm = runner::run(plan).await.unwrap_or_else(|e| panic!("{e}"));
+    let lv = lab.libvirt.clone();
+    let ip = loop {
+        let n = name.clone();
+        let lease = lv
+            .run(move |lv| lv.lease_ipv4(&lv.domain(&n)?, &n))
+            .await
+            .ok()
+            .flatten();
+        if let Some(ip) = lease {
+            break ip;
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let lease = started.elapsed().as_secs_f64();
+    let port_22 = poll_port(ip, started).await;
+    let ssh = |command: &'static str| {
+        let key = lab.client_key.path.clone();
+        async move {
+            tokio::process::Command::new("ssh")
+                .arg("-i")
+                .arg(&key)
+                .args([
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                ])
+                .args([
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "ConnectTimeout=5",
+                    "-o",
+                    "LogLevel=ERROR",
+                ])
+                .arg(format!("devicelab@{ip}"))
+                .arg(command)
+                .status()
+                .await
+                .is_ok_and(|s| s.success())
+        }
+    };
+    while !ssh("true").await {
+        tokio::time::sleep(POLL).await;
+    }
+    let ssh_at = started.elapsed().as_secs_f64();
+    ssh("cloud-init status --wait >/dev/null; true").await;
+    let cloud_init = started.elapsed().as_secs_f64();
+    let rss = qemu_rss_mib(&name);
+    vm.remove().await.unwrap_or_else(|e| panic!("{e}"));
+    Bare {
+        lease,
+        port_22,
+        ssh: ssh_at,
+        cloud_init,
+        qemu_rss_mib: rss,
+    }
+}
+
+async fn poll_port(ip: Ipv4Addr, started: Instant) -> f64 {
+    let addr = SocketAddr::new(ip.into(), 22);
+    loop {
+        let open =
+            tokio::task::spawn_blocking(move || TcpStream::connect_timeout(&addr, POLL).is_ok())
+                .await
+                .unwrap_or(false);
+        if open {
+            return started.elapsed().as_secs_f64();
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// QEMU's resident memory for domain `name` (libvirt's pid file for it).
+fn qemu_rss_mib(name: &str) -> Option<f64> {
+    let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid")).ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+fn load() -> String {
+    let avg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!(
+        "{} on {cores} cores",
+        avg.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    )
+}
+
+fn print_table(report: &Report) {
+    println!(
+        "\nboot benchmark: {} run(s) per architecture",
+        report.runs_per_arch
+    );
+    println!(
+        "host load (1, 5, 15 min): before {}, after {}",
+        report.load_before, report.load_after
+    );
+    for (arch, phases) in &report.phases {
+        println!("\n{arch:<48} {:>8} {:>8} {:>8}", "min", "median", "max");
+        for (phase, values) in phases {
+            let mut v = values.clone();
+            v.sort_by(f64::total_cmp);
+            let median = v[v.len() / 2];
+            println!(
+                "{phase:<48} {:>8.2} {median:>8.2} {:>8.2}",
+                v[0],
+                v[v.len() - 1]
+            );
+        }
+    }
+}
