@@ -7,9 +7,11 @@ use devicelab::VmArchitecture;
 use devicelab::config::{HarnessConfig, NatsMode};
 use devicelab::doctor::{self, Scope};
 use devicelab::image::ImageSource;
+use devicelab::keys::client_key_path;
 use devicelab::libvirt::Libvirt;
 use devicelab::pool::Pool;
 use devicelab::reaper::{self, OwnerRecord};
+use devicelab::spec::ADMIN_USER;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 
@@ -231,8 +233,8 @@ async fn ls(config: &HarnessConfig) -> Result {
             None => "no run dir: devicelab clean cannot tell whose it is".to_owned(),
         };
         println!("VM {} ({state}): {whose}", vm.name);
-        if let Some(login) = login_command(config, &vm.name) {
-            println!("    ssh: {login}");
+        if let Some(login) = login_args(config, &vm.name) {
+            println!("    ssh: ssh {}", login.join(" "));
         }
     }
     let podman = &config.podman;
@@ -259,41 +261,33 @@ async fn ls(config: &HarnessConfig) -> Result {
     Ok(())
 }
 
-/// `ssh …` for `vm`, from its run dir: the lab's key, and the host key the harness pinned.
-fn login_command(config: &HarnessConfig, vm: &str) -> Option<String> {
-    let (ip, known_hosts) = address(config, vm)?;
-    Some(format!(
-        "ssh -i {} -o UserKnownHostsFile={} devicelab@{ip}",
-        config.keys_dir().join("id_ed25519").display(),
-        known_hosts.display()
-    ))
-}
-
-/// The VM's address and its known_hosts file, as the harness wrote them once it had a lease.
-fn address(config: &HarnessConfig, vm: &str) -> Option<(String, std::path::PathBuf)> {
+/// The arguments `ssh` logs in to `vm` with, from its run dir: the lab's key, and the host key
+/// the harness pinned (its known_hosts, whose first field is the VM's address).
+fn login_args(config: &HarnessConfig, vm: &str) -> Option<Vec<String>> {
     let known_hosts = config.runs_dir().join(vm).join("known_hosts");
     let text = std::fs::read_to_string(&known_hosts).ok()?;
-    let ip = text.split_whitespace().next()?.to_owned();
-    Some((ip, known_hosts))
+    let ip = text.split_whitespace().next()?;
+    Some(vec![
+        "-i".into(),
+        client_key_path(&config.keys_dir()).display().to_string(),
+        "-o".into(),
+        format!("UserKnownHostsFile={}", known_hosts.display()),
+        format!("{ADMIN_USER}@{ip}"),
+    ])
 }
 
 fn ssh(config: &HarnessConfig, vm: &str, command: &[String]) -> Result {
-    let Some((ip, known_hosts)) = address(config, vm) else {
+    let Some(login) = login_args(config, vm) else {
         return Err(format!(
             "no address recorded for {vm} under {}: `devicelab ls` lists the VMs you can log in to",
             config.runs_dir().display()
         ));
     };
-    let key = config.keys_dir().join("id_ed25519");
     let err = Command::new("ssh")
-        .arg("-i")
-        .arg(&key)
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
         .args(["-o", "StrictHostKeyChecking=yes"])
         // A VM that is (re)booting refuses connections for a moment: try for ~10 s.
         .args(["-o", "ConnectionAttempts=10"])
-        .arg(format!("devicelab@{ip}"))
+        .args(login)
         .args(command)
         .exec();
     Err(format!(

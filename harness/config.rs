@@ -355,14 +355,7 @@ fn arch_overrides(
 
 /// nats-server from PATH, else Debian's /usr/sbin (not on every user's PATH).
 fn default_nats_server() -> PathBuf {
-    let on_path = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("nats-server"))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_default();
-    on_path.unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server"))
+    crate::doctor::which("nats-server").unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server"))
 }
 
 fn default_data_dir() -> PathBuf {

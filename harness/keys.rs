@@ -29,6 +29,11 @@ pub enum KeyError {
     Permissions { path: PathBuf, mode: u32 },
 }
 
+/// The lab's client key in the keys dir `dir` (what `devicelab ssh` logs in with).
+pub fn client_key_path(dir: &Path) -> PathBuf {
+    dir.join("id_ed25519")
+}
+
 #[derive(Clone)]
 pub struct ClientKey {
     pub private: Arc<PrivateKey>,
@@ -72,7 +77,7 @@ impl ClientKey {
                 source,
             },
         )?;
-        let path = dir.join("id_ed25519");
+        let path = client_key_path(dir);
         if !path.exists() {
             let key = generate("devicelab")?;
             let tmp = dir.join(format!(

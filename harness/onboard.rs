@@ -124,7 +124,7 @@ impl fmt::Display for OnboardReport {
 pub struct Onboarding {
     pub description: AgentDescription,
     pub values: TemplateValues,
-    files: Vec<(String, String, u32, String, Vec<u8>)>,
+    files: Vec<script::FileToInstall>,
     debs: Vec<(String, Vec<u8>)>,
     unit: String,
 }
@@ -146,13 +146,13 @@ impl Onboarding {
                 Content::Render(render) => render(&values).into_bytes(),
                 Content::Shipped(source) => ship(config, source, arch, &f.path).await?,
             };
-            files.push((
-                f.step.clone(),
-                f.path.clone(),
-                f.mode,
-                f.group.clone(),
+            files.push(script::FileToInstall {
+                step: f.step.clone(),
+                path: f.path.clone(),
+                mode: f.mode,
+                group: f.group.clone(),
                 bytes,
-            ));
+            });
         }
         let mut debs = Vec::new();
         for p in &description.packages {
@@ -198,20 +198,9 @@ impl Onboarding {
     /// One round trip: the bundle and the script on one channel (see [`script`]), its report
     /// read back, a failure mapped to the error that names its fix.
     async fn run(&self, vm: &Vm, stop_after: Option<&str>) -> Result<OnboardReport, OnboardError> {
-        let files: Vec<script::FileToInstall<'_>> = self
-            .files
-            .iter()
-            .map(|(step, path, mode, group, bytes)| script::FileToInstall {
-                step,
-                path,
-                mode: *mode,
-                group,
-                bytes,
-            })
-            .collect();
         let run = script::render(
             &self.description,
-            &files,
+            &self.files,
             self.unit.as_bytes(),
             &self.debs,
             vm.budgets().guest_step,
@@ -303,16 +292,6 @@ impl Onboarding {
                 }
             }
             _ => OnboardError::StepFailed { vm, step, output },
-        }
-    }
-}
-
-impl From<bool> for StepOutcome {
-    fn from(changed: bool) -> Self {
-        if changed {
-            Self::Changed
-        } else {
-            Self::Unchanged
         }
     }
 }

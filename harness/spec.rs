@@ -27,6 +27,9 @@ pub struct VirtualMachineSpec {
     pub extra_waits: Vec<Wait>,
 }
 
+/// The admin user the seed creates on every VM, unless a spec names another.
+pub const ADMIN_USER: &str = "devicelab";
+
 /// How far provisioning goes before the VM handle is returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Readiness {
@@ -82,7 +85,7 @@ impl VirtualMachineSpec {
         Self {
             first_boot: FirstBootConfig {
                 hostname: name.clone(),
-                admin_user: "devicelab".into(),
+                admin_user: ADMIN_USER.into(),
                 authorized_keys: Vec::new(),
                 runcmd: Vec::new(),
             },

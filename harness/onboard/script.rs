@@ -19,12 +19,13 @@ pub const FAIL: &str = "devicelab-fail";
 pub const UNIT_STATE: &str = "devicelab-unit-state";
 
 /// A file to install: its step, guest path, mode, group and bytes.
-pub struct FileToInstall<'a> {
-    pub step: &'a str,
-    pub path: &'a str,
+#[derive(Debug, Clone)]
+pub struct FileToInstall {
+    pub step: String,
+    pub path: String,
     pub mode: u32,
-    pub group: &'a str,
-    pub bytes: &'a [u8],
+    pub group: String,
+    pub bytes: Vec<u8>,
 }
 
 /// What one run sends: the bundle (the script inside) and the command that unpacks and runs
@@ -36,7 +37,7 @@ pub struct Run {
 
 pub fn render(
     d: &AgentDescription,
-    files: &[FileToInstall<'_>],
+    files: &[FileToInstall],
     unit: &[u8],
     debs: &[(String, Vec<u8>)],
     guest_step: Duration,
@@ -61,13 +62,13 @@ pub fn render(
         script += &user_step(user);
     }
     for (i, f) in files.iter().enumerate() {
-        add(&format!("file{i}"), f.bytes)?;
+        add(&format!("file{i}"), &f.bytes)?;
         script += &file_step(
-            f.step,
-            f.path,
+            &f.step,
+            &f.path,
             f.mode,
-            f.group,
-            f.bytes,
+            &f.group,
+            &f.bytes,
             &format!("file{i}"),
         );
     }
@@ -227,13 +228,12 @@ mod tests {
 
     /// The bundle's script for `d`, as the guest's `sh` would read it.
     fn script_of(d: &AgentDescription, stop: Option<&str>) -> (String, Vec<String>) {
-        let bytes = vec![1, 2, 3];
         let files = [FileToInstall {
-            step: "config",
-            path: "/etc/x/y.conf",
+            step: "config".into(),
+            path: "/etc/x/y.conf".into(),
             mode: 0o640,
-            group: "x",
-            bytes: &bytes,
+            group: "x".into(),
+            bytes: vec![1, 2, 3],
         }];
         let debs = vec![("netcat-openbsd".to_owned(), vec![4, 5])];
         let run = render(
