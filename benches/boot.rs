@@ -8,6 +8,8 @@
 //! baseline on the same image, the same domain XML and the same cloud-config: define, start,
 //! poll the lease and TCP 22 every 100 ms, then `ssh true` with the OpenSSH client (retried
 //! every 100 ms until it logs in), then `cloud-init status --wait` and QEMU's resident memory.
+//! Then a warm start (`Start::Warm`): the saved VM is built once before the runs (not
+//! measured); each run restores a clone and records restore → SSH and the whole request.
 //! The harness's own overhead is the ratio of its time to SSH to the baseline's. Prints a
 //! table (min / median / max per phase) and writes `target/devicelab-bench/boot.json`; says
 //! how busy the host was (load average before and after).
@@ -73,6 +75,8 @@ async fn bench(runs: usize) -> Report {
         ..Default::default()
     };
     for arch in archs {
+        eprintln!("bench: {arch}: building the saved VM for the warm starts (once, not measured)");
+        warm_vm(&lab, arch).await;
         let phases = report.phases.entry(arch.name().to_owned()).or_default();
         for run in 1..=runs {
             eprintln!("bench: {arch} run {run}/{runs}: bare baseline");
@@ -101,10 +105,33 @@ async fn bench(runs: usize) -> Report {
             if let Some(ssh) = t.get("ssh") {
                 add("ratio: harness time to SSH ÷ bare", ssh / bare.ssh);
             }
+            eprintln!("bench: {arch} run {run}/{runs}: a warm start");
+            let (restore, whole) = warm_vm(&lab, arch).await;
+            add("warm: restore → SSH", restore);
+            add("warm: request → ready VM", whole);
         }
     }
     report.load_after = load();
     report
+}
+
+/// A warm VM of the default request: (restore → SSH, request → ready) in seconds; removed.
+async fn warm_vm(lab: &Arc<Lab>, arch: VmArchitecture) -> (f64, f64) {
+    let started = Instant::now();
+    let vm = lab
+        .vm(VirtualMachineSpec::new(lab.vm_name("bench-warm", arch), arch)
+            .with_start(devicelab::spec::Start::Warm))
+        .await
+        .unwrap_or_else(|e| panic!("{arch} warm start: {e}"));
+    let whole = started.elapsed().as_secs_f64();
+    let restore = vm
+        .timings
+        .entries()
+        .iter()
+        .find(|(p, _)| p.starts_with("warm restore"))
+        .map_or(f64::NAN, |(_, d)| d.as_secs_f64());
+    vm.remove().await.unwrap_or_else(|e| panic!("{e}"));
+    (restore, whole)
 }
 
 /// The same plan the harness boots (image, XML, cloud-config), with none of its waits: the

@@ -53,7 +53,11 @@ enum Cmd {
     },
     /// Removes what dead runs left behind and what was kept (VMs, volumes, run dirs,
     /// containers), through the same reaper the tests run; a live run's VMs are left alone.
-    Clean,
+    Clean {
+        /// Also empty the warm-start cache (the saved VMs no clone is using).
+        #[arg(long)]
+        warm: bool,
+    },
 }
 
 #[derive(Clone)]
@@ -87,7 +91,7 @@ async fn main() -> ExitCode {
         Cmd::Fetch { arch } => fetch(&config, arch.0).await,
         Cmd::Ls => ls(&config).await,
         Cmd::Ssh { vm, command } => ssh(&config, &vm, &command),
-        Cmd::Clean => clean(&config).await,
+        Cmd::Clean { warm } => clean(&config, warm).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -237,6 +241,21 @@ async fn ls(config: &HarnessConfig) -> Result {
             println!("    ssh: ssh {}", login.join(" "));
         }
     }
+    let warm_dir = config.warm_dir();
+    let saved = tokio::task::spawn_blocking(move || devicelab::warm::saved_vms(&warm_dir))
+        .await
+        .map_err(|e| e.to_string())?;
+    if saved.is_empty() {
+        println!("saved VMs (warm starts): none");
+    }
+    for s in &saved {
+        println!(
+            "saved VM {} ({} MiB{}): devicelab clean --warm removes it",
+            s.name,
+            s.bytes >> 20,
+            if s.in_use { ", a clone is running" } else { "" }
+        );
+    }
     let podman = &config.podman;
     if let Ok(out) = tokio::process::Command::new(podman)
         .args(["ps", "-a", "--filter", "label=devicelab.pid"])
@@ -295,7 +314,8 @@ fn ssh(config: &HarnessConfig, vm: &str, command: &[String]) -> Result {
     ))
 }
 
-async fn clean(config: &HarnessConfig) -> Result {
+async fn clean(config: &HarnessConfig, warm: bool) -> Result {
+    let warm_dir = config.warm_dir();
     let config = config.clone();
     let reaped = tokio::task::spawn_blocking(move || -> Result<reaper::Reaped> {
         let lv = Libvirt::open(&config.libvirt_uri).map_err(|e| e.to_string())?;
@@ -318,5 +338,11 @@ async fn clean(config: &HarnessConfig) -> Result {
     };
     println!("removed VMs: {}", list(&reaped.vms));
     println!("removed NATS containers: {}", list(&reaped.containers));
+    if warm {
+        let removed = tokio::task::spawn_blocking(move || devicelab::warm::remove_unused(&warm_dir))
+            .await
+            .map_err(|e| e.to_string())?;
+        println!("removed saved VMs (warm starts): {}", list(&removed));
+    }
     Ok(())
 }

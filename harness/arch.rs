@@ -200,12 +200,15 @@ impl Budgets {
 pub struct HostBudgets {
     /// A NATS server writing its port and accepting connections.
     pub nats_start: Duration,
+    /// A VM slot coming free while other tests' VMs hold every one (see `slots`).
+    pub vm_slot: Duration,
 }
 
 impl HostBudgets {
     pub fn scaled(factor: f64) -> Self {
         Self {
             nats_start: Duration::from_secs(60).mul_f64(factor),
+            vm_slot: Duration::from_secs(45 * 60).mul_f64(factor),
         }
     }
 }
@@ -268,8 +271,12 @@ mod tests {
         ] {
             assert_eq!(scaled, original * 2);
         }
-        let HostBudgets { nats_start } = HostBudgets::scaled(2.0);
+        let HostBudgets {
+            nats_start,
+            vm_slot,
+        } = HostBudgets::scaled(2.0);
         assert_eq!(nats_start, HostBudgets::scaled(1.0).nats_start * 2);
+        assert_eq!(vm_slot, HostBudgets::scaled(1.0).vm_slot * 2);
     }
 
     #[test]

@@ -39,6 +39,14 @@ pub const VARIABLES: &[(&str, &str)] = &[
         "`1`: leave VMs and NATS running after a test and print the exact `ssh` command",
     ),
     (
+        "DEVICELAB_START",
+        "`cold` (default) or `warm`: how the `vm` and `onboarded` fixtures (and any spec that does not choose) start a VM; warm restores a saved, cloud-init-done VM (see \"Warm starts\"). The `e2e` and `power_cycle` trials always boot cold",
+    ),
+    (
+        "DEVICELAB_VM_SLOTS",
+        "how many VMs may run at once on this host, across every test process (default: derived from the cores and the memory, see \"Parallel VMs\")",
+    ),
+    (
         "DEVICELAB_UEFI_CODE",
         "the aarch64 UEFI CODE file to boot, instead of the usual places (with `DEVICELAB_UEFI_VARS`: both or neither)",
     ),
@@ -156,6 +164,10 @@ pub struct HarnessConfig {
     /// DEVICELAB_UEFI_CODE + DEVICELAB_UEFI_VARS: the aarch64 firmware, where it is not in
     /// the usual places.
     pub uefi: Option<crate::firmware::FirmwarePair>,
+    /// DEVICELAB_START: how a spec that does not choose starts its VM.
+    pub start: crate::spec::Start,
+    /// DEVICELAB_VM_SLOTS: VMs at once on this host; `None` derives it (see `slots`).
+    pub vm_slots: Option<usize>,
 }
 
 pub const DEFAULT_NATS_IMAGE: &str = "docker.io/library/nats:2.10";
@@ -259,7 +271,27 @@ impl HarnessConfig {
                 ));
             }
         };
+        let start = match get("DEVICELAB_START").as_deref() {
+            None | Some("cold") => crate::spec::Start::Cold,
+            Some("warm") => crate::spec::Start::Warm,
+            Some(other) => return Err(invalid("DEVICELAB_START", other, "use cold or warm")),
+        };
+        let vm_slots = match get("DEVICELAB_VM_SLOTS") {
+            None => None,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=256).contains(&n) => Some(n),
+                _ => {
+                    return Err(invalid(
+                        "DEVICELAB_VM_SLOTS",
+                        &v,
+                        "use a whole number from 1 to 256, or unset it to derive it from the host",
+                    ));
+                }
+            },
+        };
         Ok(Self {
+            start,
+            vm_slots,
             data_dir,
             libvirt_uri: get("DEVICELAB_LIBVIRT_URI").unwrap_or_else(|| "qemu:///system".into()),
             network,
@@ -295,6 +327,14 @@ impl HarnessConfig {
     }
     pub fn runs_dir(&self) -> PathBuf {
         self.data_dir.join("runs")
+    }
+    /// Saved VMs for warm starts (a cache: `devicelab clean --warm` empties it).
+    pub fn warm_dir(&self) -> PathBuf {
+        self.data_dir.join("warm")
+    }
+    /// The cross-process VM slots' lock files.
+    pub fn slots_dir(&self) -> PathBuf {
+        self.data_dir.join("slots")
     }
 }
 
@@ -388,6 +428,15 @@ mod tests {
         assert_eq!(c.accel, AccelChoice::Auto);
         assert!(!c.keep);
         assert_eq!(c.arch_filter, None);
+        assert_eq!(c.start, crate::spec::Start::Cold);
+        assert_eq!(c.vm_slots, None);
+        let c = HarnessConfig::from_vars(vars(&[
+            ("DEVICELAB_START", "warm"),
+            ("DEVICELAB_VM_SLOTS", "3"),
+        ]))
+        .unwrap();
+        assert_eq!(c.start, crate::spec::Start::Warm);
+        assert_eq!(c.vm_slots, Some(3));
         assert_eq!(
             c.nats,
             NatsMode::Container {
@@ -405,6 +454,8 @@ mod tests {
             ("DEVICELAB_KEEP", "maybe", "1 or 0"),
             ("DEVICELAB_NATS", "docker", "container or process"),
             ("DEVICELAB_DATA_DIR", "relative/dir", "absolute"),
+            ("DEVICELAB_START", "hot", "cold or warm"),
+            ("DEVICELAB_VM_SLOTS", "0", "from 1 to 256"),
             ("ARCH", "mips", "x86_64, aarch64"),
         ] {
             let err = HarnessConfig::from_vars(vars(&[(var, value)]))

@@ -44,6 +44,16 @@ pub struct RunOwner {
     pub pid: u32,
 }
 
+/// The metadata element naming a domain's owner, as `Libvirt::restore` records it on a
+/// restored domain (the run that restored it, not the one that saved it).
+pub fn owner_element(owner: &RunOwner) -> String {
+    format!(
+        "<run run-id='{}' pid='{}'/>",
+        xml_escape(&owner.run_id),
+        owner.pid
+    )
+}
+
 /// The rendered XML and the digest that identifies it (stored in the metadata, so a domain
 /// left defined by an older run is recognised as different and redefined).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -137,7 +137,25 @@ impl ClientKey {
 
 impl HostKey {
     pub fn generate(comment: &str) -> Result<Self, KeyError> {
-        let key = generate(comment)?;
+        Self::of(generate(comment)?)
+    }
+
+    /// A fixed key, never given to a guest: stands in for the host key where a rendering must
+    /// not depend on a random one (a saved VM's key hashes the seed rendered with it).
+    pub fn placeholder() -> Self {
+        use russh::keys::ssh_key::private::{Ed25519Keypair, KeypairData};
+        let pair = Ed25519Keypair::from_seed(&[0x5a; 32]);
+        let key = PrivateKey::new(KeypairData::Ed25519(pair), "devicelab-placeholder")
+            .expect("an ed25519 key pair always makes a private key");
+        Self::of(key).expect("an ed25519 key always encodes")
+    }
+
+    /// A host key kept in OpenSSH form (a saved VM's, whose clones all present it).
+    pub fn from_openssh(text: &str) -> Result<Self, KeyError> {
+        Self::of(PrivateKey::from_openssh(text).map_err(|e| KeyError::Generate(e.to_string()))?)
+    }
+
+    fn of(key: PrivateKey) -> Result<Self, KeyError> {
         Ok(Self {
             private_openssh: key
                 .to_openssh(LineEnding::LF)

@@ -263,7 +263,18 @@ impl Lab {
         })
         .await
         .map_err(|e| VmError::Task(e.to_string()))??;
+        let slots = crate::slots::SlotCount::for_host(
+            self.config.vm_slots,
+            accel.accel,
+            spec.vcpus,
+            spec.memory_mib,
+        );
         Ok(Plan {
+            start: spec.start.unwrap_or(self.config.start),
+            slots,
+            slots_dir: self.config.slots_dir(),
+            slot_budget: self.config.host_budgets().vm_slot,
+            warm_dir: self.config.warm_dir(),
             budgets: arch.budgets(accel.accel).scaled(self.config.budget_scale),
             waits: spec.waits(),
             spec,

@@ -32,12 +32,14 @@ pub mod reference;
 pub mod runner;
 pub mod scenario;
 pub mod seed;
+pub mod slots;
 pub mod spec;
 pub mod ssh;
 pub mod teardown;
 pub mod trials;
 pub mod vm;
 pub mod waits;
+pub mod warm;
 
 pub use arch::VmArchitecture;
 pub use lab::Lab;

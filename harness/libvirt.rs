@@ -214,6 +214,95 @@ impl Libvirt {
         dom.create().map_err(call_err("start domain", name))
     }
 
+    /// Saves the running domain's memory and device state to `to` (libvirt's save): the
+    /// domain stops, still defined; its disks are consistent with the saved memory.
+    pub fn save(&self, dom: &Domain, name: &str, to: &std::path::Path) -> Result<(), LibvirtError> {
+        let path = std::ffi::CString::new(to.as_os_str().as_encoded_bytes()).map_err(|_| {
+            LibvirtError::Call {
+                action: "save domain",
+                object: name.to_owned(),
+                message: format!("{} contains a NUL byte", to.display()),
+            }
+        })?;
+        // SAFETY: the domain pointer is valid for `dom`'s lifetime; the path outlives the call;
+        // a null dxml keeps the domain's own XML. The `virt` crate does not wrap this call.
+        let rc = unsafe {
+            sys::virDomainSaveFlags(dom.as_ptr(), path.as_ptr(), std::ptr::null(), 0)
+        };
+        if rc < 0 {
+            return Err(call_err("save domain", name)(virt::error::Error::last_error()));
+        }
+        Ok(())
+    }
+
+    /// Restores the domain saved in `from` (running, as it was saved), records `owner` in its
+    /// metadata and makes it persistent, so a power cycle (destroy, start) boots it again from
+    /// its disk. Returns the defined XML.
+    pub fn restore(
+        &self,
+        from: &std::path::Path,
+        name: &str,
+        owner: &crate::domain_xml::RunOwner,
+    ) -> Result<String, LibvirtError> {
+        let conn = self.conn()?;
+        conn.restore_domain_flags(&from.display().to_string(), None, sys::VIR_DOMAIN_SAVE_RUNNING)
+            .map_err(call_err("restore domain", name))?;
+        let dom = self.domain(name)?;
+        dom.set_metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(&crate::domain_xml::owner_element(owner)),
+            Some("devicelab"),
+            Some(crate::domain_xml::METADATA_NS),
+            sys::VIR_DOMAIN_AFFECT_LIVE,
+        )
+        .map_err(call_err("record the owner of", name))?;
+        let xml = dom
+            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
+            .map_err(call_err("read domain", name))?;
+        conn.define_domain_xml(&xml)
+            .map_err(call_err("define the restored domain", name))?;
+        Ok(xml)
+    }
+
+    /// The MACs that `network`'s DHCP server has leased `ip` to (unexpired leases).
+    pub fn lease_holders(&self, network: &str, ip: Ipv4Addr) -> Result<Vec<String>, LibvirtError> {
+        let net = self
+            .conn()?
+            .lookup_network_by_name(network)
+            .map_err(call_err("look up network", network))?;
+        let mut leases: *mut sys::virNetworkDHCPLeasePtr = std::ptr::null_mut();
+        // SAFETY: `net` is valid for the call; libvirt allocates the array and each lease,
+        // which are read here and freed with libvirt's own functions (the `virt` crate does
+        // not wrap this call).
+        let n = unsafe { sys::virNetworkGetDHCPLeases(net.as_ptr(), std::ptr::null(), &mut leases, 0) };
+        if n < 0 {
+            return Err(call_err("read the DHCP leases of", network)(
+                virt::error::Error::last_error(),
+            ));
+        }
+        let text = |p: *mut std::os::raw::c_char| {
+            if p.is_null() {
+                String::new()
+            } else {
+                // SAFETY: non-null strings in a lease are NUL-terminated, owned by the lease.
+                unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+            }
+        };
+        let mut holders = Vec::new();
+        for i in 0..n as usize {
+            // SAFETY: libvirt returned `n` valid lease pointers in `leases`.
+            let lease = unsafe { *leases.add(i) };
+            let (addr, mac) = unsafe { (text((*lease).ipaddr), text((*lease).mac)) };
+            if addr.parse::<Ipv4Addr>().ok() == Some(ip) {
+                holders.push(mac.to_ascii_lowercase());
+            }
+            unsafe { sys::virNetworkDHCPLeaseFree(lease) };
+        }
+        // SAFETY: the array itself was allocated by libvirt with malloc.
+        unsafe { libc::free(leases.cast()) };
+        Ok(holders)
+    }
+
     /// The guest's IPv4 address from the network's DHCP leases, if it has one yet.
     /// A lease is not readiness: after a power cycle the old lease is listed at once.
     pub fn lease_ipv4(&self, dom: &Domain, name: &str) -> Result<Option<Ipv4Addr>, LibvirtError> {

@@ -215,7 +215,9 @@ pub async fn cut_at(
         Anchor::SshUp => Readiness::SshLogin,
         _ => Readiness::CloudInitDone,
     };
+    // A cut point is timed from a first boot: always cold.
     let mut spec = VirtualMachineSpec::new(name, arch)
+        .with_start(crate::spec::Start::Cold)
         .with_provisioning_flush(flush)
         .ready_when(ready);
     spec.writeback_delay = writeback_delay;

@@ -13,7 +13,8 @@ use crate::libvirt::{Libvirt, LibvirtError};
 use crate::pool::Pool;
 use crate::reaper::{self, OwnerRecord};
 use crate::seed::Seed;
-use crate::spec::VirtualMachineSpec;
+use crate::slots::{self, SlotCount};
+use crate::spec::{Start, VirtualMachineSpec};
 use crate::teardown::{self, Owned};
 use crate::vm::{Login, Vm, VmError, VmParts};
 use crate::waits::Wait;
@@ -25,6 +26,7 @@ use std::time::Instant;
 /// Everything a request resolves to before anything is created: the lab's facts about the
 /// architecture (accelerator, budgets, emulator, QEMU arguments, firmware, image) and where
 /// things go. Built by `Lab::plan`.
+#[derive(Clone)]
 pub struct Plan {
     pub spec: VirtualMachineSpec,
     pub accel: AccelDecision,
@@ -41,23 +43,55 @@ pub struct Plan {
     pub owner: RunOwner,
     pub runs_dir: PathBuf,
     pub keep: bool,
+    /// Cold or warm (the spec's choice, else the configuration's).
+    pub start: Start,
+    /// The host's VM slots for a VM of this size, where their locks live, and how long to
+    /// wait for one.
+    pub slots: SlotCount,
+    pub slots_dir: PathBuf,
+    pub slot_budget: std::time::Duration,
+    /// Where saved VMs are kept (warm starts).
+    pub warm_dir: PathBuf,
 }
 
+/// Something a VM holds until its teardown is done (a VM slot, a saved VM's clone lock).
+pub(crate) type Held = Box<dyn std::any::Any + Send + Sync>;
+
 /// Runs `plan`: a ready VM, or an error that says what happened (with the kept artifacts once
-/// the domain had started).
+/// the domain had started). First a VM slot of this host (waiting for one if all are held).
 pub async fn run(plan: Plan) -> Result<Vm, VmError> {
-    let name = plan.spec.name.clone();
-    let host_key = HostKey::generate(&format!("devicelab-host@{name}"))?;
+    let slot = slots::acquire(
+        plan.slots_dir.clone(),
+        &plan.slots,
+        plan.spec.name.clone(),
+        plan.slot_budget,
+    )
+    .await?;
+    let held: Vec<Held> = slot.into_iter().map(|s| Box::new(s) as Held).collect();
+    match plan.start {
+        Start::Warm => crate::warm::start(plan, held).await,
+        Start::Cold => boot(plan, held).await,
+    }
+}
+
+/// The handle of `name`, before anything of it exists in libvirt: its run dir and owner
+/// record are written, so every later failure is cleaned up by the handle.
+pub(crate) async fn open_handle(
+    plan: &Plan,
+    name: &str,
+    host_key: HostKey,
+    held: Vec<Held>,
+) -> Result<Vm, VmError> {
     // A background teardown of an earlier VM of this name (run dir included) finishes first.
     {
-        let name = name.clone();
+        let name = name.to_owned();
         tokio::task::spawn_blocking(move || teardown::wait_for(&name))
             .await
             .map_err(|e| VmError::Task(e.to_string()))?;
     }
-    let run_dir = create_run_dir(&plan.runs_dir, &name).map_err(|source| VmError::RunDir {
-        vm: name.clone(),
-        path: plan.runs_dir.join(&name),
+    let run_dir = create_run_dir(&plan.runs_dir, name).map_err(|source| VmError::RunDir {
+        vm: name.to_owned(),
+        path: plan.runs_dir.join(name),
         source,
     })?;
     let serial_log = run_dir.join("serial.log");
@@ -66,7 +100,7 @@ pub async fn run(plan: Plan) -> Result<Vm, VmError> {
     if let Err(source) = OwnerRecord::current(&plan.owner.run_id).write(&run_dir) {
         let _ = std::fs::remove_dir_all(&run_dir); // nothing else exists yet
         return Err(VmError::RunDir {
-            vm: name.clone(),
+            vm: name.to_owned(),
             path: run_dir.join(reaper::OWNER_FILE),
             source,
         });
@@ -74,25 +108,64 @@ pub async fn run(plan: Plan) -> Result<Vm, VmError> {
     let owned = Owned {
         libvirt: plan.libvirt.clone(),
         pool: plan.pool.clone(),
-        name: name.clone(),
+        name: name.to_owned(),
         run_dir: run_dir.clone(),
         lifecycle: Arc::new(Mutex::new(())),
+        held: Arc::new(held),
     };
-    let started = Instant::now();
-    let vm = Vm::new(VmParts {
-        owned: owned.clone(),
+    Ok(Vm::new(VmParts {
+        owned,
         arch: plan.spec.arch,
         login: Login {
             user: plan.spec.first_boot.admin_user.clone(),
             key: plan.client_key.private.clone(),
             key_path: plan.client_key.path.clone(),
-            host_key: host_key.clone(),
+            host_key,
         },
         budgets: plan.budgets,
-        serial_log: serial_log.clone(),
+        serial_log,
         keep: plan.keep,
         flush_provisioning: plan.spec.flush_provisioning,
-    });
+    }))
+}
+
+/// The domain XML parameters of `plan`'s VM called `name` (the runner's, and a saved VM's key).
+pub(crate) fn domain_params(
+    plan: &Plan,
+    name: &str,
+    disk: PathBuf,
+    seed: PathBuf,
+    mac: String,
+    serial_log: PathBuf,
+    uefi: Option<UefiPflash>,
+) -> DomainXmlParams {
+    DomainXmlParams {
+        name: name.to_owned(),
+        arch: plan.spec.arch,
+        accel: plan.accel.accel,
+        vcpus: plan.spec.vcpus,
+        memory_mib: plan.spec.memory_mib,
+        emulator: plan.emulator.clone(),
+        disk,
+        seed,
+        network: plan.network.clone(),
+        mac,
+        serial_log,
+        uefi,
+        qemu_args: plan.qemu_args.clone(),
+        owner: plan.owner.clone(),
+    }
+}
+
+/// A cold boot: a first boot of the image on a fresh overlay, to the plan's waits.
+pub(crate) async fn boot(plan: Plan, held: Vec<Held>) -> Result<Vm, VmError> {
+    let name = plan.spec.name.clone();
+    let host_key = HostKey::generate(&format!("devicelab-host@{name}"))?;
+    let started = Instant::now();
+    let vm = open_handle(&plan, &name, host_key.clone(), held).await?;
+    let owned = vm.owned.clone();
+    let serial_log = vm.serial_log.clone();
+    let run_dir = owned.run_dir.clone();
 
     // Every instance gets its own identity, MAC included: a name reused within the DHCP
     // lease time (an hour) must not find the previous instance's lease under its MAC.
@@ -136,22 +209,15 @@ pub async fn run(plan: Plan) -> Result<Vm, VmError> {
             .await?
     };
     let (disk, seed, uefi) = assets;
-    let rendered = domain_xml::render(&DomainXmlParams {
-        name: name.clone(),
-        arch: plan.spec.arch,
-        accel: plan.accel.accel,
-        vcpus: plan.spec.vcpus,
-        memory_mib: plan.spec.memory_mib,
-        emulator: plan.emulator.clone(),
+    let rendered = domain_xml::render(&domain_params(
+        &plan,
+        &name,
         disk,
         seed,
-        network: plan.network.clone(),
-        mac: domain_xml::mac_for(&instance_id),
-        serial_log: serial_log.clone(),
+        domain_xml::mac_for(&instance_id),
+        serial_log.clone(),
         uefi,
-        qemu_args: plan.qemu_args.clone(),
-        owner: plan.owner.clone(),
-    });
+    ));
     let domain_xml = run_dir.join("domain.xml");
     std::fs::write(&domain_xml, &rendered.xml).map_err(|source| VmError::RunDir {
         vm: name.clone(),

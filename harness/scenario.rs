@@ -9,7 +9,7 @@ use crate::lab::{Lab, LabNatsError};
 use crate::nats::{NatsError, NatsServer, ReportLog, Verdict};
 use crate::onboard::{OnboardError, Onboarding};
 use crate::reference;
-use crate::spec::VirtualMachineSpec;
+use crate::spec::{Start, VirtualMachineSpec};
 use crate::vm::{PhaseTimings, Vm, VmError};
 use devicelab_agent::now_ms;
 use std::path::PathBuf;
@@ -110,6 +110,17 @@ pub async fn onboarded_device_with(
     what: &str,
     agent: &AgentDescription,
 ) -> Result<OnboardedDevice, ScenarioError> {
+    onboarded_device_started(lab, arch, what, agent, None).await
+}
+
+/// [`onboarded_device_with`], started cold or warm (`None`: as DEVICELAB_START says).
+pub async fn onboarded_device_started(
+    lab: &Lab,
+    arch: VmArchitecture,
+    what: &str,
+    agent: &AgentDescription,
+    start: Option<Start>,
+) -> Result<OnboardedDevice, ScenarioError> {
     agent.check(&[arch]).map_err(OnboardError::from)?;
     let nats = lab.nats_for(agent).await?;
     let name = lab.vm_name(what, arch);
@@ -118,7 +129,10 @@ pub async fn onboarded_device_with(
     nats.capture(&reports_on).await?;
     // The agent is built while the VM boots.
     let (vm, onboarding) = tokio::join!(
-        lab.vm(VirtualMachineSpec::new(&name, arch)),
+        lab.vm(VirtualMachineSpec {
+            start,
+            ..VirtualMachineSpec::new(&name, arch)
+        }),
         Onboarding::prepare(&lab.config, agent, values)
     );
     let (vm, onboarding) = (vm?, onboarding?);
@@ -280,7 +294,8 @@ pub async fn e2e_with(
     arch: VmArchitecture,
     agent: &AgentDescription,
 ) -> Result<PhaseTimings, ScenarioError> {
-    let device = onboarded_device_with(lab, arch, "e2e", agent).await?;
+    // The trials prove the device's real first boot: always cold.
+    let device = onboarded_device_started(lab, arch, "e2e", agent, Some(Start::Cold)).await?;
     Ok(device.timings.clone())
 }
 
@@ -298,7 +313,7 @@ pub async fn power_cycle_with(
     arch: VmArchitecture,
     agent: &AgentDescription,
 ) -> Result<PhaseTimings, ScenarioError> {
-    let device = onboarded_device_with(lab, arch, "pc", agent).await?;
+    let device = onboarded_device_started(lab, arch, "pc", agent, Some(Start::Cold)).await?;
     match pull_the_plug(&device).await {
         Ok(()) => Ok(device.timings.clone()),
         Err(e) => Err(with_artifacts(&device.vm, &device.reports(), &device.agent, e).await),

@@ -25,6 +25,28 @@ pub struct VirtualMachineSpec {
     pub writeback_delay: Option<std::time::Duration>,
     /// The test's own waits, applied after the harness's (see [`VirtualMachineSpec::waits`]).
     pub extra_waits: Vec<Wait>,
+    /// Cold (a first boot) or warm (a restored, saved VM: see `warm`); `None` takes the
+    /// configuration's choice (DEVICELAB_START).
+    pub start: Option<Start>,
+}
+
+/// How a VM comes up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Start {
+    /// A real first boot: firmware, bootloader, kernel, cloud-init. What the `e2e` trials prove.
+    Cold,
+    /// A clone of a VM of the same request saved at "cloud-init done" (built by one cold boot
+    /// the first time), restored on a fresh overlay: seconds instead of a minute.
+    Warm,
+}
+
+impl std::fmt::Display for Start {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Cold => "cold",
+            Self::Warm => "warm",
+        })
+    }
 }
 
 /// The admin user the seed creates on every VM, unless a spec names another.
@@ -98,6 +120,7 @@ impl VirtualMachineSpec {
             ready_when: Readiness::CloudInitDone,
             writeback_delay: None,
             extra_waits: Vec::new(),
+            start: None,
         }
     }
 
@@ -142,6 +165,11 @@ impl VirtualMachineSpec {
     }
     pub fn with_writeback_delay(mut self, delay: std::time::Duration) -> Self {
         self.writeback_delay = Some(delay);
+        self
+    }
+    /// Cold or warm, whatever DEVICELAB_START says.
+    pub fn with_start(mut self, start: Start) -> Self {
+        self.start = Some(start);
         self
     }
     pub fn with_first_boot(mut self, first_boot: FirstBootConfig) -> Self {

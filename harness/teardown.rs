@@ -32,6 +32,10 @@ pub(crate) struct Owned {
     pub name: String,
     pub run_dir: PathBuf,
     pub lifecycle: Arc<Mutex<()>>,
+    /// Released once the last clone goes, after the teardown: the VM's slot on this host,
+    /// a saved VM's clone lock.
+    #[allow(dead_code)] // never read: holding is its whole job
+    pub held: Arc<Vec<crate::runner::Held>>,
 }
 
 impl Owned {

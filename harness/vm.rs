@@ -113,6 +113,10 @@ pub enum VmError {
     },
     #[error(transparent)]
     Teardown(#[from] TeardownError),
+    #[error(transparent)]
+    Slot(#[from] crate::slots::SlotError),
+    #[error(transparent)]
+    Warm(#[from] crate::warm::WarmError),
     #[error("a harness task failed: {0}")]
     Task(String),
 }
@@ -519,11 +523,16 @@ impl Vm {
             self.owned.name,
             started.elapsed().as_secs_f64()
         );
+        self.flushed(what);
+        Ok(())
+    }
+
+    /// Records that `what` is durable now (a power cut's report says so).
+    pub(crate) fn flushed(&self, what: &str) {
         self.durability
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .last_flush = Some((what.to_owned(), Instant::now()));
-        Ok(())
     }
 
     /// The last hard power cut, with what had been flushed before it.

@@ -1,0 +1,115 @@
+//! Warm starts (`Start::Warm`, DEVICELAB_START=warm): a clone of a saved, cloud-init-done VM
+//! restored on a fresh overlay. What it must keep true: the clone is fresh (nothing a previous
+//! clone wrote), its clock is the host's (the power-cycle gate compares times), two clones at
+//! once never share an identity, a power cycle boots it for real, and the `onboarded` fixture
+//! works on it. The first run on a host builds the saved VMs (one cold boot each).
+//! `--features e2e`.
+
+use devicelab::fixtures::*;
+use devicelab::spec::{Start, VirtualMachineSpec};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+fn mac_of(vm: &Vm) -> String {
+    let xml = std::fs::read_to_string(vm.run_dir().join("domain.xml")).unwrap();
+    let at = xml.find("<mac address=").expect("a MAC in the domain XML") + 14;
+    xml[at..at + 17].to_owned()
+}
+
+/// The guest's clock minus the host's, in seconds.
+async fn clock_skew(vm: &Vm) -> f64 {
+    let guest: f64 = vm.succeed("date +%s.%N").await.unwrap().trim().parse().unwrap();
+    let host = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    guest - host
+}
+
+fn restore_time(vm: &Vm) -> f64 {
+    vm.timings
+        .entries()
+        .iter()
+        .find(|(p, _)| p.starts_with("warm restore"))
+        .map(|(_, d)| d.as_secs_f64())
+        .expect("a warm VM records its restore")
+}
+
+#[rstest]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots VMs: run with --features e2e")]
+async fn warm_clones_are_fresh_on_time_distinct_side_by_side_and_power_cycle_for_real(
+    #[future] lab: Arc<Lab>,
+    arch: VmArchitecture,
+) {
+    let lab = lab.await;
+    let spec = || VirtualMachineSpec::new(lab.vm_name("warm", arch), arch).with_start(Start::Warm);
+
+    let first = lab.vm(spec()).await.unwrap();
+    assert!(
+        first.name().starts_with("devicelab-warm-"),
+        "a warm VM runs as its saved VM's clone: {}",
+        first.name()
+    );
+    let skew = clock_skew(&first).await;
+    assert!(skew.abs() < 3.0, "the clone's clock is stepped to the host's: {skew:.1} s off");
+    first
+        .succeed("cloud-init status | grep -q 'status: done'")
+        .await
+        .unwrap();
+    first.succeed("echo first > ~/written-by-a-clone && sync").await.unwrap();
+    let (name, mac, ip) = (first.name().to_owned(), mac_of(&first), first.ip().unwrap());
+    eprintln!("first clone {name} ({mac}, {ip}): restore → SSH {:.1} s", restore_time(&first));
+    first.remove().await.unwrap();
+
+    // The next clone of the same saved VM: a fresh overlay, the same identity.
+    let second = lab.vm(spec()).await.unwrap();
+    assert_eq!(second.name(), name, "the saved VM came free again");
+    second.fail("test -e ~/written-by-a-clone").await.unwrap();
+    eprintln!("second clone: restore → SSH {:.1} s", restore_time(&second));
+
+    // Side by side: the second of two clones at once is another saved VM, with its own MAC
+    // and address (libvirt restores a saved VM only under its own name, UUID and MAC).
+    let third = lab.vm(spec()).await.unwrap();
+    assert_ne!(third.name(), second.name());
+    assert_ne!(mac_of(&third), mac_of(&second), "clones at once never share a MAC");
+    assert_ne!(third.ip(), second.ip(), "clones at once never share an address");
+    for vm in [&second, &third] {
+        vm.succeed("true").await.unwrap();
+    }
+    third.remove().await.unwrap();
+
+    // A power cycle boots the clone's own disk for real: what it flushed survives, the boot id
+    // changes, the clock comes from the (host's) RTC.
+    second.succeed("echo kept > ~/flushed && sync").await.unwrap();
+    let old_boot = second.boot_id().await.unwrap();
+    second.power_cycle().await.unwrap();
+    assert_ne!(second.boot_id().await.unwrap(), old_boot);
+    assert_eq!(second.succeed("cat ~/flushed").await.unwrap().trim(), "kept");
+    let skew = clock_skew(&second).await;
+    assert!(skew.abs() < 3.0, "after a power cycle: {skew:.1} s off");
+}
+
+/// The `onboarded` fixture with DEVICELAB_START=warm: the agent is onboarded on a clone and
+/// its first report arrives (the fixture checks it came from this boot, stamped after the
+/// onboarding began by the device's clock).
+#[rstest]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots VMs: run with --features e2e")]
+async fn the_onboarded_fixture_starts_warm_when_configured(arch: VmArchitecture) {
+    devicelab::init_logging();
+    let mut config = devicelab::config::HarnessConfig::from_env().unwrap();
+    config.start = Start::Warm;
+    let lab = Lab::new(config).await.unwrap();
+    let device = devicelab::scenario::onboarded_device_with(&lab, arch, "warmdev", &devicelab::reference::agent())
+        .await
+        .unwrap();
+    assert!(device.vm.name().starts_with("devicelab-warm-"));
+    let host_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i128;
+    let skew_ms = device.first_report.timestamp_ms as i128 - host_ms;
+    assert!(
+        skew_ms.abs() < 60_000,
+        "the first report is stamped by a clock stepped to the host's: {skew_ms} ms off"
+    );
+    eprintln!("warm onboarded device: phases {}", device.timings);
+}
