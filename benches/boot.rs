@@ -119,8 +119,10 @@ async fn bench(runs: usize) -> Report {
 async fn warm_vm(lab: &Arc<Lab>, arch: VmArchitecture) -> (f64, f64) {
     let started = Instant::now();
     let vm = lab
-        .vm(VirtualMachineSpec::new(lab.vm_name("bench-warm", arch), arch)
-            .with_start(devicelab::spec::Start::Warm))
+        .vm(
+            VirtualMachineSpec::new(lab.vm_name("bench-warm", arch), arch)
+                .with_start(devicelab::spec::Start::Warm),
+        )
         .await
         .unwrap_or_else(|e| panic!("{arch} warm start: {e}"));
     let whole = started.elapsed().as_secs_f64();

@@ -339,9 +339,10 @@ async fn clean(config: &HarnessConfig, warm: bool) -> Result {
     println!("removed VMs: {}", list(&reaped.vms));
     println!("removed NATS containers: {}", list(&reaped.containers));
     if warm {
-        let removed = tokio::task::spawn_blocking(move || devicelab::warm::remove_unused(&warm_dir))
-            .await
-            .map_err(|e| e.to_string())?;
+        let removed =
+            tokio::task::spawn_blocking(move || devicelab::warm::remove_unused(&warm_dir))
+                .await
+                .map_err(|e| e.to_string())?;
         println!("removed saved VMs (warm starts): {}", list(&removed));
     }
     Ok(())

@@ -226,11 +226,12 @@ impl Libvirt {
         })?;
         // SAFETY: the domain pointer is valid for `dom`'s lifetime; the path outlives the call;
         // a null dxml keeps the domain's own XML. The `virt` crate does not wrap this call.
-        let rc = unsafe {
-            sys::virDomainSaveFlags(dom.as_ptr(), path.as_ptr(), std::ptr::null(), 0)
-        };
+        let rc =
+            unsafe { sys::virDomainSaveFlags(dom.as_ptr(), path.as_ptr(), std::ptr::null(), 0) };
         if rc < 0 {
-            return Err(call_err("save domain", name)(virt::error::Error::last_error()));
+            return Err(call_err("save domain", name)(
+                virt::error::Error::last_error(),
+            ));
         }
         Ok(())
     }
@@ -245,8 +246,12 @@ impl Libvirt {
         owner: &crate::domain_xml::RunOwner,
     ) -> Result<String, LibvirtError> {
         let conn = self.conn()?;
-        conn.restore_domain_flags(&from.display().to_string(), None, sys::VIR_DOMAIN_SAVE_RUNNING)
-            .map_err(call_err("restore domain", name))?;
+        conn.restore_domain_flags(
+            &from.display().to_string(),
+            None,
+            sys::VIR_DOMAIN_SAVE_RUNNING,
+        )
+        .map_err(call_err("restore domain", name))?;
         let dom = self.domain(name)?;
         dom.set_metadata(
             sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
@@ -274,7 +279,8 @@ impl Libvirt {
         // SAFETY: `net` is valid for the call; libvirt allocates the array and each lease,
         // which are read here and freed with libvirt's own functions (the `virt` crate does
         // not wrap this call).
-        let n = unsafe { sys::virNetworkGetDHCPLeases(net.as_ptr(), std::ptr::null(), &mut leases, 0) };
+        let n =
+            unsafe { sys::virNetworkGetDHCPLeases(net.as_ptr(), std::ptr::null(), &mut leases, 0) };
         if n < 0 {
             return Err(call_err("read the DHCP leases of", network)(
                 virt::error::Error::last_error(),
@@ -285,7 +291,9 @@ impl Libvirt {
                 String::new()
             } else {
                 // SAFETY: non-null strings in a lease are NUL-terminated, owned by the lease.
-                unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+                unsafe { std::ffi::CStr::from_ptr(p) }
+                    .to_string_lossy()
+                    .into_owned()
             }
         };
         let mut holders = Vec::new();

@@ -179,10 +179,12 @@ fn slot_path(dir: &Path, stem: &str, index: usize) -> PathBuf {
 
 /// The first free host slot, or `None` when all are held. Blocking.
 fn try_any(dir: &Path, count: usize, holder: &str) -> Result<Option<SlotLease>, SlotError> {
-    Ok(lock_first_free(dir, "", count, holder)?.map(|(file, index)| {
-        HELD.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        SlotLease { _file: file, index }
-    }))
+    Ok(
+        lock_first_free(dir, "", count, holder)?.map(|(file, index)| {
+            HELD.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            SlotLease { _file: file, index }
+        }),
+    )
 }
 
 /// Locks the first of `<stem>0.lock` … `<stem><count-1>.lock` in `dir` that nobody holds,
@@ -251,7 +253,10 @@ mod tests {
         let small = SlotCount::derive(32, 16 * 1024, Accelerator::Kvm, 2, 2048);
         assert_eq!(small.count, 5, "{}", small.reason);
         // Never zero, whatever the host.
-        assert_eq!(SlotCount::derive(1, 1024, Accelerator::Tcg, 4, 8192).count, 1);
+        assert_eq!(
+            SlotCount::derive(1, 1024, Accelerator::Tcg, 4, 8192).count,
+            1
+        );
     }
 
     #[test]

@@ -159,7 +159,11 @@ pub(crate) async fn start(plan: Plan, held: Vec<Held>) -> Result<Vm, VmError> {
             .map_err(|e| VmError::Task(e.to_string()))??
     };
     let key = inputs.key();
-    let stem = format!("devicelab-warm-{}-{}-", plan.spec.arch.debian_name(), &key[..10]);
+    let stem = format!(
+        "devicelab-warm-{}-{}-",
+        plan.spec.arch.debian_name(),
+        &key[..10]
+    );
     let (lock, index) = {
         let (dir, stem2, holder) = (plan.warm_dir.clone(), stem.clone(), plan.spec.name.clone());
         tokio::task::spawn_blocking(move || {
@@ -332,7 +336,9 @@ async fn build(
     let started = Instant::now();
     let vm = runner::boot(template, Vec::new()).await?;
     let cold_boot_secs = started.elapsed().as_secs_f64();
-    let ip = vm.ip().ok_or_else(|| VmError::NoAddress { vm: name.into() })?;
+    let ip = vm
+        .ip()
+        .ok_or_else(|| VmError::NoAddress { vm: name.into() })?;
     let saved = Saved {
         key: key.to_owned(),
         inputs,
@@ -370,7 +376,8 @@ async fn build(
             // The disk moves (the pool forgets it); seed and NVRAM are copied (the template's
             // teardown deletes its own).
             let disk_to = building.join("disk.qcow2");
-            std::fs::rename(pool.path_of(&disk), &disk_to).map_err(io("keep the disk", &disk_to))?;
+            std::fs::rename(pool.path_of(&disk), &disk_to)
+                .map_err(io("keep the disk", &disk_to))?;
             pool.refresh()?;
             std::fs::copy(pool.path_of(&seed), building.join("seed.img"))
                 .map_err(io("keep the seed", &building))?;
@@ -457,13 +464,13 @@ async fn restore(
                     };
                     pool.create_overlay(&disk, &base, gib)?;
                     let copy = |from: &str, to: &str| {
-                        std::fs::copy(dir.join(from), pool.path_of(to)).map(drop).map_err(
-                            |source| WarmError::Io {
+                        std::fs::copy(dir.join(from), pool.path_of(to))
+                            .map(drop)
+                            .map_err(|source| WarmError::Io {
                                 what: "copy out",
                                 dir: dir.join(from),
                                 source,
-                            },
-                        )
+                            })
                     };
                     copy("seed.img", &seed)?;
                     if dir.join("VARS.fd").exists() {
@@ -548,7 +555,9 @@ async fn step_clock(vm: &Vm) -> Result<Duration, VmError> {
         now.subsec_nanos()
     ))
     .await?;
-    Ok(Duration::from_secs_f64((now.as_secs_f64() - guest).max(0.0)))
+    Ok(Duration::from_secs_f64(
+        (now.as_secs_f64() - guest).max(0.0),
+    ))
 }
 
 /// A saved VM in the cache, as `devicelab ls` shows it.
@@ -594,7 +603,8 @@ pub fn saved_vms(dir: &Path) -> Vec<SavedVm> {
 }
 
 fn lock_held(path: &Path) -> bool {
-    std::fs::File::open(path).is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+    std::fs::File::open(path)
+        .is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
 }
 
 /// Removes every saved VM no clone is using (`devicelab clean --warm`); returns their names.
@@ -603,7 +613,12 @@ pub fn remove_unused(dir: &Path) -> Vec<String> {
     for saved in saved_vms(dir) {
         let lock = dir.join(format!("{}.lock", saved.name));
         // Held while removing, so no clone starts from a half-removed saved VM.
-        let Ok(file) = std::fs::File::options().write(true).create(true).truncate(false).open(&lock) else {
+        let Ok(file) = std::fs::File::options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock)
+        else {
             continue;
         };
         if file.try_lock().is_err() {
@@ -671,7 +686,8 @@ mod tests {
             seed: _,
         } = inputs();
         let base = inputs().key();
-        let changes: Vec<(&str, Box<dyn Fn(&mut KeyInputs)>)> = vec![
+        type Change = Box<dyn Fn(&mut KeyInputs)>;
+        let changes: Vec<(&str, Change)> = vec![
             ("layout", Box::new(|k| k.layout += 1)),
             ("arch", Box::new(|k| k.arch = "aarch64".into())),
             ("accel", Box::new(|k| k.accel = "kvm".into())),

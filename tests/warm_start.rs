@@ -18,7 +18,13 @@ fn mac_of(vm: &Vm) -> String {
 
 /// The guest's clock minus the host's, in seconds.
 async fn clock_skew(vm: &Vm) -> f64 {
-    let guest: f64 = vm.succeed("date +%s.%N").await.unwrap().trim().parse().unwrap();
+    let guest: f64 = vm
+        .succeed("date +%s.%N")
+        .await
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let host = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -51,20 +57,32 @@ async fn warm_clones_are_fresh_on_time_distinct_side_by_side_and_power_cycle_for
         "a warm VM runs as its saved VM's clone: {}",
         first.name()
     );
-    let skew = clock_skew(&first).await;
-    assert!(skew.abs() < 3.0, "the clone's clock is stepped to the host's: {skew:.1} s off");
     first
         .succeed("cloud-init status | grep -q 'status: done'")
         .await
         .unwrap();
-    first.succeed("echo first > ~/written-by-a-clone && sync").await.unwrap();
+    first
+        .succeed("echo first > ~/written-by-a-clone && sync")
+        .await
+        .unwrap();
     let (name, mac, ip) = (first.name().to_owned(), mac_of(&first), first.ip().unwrap());
-    eprintln!("first clone {name} ({mac}, {ip}): restore → SSH {:.1} s", restore_time(&first));
+    eprintln!(
+        "first clone {name} ({mac}, {ip}): restore → SSH {:.1} s",
+        restore_time(&first)
+    );
     first.remove().await.unwrap();
 
-    // The next clone of the same saved VM: a fresh overlay, the same identity.
+    // The next clone of the same saved VM: a fresh overlay, the same identity. The saved VM
+    // is at least 15 s old by then (it may have been built just now), so a clock that was not
+    // stepped is at least 15 s behind: the skew check below cannot pass by luck.
+    tokio::time::sleep(std::time::Duration::from_secs(15)).await;
     let second = lab.vm(spec()).await.unwrap();
     assert_eq!(second.name(), name, "the saved VM came free again");
+    let skew = clock_skew(&second).await;
+    assert!(
+        skew.abs() < 3.0,
+        "the clone's clock is stepped to the host's: {skew:.1} s off"
+    );
     second.fail("test -e ~/written-by-a-clone").await.unwrap();
     eprintln!("second clone: restore → SSH {:.1} s", restore_time(&second));
 
@@ -72,8 +90,16 @@ async fn warm_clones_are_fresh_on_time_distinct_side_by_side_and_power_cycle_for
     // and address (libvirt restores a saved VM only under its own name, UUID and MAC).
     let third = lab.vm(spec()).await.unwrap();
     assert_ne!(third.name(), second.name());
-    assert_ne!(mac_of(&third), mac_of(&second), "clones at once never share a MAC");
-    assert_ne!(third.ip(), second.ip(), "clones at once never share an address");
+    assert_ne!(
+        mac_of(&third),
+        mac_of(&second),
+        "clones at once never share a MAC"
+    );
+    assert_ne!(
+        third.ip(),
+        second.ip(),
+        "clones at once never share an address"
+    );
     for vm in [&second, &third] {
         vm.succeed("true").await.unwrap();
     }
@@ -81,11 +107,17 @@ async fn warm_clones_are_fresh_on_time_distinct_side_by_side_and_power_cycle_for
 
     // A power cycle boots the clone's own disk for real: what it flushed survives, the boot id
     // changes, the clock comes from the (host's) RTC.
-    second.succeed("echo kept > ~/flushed && sync").await.unwrap();
+    second
+        .succeed("echo kept > ~/flushed && sync")
+        .await
+        .unwrap();
     let old_boot = second.boot_id().await.unwrap();
     second.power_cycle().await.unwrap();
     assert_ne!(second.boot_id().await.unwrap(), old_boot);
-    assert_eq!(second.succeed("cat ~/flushed").await.unwrap().trim(), "kept");
+    assert_eq!(
+        second.succeed("cat ~/flushed").await.unwrap().trim(),
+        "kept"
+    );
     let skew = clock_skew(&second).await;
     assert!(skew.abs() < 3.0, "after a power cycle: {skew:.1} s off");
 }
@@ -101,11 +133,19 @@ async fn the_onboarded_fixture_starts_warm_when_configured(arch: VmArchitecture)
     let mut config = devicelab::config::HarnessConfig::from_env().unwrap();
     config.start = Start::Warm;
     let lab = Lab::new(config).await.unwrap();
-    let device = devicelab::scenario::onboarded_device_with(&lab, arch, "warmdev", &devicelab::reference::agent())
-        .await
-        .unwrap();
+    let device = devicelab::scenario::onboarded_device_with(
+        &lab,
+        arch,
+        "warmdev",
+        &devicelab::reference::agent(),
+    )
+    .await
+    .unwrap();
     assert!(device.vm.name().starts_with("devicelab-warm-"));
-    let host_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i128;
+    let host_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i128;
     let skew_ms = device.first_report.timestamp_ms as i128 - host_ms;
     assert!(
         skew_ms.abs() < 60_000,
