@@ -452,6 +452,14 @@ fn for_arch(
             },
         ),
     });
+    let slots = crate::slots::SlotCount::for_host(config.vm_slots, decision.accel, 2, 2048);
+    out.push(Check::ok(
+        format!("{arch}: VM slots"),
+        format!(
+            "{} default-size VMs at once ({}); the nextest `vm` group's max-threads can match it",
+            slots.count, slots.reason
+        ),
+    ));
     if scope.qemu_knobs
         && decision.accel == Accelerator::Tcg
         && arch == VmArchitecture::Aarch64
