@@ -237,6 +237,9 @@ pub struct Report {
     pub timestamp_ms: u64,
     /// Something that changes on every boot (the kernel's boot id), if the agent reports one.
     pub boot_marker: Option<String>,
+    /// The agent's own report counter (+1 per report of one agent process), if it has one:
+    /// the partition verdict checks that no number is missing or repeated.
+    pub seq: Option<u64>,
 }
 
 /// Turns one message's payload into a [`Report`], or says why it is not one.

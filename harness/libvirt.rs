@@ -311,6 +311,64 @@ impl Libvirt {
         Ok(holders)
     }
 
+    /// Sets the link state of the domain's network interface, live: down is a pulled cable
+    /// (the guest sees carrier loss), up plugs it back.
+    pub fn set_link(&self, dom: &Domain, name: &str, up: bool) -> Result<(), LibvirtError> {
+        let xml = dom.xml_desc(0).map_err(call_err("read domain", name))?;
+        let iface = element_text(&xml, "interface").ok_or_else(|| LibvirtError::Call {
+            action: "find the network interface of",
+            object: name.to_owned(),
+            message: "no <interface> in its XML".into(),
+        })?;
+        let state = if up { "up" } else { "down" };
+        let without = remove_element(&iface, "link");
+        let at = without.rfind("</interface>").unwrap_or(without.len());
+        let changed = format!(
+            "{}<link state='{state}'/>\n{}",
+            &without[..at],
+            &without[at..]
+        );
+        dom.update_device_flags(&changed, sys::VIR_DOMAIN_AFFECT_LIVE)
+            .map_err(call_err("change the link state of", name))
+    }
+
+    /// Pauses the whole domain (vCPUs stop; its clock stops with them) or resumes it.
+    pub fn set_paused(&self, dom: &Domain, name: &str, paused: bool) -> Result<(), LibvirtError> {
+        if paused {
+            dom.suspend().map_err(call_err("suspend domain", name))
+        } else {
+            dom.resume().map_err(call_err("resume domain", name))
+        }
+    }
+
+    /// The real-time clock the domain boots with from its next start: `offset_s` seconds from
+    /// the host's (`None`: the host's UTC). A board without a battery-backed RTC comes back
+    /// with a wrong clock after a power loss; this makes the VM do the same.
+    pub fn set_rtc_offset(
+        &self,
+        dom: &Domain,
+        name: &str,
+        offset_s: Option<i64>,
+    ) -> Result<(), LibvirtError> {
+        let xml = dom
+            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
+            .map_err(call_err("read domain", name))?;
+        let clock = match offset_s {
+            None => "<clock offset='utc'/>".to_owned(),
+            Some(s) => format!("<clock offset='variable' adjustment='{s}' basis='utc'/>"),
+        };
+        let range = element_range(&xml, "clock").ok_or_else(|| LibvirtError::Call {
+            action: "find the clock of",
+            object: name.to_owned(),
+            message: "no <clock> in its XML".into(),
+        })?;
+        let changed = format!("{}{clock}{}", &xml[..range.start], &xml[range.end..]);
+        self.conn()?
+            .define_domain_xml(&changed)
+            .map(drop)
+            .map_err(call_err("redefine the clock of", name))
+    }
+
     /// The guest's IPv4 address from the network's DHCP leases, if it has one yet.
     /// A lease is not readiness: after a power cycle the old lease is listed at once.
     pub fn lease_ipv4(&self, dom: &Domain, name: &str) -> Result<Option<Ipv4Addr>, LibvirtError> {
@@ -321,6 +379,25 @@ impl Libvirt {
             .iter()
             .flat_map(|i| &i.addrs)
             .find_map(|a| a.addr.parse::<Ipv4Addr>().ok()))
+    }
+}
+
+/// Where the first `<tag>` element of `xml` starts and ends (as text).
+fn element_range(xml: &str, tag: &str) -> Option<std::ops::Range<usize>> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    Some(doc.descendants().find(|n| n.has_tag_name(tag))?.range())
+}
+
+/// The first `<tag>` element of `xml`, as text.
+fn element_text(xml: &str, tag: &str) -> Option<String> {
+    element_range(xml, tag).map(|r| xml[r].to_owned())
+}
+
+/// `xml` without its first `<tag>` element (unchanged if it has none).
+fn remove_element(xml: &str, tag: &str) -> String {
+    match element_range(xml, tag) {
+        Some(r) => format!("{}{}", &xml[..r.start], &xml[r.end..]),
+        None => xml.to_owned(),
     }
 }
 

@@ -8,7 +8,7 @@ pub mod server;
 pub mod status;
 
 pub use server::NatsServer;
-pub use status::{MessageLog, ReportLog, StatusLog, Verdict};
+pub use status::{MessageLog, ReportLog, StatusLog, Stored, Verdict};
 
 pub const STREAM_NAME: &str = "DEVICELAB_STATUS";
 

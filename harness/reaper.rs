@@ -140,6 +140,10 @@ pub fn remove_vm(libvirt: &Libvirt, pool: &Pool, name: &str) -> Vec<String> {
     {
         errors.push(e.to_string());
     }
+    // A partition (`Vm::partition`) outlives nothing: its rules go with the VM.
+    if let Err(e) = crate::firewall::unblock(name) {
+        errors.push(e.to_string());
+    }
     // `-seed.iso`: the seed's name before it became a FAT image, left by older versions.
     for v in volume_names(name)
         .into_iter()

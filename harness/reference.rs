@@ -36,6 +36,7 @@ pub fn decode(payload: &[u8]) -> Result<Report, String> {
         device_id: s.device_id,
         timestamp_ms: s.timestamp_ms,
         boot_marker: Some(s.boot_id),
+        seq: Some(s.seq),
     })
 }
 

@@ -184,10 +184,17 @@ pub async fn report_from_boot(
     Ok(report)
 }
 
-/// Waits for the first report after a power cut: after stream sequence `gate` (everything the
-/// old boot sent is before it); a report carrying the old boot's marker after the gate fails at
-/// once; with `not_before_ms`, stamped later than that by the agent's clock. An agent without
-/// a boot marker is judged on the stream position and the time alone.
+/// Waits for the first report after a power cut. What decides, in order:
+/// 1. the stream position: only reports stored after `gate` count (everything the old boot
+///    sent is before it: the guest was gone when the gate was read);
+/// 2. the boot marker: a report carrying the old boot's marker after the gate fails at once;
+///    one carrying another marker is the new boot's, whatever its timestamp says;
+/// 3. the time, only for an agent without a boot marker: stamped after `not_before_ms` by the
+///    agent's clock.
+///
+/// The device's clock is never trusted where a marker exists: a board without an RTC comes
+/// back with its clock thrown back (`Vm::set_clock`), and its first reports are stamped
+/// before the gate (logged when that happens).
 pub async fn report_after_cut(
     log: &ReportLog,
     gate: u64,
@@ -196,18 +203,22 @@ pub async fn report_after_cut(
     budget: Duration,
 ) -> Result<Report, NatsError> {
     let (_, report) = log
-        .wait_for(gate, budget, |r| {
-            if r.boot_marker.as_deref() == Some(old_boot) {
-                Verdict::Reject(format!(
-                    "a report from the old boot {old_boot} arrived after the gate"
-                ))
-            } else if not_before_ms.is_none_or(|t| r.timestamp_ms > t) {
-                Verdict::Accept
-            } else {
-                Verdict::Skip
-            }
+        .wait_for(gate, budget, |r| match r.boot_marker.as_deref() {
+            Some(marker) if marker == old_boot => Verdict::Reject(format!(
+                "a report from the old boot {old_boot} arrived after the gate"
+            )),
+            Some(_) => Verdict::Accept,
+            None if not_before_ms.is_none_or(|t| r.timestamp_ms > t) => Verdict::Accept,
+            None => Verdict::Skip,
         })
         .await?;
+    if let Some(t) = not_before_ms.filter(|t| report.timestamp_ms <= *t) {
+        tracing::warn!(
+            "the new boot's first report is stamped {} ms before the gate by the device's clock \
+             (its clock is behind: accepted on its boot marker and stream position)",
+            t - report.timestamp_ms
+        );
+    }
     Ok(report)
 }
 
@@ -260,7 +271,7 @@ async fn onboard_and_first_report(
 
 /// Saves `vm`'s failure artifacts, the agent's journal and the device's raw report history,
 /// and wraps `error` so it names the directory and quotes the last console lines.
-async fn with_artifacts(
+pub(crate) async fn with_artifacts(
     vm: &Vm,
     log: &ReportLog,
     agent: &AgentDescription,

@@ -32,10 +32,13 @@ pub enum Scenario {
     E2e,
     /// E2e, then pull the plug: a report from the new boot, and SSH back (two verdicts).
     PowerCycle,
+    /// A reporting device (warm) cut off for longer than both keep-alives, then healed: every
+    /// report arrives once, in order, and reporting resumes (`outage`).
+    Partition,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 2] = [Scenario::E2e, Scenario::PowerCycle];
+    pub const ALL: [Scenario; 3] = [Scenario::E2e, Scenario::PowerCycle, Scenario::Partition];
 }
 
 impl fmt::Display for Scenario {
@@ -43,6 +46,7 @@ impl fmt::Display for Scenario {
         f.write_str(match self {
             Self::E2e => "e2e",
             Self::PowerCycle => "power_cycle",
+            Self::Partition => "partition",
         })
     }
 }
@@ -135,6 +139,7 @@ fn run(agent: AgentFn, scenario: Scenario, arch: VmArchitecture) -> Result<(), F
         let result = match scenario {
             Scenario::E2e => scenario::e2e_with(&lab, arch, &description).await,
             Scenario::PowerCycle => scenario::power_cycle_with(&lab, arch, &description).await,
+            Scenario::Partition => crate::outage::partition_with(&lab, arch, &description).await,
         };
         let agent = &description.name;
         match result {

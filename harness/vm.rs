@@ -116,6 +116,8 @@ pub enum VmError {
     #[error(transparent)]
     Slot(#[from] crate::slots::SlotError),
     #[error(transparent)]
+    Firewall(#[from] crate::firewall::FirewallError),
+    #[error(transparent)]
     Warm(#[from] crate::warm::WarmError),
     #[error("a harness task failed: {0}")]
     Task(String),
@@ -244,6 +246,8 @@ pub struct Vm {
     /// Set by `remove`: `Drop` has nothing left to do.
     removed: bool,
     pub timings: PhaseTimings,
+    /// The faults injected (`faults`), with when each took effect.
+    pub(crate) faults: Mutex<Vec<(String, std::time::SystemTime)>>,
 }
 
 impl fmt::Debug for Vm {
@@ -299,6 +303,7 @@ impl Vm {
             durability: Mutex::default(),
             removed: false,
             timings: PhaseTimings::default(),
+            faults: Mutex::default(),
         }
     }
 

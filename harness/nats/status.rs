@@ -38,6 +38,15 @@ impl FromDevice for Report {
     }
 }
 
+/// A report as the stream stored it: its stream sequence, when the server stored it (the
+/// server's clock, in ms since the epoch), and the report.
+#[derive(Debug, Clone)]
+pub struct Stored<T> {
+    pub seq: u64,
+    pub stored_ms: u64,
+    pub report: T,
+}
+
 /// Decodes one message's payload to a `T`, or says why not.
 pub type DecodeAs<T> = Arc<dyn Fn(&[u8]) -> Result<T, String> + Send + Sync>;
 
@@ -103,7 +112,7 @@ impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
         let mut lines = Vec::new();
         if self.last_sequence().await? > 0 {
             let _ = self
-                .scan(0, Duration::from_secs(5), |seq, raw, _| {
+                .scan(0, Duration::from_secs(5), |seq, _, raw, _| {
                     let line = Line {
                         seq,
                         payload: &String::from_utf8_lossy(raw),
@@ -153,7 +162,7 @@ impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
         let mut found = None;
         let device = self.device.clone();
         let ours = |r: &T| device.as_deref().is_none_or(|d| r.device_id() == d);
-        self.scan(after, budget, |seq, _, decoded| match decoded {
+        self.scan(after, budget, |seq, _, _, decoded| match decoded {
             Some(report) if ours(report) => {
                 let verdict = check(report);
                 if verdict == Verdict::Accept {
@@ -167,13 +176,44 @@ impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
         found.ok_or_else(|| js_err("reading statuses")("the accepted report went missing".into()))
     }
 
-    /// Feeds every message after `after` to `visit` (sequence, raw payload, decoded if the
-    /// decoder took it) until it accepts or rejects one, or `budget` runs out.
+    /// This device's reports after `after`, in stream order, up to and including the first
+    /// that `until` accepts (or an error when none does within `budget`).
+    pub async fn collect(
+        &self,
+        after: u64,
+        budget: Duration,
+        mut until: impl FnMut(&T) -> bool,
+    ) -> Result<Vec<Stored<T>>, NatsError> {
+        let mut out = Vec::new();
+        let device = self.device.clone();
+        let ours = |r: &T| device.as_deref().is_none_or(|d| r.device_id() == d);
+        self.scan(after, budget, |seq, stored_ms, _, decoded| match decoded {
+            Some(report) if ours(report) => {
+                out.push(Stored {
+                    seq,
+                    stored_ms,
+                    report: report.clone(),
+                });
+                if until(report) {
+                    Verdict::Accept
+                } else {
+                    Verdict::Skip
+                }
+            }
+            _ => Verdict::Skip,
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Feeds every message after `after` to `visit` (sequence, when it was stored, raw
+    /// payload, decoded if the decoder took it) until it accepts or rejects one, or `budget`
+    /// runs out.
     async fn scan(
         &self,
         after: u64,
         budget: Duration,
-        mut visit: impl FnMut(u64, &[u8], Option<&T>) -> Verdict,
+        mut visit: impl FnMut(u64, u64, &[u8], Option<&T>) -> Verdict,
     ) -> Result<(), NatsError> {
         let stream = self
             .js
@@ -213,9 +253,14 @@ impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
                 Ok(Some(Err(e))) => return Err(js_err("reading statuses")(e.to_string())),
                 Ok(Some(Ok(msg))) => msg,
             };
-            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
+            let (seq, stored_ms) = msg.info().map_or((0, 0), |i| {
+                (
+                    i.stream_sequence,
+                    (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+                )
+            });
             let decoded = (self.decode)(&msg.payload);
-            let verdict = visit(seq, &msg.payload, decoded.as_ref().ok());
+            let verdict = visit(seq, stored_ms, &msg.payload, decoded.as_ref().ok());
             match verdict {
                 Verdict::Accept => return Ok(()),
                 Verdict::Skip => {

@@ -41,6 +41,8 @@ pub fn decode_heartbeat(payload: &[u8]) -> Result<Report, String> {
             .parse()
             .map_err(|e| format!("ts is not a number: {e}"))?,
         boot_marker: Some(field("boot")?.to_owned()),
+        // Fire and forget: no counter (a report it could not send is gone).
+        seq: None,
     })
 }
 

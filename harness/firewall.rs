@@ -1,0 +1,106 @@
+//! The harness's own firewall rules: a partitioned VM's traffic silently dropped (a NAT that
+//! forgot the connection: no reset, no ICMP, TCP keeps waiting) where the harness owns the
+//! network, i.e. the host side of the libvirt network (inside the sandbox's namespace here).
+//! Rules are iptables rules tagged `devicelab:<vm>`, so healing, the VM's teardown and the
+//! reaper of a killed run remove exactly that VM's rules.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error(
+        "cannot run iptables ({0}): partitioning a VM needs iptables on the host and root \
+         (apt install iptables)"
+    )]
+    Missing(std::io::Error),
+    #[error("iptables {args} failed: {stderr} (partitioning a VM needs root)")]
+    Failed { args: String, stderr: String },
+}
+
+/// Every chain the VM's packets cross on the host: to the host itself (the NATS server on the
+/// network's gateway), from it (the harness's SSH), and forwarded (a container behind NAT).
+const CHAINS: [&str; 3] = ["INPUT", "OUTPUT", "FORWARD"];
+
+fn tag(vm: &str) -> String {
+    format!("devicelab:{vm}")
+}
+
+fn iptables(args: &[String]) -> Result<String, FirewallError> {
+    let out = Command::new("iptables")
+        .args(["-w", "5"])
+        .args(args)
+        .output()
+        .map_err(FirewallError::Missing)?;
+    if !out.status.success() {
+        return Err(FirewallError::Failed {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Drops every packet from and to `ip` (blocking). Idempotent.
+pub fn block(vm: &str, ip: Ipv4Addr) -> Result<(), FirewallError> {
+    unblock(vm)?;
+    let ip = format!("{ip}/32");
+    for (chain, dir) in [
+        ("INPUT", "-s"),
+        ("OUTPUT", "-d"),
+        ("FORWARD", "-s"),
+        ("FORWARD", "-d"),
+    ] {
+        let args: Vec<String> = [
+            "-I",
+            chain,
+            "1",
+            dir,
+            &ip,
+            "-m",
+            "comment",
+            "--comment",
+            &tag(vm),
+            "-j",
+            "DROP",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        iptables(&args)?;
+    }
+    Ok(())
+}
+
+/// Removes `vm`'s rules, if any (blocking). A host without iptables has none.
+pub fn unblock(vm: &str) -> Result<(), FirewallError> {
+    let tag = tag(vm);
+    for chain in CHAINS {
+        // Without iptables, or without the right to read the rules, this process cannot have
+        // added any: nothing to remove.
+        let Ok(listed) = iptables(&["-S".into(), chain.into()]) else {
+            return Ok(());
+        };
+        for rule in listed.lines() {
+            let words: Vec<&str> = rule.split_whitespace().collect();
+            if !words.iter().any(|w| w.trim_matches('"') == tag) || words.first() != Some(&"-A") {
+                continue;
+            }
+            let mut args: Vec<String> = words
+                .iter()
+                .map(|w| w.trim_matches('"').to_owned())
+                .collect();
+            args[0] = "-D".into();
+            iptables(&args)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `vm` has rules now (blocking; `false` without iptables).
+pub fn is_blocked(vm: &str) -> bool {
+    let tag = tag(vm);
+    CHAINS.iter().any(|chain| {
+        iptables(&["-S".into(), (*chain).into()])
+            .is_ok_and(|t| t.split_whitespace().any(|w| w.trim_matches('"') == tag))
+    })
+}

@@ -1,0 +1,231 @@
+//! The faults a field device meets (`harness/faults.rs`), each against the reference agent
+//! reporting from a real VM (warm: these prove delivery, not the first boot): a pulled cable, a
+//! frozen device, a bad link, a clock thrown back and then a power cut, a full disk. Each
+//! prints its figures. `--features e2e`.
+
+use devicelab::faults::BadLink;
+use devicelab::fixtures::*;
+use devicelab::nats::Stored;
+use devicelab::outage::{judge_delivery, ride_out};
+use devicelab::scenario::{OnboardedDevice, onboarded_device_started, report_after_cut};
+use devicelab::spec::Start;
+use devicelab_agent::now_ms;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+async fn device(lab: &Lab, arch: VmArchitecture, what: &str) -> OnboardedDevice {
+    onboarded_device_started(
+        lab,
+        arch,
+        what,
+        &devicelab::reference::agent(),
+        Some(Start::Warm),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn carrier_downs(vm: &Vm) -> u64 {
+    vm.succeed("cat /sys/class/net/$(ip -o route show default | awk '{print $5; exit}')/carrier_down_count")
+        .await
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[rstest]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn a_pulled_cable_and_a_frozen_device_lose_no_report(
+    #[future] lab: Arc<Lab>,
+    arch: VmArchitecture,
+) {
+    let lab = lab.await;
+    let device = device(&lab, arch, "cable").await;
+    let vm = &device.vm;
+
+    let downs = carrier_downs(vm).await;
+    let (delivery, first_after) = ride_out(
+        &device,
+        Duration::from_secs(20),
+        async || vm.unplug_network().await,
+        async || vm.plug_network().await,
+    )
+    .await
+    .unwrap();
+    assert!(
+        carrier_downs(vm).await > downs,
+        "the guest saw the carrier go down"
+    );
+    eprintln!(
+        "cable pulled 20 s: backlog {} delivered once each, in order; first report {:.1} s after plugging",
+        delivery.backlog,
+        first_after.as_secs_f64()
+    );
+    assert!(
+        delivery.backlog > 0,
+        "the agent kept what it made while unplugged"
+    );
+
+    let (delivery, first_after) = ride_out(
+        &device,
+        Duration::from_secs(20),
+        async || vm.freeze().await,
+        async || vm.thaw().await,
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "frozen 20 s: {} reports after thawing, in order, none twice; first {:.1} s after thawing",
+        delivery.reports,
+        first_after.as_secs_f64()
+    );
+    let log: Vec<String> = vm.fault_log().into_iter().map(|(what, _)| what).collect();
+    assert_eq!(log.len(), 4, "every fault is logged with its time: {log:?}");
+}
+
+#[rstest]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn every_report_arrives_once_in_order_over_a_bad_link(
+    #[future] lab: Arc<Lab>,
+    arch: VmArchitecture,
+) {
+    let lab = lab.await;
+    let device = device(&lab, arch, "badlink").await;
+    let vm = &device.vm;
+    let log = device.reports();
+    let link = BadLink {
+        latency: Duration::from_millis(300),
+        jitter: Duration::from_millis(50),
+        loss_percent: 5.0,
+        rate_kbit: None,
+    };
+    vm.degrade_link(link).await.unwrap();
+    // Measured after the qdisc is in place: from the next report on.
+    let (gate, last_before) = log
+        .wait_for(
+            log.last_sequence().await.unwrap(),
+            Duration::from_secs(60),
+            |_| devicelab::nats::Verdict::Accept,
+        )
+        .await
+        .unwrap();
+    let until = now_ms() + 40_000;
+    let stored: Vec<Stored<_>> = log
+        .collect(gate, Duration::from_secs(120), |r| r.timestamp_ms > until)
+        .await
+        .unwrap();
+    vm.restore_link().await.unwrap();
+    let reports: Vec<_> = stored.iter().map(|s| s.report.clone()).collect();
+    let delivery = judge_delivery(&last_before, &reports, (0, 0), Duration::from_secs(2)).unwrap();
+    let mut latency: Vec<i64> = stored
+        .iter()
+        .map(|s| s.stored_ms as i64 - s.report.timestamp_ms as i64)
+        .collect();
+    latency.sort_unstable();
+    let pct = |p: usize| latency[(latency.len() * p / 100).min(latency.len() - 1)];
+    eprintln!(
+        "bad link (300 ms ± 50 ms, 5 % loss): {} reports once each, in order; report-to-store \
+         latency p50 {} ms, p99 {} ms (device clock stepped to the host's)",
+        delivery.reports,
+        pct(50),
+        pct(99)
+    );
+    assert!(delivery.reports >= 15, "about 20 reports in 40 s");
+    assert!(
+        pct(50) >= 250,
+        "the link really was slow: p50 {} ms (the qdisc did nothing?)",
+        pct(50)
+    );
+}
+
+#[rstest]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn a_clock_thrown_back_does_not_fool_the_power_cycle_verdict(
+    #[future] lab: Arc<Lab>,
+    arch: VmArchitecture,
+) {
+    let lab = lab.await;
+    let device = device(&lab, arch, "clock").await;
+    let vm = &device.vm;
+    let log = device.reports();
+    // Six hours back, now and in the RTC the next boot reads (within e2fsck's one-day fudge
+    // for a last-mount time in the future, so the boot does not stop at a file system check).
+    vm.set_clock(SystemTime::now() - Duration::from_secs(6 * 3600))
+        .await
+        .unwrap();
+    let old_boot = vm.boot_id().await.unwrap();
+    vm.power_off().await.unwrap();
+    let gate = log.last_sequence().await.unwrap();
+    let gate_ms = now_ms();
+    vm.power_on().await.unwrap();
+    let report = report_after_cut(
+        &log,
+        gate,
+        &old_boot,
+        Some(gate_ms),
+        vm.budgets().power_cycle_recovery,
+    )
+    .await
+    .unwrap();
+    vm.wait_for_ssh().await.unwrap();
+    let new_boot = vm.boot_id().await.unwrap();
+    assert_eq!(report.boot_marker.as_deref(), Some(new_boot.as_str()));
+    assert!(
+        report.timestamp_ms + 3_600_000 < gate_ms,
+        "the new boot's clock really was behind: its report is stamped {} ms before the gate",
+        gate_ms as i64 - report.timestamp_ms as i64
+    );
+    eprintln!(
+        "clock 6 h behind across a power cut: the new boot's first report (stamped {:.1} h \
+         before the gate) was accepted on its boot marker and stream position",
+        (gate_ms - report.timestamp_ms) as f64 / 3.6e6
+    );
+    vm.restore_clock().await.unwrap();
+}
+
+#[rstest]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn the_agent_keeps_reporting_on_a_full_disk_and_after_it(
+    #[future] lab: Arc<Lab>,
+    arch: VmArchitecture,
+) {
+    let lab = lab.await;
+    let device = device(&lab, arch, "fulldisk").await;
+    let vm = &device.vm;
+    let (delivery, first_after) = ride_out(
+        &device,
+        Duration::from_secs(30),
+        async || {
+            let left = vm.fill_disk(0).await?;
+            eprintln!("disk filled: {left} bytes left");
+            // Full for root too: even a small write fails.
+            let refused = vm
+                .fail("sudo -n dd if=/dev/zero of=/var/devicelab-probe bs=1M count=4 conv=fsync")
+                .await?;
+            assert!(refused.contains("No space left"), "{refused}");
+            Ok(())
+        },
+        async || vm.free_disk().await,
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "disk full 30 s: the agent kept reporting ({} reports, {} stamped while full, once each, \
+         in order); first report {:.1} s after space came back",
+        delivery.reports,
+        delivery.backlog,
+        first_after.as_secs_f64()
+    );
+    assert!(
+        delivery.backlog >= 10,
+        "it reported while the disk was full"
+    );
+    vm.succeed("sudo -n dd if=/dev/zero of=/var/devicelab-probe bs=1M count=4 conv=fsync && sudo -n rm /var/devicelab-probe")
+        .await
+        .unwrap();
+}
