@@ -209,13 +209,14 @@ impl Vm {
     /// ext4 reserves for root (so root's writes fail too); returns the bytes left free (the
     /// file system's own metadata may keep a few blocks more than asked).
     pub async fn fill_disk(&self, leave: u64) -> Result<u64, VmError> {
-        // fallocate cannot always take the very last blocks (its extents need some): a
-        // second, smaller file takes what the first left.
+        // fallocate cannot take the very last blocks (its extents need some): written zeros
+        // take what it left, 64 KiB at a time, up to `leave`.
         let out = self
             .succeed(&format!(
                 "sudo -n sh -c 'free() {{ echo $(( $(stat -f -c \"%f * %S\" /) )); }}; \
                  want=$(( $(free) - {leave} )); [ $want -gt 0 ] && fallocate -l $want {FILL_FILE} 2>/dev/null; \
-                 want=$(( $(free) - {leave} )); [ $want -gt 0 ] && fallocate -l $want {FILL_FILE}.rest 2>/dev/null; \
+                 want=$(( ($(free) - {leave}) / 65536 )); \
+                 [ $want -gt 0 ] && dd if=/dev/zero of={FILL_FILE}.rest bs=64k count=$want 2>/dev/null; \
                  sync; free'"
             ))
             .await?;

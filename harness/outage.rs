@@ -111,6 +111,34 @@ fn reporting_interval(reports: &[Report]) -> Duration {
     Duration::from_millis(gaps.get(gaps.len() / 2).copied().unwrap_or(1_000).max(1))
 }
 
+/// How long a fault lasts, and whether the device must be silent meanwhile (a cut cable, a
+/// partition, a frozen device) or go on reporting (a full disk).
+#[derive(Debug, Clone, Copy)]
+pub struct Outage {
+    pub duration: Duration,
+    pub silences: bool,
+}
+
+impl Outage {
+    /// The device is cut off for `duration`: nothing of its may arrive meanwhile.
+    pub fn silent(duration: Duration) -> Self {
+        Self {
+            duration,
+            silences: true,
+        }
+    }
+    /// The device stays reachable for `duration` (its reports keep arriving).
+    pub fn reachable(duration: Duration) -> Self {
+        Self {
+            duration,
+            silences: false,
+        }
+    }
+}
+
+/// What was sent just before a fault may still be stored this long after it.
+const IN_FLIGHT: Duration = Duration::from_secs(5);
+
 /// Waits for a report stored after stream sequence `after`; returns it with its sequence.
 async fn next_report(
     log: &ReportLog,
@@ -125,7 +153,7 @@ async fn next_report(
 /// long the first report after healing took.
 pub async fn ride_out<C, H>(
     device: &OnboardedDevice,
-    outage: Duration,
+    outage: Outage,
     cut: C,
     heal: H,
 ) -> Result<(Delivery, Duration), ScenarioError>
@@ -139,8 +167,21 @@ where
     let (gate, last_before) = next_report(&log, log.last_sequence().await?, budget).await?;
     let cut_ms = now_ms();
     cut().await?;
-    tokio::time::sleep(outage).await;
+    // What was in flight when the fault began may still land; after that, a fault that
+    // silences the device must really silence it (else the test proves nothing).
+    let grace = IN_FLIGHT.min(outage.duration);
+    tokio::time::sleep(grace).await;
+    let quiet_from = log.last_sequence().await?;
+    tokio::time::sleep(outage.duration - grace).await;
     let at_heal = log.last_sequence().await?;
+    if outage.silences && at_heal > quiet_from {
+        let _ = heal().await;
+        return Err(ScenarioError::Check(format!(
+            "{} message(s) arrived during the outage, after the first {:.0} s: the fault did not cut the device off",
+            at_heal - quiet_from,
+            grace.as_secs_f64()
+        )));
+    }
     heal().await?;
     let heal_ms = now_ms();
     let healed = Instant::now();
@@ -176,7 +217,7 @@ pub async fn partition_with(
     let vm = &device.vm;
     match ride_out(
         &device,
-        PARTITION_OUTAGE,
+        Outage::silent(PARTITION_OUTAGE),
         async || vm.partition().await,
         async || vm.heal().await,
     )

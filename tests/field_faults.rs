@@ -6,7 +6,7 @@
 use devicelab::faults::BadLink;
 use devicelab::fixtures::*;
 use devicelab::nats::Stored;
-use devicelab::outage::{judge_delivery, ride_out};
+use devicelab::outage::{Outage, judge_delivery, ride_out};
 use devicelab::scenario::{OnboardedDevice, onboarded_device_started, report_after_cut};
 use devicelab::spec::Start;
 use devicelab_agent::now_ms;
@@ -48,7 +48,7 @@ async fn a_pulled_cable_and_a_frozen_device_lose_no_report(
     let downs = carrier_downs(vm).await;
     let (delivery, first_after) = ride_out(
         &device,
-        Duration::from_secs(20),
+        Outage::silent(Duration::from_secs(20)),
         async || vm.unplug_network().await,
         async || vm.plug_network().await,
     )
@@ -70,7 +70,7 @@ async fn a_pulled_cable_and_a_frozen_device_lose_no_report(
 
     let (delivery, first_after) = ride_out(
         &device,
-        Duration::from_secs(20),
+        Outage::silent(Duration::from_secs(20)),
         async || vm.freeze().await,
         async || vm.thaw().await,
     )
@@ -199,7 +199,7 @@ async fn the_agent_keeps_reporting_on_a_full_disk_and_after_it(
     let vm = &device.vm;
     let (delivery, first_after) = ride_out(
         &device,
-        Duration::from_secs(30),
+        Outage::reachable(Duration::from_secs(30)),
         async || {
             let left = vm.fill_disk(0).await?;
             eprintln!("disk filled: {left} bytes left");
