@@ -192,6 +192,20 @@ impl Vm {
     pub async fn restore_clock(&self) -> Result<(), VmError> {
         self.libvirt_call(|lv, dom, name| lv.set_rtc_offset(dom, name, None))
             .await?;
+        self.step_clock_to_host().await?;
+        self.log_fault("clock restored to the host's".into());
+        Ok(())
+    }
+
+    /// Sets the guest's clock to the host's; returns how far behind it was (a restored guest
+    /// resumes at the time it was saved).
+    pub(crate) async fn step_clock_to_host(&self) -> Result<Duration, VmError> {
+        let guest: f64 = self
+            .succeed("date +%s.%N")
+            .await?
+            .trim()
+            .parse()
+            .unwrap_or(0.0);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -201,8 +215,9 @@ impl Vm {
             now.subsec_nanos()
         ))
         .await?;
-        self.log_fault("clock restored to the host's".into());
-        Ok(())
+        Ok(Duration::from_secs_f64(
+            (now.as_secs_f64() - guest).max(0.0),
+        ))
     }
 
     /// Fills the root file system until at most `leave` bytes are free, counting the blocks

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Bumped when what a saved VM directory holds changes.
 const LAYOUT: u32 = 1;
@@ -512,7 +512,9 @@ async fn restore(
         vm.set_ip(saved.ip)?;
         vm.wait_all(&[Wait::Lease, Wait::OpenPort(22), Wait::SshLogin], started)
             .await?;
-        let skew = step_clock(&vm).await?;
+        // The guest resumes at the time it was saved: verdicts that compare its clock with the
+        // host's would be fooled.
+        let skew = vm.step_clock_to_host().await?;
         vm.timings.record("warm restore → SSH", started.elapsed());
         tracing::info!(
             "VM {name}: restored in {:.1} s; the guest's clock was {:.0} s behind the host's, now stepped",
@@ -534,30 +536,6 @@ async fn restore(
             Err(error)
         }
     }
-}
-
-/// Sets the guest's clock to the host's (a restored guest resumes at the time it was saved:
-/// verdicts that compare the device's clock with the host's would be fooled). Returns how far
-/// behind it was.
-async fn step_clock(vm: &Vm) -> Result<Duration, VmError> {
-    let guest: f64 = vm
-        .succeed("date +%s.%N")
-        .await?
-        .trim()
-        .parse()
-        .unwrap_or(0.0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    vm.succeed(&format!(
-        "sudo -n date -u -s @{}.{:09} >/dev/null",
-        now.as_secs(),
-        now.subsec_nanos()
-    ))
-    .await?;
-    Ok(Duration::from_secs_f64(
-        (now.as_secs_f64() - guest).max(0.0),
-    ))
 }
 
 /// A saved VM in the cache, as `devicelab ls` shows it.
