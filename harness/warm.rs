@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Bumped when what a saved VM directory holds changes.
-const LAYOUT: u32 = 1;
+const LAYOUT: u32 = 2;
 /// At most this many saved VMs of one key (clones running at once).
 const MAX_CLONES: usize = 16;
 const META: &str = "saved.json";
@@ -364,12 +364,13 @@ async fn build(
             .await?;
     }
     let kept = {
-        let (pool, dir, building, name, saved) = (
+        let (pool, dir, building, name, saved, serial_log) = (
             plan.pool.clone(),
             dir.to_owned(),
             building.clone(),
             name.to_owned(),
             saved.clone(),
+            vm.serial_log().to_owned(),
         );
         tokio::task::spawn_blocking(move || -> Result<(), VmError> {
             let [disk, seed, vars] = reaper::volume_names(&name);
@@ -381,6 +382,9 @@ async fn build(
             pool.refresh()?;
             std::fs::copy(pool.path_of(&seed), building.join("seed.img"))
                 .map_err(io("keep the seed", &building))?;
+            // The boot a clone resumes in: its console so far belongs to every clone.
+            std::fs::copy(&serial_log, building.join("serial.log"))
+                .map_err(io("keep the console log", &building))?;
             if pool.path_of(&vars).exists() {
                 std::fs::copy(pool.path_of(&vars), building.join("VARS.fd"))
                     .map_err(io("keep the NVRAM", &building))?;
@@ -449,11 +453,12 @@ async fn restore(
     let started = Instant::now();
     let restored = async {
         {
-            let (pool, dir, name, gib) = (
+            let (pool, dir, name, gib, serial_log) = (
                 plan.pool.clone(),
                 dir.to_owned(),
                 name.to_owned(),
                 plan.spec.disk_gib,
+                vm.serial_log().to_owned(),
             );
             plan.libvirt
                 .run(move |_| -> Result<(), VmError> {
@@ -473,6 +478,14 @@ async fn restore(
                             })
                     };
                     copy("seed.img", &seed)?;
+                    // The clone's console starts with the boot it resumes in.
+                    std::fs::copy(dir.join("serial.log"), &serial_log).map_err(|source| {
+                        WarmError::Io {
+                            what: "copy out",
+                            dir: dir.join("serial.log"),
+                            source,
+                        }
+                    })?;
                     if dir.join("VARS.fd").exists() {
                         copy("VARS.fd", &vars)?;
                     }

@@ -102,7 +102,8 @@ async fn a_failing_first_boot_keeps_its_artifacts(
     use devicelab::spec::VirtualMachineSpec;
     let lab = lab.await;
     let name = lab.vm_name("cifail", arch);
-    let mut spec = VirtualMachineSpec::new(&name, arch);
+    // A first boot that fails: cold, whatever DEVICELAB_START says.
+    let mut spec = VirtualMachineSpec::new(&name, arch).with_start(devicelab::spec::Start::Cold);
     spec.first_boot.runcmd = vec!["echo devicelab-runcmd-fails >&2; exit 3".into()];
     let err = lab
         .vm(spec)

@@ -24,7 +24,10 @@ async fn helper_provision_and_hang() {
     let name = std::env::var("LEAK_VM_NAME").unwrap();
     let lab = Lab::from_env().await.unwrap();
     let _nats = lab.nats().await.unwrap();
-    let _vm = lab.vm(VirtualMachineSpec::new(name, arch())).await;
+    // Cold: the parent looks for a domain of this name while it provisions.
+    let _vm = lab
+        .vm(VirtualMachineSpec::new(name, arch()).with_start(devicelab::spec::Start::Cold))
+        .await;
     std::future::pending::<()>().await;
 }
 
