@@ -141,21 +141,24 @@ pub async fn acquire(
             );
             return Ok(None);
         }
-        if !announced {
+        if !announced || started.elapsed() >= budget {
+            let (d, n) = (dir.clone(), count.count);
+            let held_by = tokio::task::spawn_blocking(move || holders(&d, n))
+                .await
+                .unwrap_or_default();
+            if started.elapsed() >= budget {
+                return Err(SlotError::Timeout {
+                    count: count.count,
+                    budget,
+                    holders: held_by,
+                });
+            }
             tracing::info!(
-                "VM {holder}: waiting for a VM slot: all {} are held by {} ({})",
+                "VM {holder}: waiting for a VM slot: all {} are held by {held_by} ({})",
                 count.count,
-                holders(&dir, count.count),
                 count.reason
             );
             announced = true;
-        }
-        if started.elapsed() >= budget {
-            return Err(SlotError::Timeout {
-                count: count.count,
-                budget,
-                holders: holders(&dir, count.count),
-            });
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -176,7 +176,13 @@ pub(crate) async fn start(plan: Plan, held: Vec<Held>) -> Result<Vm, VmError> {
     };
     let name = format!("{stem}{index}");
     let dir = plan.warm_dir.join(&name);
-    let saved = match load(&dir, &key) {
+    let found = {
+        let (dir, key) = (dir.clone(), key.clone());
+        tokio::task::spawn_blocking(move || load(&dir, &key))
+            .await
+            .map_err(|e| VmError::Task(e.to_string()))?
+    };
+    let saved = match found {
         Some(saved) if address_still_ours(&plan, &saved).await? => saved,
         _ => build(&plan, &name, &stem, &dir, inputs, &key).await?,
     };
@@ -339,11 +345,16 @@ async fn build(
     let ip = vm
         .ip()
         .ok_or_else(|| VmError::NoAddress { vm: name.into() })?;
+    let domain_xml = vm.run_dir().join("domain.xml");
+    let mac = tokio::task::spawn_blocking(move || mac_of(&domain_xml))
+        .await
+        .map_err(|e| VmError::Task(e.to_string()))?
+        .unwrap_or_default();
     let saved = Saved {
         key: key.to_owned(),
         inputs,
         ip,
-        mac: mac_of(&vm.run_dir().join("domain.xml")).unwrap_or_default(),
+        mac,
         host_key: vm.login.host_key.private_openssh.clone(),
         cold_boot_secs,
         saved_at_unix: unix_now(),
@@ -354,8 +365,15 @@ async fn build(
         let dir = path.to_owned();
         move |source| WarmError::Io { what, dir, source }
     };
-    let _ = std::fs::remove_dir_all(&building);
-    std::fs::create_dir_all(&building).map_err(io("create", &building))?;
+    {
+        let building = building.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir_all(&building);
+            std::fs::create_dir_all(&building).map_err(io("create", &building))
+        })
+        .await
+        .map_err(|e| VmError::Task(e.to_string()))??;
+    }
     let save_started = Instant::now();
     {
         let (n, to) = (name.to_owned(), building.join("memory.save"));
@@ -494,34 +512,33 @@ async fn restore(
                 })
                 .await?;
         }
-        let xml = {
+        {
             let (owned, from, owner) = (
                 vm.owned.clone(),
                 dir.join("memory.save"),
                 plan.owner.clone(),
             );
+            let (dir, domain_xml) = (dir.to_owned(), vm.run_dir().join("domain.xml"));
             plan.libvirt
                 .run(move |lv| {
                     let _held = owned.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
-                    lv.restore(&from, &owned.name, &owner)
+                    let xml = lv.restore(&from, &owned.name, &owner).map_err(|e| {
+                        // Whatever is wrong with it, it is not restored again.
+                        let _ = std::fs::remove_dir_all(&dir);
+                        WarmError::Restore {
+                            vm: owned.name.clone(),
+                            dir: dir.clone(),
+                            message: e.to_string(),
+                        }
+                    })?;
+                    std::fs::write(&domain_xml, &xml).map_err(|source| VmError::RunDir {
+                        vm: owned.name.clone(),
+                        path: domain_xml,
+                        source,
+                    })
                 })
-                .await
-                .map_err(|e| {
-                    // Whatever is wrong with it, it is not restored again.
-                    let _ = std::fs::remove_dir_all(dir);
-                    WarmError::Restore {
-                        vm: name.to_owned(),
-                        dir: dir.to_owned(),
-                        message: e.to_string(),
-                    }
-                })?
-        };
-        let domain_xml = vm.run_dir().join("domain.xml");
-        std::fs::write(&domain_xml, xml).map_err(|source| VmError::RunDir {
-            vm: name.to_owned(),
-            path: domain_xml,
-            source,
-        })?;
+                .await?;
+        }
         vm.set_ip(saved.ip)?;
         vm.wait_all(&[Wait::Lease, Wait::OpenPort(22), Wait::SshLogin], started)
             .await?;
