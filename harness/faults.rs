@@ -109,8 +109,7 @@ impl Vm {
     /// silently dropped while the link stays up: no reset, no ICMP, TCP keeps waiting.
     /// Commands over SSH wait until [`Vm::heal`].
     pub async fn partition(&self) -> Result<(), VmError> {
-        let ip = self.target()?.addr.ip().to_string();
-        let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| VmError::NoAddress {
+        let ip = self.ip().ok_or_else(|| VmError::NoAddress {
             vm: self.name().to_owned(),
         })?;
         self.session.lock().await.take();

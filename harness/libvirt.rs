@@ -252,7 +252,9 @@ impl Libvirt {
             sys::VIR_DOMAIN_SAVE_RUNNING,
         )
         .map_err(call_err("restore domain", name))?;
-        let dom = self.domain(name)?;
+        let dom = conn
+            .lookup_domain_by_name(name)
+            .map_err(call_err("look up domain", name))?;
         dom.set_metadata(
             sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
             Some(&crate::domain_xml::owner_element(owner)),

@@ -247,8 +247,15 @@ pub(crate) async fn boot(plan: Plan, held: Vec<Held>) -> Result<Vm, VmError> {
         vm.wait_all(&plan.waits, started).await?;
         vm.mark_provisioned(plan.spec.ready_when);
         vm.flush_harness_writes("provisioning").await
-    };
-    match ready.await {
+    }
+    .await;
+    handed_over(vm, ready).await
+}
+
+/// The handle, once its domain started and `ready` says provisioning finished; otherwise the
+/// error, with what explains it kept, and the VM removed.
+pub(crate) async fn handed_over(vm: Vm, ready: Result<(), VmError>) -> Result<Vm, VmError> {
+    match ready {
         Ok(()) => Ok(vm),
         Err(e) => {
             let error = vm.keep_artifacts_of(e).await;

@@ -326,12 +326,23 @@ pub async fn power_cycle_with(
 ) -> Result<PhaseTimings, ScenarioError> {
     let device = onboarded_device_started(lab, arch, "pc", agent, Some(Start::Cold)).await?;
     match pull_the_plug(&device).await {
-        Ok(()) => Ok(device.timings.clone()),
+        Ok(_) => Ok(device.timings.clone()),
         Err(e) => Err(with_artifacts(&device.vm, &device.reports(), &device.agent, e).await),
     }
 }
 
-async fn pull_the_plug(device: &OnboardedDevice) -> Result<(), ScenarioError> {
+/// What the power-cut verdict accepted: the new boot's first report, and the gate's time
+/// (host clock, ms) beside which its timestamp can be read.
+#[derive(Debug, Clone)]
+pub struct AfterCut {
+    pub report: Report,
+    pub gate_ms: u64,
+}
+
+/// The `power_cycle` trial's second half on an onboarded device: pull the plug, power on, and
+/// judge the agent (by [`report_after_cut`]) and the device's SSH apart; the agent's boot
+/// marker must then be the device's new boot id.
+pub async fn pull_the_plug(device: &OnboardedDevice) -> Result<AfterCut, ScenarioError> {
     let vm = &device.vm;
     let old_boot = vm.boot_id().await?;
     let log = device.reports();
@@ -374,5 +385,8 @@ async fn pull_the_plug(device: &OnboardedDevice) -> Result<(), ScenarioError> {
     device.timings.record("power-cycle recovery", agent_took);
     device.timings.record("ssh after power cycle", ssh_took);
     tracing::info!("first report after the power cycle: {status:?}");
-    Ok(())
+    Ok(AfterCut {
+        report: status,
+        gate_ms,
+    })
 }

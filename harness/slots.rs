@@ -160,7 +160,7 @@ pub async fn acquire(
             );
             announced = true;
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(crate::waits::BACKOFF).await;
     }
 }
 

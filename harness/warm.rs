@@ -486,8 +486,8 @@ async fn restore(
                         format: DiskFormat::Qcow2,
                     };
                     pool.create_overlay(&disk, &base, gib)?;
-                    let copy = |from: &str, to: &str| {
-                        std::fs::copy(dir.join(from), pool.path_of(to))
+                    let copy = |from: &str, to: &Path| {
+                        std::fs::copy(dir.join(from), to)
                             .map(drop)
                             .map_err(|source| WarmError::Io {
                                 what: "copy out",
@@ -495,17 +495,11 @@ async fn restore(
                                 source,
                             })
                     };
-                    copy("seed.img", &seed)?;
+                    copy("seed.img", &pool.path_of(&seed))?;
                     // The clone's console starts with the boot it resumes in.
-                    std::fs::copy(dir.join("serial.log"), &serial_log).map_err(|source| {
-                        WarmError::Io {
-                            what: "copy out",
-                            dir: dir.join("serial.log"),
-                            source,
-                        }
-                    })?;
+                    copy("serial.log", &serial_log)?;
                     if dir.join("VARS.fd").exists() {
-                        copy("VARS.fd", &vars)?;
+                        copy("VARS.fd", &pool.path_of(&vars))?;
                     }
                     pool.refresh()?;
                     Ok(())
@@ -555,17 +549,9 @@ async fn restore(
         vm.mark_provisioned(Readiness::CloudInitDone);
         vm.flushed("provisioning (saved with the VM)");
         Ok::<_, VmError>(())
-    };
-    match restored.await {
-        Ok(()) => Ok(vm),
-        Err(e) => {
-            let error = vm.keep_artifacts_of(e).await;
-            if let Err(te) = vm.remove().await {
-                tracing::warn!("{te}");
-            }
-            Err(error)
-        }
     }
+    .await;
+    runner::handed_over(vm, restored).await
 }
 
 /// A saved VM in the cache, as `devicelab ls` shows it.

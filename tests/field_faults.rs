@@ -7,7 +7,7 @@ use devicelab::faults::BadLink;
 use devicelab::fixtures::*;
 use devicelab::nats::Stored;
 use devicelab::outage::{Outage, judge_delivery, ride_out};
-use devicelab::scenario::{OnboardedDevice, onboarded_device_started, report_after_cut};
+use devicelab::scenario::{AfterCut, OnboardedDevice, onboarded_device_started, pull_the_plug};
 use devicelab::spec::Start;
 use devicelab_agent::now_ms;
 use std::sync::Arc;
@@ -151,27 +151,14 @@ async fn a_clock_thrown_back_does_not_fool_the_power_cycle_verdict(
     let lab = lab.await;
     let device = device(&lab, arch, "clock").await;
     let vm = &device.vm;
-    let log = device.reports();
     // Six hours back, now and in the RTC the next boot reads (within e2fsck's one-day fudge
     // for a last-mount time in the future, so the boot does not stop at a file system check).
     vm.set_clock(SystemTime::now() - Duration::from_secs(6 * 3600))
         .await
         .unwrap();
-    let old_boot = vm.boot_id().await.unwrap();
-    vm.power_off().await.unwrap();
-    let gate = log.last_sequence().await.unwrap();
-    let gate_ms = now_ms();
-    vm.power_on().await.unwrap();
-    let report = report_after_cut(
-        &log,
-        gate,
-        &old_boot,
-        Some(gate_ms),
-        vm.budgets().power_cycle_recovery,
-    )
-    .await
-    .unwrap();
-    vm.wait_for_ssh().await.unwrap();
+    // The power_cycle trial's own verdict: the report after the gate from another boot, whose
+    // marker is the device's new boot id.
+    let AfterCut { report, gate_ms } = pull_the_plug(&device).await.unwrap();
     let new_boot = vm.boot_id().await.unwrap();
     assert_eq!(report.boot_marker.as_deref(), Some(new_boot.as_str()));
     assert!(

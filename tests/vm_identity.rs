@@ -3,15 +3,12 @@
 //! host"). Every instance now has its own MAC, so the second provisioning finds its own lease.
 //! Boots two VMs, one after the other, to SSH only: `--features e2e`.
 
+mod common;
+
+use common::mac_of;
 use devicelab::fixtures::*;
 use devicelab::spec::{Readiness, VirtualMachineSpec};
 use std::sync::Arc;
-
-fn mac_of(vm: &Vm) -> String {
-    let xml = std::fs::read_to_string(vm.run_dir().join("domain.xml")).unwrap();
-    let at = xml.find("<mac address=").expect("a MAC in the domain XML") + 14;
-    xml[at..at + 17].to_owned()
-}
 
 #[rstest]
 #[test_log::test(tokio::test(flavor = "multi_thread"))]

@@ -5,16 +5,13 @@
 //! works on it. The first run on a host builds the saved VMs (one cold boot each).
 //! `--features e2e`.
 
+mod common;
+
+use common::mac_of;
 use devicelab::fixtures::*;
 use devicelab::spec::{Start, VirtualMachineSpec};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
-
-fn mac_of(vm: &Vm) -> String {
-    let xml = std::fs::read_to_string(vm.run_dir().join("domain.xml")).unwrap();
-    let at = xml.find("<mac address=").expect("a MAC in the domain XML") + 14;
-    xml[at..at + 17].to_owned()
-}
 
 /// The guest's clock minus the host's, in seconds.
 async fn clock_skew(vm: &Vm) -> f64 {

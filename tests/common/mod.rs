@@ -158,3 +158,10 @@ pub async fn nats_process_server() -> devicelab::nats::NatsServer {
     .await
     .unwrap()
 }
+
+/// The MAC in a VM's domain XML, as libvirt was given it.
+pub fn mac_of(vm: &devicelab::Vm) -> String {
+    let xml = std::fs::read_to_string(vm.run_dir().join("domain.xml")).unwrap();
+    let at = xml.find("<mac address=").expect("a MAC in the domain XML") + 14;
+    xml[at..at + 17].to_owned()
+}
