@@ -14,8 +14,8 @@
 //! table (min / median / max per phase) and writes `target/devicelab-bench/boot.json`; says
 //! how busy the host was (load average before and after).
 
-use devicelab::spec::VirtualMachineSpec;
-use devicelab::{Lab, VmArchitecture, runner, scenario};
+use devicelab::model::spec::VirtualMachineSpec;
+use devicelab::{Lab, VmArchitecture, trials::scenario, vm::run};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -121,7 +121,7 @@ async fn warm_vm(lab: &Arc<Lab>, arch: VmArchitecture) -> (f64, f64) {
     let vm = lab
         .vm(
             VirtualMachineSpec::new(lab.vm_name("bench-warm", arch), arch)
-                .with_start(devicelab::spec::Start::Warm),
+                .with_start(devicelab::model::spec::Start::Warm),
         )
         .await
         .unwrap_or_else(|e| panic!("{arch} warm start: {e}"));
@@ -144,7 +144,7 @@ async fn bare_baseline(lab: &Arc<Lab>, arch: VmArchitecture, run: usize) -> Bare
     let mut plan = lab.plan(spec).await.unwrap_or_else(|e| panic!("{e}"));
     plan.waits.clear();
     let started = Instant::now();
-    let vm = runner::run(plan).await.unwrap_or_else(|e| panic!("{e}"));
+    let vm = run::run(plan).await.unwrap_or_else(|e| panic!("{e}"));
     let lv = lab.libvirt.clone();
     let ip = loop {
         let n = name.clone();

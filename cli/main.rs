@@ -5,13 +5,13 @@
 use clap::{Parser, Subcommand};
 use devicelab::VmArchitecture;
 use devicelab::config::{HarnessConfig, NatsMode};
-use devicelab::doctor::{self, Scope};
-use devicelab::image::ImageSource;
-use devicelab::keys::client_key_path;
-use devicelab::libvirt::Libvirt;
-use devicelab::pool::Pool;
-use devicelab::reaper::{self, OwnerRecord};
-use devicelab::spec::ADMIN_USER;
+use devicelab::host::doctor::{self, Scope};
+use devicelab::host::libvirt::Libvirt;
+use devicelab::host::pool::Pool;
+use devicelab::host::reaper::{self, OwnerRecord};
+use devicelab::image::source::ImageSource;
+use devicelab::model::spec::ADMIN_USER;
+use devicelab::ssh::keys::client_key_path;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 
@@ -128,7 +128,7 @@ async fn fetch(config: &HarnessConfig, archs: Vec<VmArchitecture>) -> Result {
     // A terminal gets a bar redrawn in place; a log (CI) keeps the plain lines every 5 s.
     if std::io::stderr().is_terminal() {
         let last = std::sync::Mutex::new(std::time::Instant::now());
-        devicelab::download::show_progress_with(Box::new(move |name, got, total| {
+        devicelab::image::download::show_progress_with(Box::new(move |name, got, total| {
             let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
             let done = total.is_some_and(|t| got >= t);
             if last.elapsed() < std::time::Duration::from_millis(200) && !done {
@@ -242,7 +242,7 @@ async fn ls(config: &HarnessConfig) -> Result {
         }
     }
     let warm_dir = config.warm_dir();
-    let saved = tokio::task::spawn_blocking(move || devicelab::warm::saved_vms(&warm_dir))
+    let saved = tokio::task::spawn_blocking(move || devicelab::vm::warm::saved_vms(&warm_dir))
         .await
         .map_err(|e| e.to_string())?;
     if saved.is_empty() {
@@ -340,7 +340,7 @@ async fn clean(config: &HarnessConfig, warm: bool) -> Result {
     println!("removed NATS containers: {}", list(&reaped.containers));
     if warm {
         let removed =
-            tokio::task::spawn_blocking(move || devicelab::warm::remove_unused(&warm_dir))
+            tokio::task::spawn_blocking(move || devicelab::vm::warm::remove_unused(&warm_dir))
                 .await
                 .map_err(|e| e.to_string())?;
         println!("removed saved VMs (warm starts): {}", list(&removed));

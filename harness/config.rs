@@ -1,8 +1,7 @@
 //! The harness's configuration: every setting comes from an environment variable, read once
 //! and validated here so a typo fails with the variable's name and the accepted values.
 
-use crate::accel::{AccelChoice, Accelerator};
-use crate::arch::{ArchError, VmArchitecture};
+use crate::model::arch::{AccelChoice, Accelerator, ArchError, VmArchitecture};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -163,9 +162,9 @@ pub struct HarnessConfig {
     pub overrides: BTreeMap<VmArchitecture, ArchOverrides>,
     /// DEVICELAB_UEFI_CODE + DEVICELAB_UEFI_VARS: the aarch64 firmware, where it is not in
     /// the usual places.
-    pub uefi: Option<crate::firmware::FirmwarePair>,
+    pub uefi: Option<crate::image::firmware::FirmwarePair>,
     /// DEVICELAB_START: how a spec that does not choose starts its VM.
-    pub start: crate::spec::Start,
+    pub start: crate::model::spec::Start,
     /// DEVICELAB_VM_SLOTS: VMs at once on this host; `None` derives it (see `slots`).
     pub vm_slots: Option<usize>,
 }
@@ -174,8 +173,8 @@ pub const DEFAULT_NATS_IMAGE: &str = "docker.io/library/nats:2.10";
 
 impl HarnessConfig {
     /// The host-side budgets, scaled by DEVICELAB_BUDGET_SCALE.
-    pub fn host_budgets(&self) -> crate::arch::HostBudgets {
-        crate::arch::HostBudgets::scaled(self.budget_scale)
+    pub fn host_budgets(&self) -> crate::model::arch::HostBudgets {
+        crate::model::arch::HostBudgets::scaled(self.budget_scale)
     }
 
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -259,7 +258,7 @@ impl HarnessConfig {
         let network = get("DEVICELAB_NETWORK").unwrap_or_else(|| "default".into());
         let uefi = match (get("DEVICELAB_UEFI_CODE"), get("DEVICELAB_UEFI_VARS")) {
             (None, None) => None,
-            (Some(code), Some(vars)) => Some(crate::firmware::FirmwarePair {
+            (Some(code), Some(vars)) => Some(crate::image::firmware::FirmwarePair {
                 code: code.into(),
                 vars: vars.into(),
             }),
@@ -272,8 +271,8 @@ impl HarnessConfig {
             }
         };
         let start = match get("DEVICELAB_START").as_deref() {
-            None | Some("cold") => crate::spec::Start::Cold,
-            Some("warm") => crate::spec::Start::Warm,
+            None | Some("cold") => crate::model::spec::Start::Cold,
+            Some("warm") => crate::model::spec::Start::Warm,
             Some(other) => return Err(invalid("DEVICELAB_START", other, "use cold or warm")),
         };
         let vm_slots = match get("DEVICELAB_VM_SLOTS") {
@@ -395,7 +394,8 @@ fn arch_overrides(
 
 /// nats-server from PATH, else Debian's /usr/sbin (not on every user's PATH).
 fn default_nats_server() -> PathBuf {
-    crate::doctor::which("nats-server").unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server"))
+    crate::support::which::which("nats-server")
+        .unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server"))
 }
 
 fn default_data_dir() -> PathBuf {
@@ -428,14 +428,14 @@ mod tests {
         assert_eq!(c.accel, AccelChoice::Auto);
         assert!(!c.keep);
         assert_eq!(c.arch_filter, None);
-        assert_eq!(c.start, crate::spec::Start::Cold);
+        assert_eq!(c.start, crate::model::spec::Start::Cold);
         assert_eq!(c.vm_slots, None);
         let c = HarnessConfig::from_vars(vars(&[
             ("DEVICELAB_START", "warm"),
             ("DEVICELAB_VM_SLOTS", "3"),
         ]))
         .unwrap();
-        assert_eq!(c.start, crate::spec::Start::Warm);
+        assert_eq!(c.start, crate::model::spec::Start::Warm);
         assert_eq!(c.vm_slots, Some(3));
         assert_eq!(
             c.nats,

@@ -11,14 +11,14 @@
 //! ```
 
 // What a test using the fixtures names, so one `use devicelab::fixtures::*` is enough.
-pub use crate::arch::VmArchitecture;
-pub use crate::description::AgentDescription;
-pub use crate::firmware::FirmwarePair;
-pub use crate::image::BaseImage;
+pub use crate::agent::description::AgentDescription;
+pub use crate::image::firmware::FirmwarePair;
+pub use crate::image::source::BaseImage;
 pub use crate::lab::Lab;
+pub use crate::model::arch::VmArchitecture;
+use crate::model::spec::VirtualMachineSpec;
 pub use crate::nats::NatsServer;
-pub use crate::scenario::OnboardedDevice;
-use crate::spec::VirtualMachineSpec;
+pub use crate::trials::scenario::OnboardedDevice;
 pub use crate::vm::Vm;
 pub use rstest::{fixture, rstest};
 use std::sync::Arc;
@@ -83,7 +83,7 @@ pub async fn vm(#[future] lab: Arc<Lab>, arch: VmArchitecture) -> Vm {
 /// `#[with(..)]`, or a fixture of your own named `agent` in scope).
 #[fixture]
 pub fn agent() -> AgentDescription {
-    crate::reference::agent()
+    crate::agent::reference::agent()
 }
 
 /// A VM with `agent` onboarded and its first report received.
@@ -94,7 +94,7 @@ pub async fn onboarded(
     agent: AgentDescription,
 ) -> OnboardedDevice {
     let lab = lab.await;
-    crate::scenario::onboarded_device_with(&lab, arch, "dev", &agent)
+    crate::trials::scenario::onboarded_device_with(&lab, arch, "dev", &agent)
         .await
         .unwrap_or_else(|e| panic!("devicelab: {e}"))
 }

@@ -1,22 +1,24 @@
-//! The lab ("the runner"): configuration, the libvirt connection, the storage pool, the SSH key
+//! The lab, the facade a test talks to: configuration, the libvirt connection, the storage pool, the SSH key
 //! and the cached images, shared by every VM a test process starts.
 
-use crate::accel::{self, AccelDecision, Accelerator};
-use crate::arch::VmArchitecture;
+use crate::agent::description::AgentDescription;
 use crate::config::{ConfigError, HarnessConfig};
-use crate::description::AgentDescription;
-use crate::doctor;
-use crate::domain_xml::RunOwner;
-use crate::firmware::{self, FirmwareError, FirmwarePair};
-use crate::image::{BaseImage, ImageError, ImageSource};
-use crate::keys::{ClientKey, KeyError};
-use crate::libvirt::{Libvirt, LibvirtError};
+use crate::host::accel::{self, AccelDecision};
+use crate::host::doctor;
+use crate::host::domain_xml::RunOwner;
+use crate::host::libvirt::{Libvirt, LibvirtError};
+use crate::host::pool::{Pool, PoolError};
+use crate::host::qemu_probe;
+use crate::host::reaper;
+use crate::image::firmware::{self, FirmwareError, FirmwarePair};
+use crate::image::source::{BaseImage, ImageError, ImageSource};
+use crate::model::arch::Accelerator;
+use crate::model::arch::VmArchitecture;
+use crate::model::spec::VirtualMachineSpec;
 use crate::nats::{NatsError, NatsServer};
-use crate::pool::{Pool, PoolError};
-use crate::qemu_probe;
-use crate::reaper;
-use crate::runner::{self, Plan};
-use crate::spec::VirtualMachineSpec;
+use crate::ssh::keys::{ClientKey, KeyError};
+use crate::vm::plan::{self, Plan};
+use crate::vm::run;
 use crate::vm::{Vm, VmError};
 use std::collections::HashMap;
 use std::fs::File;
@@ -241,7 +243,7 @@ impl Lab {
         Ok(())
     }
 
-    /// Resolves `spec` into everything the runner needs (architecture facts, accelerator,
+    /// Resolves `spec` into everything a run needs (architecture facts, accelerator,
     /// budgets, image, emulator, QEMU arguments, firmware), before anything is created.
     pub async fn plan(&self, spec: VirtualMachineSpec) -> Result<Plan, VmError> {
         spec.validate()?;
@@ -259,11 +261,11 @@ impl Lab {
         };
         let configured = self.config.uefi.clone();
         let firmware = tokio::task::spawn_blocking(move || {
-            runner::firmware_for(arch.firmware(), configured.as_ref())
+            plan::firmware_for(arch.firmware(), configured.as_ref())
         })
         .await
         .map_err(|e| VmError::Task(e.to_string()))??;
-        let slots = crate::slots::SlotCount::for_host(
+        let slots = crate::host::slots::SlotCount::for_host(
             self.config.vm_slots,
             accel.accel,
             spec.vcpus,
@@ -314,7 +316,7 @@ impl Lab {
 
     /// Provisions a VM and waits until it is ready (the spec's wait strategies).
     pub async fn vm(&self, spec: VirtualMachineSpec) -> Result<Vm, VmError> {
-        runner::run(self.plan(spec).await?).await
+        run::run(self.plan(spec).await?).await
     }
 
     /// Starts a NATS server reachable from this lab's VMs.
@@ -334,7 +336,7 @@ impl Lab {
 
     /// The host's address on the lab's network: where a service the VMs use listens (the NATS
     /// server; a test's own apt mirror).
-    pub async fn gateway(&self) -> Result<std::net::Ipv4Addr, crate::libvirt::LibvirtError> {
+    pub async fn gateway(&self) -> Result<std::net::Ipv4Addr, crate::host::libvirt::LibvirtError> {
         let network = self.config.network.clone();
         self.libvirt
             .run(move |lv| lv.network_gateway(&network))

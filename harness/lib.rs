@@ -6,47 +6,22 @@
 //! resolves a request into a plan ([`lab::Lab`]), a runner that carries it out ([`runner`]), a
 //! handle ([`vm::Vm`]) removed by [`teardown`], and wait strategies ([`waits`]).
 
-pub mod accel;
 pub mod agent;
-pub mod arch;
-pub mod artifacts;
 pub mod config;
-pub mod console;
-pub mod description;
-pub mod doctor;
-pub mod domain_xml;
-pub mod download;
-pub mod faults;
-pub mod firewall;
-pub mod firmware;
 pub mod fixtures;
+pub mod host;
 pub mod image;
-pub mod keys;
 pub mod lab;
-pub mod libvirt;
+pub mod model;
 pub mod nats;
-pub mod onboard;
-pub mod outage;
-pub mod pool;
-pub mod power_cut;
-pub mod qemu_probe;
-pub mod reaper;
-pub mod reference;
-pub mod runner;
-pub mod scenario;
-pub mod seed;
-pub mod slots;
-pub mod spec;
 pub mod ssh;
-pub mod teardown;
+pub mod support;
 pub mod trials;
 pub mod vm;
-pub mod waits;
-pub mod warm;
 
-pub use arch::VmArchitecture;
 pub use lab::Lab;
-pub use spec::VirtualMachineSpec;
+pub use model::arch::VmArchitecture;
+pub use model::spec::VirtualMachineSpec;
 pub use vm::Vm;
 
 /// rustls needs one process-wide crypto provider before the first TLS connection.

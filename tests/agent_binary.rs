@@ -1,7 +1,7 @@
 //! The ELF check that keeps a wrong-arch agent from reaching a VM.
 
 use devicelab::VmArchitecture;
-use devicelab::agent::{AgentBinary, AgentBinaryError, check_elf};
+use devicelab::agent::build::{AgentBinary, AgentBinaryError, check_elf};
 use devicelab::config::HarnessConfig;
 use std::collections::BTreeMap;
 

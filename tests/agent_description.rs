@@ -8,10 +8,10 @@ mod agents;
 mod common;
 
 use devicelab::VmArchitecture;
+use devicelab::agent::description::{Content, Installed, Package, Reports, ReportsOn, Source};
+use devicelab::agent::onboard::{OnboardError, Onboarding};
 use devicelab::config::HarnessConfig;
-use devicelab::description::{Content, Installed, Package, Reports, ReportsOn, Source};
 use devicelab::nats::{NatsError, Verdict};
-use devicelab::onboard::{OnboardError, Onboarding};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -7,10 +7,10 @@ mod common;
 use common::{HttpServer, Route, files_in, sha256_hex, system_libvirt};
 use devicelab::VmArchitecture;
 use devicelab::config::HarnessConfig;
-use devicelab::download::{Artifact, fetch};
-use devicelab::image::{ImageError, ImageSource};
+use devicelab::host::libvirt::{Libvirt, LibvirtError};
+use devicelab::image::download::{Artifact, fetch};
+use devicelab::image::source::{ImageError, ImageSource};
 use devicelab::lab::run_owner;
-use devicelab::libvirt::{Libvirt, LibvirtError};
 use devicelab::nats::{NatsError, NatsServer};
 use std::net::Ipv4Addr;
 

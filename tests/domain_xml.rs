@@ -2,10 +2,10 @@
 //! `cargo insta review`). The aarch64 one is what reviewers read on every XML change.
 
 use devicelab::VmArchitecture;
-use devicelab::accel::Accelerator;
-use devicelab::domain_xml::{
+use devicelab::host::domain_xml::{
     DomainXmlParams, RunOwner, UefiPflash, digest_of_defined, mac_for, render,
 };
+use devicelab::model::arch::Accelerator;
 use std::path::PathBuf;
 
 fn params(arch: VmArchitecture, accel: Accelerator) -> DomainXmlParams {

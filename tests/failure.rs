@@ -99,11 +99,12 @@ async fn a_failing_first_boot_keeps_its_artifacts(
     #[future] lab: std::sync::Arc<Lab>,
     arch: VmArchitecture,
 ) {
-    use devicelab::spec::VirtualMachineSpec;
+    use devicelab::model::spec::VirtualMachineSpec;
     let lab = lab.await;
     let name = lab.vm_name("cifail", arch);
     // A first boot that fails: cold, whatever DEVICELAB_START says.
-    let mut spec = VirtualMachineSpec::new(&name, arch).with_start(devicelab::spec::Start::Cold);
+    let mut spec =
+        VirtualMachineSpec::new(&name, arch).with_start(devicelab::model::spec::Start::Cold);
     spec.first_boot.runcmd = vec!["echo devicelab-runcmd-fails >&2; exit 3".into()];
     let err = lab
         .vm(spec)
@@ -128,7 +129,7 @@ async fn a_failing_first_boot_keeps_its_artifacts(
     );
     assert!(read("cloud-init-status.txt").contains("error"));
     assert!(!read("journal.txt").trim().is_empty());
-    let lv = devicelab::libvirt::Libvirt::open(&lab.config.libvirt_uri).unwrap();
+    let lv = devicelab::host::libvirt::Libvirt::open(&lab.config.libvirt_uri).unwrap();
     assert!(lv.domain(&name).is_err(), "the VM itself is gone");
     assert!(
         !artifacts.join("owner.json").exists(),

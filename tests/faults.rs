@@ -6,11 +6,11 @@ mod common;
 
 use common::system_libvirt;
 use devicelab::VmArchitecture;
-use devicelab::accel::Accelerator;
 use devicelab::config::HarnessConfig;
-use devicelab::domain_xml::{DomainXmlParams, digest_of_defined, mac_for, render};
+use devicelab::host::domain_xml::{DomainXmlParams, digest_of_defined, mac_for, render};
+use devicelab::host::libvirt::{Libvirt, LibvirtError};
 use devicelab::lab::run_owner;
-use devicelab::libvirt::{Libvirt, LibvirtError};
+use devicelab::model::arch::Accelerator;
 use devicelab::nats::{NatsServer, Verdict};
 use devicelab_agent::{AgentConfig, DEFAULT_SUBJECT_PREFIX, run};
 use std::collections::BTreeMap;

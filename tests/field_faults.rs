@@ -3,12 +3,14 @@
 //! frozen device, a bad link, a clock thrown back and then a power cut, a full disk. Each
 //! prints its figures. `--features e2e`.
 
-use devicelab::faults::BadLink;
 use devicelab::fixtures::*;
+use devicelab::model::spec::Start;
 use devicelab::nats::Stored;
-use devicelab::outage::{Outage, judge_delivery, ride_out};
-use devicelab::scenario::{AfterCut, OnboardedDevice, onboarded_device_started, pull_the_plug};
-use devicelab::spec::Start;
+use devicelab::trials::outage::{Outage, judge_delivery, ride_out};
+use devicelab::trials::scenario::{
+    AfterCut, OnboardedDevice, onboarded_device_started, pull_the_plug,
+};
+use devicelab::vm::faults::BadLink;
 use devicelab_agent::now_ms;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -18,7 +20,7 @@ async fn device(lab: &Lab, arch: VmArchitecture, what: &str) -> OnboardedDevice 
         lab,
         arch,
         what,
-        &devicelab::reference::agent(),
+        &devicelab::agent::reference::agent(),
         Some(Start::Warm),
     )
     .await

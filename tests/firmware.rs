@@ -1,6 +1,6 @@
 //! aarch64 UEFI firmware discovery and pflash padding, with real files in temp dirs.
 
-use devicelab::firmware::{
+use devicelab::image::firmware::{
     CANDIDATES, FirmwareError, FirmwarePair, PFLASH_SIZE, discover_in, padded_code, vars_copy,
 };
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

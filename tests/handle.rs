@@ -9,12 +9,12 @@
 mod agents;
 mod common;
 
-use devicelab::description::{Package, Service};
+use devicelab::agent::description::{Package, Service};
+use devicelab::agent::onboard::{OnboardError, Onboarding};
 use devicelab::fixtures::*;
-use devicelab::onboard::{OnboardError, Onboarding};
-use devicelab::spec::{Readiness, VirtualMachineSpec};
+use devicelab::model::spec::{Readiness, VirtualMachineSpec};
+use devicelab::model::wait::Wait;
 use devicelab::vm::VmError;
-use devicelab::waits::Wait;
 use std::sync::Arc;
 
 /// Onboards `agent` on `vm`, which must fail; its message and the error.
@@ -137,7 +137,7 @@ async fn waits_verbs_and_remove(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
     // remove: done (and its errors reported) by the time it returns.
     let run_dir = vm.run_dir().to_owned();
     vm.remove().await.unwrap();
-    let lv = devicelab::libvirt::Libvirt::open(&lab.config.libvirt_uri).unwrap();
+    let lv = devicelab::host::libvirt::Libvirt::open(&lab.config.libvirt_uri).unwrap();
     assert!(lv.domain(&name).is_err(), "the domain is gone");
     let leftovers: Vec<String> = lab
         .pool
@@ -208,7 +208,7 @@ async fn the_image_and_firmware_fixtures(
     let code = std::fs::metadata(&firmware.code).unwrap().len();
     assert_eq!(
         code,
-        devicelab::firmware::PFLASH_SIZE,
+        devicelab::image::firmware::PFLASH_SIZE,
         "CODE padded to 64 MiB"
     );
     assert!(firmware.vars.is_file());

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{HttpServer, Route, files_in, sha256_hex};
-use devicelab::download::{Artifact, DownloadError, fetch};
+use devicelab::image::download::{Artifact, DownloadError, fetch};
 use std::process::Command;
 
 fn image_bytes(len: usize) -> Vec<u8> {

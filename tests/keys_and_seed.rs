@@ -4,9 +4,9 @@
 mod common;
 
 use devicelab::VmArchitecture;
-use devicelab::keys::{ClientKey, HostKey, KeyError};
-use devicelab::seed::{Seed, evidence_bootcmd};
-use devicelab::spec::VirtualMachineSpec;
+use devicelab::model::spec::VirtualMachineSpec;
+use devicelab::ssh::keys::{ClientKey, HostKey, KeyError};
+use devicelab::vm::seed::{Seed, evidence_bootcmd};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 

@@ -3,8 +3,8 @@
 //! it runs with `--features e2e`, inside the sandbox namespace.
 
 use devicelab::config::HarnessConfig;
-use devicelab::libvirt::Libvirt;
-use devicelab::spec::Readiness;
+use devicelab::host::libvirt::Libvirt;
+use devicelab::model::spec::Readiness;
 use devicelab::{Lab, VirtualMachineSpec, VmArchitecture};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ async fn helper_provision_and_hang() {
     let _nats = lab.nats().await.unwrap();
     // Cold: the parent looks for a domain of this name while it provisions.
     let _vm = lab
-        .vm(VirtualMachineSpec::new(name, arch()).with_start(devicelab::spec::Start::Cold))
+        .vm(VirtualMachineSpec::new(name, arch()).with_start(devicelab::model::spec::Start::Cold))
         .await;
     std::future::pending::<()>().await;
 }
@@ -98,7 +98,8 @@ async fn helper_panic_with_vm_up() {
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[ignore = "helper for the leak tests"]
 async fn helper_slow_cleanup_and_hang() {
-    let _guard = devicelab::reaper::on_interrupt(|| std::thread::sleep(Duration::from_secs(60)));
+    let _guard =
+        devicelab::host::reaper::on_interrupt(|| std::thread::sleep(Duration::from_secs(60)));
     eprintln!("helper: cleanup registered");
     std::future::pending::<()>().await;
 }
@@ -393,7 +394,7 @@ async fn kept_vm_and_nats_survive_their_run_and_the_next_reaper() {
         .as_deref()
         .is_some_and(|d| !std::path::Path::new(d).exists());
     // Whatever the CLI did not remove, so the test leaves nothing behind.
-    let errors = devicelab::reaper::remove_vm(&lv, &next.pool, &name);
+    let errors = devicelab::host::reaper::remove_vm(&lv, &next.pool, &name);
     let _ = std::fs::remove_dir_all(run_dir(&name));
     if let Some(c) = &container {
         let _ = Command::new(&podman)

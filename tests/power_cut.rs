@@ -11,7 +11,7 @@
 //! "Issue 8 reproduced"): CI runs these on x86_64, where the loss reproduced 3 of 3 times.
 
 use devicelab::fixtures::*;
-use devicelab::power_cut::{self, CutOutcome, CutPoint};
+use devicelab::trials::power_cut::{self, CutOutcome, CutPoint};
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! own words, and an emulator that never answers is given up on at the probe's deadline.
 //! Needs qemu-system-aarch64 (fixtures/host/setup.sh).
 
-use devicelab::qemu_probe::{Knob, accepted_args, probe, probe_within};
+use devicelab::host::qemu_probe::{Knob, accepted_args, probe, probe_within};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -3,8 +3,8 @@
 
 mod common;
 
-use devicelab::keys::{ClientKey, HostKey};
-use devicelab::ssh::{SshError, SshSession, SshTarget};
+use devicelab::ssh::keys::{ClientKey, HostKey};
+use devicelab::ssh::session::{SshError, SshSession, SshTarget};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
@@ -140,7 +140,10 @@ async fn a_hung_command_times_out_and_the_session_stays_usable() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, devicelab::ssh::SshError::CommandTimeout { .. }),
+        matches!(
+            err,
+            devicelab::ssh::session::SshError::CommandTimeout { .. }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("`sleep 60`"), "{err}");

@@ -7,7 +7,7 @@ mod common;
 
 use common::mac_of;
 use devicelab::fixtures::*;
-use devicelab::spec::{Readiness, VirtualMachineSpec};
+use devicelab::model::spec::{Readiness, VirtualMachineSpec};
 use std::sync::Arc;
 
 #[rstest]

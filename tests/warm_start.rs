@@ -9,7 +9,7 @@ mod common;
 
 use common::mac_of;
 use devicelab::fixtures::*;
-use devicelab::spec::{Start, VirtualMachineSpec};
+use devicelab::model::spec::{Start, VirtualMachineSpec};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -130,11 +130,11 @@ async fn the_onboarded_fixture_starts_warm_when_configured(arch: VmArchitecture)
     let mut config = devicelab::config::HarnessConfig::from_env().unwrap();
     config.start = Start::Warm;
     let lab = Lab::new(config).await.unwrap();
-    let device = devicelab::scenario::onboarded_device_with(
+    let device = devicelab::trials::scenario::onboarded_device_with(
         &lab,
         arch,
         "warmdev",
-        &devicelab::reference::agent(),
+        &devicelab::agent::reference::agent(),
     )
     .await
     .unwrap();

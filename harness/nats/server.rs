@@ -3,11 +3,11 @@
 //! restart in place, and removal (or keeping it, with DEVICELAB_KEEP).
 
 use super::{NatsCredentials, NatsError, ReportLog, STREAM_NAME, StatusLog, js_err};
+use crate::agent::description::{Decoder, ReportsOn};
 use crate::config::{HarnessConfig, NatsMode};
-use crate::description::{Decoder, ReportsOn};
-use crate::domain_xml::RunOwner;
-use crate::reaper::{self, CleanupGuard};
-use crate::waits;
+use crate::host::domain_xml::RunOwner;
+use crate::host::reaper::{self, CleanupGuard};
+use crate::support::probe;
 use async_nats::jetstream::{self, stream};
 use devicelab_agent::DEFAULT_SUBJECT_PREFIX;
 use std::net::Ipv4Addr;
@@ -296,7 +296,7 @@ impl Server {
     async fn connect_when_ready(&mut self) -> Result<async_nats::Client, NatsError> {
         self.check_alive().await?;
         let url = self.guest_url();
-        let connected = waits::poll(self.start_budget, || async {
+        let connected = probe::poll(self.start_budget, || async {
             async_nats::ConnectOptions::with_user_and_password(
                 self.credentials.user.clone(),
                 self.credentials.password.clone(),
@@ -707,7 +707,7 @@ impl Drop for Server {
         match &mut self.runner {
             Runner::Container { name, podman } => {
                 let (name, podman) = (name.clone(), podman.clone());
-                crate::teardown::in_background(format!("NATS {name}"), move || {
+                crate::support::background::in_background(format!("NATS {name}"), move || {
                     remove_container(&podman, &name);
                     drop(dir);
                     drop(guard);

@@ -2,7 +2,7 @@
 //! the order NATS stored them, decoded by the agent's description and judged one by one.
 
 use super::{NatsError, STREAM_NAME, js_err};
-use crate::description::{Decoder, Report, ReportsOn};
+use crate::agent::description::{Decoder, Report, ReportsOn};
 use async_nats::jetstream::{self, consumer};
 use devicelab_agent::{DEFAULT_SUBJECT_PREFIX, Status, status_subject};
 use futures_util::StreamExt;

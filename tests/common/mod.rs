@@ -128,9 +128,9 @@ pub fn files_in(dir: &std::path::Path) -> Vec<String> {
 
 /// The libvirt the fast suite talks to: the default URI (qemu:///system), whatever the
 /// environment says, so a test never depends on a user's DEVICELAB_LIBVIRT_URI.
-pub fn system_libvirt() -> devicelab::libvirt::Libvirt {
+pub fn system_libvirt() -> devicelab::host::libvirt::Libvirt {
     let config = devicelab::config::HarnessConfig::from_vars(Default::default()).unwrap();
-    devicelab::libvirt::Libvirt::open(&config.libvirt_uri)
+    devicelab::host::libvirt::Libvirt::open(&config.libvirt_uri)
         .expect("libvirtd must be running for the fast suite (fixtures/host/setup.sh)")
 }
 

@@ -3,7 +3,7 @@
 
 mod acme;
 
-use devicelab::trials::{Matrix, Scenario};
+use devicelab::trials::matrix::{Matrix, Scenario};
 
 fn main() {
     Matrix::new(cfg!(feature = "e2e"))

@@ -1,0 +1,506 @@
+//! An on-device agent, described (what testcontainers' `Image` is to a container): what to
+//! ship per architecture, which files to render per device, the Debian packages it needs, its
+//! service, how it reports, and what the NATS server must offer it. The reference agent is
+//! one description ([`crate::agent::reference::agent`]); a user's agent is another, and both go through
+//! the same onboarding and the same verdicts.
+
+use crate::model::arch::VmArchitecture;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DescriptionError {
+    #[error(
+        "agent {agent}: {what} names {{{name}}}, which is not a template value (use one of: {})",
+        TEMPLATE_VALUES.join(", ")
+    )]
+    UnknownValue {
+        agent: String,
+        what: String,
+        name: String,
+    },
+    #[error("agent {agent}: {what} has an unclosed `{{` (write `{{{{` for a literal brace)")]
+    Unclosed { agent: String, what: String },
+    #[error(
+        "agent {agent}: {what} has no file for {arch} (give one per architecture the tests boot)"
+    )]
+    MissingArch {
+        agent: String,
+        what: String,
+        arch: VmArchitecture,
+    },
+    #[error("agent {agent}: {problem}")]
+    Invalid { agent: String, problem: String },
+}
+
+/// What a template may name, as `{name}`.
+pub const TEMPLATE_VALUES: [&str; 5] = [
+    "device_id",
+    "nats_url",
+    "nats_user",
+    "nats_password",
+    "arch",
+];
+
+/// The values a template receives for one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateValues {
+    pub device_id: String,
+    /// The NATS URL as the guest sees it (the libvirt network's gateway).
+    pub nats_url: String,
+    pub nats_user: String,
+    pub nats_password: String,
+    pub arch: VmArchitecture,
+}
+
+impl TemplateValues {
+    fn get(&self, name: &str) -> Option<String> {
+        Some(match name {
+            "device_id" => self.device_id.clone(),
+            "nats_url" => self.nats_url.clone(),
+            "nats_user" => self.nats_user.clone(),
+            "nats_password" => self.nats_password.clone(),
+            "arch" => self.arch.name().to_owned(),
+            _ => return None,
+        })
+    }
+}
+
+/// Renders `{name}` placeholders (`{{` and `}}` are literal braces). `values` of `None` only
+/// checks the names: what `AgentDescription::check` does before anything boots.
+fn render_with(
+    template: &str,
+    values: Option<&TemplateValues>,
+    agent: &str,
+    what: &str,
+) -> Result<String, DescriptionError> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(i) = rest.find(['{', '}']) {
+        out.push_str(&rest[..i]);
+        let (brace, after) = (&rest[i..i + 1], &rest[i + 1..]);
+        if after.starts_with(brace) {
+            out.push_str(brace);
+            rest = &after[1..];
+            continue;
+        }
+        if brace == "}" {
+            out.push('}');
+            rest = after;
+            continue;
+        }
+        let end = after.find('}').ok_or_else(|| DescriptionError::Unclosed {
+            agent: agent.to_owned(),
+            what: what.to_owned(),
+        })?;
+        let name = &after[..end];
+        if !TEMPLATE_VALUES.contains(&name) {
+            return Err(DescriptionError::UnknownValue {
+                agent: agent.to_owned(),
+                what: what.to_owned(),
+                name: name.to_owned(),
+            });
+        }
+        if let Some(v) = values.and_then(|v| v.get(name)) {
+            out.push_str(&v);
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Where a shipped file comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A binary of a cargo package in the user's own workspace, built for the VM's target
+    /// (cross linker set, ELF machine checked), into that workspace's target dir.
+    Cargo {
+        manifest: PathBuf,
+        package: String,
+        bin: String,
+    },
+    /// A prebuilt binary per architecture (its ELF machine is checked).
+    Prebuilt(BTreeMap<VmArchitecture, PathBuf>),
+    /// The same plain file for every architecture (a script, data).
+    File(PathBuf),
+    /// Fixed contents.
+    Bytes(Vec<u8>),
+}
+
+/// One file installed on the device (owner root; `group` may read it as `mode` allows).
+#[derive(Debug, Clone)]
+pub struct Installed {
+    /// The onboarding step's name in reports (e.g. "binary", "config").
+    pub step: String,
+    pub path: String,
+    pub mode: u32,
+    pub group: String,
+    pub content: Content,
+}
+
+#[derive(Debug, Clone)]
+pub enum Content {
+    Shipped(Source),
+    /// Rendered per device from a template (see [`TEMPLATE_VALUES`]).
+    Template(String),
+    /// Rendered per device by code: for a config that has a typed form (serde).
+    Render(Renderer),
+}
+
+/// Renders a file from a device's values.
+#[derive(Clone)]
+pub struct Renderer(pub Arc<dyn Fn(&TemplateValues) -> String + Send + Sync>);
+
+impl std::ops::Deref for Renderer {
+    type Target = dyn Fn(&TemplateValues) -> String + Send + Sync;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl fmt::Debug for Renderer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Renderer(..)")
+    }
+}
+
+/// A Debian package the device needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Package {
+    /// From the guest's own mirror (needs a route out).
+    Mirror(String),
+    /// A `.deb` per architecture, uploaded and installed offline (air-gapped labs).
+    Deb {
+        name: String,
+        files: BTreeMap<VmArchitecture, PathBuf>,
+    },
+}
+
+/// How the agent runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Service {
+    /// A system unit (`/etc/systemd/system/<unit>`); `text` may name `User=`.
+    System { unit: String, text: String },
+    /// A user unit of `user` (`/etc/systemd/user/<unit>`), with linger so it starts at boot.
+    User {
+        user: String,
+        unit: String,
+        text: String,
+    },
+}
+
+impl Service {
+    pub fn unit(&self) -> &str {
+        match self {
+            Self::System { unit, .. } | Self::User { unit, .. } => unit,
+        }
+    }
+    /// The user whose manager runs it (`None`: the system manager).
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            Self::System { .. } => None,
+            Self::User { user, .. } => Some(user),
+        }
+    }
+    pub fn text(&self) -> &str {
+        match self {
+            Self::System { text, .. } | Self::User { text, .. } => text,
+        }
+    }
+    pub fn path(&self) -> String {
+        match self {
+            Self::System { unit, .. } => format!("/etc/systemd/system/{unit}"),
+            Self::User { unit, .. } => format!("/etc/systemd/user/{unit}"),
+        }
+    }
+    /// The journal of this unit, for the failure artifacts and a failed start.
+    pub fn journal_command(&self, lines: usize) -> String {
+        let field = match self {
+            Self::System { .. } => "_SYSTEMD_UNIT",
+            Self::User { .. } => "_SYSTEMD_USER_UNIT",
+        };
+        format!(
+            "sudo -n journalctl --no-pager -o short-precise -n {lines} {field}={}",
+            self.unit()
+        )
+    }
+}
+
+/// What the verdicts need from one report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub device_id: String,
+    /// The agent's own clock, in milliseconds since the epoch.
+    pub timestamp_ms: u64,
+    /// Something that changes on every boot (the kernel's boot id), if the agent reports one.
+    pub boot_marker: Option<String>,
+    /// The agent's own report counter (+1 per report of one agent process), if it has one:
+    /// the partition verdict checks that no number is missing or repeated.
+    pub seq: Option<u64>,
+}
+
+/// Turns one message's payload into a [`Report`], or says why it is not one.
+pub type Decoder = Arc<dyn Fn(&[u8]) -> Result<Report, String> + Send + Sync>;
+
+/// Where the agent's reports land. Subjects, keys and bucket names are templates
+/// (`{device_id}` is the usual part).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportsOn {
+    /// A NATS subject; wildcards are allowed (`acme.{device_id}.>`: every subject under it).
+    /// The run's stream captures it, so a device's whole history is kept in order.
+    Subject(String),
+    /// A key of a JetStream key-value bucket (the agent puts to `$KV.<bucket>.<key>`). The
+    /// harness creates the bucket before the device boots, keeping the most history JetStream
+    /// allows (64 revisions per key), unless it exists already.
+    KeyValue { bucket: String, key: String },
+}
+
+impl ReportsOn {
+    /// The JetStream stream that stores these reports, given the run's own stream.
+    pub fn stream(&self, run_stream: &str) -> String {
+        match self {
+            Self::Subject(_) => run_stream.to_owned(),
+            Self::KeyValue { bucket, .. } => format!("KV_{bucket}"),
+        }
+    }
+    /// The subject (a filter, with wildcards) these reports are published on.
+    pub fn subject(&self) -> String {
+        match self {
+            Self::Subject(s) => s.clone(),
+            Self::KeyValue { bucket, key } => format!("$KV.{bucket}.{key}"),
+        }
+    }
+}
+
+impl fmt::Display for ReportsOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Subject(s) => write!(f, "subject {s}"),
+            Self::KeyValue { bucket, key } => write!(f, "key {key} of the KV bucket {bucket}"),
+        }
+    }
+}
+
+/// How the agent reports: where ([`ReportsOn`]), and its decoder.
+#[derive(Clone)]
+pub struct Reports {
+    pub on: ReportsOn,
+    pub decode: Decoder,
+}
+
+impl Reports {
+    /// Reports published on `subject` (a template; wildcards allowed).
+    pub fn subject(
+        subject: impl Into<String>,
+        decode: impl Fn(&[u8]) -> Result<Report, String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            on: ReportsOn::Subject(subject.into()),
+            decode: Arc::new(decode),
+        }
+    }
+    /// Reports put to `key` (a template) of the JetStream KV bucket `bucket`.
+    pub fn key_value(
+        bucket: impl Into<String>,
+        key: impl Into<String>,
+        decode: impl Fn(&[u8]) -> Result<Report, String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            on: ReportsOn::KeyValue {
+                bucket: bucket.into(),
+                key: key.into(),
+            },
+            decode: Arc::new(decode),
+        }
+    }
+}
+
+impl fmt::Debug for Reports {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reports")
+            .field("on", &self.on)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An agent, described.
+#[derive(Debug, Clone)]
+pub struct AgentDescription {
+    /// Short, for logs and artifacts.
+    pub name: String,
+    /// A user the agent runs as, created on the device (`None`: it runs as root or as a user
+    /// the image has).
+    pub user: Option<String>,
+    pub packages: Vec<Package>,
+    pub files: Vec<Installed>,
+    pub service: Service,
+    pub reports: Reports,
+    /// Extra nats-server configuration (accounts, listeners, JetStream limits), merged into the
+    /// run's server configuration, container and process alike.
+    pub nats_config: String,
+}
+
+impl AgentDescription {
+    /// Checks everything that can be checked before a VM boots: templates name known values,
+    /// every architecture in `archs` has its per-architecture files, a user unit has a user.
+    pub fn check(&self, archs: &[VmArchitecture]) -> Result<(), DescriptionError> {
+        let agent = &self.name;
+        for f in &self.files {
+            match &f.content {
+                Content::Template(t) => {
+                    render_with(t, None, agent, &format!("the template for {}", f.path))?;
+                }
+                Content::Shipped(Source::Prebuilt(per_arch)) => {
+                    self.every_arch(per_arch, archs, &f.path)?;
+                }
+                Content::Shipped(_) | Content::Render(_) => {}
+            }
+        }
+        for p in &self.packages {
+            if let Package::Deb { name, files } = p {
+                self.every_arch(files, archs, &format!("the package {name}"))?;
+            }
+        }
+        self.render_reports_on(None)?;
+        render_with(self.service.text(), None, agent, "the unit")?;
+        if let Service::User { user, .. } = &self.service
+            && self.user.as_deref() != Some(user.as_str())
+        {
+            return Err(DescriptionError::Invalid {
+                agent: agent.clone(),
+                problem: format!(
+                    "the user unit runs as {user}, but the description creates {:?}: set `user` to {user:?}",
+                    self.user
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// `per_arch` has an entry for each of `archs`, or the error names `what` and the first
+    /// architecture missing.
+    fn every_arch(
+        &self,
+        per_arch: &BTreeMap<VmArchitecture, PathBuf>,
+        archs: &[VmArchitecture],
+        what: &str,
+    ) -> Result<(), DescriptionError> {
+        match archs.iter().find(|a| !per_arch.contains_key(a)) {
+            Some(&arch) => Err(DescriptionError::MissingArch {
+                agent: self.name.clone(),
+                what: what.to_owned(),
+                arch,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// `template` with this device's values.
+    pub fn render(
+        &self,
+        template: &str,
+        values: &TemplateValues,
+    ) -> Result<String, DescriptionError> {
+        render_with(template, Some(values), &self.name, "a template")
+    }
+
+    /// Where this device's reports land.
+    pub fn reports_on(&self, values: &TemplateValues) -> Result<ReportsOn, DescriptionError> {
+        self.render_reports_on(Some(values))
+    }
+
+    /// Renders the subject, or the bucket and key (a bucket name JetStream would refuse is an
+    /// error now, not when the server is asked to create it).
+    fn render_reports_on(
+        &self,
+        values: Option<&TemplateValues>,
+    ) -> Result<ReportsOn, DescriptionError> {
+        let agent = &self.name;
+        Ok(match &self.reports.on {
+            ReportsOn::Subject(s) => {
+                ReportsOn::Subject(render_with(s, values, agent, "the report subject")?)
+            }
+            ReportsOn::KeyValue { bucket, key } => {
+                let bucket = render_with(bucket, values, agent, "the KV bucket")?;
+                let valid = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+                // Unrendered, a template's values are empty: only the literal part is checked.
+                if (values.is_some() && bucket.is_empty()) || !bucket.chars().all(valid) {
+                    return Err(DescriptionError::Invalid {
+                        agent: agent.clone(),
+                        problem: format!(
+                            "the KV bucket name {bucket:?} is not one JetStream accepts: use letters, digits, `_` and `-` only"
+                        ),
+                    });
+                }
+                let key = render_with(key, values, agent, "the KV key")?;
+                ReportsOn::KeyValue { bucket, key }
+            }
+        })
+    }
+
+    /// The onboarding steps this description has, in the order they run.
+    pub fn steps(&self) -> Vec<String> {
+        let mut steps = Vec::new();
+        if !self.packages.is_empty() {
+            steps.push("packages".to_owned());
+        }
+        if self.user.is_some() {
+            steps.push("user".to_owned());
+        }
+        steps.extend(self.files.iter().map(|f| f.step.clone()));
+        steps.push("unit".to_owned());
+        if self.service.user().is_some() {
+            steps.push("linger".to_owned());
+        }
+        steps.push("service".to_owned());
+        steps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values() -> TemplateValues {
+        TemplateValues {
+            device_id: "dev-1".into(),
+            nats_url: "nats://10.0.0.1:4222".into(),
+            nats_user: "u".into(),
+            nats_password: "p".into(),
+            arch: VmArchitecture::Aarch64,
+        }
+    }
+
+    #[test]
+    fn templates_render_known_values_and_literal_braces() {
+        let out = render_with(
+            "id={device_id} url={nats_url} arch={arch} json={{\"a\": 1}}",
+            Some(&values()),
+            "a",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "id=dev-1 url=nats://10.0.0.1:4222 arch=aarch64 json={\"a\": 1}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_value_is_an_error_naming_the_known_ones() {
+        let err = render_with("x={device}", None, "acme", "the config")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("acme") && err.contains("{device}") && err.contains("device_id"),
+            "{err}"
+        );
+        let err = render_with("x={device_id", None, "acme", "the config")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unclosed"), "{err}");
+    }
+}

@@ -1,0 +1,8 @@
+//! The agent under test: what it is and how it is installed ([`description`]), devicelab's own
+//! reference agent ([`reference`]), building an agent's binary for the guest's architecture
+//! ([`build`]) and onboarding it over SSH ([`onboard`]).
+
+pub mod build;
+pub mod description;
+pub mod onboard;
+pub mod reference;

@@ -1,0 +1,340 @@
+//! Onboarding any agent description over SSH, idempotently: packages → user → files → unit →
+//! linger → enable/start → active, in one round trip per run ([`script`]). Each step says
+//! whether it changed anything, and a second run changes nothing.
+
+mod script;
+
+use crate::agent::build::{AgentBinary, AgentBinaryError};
+use crate::agent::description::{
+    AgentDescription, Content, DescriptionError, Package, Source, TemplateValues,
+};
+use crate::config::HarnessConfig;
+use crate::model::arch::VmArchitecture;
+use crate::vm::{Vm, VmError};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use crate::agent::reference::{AGENT_UNIT, AGENT_USER};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OnboardError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Description(#[from] DescriptionError),
+    #[error(transparent)]
+    Binary(#[from] AgentBinaryError),
+    #[error("cannot read {path} (to ship as {guest_path}): {source}")]
+    Read {
+        path: PathBuf,
+        guest_path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot pack the onboarding bundle: {0}")]
+    Bundle(std::io::Error),
+    #[error("VM {vm}: onboarding step {step} failed:\n{output}")]
+    StepFailed {
+        vm: String,
+        step: String,
+        output: String,
+    },
+    #[error("agent {agent} has no onboarding step {step:?}: use one of {steps:?}")]
+    UnknownStep {
+        agent: String,
+        step: String,
+        steps: Vec<String>,
+    },
+    #[error(
+        "VM {vm}: the package {package} cannot be installed:\n{output}\n  \
+         check the .deb is for {arch} and that every package it depends on is in the description"
+    )]
+    Package {
+        vm: String,
+        package: String,
+        arch: VmArchitecture,
+        output: String,
+    },
+    #[error(
+        "VM {vm}: apt could not install {packages} from the guest's mirror:\n{output}\n  \
+         check the names, and that the guest's apt sources reach a mirror; a guest with no \
+         route out needs the .deb files instead (Package::Deb)"
+    )]
+    MirrorPackage {
+        vm: String,
+        packages: String,
+        output: String,
+    },
+    #[error(
+        "VM {vm}: {unit} is {state} {waited:.0?} after it was started; its journal:\n{journal}"
+    )]
+    UnitFailed {
+        vm: String,
+        unit: String,
+        state: String,
+        waited: Duration,
+        journal: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    Changed,
+    Unchanged,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnboardReport {
+    pub steps: Vec<(String, StepOutcome)>,
+}
+
+impl OnboardReport {
+    pub fn changed_steps(&self) -> Vec<&str> {
+        self.steps
+            .iter()
+            .filter(|(_, o)| *o == StepOutcome::Changed)
+            .map(|(s, _)| s.as_str())
+            .collect()
+    }
+}
+
+impl fmt::Display for OnboardReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self
+            .steps
+            .iter()
+            .map(|(s, o)| {
+                format!(
+                    "{s}: {}",
+                    if *o == StepOutcome::Changed {
+                        "changed"
+                    } else {
+                        "unchanged"
+                    }
+                )
+            })
+            .collect();
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// A description made concrete for one device: every file's bytes for its architecture,
+/// every template rendered with its values.
+#[derive(Debug, Clone)]
+pub struct Onboarding {
+    pub description: AgentDescription,
+    pub values: TemplateValues,
+    files: Vec<script::FileToInstall>,
+    debs: Vec<(String, Vec<u8>)>,
+    unit: String,
+}
+
+impl Onboarding {
+    /// Resolves `description` for a device with `values` (building or reading what it ships
+    /// for `values.arch`); fails before anything is sent if a template or a file is wrong.
+    pub async fn prepare(
+        config: &HarnessConfig,
+        description: &AgentDescription,
+        values: TemplateValues,
+    ) -> Result<Self, OnboardError> {
+        let arch = values.arch;
+        description.check(&[arch])?;
+        let mut files = Vec::new();
+        for f in &description.files {
+            let bytes = match &f.content {
+                Content::Template(t) => description.render(t, &values)?.into_bytes(),
+                Content::Render(render) => render(&values).into_bytes(),
+                Content::Shipped(source) => ship(config, source, arch, &f.path).await?,
+            };
+            files.push(script::FileToInstall {
+                step: f.step.clone(),
+                path: f.path.clone(),
+                mode: f.mode,
+                group: f.group.clone(),
+                bytes,
+            });
+        }
+        let mut debs = Vec::new();
+        for p in &description.packages {
+            if let Package::Deb { name, files } = p
+                && let Some(path) = files.get(&arch)
+            {
+                let bytes = read(path, &format!("the package {name}")).await?;
+                debs.push((name.clone(), bytes));
+            }
+        }
+        let unit = description.render(description.service.text(), &values)?;
+        Ok(Self {
+            description: description.clone(),
+            values,
+            files,
+            debs,
+            unit,
+        })
+    }
+
+    /// Runs every step, then flushes what they wrote (unless the VM's spec turned provisioning
+    /// flushes off): an onboarded device keeps its onboarding through a power cut.
+    pub async fn apply(&self, vm: &Vm) -> Result<OnboardReport, OnboardError> {
+        let report = self.run(vm, None).await?;
+        vm.flush_harness_writes("onboarding").await?;
+        Ok(report)
+    }
+
+    /// Runs the steps up to and including `last` (one of the description's steps) and stops
+    /// there, flushing nothing: a device caught mid-onboarding, for power-cut tests.
+    pub async fn apply_until(&self, vm: &Vm, last: &str) -> Result<OnboardReport, OnboardError> {
+        let steps = self.description.steps();
+        if !steps.iter().any(|s| s == last) {
+            return Err(OnboardError::UnknownStep {
+                agent: self.description.name.clone(),
+                step: last.to_owned(),
+                steps,
+            });
+        }
+        self.run(vm, Some(last)).await
+    }
+
+    /// One round trip: the bundle and the script on one channel (see [`script`]), its report
+    /// read back, a failure mapped to the error that names its fix.
+    async fn run(&self, vm: &Vm, stop_after: Option<&str>) -> Result<OnboardReport, OnboardError> {
+        let run = script::render(
+            &self.description,
+            &self.files,
+            self.unit.as_bytes(),
+            &self.debs,
+            vm.budgets().guest_step,
+            stop_after,
+        )
+        .map_err(OnboardError::Bundle)?;
+        let out = vm.exec_with_input(&run.command, Some(&run.bundle)).await?;
+        self.read_report(vm, &out.stdout, &out.stderr, out.success())
+    }
+
+    /// The steps' outcomes, or the failure the script stopped at.
+    fn read_report(
+        &self,
+        vm: &Vm,
+        stdout: &str,
+        stderr: &str,
+        success: bool,
+    ) -> Result<OnboardReport, OnboardError> {
+        let mut steps = Vec::new();
+        let mut output = Vec::new();
+        let mut unit_state = None;
+        for line in stdout.lines() {
+            let mut words = line.split_whitespace();
+            match words.next() {
+                Some(script::STEP) => {
+                    let (Some(step), Some(outcome)) = (words.next(), words.next()) else {
+                        continue;
+                    };
+                    let outcome = match outcome {
+                        "changed" => StepOutcome::Changed,
+                        _ => StepOutcome::Unchanged,
+                    };
+                    steps.push((step.to_owned(), outcome));
+                    output.clear();
+                }
+                Some(script::UNIT_STATE) => {
+                    let state = words.next().unwrap_or("unknown").to_owned();
+                    let ms: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+                    unit_state = Some((state, Duration::from_millis(ms)));
+                    output.clear();
+                }
+                Some(script::FAIL) => {
+                    let step = words.next().unwrap_or("onboarding").to_owned();
+                    let what: Vec<&str> = words.collect();
+                    return Err(self.failure(vm, step, &what, output.join("\n"), unit_state));
+                }
+                _ => output.push(line),
+            }
+        }
+        if !success {
+            return Err(OnboardError::StepFailed {
+                vm: vm.name().to_owned(),
+                step: "onboarding".into(),
+                output: format!("{stdout}{stderr}"),
+            });
+        }
+        Ok(OnboardReport { steps })
+    }
+
+    fn failure(
+        &self,
+        vm: &Vm,
+        step: String,
+        what: &[&str],
+        output: String,
+        unit_state: Option<(String, Duration)>,
+    ) -> OnboardError {
+        let vm = vm.name().to_owned();
+        match (step.as_str(), what) {
+            ("packages", ["deb", names @ ..]) => OnboardError::Package {
+                vm,
+                package: names.join(" "),
+                arch: self.values.arch,
+                output,
+            },
+            ("packages", ["mirror", names @ ..]) => OnboardError::MirrorPackage {
+                vm,
+                packages: names.join(" "),
+                output,
+            },
+            ("active", _) => {
+                let (state, waited) = unit_state.unwrap_or(("unknown".into(), Duration::ZERO));
+                OnboardError::UnitFailed {
+                    vm,
+                    unit: self.description.service.unit().to_owned(),
+                    state,
+                    waited,
+                    journal: output,
+                }
+            }
+            _ => OnboardError::StepFailed { vm, step, output },
+        }
+    }
+}
+
+/// The bytes of a shipped source for `arch` (built, checked, or read).
+async fn ship(
+    config: &HarnessConfig,
+    source: &Source,
+    arch: VmArchitecture,
+    guest_path: &str,
+) -> Result<Vec<u8>, OnboardError> {
+    let path = match source {
+        Source::Bytes(b) => return Ok(b.clone()),
+        Source::File(p) => p.clone(),
+        Source::Prebuilt(per_arch) => {
+            // `check` made sure the architecture is there.
+            let path = per_arch.get(&arch).cloned().unwrap_or_default();
+            crate::agent::build::check_elf(
+                &path,
+                arch,
+                &format!("the prebuilt binary for {guest_path}"),
+            )?;
+            path
+        }
+        Source::Cargo {
+            manifest,
+            package,
+            bin,
+        } => {
+            AgentBinary::cargo(config, manifest, package, bin, arch)
+                .await?
+                .path
+        }
+    };
+    read(&path, guest_path).await
+}
+
+async fn read(path: &std::path::Path, guest_path: &str) -> Result<Vec<u8>, OnboardError> {
+    tokio::fs::read(path)
+        .await
+        .map_err(|source| OnboardError::Read {
+            path: path.to_owned(),
+            guest_path: guest_path.to_owned(),
+            source,
+        })
+}

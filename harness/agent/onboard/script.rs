@@ -1,0 +1,308 @@
+//! One onboarding run as one round trip: a tar bundle of every file the device needs (the
+//! shipped files, the rendered ones, the unit, the `.deb`s) and the POSIX shell script that
+//! applies every step, sent on one SSH channel's stdin; the script prints one
+//! `devicelab-step <step> changed|unchanged` line per step, or stops at the first failure with
+//! a `devicelab-fail <step> <what>` line after the failing command's output.
+
+use crate::agent::description::{AgentDescription, Package};
+use crate::ssh::session::shell_quote;
+use crate::ssh::user_systemctl;
+use sha2::{Digest, Sha256};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// Marks a step's outcome in the script's output.
+pub const STEP: &str = "devicelab-step";
+/// Marks the failure that stopped the script, after the failing command's output.
+pub const FAIL: &str = "devicelab-fail";
+/// Before the journal of a unit that did not stay active: its state and how long it was given.
+pub const UNIT_STATE: &str = "devicelab-unit-state";
+
+/// A file to install: its step, guest path, mode, group and bytes.
+#[derive(Debug, Clone)]
+pub struct FileToInstall {
+    pub step: String,
+    pub path: String,
+    pub mode: u32,
+    pub group: String,
+    pub bytes: Vec<u8>,
+}
+
+/// What one run sends: the bundle (the script inside) and the command that unpacks and runs
+/// it, stopping after step `stop_after` if given.
+pub struct Run {
+    pub bundle: Vec<u8>,
+    pub command: String,
+}
+
+pub fn render(
+    d: &AgentDescription,
+    files: &[FileToInstall],
+    unit: &[u8],
+    debs: &[(String, Vec<u8>)],
+    guest_step: Duration,
+    stop_after: Option<&str>,
+) -> std::io::Result<Run> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o600);
+        header.set_cksum();
+        tar.append_data(&mut header, name, bytes)
+    };
+    let mut script = String::from(PROLOGUE);
+    if !d.packages.is_empty() {
+        for (i, (_, bytes)) in debs.iter().enumerate() {
+            add(&format!("deb{i}.deb"), bytes)?;
+        }
+        script += &packages(d, debs);
+    }
+    if let Some(user) = &d.user {
+        script += &user_step(user);
+    }
+    for (i, f) in files.iter().enumerate() {
+        add(&format!("file{i}"), &f.bytes)?;
+        script += &file_step(
+            &f.step,
+            &f.path,
+            f.mode,
+            &f.group,
+            &f.bytes,
+            &format!("file{i}"),
+        );
+    }
+    add("unit", unit)?;
+    script += &file_step("unit", &d.service.path(), 0o644, "root", unit, "unit");
+    if let Some(user) = d.service.user() {
+        script += &linger(user, guest_step);
+    }
+    script += &service(d, guest_step);
+    add("onboard.sh", script.as_bytes())?;
+    let bundle = tar.into_inner()?;
+    let stop = shell_quote(stop_after.unwrap_or(""));
+    // Unpacked as root into a directory of its own, removed whatever the script did.
+    let command = format!(
+        r#"sudo -n sh -c 'd=$(mktemp -d) || exit 1; tar -x --no-same-owner -f - -C "$d" && sh "$d/onboard.sh" "$d" "$1"; rc=$?; rm -rf "$d"; exit $rc' onboard {stop}"#
+    );
+    Ok(Run { bundle, command })
+}
+
+/// `$b`: the bundle's directory; `$stop`: the step to stop after. `report` prints a step's
+/// outcome (and exits once the step to stop after has run); `fail` ends the run.
+const PROLOGUE: &str = r#"b=$1; stop=$2; restart=false
+report() { echo "devicelab-step $1 $2"; if [ "$1" = "$stop" ]; then exit 0; fi; }
+fail() { echo "devicelab-fail $*"; exit 1; }
+run() { out=$("$@" 2>&1) || { printf '%s\n' "$out"; return 1; }; }
+"#;
+
+/// `.deb`s whose version is not installed yet, together (they may depend on each other); then
+/// mirror packages not installed yet: the package lists first, then one apt run.
+fn packages(d: &AgentDescription, debs: &[(String, Vec<u8>)]) -> String {
+    let mut s = String::from("p=unchanged; need=\"\"\n");
+    for (i, (name, _)) in debs.iter().enumerate() {
+        let n = shell_quote(name);
+        let _ = writeln!(
+            s,
+            r#"[ "$(dpkg-query -W -f='${{Status}} ${{Version}}' {n} 2>/dev/null)" = "install ok installed $(dpkg-deb -f "$b/deb{i}.deb" Version)" ] || need="$need $b/deb{i}.deb""#
+        );
+    }
+    let names: Vec<&str> = debs.iter().map(|(n, _)| n.as_str()).collect();
+    let _ = writeln!(
+        s,
+        r#"if [ -n "$need" ]; then run dpkg -i $need || fail packages deb {}; p=changed; fi"#,
+        shell_quote(&names.join(" "))
+    );
+    let mirror: Vec<String> = d
+        .packages
+        .iter()
+        .filter_map(|p| match p {
+            Package::Mirror(name) => Some(shell_quote(name)),
+            Package::Deb { .. } => None,
+        })
+        .collect();
+    if !mirror.is_empty() {
+        let _ = writeln!(
+            s,
+            r#"missing=""; for n in {list}; do dpkg-query -W -f='${{Status}}' "$n" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $n"; done
+if [ -n "$missing" ]; then run sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"' apt $missing || fail packages mirror $missing; p=changed; fi"#,
+            list = mirror.join(" ")
+        );
+    }
+    s + "report packages $p\n"
+}
+
+fn user_step(user: &str) -> String {
+    let u = shell_quote(user);
+    format!(
+        r#"if id -u {u} >/dev/null 2>&1; then report user unchanged; else run useradd --create-home --shell /usr/sbin/nologin {u} || fail user; report user changed; fi
+"#
+    )
+}
+
+/// Installed (owner root, `group`, `mode`) unless the same bytes, mode and group are there;
+/// written beside the target and renamed over it, so a cut never leaves half a file.
+fn file_step(step: &str, path: &str, mode: u32, group: &str, bytes: &[u8], member: &str) -> String {
+    let want = format!("{} {mode:o} {group}", hex::encode(Sha256::digest(bytes)));
+    let (p, tmp) = (
+        shell_quote(path),
+        shell_quote(&format!("{path}.devicelab-new")),
+    );
+    let dir = shell_quote(
+        path.rsplit_once('/')
+            .map(|(d, _)| d)
+            .filter(|d| !d.is_empty())
+            .unwrap_or("/"),
+    );
+    let (s, g) = (shell_quote(step), shell_quote(group));
+    format!(
+        r#"have=$(h=$(sha256sum {p} 2>/dev/null) && echo "${{h%% *}} $(stat -c '%a %G' {p})")
+if [ "$have" = {want} ]; then report {s} unchanged; else
+  run mkdir -p {dir} && run install -m {mode:o} -o root -g {g} "$b/{member}" {tmp} && run mv -f {tmp} {p} || fail {s}
+  restart=true; report {s} changed; fi
+"#,
+        want = shell_quote(&want),
+    )
+}
+
+/// Linger starts the user's systemd at boot, without a login: what lets a user unit come back
+/// after a power cycle. Then the wait for that manager's private socket (what `systemctl
+/// --user` uses where there is no user D-Bus, as on minimal images).
+fn linger(user: &str, budget: Duration) -> String {
+    let u = shell_quote(user);
+    let tries = budget.as_millis().div_ceil(100);
+    format!(
+        r#"if [ -e /var/lib/systemd/linger/{u} ]; then l=unchanged; else run loginctl enable-linger {u} || fail linger; l=changed; fi
+sock=/run/user/$(id -u {u})/systemd/private; i=0
+while [ ! -S "$sock" ]; do i=$((i+1)); if [ $i -gt {tries} ]; then echo "the user manager never opened $sock within {budget:?}"; fail linger; fi; sleep 0.1; done
+report linger $l
+"#
+    )
+}
+
+/// Enabled and started (restarted if a file it uses changed), then it must be active and stay
+/// so for 2 s within `budget`: a unit that fails is a failure with its journal tail.
+fn service(d: &AgentDescription, budget: Duration) -> String {
+    let unit = shell_quote(d.service.unit());
+    let sc = |args: &str| match d.service.user() {
+        None => format!("systemctl {args}"),
+        Some(user) => user_systemctl(user, args),
+    };
+    format!(
+        r#"if [ "$restart" = true ]; then
+  run {reload} && run {enable} && run {restart} || fail service; s=changed
+elif [ "$({is_enabled} 2>/dev/null)" = enabled ] && [ "$({is_active} 2>/dev/null)" = active ]; then s=unchanged
+else run {reload} && run {enable} && run {start} || fail service; s=changed; fi
+echo "devicelab-step service $s"
+t0=$(date +%s%3N); since=""
+while :; do
+  st=$({is_active} 2>/dev/null); now=$(date +%s%3N)
+  if [ "$st" = active ]; then
+    [ -n "$since" ] || since=$now
+    [ $((now - since)) -ge 2000 ] && exit 0
+  else
+    since=""
+    if [ "$st" = failed ] || [ $((now - t0)) -ge {budget_ms} ]; then
+      echo "devicelab-unit-state ${{st:-unknown}} $((now - t0))"; {journal} 2>&1; fail active
+    fi
+  fi
+  sleep 0.5
+done
+"#,
+        reload = sc("daemon-reload"),
+        enable = sc(&format!("enable --quiet {unit}")),
+        restart = sc(&format!("restart {unit}")),
+        start = sc(&format!("start {unit}")),
+        is_enabled = sc(&format!("is-enabled {unit}")),
+        is_active = sc(&format!("is-active {unit}")),
+        journal = d.service.journal_command(30),
+        budget_ms = budget.as_millis(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::description::Service;
+    use std::io::Read;
+
+    /// The bundle's script for `d`, as the guest's `sh` would read it.
+    fn script_of(d: &AgentDescription, stop: Option<&str>) -> (String, Vec<String>) {
+        let files = [FileToInstall {
+            step: "config".into(),
+            path: "/etc/x/y.conf".into(),
+            mode: 0o640,
+            group: "x".into(),
+            bytes: vec![1, 2, 3],
+        }];
+        let debs = vec![("netcat-openbsd".to_owned(), vec![4, 5])];
+        let run = render(
+            d,
+            &files,
+            b"[Service]\n",
+            &debs,
+            Duration::from_secs(60),
+            stop,
+        )
+        .unwrap();
+        let mut archive = tar::Archive::new(run.bundle.as_slice());
+        let mut names = Vec::new();
+        let mut script = String::new();
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let name = entry.path().unwrap().display().to_string();
+            if name == "onboard.sh" {
+                entry.read_to_string(&mut script).unwrap();
+            }
+            names.push(name);
+        }
+        (script, names)
+    }
+
+    #[test]
+    fn the_script_is_valid_sh_and_the_bundle_holds_every_file() {
+        let mut d = crate::agent::reference::agent();
+        d.packages = vec![
+            Package::Deb {
+                name: "netcat-openbsd".into(),
+                files: Default::default(),
+            },
+            Package::Mirror("curl".into()),
+        ];
+        for service in [
+            d.service.clone(),
+            Service::System {
+                unit: "a.service".into(),
+                text: String::new(),
+            },
+        ] {
+            d.service = service;
+            let (script, names) = script_of(&d, Some("linger"));
+            assert_eq!(names, ["deb0.deb", "file0", "unit", "onboard.sh"]);
+            let check = std::process::Command::new("sh")
+                .arg("-n")
+                .arg("-c")
+                .arg(&script)
+                .output()
+                .unwrap();
+            assert!(
+                check.status.success(),
+                "sh -n: {}\n{script}",
+                String::from_utf8_lossy(&check.stderr)
+            );
+            let linger = d.service.user().map(|_| "linger");
+            let steps = ["packages", "user", "config", "unit", "service"];
+            for step in steps.into_iter().chain(linger) {
+                let reported = [
+                    format!("report {step} "),
+                    format!("report '{step}' "),
+                    format!("step {step} "),
+                ];
+                assert!(
+                    reported.iter().any(|r| script.contains(r.as_str())),
+                    "{step}:\n{script}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! The libvirt connection: domains and networks through the `virt` crate. Every call here is a
+//! blocking RPC; async code goes through [`Libvirt::run`], which moves it off the runtime.
+
+use crate::host::domain_xml::{RenderedDomain, digest_of_defined};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
+use virt::sys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LibvirtError {
+    #[error(
+        "cannot connect to libvirt at {uri}: {message}\n  is libvirtd running? (systemctl start libvirtd, or \
+         `libvirtd -d` where systemd is not PID 1; fixtures/host/setup.sh installs it)"
+    )]
+    Connect { uri: String, message: String },
+    #[error(
+        "libvirt has no network {name:?} (networks: {available}): set DEVICELAB_NETWORK to one of them, \
+         or create it (virsh net-define, net-start)"
+    )]
+    NoSuchNetwork { name: String, available: String },
+    #[error("libvirt network {name:?} is not active: run `virsh -c {uri} net-start {name}`")]
+    NetworkInactive { name: String, uri: String },
+    #[error(
+        "libvirt network {name:?} has no IPv4 address, so guests cannot reach services on the host"
+    )]
+    NetworkWithoutIpv4 { name: String },
+    #[error("libvirt failed to {action} {object}: {message}")]
+    Call {
+        action: &'static str,
+        object: String,
+        message: String,
+    },
+}
+
+/// A libvirt connection that survives a libvirtd restart: a dead connection is reopened on
+/// the next call. Domains and pools are looked up by name per call, never held across calls,
+/// since handles from a dead connection stay dead.
+#[derive(Clone)]
+pub struct Libvirt {
+    conn: Arc<Mutex<Arc<Connect>>>,
+    pub uri: String,
+}
+
+pub(crate) fn call_err(
+    action: &'static str,
+    object: &str,
+) -> impl FnOnce(virt::error::Error) -> LibvirtError {
+    let object = object.to_owned();
+    move |e| LibvirtError::Call {
+        action,
+        object,
+        message: e.message().to_owned(),
+    }
+}
+
+pub(crate) fn is_code(e: &virt::error::Error, code: ErrorNumber) -> bool {
+    e.code() == Enum::Known(code)
+}
+
+impl Libvirt {
+    pub fn open(uri: &str) -> Result<Self, LibvirtError> {
+        Ok(Self {
+            conn: Arc::new(Mutex::new(Arc::new(connect(uri)?))),
+            uri: uri.to_owned(),
+        })
+    }
+
+    /// The live connection, reopened first if libvirtd went away since the last call (a
+    /// restart mid-trial); a clear error while it is still down.
+    pub fn conn(&self) -> Result<Arc<Connect>, LibvirtError> {
+        // The lock only guards the swap: the round trip and a reconnect run without it, so
+        // one slow call never holds up every other thread's libvirt calls.
+        let current = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // A round trip, not virConnectIsAlive: that says "alive" until a call has failed.
+        if current.lib_version().is_ok() {
+            return Ok(current);
+        }
+        let fresh = Arc::new(connect(&self.uri)?);
+        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::ptr_eq(&slot, &current) {
+            *slot = fresh;
+            tracing::warn!(
+                "the connection to libvirt at {} was lost; reconnected",
+                self.uri
+            );
+        }
+        Ok(slot.clone())
+    }
+
+    /// The domain called `name`, looked up afresh.
+    pub fn domain(&self, name: &str) -> Result<Domain, LibvirtError> {
+        self.conn()?
+            .lookup_domain_by_name(name)
+            .map_err(call_err("look up domain", name))
+    }
+
+    /// Runs a blocking libvirt call on tokio's blocking pool.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Libvirt) -> T + Send + 'static,
+    ) -> T {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this))
+            .await
+            .expect("libvirt task panicked")
+    }
+
+    /// The host's address on `network`: where guests reach services the harness runs.
+    pub fn network_gateway(&self, name: &str) -> Result<Ipv4Addr, LibvirtError> {
+        let conn = self.conn()?;
+        let net = conn.lookup_network_by_name(name).map_err(|e| {
+            if is_code(&e, ErrorNumber::NoNetwork) {
+                let available = conn
+                    .list_all_networks(0)
+                    .map(|nets| {
+                        nets.iter()
+                            .filter_map(|n| n.name().ok())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default();
+                LibvirtError::NoSuchNetwork {
+                    name: name.to_owned(),
+                    available: if available.is_empty() {
+                        "none".into()
+                    } else {
+                        available
+                    },
+                }
+            } else {
+                call_err("look up network", name)(e)
+            }
+        })?;
+        if !net.is_active().map_err(call_err("query network", name))? {
+            return Err(LibvirtError::NetworkInactive {
+                name: name.to_owned(),
+                uri: self.uri.clone(),
+            });
+        }
+        let xml = net.xml_desc(0).map_err(call_err("read network", name))?;
+        let doc = roxmltree::Document::parse(&xml).map_err(|e| LibvirtError::Call {
+            action: "parse the XML of network",
+            object: name.to_owned(),
+            message: e.to_string(),
+        })?;
+        doc.descendants()
+            .filter(|n| n.has_tag_name("ip"))
+            .find_map(|n| n.attribute("address")?.parse::<Ipv4Addr>().ok())
+            .ok_or_else(|| LibvirtError::NetworkWithoutIpv4 {
+                name: name.to_owned(),
+            })
+    }
+
+    /// Defines the domain. A domain of the same name left by an older run is redefined when
+    /// its XML differs (libvirt refuses to define over it, and starting it would boot the old
+    /// definition); an identical one is reused.
+    pub fn define(&self, name: &str, rendered: &RenderedDomain) -> Result<Domain, LibvirtError> {
+        let conn = self.conn()?;
+        match conn.lookup_domain_by_name(name) {
+            Ok(existing) => {
+                let defined = existing
+                    .xml_desc(0)
+                    .map_err(call_err("read domain", name))?;
+                if digest_of_defined(&defined).as_deref() == Some(rendered.digest.as_str()) {
+                    tracing::info!(domain = name, "reusing the identical existing definition");
+                    return Ok(existing);
+                }
+                tracing::warn!(
+                    domain = name,
+                    "a domain with this name has different XML: redefining it"
+                );
+                self.remove_domain(&existing, name)?;
+            }
+            Err(e) if is_code(&e, ErrorNumber::NoDomain) => {}
+            Err(e) => return Err(call_err("look up domain", name)(e)),
+        }
+        conn.define_domain_xml(&rendered.xml)
+            .map_err(call_err("define domain", name))
+    }
+
+    /// Powers off (if running) and undefines, NVRAM included: aarch64 domains cannot be
+    /// undefined without the NVRAM flag.
+    pub fn remove_domain(&self, dom: &Domain, name: &str) -> Result<(), LibvirtError> {
+        self.power_off(dom, name)?;
+        let flags = sys::VIR_DOMAIN_UNDEFINE_NVRAM
+            | sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
+        match dom.undefine_flags(flags) {
+            Ok(()) => Ok(()),
+            Err(e) if is_code(&e, ErrorNumber::NoDomain) => Ok(()),
+            Err(e) => Err(call_err("undefine domain", name)(e)),
+        }
+    }
+
+    /// Hard power off: like pulling the plug.
+    pub fn power_off(&self, dom: &Domain, name: &str) -> Result<(), LibvirtError> {
+        match dom.is_active() {
+            Ok(true) => match dom.destroy() {
+                Ok(()) => Ok(()),
+                Err(e) if is_code(&e, ErrorNumber::OperationInvalid) => Ok(()), // already off
+                Err(e) => Err(call_err("destroy domain", name)(e)),
+            },
+            Ok(false) => Ok(()),
+            Err(e) if is_code(&e, ErrorNumber::NoDomain) => Ok(()),
+            Err(e) => Err(call_err("query domain", name)(e)),
+        }
+    }
+
+    pub fn start(&self, dom: &Domain, name: &str) -> Result<(), LibvirtError> {
+        dom.create().map_err(call_err("start domain", name))
+    }
+
+    /// Saves the running domain's memory and device state to `to` (libvirt's save): the
+    /// domain stops, still defined; its disks are consistent with the saved memory.
+    pub fn save(&self, dom: &Domain, name: &str, to: &std::path::Path) -> Result<(), LibvirtError> {
+        let path = std::ffi::CString::new(to.as_os_str().as_encoded_bytes()).map_err(|_| {
+            LibvirtError::Call {
+                action: "save domain",
+                object: name.to_owned(),
+                message: format!("{} contains a NUL byte", to.display()),
+            }
+        })?;
+        // SAFETY: the domain pointer is valid for `dom`'s lifetime; the path outlives the call;
+        // a null dxml keeps the domain's own XML. The `virt` crate does not wrap this call.
+        let rc =
+            unsafe { sys::virDomainSaveFlags(dom.as_ptr(), path.as_ptr(), std::ptr::null(), 0) };
+        if rc < 0 {
+            return Err(call_err("save domain", name)(
+                virt::error::Error::last_error(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Restores the domain saved in `from` (running, as it was saved), records `owner` in its
+    /// metadata and makes it persistent, so a power cycle (destroy, start) boots it again from
+    /// its disk. Returns the defined XML.
+    pub fn restore(
+        &self,
+        from: &std::path::Path,
+        name: &str,
+        owner: &crate::host::domain_xml::RunOwner,
+    ) -> Result<String, LibvirtError> {
+        let conn = self.conn()?;
+        conn.restore_domain_flags(
+            &from.display().to_string(),
+            None,
+            sys::VIR_DOMAIN_SAVE_RUNNING,
+        )
+        .map_err(call_err("restore domain", name))?;
+        let dom = conn
+            .lookup_domain_by_name(name)
+            .map_err(call_err("look up domain", name))?;
+        dom.set_metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(&crate::host::domain_xml::owner_element(owner)),
+            Some("devicelab"),
+            Some(crate::host::domain_xml::METADATA_NS),
+            sys::VIR_DOMAIN_AFFECT_LIVE,
+        )
+        .map_err(call_err("record the owner of", name))?;
+        let xml = dom
+            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
+            .map_err(call_err("read domain", name))?;
+        conn.define_domain_xml(&xml)
+            .map_err(call_err("define the restored domain", name))?;
+        Ok(xml)
+    }
+
+    /// The MACs that `network`'s DHCP server has leased `ip` to (unexpired leases).
+    pub fn lease_holders(&self, network: &str, ip: Ipv4Addr) -> Result<Vec<String>, LibvirtError> {
+        let net = self
+            .conn()?
+            .lookup_network_by_name(network)
+            .map_err(call_err("look up network", network))?;
+        let mut leases: *mut sys::virNetworkDHCPLeasePtr = std::ptr::null_mut();
+        // SAFETY: `net` is valid for the call; libvirt allocates the array and each lease,
+        // which are read here and freed with libvirt's own functions (the `virt` crate does
+        // not wrap this call).
+        let n =
+            unsafe { sys::virNetworkGetDHCPLeases(net.as_ptr(), std::ptr::null(), &mut leases, 0) };
+        if n < 0 {
+            return Err(call_err("read the DHCP leases of", network)(
+                virt::error::Error::last_error(),
+            ));
+        }
+        let text = |p: *mut std::os::raw::c_char| {
+            if p.is_null() {
+                String::new()
+            } else {
+                // SAFETY: non-null strings in a lease are NUL-terminated, owned by the lease.
+                unsafe { std::ffi::CStr::from_ptr(p) }
+                    .to_string_lossy()
+                    .into_owned()
+            }
+        };
+        let mut holders = Vec::new();
+        for i in 0..n as usize {
+            // SAFETY: libvirt returned `n` valid lease pointers in `leases`.
+            let lease = unsafe { *leases.add(i) };
+            let (addr, mac) = unsafe { (text((*lease).ipaddr), text((*lease).mac)) };
+            if addr.parse::<Ipv4Addr>().ok() == Some(ip) {
+                holders.push(mac.to_ascii_lowercase());
+            }
+            unsafe { sys::virNetworkDHCPLeaseFree(lease) };
+        }
+        // SAFETY: the array itself was allocated by libvirt with malloc.
+        unsafe { libc::free(leases.cast()) };
+        Ok(holders)
+    }
+
+    /// Sets the link state of the domain's network interface, live: down is a pulled cable
+    /// (the guest sees carrier loss), up plugs it back.
+    pub fn set_link(&self, dom: &Domain, name: &str, up: bool) -> Result<(), LibvirtError> {
+        let xml = dom.xml_desc(0).map_err(call_err("read domain", name))?;
+        let iface = element_text(&xml, "interface").ok_or_else(|| LibvirtError::Call {
+            action: "find the network interface of",
+            object: name.to_owned(),
+            message: "no <interface> in its XML".into(),
+        })?;
+        let state = if up { "up" } else { "down" };
+        let without = remove_element(&iface, "link");
+        let at = without.rfind("</interface>").unwrap_or(without.len());
+        let changed = format!(
+            "{}<link state='{state}'/>\n{}",
+            &without[..at],
+            &without[at..]
+        );
+        dom.update_device_flags(&changed, sys::VIR_DOMAIN_AFFECT_LIVE)
+            .map_err(call_err("change the link state of", name))
+    }
+
+    /// Pauses the whole domain (vCPUs stop; its clock stops with them) or resumes it.
+    pub fn set_paused(&self, dom: &Domain, name: &str, paused: bool) -> Result<(), LibvirtError> {
+        if paused {
+            dom.suspend().map_err(call_err("suspend domain", name))
+        } else {
+            dom.resume().map_err(call_err("resume domain", name))
+        }
+    }
+
+    /// The real-time clock the domain boots with from its next start: `offset_s` seconds from
+    /// the host's (`None`: the host's UTC). A board without a battery-backed RTC comes back
+    /// with a wrong clock after a power loss; this makes the VM do the same.
+    pub fn set_rtc_offset(
+        &self,
+        dom: &Domain,
+        name: &str,
+        offset_s: Option<i64>,
+    ) -> Result<(), LibvirtError> {
+        let xml = dom
+            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
+            .map_err(call_err("read domain", name))?;
+        let clock = match offset_s {
+            None => "<clock offset='utc'/>".to_owned(),
+            Some(s) => format!("<clock offset='variable' adjustment='{s}' basis='utc'/>"),
+        };
+        let range = element_range(&xml, "clock").ok_or_else(|| LibvirtError::Call {
+            action: "find the clock of",
+            object: name.to_owned(),
+            message: "no <clock> in its XML".into(),
+        })?;
+        let changed = format!("{}{clock}{}", &xml[..range.start], &xml[range.end..]);
+        self.conn()?
+            .define_domain_xml(&changed)
+            .map(drop)
+            .map_err(call_err("redefine the clock of", name))
+    }
+
+    /// The guest's IPv4 address from the network's DHCP leases, if it has one yet.
+    /// A lease is not readiness: after a power cycle the old lease is listed at once.
+    pub fn lease_ipv4(&self, dom: &Domain, name: &str) -> Result<Option<Ipv4Addr>, LibvirtError> {
+        let ifaces = dom
+            .interface_addresses(sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
+            .map_err(call_err("read DHCP leases of", name))?;
+        Ok(ifaces
+            .iter()
+            .flat_map(|i| &i.addrs)
+            .find_map(|a| a.addr.parse::<Ipv4Addr>().ok()))
+    }
+}
+
+/// Where the first `<tag>` element of `xml` starts and ends (as text).
+fn element_range(xml: &str, tag: &str) -> Option<std::ops::Range<usize>> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    Some(doc.descendants().find(|n| n.has_tag_name(tag))?.range())
+}
+
+/// The first `<tag>` element of `xml`, as text.
+fn element_text(xml: &str, tag: &str) -> Option<String> {
+    element_range(xml, tag).map(|r| xml[r].to_owned())
+}
+
+/// `xml` without its first `<tag>` element (unchanged if it has none).
+fn remove_element(xml: &str, tag: &str) -> String {
+    match element_range(xml, tag) {
+        Some(r) => format!("{}{}", &xml[..r.start], &xml[r.end..]),
+        None => xml.to_owned(),
+    }
+}
+
+fn connect(uri: &str) -> Result<Connect, LibvirtError> {
+    // libvirt would otherwise print every error to stderr, including the expected ones.
+    virt::error::clear_error_callback();
+    Connect::open(Some(uri)).map_err(|e| LibvirtError::Connect {
+        uri: uri.to_owned(),
+        message: e.message().to_owned(),
+    })
+}

@@ -1,0 +1,374 @@
+//! Cleanup on every exit path. Normal exits and panics drop the handles; SIGINT/SIGTERM run
+//! the registered cleanups and exit non-zero; SIGKILL leaves an owner record behind, which the
+//! next run's reaper finds (its process is gone) and cleans up after.
+
+use crate::host::libvirt::Libvirt;
+use crate::host::pool::Pool;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, Once};
+
+/// Who created a VM: written before anything is created, removed once it is cleaned up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRecord {
+    pub run_id: String,
+    pub pid: u32,
+    /// The process's start time (clock ticks after boot), so a reused pid is not mistaken
+    /// for the owner.
+    pub start_time: u64,
+    /// Left on purpose (DEVICELAB_KEEP): never reaped.
+    pub kept: bool,
+}
+
+pub const OWNER_FILE: &str = "owner.json";
+
+/// This process's start time from /proc/self/stat.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22; the command name (field 2) may contain spaces, so count after its ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Whether the process that recorded (`pid`, `start_time`) still runs. A start time of 0 means
+/// it could not be read when recorded: then any process with that pid counts as the owner, so
+/// a live run is never taken for dead (at worst a dead one is reaped a little later).
+pub fn is_alive(pid: u32, start_time: u64) -> bool {
+    match process_start_time(pid) {
+        Some(now) => start_time == 0 || now == start_time,
+        None => false,
+    }
+}
+
+/// In a kept NATS directory: the reaper leaves it alone.
+pub const KEPT_MARK: &str = "kept";
+
+/// The start of a NATS server directory's name in the temp dir: owner pid and start time, so a
+/// dead owner's directory can be found and removed.
+pub fn nats_dir_prefix(pid: u32) -> String {
+    format!(
+        "devicelab-nats-{pid}-{}-",
+        process_start_time(pid).unwrap_or(0)
+    )
+}
+
+/// Removes the NATS directories (configuration with the password, JetStream store) of owners
+/// that are gone, except kept ones; returns their paths.
+pub fn reap_nats_dirs(temp_dir: &Path) -> Vec<std::path::PathBuf> {
+    reap_nats_dirs_of(temp_dir, false)
+}
+
+fn reap_nats_dirs_of(temp_dir: &Path, kept_too: bool) -> Vec<std::path::PathBuf> {
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(temp_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("devicelab-nats-") else {
+            continue;
+        };
+        let mut f = rest.splitn(3, '-');
+        let (Some(Ok(pid)), Some(Ok(start))) = (
+            f.next().map(str::parse::<u32>),
+            f.next().map(str::parse::<u64>),
+        ) else {
+            continue;
+        };
+        let path = entry.path();
+        if is_alive(pid, start) || (path.join(KEPT_MARK).exists() && !kept_too) {
+            continue;
+        }
+        if std::fs::remove_dir_all(&path).is_ok() {
+            tracing::warn!("reaped NATS dir {} (pid {pid} is gone)", path.display());
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+impl OwnerRecord {
+    pub fn current(run_id: &str) -> Self {
+        let pid = std::process::id();
+        Self {
+            run_id: run_id.to_owned(),
+            pid,
+            start_time: process_start_time(pid).unwrap_or(0),
+            kept: false,
+        }
+    }
+
+    pub fn write(&self, run_dir: &Path) -> std::io::Result<()> {
+        let tmp = run_dir.join(".owner.json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(self).expect("owner record serializes"),
+        )?;
+        std::fs::rename(tmp, run_dir.join(OWNER_FILE))
+    }
+
+    pub fn read(run_dir: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(run_dir.join(OWNER_FILE)).ok()?).ok()
+    }
+}
+
+/// The volumes a VM named `name` may own in the pool.
+pub fn volume_names(name: &str) -> [String; 3] {
+    [
+        format!("{name}.qcow2"),
+        format!("{name}-seed.img"),
+        format!("{name}-VARS.fd"),
+    ]
+}
+
+/// Removes a VM by name: its domain (NVRAM included) and its volumes. Absent parts are fine.
+pub fn remove_vm(libvirt: &Libvirt, pool: &Pool, name: &str) -> Vec<String> {
+    let mut errors = Vec::new();
+    let dom = match libvirt.conn() {
+        Ok(conn) => conn.lookup_domain_by_name(name).ok(),
+        Err(e) => {
+            errors.push(e.to_string());
+            None
+        }
+    };
+    if let Some(dom) = dom
+        && let Err(e) = libvirt.remove_domain(&dom, name)
+    {
+        errors.push(e.to_string());
+    }
+    // A partition (`Vm::partition`) outlives nothing: its rules go with the VM.
+    if let Err(e) = crate::host::firewall::unblock(name) {
+        errors.push(e.to_string());
+    }
+    // `-seed.iso`: the seed's name before it became a FAT image, left by older versions.
+    for v in volume_names(name)
+        .into_iter()
+        .chain([format!("{name}-seed.iso")])
+    {
+        if let Err(e) = pool.delete_volume(&v) {
+            errors.push(e.to_string());
+        }
+    }
+    errors
+}
+
+/// What the reaper removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reaped {
+    pub vms: Vec<String>,
+    pub containers: Vec<String>,
+}
+
+/// Cleans up after runs whose process is gone: VMs recorded under `runs_dir`, and containers
+/// labelled with a devicelab pid that no longer runs. What DEVICELAB_KEEP kept stays.
+pub fn reap(libvirt: &Libvirt, pool: &Pool, runs_dir: &Path, podman: &Path) -> Reaped {
+    reap_runs(libvirt, pool, runs_dir, podman, false)
+}
+
+/// [`reap`], and what DEVICELAB_KEEP kept (once its run is gone): `devicelab clean`.
+pub fn reap_including_kept(
+    libvirt: &Libvirt,
+    pool: &Pool,
+    runs_dir: &Path,
+    podman: &Path,
+) -> Reaped {
+    reap_runs(libvirt, pool, runs_dir, podman, true)
+}
+
+fn reap_runs(
+    libvirt: &Libvirt,
+    pool: &Pool,
+    runs_dir: &Path,
+    podman: &Path,
+    kept_too: bool,
+) -> Reaped {
+    let mut reaped = Reaped::default();
+    let entries = std::fs::read_dir(runs_dir).into_iter().flatten().flatten();
+    for entry in entries {
+        let dir = entry.path();
+        let Some(owner) = OwnerRecord::read(&dir) else {
+            continue;
+        };
+        if (owner.kept && !kept_too) || is_alive(owner.pid, owner.start_time) {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let errors = remove_vm(libvirt, pool, &name);
+        if errors.is_empty() {
+            // The run was killed before it could collect anything: its logs are not artifacts.
+            let _ = std::fs::remove_dir_all(&dir);
+            tracing::warn!(
+                "reaped VM {name} left by run {} (pid {} is gone)",
+                owner.run_id,
+                owner.pid
+            );
+            reaped.vms.push(name);
+        } else {
+            tracing::warn!("could not reap VM {name}: {}", errors.join("; "));
+        }
+    }
+    reaped.containers = reap_containers(podman, kept_too);
+    reap_nats_dirs_of(&std::env::temp_dir(), kept_too);
+    reaped
+}
+
+fn reap_containers(podman: &Path, kept_too: bool) -> Vec<String> {
+    let Ok(out) = Command::new(podman)
+        .args(["ps", "-a", "--filter", "label=devicelab.pid"])
+        .args([
+            "--format",
+            "{{.Names}} {{index .Labels \"devicelab.pid\"}} {{index .Labels \"devicelab.start\"}} {{index .Labels \"devicelab.kept\"}}",
+        ])
+        .output()
+    else {
+        return Vec::new(); // no podman: nothing of ours can exist
+    };
+    let mut removed = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut f = line.split_whitespace();
+        let (Some(name), Some(pid), start, kept) = (f.next(), f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if kept == Some("1") && !kept_too {
+            continue; // DEVICELAB_KEEP: left for a human until `devicelab clean`
+        }
+        let (Ok(pid), start) = (
+            pid.parse::<u32>(),
+            start.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0),
+        ) else {
+            continue;
+        };
+        if is_alive(pid, start) {
+            continue;
+        }
+        let ok = Command::new(podman)
+            .args(["rm", "-f", "-t", "0", name])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if ok {
+            tracing::warn!("reaped NATS container {name} (pid {pid} is gone)");
+            removed.push(name.to_owned());
+        }
+    }
+    removed
+}
+
+type Cleanup = Box<dyn FnOnce() + Send>;
+
+fn registry() -> &'static Mutex<BTreeMap<u64, Cleanup>> {
+    static LIVE: Mutex<BTreeMap<u64, Cleanup>> = Mutex::new(BTreeMap::new());
+    &LIVE
+}
+
+/// A cleanup that runs if the process is interrupted (SIGINT/SIGTERM) while the guard lives.
+/// Dropping the guard unregisters it (the owner then cleans up itself, or chose to keep).
+pub struct CleanupGuard(u64);
+
+pub fn on_interrupt(cleanup: impl FnOnce() + Send + 'static) -> CleanupGuard {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    install_signal_handler();
+    let id = NEXT.fetch_add(1, Ordering::SeqCst);
+    registry()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, Box::new(cleanup));
+    CleanupGuard(id)
+}
+
+impl Drop for CleanupGuard {
+    fn drop(&mut self) {
+        registry()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.0);
+    }
+}
+
+/// On SIGINT or SIGTERM: run every registered cleanup, then exit 130 / 143. A second signal
+/// while the cleanups run exits at once: the owner records stay, so the next run's reaper
+/// finishes the job.
+fn install_signal_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        use tokio::signal::unix::{SignalKind, signal};
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("devicelab: no signal handling (cannot build its runtime: {e})");
+                return;
+            }
+        };
+        // The handlers are in place before this returns: a signal right after the first
+        // registered cleanup must not take the process down without running it.
+        let handlers = {
+            let _in_rt = rt.enter();
+            (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            )
+        };
+        let (Ok(int), Ok(term)) = handlers else {
+            eprintln!("devicelab: cannot install the SIGINT/SIGTERM handlers");
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("devicelab-signals".into())
+            .spawn(move || rt.block_on(handle_signals(int, term)));
+        if let Err(e) = spawned {
+            eprintln!("devicelab: no signal handling (cannot start its thread: {e})");
+        }
+    });
+}
+
+async fn handle_signals(
+    mut int: tokio::signal::unix::Signal,
+    mut term: tokio::signal::unix::Signal,
+) {
+    let code = tokio::select! {
+        _ = int.recv() => 130,
+        _ = term.recv() => 143,
+    };
+    let cleanups: Vec<Cleanup> =
+        std::mem::take(&mut *registry().lock().unwrap_or_else(|p| p.into_inner()))
+            .into_values()
+            .collect();
+    eprintln!(
+        "devicelab: interrupted; cleaning up {} resource(s) (interrupt again to exit at once)",
+        cleanups.len()
+    );
+    let cleaning = tokio::task::spawn_blocking(move || {
+        for cleanup in cleanups {
+            cleanup();
+        }
+    });
+    tokio::select! {
+        _ = cleaning => {}
+        _ = int.recv() => eprintln!("devicelab: interrupted again: exiting without finishing the cleanup (the next run reaps what is left)"),
+        _ = term.recv() => eprintln!("devicelab: terminated again: exiting without finishing the cleanup (the next run reaps what is left)"),
+    }
+    std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A start time that could not be read (0) never makes a live run look dead.
+    #[test]
+    fn an_unknown_start_time_keeps_a_live_owner_alive() {
+        let me = std::process::id();
+        assert!(is_alive(me, 0), "this process, start time unknown");
+        let start = process_start_time(me).expect("our own /proc entry");
+        assert!(is_alive(me, start));
+        assert!(!is_alive(me, start + 1), "a recycled pid is not the owner");
+        assert!(!is_alive(u32::MAX - 1, 0), "no such process");
+    }
+}

@@ -1,0 +1,288 @@
+//! How many VMs run at once on this host, across every test process (nextest runs one process
+//! per test, so an in-process semaphore cannot do it): N lock files, one held (flock) by each
+//! running VM until its teardown is done. N is derived from the host's cores and memory, or
+//! set with DEVICELAB_VM_SLOTS. The kernel releases a killed process's slots.
+
+use crate::model::arch::Accelerator;
+use std::fs::{File, TryLockError};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Host memory a VM costs beyond its RAM: QEMU itself, and under TCG the capped translation
+/// cache (`domain_xml::TCG_TB_CACHE_MIB`).
+const QEMU_OVERHEAD_MIB: u64 = 256;
+/// Host memory left to everything else (the test processes, libvirtd, the NATS servers).
+const HOST_RESERVE_MIB: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    #[error("cannot use the VM slot lock {path}: {source} (is DEVICELAB_DATA_DIR writable?)")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "no VM slot came free within {budget:?}: all {count} are held by {holders} \
+         (raise DEVICELAB_VM_SLOTS if this host can carry more VMs, or DEVICELAB_BUDGET_SCALE)"
+    )]
+    Timeout {
+        count: usize,
+        budget: Duration,
+        holders: String,
+    },
+}
+
+/// How many VMs of one size this host carries, and why (logged, so a slow queue is explained).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotCount {
+    pub count: usize,
+    pub reason: String,
+}
+
+impl SlotCount {
+    /// Under TCG every vCPU keeps a host core busy; under KVM a mostly idle guest costs far
+    /// less (one core per VM). Memory: the guest's RAM, QEMU's overhead, the translation cache.
+    pub fn derive(
+        cores: usize,
+        mem_total_mib: u64,
+        accel: Accelerator,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> Self {
+        let (cpu_cost, tb_cache) = match accel {
+            Accelerator::Tcg => (
+                vcpus.max(1) as usize,
+                crate::host::domain_xml::TCG_TB_CACHE_MIB,
+            ),
+            Accelerator::Kvm => (1, 0),
+        };
+        let by_cpu = (cores / cpu_cost).max(1);
+        let per_vm = memory_mib + tb_cache + QEMU_OVERHEAD_MIB;
+        let by_mem = (mem_total_mib.saturating_sub(HOST_RESERVE_MIB) / per_vm).max(1) as usize;
+        Self {
+            count: by_cpu.min(by_mem),
+            reason: format!(
+                "{cores} cores / {cpu_cost} per VM under {accel} = {by_cpu}; \
+                 {mem_total_mib} MiB - {HOST_RESERVE_MIB} reserved / {per_vm} MiB per VM = {by_mem}"
+            ),
+        }
+    }
+
+    /// This host's count for VMs of this size, unless `configured` (DEVICELAB_VM_SLOTS) says.
+    pub fn for_host(
+        configured: Option<usize>,
+        accel: Accelerator,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> Self {
+        if let Some(count) = configured {
+            return Self {
+                count,
+                reason: "DEVICELAB_VM_SLOTS".into(),
+            };
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::derive(cores, mem_total_mib(), accel, vcpus, memory_mib)
+    }
+}
+
+/// MemTotal (not MemAvailable: every process must derive the same count, whatever runs).
+fn mem_total_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(4096 + HOST_RESERVE_MIB, |kib| kib / 1024)
+}
+
+/// A held slot: released when dropped (or when the process dies).
+#[derive(Debug)]
+pub struct SlotLease {
+    _file: File,
+    pub index: usize,
+}
+
+/// Takes one of `count` slots in `dir` for `holder` (a VM name), waiting up to `budget` for
+/// one to come free. A process that already holds a slot and finds none free goes over the
+/// count instead of waiting (a test that runs two VMs at once must not wait for itself): logged.
+pub async fn acquire(
+    dir: PathBuf,
+    count: &SlotCount,
+    holder: String,
+    budget: Duration,
+) -> Result<Option<SlotLease>, SlotError> {
+    let started = Instant::now();
+    let mut announced = false;
+    loop {
+        let (d, n, h) = (dir.clone(), count.count, holder.clone());
+        let got = tokio::task::spawn_blocking(move || try_any(&d, n, &h))
+            .await
+            .map_err(|e| SlotError::Lock {
+                path: dir.clone(),
+                source: std::io::Error::other(e),
+            })??;
+        if let Some(lease) = got {
+            if announced {
+                tracing::info!(
+                    "VM {holder}: got VM slot {} after {:.0} s",
+                    lease.index,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            return Ok(Some(lease));
+        }
+        if held_here() > 0 {
+            tracing::warn!(
+                "VM {holder}: all {} VM slots are taken and this process holds {} of them: \
+                 running it over the count (one test, several VMs at once)",
+                count.count,
+                held_here()
+            );
+            return Ok(None);
+        }
+        if !announced || started.elapsed() >= budget {
+            let (d, n) = (dir.clone(), count.count);
+            let held_by = tokio::task::spawn_blocking(move || holders(&d, n))
+                .await
+                .unwrap_or_default();
+            if started.elapsed() >= budget {
+                return Err(SlotError::Timeout {
+                    count: count.count,
+                    budget,
+                    holders: held_by,
+                });
+            }
+            tracing::info!(
+                "VM {holder}: waiting for a VM slot: all {} are held by {held_by} ({})",
+                count.count,
+                count.reason
+            );
+            announced = true;
+        }
+        tokio::time::sleep(crate::support::probe::BACKOFF).await;
+    }
+}
+
+static HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn held_here() -> usize {
+    HELD.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        HELD.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn slot_path(dir: &Path, stem: &str, index: usize) -> PathBuf {
+    dir.join(format!("{stem}{index}.lock"))
+}
+
+/// The first free host slot, or `None` when all are held. Blocking.
+fn try_any(dir: &Path, count: usize, holder: &str) -> Result<Option<SlotLease>, SlotError> {
+    Ok(
+        lock_first_free(dir, "", count, holder)?.map(|(file, index)| {
+            HELD.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            SlotLease { _file: file, index }
+        }),
+    )
+}
+
+/// Locks the first of `<stem>0.lock` … `<stem><count-1>.lock` in `dir` that nobody holds,
+/// writing `holder` into it; `None` when all are held. Blocking.
+pub(crate) fn lock_first_free(
+    dir: &Path,
+    stem: &str,
+    count: usize,
+    holder: &str,
+) -> Result<Option<(File, usize)>, SlotError> {
+    std::fs::create_dir_all(dir).map_err(|source| SlotError::Lock {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for index in 0..count {
+        let path = slot_path(dir, stem, index);
+        let lock_err = |source| SlotError::Lock {
+            path: path.clone(),
+            source,
+        };
+        let mut file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(lock_err)?;
+        match file.try_lock() {
+            Ok(()) => {
+                // Who holds it, for a waiting process's message.
+                let _ = file.set_len(0);
+                let _ = writeln!(file, "{holder} (pid {})", std::process::id());
+                return Ok(Some((file, index)));
+            }
+            Err(TryLockError::WouldBlock) => continue,
+            Err(TryLockError::Error(e)) => return Err(lock_err(e)),
+        }
+    }
+    Ok(None)
+}
+
+/// What the slots' files say about their holders.
+fn holders(dir: &Path, count: usize) -> String {
+    (0..count)
+        .map(|i| {
+            std::fs::read_to_string(slot_path(dir, "", i))
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcg_guests_cost_a_core_per_vcpu_and_kvm_guests_one_core() {
+        // This project's CI machine: 2 cores, 24 GiB, 2-vCPU 2 GiB guests under TCG.
+        let ci = SlotCount::derive(2, 24 * 1024, Accelerator::Tcg, 2, 2048);
+        assert_eq!(ci.count, 1, "{}", ci.reason);
+        let kvm = SlotCount::derive(16, 64 * 1024, Accelerator::Kvm, 2, 2048);
+        assert_eq!(kvm.count, 16, "{}", kvm.reason);
+        // Memory bounds it too: (16 GiB - 4 GiB) / (2 GiB + 256 MiB) = 5.
+        let small = SlotCount::derive(32, 16 * 1024, Accelerator::Kvm, 2, 2048);
+        assert_eq!(small.count, 5, "{}", small.reason);
+        // Never zero, whatever the host.
+        assert_eq!(
+            SlotCount::derive(1, 1024, Accelerator::Tcg, 4, 8192).count,
+            1
+        );
+    }
+
+    #[test]
+    fn each_slot_is_held_by_one_holder_until_released() {
+        let dir = std::env::temp_dir().join(format!("devicelab-slots-{}", std::process::id()));
+        let a = try_any(&dir, 2, "vm-a").unwrap().expect("slot 0 is free");
+        let b = try_any(&dir, 2, "vm-b").unwrap().expect("slot 1 is free");
+        assert_eq!((a.index, b.index), (0, 1));
+        assert!(try_any(&dir, 2, "vm-c").unwrap().is_none(), "both are held");
+        assert!(holders(&dir, 2).contains("vm-a") && holders(&dir, 2).contains("vm-b"));
+        drop(a);
+        let c = try_any(&dir, 2, "vm-c").unwrap().expect("slot 0 came free");
+        assert_eq!(c.index, 0);
+        drop((b, c));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_variable_overrides_the_derivation() {
+        let c = SlotCount::for_host(Some(7), Accelerator::Tcg, 2, 2048);
+        assert_eq!(c.count, 7);
+    }
+}

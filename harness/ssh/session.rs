@@ -1,0 +1,285 @@
+//! SSH to guests on russh: the host key is the one the harness generated for the guest and is
+//! checked on every connection; exec drains the channel until it closes (some sshd send the
+//! exit status after EOF); upload streams through stdin.
+
+use russh::keys::{
+    Algorithm, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate,
+};
+use russh::{ChannelMsg, client};
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("cannot connect to {addr}: {message}")]
+    Connect { addr: SocketAddr, message: String },
+    #[error("connecting to {addr} timed out after {after:?}")]
+    ConnectTimeout { addr: SocketAddr, after: Duration },
+    #[error(
+        "{addr} presented host key {got}, but the harness gave this guest {expected}: \
+         something else answers at this address (or the guest was not provisioned by this run)"
+    )]
+    HostKeyMismatch {
+        addr: SocketAddr,
+        expected: String,
+        got: String,
+    },
+    #[error("{addr} rejected the key for user {user:?} (is cloud-init done creating the user?)")]
+    AuthRejected { addr: SocketAddr, user: String },
+    #[error(
+        "`{command}` on {addr} did not finish within {after:?} (the command may still run on the guest)"
+    )]
+    CommandTimeout {
+        addr: SocketAddr,
+        command: String,
+        after: Duration,
+    },
+    #[error("ssh to {addr} failed while {doing}: {message}")]
+    Session {
+        addr: SocketAddr,
+        doing: String,
+        message: String,
+    },
+}
+
+/// Where and as whom to connect, and which host key to accept.
+#[derive(Clone)]
+pub struct SshTarget {
+    pub addr: SocketAddr,
+    pub user: String,
+    pub key: Arc<PrivateKey>,
+    pub host_key: PublicKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// None when the command was killed by a signal (see `signal`) or the server sent none.
+    pub exit_status: Option<u32>,
+    pub signal: Option<String>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ExecOutput {
+    pub fn success(&self) -> bool {
+        self.exit_status == Some(0)
+    }
+}
+
+struct Verifier {
+    expected: PublicKey,
+    presented: Arc<Mutex<Option<String>>>,
+}
+
+impl client::Handler for Verifier {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            return Ok(false);
+        };
+        let ok = key.key_data() == self.expected.key_data();
+        if !ok {
+            *self.presented.lock().unwrap() = Some(fingerprint(key));
+        }
+        Ok(ok)
+    }
+}
+
+pub fn fingerprint(key: &PublicKey) -> String {
+    key.fingerprint(Default::default()).to_string()
+}
+
+pub struct SshSession {
+    handle: client::Handle<Verifier>,
+    addr: SocketAddr,
+}
+
+impl SshSession {
+    /// One attempt: TCP connect, handshake (verifying the host key), public-key auth.
+    pub async fn connect(target: &SshTarget, timeout: Duration) -> Result<Self, SshError> {
+        let addr = target.addr;
+        let config = Arc::new(client::Config {
+            keepalive_interval: Some(Duration::from_secs(15)),
+            keepalive_max: 4,
+            preferred: russh::Preferred {
+                // Ask for the key type the harness injected, so that is the one verified.
+                key: Cow::Borrowed(&[Algorithm::Ed25519]),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let presented = Arc::new(Mutex::new(None));
+        let verifier = Verifier {
+            expected: target.host_key.clone(),
+            presented: presented.clone(),
+        };
+        let connecting = client::connect(config, addr, verifier);
+        let mut handle = match tokio::time::timeout(timeout, connecting).await {
+            Err(_) => {
+                return Err(SshError::ConnectTimeout {
+                    addr,
+                    after: timeout,
+                });
+            }
+            Ok(Err(e)) => {
+                if let Some(got) = presented.lock().unwrap().take() {
+                    return Err(SshError::HostKeyMismatch {
+                        addr,
+                        expected: fingerprint(&target.host_key),
+                        got,
+                    });
+                }
+                return Err(SshError::Connect {
+                    addr,
+                    message: e.to_string(),
+                });
+            }
+            Ok(Ok(handle)) => handle,
+        };
+        let key = PrivateKeyWithHashAlg::new(target.key.clone(), None);
+        let auth = tokio::time::timeout(
+            timeout,
+            handle.authenticate_publickey(target.user.clone(), key),
+        )
+        .await
+        .map_err(|_| SshError::ConnectTimeout {
+            addr,
+            after: timeout,
+        })?
+        .map_err(|e| SshError::Session {
+            addr,
+            doing: "authenticating".into(),
+            message: e.to_string(),
+        })?;
+        if !auth.success() {
+            return Err(SshError::AuthRejected {
+                addr,
+                user: target.user.clone(),
+            });
+        }
+        Ok(Self { handle, addr })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
+    pub async fn exec(&self, command: &str) -> Result<ExecOutput, SshError> {
+        self.exec_with_input(command, None).await
+    }
+
+    /// Like [`SshSession::exec_with_input`], but gives up after `timeout`: a hung command
+    /// must not hold the session (and the test) until the test runner kills it.
+    pub async fn exec_within(
+        &self,
+        command: &str,
+        input: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<ExecOutput, SshError> {
+        tokio::time::timeout(timeout, self.exec_with_input(command, input))
+            .await
+            .map_err(|_| SshError::CommandTimeout {
+                addr: self.addr,
+                command: command.to_owned(),
+                after: timeout,
+            })?
+    }
+
+    /// Runs `command`, feeding it `input` on stdin (then EOF), and collects everything until
+    /// the server closes the channel.
+    pub async fn exec_with_input(
+        &self,
+        command: &str,
+        input: Option<&[u8]>,
+    ) -> Result<ExecOutput, SshError> {
+        let err = |doing: &str| {
+            let doing = format!("{doing} `{command}`");
+            let addr = self.addr;
+            move |e: russh::Error| SshError::Session {
+                addr,
+                doing,
+                message: e.to_string(),
+            }
+        };
+        let mut channel = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(err("opening a channel for"))?;
+        channel.exec(true, command).await.map_err(err("starting"))?;
+        if let Some(data) = input {
+            channel.data(data).await.map_err(err("sending stdin to"))?;
+        }
+        // EOF even without input, so commands reading stdin finish.
+        channel.eof().await.map_err(err("closing stdin of"))?;
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let (mut exit_status, mut signal) = (None, None);
+        while let Some(msg) = channel.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => stdout.extend_from_slice(&data),
+                ChannelMsg::ExtendedData { data, ext: 1 } => stderr.extend_from_slice(&data),
+                ChannelMsg::ExitStatus { exit_status: s } => exit_status = Some(s),
+                ChannelMsg::ExitSignal { signal_name, .. } => {
+                    signal = Some(format!("{signal_name:?}"))
+                }
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        Ok(ExecOutput {
+            exit_status,
+            signal,
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        })
+    }
+
+    /// Writes `contents` to `remote_path` with `mode`, atomically (temp file + rename), as the
+    /// login user or, with `sudo`, as root.
+    pub async fn upload(
+        &self,
+        contents: &[u8],
+        remote_path: &str,
+        mode: u32,
+        sudo: bool,
+    ) -> Result<ExecOutput, SshError> {
+        self.exec_with_input(&upload_command(remote_path, mode, sudo), Some(contents))
+            .await
+    }
+
+    pub async fn close(self) {
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, "", "en")
+            .await;
+    }
+}
+
+/// The command that writes its stdin to `remote_path` with `mode`, atomically (temp file +
+/// rename), as the login user or, with `sudo`, as root. Not flushed: see the README's
+/// "Power cuts".
+pub fn upload_command(remote_path: &str, mode: u32, sudo: bool) -> String {
+    let path = shell_quote(remote_path);
+    let prefix = if sudo { "sudo -n " } else { "" };
+    format!(
+        "set -e; tmp=$({prefix}mktemp {path}.XXXXXX); {prefix}sh -c 'cat > \"$1\"' sh \"$tmp\"; \
+         {prefix}chmod {mode:o} \"$tmp\"; {prefix}mv -f \"$tmp\" {path}"
+    )
+}
+
+/// Quotes a string for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// A `systemctl --user` command for `user`, with the runtime dir user units need.
+pub fn user_systemctl(user: &str, args: &str) -> String {
+    let u = shell_quote(user);
+    format!("sudo -n -u {u} XDG_RUNTIME_DIR=/run/user/$(id -u {u}) systemctl --user {args}")
+}

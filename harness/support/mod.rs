@@ -1,0 +1,7 @@
+//! Helpers with no harness types, used by every layer above: probes with a budget
+//! ([`probe`]), blocking cleanups on threads of their own ([`background`]), finding programs
+//! ([`which`]). Imports nothing else of the crate.
+
+pub mod background;
+pub mod probe;
+pub mod which;

@@ -1,0 +1,155 @@
+//! The trial matrix for any agent — {e2e, power_cycle} × {x86_64, aarch64} — as libtest-mimic
+//! trials, so `cargo test`, `cargo nextest` and their filters see one test per cell. A user's
+//! `harness = false` test target is a few lines:
+//!
+//! ```no_run
+//! fn my_agent() -> devicelab::agent::description::AgentDescription {
+//!     devicelab::agent::reference::agent() // yours
+//! }
+//! fn main() {
+//!     devicelab::trials::matrix::Matrix::new(cfg!(feature = "e2e"))
+//!         .agent("", my_agent, &devicelab::trials::matrix::Scenario::ALL)
+//!         .run()
+//! }
+//! ```
+//!
+//! The trials boot VMs, so they run only when asked: `opted_in` (the caller's own e2e feature),
+//! or ARCH set (which also restricts them to that architecture). Otherwise they are listed as
+//! ignored.
+
+use crate::agent::description::AgentDescription;
+use crate::config::HarnessConfig;
+use crate::lab::Lab;
+use crate::model::arch::VmArchitecture;
+use crate::trials::scenario;
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::fmt;
+
+/// One column of the matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// Provision, onboard twice (the second run changes nothing), first report from this boot.
+    E2e,
+    /// E2e, then pull the plug: a report from the new boot, and SSH back (two verdicts).
+    PowerCycle,
+    /// A reporting device (warm) cut off for longer than both keep-alives, then healed: every
+    /// report arrives once, in order, and reporting resumes (`outage`).
+    Partition,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 3] = [Scenario::E2e, Scenario::PowerCycle, Scenario::Partition];
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::E2e => "e2e",
+            Self::PowerCycle => "power_cycle",
+            Self::Partition => "partition",
+        })
+    }
+}
+
+/// How a matrix gets its agent: a function, so each trial (its own process under nextest)
+/// builds the description afresh.
+pub type AgentFn = fn() -> AgentDescription;
+
+/// The trials of one or more agents.
+pub struct Matrix {
+    opted_in: bool,
+    rows: Vec<(String, AgentFn, Vec<Scenario>)>,
+}
+
+impl Matrix {
+    /// `opted_in`: the VM trials run (pass your crate's `cfg!(feature = "e2e")`); setting
+    /// ARCH opts in too.
+    pub fn new(opted_in: bool) -> Self {
+        Self {
+            opted_in,
+            rows: Vec::new(),
+        }
+    }
+
+    /// `agent`'s `scenarios` on every architecture, named `<prefix>::<scenario>::<arch>`
+    /// (`<scenario>::<arch>` with an empty prefix).
+    pub fn agent(mut self, prefix: &str, agent: AgentFn, scenarios: &[Scenario]) -> Self {
+        self.rows
+            .push((prefix.to_owned(), agent, scenarios.to_vec()));
+        self
+    }
+
+    /// The trials, with the reason each one is ignored, if it is.
+    pub fn trials(&self, config: &HarnessConfig) -> Vec<Trial> {
+        let opted_in = self.opted_in || config.arch_filter.is_some();
+        let mut trials = Vec::new();
+        for arch in VmArchitecture::ALL {
+            for (prefix, agent, scenarios) in &self.rows {
+                for &scenario in scenarios {
+                    let ignored = !opted_in || config.arch_filter.is_some_and(|a| a != arch);
+                    let name = if prefix.is_empty() {
+                        format!("{scenario}::{arch}")
+                    } else {
+                        format!("{prefix}::{scenario}::{arch}")
+                    };
+                    let agent = *agent;
+                    trials.push(
+                        Trial::test(name, move || run(agent, scenario, arch))
+                            .with_ignored_flag(ignored),
+                    );
+                }
+            }
+        }
+        trials
+    }
+
+    /// Parses the test harness's arguments, runs the trials and exits with their status.
+    pub fn run(self) -> ! {
+        let mut args = Arguments::from_args();
+        let config = match HarnessConfig::from_env() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("devicelab: {e}");
+                std::process::exit(2);
+            }
+        };
+        // Two emulated VMs on a small host slow each other past their budgets: one at a time
+        // unless asked otherwise (nextest runs each trial in its own process).
+        if args.test_threads.is_none() {
+            args.test_threads = Some(1);
+        }
+        if !args.list && !self.opted_in && config.arch_filter.is_none() {
+            eprintln!(
+                "devicelab: VM trials are ignored: build with --features e2e, or set ARCH=x86_64|aarch64"
+            );
+        }
+        libtest_mimic::run(&args, self.trials(&config)).exit()
+    }
+}
+
+fn run(agent: AgentFn, scenario: Scenario, arch: VmArchitecture) -> Result<(), Failed> {
+    crate::init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failed::from(format!("no tokio runtime: {e}")))?;
+    runtime.block_on(async {
+        let lab = Lab::from_env().await.map_err(|e| e.to_string())?;
+        let description = agent();
+        let result = match scenario {
+            Scenario::E2e => scenario::e2e_with(&lab, arch, &description).await,
+            Scenario::PowerCycle => scenario::power_cycle_with(&lab, arch, &description).await,
+            Scenario::Partition => {
+                crate::trials::outage::partition_with(&lab, arch, &description).await
+            }
+        };
+        let agent = &description.name;
+        match result {
+            Ok(timings) => {
+                eprintln!("{agent} {scenario}::{arch} passed; phases: {timings}");
+                Ok(())
+            }
+            Err(e) => Err(Failed::from(format!("{agent} {scenario}::{arch}: {e}"))),
+        }
+    })
+}

@@ -1,0 +1,8 @@
+//! The trials: an onboarded device and the power-cycle story with its verdicts ([`scenario`]),
+//! riding out a network partition ([`outage`]), the power-cut sweep ([`power_cut`]), and the
+//! matrix that runs them for any agent on each architecture ([`matrix`]).
+
+pub mod matrix;
+pub mod outage;
+pub mod power_cut;
+pub mod scenario;

@@ -1,0 +1,281 @@
+//! The faults a field device meets, on demand: verbs on a [`Vm`], each undone by its
+//! counterpart and at the latest when the handle goes (the domain, and with it every guest-side
+//! change, is destroyed; the host-side firewall rules are removed by the teardown and by the
+//! reaper). Each is logged with the time it took effect ([`Vm::fault_log`]).
+//!
+//! | verb | where it acts |
+//! | --- | --- |
+//! | `unplug_network` / `plug_network` | libvirt: the interface's link state (the guest sees carrier loss) |
+//! | `partition` / `heal` | the host's side of the libvirt network: iptables drops the guest's packets |
+//! | `degrade_link` / `restore_link` | the guest: `tc netem` on its egress (this host's kernel has no netem) |
+//! | `freeze` / `thaw` | libvirt: the domain is suspended and resumed |
+//! | `set_clock` / `restore_clock` | the guest's clock (`date`) and its RTC for later boots (libvirt `<clock>`) |
+//! | `fill_disk` / `free_disk` | the guest's root file system: one preallocated file |
+
+use super::error::VmError;
+use super::handle::Vm;
+use crate::host::firewall;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A bad link, as `tc netem` shapes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BadLink {
+    pub latency: Duration,
+    pub jitter: Duration,
+    /// Packets lost, in percent.
+    pub loss_percent: f64,
+    /// A rate cap in kbit/s, if any.
+    pub rate_kbit: Option<u64>,
+}
+
+impl BadLink {
+    fn netem_args(&self) -> String {
+        let mut args = format!(
+            "delay {}ms {}ms loss {}%",
+            self.latency.as_millis(),
+            self.jitter.as_millis(),
+            self.loss_percent
+        );
+        if let Some(rate) = self.rate_kbit {
+            args.push_str(&format!(" rate {rate}kbit"));
+        }
+        args
+    }
+}
+
+/// The file `fill_disk` fills the root file system with.
+const FILL_FILE: &str = "/var/devicelab-fill";
+/// The guest's interface with the default route.
+const DEFAULT_DEV: &str = "$(ip -o route show default | awk '{print $5; exit}')";
+
+fn unix_secs(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+impl Vm {
+    /// The faults injected so far, with the time each took effect.
+    pub fn fault_log(&self) -> Vec<(String, SystemTime)> {
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn log_fault(&self, what: String) {
+        tracing::info!("VM {}: fault: {what}", self.name());
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((what, SystemTime::now()));
+    }
+
+    async fn libvirt_call(
+        &self,
+        call: impl FnOnce(
+            &crate::host::libvirt::Libvirt,
+            &virt::domain::Domain,
+            &str,
+        ) -> Result<(), crate::host::libvirt::LibvirtError>
+        + Send
+        + 'static,
+    ) -> Result<(), VmError> {
+        let name = self.name().to_owned();
+        Ok(self
+            .owned
+            .libvirt
+            .run(move |lv| call(lv, &lv.domain(&name)?, &name))
+            .await?)
+    }
+
+    /// The cable is pulled: the interface's link goes down and the guest sees carrier loss.
+    pub async fn unplug_network(&self) -> Result<(), VmError> {
+        self.libvirt_call(|lv, dom, name| lv.set_link(dom, name, false))
+            .await?;
+        self.log_fault("network unplugged (link down)".into());
+        Ok(())
+    }
+
+    /// The cable is back.
+    pub async fn plug_network(&self) -> Result<(), VmError> {
+        self.libvirt_call(|lv, dom, name| lv.set_link(dom, name, true))
+            .await?;
+        self.log_fault("network plugged (link up)".into());
+        Ok(())
+    }
+
+    /// Everything between the device and the rest (the NATS server, the harness's own SSH) is
+    /// silently dropped while the link stays up: no reset, no ICMP, TCP keeps waiting.
+    /// Commands over SSH wait until [`Vm::heal`].
+    pub async fn partition(&self) -> Result<(), VmError> {
+        let ip = self.ip().ok_or_else(|| VmError::NoAddress {
+            vm: self.name().to_owned(),
+        })?;
+        self.session.lock().await.take();
+        let name = self.name().to_owned();
+        tokio::task::spawn_blocking(move || firewall::block(&name, ip))
+            .await
+            .map_err(|e| VmError::Task(e.to_string()))??;
+        self.log_fault(format!("partitioned ({ip}'s packets dropped on the host)"));
+        Ok(())
+    }
+
+    /// Ends a partition.
+    pub async fn heal(&self) -> Result<(), VmError> {
+        let name = self.name().to_owned();
+        tokio::task::spawn_blocking(move || firewall::unblock(&name))
+            .await
+            .map_err(|e| VmError::Task(e.to_string()))??;
+        self.log_fault("healed (partition rules removed)".into());
+        Ok(())
+    }
+
+    /// The device's link turns bad: `link`'s latency, jitter, loss and rate on everything it
+    /// sends (`tc netem` in the guest, whose kernel has it; this host's does not). A power
+    /// cycle restores the link (the qdisc is not persistent), as does [`Vm::restore_link`].
+    pub async fn degrade_link(&self, link: BadLink) -> Result<(), VmError> {
+        self.succeed(&format!(
+            "sudo -n modprobe sch_netem 2>/dev/null; sudo -n tc qdisc replace dev {DEFAULT_DEV} root netem {}",
+            link.netem_args()
+        ))
+        .await?;
+        self.log_fault(format!("link degraded (netem {})", link.netem_args()));
+        Ok(())
+    }
+
+    /// The link is good again.
+    pub async fn restore_link(&self) -> Result<(), VmError> {
+        self.succeed(&format!(
+            "sudo -n tc qdisc del dev {DEFAULT_DEV} root 2>/dev/null || true"
+        ))
+        .await?;
+        self.log_fault("link restored".into());
+        Ok(())
+    }
+
+    /// The whole device stops (the domain is suspended: no CPU, no clock, no network
+    /// answers) until [`Vm::thaw`].
+    pub async fn freeze(&self) -> Result<(), VmError> {
+        self.session.lock().await.take();
+        self.libvirt_call(|lv, dom, name| lv.set_paused(dom, name, true))
+            .await?;
+        self.log_fault("frozen (domain suspended)".into());
+        Ok(())
+    }
+
+    pub async fn thaw(&self) -> Result<(), VmError> {
+        self.libvirt_call(|lv, dom, name| lv.set_paused(dom, name, false))
+            .await?;
+        self.log_fault("thawed (domain resumed)".into());
+        Ok(())
+    }
+
+    /// Throws the device's clock to `to` (the epoch, or an offset from now), now and for every
+    /// later boot (its RTC is set the same distance from the host's), as on a board without a
+    /// battery-backed RTC after a power loss. Undone by [`Vm::restore_clock`].
+    pub async fn set_clock(&self, to: SystemTime) -> Result<(), VmError> {
+        let secs = unix_secs(to);
+        let offset = secs - unix_secs(SystemTime::now());
+        self.succeed(&format!("sudo -n date -u -s @{secs} >/dev/null"))
+            .await?;
+        self.libvirt_call(move |lv, dom, name| lv.set_rtc_offset(dom, name, Some(offset)))
+            .await?;
+        self.log_fault(format!(
+            "clock thrown to {secs} s since the epoch ({offset:+} s from the host's), RTC too"
+        ));
+        Ok(())
+    }
+
+    /// The device's clock and RTC are the host's again.
+    pub async fn restore_clock(&self) -> Result<(), VmError> {
+        self.libvirt_call(|lv, dom, name| lv.set_rtc_offset(dom, name, None))
+            .await?;
+        self.step_clock_to_host().await?;
+        self.log_fault("clock restored to the host's".into());
+        Ok(())
+    }
+
+    /// Sets the guest's clock to the host's; returns how far behind it was (a restored guest
+    /// resumes at the time it was saved).
+    pub(crate) async fn step_clock_to_host(&self) -> Result<Duration, VmError> {
+        let guest: f64 = self
+            .succeed("date +%s.%N")
+            .await?
+            .trim()
+            .parse()
+            .unwrap_or(0.0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.succeed(&format!(
+            "sudo -n date -u -s @{}.{:09} >/dev/null",
+            now.as_secs(),
+            now.subsec_nanos()
+        ))
+        .await?;
+        Ok(Duration::from_secs_f64(
+            (now.as_secs_f64() - guest).max(0.0),
+        ))
+    }
+
+    /// Fills the root file system until at most `leave` bytes are free, counting the blocks
+    /// ext4 reserves for root (so root's writes fail too); returns the bytes left free (the
+    /// file system's own metadata may keep a few blocks more than asked).
+    pub async fn fill_disk(&self, leave: u64) -> Result<u64, VmError> {
+        // fallocate cannot take the very last blocks (its extents need some): written zeros
+        // take what it left, 64 KiB at a time, up to `leave`.
+        let out = self
+            .succeed(&format!(
+                "sudo -n sh -c 'free() {{ echo $(( $(stat -f -c \"%f * %S\" /) )); }}; \
+                 want=$(( $(free) - {leave} )); [ $want -gt 0 ] && fallocate -l $want {FILL_FILE} 2>/dev/null; \
+                 want=$(( ($(free) - {leave}) / 65536 )); \
+                 [ $want -gt 0 ] && dd if=/dev/zero of={FILL_FILE}.rest bs=64k count=$want 2>/dev/null; \
+                 sync; free'"
+            ))
+            .await?;
+        let left = out.trim().parse().unwrap_or(0);
+        self.log_fault(format!(
+            "disk filled ({FILL_FILE}): {left} bytes left free (asked for at most {leave})"
+        ));
+        Ok(left)
+    }
+
+    /// Gives back what [`Vm::fill_disk`] took.
+    pub async fn free_disk(&self) -> Result<(), VmError> {
+        self.succeed(&format!(
+            "sudo -n rm -f {FILL_FILE} {FILL_FILE}.rest && sync"
+        ))
+        .await?;
+        self.log_fault("disk space given back".into());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_link_renders_netem_arguments() {
+        let link = BadLink {
+            latency: Duration::from_millis(300),
+            jitter: Duration::from_millis(50),
+            loss_percent: 5.0,
+            rate_kbit: None,
+        };
+        assert_eq!(link.netem_args(), "delay 300ms 50ms loss 5%");
+        let capped = BadLink {
+            rate_kbit: Some(256),
+            ..link
+        };
+        assert_eq!(capped.netem_args(), "delay 300ms 50ms loss 5% rate 256kbit");
+    }
+
+    #[test]
+    fn times_before_the_epoch_are_negative() {
+        assert_eq!(unix_secs(UNIX_EPOCH + Duration::from_secs(5)), 5);
+        assert_eq!(unix_secs(UNIX_EPOCH - Duration::from_secs(5)), -5);
+    }
+}

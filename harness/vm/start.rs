@@ -1,0 +1,123 @@
+//! The one skeleton every start follows, cold boot and warm restore alike: open the handle
+//! (its run dir and owner record first, so every later failure is cleaned up by it), make the
+//! domain, wait until it is ready, then hand it over, or keep what explains the failure and
+//! remove it.
+
+use super::error::VmError;
+use super::handle::{Login, Vm, VmParts};
+use super::plan::Plan;
+use super::teardown::{Held, Owned};
+use crate::host::reaper::{self, OwnerRecord};
+use crate::ssh::keys::HostKey;
+use crate::support::background;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// One way of bringing a VM's domain up: [`super::cold::ColdBoot`] or
+/// [`super::warm::WarmRestore`].
+pub(crate) trait Boot {
+    /// The domain's name.
+    fn name(&self) -> &str;
+    /// The host key the guest presents (its SSH trust).
+    fn host_key(&self) -> &HostKey;
+    /// Creates the domain and starts it; the handle's run dir exists.
+    async fn make_domain(&self, plan: &Plan, vm: &Vm) -> Result<(), VmError>;
+    /// Waits until the VM counts as ready (the request's waits, timed from `started`).
+    async fn wait_ready(&self, plan: &Plan, vm: &Vm, started: Instant) -> Result<(), VmError>;
+}
+
+/// Brings `boot`'s VM up for `plan`: a ready handle, or the error with what explains it kept
+/// and the VM removed.
+pub(crate) async fn start(plan: &Plan, boot: impl Boot, held: Vec<Held>) -> Result<Vm, VmError> {
+    let vm = open_handle(plan, boot.name(), boot.host_key().clone(), held).await?;
+    let started = Instant::now();
+    let ready = async {
+        boot.make_domain(plan, &vm).await?;
+        boot.wait_ready(plan, &vm, started).await
+    }
+    .await;
+    handed_over(vm, ready).await
+}
+
+/// The handle of `name`, before anything of it exists in libvirt: its run dir and owner
+/// record are written, so every later failure is cleaned up by the handle.
+async fn open_handle(
+    plan: &Plan,
+    name: &str,
+    host_key: HostKey,
+    held: Vec<Held>,
+) -> Result<Vm, VmError> {
+    // A background teardown of an earlier VM of this name (run dir included) finishes first.
+    {
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || background::wait_for(&name))
+            .await
+            .map_err(|e| VmError::Task(e.to_string()))?;
+    }
+    let run_dir = create_run_dir(&plan.runs_dir, name).map_err(|source| VmError::RunDir {
+        vm: name.to_owned(),
+        path: plan.runs_dir.join(name),
+        source,
+    })?;
+    let serial_log = run_dir.join("serial.log");
+    let _ = std::fs::remove_file(&serial_log); // a stale log from a reused name would mislead
+    // Recorded before anything exists, so a killed run leaves a trail for the reaper.
+    if let Err(source) = OwnerRecord::current(&plan.owner.run_id).write(&run_dir) {
+        let _ = std::fs::remove_dir_all(&run_dir); // nothing else exists yet
+        return Err(VmError::RunDir {
+            vm: name.to_owned(),
+            path: run_dir.join(reaper::OWNER_FILE),
+            source,
+        });
+    }
+    let owned = Owned {
+        libvirt: plan.libvirt.clone(),
+        pool: plan.pool.clone(),
+        name: name.to_owned(),
+        run_dir: run_dir.clone(),
+        lifecycle: Arc::new(Mutex::new(())),
+        held: Arc::new(held),
+    };
+    Ok(Vm::new(VmParts {
+        owned,
+        arch: plan.spec.arch,
+        login: Login {
+            user: plan.spec.first_boot.admin_user.clone(),
+            key: plan.client_key.private.clone(),
+            key_path: plan.client_key.path.clone(),
+            host_key,
+        },
+        budgets: plan.budgets,
+        serial_log,
+        keep: plan.keep,
+        flush_provisioning: plan.spec.flush_provisioning,
+    }))
+}
+
+/// The handle, once its domain started and `ready` says provisioning finished; otherwise the
+/// error, with what explains it kept, and the VM removed.
+async fn handed_over(vm: Vm, ready: Result<(), VmError>) -> Result<Vm, VmError> {
+    match ready {
+        Ok(()) => Ok(vm),
+        Err(e) => {
+            let error = vm.keep_artifacts_of(e).await;
+            // Gone by the time the caller sees the error (a retry may reuse the name).
+            if let Err(te) = vm.remove().await {
+                tracing::warn!("{te}");
+            }
+            Err(error)
+        }
+    }
+}
+
+/// `runs/<vm>`: the guest's logs and known_hosts, the owner's only.
+fn create_run_dir(runs: &Path, name: &str) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(runs)?;
+    std::fs::set_permissions(runs, std::fs::Permissions::from_mode(0o711))?;
+    let dir = runs.join(name);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(dir)
+}

@@ -1,0 +1,697 @@
+//! Warm starts: a VM of a request is booted cold to "cloud-init done" once, flushed and saved
+//! (libvirt's save: memory and device state; its disk, NVRAM and seed kept beside it), and every
+//! later request of the same kind restores a clone on a fresh overlay of that disk.
+//!
+//! The key of a saved VM is everything it depends on ([`KeyInputs`]): the image file, the
+//! architecture and accelerator, the request's size and first-boot settings, the domain XML and
+//! the cloud-init seed as devicelab renders them, the firmware, the QEMU binary and its version.
+//! Any change gives another key, so a stale saved VM is never restored.
+//!
+//! Identity: libvirt restores a saved VM only under its own name, UUID and MAC (it refuses
+//! others), and the guest keeps its address and host key. So clones of one saved VM never run
+//! side by side: each saved VM has a lock held by its clone until the clone's teardown, and a
+//! request that finds it held uses (or builds) the next one, `<key>-0`, `<key>-1`, ... The
+//! domain is named after the saved VM, not the request; the guest's hostname is the key's.
+
+use super::cold;
+use super::error::{MAX_CLONES, VmError, WarmError};
+use super::handle::Vm;
+use super::plan::Plan;
+use super::start::{self, Boot};
+use super::teardown::Held;
+use crate::host::reaper;
+use crate::image::{BaseImage, DiskFormat};
+use crate::model::spec::{Readiness, Start};
+use crate::model::wait::Wait;
+use crate::ssh::keys::HostKey;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Bumped when what a saved VM directory holds changes.
+const LAYOUT: u32 = 2;
+const META: &str = "saved.json";
+
+/// A file as the key sees it: where, how long, when last changed (hashing a 2 GiB image on
+/// every test would cost seconds; replacing it changes its size or time).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    pub path: PathBuf,
+    pub len: u64,
+    pub modified_ns: u128,
+}
+
+impl FileId {
+    fn of(path: &Path) -> Result<Self, WarmError> {
+        let meta = std::fs::metadata(path).map_err(|source| WarmError::Io {
+            what: "read a file its key depends on",
+            dir: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            len: meta.len(),
+            modified_ns: meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos()),
+        })
+    }
+}
+
+/// Everything a saved VM depends on; its SHA-256 is the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInputs {
+    pub layout: u32,
+    pub arch: String,
+    pub accel: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub admin_user: String,
+    pub authorized_keys: Vec<String>,
+    pub runcmd: Vec<String>,
+    pub writeback_delay_ms: Option<u128>,
+    pub client_key: String,
+    pub image: FileId,
+    pub firmware: Option<(FileId, FileId)>,
+    pub emulator: FileId,
+    pub qemu_version: String,
+    /// SHA-256 of the domain XML as rendered for this request (names and per-instance values
+    /// replaced by placeholders): a devicelab that renders differently gets another key.
+    pub domain_xml: String,
+    /// SHA-256 of the cloud-init seed, likewise.
+    pub seed: String,
+}
+
+impl KeyInputs {
+    pub fn key(&self) -> String {
+        let json = serde_json::to_vec(self).expect("the key inputs always serialize");
+        hex::encode(Sha256::digest(json))
+    }
+}
+
+/// What a saved VM's directory records beside its files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Saved {
+    key: String,
+    inputs: KeyInputs,
+    /// The guest's address and MAC when saved: the clone resumes with both.
+    ip: Ipv4Addr,
+    mac: String,
+    /// The guest's SSH host key (OpenSSH private form): every clone presents it.
+    host_key: String,
+    cold_boot_secs: f64,
+    saved_at_unix: u64,
+}
+
+/// Whether a request can start warm: its handle must come back at "cloud-init done" with its
+/// provisioning flushed (a saved VM is exactly that); otherwise it boots cold, and says why.
+/// Why `plan` cannot start warm, if it cannot.
+pub(crate) fn cold_reason(plan: &Plan) -> Option<&'static str> {
+    if plan.spec.ready_when != Readiness::CloudInitDone {
+        Some("it is wanted before cloud-init is done")
+    } else if !plan.spec.flush_provisioning {
+        Some("its provisioning flush is off (a saved VM is flushed)")
+    } else {
+        None
+    }
+}
+
+/// A warm start of `plan`: restore a clone of its saved VM, building that first if needed.
+/// (Its caller checked [`cold_reason`] first.)
+pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
+    let inputs = {
+        let plan = plan.clone();
+        tokio::task::spawn_blocking(move || key_inputs(&plan))
+            .await
+            .map_err(|e| VmError::Task(e.to_string()))??
+    };
+    let key = inputs.key();
+    let stem = format!(
+        "devicelab-warm-{}-{}-",
+        plan.spec.arch.debian_name(),
+        &key[..10]
+    );
+    let (lock, index) = {
+        let (dir, stem2, holder) = (plan.warm_dir.clone(), stem.clone(), plan.spec.name.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::host::slots::lock_first_free(&dir, &stem2, MAX_CLONES, &holder)
+        })
+        .await
+        .map_err(|e| VmError::Task(e.to_string()))?
+        .map_err(WarmError::from)?
+        .ok_or_else(|| WarmError::AllInUse { key: key.clone() })?
+    };
+    let name = format!("{stem}{index}");
+    let dir = plan.warm_dir.join(&name);
+    let found = {
+        let (dir, key) = (dir.clone(), key.clone());
+        tokio::task::spawn_blocking(move || load(&dir, &key))
+            .await
+            .map_err(|e| VmError::Task(e.to_string()))?
+    };
+    let saved = match found {
+        Some(saved) if address_still_ours(plan, &saved).await? => saved,
+        _ => build(plan, &name, &stem, &dir, inputs, &key).await?,
+    };
+    let mut held = held;
+    held.push(Box::new(lock));
+    tracing::info!(
+        "VM {}: warm start from {} (saved {} s ago; its cold boot took {:.0} s)",
+        plan.spec.name,
+        dir.display(),
+        unix_now().saturating_sub(saved.saved_at_unix),
+        saved.cold_boot_secs
+    );
+    let host_key = HostKey::from_openssh(&saved.host_key)?;
+    let restore = WarmRestore {
+        name,
+        dir,
+        saved,
+        host_key,
+    };
+    start::start(plan, restore, held).await
+}
+
+/// Whether the saved VM's address is free for its clone: the DHCP server may have leased it to
+/// another machine once the saved VM's own lease expired (a clone resumes with the address it
+/// was saved with, without asking). If it has, the saved VM is built again (a new address).
+async fn address_still_ours(plan: &Plan, saved: &Saved) -> Result<bool, VmError> {
+    let (network, ip) = (plan.network.clone(), saved.ip);
+    let holders = plan
+        .libvirt
+        .run(move |lv| lv.lease_holders(&network, ip))
+        .await?;
+    let others: Vec<&String> = holders.iter().filter(|m| **m != saved.mac).collect();
+    if !others.is_empty() {
+        tracing::warn!(
+            "saved VM's address {ip} is leased to {others:?} now, not to its MAC {}: building it again",
+            saved.mac
+        );
+    }
+    Ok(others.is_empty())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The saved VM in `dir`, if it is complete and of `key`.
+fn load(dir: &Path, key: &str) -> Option<Saved> {
+    let saved: Saved = serde_json::from_slice(&std::fs::read(dir.join(META)).ok()?).ok()?;
+    if saved.key != key {
+        tracing::info!(
+            "saved VM {} is stale (its key differs): building it again",
+            dir.display()
+        );
+        return None;
+    }
+    Some(saved)
+}
+
+/// The key's inputs for `plan` (file metadata, `qemu --version`: blocking).
+pub(crate) fn key_inputs(plan: &Plan) -> Result<KeyInputs, VmError> {
+    let spec = &plan.spec;
+    let placeholder = "devicelab-warm";
+    let pool = &plan.pool.dir;
+    let params = plan.domain_params(
+        placeholder,
+        pool.join("placeholder.qcow2"),
+        pool.join("placeholder-seed.img"),
+        "52:54:00:00:00:00".into(),
+        plan.runs_dir.join(placeholder).join("serial.log"),
+        plan.firmware
+            .as_ref()
+            .map(|fw| crate::host::domain_xml::UefiPflash {
+                code: fw.code.clone(),
+                vars: pool.join("placeholder-VARS.fd"),
+            }),
+    );
+    let params = crate::host::domain_xml::DomainXmlParams {
+        owner: crate::host::domain_xml::RunOwner {
+            run_id: "saved".into(),
+            pid: 0,
+        },
+        ..params
+    };
+    let host_key = HostKey::placeholder();
+    let mut template = spec.clone();
+    template.first_boot.hostname = placeholder.into();
+    let seed = super::seed::Seed::new(
+        &template,
+        &plan.client_key.public_line,
+        &host_key,
+        placeholder,
+    );
+    let seed_text = format!("{}\n{}", seed.user_data, seed.meta_data);
+    let sha = |s: &str| hex::encode(Sha256::digest(s.as_bytes()));
+    let firmware = match &plan.firmware {
+        Some(fw) => Some((FileId::of(&fw.code)?, FileId::of(&fw.vars)?)),
+        None => None,
+    };
+    Ok(KeyInputs {
+        layout: LAYOUT,
+        arch: spec.arch.name().into(),
+        accel: plan.accel.accel.to_string(),
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        disk_gib: spec.disk_gib,
+        admin_user: spec.first_boot.admin_user.clone(),
+        authorized_keys: spec.first_boot.authorized_keys.clone(),
+        runcmd: spec.first_boot.runcmd.clone(),
+        writeback_delay_ms: spec.writeback_delay.map(|d| d.as_millis()),
+        client_key: plan.client_key.public_line.clone(),
+        image: FileId::of(&plan.image.path)?,
+        firmware,
+        emulator: FileId::of(&plan.emulator)?,
+        qemu_version: qemu_version(&plan.emulator)?,
+        domain_xml: sha(&crate::host::domain_xml::render(&params).xml),
+        seed: sha(&seed_text),
+    })
+}
+
+fn qemu_version(emulator: &Path) -> Result<String, WarmError> {
+    let out = std::process::Command::new(emulator)
+        .arg("--version")
+        .output()
+        .map_err(|e| WarmError::QemuVersion {
+            emulator: emulator.to_owned(),
+            message: e.to_string(),
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .next()
+        .filter(|l| out.status.success() && !l.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| WarmError::QemuVersion {
+            emulator: emulator.to_owned(),
+            message: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr)),
+        })
+}
+
+/// Boots `name` cold to "cloud-init done" (flushed), saves it, and keeps its disk, seed and
+/// NVRAM in `dir` (written beside it and renamed into place: a half-built saved VM never
+/// looks complete).
+async fn build(
+    plan: &Plan,
+    name: &str,
+    stem: &str,
+    dir: &Path,
+    inputs: KeyInputs,
+    key: &str,
+) -> Result<Saved, VmError> {
+    tracing::info!(
+        "VM {}: no saved VM {name} yet: booting it cold once, then saving it",
+        plan.spec.name
+    );
+    let mut template = plan.clone();
+    template.spec.name = name.to_owned();
+    template.spec.first_boot.hostname = stem.trim_end_matches('-').to_owned();
+    template.spec.extra_waits.clear();
+    template.spec.start = Some(Start::Cold);
+    template.waits = template.spec.waits();
+    template.keep = false;
+    let started = Instant::now();
+    let vm = cold::boot(&template, Vec::new()).await?;
+    let cold_boot_secs = started.elapsed().as_secs_f64();
+    let ip = vm
+        .ip()
+        .ok_or_else(|| VmError::NoAddress { vm: name.into() })?;
+    let domain_xml = vm.run_dir().join("domain.xml");
+    let mac = tokio::task::spawn_blocking(move || mac_of(&domain_xml))
+        .await
+        .map_err(|e| VmError::Task(e.to_string()))?
+        .unwrap_or_default();
+    let saved = Saved {
+        key: key.to_owned(),
+        inputs,
+        ip,
+        mac,
+        host_key: vm.login.host_key.private_openssh.clone(),
+        cold_boot_secs,
+        saved_at_unix: unix_now(),
+    };
+    vm.session.lock().await.take();
+    let building = dir.with_extension("building");
+    let io = |what: &'static str, path: &Path| {
+        let dir = path.to_owned();
+        move |source| WarmError::Io { what, dir, source }
+    };
+    {
+        let building = building.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir_all(&building);
+            std::fs::create_dir_all(&building).map_err(io("create", &building))
+        })
+        .await
+        .map_err(|e| VmError::Task(e.to_string()))??;
+    }
+    let save_started = Instant::now();
+    {
+        let (n, to) = (name.to_owned(), building.join("memory.save"));
+        plan.libvirt
+            .run(move |lv| lv.save(&lv.domain(&n)?, &n, &to))
+            .await?;
+    }
+    let kept = {
+        let (pool, dir, building, name, saved, serial_log) = (
+            plan.pool.clone(),
+            dir.to_owned(),
+            building.clone(),
+            name.to_owned(),
+            saved.clone(),
+            vm.serial_log().to_owned(),
+        );
+        tokio::task::spawn_blocking(move || -> Result<(), VmError> {
+            let [disk, seed, vars] = reaper::volume_names(&name);
+            // The disk moves (the pool forgets it); seed and NVRAM are copied (the template's
+            // teardown deletes its own).
+            let disk_to = building.join("disk.qcow2");
+            std::fs::rename(pool.path_of(&disk), &disk_to)
+                .map_err(io("keep the disk", &disk_to))?;
+            pool.refresh()?;
+            std::fs::copy(pool.path_of(&seed), building.join("seed.img"))
+                .map_err(io("keep the seed", &building))?;
+            // The boot a clone resumes in: its console so far belongs to every clone.
+            std::fs::copy(&serial_log, building.join("serial.log"))
+                .map_err(io("keep the console log", &building))?;
+            if pool.path_of(&vars).exists() {
+                std::fs::copy(pool.path_of(&vars), building.join("VARS.fd"))
+                    .map_err(io("keep the NVRAM", &building))?;
+            }
+            let meta = building.join(META);
+            let json = serde_json::to_vec_pretty(&saved).expect("Saved always serializes");
+            write_synced(&meta, &json).map_err(io("write", &meta))?;
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&building, &dir).map_err(io("move into place", &dir))?;
+            if let Some(parent) = dir.parent() {
+                let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| VmError::Task(e.to_string()))?
+    };
+    // The template's domain (saved, shut off) goes whatever happened.
+    let removed = vm.remove().await;
+    kept?;
+    removed?;
+    tracing::info!(
+        "saved VM {}: cold boot {cold_boot_secs:.1} s, save {:.1} s",
+        dir.display(),
+        save_started.elapsed().as_secs_f64()
+    );
+    Ok(saved)
+}
+
+/// The MAC in a rendered domain XML file.
+fn mac_of(domain_xml: &Path) -> Option<String> {
+    let xml = std::fs::read_to_string(domain_xml).ok()?;
+    let doc = roxmltree::Document::parse(&xml).ok()?;
+    doc.descendants()
+        .find(|n| n.has_tag_name("mac"))?
+        .attribute("address")
+        .map(str::to_ascii_lowercase)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    // The memory file and disk too: a crash must not leave a complete-looking saved VM
+    // whose files are not on disk.
+    if let Some(dir) = path.parent() {
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
+/// A clone of the saved VM in `dir`, restored on a fresh overlay of its disk under the saved
+/// VM's own name, MAC and host key.
+pub(crate) struct WarmRestore {
+    name: String,
+    dir: PathBuf,
+    saved: Saved,
+    host_key: HostKey,
+}
+
+impl Boot for WarmRestore {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn host_key(&self) -> &HostKey {
+        &self.host_key
+    }
+
+    async fn make_domain(&self, plan: &Plan, vm: &Vm) -> Result<(), VmError> {
+        let (pool, dir, name, gib, serial_log) = (
+            plan.pool.clone(),
+            self.dir.clone(),
+            self.name.clone(),
+            plan.spec.disk_gib,
+            vm.serial_log().to_owned(),
+        );
+        plan.libvirt
+            .run(move |_| -> Result<(), VmError> {
+                let [disk, seed, vars] = reaper::volume_names(&name);
+                let base = BaseImage {
+                    path: dir.join("disk.qcow2"),
+                    format: DiskFormat::Qcow2,
+                };
+                pool.create_overlay(&disk, &base, gib)?;
+                let copy = |from: &str, to: &Path| {
+                    std::fs::copy(dir.join(from), to)
+                        .map(drop)
+                        .map_err(|source| WarmError::Io {
+                            what: "copy out",
+                            dir: dir.join(from),
+                            source,
+                        })
+                };
+                copy("seed.img", &pool.path_of(&seed))?;
+                // The clone's console starts with the boot it resumes in.
+                copy("serial.log", &serial_log)?;
+                if dir.join("VARS.fd").exists() {
+                    copy("VARS.fd", &pool.path_of(&vars))?;
+                }
+                pool.refresh()?;
+                Ok(())
+            })
+            .await?;
+        let (owned, from, owner) = (
+            vm.owned.clone(),
+            self.dir.join("memory.save"),
+            plan.owner.clone(),
+        );
+        let (dir, domain_xml) = (self.dir.clone(), vm.run_dir().join("domain.xml"));
+        plan.libvirt
+            .run(move |lv| {
+                let _held = owned.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+                let xml = lv.restore(&from, &owned.name, &owner).map_err(|e| {
+                    // Whatever is wrong with it, it is not restored again.
+                    let _ = std::fs::remove_dir_all(&dir);
+                    WarmError::Restore {
+                        vm: owned.name.clone(),
+                        dir: dir.clone(),
+                        message: e.to_string(),
+                    }
+                })?;
+                std::fs::write(&domain_xml, &xml).map_err(|source| VmError::RunDir {
+                    vm: owned.name.clone(),
+                    path: domain_xml,
+                    source,
+                })
+            })
+            .await?;
+        vm.set_ip(self.saved.ip)
+    }
+
+    /// SSH, then the guest's clock stepped to the host's, then the request's own waits.
+    async fn wait_ready(&self, plan: &Plan, vm: &Vm, started: Instant) -> Result<(), VmError> {
+        vm.wait_all(&[Wait::Lease, Wait::OpenPort(22), Wait::SshLogin], started)
+            .await?;
+        // The guest resumes at the time it was saved: verdicts that compare its clock with the
+        // host's would be fooled.
+        let skew = vm.step_clock_to_host().await?;
+        vm.timings.record("warm restore → SSH", started.elapsed());
+        tracing::info!(
+            "VM {}: restored in {:.1} s; the guest's clock was {:.0} s behind the host's, now stepped",
+            self.name,
+            started.elapsed().as_secs_f64(),
+            skew.as_secs_f64()
+        );
+        vm.wait_all(&plan.spec.extra_waits, started).await?;
+        vm.mark_provisioned(Readiness::CloudInitDone);
+        vm.flushed("provisioning (saved with the VM)");
+        Ok(())
+    }
+}
+
+/// A saved VM in the cache, as `devicelab ls` shows it.
+#[derive(Debug, Clone)]
+pub struct SavedVm {
+    pub name: String,
+    pub bytes: u64,
+    pub saved_at_unix: u64,
+    /// A clone of it runs now (its lock is held).
+    pub in_use: bool,
+}
+
+/// The saved VMs in `dir` (blocking).
+pub fn saved_vms(dir: &Path) -> Vec<SavedVm> {
+    let mut out: Vec<SavedVm> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join(META).is_file())
+        .map(|e| {
+            let path = e.path();
+            let saved: Option<Saved> = std::fs::read(path.join(META))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let bytes = std::fs::read_dir(&path)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|f| f.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            let name = e.file_name().to_string_lossy().into_owned();
+            SavedVm {
+                in_use: lock_held(&dir.join(format!("{name}.lock"))),
+                saved_at_unix: saved.map_or(0, |s| s.saved_at_unix),
+                bytes,
+                name,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn lock_held(path: &Path) -> bool {
+    std::fs::File::open(path)
+        .is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+}
+
+/// Removes every saved VM no clone is using (`devicelab clean --warm`); returns their names.
+pub fn remove_unused(dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    for saved in saved_vms(dir) {
+        let lock = dir.join(format!("{}.lock", saved.name));
+        // Held while removing, so no clone starts from a half-removed saved VM.
+        let Ok(file) = std::fs::File::options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock)
+        else {
+            continue;
+        };
+        if file.try_lock().is_err() {
+            continue;
+        }
+        if std::fs::remove_dir_all(dir.join(&saved.name)).is_ok() {
+            let _ = std::fs::remove_file(&lock);
+            removed.push(saved.name);
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs() -> KeyInputs {
+        let file = |p: &str| FileId {
+            path: p.into(),
+            len: 1,
+            modified_ns: 1,
+        };
+        KeyInputs {
+            layout: LAYOUT,
+            arch: "x86_64".into(),
+            accel: "tcg".into(),
+            vcpus: 2,
+            memory_mib: 2048,
+            disk_gib: 8,
+            admin_user: "devicelab".into(),
+            authorized_keys: vec![],
+            runcmd: vec![],
+            writeback_delay_ms: None,
+            client_key: "ssh-ed25519 AAAA".into(),
+            image: file("/img"),
+            firmware: None,
+            emulator: file("/qemu"),
+            qemu_version: "QEMU emulator version 7.2.0".into(),
+            domain_xml: "x".into(),
+            seed: "s".into(),
+        }
+    }
+
+    #[test]
+    fn every_input_changes_the_key() {
+        // A new input must be added below: this stops compiling until it is.
+        let KeyInputs {
+            layout: _,
+            arch: _,
+            accel: _,
+            vcpus: _,
+            memory_mib: _,
+            disk_gib: _,
+            admin_user: _,
+            authorized_keys: _,
+            runcmd: _,
+            writeback_delay_ms: _,
+            client_key: _,
+            image: _,
+            firmware: _,
+            emulator: _,
+            qemu_version: _,
+            domain_xml: _,
+            seed: _,
+        } = inputs();
+        let base = inputs().key();
+        type Change = Box<dyn Fn(&mut KeyInputs)>;
+        let changes: Vec<(&str, Change)> = vec![
+            ("layout", Box::new(|k| k.layout += 1)),
+            ("arch", Box::new(|k| k.arch = "aarch64".into())),
+            ("accel", Box::new(|k| k.accel = "kvm".into())),
+            ("vcpus", Box::new(|k| k.vcpus = 1)),
+            ("memory", Box::new(|k| k.memory_mib = 1024)),
+            ("disk", Box::new(|k| k.disk_gib = 9)),
+            ("user", Box::new(|k| k.admin_user = "pi".into())),
+            ("keys", Box::new(|k| k.authorized_keys.push("k".into()))),
+            ("runcmd", Box::new(|k| k.runcmd.push("true".into()))),
+            ("writeback", Box::new(|k| k.writeback_delay_ms = Some(1))),
+            ("client key", Box::new(|k| k.client_key.push('B'))),
+            ("image", Box::new(|k| k.image.modified_ns = 2)),
+            ("image size", Box::new(|k| k.image.len = 2)),
+            (
+                "firmware",
+                Box::new(|k| k.firmware = Some((k.image.clone(), k.image.clone()))),
+            ),
+            ("emulator", Box::new(|k| k.emulator.path = "/q2".into())),
+            ("qemu version", Box::new(|k| k.qemu_version.push('1'))),
+            ("domain xml", Box::new(|k| k.domain_xml.push('y'))),
+            ("seed", Box::new(|k| k.seed.push('t'))),
+        ];
+        for (what, change) in changes {
+            let mut k = inputs();
+            change(&mut k);
+            assert_ne!(k.key(), base, "{what} does not change the key");
+        }
+        assert_eq!(inputs().key(), base, "the key is stable");
+    }
+}
