@@ -1,7 +1,7 @@
 //! The boot benchmark: what a device test costs, phase by phase, against a bare baseline.
 //!
-//!     ../shared/sandbox/run cargo bench --bench boot            # both architectures, 3 runs
-//!     BENCH_RUNS=1 ARCH=aarch64 ../shared/sandbox/run cargo bench --bench boot
+//!     cargo bench --bench boot                         # both architectures, 3 runs
+//!     BENCH_RUNS=1 ARCH=aarch64 cargo bench --bench boot
 //!
 //! Per architecture, `BENCH_RUNS` times: the reference agent's power-cycle trial (provision →
 //! onboard twice → first status → pull the plug → status from the new boot), and a bare

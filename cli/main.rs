@@ -12,6 +12,7 @@ use devicelab::host::reaper::{self, OwnerRecord};
 use devicelab::image::source::ImageSource;
 use devicelab::model::spec::ADMIN_USER;
 use devicelab::ssh::keys::client_key_path;
+use indicatif::{ProgressBar, ProgressStyle};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 
@@ -80,6 +81,7 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let config = match HarnessConfig::from_env() {
@@ -124,34 +126,32 @@ async fn doctor(config: &HarnessConfig, archs: Vec<VmArchitecture>) -> ExitCode 
 }
 
 async fn fetch(config: &HarnessConfig, archs: Vec<VmArchitecture>) -> Result {
-    use std::io::{IsTerminal, Write};
-    // A terminal gets a bar redrawn in place; a log (CI) keeps the plain lines every 5 s.
+    use std::io::IsTerminal;
+    // A terminal gets a bar per file (indicatif); a log (CI) keeps the plain lines every 5 s.
     if std::io::stderr().is_terminal() {
-        let last = std::sync::Mutex::new(std::time::Instant::now());
+        let bars = std::sync::Mutex::new(std::collections::HashMap::<String, ProgressBar>::new());
         devicelab::image::download::show_progress_with(Box::new(move |name, got, total| {
-            let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-            let done = total.is_some_and(|t| got >= t);
-            if last.elapsed() < std::time::Duration::from_millis(200) && !done {
-                return;
+            let mut bars = bars.lock().unwrap_or_else(|p| p.into_inner());
+            let bar = bars.entry(name.to_owned()).or_insert_with(|| {
+                let bar = match total {
+                    Some(t) => ProgressBar::new(t).with_style(
+                        ProgressStyle::with_template(
+                            "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {eta}",
+                        )
+                        .expect("a valid template")
+                        .progress_chars("#>-"),
+                    ),
+                    None => ProgressBar::new_spinner().with_style(
+                        ProgressStyle::with_template("{msg} {spinner} {binary_bytes}")
+                            .expect("a valid template"),
+                    ),
+                };
+                bar.with_message(name.to_owned())
+            });
+            bar.set_position(got);
+            if total.is_some_and(|t| got >= t) {
+                bar.finish();
             }
-            *last = std::time::Instant::now();
-            let mib = |b: u64| b as f64 / 1048576.0;
-            let line = match total {
-                Some(t) => {
-                    let filled = (got.min(t) * 30 / t.max(1)) as usize;
-                    format!(
-                        "{name} [{}{}] {:.0}/{:.0} MiB",
-                        "#".repeat(filled),
-                        " ".repeat(30 - filled),
-                        mib(got),
-                        mib(t)
-                    )
-                }
-                None => format!("{name} {:.0} MiB", mib(got)),
-            };
-            let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r{line}{}", if done { "\n" } else { "" });
-            let _ = err.flush();
         }));
     }
     for arch in archs {

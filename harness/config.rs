@@ -5,8 +5,8 @@ use crate::model::arch::{AccelChoice, Accelerator, ArchError, VmArchitecture};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-/// Every variable the harness reads, with its meaning: the one source of the README's
-/// configuration table (a test renders this list and compares it with the README's rows
+/// Every variable the harness reads, with its meaning: the one source of the
+/// configuration table in docs/configuration.md (a test renders this list and compares it with its rows
 /// between the `variables` markers). `<ARCH>` stands for `X86_64` or `AARCH64`.
 pub const VARIABLES: &[(&str, &str)] = &[
     (
@@ -92,7 +92,7 @@ pub const VARIABLES: &[(&str, &str)] = &[
     ("RUST_LOG", "log filter (default `devicelab=info`)"),
 ];
 
-/// The README's configuration table, rendered from [`VARIABLES`].
+/// The configuration table of docs/configuration.md, rendered from [`VARIABLES`].
 pub fn variables_table() -> String {
     let mut out = String::from("| variable | meaning |\n| --- | --- |\n");
     for (name, meaning) in VARIABLES {
@@ -162,7 +162,7 @@ pub struct HarnessConfig {
     pub overrides: BTreeMap<VmArchitecture, ArchOverrides>,
     /// DEVICELAB_UEFI_CODE + DEVICELAB_UEFI_VARS: the aarch64 firmware, where it is not in
     /// the usual places.
-    pub uefi: Option<crate::image::firmware::FirmwarePair>,
+    pub uefi: Option<crate::model::arch::FirmwarePair>,
     /// DEVICELAB_START: how a spec that does not choose starts its VM.
     pub start: crate::model::spec::Start,
     /// DEVICELAB_VM_SLOTS: VMs at once on this host; `None` derives it (see `slots`).
@@ -187,7 +187,7 @@ impl HarnessConfig {
         if !unknown.is_empty() {
             WARNED.call_once(|| {
                 tracing::warn!(
-                    "devicelab does not read {unknown:?} (a typo? the variables are listed in the README's configuration table)"
+                    "devicelab does not read {unknown:?} (a typo? the variables are listed in docs/configuration.md)"
                 )
             });
         }
@@ -258,7 +258,7 @@ impl HarnessConfig {
         let network = get("DEVICELAB_NETWORK").unwrap_or_else(|| "default".into());
         let uefi = match (get("DEVICELAB_UEFI_CODE"), get("DEVICELAB_UEFI_VARS")) {
             (None, None) => None,
-            (Some(code), Some(vars)) => Some(crate::image::firmware::FirmwarePair {
+            (Some(code), Some(vars)) => Some(crate::model::arch::FirmwarePair {
                 code: code.into(),
                 vars: vars.into(),
             }),
@@ -401,7 +401,7 @@ fn default_nats_server() -> PathBuf {
 fn default_data_dir() -> PathBuf {
     // Not under $HOME: libvirt's qemu user must be able to traverse to the disk images, and
     // home directories are usually 0700/0750.
-    let uid = unsafe { libc::geteuid() };
+    let uid = rustix::process::geteuid().as_raw();
     if uid == 0 {
         PathBuf::from("/var/lib/devicelab")
     } else {
@@ -505,23 +505,26 @@ mod tests {
         assert!(!is_known("DEVICELAB_KEPP"));
     }
 
-    /// The README's configuration table is `variables_table()`, row for row: a variable added
+    /// docs/configuration.md's table is `variables_table()`, row for row: a variable added
     /// here and not documented there (or the reverse) fails this test.
     #[test]
     fn the_readme_table_is_rendered_from_variables() {
-        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-            .expect("README.md");
+        let readme = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/configuration.md"
+        ))
+        .expect("docs/configuration.md");
         let start = readme
             .find("<!-- variables:start -->\n")
-            .expect("the README's variables:start marker")
+            .expect("docs/configuration.md's variables:start marker")
             + "<!-- variables:start -->\n".len();
         let end = readme
             .find("<!-- variables:end -->")
-            .expect("the README's variables:end marker");
+            .expect("docs/configuration.md's variables:end marker");
         assert_eq!(
             &readme[start..end],
             variables_table(),
-            "paste this table between the README's variables markers"
+            "paste this table between the variables markers of docs/configuration.md"
         );
     }
 }

@@ -26,37 +26,62 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
+/// Why a [`Lab`] could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
+    /// The configuration (the `DEVICELAB_*` variables, `ARCH`) is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// libvirt could not be reached, or refused a request.
     #[error(transparent)]
     Libvirt(#[from] LibvirtError),
+    /// The libvirt storage pool could not be made ready.
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// The harness's SSH key could not be made or read.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The data dir could not be created, given its permissions, or locked: set
+    /// DEVICELAB_DATA_DIR to a directory you can write.
     #[error(
         "cannot prepare the data dir {dir}: {source} (set DEVICELAB_DATA_DIR to a directory you can write)"
     )]
     DataDir {
+        /// The data dir.
         dir: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The setup task on a blocking thread panicked or was cancelled.
     #[error("the lab's setup task failed: {0}")]
     Task(String),
+    /// The host lacks something every run needs: install what `misses` names (`devicelab
+    /// doctor` shows every check; `fixtures/host/setup.sh` installs what is missing).
     #[error(
         "this host is not ready for devicelab; every miss, with its fix:\n{misses}  \
          (`devicelab doctor` shows every check; `fixtures/host/setup.sh` installs what is missing)"
     )]
-    HostNotReady { misses: String },
+    HostNotReady {
+        /// Every failed check, one a line, with its fix.
+        misses: String,
+    },
 }
 
+/// The lab a test talks to: the configuration, the libvirt connection, the storage pool, the
+/// SSH key and the cached base images, shared by every VM the process starts. Made by
+/// [`Lab::from_env`] or [`Lab::new`]; asked for VMs ([`Lab::vm`]) and NATS servers
+/// ([`Lab::nats`]).
 pub struct Lab {
+    /// The harness's configuration.
     pub config: HarnessConfig,
+    /// The connection to libvirt.
     pub libvirt: Libvirt,
+    /// The libvirt storage pool that holds the VMs' volumes (disk, seed, NVRAM).
     pub pool: Pool,
+    /// The harness's SSH key, authorized on every VM it boots (kept in the data dir).
     pub client_key: ClientKey,
+    /// This process's run identity, recorded on everything it creates, so that what a dead
+    /// run left behind can be told apart and removed.
     pub owner: RunOwner,
     images: tokio::sync::Mutex<HashMap<VmArchitecture, BaseImage>>,
     accels: Mutex<HashMap<VmArchitecture, AccelDecision>>,
@@ -116,10 +141,15 @@ pub fn run_owner() -> RunOwner {
 }
 
 impl Lab {
+    /// [`Lab::new`] with the configuration the environment gives (the `DEVICELAB_*`
+    /// variables, `ARCH`).
     pub async fn from_env() -> Result<Arc<Self>, LabError> {
         Self::new(HarnessConfig::from_env()?).await
     }
 
+    /// Checks the host (every miss at once), prepares the data dir, connects to libvirt,
+    /// makes sure the storage pool exists, removes what dead runs left behind, and loads (or
+    /// makes) the SSH key.
     pub async fn new(config: HarnessConfig) -> Result<Arc<Self>, LabError> {
         crate::install_crypto_provider();
         // Everything the run needs, checked at once: a miss fails here, naming every other
@@ -199,6 +229,8 @@ impl Lab {
             .clone()
     }
 
+    /// The base image `arch`'s VMs boot from, resolved once per process (found in the image
+    /// cache, or downloaded into it).
     pub async fn base_image(&self, arch: VmArchitecture) -> Result<BaseImage, ImageError> {
         let mut images = self.images.lock().await;
         if let Some(image) = images.get(&arch) {
@@ -343,7 +375,8 @@ impl Lab {
             .await
     }
 
-    /// A VM name unique to this run: `devicelab-<what>-<arch>-<run id>`.
+    /// A VM name unique to this run: `devicelab-<what>-<arch>-<run id>`, with `<arch>` in
+    /// Debian's naming (`amd64`, `arm64`).
     pub fn vm_name(&self, what: &str, arch: VmArchitecture) -> String {
         format!(
             "devicelab-{what}-{}-{}",
@@ -353,10 +386,14 @@ impl Lab {
     }
 }
 
+/// Why the lab could not start a NATS server.
 #[derive(Debug, thiserror::Error)]
 pub enum LabNatsError {
+    /// The address the server must listen on (the libvirt network's gateway) could not be
+    /// read.
     #[error(transparent)]
     Libvirt(#[from] LibvirtError),
+    /// The server could not be started.
     #[error(transparent)]
     Nats(#[from] NatsError),
 }

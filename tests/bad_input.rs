@@ -1,6 +1,6 @@
 //! Bad input: each case fails with a clear error that names the fix, and leaves caches clean.
 //! (More cases live beside the code they exercise: image_cache.rs, firmware.rs,
-//! agent_binary.rs, keys_and_seed.rs, config.rs; the README's table lists them all.)
+//! agent_binary.rs, keys_and_seed.rs, config.rs; docs/troubleshooting.md lists them all.)
 
 mod common;
 

@@ -17,7 +17,7 @@ use std::process::Command;
 /// Runs `devicelab <args>` with only the `DEVICELAB_*` variables given (and PATH, unless
 /// `path` replaces it): its exit status and stdout + stderr.
 fn devicelab(args: &[&str], vars: &[(&str, &str)], path: Option<&Path>) -> (bool, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_devicelab"));
+    let mut cmd = Command::new(common::devicelab_cli());
     cmd.args(args);
     for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("DEVICELAB_") || k == "ARCH") {
         cmd.env_remove(k);
@@ -29,6 +29,11 @@ fn devicelab(args: &[&str], vars: &[(&str, &str)], path: Option<&Path>) -> (bool
     let out = cmd.output().unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    // Piped, not a terminal: plain text, no colour codes in a log.
+    assert!(
+        !text.contains('\u{1b}'),
+        "escape sequences in piped output:\n{text:?}"
+    );
     (out.status.success(), text)
 }
 

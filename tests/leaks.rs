@@ -1,6 +1,8 @@
 //! Nothing leaks: a trial's process killed mid-provisioning leaves a trail the next run reaps
 //! (SIGKILL), or cleans up itself and exits non-zero (SIGTERM). Boots (the start of) a VM, so
-//! it runs with `--features e2e`, inside the sandbox namespace.
+//! it runs with `--features e2e`.
+
+mod common;
 
 use devicelab::config::HarnessConfig;
 use devicelab::host::libvirt::Libvirt;
@@ -371,7 +373,7 @@ async fn kept_vm_and_nats_survive_their_run_and_the_next_reaper() {
     // A human's view of it (`devicelab ls`, `devicelab ssh`), then `devicelab clean` removes
     // what was kept, and only that.
     let cli = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_devicelab"))
+        let o = Command::new(common::devicelab_cli())
             .args(args)
             .output()
             .unwrap();

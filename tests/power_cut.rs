@@ -1,14 +1,14 @@
-//! A power cut early in a device's life (issue 8): cloud-init writes the SSH host keys at first
+//! A power cut early in a device's life: cloud-init writes the SSH host keys at first
 //! boot and nothing flushes them, so a cut inside the guest's writeback delay (~30 s) leaves
 //! them empty and sshd cannot start. Both sides of that timing, on real VMs: without the
 //! harness's flush the device loses SSH and the harness says why within seconds; with it the
 //! same cut at the same moment comes back usable. The timing is made explicit: these tests set
 //! the guest's writeback delay to 5 minutes (before cloud-init writes the keys), so the cut is
 //! inside the window on any host, however slow; the precondition is checked, not assumed. The
-//! full sweep (the README's table) keeps the image's 30 s and judges each row by its measured
+//! full sweep (docs/power-cuts.md) keeps the image's 30 s and judges each row by its measured
 //! timing. Boots VMs: `--features e2e` (architecture: ARCH, else the host's). On aarch64 the
-//! unflushed keys survived the same cut 2 of 2 times, which is not yet explained (README,
-//! "Issue 8 reproduced"): CI runs these on x86_64, where the loss reproduced 3 of 3 times.
+//! unflushed keys survived the same cut 2 of 2 times, which is not yet explained
+//! (docs/power-cuts.md): CI runs these on x86_64, where the loss reproduced 3 of 3 times.
 
 use devicelab::fixtures::*;
 use devicelab::trials::power_cut::{self, CutOutcome, CutPoint};
@@ -121,7 +121,7 @@ async fn the_same_cut_after_the_harness_flush_comes_back_usable(
 }
 
 /// A cheaper sweep (4 VMs): as soon as SSH is up, and with the agent reporting, each without
-/// and with the flush: `ARCH=<arch> ../shared/sandbox/run cargo test --features e2e --test
+/// and with the flush: `ARCH=<arch> cargo test --features e2e --test
 /// power_cut key_points_sweep -- --ignored --nocapture`.
 #[rstest]
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
@@ -134,7 +134,7 @@ async fn key_points_sweep(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
     run_sweep(&*lab.await, arch, &points, "key-points").await;
 }
 
-/// The README's table: `ARCH=<arch> ../shared/sandbox/run cargo test --features e2e --test
+/// The table in docs/power-cuts.md: `ARCH=<arch> cargo test --features e2e --test
 /// power_cut full_sweep -- --ignored --nocapture` (about 10 VMs, 30-45 min under TCG). Also
 /// written to `target/power-cut-sweep-full-<arch>.md`.
 #[rstest]

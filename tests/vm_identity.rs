@@ -1,6 +1,6 @@
-//! A VM name reused within the DHCP lease time (an hour): the README's own example names its
-//! VM `my-vm`, and a second run used to wait on the first instance's stale lease ("No route to
-//! host"). Every instance now has its own MAC, so the second provisioning finds its own lease.
+//! A VM name reused within the DHCP lease time (an hour), as the docs' own `my-vm` example run
+//! twice does: every instance has its own MAC, so the second provisioning finds its own lease
+//! instead of waiting on the first instance's stale one ("No route to host").
 //! Boots two VMs, one after the other, to SSH only: `--features e2e`.
 
 mod common;

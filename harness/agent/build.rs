@@ -135,7 +135,7 @@ fn agent_target_dir() -> PathBuf {
 
 /// `cargo build --release --bin <bin>` of `package` for `target`. Offline: the crates are
 /// already fetched by the build of the tests (run `cargo fetch` first for a package the tests
-/// do not depend on), and the sandbox namespace has no route out.
+/// do not depend on): a test host need not have a route to crates.io.
 fn build_cargo(
     manifest: &Path,
     package: &str,

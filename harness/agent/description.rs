@@ -10,29 +10,55 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// Why an agent description cannot be used, found by [`AgentDescription::check`] before
+/// anything boots or when a template is rendered for a device. Each names the agent and the
+/// part of its description to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum DescriptionError {
+    /// A template names `{name}`, which is not one of [`TEMPLATE_VALUES`]: use one of those,
+    /// or write `{{` and `}}` for literal braces.
     #[error(
         "agent {agent}: {what} names {{{name}}}, which is not a template value (use one of: {})",
         TEMPLATE_VALUES.join(", ")
     )]
     UnknownValue {
+        /// The agent's name ([`AgentDescription::name`]).
         agent: String,
+        /// The part holding the template (e.g. "the template for /etc/acme.toml", "the unit").
         what: String,
+        /// The unknown name, without its braces.
         name: String,
     },
+    /// A template has a `{` without its `}`: close it, or write `{{` for a literal brace.
     #[error("agent {agent}: {what} has an unclosed `{{` (write `{{{{` for a literal brace)")]
-    Unclosed { agent: String, what: String },
+    Unclosed {
+        /// The agent's name ([`AgentDescription::name`]).
+        agent: String,
+        /// The part holding the template (e.g. "the KV key", "the unit").
+        what: String,
+    },
+    /// A per-architecture file (a [`Source::Prebuilt`] binary, a [`Package::Deb`]) has no
+    /// entry for an architecture the tests boot: add one for `arch`.
     #[error(
         "agent {agent}: {what} has no file for {arch} (give one per architecture the tests boot)"
     )]
     MissingArch {
+        /// The agent's name ([`AgentDescription::name`]).
         agent: String,
+        /// What lacks the file: an installed file's path, or `the package <name>`.
         what: String,
+        /// The first architecture without a file.
         arch: VmArchitecture,
     },
+    /// Any other inconsistency (a KV bucket name JetStream refuses, a user unit whose user the
+    /// description does not create); `problem` says what to change.
     #[error("agent {agent}: {problem}")]
-    Invalid { agent: String, problem: String },
+    Invalid {
+        /// The agent's name ([`AgentDescription::name`]).
+        agent: String,
+        /// What is wrong, and how to fix it.
+        problem: String,
+    },
 }
 
 /// What a template may name, as `{name}`.
@@ -47,11 +73,15 @@ pub const TEMPLATE_VALUES: [&str; 5] = [
 /// The values a template receives for one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TemplateValues {
+    /// The device's id, which its reports carry (the trials use the VM's name).
     pub device_id: String,
     /// The NATS URL as the guest sees it (the libvirt network's gateway).
     pub nats_url: String,
+    /// The user the agent logs in to NATS as (the run's credentials).
     pub nats_user: String,
+    /// The password for `nats_user`.
     pub nats_password: String,
+    /// The device's architecture; a template receives its name (`x86_64`, `aarch64`).
     pub arch: VmArchitecture,
 }
 
@@ -118,8 +148,11 @@ pub enum Source {
     /// A binary of a cargo package in the user's own workspace, built for the VM's target
     /// (cross linker set, ELF machine checked), into that workspace's target dir.
     Cargo {
+        /// The `Cargo.toml` to build with (`--manifest-path`).
         manifest: PathBuf,
+        /// The cargo package that has the binary (`--package`).
         package: String,
+        /// The binary target to build and ship (`--bin`).
         bin: String,
     },
     /// A prebuilt binary per architecture (its ELF machine is checked).
@@ -135,14 +168,20 @@ pub enum Source {
 pub struct Installed {
     /// The onboarding step's name in reports (e.g. "binary", "config").
     pub step: String,
+    /// The absolute path on the device (missing directories are created).
     pub path: String,
+    /// The file's permission bits, e.g. `0o640`.
     pub mode: u32,
+    /// The group that owns the file (the owner is always root).
     pub group: String,
+    /// What the file holds.
     pub content: Content,
 }
 
+/// What an installed file holds: a file shipped as it is, or one rendered per device.
 #[derive(Debug, Clone)]
 pub enum Content {
+    /// Shipped as it is (a binary is built or picked for the device's architecture).
     Shipped(Source),
     /// Rendered per device from a template (see [`TEMPLATE_VALUES`]).
     Template(String),
@@ -174,7 +213,10 @@ pub enum Package {
     Mirror(String),
     /// A `.deb` per architecture, uploaded and installed offline (air-gapped labs).
     Deb {
+        /// The package's name as dpkg knows it (an installed package of the file's version is
+        /// left alone).
         name: String,
+        /// The `.deb` file for each architecture the tests boot.
         files: BTreeMap<VmArchitecture, PathBuf>,
     },
 }
@@ -183,16 +225,26 @@ pub enum Package {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Service {
     /// A system unit (`/etc/systemd/system/<unit>`); `text` may name `User=`.
-    System { unit: String, text: String },
+    System {
+        /// The unit's file name, e.g. `acme-agent.service`.
+        unit: String,
+        /// The unit file's contents, a template (see [`TEMPLATE_VALUES`]).
+        text: String,
+    },
     /// A user unit of `user` (`/etc/systemd/user/<unit>`), with linger so it starts at boot.
     User {
+        /// The user whose systemd manager runs the unit; the description must create it
+        /// ([`AgentDescription::user`]).
         user: String,
+        /// The unit's file name, e.g. `acme-agent.service`.
         unit: String,
+        /// The unit file's contents, a template (see [`TEMPLATE_VALUES`]).
         text: String,
     },
 }
 
 impl Service {
+    /// The unit's file name.
     pub fn unit(&self) -> &str {
         match self {
             Self::System { unit, .. } | Self::User { unit, .. } => unit,
@@ -205,18 +257,21 @@ impl Service {
             Self::User { user, .. } => Some(user),
         }
     }
+    /// The unit file's contents, unrendered (a template).
     pub fn text(&self) -> &str {
         match self {
             Self::System { text, .. } | Self::User { text, .. } => text,
         }
     }
+    /// Where the unit file is installed on the device.
     pub fn path(&self) -> String {
         match self {
             Self::System { unit, .. } => format!("/etc/systemd/system/{unit}"),
             Self::User { unit, .. } => format!("/etc/systemd/user/{unit}"),
         }
     }
-    /// The journal of this unit, for the failure artifacts and a failed start.
+    /// The shell command that prints this unit's last `lines` journal entries, for the failure
+    /// artifacts and a failed start.
     pub fn journal_command(&self, lines: usize) -> String {
         let field = match self {
             Self::System { .. } => "_SYSTEMD_UNIT",
@@ -232,6 +287,7 @@ impl Service {
 /// What the verdicts need from one report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
+    /// The device that sent it (a log read for one device skips other devices' reports).
     pub device_id: String,
     /// The agent's own clock, in milliseconds since the epoch.
     pub timestamp_ms: u64,
@@ -255,7 +311,12 @@ pub enum ReportsOn {
     /// A key of a JetStream key-value bucket (the agent puts to `$KV.<bucket>.<key>`). The
     /// harness creates the bucket before the device boots, keeping the most history JetStream
     /// allows (64 revisions per key), unless it exists already.
-    KeyValue { bucket: String, key: String },
+    KeyValue {
+        /// The bucket's name: letters, digits, `_` and `-` once rendered.
+        bucket: String,
+        /// The key the agent puts its reports to.
+        key: String,
+    },
 }
 
 impl ReportsOn {
@@ -287,7 +348,9 @@ impl fmt::Display for ReportsOn {
 /// How the agent reports: where ([`ReportsOn`]), and its decoder.
 #[derive(Clone)]
 pub struct Reports {
+    /// Where the reports land (templates, rendered per device).
     pub on: ReportsOn,
+    /// Turns one message's payload into a [`Report`].
     pub decode: Decoder,
 }
 
@@ -334,9 +397,13 @@ pub struct AgentDescription {
     /// A user the agent runs as, created on the device (`None`: it runs as root or as a user
     /// the image has).
     pub user: Option<String>,
+    /// Debian packages the device needs, installed first (the "packages" step).
     pub packages: Vec<Package>,
+    /// The files installed on the device, in order, each its own onboarding step.
     pub files: Vec<Installed>,
+    /// The systemd unit that runs the agent, installed and started after the files.
     pub service: Service,
+    /// Where the agent reports, and how a report is decoded.
     pub reports: Reports,
     /// Extra nats-server configuration (accounts, listeners, JetStream limits), merged into the
     /// run's server configuration, container and process alike.

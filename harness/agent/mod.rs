@@ -2,7 +2,9 @@
 //! reference agent ([`reference`]), building an agent's binary for the guest's architecture
 //! ([`build`]) and onboarding it over SSH ([`onboard`]).
 
+#[doc(hidden)]
 pub mod build;
 pub mod description;
+#[doc(hidden)]
 pub mod onboard;
 pub mod reference;

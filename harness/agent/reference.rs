@@ -10,7 +10,10 @@ use crate::agent::description::{
 use devicelab_agent::{AgentConfig, DEFAULT_SUBJECT_PREFIX, Status};
 use std::sync::Arc;
 
+/// The user the reference agent runs as, created on the device; its group may read the
+/// agent's config (which holds the NATS password).
 pub const AGENT_USER: &str = "devicelab-agent";
+/// The reference agent's systemd unit, a user unit of [`AGENT_USER`].
 pub const AGENT_UNIT: &str = "devicelab-agent.service";
 const BINARY_PATH: &str = "/usr/local/bin/devicelab-agent";
 const CONFIG_PATH: &str = "/etc/devicelab-agent/agent.toml";

@@ -246,7 +246,7 @@ fn libvirt(config: &HarnessConfig, distro: Distro) -> Vec<Check> {
     let lv = match Libvirt::open(uri) {
         Ok(lv) => lv,
         Err(e) => {
-            let root = unsafe { libc::geteuid() } == 0;
+            let root = rustix::process::geteuid().is_root();
             let fix = if !root && e.to_string().contains("ermission denied") {
                 "add yourself to the libvirt group (sudo usermod -aG libvirt $USER), then log in again".to_owned()
             } else if which("libvirtd").is_none() {
@@ -268,7 +268,7 @@ fn libvirt(config: &HarnessConfig, distro: Distro) -> Vec<Check> {
             ];
         }
     };
-    let who = if unsafe { libc::geteuid() } == 0 {
+    let who = if rustix::process::geteuid().is_root() {
         "as root"
     } else {
         "as this user"
@@ -545,11 +545,8 @@ fn nearest_existing(dir: &Path) -> PathBuf {
 }
 
 fn free_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
-        .then(|| st.f_bavail as u64 * st.f_frsize as u64)
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail * st.f_frsize)
 }
 
 /// Whether libvirt's QEMU runs as root (`user = "root"` in qemu.conf): then any directory will do.

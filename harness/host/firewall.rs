@@ -1,6 +1,6 @@
 //! The harness's own firewall rules: a partitioned VM's traffic silently dropped (a NAT that
 //! forgot the connection: no reset, no ICMP, TCP keeps waiting) where the harness owns the
-//! network, i.e. the host side of the libvirt network (inside the sandbox's namespace here).
+//! network, i.e. the host side of the libvirt network.
 //! Rules are iptables rules tagged `devicelab:<vm>`, so healing, the VM's teardown and the
 //! reaper of a killed run remove exactly that VM's rules.
 

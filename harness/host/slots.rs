@@ -250,7 +250,7 @@ mod tests {
 
     #[test]
     fn tcg_guests_cost_a_core_per_vcpu_and_kvm_guests_one_core() {
-        // This project's CI machine: 2 cores, 24 GiB, 2-vCPU 2 GiB guests under TCG.
+        // A 2-core, 24 GiB host running 2-vCPU 2 GiB guests under TCG.
         let ci = SlotCount::derive(2, 24 * 1024, Accelerator::Tcg, 2, 2048);
         assert_eq!(ci.count, 1, "{}", ci.reason);
         let kvm = SlotCount::derive(16, 64 * 1024, Accelerator::Kvm, 2, 2048);

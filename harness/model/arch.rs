@@ -5,27 +5,46 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// A device's CPU architecture, which its VM is booted as: with KVM when it is the host's own
+/// and KVM is usable, else emulated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum VmArchitecture {
+    /// 64-bit x86 (`amd64` in Debian's naming).
     X86_64,
+    /// 64-bit ARM (`arm64` in Debian's naming).
     Aarch64,
 }
 
+/// An architecture name the harness does not know.
 #[derive(Debug, thiserror::Error)]
 pub enum ArchError {
+    /// `value` is none of x86_64, aarch64 and their other names (amd64, x86-64, arm64).
     #[error(
         "unknown architecture {value:?} in {source_name}: use one of x86_64, aarch64 (or amd64, arm64)"
     )]
-    Unknown { value: String, source_name: String },
+    Unknown {
+        /// The name as given.
+        value: String,
+        /// Where it was given (e.g. the `ARCH` variable), for the message.
+        source_name: String,
+    },
 }
 
-/// How long each readiness phase may take before the harness gives up.
+/// How long each readiness phase may take before the harness gives up. While a VM starts,
+/// each phase's budget counts from its start (the define, or the power-on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budgets {
+    /// The guest's DHCP lease on its first boot.
     pub lease: Duration,
+    /// On the first boot: port 22 open and an SSH login working (and any console-text wait).
     pub ssh: Duration,
+    /// Provisioning finishing: `cloud-init status --wait` returning.
     pub cloud_init: Duration,
+    /// A unit becoming active (a unit wait), and the agent's first report after onboarding.
     pub first_status: Duration,
+    /// After a power-on: port 22 open and an SSH login working again (and any console-text
+    /// wait); the trials also give the agent this long for its first report after a power cut
+    /// or an outage.
     pub power_cycle_recovery: Duration,
     /// How long a guest may sit at its login prompt with nothing listening on port 22 before
     /// a wait for SSH gives up on it (sshd normally listens within seconds of the prompt).
@@ -48,6 +67,7 @@ pub enum FirmwareKind {
 }
 
 impl VmArchitecture {
+    /// Every architecture the harness boots.
     pub const ALL: [VmArchitecture; 2] = [VmArchitecture::X86_64, VmArchitecture::Aarch64];
 
     /// The name used in trial names, `ARCH` and libvirt's `<type arch=…>`.
@@ -74,6 +94,8 @@ impl VmArchitecture {
         }
     }
 
+    /// Reads an architecture's name, Linux's (`x86_64`, `aarch64`) or Debian's (`amd64`,
+    /// `arm64`); `source_name` says where `value` came from, for the error.
     pub fn parse(value: &str, source_name: &str) -> Result<Self, ArchError> {
         match value.trim() {
             "x86_64" | "amd64" | "x86-64" => Ok(Self::X86_64),
@@ -85,10 +107,12 @@ impl VmArchitecture {
         }
     }
 
+    /// The host's own architecture (`None`: one the harness does not boot).
     pub fn host() -> Option<Self> {
         Self::parse(std::env::consts::ARCH, "the host").ok()
     }
 
+    /// The QEMU machine type its VMs use (`q35`, `virt`).
     pub fn machine(self) -> &'static str {
         match self {
             Self::X86_64 => "q35",
@@ -96,6 +120,7 @@ impl VmArchitecture {
         }
     }
 
+    /// The file name of its QEMU system emulator, e.g. `qemu-system-aarch64`.
     pub fn emulator_binary(self) -> &'static str {
         match self {
             Self::X86_64 => "qemu-system-x86_64",
@@ -103,6 +128,7 @@ impl VmArchitecture {
         }
     }
 
+    /// How its VMs get their firmware: the built-in BIOS for x86_64, UEFI pflash for aarch64.
     pub fn firmware(self) -> FirmwareKind {
         match self {
             Self::X86_64 => FirmwareKind::Bios,
@@ -205,6 +231,8 @@ pub struct HostBudgets {
 }
 
 impl HostBudgets {
+    /// The host's budgets (60 s for the NATS server, 45 min for a VM slot), multiplied by
+    /// `factor` (DEVICELAB_BUDGET_SCALE).
     pub fn scaled(factor: f64) -> Self {
         Self {
             nats_start: Duration::from_secs(60).mul_f64(factor),
@@ -219,16 +247,21 @@ impl fmt::Display for VmArchitecture {
     }
 }
 
+/// How QEMU runs the guest's CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Accelerator {
+    /// Hardware virtualization through `/dev/kvm`: for a guest of the host's own architecture.
     Kvm,
+    /// QEMU's software emulation: any architecture, many times slower (hence its budgets).
     Tcg,
 }
 
 /// What the user asked for through DEVICELAB_ACCEL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccelChoice {
+    /// KVM where it can boot a stock guest, TCG otherwise (`auto`, the default).
     Auto,
+    /// This accelerator, whatever the host offers (`kvm`, `tcg`).
     Force(Accelerator),
 }
 
@@ -251,9 +284,12 @@ impl fmt::Display for Accelerator {
     }
 }
 
+/// The UEFI firmware an aarch64 VM boots from: a CODE and VARS pflash pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FirmwarePair {
+    /// The firmware's code image (read-only).
     pub code: PathBuf,
+    /// The template of its variable store; each VM gets a writable copy.
     pub vars: PathBuf,
 }
 

@@ -3,13 +3,22 @@
 use crate::model::arch::VmArchitecture;
 use crate::model::wait::Wait;
 
+/// What VM to boot: its name, architecture, size, first-boot settings, and when it counts as
+/// ready. [`VirtualMachineSpec::new`] gives the defaults; each `with_*` method changes one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VirtualMachineSpec {
+    /// The VM's name, in logs and errors; a cold start names its libvirt domain after it, and
+    /// it is the default hostname. 1–50 characters a-z, 0-9 and `-`, starting with a letter.
     pub name: String,
+    /// The architecture the VM boots as.
     pub arch: VmArchitecture,
+    /// Virtual CPUs (at least 1; 2 by default).
     pub vcpus: u32,
+    /// Memory, in MiB (at least 512; 2048 by default).
     pub memory_mib: u64,
+    /// The root disk's size, in GiB (at least 4; 8 by default).
     pub disk_gib: u64,
+    /// What cloud-init sets up on the first boot.
     pub first_boot: FirstBootConfig,
     /// Whether the harness flushes the guest's filesystems (`sync`) once provisioning and
     /// onboarding are done, so a later power cut tests a device that was in service, not one
@@ -75,33 +84,49 @@ impl std::fmt::Display for Readiness {
 /// for `admin_user`, in addition to `authorized_keys`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FirstBootConfig {
+    /// The guest's hostname (the VM's name by default).
     pub hostname: String,
+    /// The user the harness logs in as over SSH, with passwordless sudo ([`ADMIN_USER`] by
+    /// default).
     pub admin_user: String,
+    /// More public keys for `admin_user` (`ssh-ed25519 AAAA… comment` lines), besides the
+    /// harness's own.
     pub authorized_keys: Vec<String>,
     /// Shell commands cloud-init runs once, in its final stage of the first boot (`runcmd`); one that
     /// fails makes cloud-init, and so provisioning, fail.
     pub runcmd: Vec<String>,
 }
 
+/// A [`VirtualMachineSpec`] that cannot be booted, found before anything is created.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
+    /// The VM's name (quoted) is not 1–50 characters a-z, 0-9 and `-`, starting with a letter.
     #[error(
         "VM name {0:?} is not valid: use 1-50 characters a-z, 0-9 and '-', starting with a letter"
     )]
     Name(String),
+    /// The admin user's name (quoted) is not 1–32 characters a-z, 0-9, `_` and `-`, starting
+    /// with a letter.
     #[error("user name {0:?} is not valid: use a-z, 0-9, '_' and '-', starting with a letter")]
     User(String),
+    /// A size is below the least the harness boots: 1 vCPU, 512 MiB of memory, a 4 GiB disk.
     #[error("VM {name}: {what} must be at least {min}, got {got}")]
     TooSmall {
+        /// The VM's name.
         name: String,
+        /// The field that is too small: `vcpus`, `memory_mib` or `disk_gib`.
         what: &'static str,
+        /// The least that field may be, in its unit.
         min: u64,
+        /// What the spec asked for.
         got: u64,
     },
 }
 
 impl VirtualMachineSpec {
-    /// 2 vCPUs (measured faster than 1 even on a 2-core host), 2 GiB RAM, 8 GiB disk.
+    /// A VM `name` of `arch` with the defaults: 2 vCPUs (measured faster than 1 even on a
+    /// 2-core host), 2 GiB RAM, 8 GiB disk, the admin user [`ADMIN_USER`], provisioning
+    /// flushed, ready when cloud-init is done.
     pub fn new(name: impl Into<String>, arch: VmArchitecture) -> Self {
         let name = name.into();
         Self {
@@ -142,14 +167,17 @@ impl VirtualMachineSpec {
         self
     }
 
+    /// Sets the number of virtual CPUs.
     pub fn with_vcpus(mut self, vcpus: u32) -> Self {
         self.vcpus = vcpus;
         self
     }
+    /// Sets the memory, in MiB.
     pub fn with_memory_mib(mut self, mib: u64) -> Self {
         self.memory_mib = mib;
         self
     }
+    /// Sets the root disk's size, in GiB.
     pub fn with_disk_gib(mut self, gib: u64) -> Self {
         self.disk_gib = gib;
         self
@@ -159,24 +187,30 @@ impl VirtualMachineSpec {
         self.flush_provisioning = flush;
         self
     }
+    /// Sets how far provisioning goes before the handle is returned.
     pub fn ready_when(mut self, readiness: Readiness) -> Self {
         self.ready_when = readiness;
         self
     }
+    /// Sets the guest's dirty-data writeback delay (see
+    /// [`VirtualMachineSpec::writeback_delay`]).
     pub fn with_writeback_delay(mut self, delay: std::time::Duration) -> Self {
         self.writeback_delay = Some(delay);
         self
     }
-    /// Cold or warm, whatever DEVICELAB_START says.
+    /// Starts cold or warm, overriding DEVICELAB_START.
     pub fn with_start(mut self, start: Start) -> Self {
         self.start = Some(start);
         self
     }
+    /// Replaces the first-boot settings (hostname, admin user, keys, `runcmd`).
     pub fn with_first_boot(mut self, first_boot: FirstBootConfig) -> Self {
         self.first_boot = first_boot;
         self
     }
 
+    /// Checks the name, the admin user's name and the sizes; the lab does so before it
+    /// creates anything.
     pub fn validate(&self) -> Result<(), SpecError> {
         let n = &self.name;
         let name_ok = (1..=50).contains(&n.len())

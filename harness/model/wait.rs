@@ -16,7 +16,12 @@ pub enum Wait {
     /// `cloud-init status --wait` is done, cleanly.
     CloudInitDone,
     /// A systemd unit is active: a system unit, or with `user` that user's unit.
-    UnitActive { unit: String, user: Option<String> },
+    UnitActive {
+        /// The unit's name, e.g. `acme-agent.service`.
+        unit: String,
+        /// The user whose unit it is (`None`: a system unit).
+        user: Option<String>,
+    },
     /// This text appears on the serial console after the current boot began.
     ConsoleText(String),
     /// A shell command run as the admin user exits 0.

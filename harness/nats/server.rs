@@ -184,7 +184,7 @@ impl Server {
                     owner.run_id,
                     hex::encode(rand::random::<[u8; 3]>())
                 );
-                // Host networking: inside the sandbox namespace that is where the VMs' bridge is.
+                // Host networking: the host's own network namespace is where the VMs' bridge is.
                 let start = reaper::process_start_time(owner.pid).unwrap_or(0);
                 let output = Command::new(&config.podman)
                     // No --rm: it would delete the container on restart(); drop removes it.
@@ -412,7 +412,10 @@ impl Server {
 pub struct NatsServer {
     server: Server,
     client: async_nats::Client,
+    /// The port the server listens on: chosen by the server at start, the same after a
+    /// restart.
     pub port: u16,
+    /// The address it listens on: the host's on the libvirt network.
     pub gateway: Ipv4Addr,
 }
 
@@ -596,7 +599,9 @@ fn interrupt_guard(runner: &Runner, dir: &std::path::Path) -> CleanupGuard {
                 if let Some(pid) = pid
                     && start.is_some_and(|s| reaper::process_start_time(pid) == Some(s))
                 {
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                    }
                 }
                 let _ = std::fs::remove_dir_all(&dir);
             })
@@ -617,10 +622,13 @@ fn spawn_server(
         .open(dir.join(LOG_FILE))?;
     let mut cmd = Command::new(&command[0]);
     if !keep {
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        // SAFETY: the closure only calls prctl, which is async-signal-safe; nothing else runs
+        // between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                rustix::process::set_parent_process_death_signal(Some(
+                    rustix::process::Signal::KILL,
+                ))?;
                 Ok(())
             });
         }

@@ -23,6 +23,7 @@ pub enum Verdict {
 /// A report that names its device: a log read for one device skips other devices' reports (a
 /// wildcard subject can carry several devices').
 pub trait FromDevice {
+    /// The id of the device the report is from.
     fn device_id(&self) -> &str;
 }
 
@@ -42,8 +43,11 @@ impl FromDevice for Report {
 /// server's clock, in ms since the epoch), and the report.
 #[derive(Debug, Clone)]
 pub struct Stored<T> {
+    /// The message's sequence number in the stream.
     pub seq: u64,
+    /// When the server stored it: the server's clock, in milliseconds since the epoch.
     pub stored_ms: u64,
+    /// The report, decoded.
     pub report: T,
 }
 
@@ -91,6 +95,7 @@ impl ReportLog {
 }
 
 impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
+    /// The subject this log reads (a filter; it may have wildcards).
     pub fn subject(&self) -> &str {
         &self.subject
     }

@@ -53,12 +53,16 @@ pub struct SshTarget {
     pub host_key: PublicKey,
 }
 
+/// What a command run over SSH did: how it ended and what it printed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
     /// None when the command was killed by a signal (see `signal`) or the server sent none.
     pub exit_status: Option<u32>,
+    /// The signal that killed the command (e.g. `KILL`), if one did.
     pub signal: Option<String>,
+    /// Everything it printed on stdout.
     pub stdout: String,
+    /// Everything it printed on stderr.
     pub stderr: String,
 }
 
@@ -262,7 +266,7 @@ impl SshSession {
 }
 
 /// The command that writes its stdin to `remote_path` with `mode`, atomically (temp file +
-/// rename), as the login user or, with `sudo`, as root. Not flushed: see the README's
+/// rename), as the login user or, with `sudo`, as root. Not flushed: see docs/power-cuts.md
 /// "Power cuts".
 pub fn upload_command(remote_path: &str, mode: u32, sudo: bool) -> String {
     let path = shell_quote(remote_path);

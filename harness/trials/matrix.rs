@@ -38,6 +38,7 @@ pub enum Scenario {
 }
 
 impl Scenario {
+    /// Every scenario: pass it to [`Matrix::agent`] to run them all.
     pub const ALL: [Scenario; 3] = [Scenario::E2e, Scenario::PowerCycle, Scenario::Partition];
 }
 

@@ -115,7 +115,10 @@ fn reporting_interval(reports: &[Report]) -> Duration {
 /// partition, a frozen device) or go on reporting (a full disk).
 #[derive(Debug, Clone, Copy)]
 pub struct Outage {
+    /// How long the fault lasts before it is undone.
     pub duration: Duration,
+    /// `true`: nothing from the device may arrive after the first 5 s (what was in flight)
+    /// until the fault is undone, or the verdict fails; `false`: its reports keep arriving.
     pub silences: bool,
 }
 

@@ -36,29 +36,36 @@ pub enum Anchor {
 /// Where to cut: `delay` after `anchor`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CutPoint {
+    /// The event the cut is timed from.
     pub anchor: Anchor,
+    /// How long after that event the plug is pulled.
     pub delay: Duration,
 }
 
 impl CutPoint {
+    /// `delay` after the first SSH login works ([`Anchor::SshUp`]).
     pub fn after_ssh_up(delay: Duration) -> Self {
         Self {
             anchor: Anchor::SshUp,
             delay,
         }
     }
+    /// `delay` after provisioning finished ([`Anchor::CloudInitDone`]).
     pub fn after_cloud_init(delay: Duration) -> Self {
         Self {
             anchor: Anchor::CloudInitDone,
             delay,
         }
     }
+    /// Right after onboarding ran up to and including `step`, one of the reference agent's
+    /// steps ([`Anchor::OnboardStep`]).
     pub fn after_onboard_step(step: &'static str) -> Self {
         Self {
             anchor: Anchor::OnboardStep(step),
             delay: Duration::ZERO,
         }
     }
+    /// `delay` after the onboarded agent's first status arrived ([`Anchor::Reporting`]).
     pub fn while_reporting(delay: Duration) -> Self {
         Self {
             anchor: Anchor::Reporting,
@@ -66,7 +73,7 @@ impl CutPoint {
         }
     }
 
-    /// The sweep the README's table comes from: right after provisioning, then as the
+    /// The sweep docs/power-cuts.md's table comes from: right after provisioning, then as the
     /// writeback window (~30 s) closes and after it, mid-onboarding, and with the agent running.
     pub fn full_sweep() -> Vec<CutPoint> {
         let s = Duration::from_secs;
@@ -95,18 +102,22 @@ impl fmt::Display for CutPoint {
 /// What one cut did to the device.
 #[derive(Debug, Clone)]
 pub struct CutOutcome {
+    /// Where the plug was pulled.
     pub point: CutPoint,
     /// Whether the harness flushed provisioning (and onboarding) before the cut.
     pub flushed: bool,
+    /// What the VM handle recorded at the cut: how long after provisioning it came and what
+    /// had been flushed ([`Vm::last_power_cut`]).
     pub cut: Option<PowerCut>,
     /// Age of the SSH host key (written by cloud-init at first boot) at the harness's last
-    /// look before the cut, by the guest's clock, and the guest's writeback delay for dirty
-    /// data: a cut inside that delay can lose the unflushed key.
+    /// look before the cut, by the guest's clock (`None`: it could not be read).
     pub host_key_age: Option<Duration>,
     /// From that last look until the plug was pulled (libvirt's destroy returned), by the
     /// host's clock: the key was at most `host_key_age + to_cut` old at the cut. Seconds on a
     /// loaded host.
     pub to_cut: Duration,
+    /// The guest's writeback delay for dirty data (`vm.dirty_expire_centisecs`) at that last
+    /// look: a cut inside that delay can lose the unflushed key (`None`: it could not be read).
     pub writeback_after: Option<Duration>,
     /// Power on → SSH back, or the harness's error (with its diagnosis).
     pub ssh: Result<Duration, String>,

@@ -36,18 +36,29 @@ fn recovery_message(agent: &Result<Duration, String>, ssh: &Result<Duration, Str
     }
 }
 
+/// Why a trial failed: the error of the layer that failed, a verdict of the trial itself, or
+/// either with the failure artifacts it kept.
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
+    /// Starting or driving the VM failed.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// The run's NATS server could not be started.
     #[error(transparent)]
     Nats(#[from] LabNatsError),
+    /// Reading the device's reports failed, or the report waited for did not arrive in time
+    /// or was rejected.
     #[error(transparent)]
     Status(#[from] NatsError),
+    /// Onboarding failed, or the agent's description is wrong (checked before anything boots).
     #[error(transparent)]
     Onboard(#[from] OnboardError),
+    /// The agent's binary could not be built, read, or is for another architecture.
     #[error(transparent)]
     Agent(#[from] AgentBinaryError),
+    /// A check of the trial failed (the VM's architecture, cloud-init's schema check,
+    /// onboarding's idempotence, delivery across an outage); the message says what was
+    /// expected and what was seen.
     #[error("{0}")]
     Check(String),
     /// After a power cycle the agent (judged by its status stream) and the device's SSH are
@@ -63,23 +74,34 @@ pub enum ScenarioError {
         "{source}\n  failure artifacts: {dir} (serial log, domain XML, cloud-init logs, journal, \
          agent journal, status history)\n  last console lines:{console}"
     )]
+    /// A failure on a running device, with its evidence kept: the message names the
+    /// artifacts' directory and quotes the serial console's last lines.
     WithArtifacts {
+        /// The failure itself.
         source: Box<ScenarioError>,
+        /// Where the failure artifacts are (serial log, domain XML, cloud-init logs, journal,
+        /// agent journal, report history).
         dir: PathBuf,
+        /// The serial console's last lines, formatted for the message.
         console: String,
     },
 }
 
 /// A device with an agent onboarded and reporting.
 pub struct OnboardedDevice {
+    /// The device's VM.
     pub vm: Vm,
+    /// The run's NATS server the agent reports to.
     pub nats: NatsServer,
     /// The agent, described.
     pub agent: AgentDescription,
+    /// The id the device's reports carry: its VM's name.
     pub device_id: String,
     /// Where this device's reports land.
     pub reports_on: ReportsOn,
+    /// The agent's first report from this boot, after onboarding.
     pub first_report: Report,
+    /// How long each phase took, from the VM's start to the first report.
     pub timings: PhaseTimings,
 }
 
@@ -335,7 +357,10 @@ pub async fn power_cycle_with(
 /// (host clock, ms) beside which its timestamp can be read.
 #[derive(Debug, Clone)]
 pub struct AfterCut {
+    /// The new boot's first report.
     pub report: Report,
+    /// The host's clock when the gate was read, just after the plug was pulled, in
+    /// milliseconds since the epoch.
     pub gate_ms: u64,
 }
 

@@ -209,7 +209,7 @@ mod tests {
 
     #[test]
     fn a_failed_sshd_is_fatal_and_the_guests_evidence_is_read_for_this_boot_only() {
-        // The second boot's console from issue 8 (host keys empty after an early power cut).
+        // A second boot's console with the host keys empty after an early power cut.
         let f = tempfile::NamedTempFile::new().unwrap();
         // As seen: the prompt, then a cloud-init line continuing on it.
         let first_boot = "devicelab-evidence: stale line from the first boot\r\n\

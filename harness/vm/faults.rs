@@ -20,7 +20,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// A bad link, as `tc netem` shapes it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BadLink {
+    /// Delay added to every packet the device sends (millisecond resolution).
     pub latency: Duration,
+    /// How far each packet's delay may vary around `latency`, either way.
     pub jitter: Duration,
     /// Packets lost, in percent.
     pub loss_percent: f64,
@@ -165,6 +167,7 @@ impl Vm {
         Ok(())
     }
 
+    /// The device runs again after [`Vm::freeze`] (the domain is resumed).
     pub async fn thaw(&self) -> Result<(), VmError> {
         self.libvirt_call(|lv, dom, name| lv.set_paused(dom, name, false))
             .await?;

@@ -25,10 +25,12 @@ use std::time::{Duration, Instant};
 pub struct PhaseTimings(Arc<Mutex<Vec<(String, Duration)>>>);
 
 impl PhaseTimings {
+    /// Appends `phase` and how long it took (and logs it).
     pub fn record(&self, phase: &str, took: Duration) {
         tracing::info!("phase {phase}: {:.1} s", took.as_secs_f64());
         self.0.lock().unwrap().push((phase.to_owned(), took));
     }
+    /// Every phase recorded so far, in order, with how long it took.
     pub fn entries(&self) -> Vec<(String, Duration)> {
         self.0.lock().unwrap().clone()
     }
@@ -49,8 +51,9 @@ impl fmt::Display for PhaseTimings {
 /// and what had been flushed by then. A diagnosis rests on it.
 #[derive(Debug, Clone)]
 pub struct PowerCut {
-    /// What provisioning waited for (the spec's readiness), and the time from then to the cut.
+    /// What provisioning waited for (the spec's readiness).
     pub ready: Readiness,
+    /// The time from the end of provisioning to the cut (zero if provisioning never ended).
     pub after_provisioning: Duration,
     /// The last flush before the cut, what it made durable and how long before the cut it
     /// ran; `None`: nothing the guest wrote since boot was flushed by the harness.
@@ -109,6 +112,8 @@ pub struct Vm {
     durability: Mutex<Durability>,
     /// Set by `remove`: `Drop` has nothing left to do.
     removed: bool,
+    /// How long each phase took: the first boot's waits, then whatever the test or trial
+    /// records (onboarding, the first status, a power cycle's recovery).
     pub timings: PhaseTimings,
     /// The faults injected (`faults`), with when each took effect.
     pub(crate) faults: Mutex<Vec<(String, std::time::SystemTime)>>,
@@ -222,9 +227,12 @@ impl Vm {
         }
     }
 
+    /// The VM's libvirt domain name: the spec's name on a cold start, the saved VM's on a
+    /// warm one.
     pub fn name(&self) -> &str {
         &self.owned.name
     }
+    /// The architecture the VM boots as.
     pub fn arch(&self) -> VmArchitecture {
         self.arch
     }
@@ -232,9 +240,12 @@ impl Vm {
     pub fn ip(&self) -> Option<Ipv4Addr> {
         self.ip.get().copied()
     }
+    /// The budgets its waits and commands get: its architecture's and accelerator's, scaled
+    /// by DEVICELAB_BUDGET_SCALE.
     pub fn budgets(&self) -> Budgets {
         self.budgets
     }
+    /// The file the guest's serial console is logged to, every boot of it in order.
     pub fn serial_log(&self) -> &std::path::Path {
         &self.serial_log
     }
@@ -257,6 +268,7 @@ impl Vm {
         self.exec_with_input(command, None).await
     }
 
+    /// [`Vm::exec`] with `input` (if any) written to the command's stdin.
     pub async fn exec_with_input(
         &self,
         command: &str,
@@ -326,7 +338,9 @@ impl Vm {
         })
     }
 
-    /// Writes a file on the guest (as root with `sudo`), atomically.
+    /// Writes `contents` to `remote_path` on the guest with permission bits `mode`, atomically
+    /// (a temporary file renamed into place), as the admin user or, with `sudo`, as root. Not
+    /// flushed: call [`Vm::flush`] if it must survive a power cut.
     pub async fn upload(
         &self,
         contents: &[u8],
@@ -346,6 +360,7 @@ impl Vm {
         }
     }
 
+    /// The guest kernel's boot id (`/proc/sys/kernel/random/boot_id`): a new one on every boot.
     pub async fn boot_id(&self) -> Result<String, VmError> {
         Ok(self
             .succeed("cat /proc/sys/kernel/random/boot_id")

@@ -47,7 +47,7 @@ pub struct CloudConfig {
 
 /// On every boot, before sshd starts, the guest names on its console each file the harness's
 /// SSH access depends on that exists but is empty: what a power cut leaves of data that was
-/// never flushed (issue 8). Read-only: it changes nothing on the device.
+/// never flushed. Read-only: it changes nothing on the device.
 pub fn evidence_bootcmd() -> String {
     let mark = super::console::EVIDENCE_MARK;
     format!(

@@ -11,7 +11,7 @@ use crate::model::wait::Wait;
 use crate::ssh::login::ssh_login;
 use crate::ssh::{SshError, shell_quote, user_systemctl};
 use crate::support::probe::{BACKOFF, CONNECT_TIMEOUT, poll, tcp_port};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -131,89 +131,111 @@ impl Vm {
                 if let Some(ip) = self.ip() {
                     return Ok(Some(ip.to_string()));
                 }
-                let ip = poll(left, || async {
-                    let name = self.name().to_owned();
-                    match self
-                        .owned
-                        .libvirt
-                        .run(move |lv| lv.lease_ipv4(&lv.domain(&name)?, &name))
-                        .await
-                    {
-                        Ok(Some(ip)) => Ok(ip),
-                        Ok(None) => Err("no lease yet".to_owned()),
-                        Err(e) => Err(e.to_string()),
-                    }
-                })
-                .await
-                .map_err(timeout)?;
+                let ip = self.lease(left).await.map_err(timeout)?;
                 self.set_ip(ip)?;
                 Ok(Some(ip.to_string()))
             }
             Wait::OpenPort(port) => {
-                let ip = self.target()?.addr.ip();
-                tcp_port(SocketAddr::new(ip, *port), left)
-                    .await
-                    .map_err(timeout)?;
-                Ok(None)
+                let addr = SocketAddr::new(self.target()?.addr.ip(), *port);
+                tcp_port(addr, left).await.map_err(timeout).map(|()| None)
             }
-            Wait::SshLogin => {
-                let session = ssh_login(&self.target()?, left)
-                    .await
-                    .map_err(|source| self.ssh_err(source))?;
-                *self.session.lock().await = Some(session);
-                self.ssh_reached.store(true, Ordering::SeqCst);
-                Ok(None)
-            }
+            Wait::SshLogin => self.ssh_login(left).await.map(|()| None),
             Wait::CloudInitDone => self.cloud_init_done(left).await.map(|()| None),
-            Wait::UnitActive { unit, user } => {
-                let command = match user {
-                    None => format!("systemctl is-active {}", shell_quote(unit)),
-                    Some(u) => user_systemctl(u, &format!("is-active {}", shell_quote(unit))),
-                };
-                poll(left, || async {
-                    match self.exec(&command).await {
-                        Ok(out) if out.stdout.trim() == "active" => Ok(()),
-                        Ok(out) => Err(format!("{unit} is {}", out.stdout.trim())),
-                        Err(e) => Err(e.to_string()),
-                    }
-                })
+            Wait::UnitActive { unit, user } => self
+                .unit_active(unit, user.as_deref(), left)
                 .await
-                .map_err(timeout)?;
-                Ok(None)
-            }
-            Wait::ConsoleText(text) => {
-                let offset = self.boot_offset.load(Ordering::SeqCst);
-                let line = poll(left, || async {
-                    let (log, wanted) = (self.serial_log.clone(), text.clone());
-                    tokio::task::spawn_blocking(move || {
-                        console::line_with_after(&log, offset, &wanted)
-                    })
-                    .await
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| format!("{text:?} not on the console yet"))
-                })
+                .map_err(timeout)
+                .map(|()| None),
+            Wait::ConsoleText(text) => self
+                .console_text(text, left)
                 .await
-                .map_err(timeout)?;
-                Ok(Some(line))
-            }
-            Wait::CommandSucceeds(command) => {
-                let out = poll(left, || async {
-                    match self.exec(command).await {
-                        Ok(out) if out.success() => Ok(out.stdout),
-                        Ok(out) => Err(format!(
-                            "exit {}: {}",
-                            out.exit_status.map_or("?".into(), |s| s.to_string()),
-                            out.stderr.trim()
-                        )),
-                        Err(e) => Err(e.to_string()),
-                    }
-                })
+                .map_err(timeout)
+                .map(Some),
+            Wait::CommandSucceeds(command) => self
+                .command_succeeds(command, left)
                 .await
-                .map_err(timeout)?;
-                Ok(Some(out))
-            }
+                .map_err(timeout)
+                .map(Some),
         }
+    }
+
+    /// [`Wait::Lease`]: this instance's DHCP lease, by its MAC.
+    async fn lease(&self, left: Duration) -> Result<Ipv4Addr, String> {
+        poll(left, || async {
+            let name = self.name().to_owned();
+            match self
+                .owned
+                .libvirt
+                .run(move |lv| lv.lease_ipv4(&lv.domain(&name)?, &name))
+                .await
+            {
+                Ok(Some(ip)) => Ok(ip),
+                Ok(None) => Err("no lease yet".to_owned()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await
+    }
+
+    /// [`Wait::SshLogin`]: a verified login; the session is kept for the verbs.
+    async fn ssh_login(&self, left: Duration) -> Result<(), VmError> {
+        let session = ssh_login(&self.target()?, left)
+            .await
+            .map_err(|source| self.ssh_err(source))?;
+        *self.session.lock().await = Some(session);
+        self.ssh_reached.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// [`Wait::UnitActive`]: a system unit, or with `user` that user's unit, is active.
+    async fn unit_active(
+        &self,
+        unit: &str,
+        user: Option<&str>,
+        left: Duration,
+    ) -> Result<(), String> {
+        let command = match user {
+            None => format!("systemctl is-active {}", shell_quote(unit)),
+            Some(u) => user_systemctl(u, &format!("is-active {}", shell_quote(unit))),
+        };
+        poll(left, || async {
+            match self.exec(&command).await {
+                Ok(out) if out.stdout.trim() == "active" => Ok(()),
+                Ok(out) => Err(format!("{unit} is {}", out.stdout.trim())),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await
+    }
+
+    /// [`Wait::ConsoleText`]: the console line with `text`, printed after this boot began.
+    async fn console_text(&self, text: &str, left: Duration) -> Result<String, String> {
+        let offset = self.boot_offset.load(Ordering::SeqCst);
+        poll(left, || async {
+            let (log, wanted) = (self.serial_log.clone(), text.to_owned());
+            tokio::task::spawn_blocking(move || console::line_with_after(&log, offset, &wanted))
+                .await
+                .ok()
+                .flatten()
+                .ok_or_else(|| format!("{text:?} not on the console yet"))
+        })
+        .await
+    }
+
+    /// [`Wait::CommandSucceeds`]: `command` exits 0; its stdout.
+    async fn command_succeeds(&self, command: &str, left: Duration) -> Result<String, String> {
+        poll(left, || async {
+            match self.exec(command).await {
+                Ok(out) if out.success() => Ok(out.stdout),
+                Ok(out) => Err(format!(
+                    "exit {}: {}",
+                    out.exit_status.map_or("?".into(), |s| s.to_string()),
+                    out.stderr.trim()
+                )),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await
     }
 
     /// `cloud-init status --wait`: 0 = done; 2 = done with recoverable errors (newer

@@ -165,3 +165,38 @@ pub fn mac_of(vm: &devicelab::Vm) -> String {
     let at = xml.find("<mac address=").expect("a MAC in the domain XML") + 14;
     xml[at..at + 17].to_owned()
 }
+
+/// The `devicelab` command, as a user installs it (`--features cli`): the one cargo built for
+/// this test run, else built here once (a run without `--features cli` still tests it).
+pub fn devicelab_cli() -> std::path::PathBuf {
+    if let Some(built) = option_env!("CARGO_BIN_EXE_devicelab") {
+        return built.into();
+    }
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .args([
+                    "build",
+                    "--quiet",
+                    "--features",
+                    "cli",
+                    "--bin",
+                    "devicelab",
+                ])
+                .current_dir(root)
+                .status()
+                .expect("cargo, to build the devicelab command");
+            assert!(
+                status.success(),
+                "cargo build --features cli --bin devicelab failed"
+            );
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            target.join("debug/devicelab")
+        })
+        .clone()
+}
