@@ -14,7 +14,7 @@
 //! table (min / median / max per phase) and writes `target/devicelab-bench/boot.json`; says
 //! how busy the host was (load average before and after).
 
-use devicelab::model::spec::VirtualMachineSpec;
+use devicelab::VirtualMachineSpec;
 use devicelab::{Lab, VmArchitecture, trials::scenario, vm::run};
 use serde::Serialize;
 use std::collections::BTreeMap;

@@ -116,13 +116,13 @@ pub fn is_known(var: &str) -> bool {
 /// Per-architecture overrides, parsed and checked when the configuration is read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ArchOverrides {
-    /// DEVICELAB_IMAGE_<ARCH>: (variable, absolute path).
+    /// `DEVICELAB_IMAGE_<ARCH>`: (variable, absolute path).
     pub image: Option<(String, PathBuf)>,
-    /// DEVICELAB_IMAGE_URL_<ARCH> with its SHA-256 (64 hex digits).
+    /// `DEVICELAB_IMAGE_URL_<ARCH>` with its SHA-256 (64 hex digits).
     pub image_url: Option<(String, String)>,
-    /// DEVICELAB_AGENT_BIN_<ARCH>: (variable, path).
+    /// `DEVICELAB_AGENT_BIN_<ARCH>`: (variable, path).
     pub agent_bin: Option<(String, PathBuf)>,
-    /// DEVICELAB_AGENT_TARGET_<ARCH>.
+    /// `DEVICELAB_AGENT_TARGET_<ARCH>`.
     pub agent_target: Option<String>,
 }
 
@@ -158,7 +158,7 @@ pub struct HarnessConfig {
     pub podman: PathBuf,
     /// ARCH: restricts the trials to one architecture and opts in to running them.
     pub arch_filter: Option<VmArchitecture>,
-    /// DEVICELAB_*_<ARCH> settings, per architecture.
+    /// `DEVICELAB_*_<ARCH>` settings, per architecture.
     pub overrides: BTreeMap<VmArchitecture, ArchOverrides>,
     /// DEVICELAB_UEFI_CODE + DEVICELAB_UEFI_VARS: the aarch64 firmware, where it is not in
     /// the usual places.
@@ -337,7 +337,7 @@ impl HarnessConfig {
     }
 }
 
-/// Reads and checks `arch`'s DEVICELAB_*_<ARCH> variables.
+/// Reads and checks `arch`'s `DEVICELAB_*_<ARCH>` variables.
 fn arch_overrides(
     get: &impl Fn(&str) -> Option<String>,
     arch: VmArchitecture,

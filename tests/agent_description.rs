@@ -8,9 +8,9 @@ mod agents;
 mod common;
 
 use devicelab::VmArchitecture;
-use devicelab::agent::description::{Content, Installed, Package, Reports, ReportsOn, Source};
 use devicelab::agent::onboard::{OnboardError, Onboarding};
 use devicelab::config::HarnessConfig;
+use devicelab::description::{Content, Installed, Package, Reports, ReportsOn, Source};
 use devicelab::nats::{NatsError, Verdict};
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -99,7 +99,7 @@ async fn a_failing_first_boot_keeps_its_artifacts(
     #[future] lab: std::sync::Arc<Lab>,
     arch: VmArchitecture,
 ) {
-    use devicelab::model::spec::VirtualMachineSpec;
+    use devicelab::VirtualMachineSpec;
     let lab = lab.await;
     let name = lab.vm_name("cifail", arch);
     // A first boot that fails: cold, whatever DEVICELAB_START says.

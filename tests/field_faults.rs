@@ -3,8 +3,8 @@
 //! frozen device, a bad link, a clock thrown back and then a power cut, a full disk. Each
 //! prints its figures. `--features e2e`.
 
+use devicelab::Start;
 use devicelab::fixtures::*;
-use devicelab::model::spec::Start;
 use devicelab::nats::Stored;
 use devicelab::trials::outage::{Outage, judge_delivery, ride_out};
 use devicelab::trials::scenario::{
@@ -20,7 +20,7 @@ async fn device(lab: &Lab, arch: VmArchitecture, what: &str) -> OnboardedDevice 
         lab,
         arch,
         what,
-        &devicelab::agent::reference::agent(),
+        &devicelab::reference::agent(),
         Some(Start::Warm),
     )
     .await

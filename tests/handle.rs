@@ -9,12 +9,12 @@
 mod agents;
 mod common;
 
-use devicelab::agent::description::{Package, Service};
+use devicelab::Wait;
 use devicelab::agent::onboard::{OnboardError, Onboarding};
+use devicelab::description::{Package, Service};
 use devicelab::fixtures::*;
-use devicelab::model::spec::{Readiness, VirtualMachineSpec};
-use devicelab::model::wait::Wait;
 use devicelab::vm::VmError;
+use devicelab::{Readiness, VirtualMachineSpec};
 use std::sync::Arc;
 
 /// Onboards `agent` on `vm`, which must fail; its message and the error.

@@ -3,8 +3,8 @@
 
 mod common;
 
+use devicelab::VirtualMachineSpec;
 use devicelab::VmArchitecture;
-use devicelab::model::spec::VirtualMachineSpec;
 use devicelab::ssh::keys::{ClientKey, HostKey, KeyError};
 use devicelab::vm::seed::{Seed, evidence_bootcmd};
 use std::os::unix::fs::PermissionsExt;

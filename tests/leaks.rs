@@ -4,9 +4,9 @@
 
 mod common;
 
+use devicelab::Readiness;
 use devicelab::config::HarnessConfig;
 use devicelab::host::libvirt::Libvirt;
-use devicelab::model::spec::Readiness;
 use devicelab::{Lab, VirtualMachineSpec, VmArchitecture};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

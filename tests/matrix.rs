@@ -1,17 +1,17 @@
-//! The end-to-end matrix: {e2e, power_cycle} × {x86_64, aarch64} for the reference agent, and
+//! The end-to-end matrix: {e2e, power_cycle, partition} × {x86_64, aarch64} for the reference agent, and
 //! the same for a second agent described through the public API (`heartbeat::…`). Built
-//! by the same helper a user's crate calls (`devicelab::trials::matrix::Matrix`).
+//! by the same helper a user's crate calls (`devicelab::trials::Matrix`).
 //!
 //! The trials boot VMs, so they run only when asked: built with `--features e2e`, or with ARCH
 //! set (which also restricts them to that architecture). Otherwise they are listed as ignored.
 
 mod agents;
 
-use devicelab::trials::matrix::{Matrix, Scenario};
+use devicelab::trials::{Matrix, Scenario};
 
 fn main() {
     Matrix::new(cfg!(feature = "e2e"))
-        .agent("", devicelab::agent::reference::agent, &Scenario::ALL)
+        .agent("", devicelab::reference::agent, &Scenario::ALL)
         .agent("heartbeat", agents::heartbeat, &Scenario::ALL)
         .run()
 }

@@ -7,7 +7,7 @@ mod common;
 
 use common::mac_of;
 use devicelab::fixtures::*;
-use devicelab::model::spec::{Readiness, VirtualMachineSpec};
+use devicelab::{Readiness, VirtualMachineSpec};
 use std::sync::Arc;
 
 #[rstest]

@@ -9,7 +9,7 @@ mod common;
 
 use common::mac_of;
 use devicelab::fixtures::*;
-use devicelab::model::spec::{Start, VirtualMachineSpec};
+use devicelab::{Start, VirtualMachineSpec};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -134,7 +134,7 @@ async fn the_onboarded_fixture_starts_warm_when_configured(arch: VmArchitecture)
         &lab,
         arch,
         "warmdev",
-        &devicelab::agent::reference::agent(),
+        &devicelab::reference::agent(),
     )
     .await
     .unwrap();

@@ -1,5 +1,5 @@
 //! The agent under test: what it is and how it is installed ([`description`]), devicelab's own
-//! reference agent ([`reference`]), building an agent's binary for the guest's architecture
+//! reference agent ([`mod@reference`]), building an agent's binary for the guest's architecture
 //! ([`build`]) and onboarding it over SSH ([`onboard`]).
 
 #[doc(hidden)]

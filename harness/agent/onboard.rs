@@ -1,5 +1,5 @@
 //! Onboarding any agent description over SSH, idempotently: packages → user → files → unit →
-//! linger → enable/start → active, in one round trip per run ([`script`]). Each step says
+//! linger → enable/start → active, in one round trip per run (the `script` module). Each step says
 //! whether it changed anything, and a second run changes nothing.
 
 mod script;

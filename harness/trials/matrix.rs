@@ -1,14 +1,14 @@
-//! The trial matrix for any agent — {e2e, power_cycle} × {x86_64, aarch64} — as libtest-mimic
+//! The trial matrix for any agent — {e2e, power_cycle, partition} × {x86_64, aarch64} — as libtest-mimic
 //! trials, so `cargo test`, `cargo nextest` and their filters see one test per cell. A user's
 //! `harness = false` test target is a few lines:
 //!
 //! ```no_run
-//! fn my_agent() -> devicelab::agent::description::AgentDescription {
-//!     devicelab::agent::reference::agent() // yours
+//! fn my_agent() -> devicelab::description::AgentDescription {
+//!     devicelab::reference::agent() // yours
 //! }
 //! fn main() {
-//!     devicelab::trials::matrix::Matrix::new(cfg!(feature = "e2e"))
-//!         .agent("", my_agent, &devicelab::trials::matrix::Scenario::ALL)
+//!     devicelab::trials::Matrix::new(cfg!(feature = "e2e"))
+//!         .agent("", my_agent, &devicelab::trials::Scenario::ALL)
 //!         .run()
 //! }
 //! ```

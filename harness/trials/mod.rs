@@ -6,3 +6,6 @@ pub mod matrix;
 pub mod outage;
 pub mod power_cut;
 pub mod scenario;
+
+pub use matrix::{AgentFn, Matrix, Scenario};
+pub use scenario::OnboardedDevice;

@@ -2,7 +2,7 @@
 #![allow(dead_code)] // each test binary uses its own part
 
 use devicelab::VmArchitecture;
-use devicelab::agent::description::{
+use devicelab::description::{
     AgentDescription, Content, Installed, Package, Report, Reports, Service, Source, TemplateValues,
 };
 use std::collections::BTreeMap;

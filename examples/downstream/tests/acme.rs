@@ -1,7 +1,7 @@
 //! The acme agent, described for devicelab.
 
 use acme_device_tests::{AcmeConfig, AcmeReport};
-use devicelab::agent::description::*;
+use devicelab::description::*;
 use std::path::Path;
 use std::sync::Arc;
 

@@ -1,9 +1,9 @@
-//! acme's device tests: the whole {e2e, power_cycle} × {x86_64, aarch64} matrix for the acme
+//! acme's device tests: the whole {e2e, power_cycle, partition} × {x86_64, aarch64} matrix for the acme
 //! agent. `cargo nextest run -p acme-device-tests --features e2e` (ARCH=x86_64 for one arch).
 
 mod acme;
 
-use devicelab::trials::matrix::{Matrix, Scenario};
+use devicelab::trials::{Matrix, Scenario};
 
 fn main() {
     Matrix::new(cfg!(feature = "e2e"))
