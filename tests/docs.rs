@@ -20,7 +20,7 @@ fn root() -> &'static Path {
 
 /// README.md and every docs/*.md: the pages held to every rule.
 fn front_and_reference() -> Vec<PathBuf> {
-    let mut pages = vec![root().join("README.md")];
+    let mut pages = vec![root().join("README.md"), root().join("ARCHITECTURE.md")];
     let mut docs: Vec<PathBuf> = std::fs::read_dir(root().join("docs"))
         .expect("docs/")
         .map(|e| e.expect("a docs/ entry").path())

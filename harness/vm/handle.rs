@@ -138,7 +138,7 @@ pub(crate) struct Login {
     pub host_key: HostKey,
 }
 
-/// What the runner hands a new handle.
+/// What a start hands a new handle.
 pub(crate) struct VmParts {
     pub owned: Owned,
     pub arch: VmArchitecture,

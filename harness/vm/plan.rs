@@ -46,7 +46,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The domain XML parameters of `plan`'s VM called `name` (the runner's, and a saved VM's key).
+    /// The domain XML parameters of `plan`'s VM called `name` (a cold boot's, and a saved VM's key).
     pub(crate) fn domain_params(
         &self,
         name: &str,

@@ -1,4 +1,4 @@
-//! Wait strategies: what "ready" means, as a list the runner applies in order with the console
+//! Wait strategies: what "ready" means, as a list a start applies in order with the console
 //! guard around it (a fatal console line or an idle guest ends any wait at once). Provisioning
 //! applies the spec's list (lease, port 22, SSH login, cloud-init done, then the test's own);
 //! a power-on applies the same strategies minus the lease. The probes below poll tightly with a
