@@ -140,7 +140,7 @@ fn prev_is_ident(chars: &[char], i: usize) -> bool {
 fn expand(tree: &str) -> Vec<String> {
     let tree = tree.trim();
     let Some(open) = tree.find('{') else {
-        return vec![tree.split(" as ").next().unwrap().trim().to_owned()];
+        return vec![tree.trim().to_owned()];
     };
     let prefix = &tree[..open];
     let inner = &tree[open + 1..tree.rfind('}').unwrap()];
@@ -160,7 +160,7 @@ fn expand(tree: &str) -> Vec<String> {
     items
         .into_iter()
         .filter(|i| !i.trim().is_empty())
-        .flat_map(|i| expand(i))
+        .flat_map(expand)
         .map(|p| {
             if p == "self" {
                 prefix.trim_end_matches("::").to_owned()
@@ -171,9 +171,10 @@ fn expand(tree: &str) -> Vec<String> {
         .collect()
 }
 
-/// The paths a file names: its `use` trees (a `pub mod` is a declaration, not an import) and
-/// the inline `crate::…`/`super::…` paths.
-fn paths_in(code: &str) -> Vec<String> {
+/// The paths a file names, each with whether it is a `pub use` (a re-export): its `use` trees
+/// (a `pub mod` is a declaration, not an import) and the inline `crate::…`/`super::…` paths. A
+/// renamed import keeps its new name after `@` (`a::b@c` for `use a::b as c`).
+fn paths_in(code: &str) -> Vec<(String, bool)> {
     let mut paths = Vec::new();
     let lines: Vec<&str> = code.lines().collect();
     for (n, line) in lines.iter().enumerate() {
@@ -196,8 +197,10 @@ fn paths_in(code: &str) -> Vec<String> {
             .split(';')
             .next()
             .unwrap()
+            .replace(" as ", "@")
             .replace(char::is_whitespace, "");
-        paths.extend(expand(&tree));
+        let public = at.starts_with("pub");
+        paths.extend(expand(&tree).into_iter().map(|p| (p, public)));
     }
     for start in ["crate::", "super::"] {
         let mut from = 0;
@@ -208,7 +211,7 @@ fn paths_in(code: &str) -> Vec<String> {
                 .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
                 .unwrap_or(code.len() - at);
             if !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
-                paths.push(code[at..at + len].trim_end_matches(':').to_owned());
+                paths.push((code[at..at + len].trim_end_matches(':').to_owned(), false));
             }
             from = at + len.max(1);
         }
@@ -216,15 +219,12 @@ fn paths_in(code: &str) -> Vec<String> {
     paths
 }
 
-/// The module a path in `module` (a file's module path) refers to: the longest prefix that
-/// is a file of the library.
-fn resolve(path: &str, module: &str, modules: &BTreeMap<String, PathBuf>) -> Option<String> {
-    let mut segs: Vec<&str> = path.split("::").collect();
-    let mut base: Vec<&str> = if module.is_empty() {
-        vec![]
-    } else {
-        module.split("::").collect()
-    };
+/// `path` (as written in `module`) from the crate root, or `None` for a path outside the crate
+/// (std, other crates). A first segment that names a child module is relative to `module`.
+fn absolute(path: &str, module: &str, modules: &BTreeMap<String, PathBuf>) -> Option<Vec<String>> {
+    let path = path.split('@').next().unwrap();
+    let mut segs: Vec<&str> = path.split("::").filter(|s| !s.is_empty()).collect();
+    let mut base: Vec<&str> = module.split("::").filter(|s| !s.is_empty()).collect();
     match segs.first().copied() {
         Some("crate") => {
             base.clear();
@@ -239,13 +239,77 @@ fn resolve(path: &str, module: &str, modules: &BTreeMap<String, PathBuf>) -> Opt
         Some("self") => {
             segs.remove(0);
         }
-        _ => return None, // std, other crates
+        Some(first) => {
+            let child = if module.is_empty() {
+                first.to_owned()
+            } else {
+                format!("{module}::{first}")
+            };
+            if !modules.contains_key(&child) {
+                return None; // std, other crates
+            }
+        }
+        None => return None,
     }
-    let full: Vec<&str> = base.into_iter().chain(segs).collect();
-    (1..=full.len())
-        .rev()
-        .map(|n| full[..n].join("::"))
-        .find(|m| modules.contains_key(m))
+    Some(base.into_iter().chain(segs).map(str::to_owned).collect())
+}
+
+/// The re-exports of every file: `module::name` → the absolute path it stands for.
+fn aliases(modules: &BTreeMap<String, PathBuf>) -> BTreeMap<String, Vec<String>> {
+    let mut out = BTreeMap::new();
+    for (module, path) in modules {
+        for (p, public) in paths_in(&code_of(path)) {
+            if !public {
+                continue;
+            }
+            let Some(target) = absolute(&p, module, modules) else {
+                continue;
+            };
+            let name = match p.split_once('@') {
+                Some((_, renamed)) => renamed.to_owned(),
+                None => target.last().cloned().unwrap_or_default(),
+            };
+            let key = if module.is_empty() {
+                name
+            } else {
+                format!("{module}::{name}")
+            };
+            out.insert(key, target);
+        }
+    }
+    out
+}
+
+/// The file that defines what `path` (absolute) names: the longest prefix that is a file of
+/// the library, following re-exports to where the item is defined. `None` if it names nothing.
+fn resolve(
+    mut path: Vec<String>,
+    modules: &BTreeMap<String, PathBuf>,
+    aliases: &BTreeMap<String, Vec<String>>,
+) -> Option<String> {
+    for _ in 0..8 {
+        let n = (0..=path.len())
+            .rev()
+            .find(|n| modules.contains_key(&path[..*n].join("::")))?;
+        let module = path[..n].join("::");
+        let Some(item) = path.get(n) else {
+            return Some(module);
+        };
+        let key = if module.is_empty() {
+            item.clone()
+        } else {
+            format!("{module}::{item}")
+        };
+        match aliases.get(&key) {
+            Some(target) => {
+                let mut next = target.clone();
+                next.extend(path[n + 1..].iter().cloned());
+                path = next;
+            }
+            None => return Some(module),
+        }
+    }
+    None
 }
 
 fn layer_of(module: &str) -> Option<usize> {
@@ -253,14 +317,27 @@ fn layer_of(module: &str) -> Option<usize> {
     LAYERS.iter().position(|l| l.contains(&top))
 }
 
+/// Every file's arrows: the files it imports from. A `pub use` in a `mod.rs` or `lib.rs` is
+/// the folder's front (it names what the folder offers), not an arrow; a path through it
+/// points at the file that defines the item.
 fn graph() -> BTreeMap<String, BTreeSet<String>> {
     let modules = modules();
+    let aliases = aliases(&modules);
     let mut graph = BTreeMap::new();
     for (module, path) in &modules {
-        let code = code_of(path);
-        let targets: BTreeSet<String> = paths_in(&code)
-            .iter()
-            .filter_map(|p| resolve(p, module, &modules))
+        let front = matches!(
+            path.file_name().and_then(|n| n.to_str()),
+            Some("mod.rs" | "lib.rs")
+        );
+        let targets: BTreeSet<String> = paths_in(&code_of(path))
+            .into_iter()
+            .filter(|(_, public)| !(front && *public))
+            .filter_map(|(p, _)| absolute(&p, module, &modules))
+            .map(|abs| {
+                let shown = abs.join("::");
+                resolve(abs, &modules, &aliases)
+                    .unwrap_or_else(|| panic!("{module}: `{shown}` names no file of the library"))
+            })
             .filter(|t| t != module && !t.is_empty())
             .collect();
         graph.insert(module.clone(), targets);

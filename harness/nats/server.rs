@@ -598,10 +598,9 @@ fn interrupt_guard(runner: &Runner, dir: &std::path::Path) -> CleanupGuard {
             reaper::on_interrupt(move || {
                 if let Some(pid) = pid
                     && start.is_some_and(|s| reaper::process_start_time(pid) == Some(s))
+                    && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
                 {
-                    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                    }
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
                 }
                 let _ = std::fs::remove_dir_all(&dir);
             })
@@ -626,9 +625,10 @@ fn spawn_server(
         // between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
-                rustix::process::set_parent_process_death_signal(Some(
+                // As before: a kernel without it still runs the server.
+                let _ = rustix::process::set_parent_process_death_signal(Some(
                     rustix::process::Signal::KILL,
-                ))?;
+                ));
                 Ok(())
             });
         }

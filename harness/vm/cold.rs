@@ -36,6 +36,8 @@ pub(crate) async fn boot(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
 }
 
 impl Boot for ColdBoot {
+    const TIMED_FROM_REQUEST: bool = true;
+
     fn name(&self) -> &str {
         &self.name
     }

@@ -88,7 +88,7 @@ struct Durability {
 }
 
 /// A VM ("the handle"): reachable over SSH, power-cyclable, removed by [`Vm::remove`] or,
-/// failing that, when dropped. The runner creates it; it knows nothing of the lab.
+/// failing that, when dropped. `vm::start` creates it; it knows nothing of the lab.
 pub struct Vm {
     pub(crate) owned: Owned,
     arch: VmArchitecture,

@@ -18,6 +18,11 @@ use std::time::Instant;
 /// One way of bringing a VM's domain up: [`super::cold::ColdBoot`] or
 /// [`super::warm::WarmRestore`].
 pub(crate) trait Boot {
+    /// Whether the clock its waits are timed by starts with the request (a cold boot: waiting
+    /// for an earlier VM of its name to be torn down is part of its time), or once the handle
+    /// is open (a warm restore: "restore → SSH" is the restore's own time, not the previous
+    /// clone's teardown).
+    const TIMED_FROM_REQUEST: bool;
     /// The domain's name.
     fn name(&self) -> &str;
     /// The host key the guest presents (its SSH trust).
@@ -28,16 +33,24 @@ pub(crate) trait Boot {
     async fn wait_ready(&self, plan: &Plan, vm: &Vm, started: Instant) -> Result<(), VmError>;
 }
 
-/// Brings `boot`'s VM up for `plan`: a ready handle, or the error with what explains it kept
-/// and the VM removed.
-pub(crate) async fn start(plan: &Plan, boot: impl Boot, held: Vec<Held>) -> Result<Vm, VmError> {
+/// Brings `boot`'s VM up for `plan`: a ready handle, or the error. A failure before the
+/// domain runs removes what was made and returns the error as it is (there is nothing of the
+/// guest to keep); a failure once it runs keeps what explains it, then removes the VM.
+pub(crate) async fn start<B: Boot>(plan: &Plan, boot: B, held: Vec<Held>) -> Result<Vm, VmError> {
+    let requested = Instant::now();
     let vm = open_handle(plan, boot.name(), boot.host_key().clone(), held).await?;
-    let started = Instant::now();
-    let ready = async {
-        boot.make_domain(plan, &vm).await?;
-        boot.wait_ready(plan, &vm, started).await
+    let started = if B::TIMED_FROM_REQUEST {
+        requested
+    } else {
+        Instant::now()
+    };
+    if let Err(e) = boot.make_domain(plan, &vm).await {
+        if let Err(te) = vm.remove().await {
+            tracing::warn!("{te}");
+        }
+        return Err(e);
     }
-    .await;
+    let ready = boot.wait_ready(plan, &vm, started).await;
     handed_over(vm, ready).await
 }
 

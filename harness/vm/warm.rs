@@ -445,6 +445,8 @@ pub(crate) struct WarmRestore {
 }
 
 impl Boot for WarmRestore {
+    const TIMED_FROM_REQUEST: bool = false;
+
     fn name(&self) -> &str {
         &self.name
     }
