@@ -254,15 +254,26 @@ fn absolute(path: &str, module: &str, modules: &BTreeMap<String, PathBuf>) -> Op
     Some(base.into_iter().chain(segs).map(str::to_owned).collect())
 }
 
+/// The paths each file names (read and parsed once).
+fn parsed(modules: &BTreeMap<String, PathBuf>) -> BTreeMap<String, Vec<(String, bool)>> {
+    modules
+        .iter()
+        .map(|(module, path)| (module.clone(), paths_in(&code_of(path))))
+        .collect()
+}
+
 /// The re-exports of every file: `module::name` → the absolute path it stands for.
-fn aliases(modules: &BTreeMap<String, PathBuf>) -> BTreeMap<String, Vec<String>> {
+fn aliases(
+    modules: &BTreeMap<String, PathBuf>,
+    parsed: &BTreeMap<String, Vec<(String, bool)>>,
+) -> BTreeMap<String, Vec<String>> {
     let mut out = BTreeMap::new();
-    for (module, path) in modules {
-        for (p, public) in paths_in(&code_of(path)) {
+    for (module, paths) in parsed {
+        for (p, public) in paths {
             if !public {
                 continue;
             }
-            let Some(target) = absolute(&p, module, modules) else {
+            let Some(target) = absolute(p, module, modules) else {
                 continue;
             };
             let name = match p.split_once('@') {
@@ -322,17 +333,18 @@ fn layer_of(module: &str) -> Option<usize> {
 /// points at the file that defines the item.
 fn graph() -> BTreeMap<String, BTreeSet<String>> {
     let modules = modules();
-    let aliases = aliases(&modules);
+    let parsed = parsed(&modules);
+    let aliases = aliases(&modules, &parsed);
     let mut graph = BTreeMap::new();
     for (module, path) in &modules {
         let front = matches!(
             path.file_name().and_then(|n| n.to_str()),
             Some("mod.rs" | "lib.rs")
         );
-        let targets: BTreeSet<String> = paths_in(&code_of(path))
-            .into_iter()
+        let targets: BTreeSet<String> = parsed[module]
+            .iter()
             .filter(|(_, public)| !(front && *public))
-            .filter_map(|(p, _)| absolute(&p, module, &modules))
+            .filter_map(|(p, _)| absolute(p, module, &modules))
             .map(|abs| {
                 let shown = abs.join("::");
                 resolve(abs, &modules, &aliases)

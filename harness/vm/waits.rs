@@ -139,7 +139,7 @@ impl Vm {
                 let addr = SocketAddr::new(self.target()?.addr.ip(), *port);
                 tcp_port(addr, left).await.map_err(timeout).map(|()| None)
             }
-            Wait::SshLogin => self.ssh_login(left).await.map(|()| None),
+            Wait::SshLogin => self.log_in(left).await.map(|()| None),
             Wait::CloudInitDone => self.cloud_init_done(left).await.map(|()| None),
             Wait::UnitActive { unit, user } => self
                 .unit_active(unit, user.as_deref(), left)
@@ -178,7 +178,7 @@ impl Vm {
     }
 
     /// [`Wait::SshLogin`]: a verified login; the session is kept for the verbs.
-    async fn ssh_login(&self, left: Duration) -> Result<(), VmError> {
+    async fn log_in(&self, left: Duration) -> Result<(), VmError> {
         let session = ssh_login(&self.target()?, left)
             .await
             .map_err(|source| self.ssh_err(source))?;
