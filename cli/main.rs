@@ -12,9 +12,11 @@ use devicelab::host::reaper::{self, OwnerRecord};
 use devicelab::image::source::ImageSource;
 use devicelab::model::spec::ADMIN_USER;
 use devicelab::ssh::keys::client_key_path;
+use devicelab::support::lock;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -212,7 +214,7 @@ async fn ls(config: &HarnessConfig) -> Result {
                 let name = d.name().ok()?;
                 name.starts_with("devicelab-").then(|| Listed {
                     running: d.is_active().unwrap_or(false),
-                    owner: OwnerRecord::read(&runs.join(&name)),
+                    owner: reaper::run_dir_of(&runs, &name).and_then(|dir| OwnerRecord::read(&dir)),
                     name,
                 })
             })
@@ -283,7 +285,7 @@ async fn ls(config: &HarnessConfig) -> Result {
 /// The arguments `ssh` logs in to `vm` with, from its run dir: the lab's key, and the host key
 /// the harness pinned (its known_hosts, whose first field is the VM's address).
 fn login_args(config: &HarnessConfig, vm: &str) -> Option<Vec<String>> {
-    let known_hosts = config.runs_dir().join(vm).join("known_hosts");
+    let known_hosts = reaper::run_dir_of(&config.runs_dir(), vm)?.join("known_hosts");
     let text = std::fs::read_to_string(&known_hosts).ok()?;
     let ip = text.split_whitespace().next()?;
     Some(vec![
@@ -317,18 +319,29 @@ fn ssh(config: &HarnessConfig, vm: &str, command: &[String]) -> Result {
 async fn clean(config: &HarnessConfig, warm: bool) -> Result {
     let warm_dir = config.warm_dir();
     let config = config.clone();
-    let reaped = tokio::task::spawn_blocking(move || -> Result<reaper::Reaped> {
-        let lv = Libvirt::open(&config.libvirt_uri).map_err(|e| e.to_string())?;
-        let pool = Pool::ensure(&lv, &config.pool_dir()).map_err(|e| e.to_string())?;
-        Ok(reaper::reap_including_kept(
-            &lv,
-            &pool,
-            &config.runs_dir(),
-            &config.podman,
-        ))
-    })
-    .await
-    .map_err(|e| e.to_string())??;
+    let reaped =
+        tokio::task::spawn_blocking(move || -> Result<reaper::Reaped> {
+            let lv = Libvirt::open(&config.libvirt_uri).map_err(|e| e.to_string())?;
+            // As `Lab::new` does: one process at a time sets up the pool and reaps.
+            let path = config.data_dir.join(".pool.lock");
+            let _lock = lock::lock_within(&path, "devicelab clean", Duration::from_secs(300))
+                .map_err(|e| match e {
+                    lock::WaitError::Io(e) => format!("cannot lock {}: {e}", path.display()),
+                    lock::WaitError::Timeout { holder, waited } => format!(
+                        "{} was held by {holder} for {waited:.0?}: is that run hung?",
+                        path.display()
+                    ),
+                })?;
+            let pool = Pool::ensure(&lv, &config.pool_dir()).map_err(|e| e.to_string())?;
+            Ok(reaper::reap_including_kept(
+                &lv,
+                &pool,
+                &config.runs_dir(),
+                &config.podman,
+            ))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
     let list = |v: &[String]| {
         if v.is_empty() {
             "none".to_owned()

@@ -17,11 +17,11 @@ use crate::model::arch::VmArchitecture;
 use crate::model::spec::VirtualMachineSpec;
 use crate::nats::{NatsError, NatsServer};
 use crate::ssh::keys::{ClientKey, KeyError};
+use crate::support::lock;
 use crate::vm::plan::{self, Plan};
 use crate::vm::run;
 use crate::vm::{Vm, VmError};
 use std::collections::HashMap;
-use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -51,6 +51,33 @@ pub enum LabError {
         dir: PathBuf,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// The data dir belongs to another user: whoever owns it can change what this run boots
+    /// and reads its keys. Set DEVICELAB_DATA_DIR to a directory of your own.
+    #[error(
+        "the data dir {dir} belongs to uid {owner}, not to you (uid {me}): set DEVICELAB_DATA_DIR \
+         to a directory of your own (or, if it is yours, `sudo chown -R {me} {dir}`)"
+    )]
+    DataDirNotOurs {
+        /// The data dir.
+        dir: PathBuf,
+        /// Its owner's uid.
+        owner: u32,
+        /// This process's effective uid.
+        me: u32,
+    },
+    /// Another run held the storage pool's setup lock for the whole budget.
+    #[error(
+        "the storage pool's setup lock {path} was held by {holder} for {waited:.0?}: is that run \
+         hung? (it is released when that process exits)"
+    )]
+    PoolLock {
+        /// The lock file.
+        path: PathBuf,
+        /// What the lock file says about its holder.
+        holder: String,
+        /// How long this run waited.
+        waited: std::time::Duration,
     },
     /// The setup task on a blocking thread panicked or was cancelled.
     #[error("the lab's setup task failed: {0}")]
@@ -83,6 +110,9 @@ pub struct Lab {
     /// This process's run identity, recorded on everything it creates, so that what a dead
     /// run left behind can be told apart and removed.
     pub owner: RunOwner,
+    /// This lab among the process's labs (one per test with the fixtures): whose VM slots a
+    /// request counts as its test's own.
+    id: u64,
     images: tokio::sync::Mutex<HashMap<VmArchitecture, BaseImage>>,
     accels: Mutex<HashMap<VmArchitecture, AccelDecision>>,
     qemu_args: Arc<Mutex<HashMap<VmArchitecture, Vec<String>>>>,
@@ -129,6 +159,15 @@ fn qemu_args_for(
         .clone()
 }
 
+/// How long `Lab::new` waits for another run's pool setup (and reaping): seconds, normally.
+const POOL_LOCK_BUDGET: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A number no earlier call in this process returned.
+fn next_instance() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// This process's run identity, recorded on everything it creates.
 pub fn run_owner() -> RunOwner {
     static OWNER: OnceLock<RunOwner> = OnceLock::new();
@@ -170,6 +209,18 @@ impl Lab {
             source,
         };
         std::fs::create_dir_all(&data).map_err(data_err)?;
+        {
+            use std::os::unix::fs::MetadataExt;
+            let owner = std::fs::metadata(&data).map_err(data_err)?.uid();
+            let me = rustix::process::geteuid().as_raw();
+            if owner != me {
+                return Err(LabError::DataDirNotOurs {
+                    dir: data.clone(),
+                    owner,
+                    me,
+                });
+            }
+        }
         // Traversable (libvirt's qemu user reaches images through it), not listable.
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o711))
             .map_err(data_err)?;
@@ -177,16 +228,19 @@ impl Lab {
         let (libvirt, pool) = tokio::task::spawn_blocking(move || -> Result<_, LabError> {
             let libvirt = Libvirt::open(&config2.libvirt_uri)?;
             // Several test processes start at once: one defines the pool, the others find it.
-            let lock = File::create(config2.data_dir.join(".pool.lock")).map_err(|source| {
-                LabError::DataDir {
-                    dir: config2.data_dir.clone(),
-                    source,
-                }
-            })?;
-            lock.lock().map_err(|source| LabError::DataDir {
-                dir: config2.data_dir.clone(),
-                source,
-            })?;
+            let path = config2.data_dir.join(".pool.lock");
+            let _lock =
+                lock::lock_within(&path, "Lab::new", POOL_LOCK_BUDGET).map_err(|e| match e {
+                    lock::WaitError::Io(source) => LabError::DataDir {
+                        dir: config2.data_dir.clone(),
+                        source,
+                    },
+                    lock::WaitError::Timeout { holder, waited } => LabError::PoolLock {
+                        path: path.clone(),
+                        holder,
+                        waited,
+                    },
+                })?;
             let pool = Pool::ensure(&libvirt, &config2.pool_dir())?;
             // Runs killed with SIGKILL left VMs and containers behind: clean up after them.
             let reaped = reaper::reap(&libvirt, &pool, &config2.runs_dir(), &config2.podman);
@@ -208,6 +262,7 @@ impl Lab {
             pool,
             client_key,
             owner: run_owner(),
+            id: next_instance(),
             images: Default::default(),
             accels: Default::default(),
             qemu_args: Default::default(),
@@ -304,6 +359,7 @@ impl Lab {
             spec.memory_mib,
         );
         Ok(Plan {
+            slot_group: format!("lab {} of run {}", self.id, self.owner.run_id),
             start: spec.start.unwrap_or(self.config.start),
             slots,
             slots_dir: self.config.slots_dir(),
@@ -375,13 +431,15 @@ impl Lab {
             .await
     }
 
-    /// A VM name unique to this run: `devicelab-<what>-<arch>-<run id>`, with `<arch>` in
-    /// Debian's naming (`amd64`, `arm64`).
+    /// A VM name no other call gives, in this process or another:
+    /// `devicelab-<what>-<arch>-<run id>-<n>`, with `<arch>` in Debian's naming (`amd64`,
+    /// `arm64`) and `<n>` counting this process's calls.
     pub fn vm_name(&self, what: &str, arch: VmArchitecture) -> String {
         format!(
-            "devicelab-{what}-{}-{}",
+            "devicelab-{what}-{}-{}-{}",
             arch.debian_name(),
-            self.owner.run_id
+            self.owner.run_id,
+            next_instance()
         )
     }
 }

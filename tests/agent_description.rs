@@ -317,3 +317,183 @@ async fn the_descriptions_nats_config_reaches_the_server() {
     .unwrap();
     assert_eq!(nats.client().server_info().max_payload, 4096);
 }
+
+/// Each malformed description is refused by `check` before anything boots, with a message that
+/// names the part to fix. Both bundled agents stay valid (the table starts from them).
+#[test]
+fn a_malformed_description_is_refused_naming_what_to_fix() {
+    use devicelab::description::{AgentDescription, Service};
+    let archs = [VmArchitecture::X86_64, VmArchitecture::Aarch64];
+    agents::heartbeat().check(&archs).unwrap();
+    devicelab::reference::agent().check(&archs).unwrap();
+    type Break = Box<dyn Fn(&mut AgentDescription)>;
+    let file = |step: &str, path: &str| Installed {
+        step: step.into(),
+        path: path.into(),
+        mode: 0o644,
+        group: "root".into(),
+        content: Content::Template("x".into()),
+    };
+    let cases: Vec<(&str, Break, &str)> = vec![
+        (
+            "empty step",
+            Box::new(move |a| a.files[0].step = String::new()),
+            "step name \"\"",
+        ),
+        (
+            "step with a space",
+            Box::new(|a| a.files[0].step = "my config".into()),
+            "step name \"my config\"",
+        ),
+        (
+            "step with a quote",
+            Box::new(|a| a.files[0].step = "it's".into()),
+            "letters, digits",
+        ),
+        (
+            "reserved step",
+            Box::new(|a| a.files[0].step = "unit".into()),
+            "onboarding's own",
+        ),
+        (
+            "duplicate step",
+            Box::new(|a| {
+                let s = a.files[0].step.clone();
+                a.files[1].step = s;
+            }),
+            "give each its own",
+        ),
+        (
+            "relative path",
+            Box::new(|a| a.files[0].path = "etc/agent.toml".into()),
+            "not absolute",
+        ),
+        (
+            "dot-dot path",
+            Box::new(|a| a.files[0].path = "/etc/../root/x".into()),
+            "`..`",
+        ),
+        (
+            "directory path",
+            Box::new(|a| a.files[0].path = "/etc/acme/".into()),
+            "name the file",
+        ),
+        (
+            "newline in path",
+            Box::new(|a| a.files[0].path = "/etc/a\nb".into()),
+            "control character",
+        ),
+        (
+            "duplicate path",
+            Box::new(|a| {
+                let p = a.files[0].path.clone();
+                a.files[1].path = p;
+            }),
+            "installed twice",
+        ),
+        (
+            "path of the unit",
+            Box::new(|a| {
+                let p = a.service.path();
+                a.files[0].path = p;
+            }),
+            "installed twice",
+        ),
+        (
+            "mode out of range",
+            Box::new(|a| a.files[0].mode = 0o100644),
+            "at most 0o7777",
+        ),
+        (
+            "group with a space",
+            Box::new(|a| a.files[0].group = "agent users".into()),
+            "not a group name",
+        ),
+        (
+            "unit without .service",
+            Box::new(|a| {
+                let (Service::System { unit, .. } | Service::User { unit, .. }) = &mut a.service;
+                *unit = "acme".into();
+            }),
+            "ending in `.service`",
+        ),
+        (
+            "unit with a space",
+            Box::new(|a| {
+                let (Service::System { unit, .. } | Service::User { unit, .. }) = &mut a.service;
+                *unit = "acme agent.service".into();
+            }),
+            "not a systemd service name",
+        ),
+        (
+            "user with capitals",
+            Box::new(|a| a.user = Some("Agent".into())),
+            "useradd",
+        ),
+        (
+            "package with a space",
+            Box::new(|a| a.packages.push(Package::Mirror("curl wget".into()))),
+            "not a Debian package name",
+        ),
+        (
+            "package twice",
+            Box::new(|a| {
+                a.packages.push(Package::Mirror("jq".into()));
+                a.packages.push(Package::Mirror("jq".into()));
+            }),
+            "listed twice",
+        ),
+        (
+            "empty agent name",
+            Box::new(|a| a.name = String::new()),
+            "agent's name",
+        ),
+        (
+            "extra file",
+            Box::new(move |a| a.files.push(file("extra", "relative"))),
+            "not absolute",
+        ),
+    ];
+    for (what, break_it, expect) in cases {
+        let mut agent = agents::heartbeat();
+        break_it(&mut agent);
+        let err = agent
+            .check(&archs)
+            .map(|()| "accepted".to_owned())
+            .unwrap_or_else(|e| e.to_string());
+        assert!(
+            err.contains(expect),
+            "{what}: expected {expect:?} in: {err}"
+        );
+    }
+}
+
+/// The journal command quotes the unit: a templated unit's escaped instance name reaches
+/// journalctl as it is.
+#[test]
+fn the_journal_command_quotes_the_unit() {
+    use devicelab::description::Service;
+    let unit = Service::System {
+        unit: "agent@dev\\x2d1.service".into(),
+        text: String::new(),
+    };
+    let cmd = unit.journal_command(10);
+    assert!(
+        cmd.ends_with("'_SYSTEMD_UNIT=agent@dev\\x2d1.service'"),
+        "{cmd}"
+    );
+}
+
+/// `Debug` of what onboarding carries never prints the NATS password.
+#[tokio::test]
+async fn debug_output_leaves_the_nats_password_out() {
+    let mut values = agents::test_values(VmArchitecture::X86_64);
+    values.nats_password = "s3cret-passw0rd".into();
+    assert!(!format!("{values:?}").contains("s3cret-passw0rd"));
+    let agent = agents::heartbeat();
+    let onboarding = Onboarding::prepare(&config(), &agent, values)
+        .await
+        .unwrap();
+    let shown = format!("{onboarding:?}");
+    assert!(!shown.contains("s3cret-passw0rd"), "{shown}");
+}

@@ -7,6 +7,7 @@ mod common;
 use devicelab::Readiness;
 use devicelab::config::HarnessConfig;
 use devicelab::host::libvirt::Libvirt;
+use devicelab::model::spec::Start;
 use devicelab::{Lab, VirtualMachineSpec, VmArchitecture};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -42,14 +43,19 @@ async fn helper_drop_and_exit() {
     drop(vm);
 }
 
-/// The helpers' VM: LEAK_VM_NAME, provisioned to SSH.
+/// The helpers' VM: LEAK_VM_NAME, provisioned to SSH, or with LEAK_START=warm restored from a
+/// saved VM (at "cloud-init done"). Prints its domain's name (a warm clone's is its saved VM's).
 async fn helper_vm_to_ssh() -> (std::sync::Arc<Lab>, devicelab::Vm) {
     let name = std::env::var("LEAK_VM_NAME").unwrap();
     let lab = Lab::from_env().await.unwrap();
-    let vm = lab
-        .vm(VirtualMachineSpec::new(name, arch()).ready_when(Readiness::SshLogin))
-        .await
-        .unwrap();
+    let spec = VirtualMachineSpec::new(name, arch());
+    let spec = if std::env::var("LEAK_START").as_deref() == Ok("warm") {
+        spec.with_start(Start::Warm)
+    } else {
+        spec.ready_when(Readiness::SshLogin)
+    };
+    let vm = lab.vm(spec).await.unwrap();
+    println!("domain {}", vm.name());
     (lab, vm)
 }
 
@@ -110,12 +116,12 @@ fn spawn_helper(name: &str) -> Child {
     spawn("helper_provision_and_hang", name)
 }
 
-fn spawn_output(helper: &str, name: &str) -> std::process::Output {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", helper, "--include-ignored", "--nocapture"])
-        .env("LEAK_VM_NAME", name)
-        .output()
-        .unwrap()
+/// The domain a helper printed (`domain <name>`).
+fn domain_printed(stdout: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("domain "))
+        .map(|d| d.trim().to_owned())
 }
 
 fn spawn(helper: &str, name: &str) -> Child {
@@ -442,13 +448,28 @@ async fn kept_vm_and_nats_survive_their_run_and_the_next_reaper() {
 
 /// A user's own test that panics with its VM up keeps the evidence, as a failed trial does: the
 /// guest's journal and cloud-init logs are read before the VM goes, and the run dir stays.
-#[test]
+/// Cold and warm alike: a warm clone's evidence is its own (its run dir is its request's, not
+/// the saved VM's that every clone shares).
+#[rstest::rstest]
+#[case::cold("cold")]
+#[case::warm("warm")]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
-fn a_test_that_panics_with_its_vm_up_keeps_the_evidence() {
+fn a_test_that_panics_with_its_vm_up_keeps_the_evidence(#[case] start: &str) {
     let lv = libvirt();
     let name = unique("panic");
-    let out = spawn_output("helper_panic_with_vm_up", &name);
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_panic_with_vm_up",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env("LEAK_VM_NAME", &name)
+        .env("LEAK_START", start)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let domain = domain_printed(&out.stdout).unwrap_or_else(|| name.clone());
     let dir = run_dir(&name);
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
     let (journal, status, serial) = (
@@ -456,7 +477,7 @@ fn a_test_that_panics_with_its_vm_up_keeps_the_evidence() {
         read("cloud-init-status.txt"),
         read("serial.log"),
     );
-    let gone = !domain_exists(&lv, &name) && volumes_of(&name).is_empty();
+    let gone = !domain_exists(&lv, &domain) && volumes_of(&domain).is_empty();
     let _ = std::fs::remove_dir_all(&dir);
     assert!(!out.status.success(), "the helper's test failed");
     assert!(
@@ -470,4 +491,95 @@ fn a_test_that_panics_with_its_vm_up_keeps_the_evidence() {
     assert!(status.contains("status:"), "cloud-init's status: {status}");
     assert!(serial.contains("Linux version"), "the console");
     assert!(gone, "the VM itself is removed");
+}
+
+/// A kept warm clone (DEVICELAB_KEEP=1) outlives its run, and the next warm start of the same
+/// kind neither restores into it nor deletes its saved VM: it takes another saved VM, and the
+/// kept clone keeps running with its run dir and owner record untouched until `devicelab
+/// clean`. Each clone has a run dir of its own (its request's name).
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn a_kept_warm_clone_survives_the_next_warm_start() {
+    let lv = libvirt();
+    let kept_name = unique("keepwarm");
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_drop_and_exit",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env("LEAK_VM_NAME", &kept_name)
+        .env("LEAK_START", "warm")
+        .env("DEVICELAB_KEEP", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the helper passed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kept = domain_printed(&out.stdout).expect("the helper names its domain");
+    let record = |name: &str| std::fs::read_to_string(run_dir(name).join("owner.json")).ok();
+    let kept_record = record(&kept_name);
+
+    let lab = Lab::from_env().await.unwrap(); // its reaper runs, too
+    let next_name = unique("nextwarm");
+    let next = lab
+        .vm(VirtualMachineSpec::new(&next_name, arch()).with_start(Start::Warm))
+        .await;
+    let next_domain = next
+        .as_ref()
+        .map(|vm| vm.name().to_owned())
+        .map_err(|e| e.to_string());
+    let next_works = match &next {
+        Ok(vm) => vm
+            .succeed("true")
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let both_run_dirs = run_dir(&kept_name).is_dir() && run_dir(&next_name).is_dir();
+    let kept_running_beside = domain_running(&lv, &kept);
+    if let Ok(vm) = next {
+        vm.remove().await.unwrap();
+    }
+    let kept_running_after = domain_running(&lv, &kept);
+    let record_after = record(&kept_name);
+
+    let cleaned = Command::new(common::devicelab_cli())
+        .arg("clean")
+        .output()
+        .unwrap();
+    let kept_gone = !domain_exists(&lv, &kept) && !run_dir(&kept_name).exists();
+    // Whatever the CLI did not remove, so the test leaves nothing behind.
+    let errors = devicelab::host::reaper::remove_vm(&lv, &lab.pool, &kept);
+    let _ = std::fs::remove_dir_all(run_dir(&kept_name));
+
+    assert!(kept.starts_with("devicelab-warm-"), "a warm clone: {kept}");
+    assert!(
+        next_works.is_ok(),
+        "the next warm start works: {next_works:?}"
+    );
+    assert_ne!(
+        next_domain.as_deref().ok(),
+        Some(kept.as_str()),
+        "the next warm start took another saved VM"
+    );
+    assert!(both_run_dirs, "each clone has a run dir of its own");
+    assert!(
+        kept_running_beside && kept_running_after,
+        "the kept clone still runs"
+    );
+    assert!(
+        kept_record.is_some() && record_after == kept_record,
+        "its owner record is untouched: {kept_record:?} then {record_after:?}"
+    );
+    assert!(
+        cleaned.status.success() && kept_gone,
+        "devicelab clean removes it: {}",
+        String::from_utf8_lossy(&cleaned.stdout)
+    );
+    assert!(errors.is_empty(), "{errors:?}");
 }

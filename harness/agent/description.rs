@@ -70,8 +70,8 @@ pub const TEMPLATE_VALUES: [&str; 5] = [
     "arch",
 ];
 
-/// The values a template receives for one device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The values a template receives for one device. Its `Debug` leaves the password out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct TemplateValues {
     /// The device's id, which its reports carry (the trials use the VM's name).
     pub device_id: String,
@@ -83,6 +83,18 @@ pub struct TemplateValues {
     pub nats_password: String,
     /// The device's architecture; a template receives its name (`x86_64`, `aarch64`).
     pub arch: VmArchitecture,
+}
+
+impl fmt::Debug for TemplateValues {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TemplateValues")
+            .field("device_id", &self.device_id)
+            .field("nats_url", &self.nats_url)
+            .field("nats_user", &self.nats_user)
+            .field("nats_password", &"<redacted>")
+            .field("arch", &self.arch)
+            .finish()
+    }
 }
 
 impl TemplateValues {
@@ -183,7 +195,9 @@ pub struct Installed {
 pub enum Content {
     /// Shipped as it is (a binary is built or picked for the device's architecture).
     Shipped(Source),
-    /// Rendered per device from a template (see [`TEMPLATE_VALUES`]).
+    /// Rendered per device from a template (see [`TEMPLATE_VALUES`]). Values are put in as
+    /// they are, not escaped for the file's format: a template for TOML, JSON or a shell
+    /// script quotes them itself, or uses [`Content::Render`] with a serializer.
     Template(String),
     /// Rendered per device by code: for a config that has a typed form (serde).
     Render(Renderer),
@@ -278,10 +292,39 @@ impl Service {
             Self::User { .. } => "_SYSTEMD_USER_UNIT",
         };
         format!(
-            "sudo -n journalctl --no-pager -o short-precise -n {lines} {field}={}",
-            self.unit()
+            "sudo -n journalctl --no-pager -o short-precise -n {lines} {}",
+            crate::ssh::session::shell_quote(&format!("{field}={}", self.unit()))
         )
     }
+}
+
+/// A user or group name `useradd`/`groupadd` accept (Debian's default rule).
+fn is_account_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+/// Why `path` cannot be installed to, if it cannot: it must be absolute and plain.
+fn check_path(path: &str) -> Result<(), &'static str> {
+    if !path.starts_with('/') {
+        return Err("is not absolute: give the full path on the device, e.g. /etc/acme/agent.toml");
+    }
+    if path.ends_with('/') {
+        return Err("ends with `/`: name the file, not its directory");
+    }
+    if path.chars().any(|c| c.is_control()) {
+        return Err("holds a control character (a newline?)");
+    }
+    if path.split('/').any(|part| part == ".." || part == ".") {
+        return Err("has a `.` or `..` part: give the plain path");
+    }
+    if path.contains("//") {
+        return Err("has an empty part (`//`)");
+    }
+    Ok(())
 }
 
 /// What the verdicts need from one report.
@@ -415,6 +458,7 @@ impl AgentDescription {
     /// every architecture in `archs` has its per-architecture files, a user unit has a user.
     pub fn check(&self, archs: &[VmArchitecture]) -> Result<(), DescriptionError> {
         let agent = &self.name;
+        self.check_names()?;
         for f in &self.files {
             match &f.content {
                 Content::Template(t) => {
@@ -443,6 +487,117 @@ impl AgentDescription {
                     self.user
                 ),
             });
+        }
+        Ok(())
+    }
+
+    /// The names the onboarding script and the device use: the agent's, the user's, each
+    /// step's, path's, mode's and group's, the unit's and the packages'. Each must be what the
+    /// tools on the device accept, and none may be given twice.
+    fn check_names(&self) -> Result<(), DescriptionError> {
+        let invalid = |problem: String| DescriptionError::Invalid {
+            agent: self.name.clone(),
+            problem,
+        };
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_graphic() && c != '/') {
+            return Err(invalid(format!(
+                "the agent's name {:?} must be non-empty, without spaces or `/` (it names logs and artifacts)",
+                self.name
+            )));
+        }
+        if let Some(user) = &self.user
+            && !is_account_name(user)
+        {
+            return Err(invalid(format!(
+                "the user name {user:?} is not one `useradd` accepts: lowercase letters, digits, `_` and `-`, starting with a letter or `_`, at most 32"
+            )));
+        }
+        let reserved = ["packages", "user", "unit", "linger", "service"];
+        let mut steps = std::collections::BTreeSet::new();
+        let mut paths = std::collections::BTreeSet::from([self.service.path()]);
+        for f in &self.files {
+            let step = &f.step;
+            if step.is_empty()
+                || !step
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(invalid(format!(
+                    "the step name {step:?} (for {}) must be letters, digits, `-`, `_` and `.`",
+                    f.path
+                )));
+            }
+            if reserved.contains(&step.as_str()) {
+                return Err(invalid(format!(
+                    "the step name {step:?} (for {}) is one of onboarding's own ({}): pick another",
+                    f.path,
+                    reserved.join(", ")
+                )));
+            }
+            if !steps.insert(step.as_str()) {
+                return Err(invalid(format!(
+                    "two files have the step name {step:?}: give each its own"
+                )));
+            }
+            check_path(&f.path)
+                .map_err(|why| invalid(format!("the path {:?} (step {step}) {why}", f.path)))?;
+            if !paths.insert(f.path.clone()) {
+                return Err(invalid(format!(
+                    "the path {} is installed twice (step {step}, and another file or the unit): install each path once",
+                    f.path
+                )));
+            }
+            if f.mode > 0o7777 {
+                return Err(invalid(format!(
+                    "the mode {:o} of {} is not a permission mode: at most 0o7777 (e.g. 0o644)",
+                    f.mode, f.path
+                )));
+            }
+            if !is_account_name(&f.group) {
+                return Err(invalid(format!(
+                    "the group {:?} of {} is not a group name: lowercase letters, digits, `_` and `-`",
+                    f.group, f.path
+                )));
+            }
+        }
+        let unit = self.service.unit();
+        let unit_chars = |c: char| c.is_ascii_alphanumeric() || ":_.\\@-".contains(c);
+        if !unit.ends_with(".service")
+            || unit.len() <= ".service".len()
+            || unit.len() > 255
+            || !unit.chars().all(unit_chars)
+        {
+            return Err(invalid(format!(
+                "the unit name {unit:?} is not a systemd service name: letters, digits, `:_.\\@-`, ending in `.service` (e.g. acme-agent.service)"
+            )));
+        }
+        if let Some(user) = self.service.user()
+            && !is_account_name(user)
+        {
+            return Err(invalid(format!(
+                "the user unit's user {user:?} is not a user name: lowercase letters, digits, `_` and `-`"
+            )));
+        }
+        let mut packages = std::collections::BTreeSet::new();
+        for p in &self.packages {
+            let name = match p {
+                Package::Mirror(name) | Package::Deb { name, .. } => name,
+            };
+            let valid = name.len() >= 2
+                && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+            if !valid {
+                return Err(invalid(format!(
+                    "the package name {name:?} is not a Debian package name: lowercase letters, digits, `+`, `-` and `.`, as `dpkg -s` knows it"
+                )));
+            }
+            if !packages.insert(name.as_str()) {
+                return Err(invalid(format!(
+                    "the package {name} is listed twice: list it once"
+                )));
+            }
         }
         Ok(())
     }

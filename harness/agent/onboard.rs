@@ -39,6 +39,16 @@ pub enum OnboardError {
         step: String,
         output: String,
     },
+    #[error(
+        "VM {vm}: onboarding ended without reporting every step (expected {expected:?}, \
+         reported {reported:?}); its output:\n{output}"
+    )]
+    Incomplete {
+        vm: String,
+        expected: Vec<String>,
+        reported: Vec<String>,
+        output: String,
+    },
     #[error("agent {agent} has no onboarding step {step:?}: use one of {steps:?}")]
     UnknownStep {
         agent: String,
@@ -54,6 +64,15 @@ pub enum OnboardError {
         package: String,
         arch: VmArchitecture,
         output: String,
+    },
+    #[error(
+        "VM {vm}: the .deb given as package {name} is the package {own}: set `Package::Deb`'s \
+         name to {own:?} (dpkg knows it by that name, so an installed copy would never be seen)"
+    )]
+    DebName {
+        vm: String,
+        name: String,
+        own: String,
     },
     #[error(
         "VM {vm}: apt could not install {packages} from the guest's mirror:\n{output}\n  \
@@ -119,14 +138,29 @@ impl fmt::Display for OnboardReport {
 }
 
 /// A description made concrete for one device: every file's bytes for its architecture,
-/// every template rendered with its values.
-#[derive(Debug, Clone)]
+/// every template rendered with its values. Its `Debug` shows no file's bytes (a rendered
+/// config holds the NATS password).
+#[derive(Clone)]
 pub struct Onboarding {
     pub description: AgentDescription,
     pub values: TemplateValues,
     files: Vec<script::FileToInstall>,
     debs: Vec<(String, Vec<u8>)>,
     unit: String,
+}
+
+impl fmt::Debug for Onboarding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Onboarding")
+            .field("agent", &self.description.name)
+            .field("values", &self.values)
+            .field(
+                "files",
+                &self.files.iter().map(|x| &x.path).collect::<Vec<_>>(),
+            )
+            .field("debs", &self.debs.iter().map(|d| &d.0).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Onboarding {
@@ -196,7 +230,8 @@ impl Onboarding {
     }
 
     /// One round trip: the bundle and the script on one channel (see [`script`]), its report
-    /// read back, a failure mapped to the error that names its fix.
+    /// read back, a failure mapped to the error that names its fix; every step up to
+    /// `stop_after` (all, without it) must have reported.
     async fn run(&self, vm: &Vm, stop_after: Option<&str>) -> Result<OnboardReport, OnboardError> {
         let run = script::render(
             &self.description,
@@ -208,7 +243,23 @@ impl Onboarding {
         )
         .map_err(OnboardError::Bundle)?;
         let out = vm.exec_with_input(&run.command, Some(&run.bundle)).await?;
-        self.read_report(vm, &out.stdout, &out.stderr, out.success())
+        let report = self.read_report(vm, &out.stdout, &out.stderr, out.success())?;
+        let mut expected = self.description.steps();
+        if let Some(last) = stop_after
+            && let Some(i) = expected.iter().position(|s| s == last)
+        {
+            expected.truncate(i + 1);
+        }
+        let reported: Vec<String> = report.steps.iter().map(|(s, _)| s.clone()).collect();
+        if reported != expected {
+            return Err(OnboardError::Incomplete {
+                vm: vm.name().to_owned(),
+                expected,
+                reported,
+                output: format!("{}{}", out.stdout, out.stderr),
+            });
+        }
+        Ok(report)
     }
 
     /// The steps' outcomes, or the failure the script stopped at.
@@ -275,6 +326,11 @@ impl Onboarding {
                 package: names.join(" "),
                 arch: self.values.arch,
                 output,
+            },
+            ("packages", ["name", name]) => OnboardError::DebName {
+                vm,
+                name: (*name).to_owned(),
+                own: output.trim().to_owned(),
             },
             ("packages", ["mirror", names @ ..]) => OnboardError::MirrorPackage {
                 vm,

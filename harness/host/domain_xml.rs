@@ -81,6 +81,36 @@ pub fn digest_of_defined(xml: &str) -> Option<String> {
     (digest.len() == 64 && digest.chars().all(|c| c.is_ascii_hexdigit())).then(|| digest.to_owned())
 }
 
+/// `xml` with its serial console logged to `serial_log` instead (a clone restored from a saved
+/// VM logs to its own run dir); `None` if it logs nowhere.
+pub fn with_serial_log(xml: &str, serial_log: &std::path::Path) -> Option<String> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let log = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("serial"))
+        .flat_map(|n| n.children())
+        .find(|n| n.has_tag_name("log"))?;
+    let attr = log.attributes().find(|a| a.name() == "file")?;
+    let range = attr.range_value();
+    let mut out = String::with_capacity(xml.len());
+    out.push_str(&xml[..range.start]);
+    out.push_str(&xml_escape(&serial_log.display().to_string()));
+    out.push_str(&xml[range.end..]);
+    Some(out)
+}
+
+/// The run a defined domain's metadata names as its owner, if any.
+pub fn owner_of_defined(xml: &str) -> Option<RunOwner> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let run = doc
+        .descendants()
+        .find(|n| n.has_tag_name((METADATA_NS, "run")))?;
+    Some(RunOwner {
+        run_id: run.attribute("run-id")?.to_owned(),
+        pid: run.attribute("pid")?.parse().ok()?,
+    })
+}
+
 fn render_with_digest(p: &DomainXmlParams, digest: &str) -> String {
     let e = |s: &str| xml_escape(s);
     let path = |p: &PathBuf| xml_escape(&p.display().to_string());

@@ -28,6 +28,15 @@ pub enum LibvirtError {
         "libvirt network {name:?} has no IPv4 address, so guests cannot reach services on the host"
     )]
     NetworkWithoutIpv4 { name: String },
+    #[error(
+        "domain {name} belongs to run {run_id} (pid {pid}), which is still running: it was not \
+         touched; give this VM another name, or stop that run first"
+    )]
+    OwnedByLiveRun {
+        name: String,
+        run_id: String,
+        pid: u32,
+    },
     #[error("libvirt failed to {action} {object}: {message}")]
     Call {
         action: &'static str,
@@ -98,6 +107,15 @@ impl Libvirt {
             .map_err(call_err("look up domain", name))
     }
 
+    /// Whether a domain called `name` is defined (running or not).
+    pub fn has_domain(&self, name: &str) -> Result<bool, LibvirtError> {
+        match self.conn()?.lookup_domain_by_name(name) {
+            Ok(_) => Ok(true),
+            Err(e) if is_code(&e, ErrorNumber::NoDomain) => Ok(false),
+            Err(e) => Err(call_err("look up domain", name)(e)),
+        }
+    }
+
     /// Runs a blocking libvirt call on tokio's blocking pool.
     pub async fn run<T: Send + 'static>(
         &self,
@@ -157,7 +175,8 @@ impl Libvirt {
 
     /// Defines the domain. A domain of the same name left by an older run is redefined when
     /// its XML differs (libvirt refuses to define over it, and starting it would boot the old
-    /// definition); an identical one is reused.
+    /// definition); an identical one is reused. One whose owner, another process, still runs
+    /// is never touched: [`LibvirtError::OwnedByLiveRun`].
     pub fn define(&self, name: &str, rendered: &RenderedDomain) -> Result<Domain, LibvirtError> {
         let conn = self.conn()?;
         match conn.lookup_domain_by_name(name) {
@@ -165,6 +184,16 @@ impl Libvirt {
                 let defined = existing
                     .xml_desc(0)
                     .map_err(call_err("read domain", name))?;
+                if let Some(owner) = crate::host::domain_xml::owner_of_defined(&defined)
+                    && owner.pid != std::process::id()
+                    && crate::support::process::is_alive(owner.pid, 0)
+                {
+                    return Err(LibvirtError::OwnedByLiveRun {
+                        name: name.to_owned(),
+                        run_id: owner.run_id,
+                        pid: owner.pid,
+                    });
+                }
                 if digest_of_defined(&defined).as_deref() == Some(rendered.digest.as_str()) {
                     tracing::info!(domain = name, "reusing the identical existing definition");
                     return Ok(existing);
@@ -244,14 +273,25 @@ impl Libvirt {
         from: &std::path::Path,
         name: &str,
         owner: &crate::host::domain_xml::RunOwner,
+        serial_log: &std::path::Path,
     ) -> Result<String, LibvirtError> {
         let conn = self.conn()?;
-        conn.restore_domain_flags(
-            &from.display().to_string(),
-            None,
-            sys::VIR_DOMAIN_SAVE_RUNNING,
-        )
-        .map_err(call_err("restore domain", name))?;
+        let file = from.display().to_string();
+        // The saved XML logs the console to the saved VM's own run dir; this clone logs to its
+        // own (the rest of the XML must stay as saved: libvirt checks it is the same machine).
+        let saved = conn
+            .save_image_xml_desc(&file, sys::VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
+            .map_err(call_err("read the saved XML of", name))?;
+        let xml =
+            crate::host::domain_xml::with_serial_log(&saved, serial_log).ok_or_else(|| {
+                LibvirtError::Call {
+                    action: "find the console log in the saved XML of",
+                    object: name.to_owned(),
+                    message: "no <serial><log file=...> element".into(),
+                }
+            })?;
+        conn.restore_domain_flags(&file, Some(&xml), sys::VIR_DOMAIN_SAVE_RUNNING)
+            .map_err(call_err("restore domain", name))?;
         let dom = conn
             .lookup_domain_by_name(name)
             .map_err(call_err("look up domain", name))?;

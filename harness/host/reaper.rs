@@ -4,6 +4,7 @@
 
 use crate::host::libvirt::Libvirt;
 use crate::host::pool::Pool;
+use crate::support::lock::Removal;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,31 +22,19 @@ pub struct OwnerRecord {
     pub start_time: u64,
     /// Left on purpose (DEVICELAB_KEEP): never reaped.
     pub kept: bool,
+    /// The libvirt domain the run dir's VM is (a warm clone's is its saved VM's name, not the
+    /// run dir's). Empty in a record that names none: then the run dir's name.
+    #[serde(default)]
+    pub domain: String,
 }
 
 pub const OWNER_FILE: &str = "owner.json";
 
-/// This process's start time from /proc/self/stat.
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22; the command name (field 2) may contain spaces, so count after its ')'.
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
-}
+/// Where the claims on VM names are, under the runs dir (`<name>.lock`, held by the VM's
+/// process while its VM exists).
+pub const CLAIMS: &str = ".claims";
 
-/// Whether the process that recorded (`pid`, `start_time`) still runs. A start time of 0 means
-/// it could not be read when recorded: then any process with that pid counts as the owner, so
-/// a live run is never taken for dead (at worst a dead one is reaped a little later).
-pub fn is_alive(pid: u32, start_time: u64) -> bool {
-    match process_start_time(pid) {
-        Some(now) => start_time == 0 || now == start_time,
-        None => false,
-    }
-}
+pub use crate::support::process::{is_alive, process_start_time};
 
 /// In a kept NATS directory: the reaper leaves it alone.
 pub const KEPT_MARK: &str = "kept";
@@ -92,14 +81,47 @@ fn reap_nats_dirs_of(temp_dir: &Path, kept_too: bool) -> Vec<std::path::PathBuf>
 }
 
 impl OwnerRecord {
-    pub fn current(run_id: &str) -> Self {
+    /// This process's record for the VM whose domain is `domain`.
+    pub fn current(run_id: &str, domain: &str) -> Self {
         let pid = std::process::id();
         Self {
             run_id: run_id.to_owned(),
             pid,
             start_time: process_start_time(pid).unwrap_or(0),
             kept: false,
+            domain: domain.to_owned(),
         }
+    }
+
+    /// The domain of the VM recorded in `run_dir`.
+    pub fn domain_in(&self, run_dir: &Path) -> String {
+        if self.domain.is_empty() {
+            run_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        } else {
+            self.domain.clone()
+        }
+    }
+
+    /// Whether the process that wrote it still runs.
+    pub fn owner_alive(&self) -> bool {
+        is_alive(self.pid, self.start_time)
+    }
+
+    /// Who it says owns the VM, for a message.
+    pub fn describe(&self) -> String {
+        format!(
+            "run {} (pid {}{})",
+            self.run_id,
+            self.pid,
+            if self.pid == std::process::id() {
+                ", this process"
+            } else {
+                ""
+            }
+        )
     }
 
     pub fn write(&self, run_dir: &Path) -> std::io::Result<()> {
@@ -114,6 +136,29 @@ impl OwnerRecord {
     pub fn read(run_dir: &Path) -> Option<Self> {
         serde_json::from_slice(&std::fs::read(run_dir.join(OWNER_FILE)).ok()?).ok()
     }
+}
+
+/// The run dirs under `runs_dir` with an owner record, and the record.
+pub fn run_records(runs_dir: &Path) -> Vec<(std::path::PathBuf, OwnerRecord)> {
+    std::fs::read_dir(runs_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.path(), OwnerRecord::read(&e.path())?)))
+        .collect()
+}
+
+/// The run dir of the VM called `name`: a request's name (its run dir's), or a domain's (a
+/// warm clone's run dir has the request's name, its domain the saved VM's).
+pub fn run_dir_of(runs_dir: &Path, name: &str) -> Option<std::path::PathBuf> {
+    let direct = runs_dir.join(name);
+    if OwnerRecord::read(&direct).is_some() {
+        return Some(direct);
+    }
+    run_records(runs_dir)
+        .into_iter()
+        .find(|(dir, owner)| owner.domain_in(dir) == name)
+        .map(|(dir, _)| dir)
 }
 
 /// The volumes a VM named `name` may own in the pool.
@@ -196,11 +241,16 @@ fn reap_runs(
         if (owner.kept && !kept_too) || is_alive(owner.pid, owner.start_time) {
             continue;
         }
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let name = owner.domain_in(&dir);
         let errors = remove_vm(libvirt, pool, &name);
         if errors.is_empty() {
             // The run was killed before it could collect anything: its logs are not artifacts.
             let _ = std::fs::remove_dir_all(&dir);
+            // Its claim on the name, unless someone holds it again.
+            let claim = runs_dir
+                .join(CLAIMS)
+                .join(format!("{}.lock", entry.file_name().to_string_lossy()));
+            let _ = crate::support::lock::try_lock(&claim, "reaper", Removal::OnRelease);
             tracing::warn!(
                 "reaped VM {name} left by run {} (pid {} is gone)",
                 owner.run_id,

@@ -4,9 +4,10 @@
 //! set with DEVICELAB_VM_SLOTS. The kernel releases a killed process's slots.
 
 use crate::model::arch::Accelerator;
-use std::fs::{File, TryLockError};
-use std::io::Write;
+use crate::support::lock::{self, FileLock, Removal};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Host memory a VM costs beyond its RAM: QEMU itself, and under TCG the capped translation
@@ -102,24 +103,29 @@ fn mem_total_mib() -> u64 {
 /// A held slot: released when dropped (or when the process dies).
 #[derive(Debug)]
 pub struct SlotLease {
-    _file: File,
+    _lock: FileLock,
     pub index: usize,
+    /// Whose slots it counts among (see [`acquire`]).
+    group: String,
 }
 
-/// Takes one of `count` slots in `dir` for `holder` (a VM name), waiting up to `budget` for
-/// one to come free. A process that already holds a slot and finds none free goes over the
-/// count instead of waiting (a test that runs two VMs at once must not wait for itself): logged.
+/// Takes one of `count` slots in `dir` for `holder` (a VM name) of `group` (one test: the
+/// lab it asked), waiting up to `budget` for one to come free. A group that already holds a
+/// slot and finds none free goes over the count instead of waiting (a test that runs two VMs
+/// at once must not wait for itself): logged. Another test, in this process or another,
+/// waits.
 pub async fn acquire(
     dir: PathBuf,
     count: &SlotCount,
     holder: String,
+    group: String,
     budget: Duration,
 ) -> Result<Option<SlotLease>, SlotError> {
     let started = Instant::now();
     let mut announced = false;
     loop {
-        let (d, n, h) = (dir.clone(), count.count, holder.clone());
-        let got = tokio::task::spawn_blocking(move || try_any(&d, n, &h))
+        let (d, n, h, g) = (dir.clone(), count.count, holder.clone(), group.clone());
+        let got = tokio::task::spawn_blocking(move || try_any(&d, n, &h, &g))
             .await
             .map_err(|e| SlotError::Lock {
                 path: dir.clone(),
@@ -135,12 +141,12 @@ pub async fn acquire(
             }
             return Ok(Some(lease));
         }
-        if held_here() > 0 {
+        let mine = held_by_group(&group);
+        if mine > 0 {
             tracing::warn!(
-                "VM {holder}: all {} VM slots are taken and this process holds {} of them: \
+                "VM {holder}: all {} VM slots are taken and its test holds {mine} of them: \
                  running it over the count (one test, several VMs at once)",
                 count.count,
-                held_here()
             );
             return Ok(None);
         }
@@ -167,15 +173,30 @@ pub async fn acquire(
     }
 }
 
-static HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Slots held in this process, per group.
+fn held() -> &'static Mutex<HashMap<String, usize>> {
+    static HELD: OnceLock<Mutex<HashMap<String, usize>>> = OnceLock::new();
+    HELD.get_or_init(Default::default)
+}
 
-fn held_here() -> usize {
-    HELD.load(std::sync::atomic::Ordering::SeqCst)
+fn held_by_group(group: &str) -> usize {
+    held()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(group)
+        .copied()
+        .unwrap_or(0)
 }
 
 impl Drop for SlotLease {
     fn drop(&mut self) {
-        HELD.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        let mut held = held().lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.group) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.group);
+            }
+        }
     }
 }
 
@@ -184,49 +205,47 @@ fn slot_path(dir: &Path, stem: &str, index: usize) -> PathBuf {
 }
 
 /// The first free host slot, or `None` when all are held. Blocking.
-fn try_any(dir: &Path, count: usize, holder: &str) -> Result<Option<SlotLease>, SlotError> {
+fn try_any(
+    dir: &Path,
+    count: usize,
+    holder: &str,
+    group: &str,
+) -> Result<Option<SlotLease>, SlotError> {
     Ok(
-        lock_first_free(dir, "", count, holder)?.map(|(file, index)| {
-            HELD.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            SlotLease { _file: file, index }
+        lock_first_free(dir, "", 0, count, holder)?.map(|(lock, index)| {
+            *held()
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(group.to_owned())
+                .or_default() += 1;
+            SlotLease {
+                _lock: lock,
+                index,
+                group: group.to_owned(),
+            }
         }),
     )
 }
 
-/// Locks the first of `<stem>0.lock` … `<stem><count-1>.lock` in `dir` that nobody holds,
-/// writing `holder` into it; `None` when all are held. Blocking.
+/// Locks the first of `<stem><from>.lock` … `<stem><count-1>.lock` in `dir` (made 0700) that
+/// nobody holds, writing `holder` into it; `None` when all are held. Blocking.
 pub(crate) fn lock_first_free(
     dir: &Path,
     stem: &str,
+    from: usize,
     count: usize,
     holder: &str,
-) -> Result<Option<(File, usize)>, SlotError> {
-    std::fs::create_dir_all(dir).map_err(|source| SlotError::Lock {
+) -> Result<Option<(FileLock, usize)>, SlotError> {
+    lock::private_dir(dir).map_err(|source| SlotError::Lock {
         path: dir.to_owned(),
         source,
     })?;
-    for index in 0..count {
+    for index in from..count {
         let path = slot_path(dir, stem, index);
-        let lock_err = |source| SlotError::Lock {
-            path: path.clone(),
-            source,
-        };
-        let mut file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(lock_err)?;
-        match file.try_lock() {
-            Ok(()) => {
-                // Who holds it, for a waiting process's message.
-                let _ = file.set_len(0);
-                let _ = writeln!(file, "{holder} (pid {})", std::process::id());
-                return Ok(Some((file, index)));
-            }
-            Err(TryLockError::WouldBlock) => continue,
-            Err(TryLockError::Error(e)) => return Err(lock_err(e)),
+        match lock::try_lock(&path, holder, Removal::Keep) {
+            Ok(Some(lock)) => return Ok(Some((lock, index))),
+            Ok(None) => continue,
+            Err(source) => return Err(SlotError::Lock { path, source }),
         }
     }
     Ok(None)
@@ -235,11 +254,7 @@ pub(crate) fn lock_first_free(
 /// What the slots' files say about their holders.
 fn holders(dir: &Path, count: usize) -> String {
     (0..count)
-        .map(|i| {
-            std::fs::read_to_string(slot_path(dir, "", i))
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_default()
-        })
+        .map(|i| lock::holder_of(&slot_path(dir, "", i)))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -268,15 +283,97 @@ mod tests {
     #[test]
     fn each_slot_is_held_by_one_holder_until_released() {
         let dir = std::env::temp_dir().join(format!("devicelab-slots-{}", std::process::id()));
-        let a = try_any(&dir, 2, "vm-a").unwrap().expect("slot 0 is free");
-        let b = try_any(&dir, 2, "vm-b").unwrap().expect("slot 1 is free");
+        let a = try_any(&dir, 2, "vm-a", "t")
+            .unwrap()
+            .expect("slot 0 is free");
+        let b = try_any(&dir, 2, "vm-b", "t")
+            .unwrap()
+            .expect("slot 1 is free");
         assert_eq!((a.index, b.index), (0, 1));
-        assert!(try_any(&dir, 2, "vm-c").unwrap().is_none(), "both are held");
+        assert!(
+            try_any(&dir, 2, "vm-c", "t").unwrap().is_none(),
+            "both are held"
+        );
         assert!(holders(&dir, 2).contains("vm-a") && holders(&dir, 2).contains("vm-b"));
         drop(a);
-        let c = try_any(&dir, 2, "vm-c").unwrap().expect("slot 0 came free");
+        let c = try_any(&dir, 2, "vm-c", "t")
+            .unwrap()
+            .expect("slot 0 came free");
         assert_eq!(c.index, 0);
         drop((b, c));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn slots_dir(what: &str) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "devicelab-slots-{what}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ))
+    }
+
+    fn one() -> SlotCount {
+        SlotCount {
+            count: 1,
+            reason: "one".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_test_holding_a_slot_goes_over_the_count_and_another_test_waits() {
+        let dir = slots_dir("over");
+        let budget = Duration::from_secs(60);
+        let first = acquire(dir.clone(), &one(), "a1".into(), "test-a".into(), budget)
+            .await
+            .unwrap()
+            .expect("the slot is free");
+        // The same test's second VM does not wait for its first.
+        let over = acquire(dir.clone(), &one(), "a2".into(), "test-a".into(), budget)
+            .await
+            .unwrap();
+        assert!(over.is_none(), "test-a's second VM runs over the count");
+        // Another test in this same process waits until test-a's slot comes free.
+        let waiting = tokio::spawn({
+            let dir = dir.clone();
+            async move { acquire(dir, &one(), "b1".into(), "test-b".into(), budget).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            !waiting.is_finished(),
+            "test-b went over a count it holds nothing of"
+        );
+        drop(first);
+        let got = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("test-b gets the slot once it is free")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.expect("a slot, not over the count").index, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_a_slot_ends_at_its_budget_naming_the_holders() {
+        let dir = slots_dir("budget");
+        let _held = try_any(&dir, 1, "devicelab-vm-holder", "budget-a")
+            .unwrap()
+            .unwrap();
+        let started = Instant::now();
+        let err = acquire(
+            dir.clone(),
+            &one(),
+            "b1".into(),
+            "budget-b".into(),
+            Duration::from_millis(700),
+        )
+        .await
+        .expect_err("the only slot is held throughout");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let text = err.to_string();
+        assert!(
+            text.contains("devicelab-vm-holder (pid ") && text.contains("DEVICELAB_VM_SLOTS"),
+            "{text}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

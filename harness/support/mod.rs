@@ -3,5 +3,7 @@
 //! ([`which`]). Imports nothing else of the crate.
 
 pub mod background;
+pub mod lock;
 pub mod probe;
+pub mod process;
 pub mod which;

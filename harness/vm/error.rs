@@ -68,6 +68,17 @@ pub enum VmError {
         /// What SSH reported.
         source: SshError,
     },
+    /// Another VM instance has this name now (a live test, a kept VM, a teardown that failed):
+    /// nothing of it was touched.
+    #[error("VM {vm}: the name is taken by {owner}, so nothing of it was touched: {fix}")]
+    NameInUse {
+        /// The name asked for.
+        vm: String,
+        /// Who holds it, as its records say.
+        owner: String,
+        /// What to do.
+        fix: &'static str,
+    },
     /// A wait did not succeed within its budget.
     #[error("VM {vm}: no {phase} within {budget:?} ({last}){console}", console = ConsoleTail(console_tail))]
     Timeout {
@@ -252,11 +263,11 @@ pub enum WarmError {
         /// Why: the error, or its exit status and stderr.
         message: String,
     },
-    /// Every saved VM of one key (16) is held by a running clone: run fewer warm VMs of one
-    /// kind at once.
+    /// Every saved VM of one key (16) is held by a running clone, or by a kept one: run fewer
+    /// warm VMs of one kind at once, or remove the kept ones.
     #[error(
-        "all {MAX_CLONES} saved VMs of key {key} are in use by clones: a test runs more warm VMs of \
-         one kind at once than devicelab supports"
+        "all {MAX_CLONES} saved VMs of key {key} are in use by clones (running, or kept): run fewer \
+         warm VMs of one kind at once, or remove the kept ones with `devicelab clean`"
     )]
     AllInUse {
         /// The saved VMs' key (a hash of everything they depend on).

@@ -537,6 +537,13 @@ pub fn diagnosis(serial_log: &std::path::Path, offset: u64, cut: Option<&PowerCu
 }
 
 impl Vm {
+    /// Removes the VM whatever DEVICELAB_KEEP says: one whose domain never ran has nothing
+    /// to look at.
+    pub(crate) async fn discard(mut self) -> Result<(), VmError> {
+        self.keep = false;
+        self.remove().await
+    }
+
     /// Removes the VM now (domain, NVRAM, volumes; the run dir unless failure artifacts were
     /// kept) and says whether that worked. With DEVICELAB_KEEP=1 the VM is kept instead, as
     /// on drop. Dropping a handle does the same in the background and only logs errors.
@@ -563,6 +570,7 @@ impl Vm {
     /// DEVICELAB_KEEP: the owner record says "kept" (the reaper leaves it), and the user gets
     /// the commands to log in and to remove it.
     fn announce_kept(&self) {
+        self.owned.hold_until_exit();
         let run_dir = &self.owned.run_dir;
         if let Some(mut owner) = OwnerRecord::read(run_dir) {
             owner.kept = true;
@@ -637,7 +645,7 @@ impl Drop for Vm {
             drop(guard);
         };
         if tokio::runtime::Handle::try_current().is_ok() {
-            crate::support::background::in_background(self.owned.name.clone(), teardown);
+            crate::support::background::in_background(self.owned.claimed_name(), teardown);
         } else {
             teardown();
         }

@@ -40,6 +40,9 @@ pub struct Plan {
     /// wait for one.
     pub slots: SlotCount,
     pub slots_dir: PathBuf,
+    /// Whose slots this request counts as its own (its test's lab): a test already holding
+    /// one goes over the count rather than wait for itself.
+    pub slot_group: String,
     pub slot_budget: std::time::Duration,
     /// Where saved VMs are kept (warm starts).
     pub warm_dir: PathBuf,

@@ -17,6 +17,7 @@ pub async fn run(plan: Plan) -> Result<Vm, VmError> {
         plan.slots_dir.clone(),
         &plan.slots,
         plan.spec.name.clone(),
+        plan.slot_group.clone(),
         plan.slot_budget,
     )
     .await?;

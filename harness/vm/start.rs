@@ -10,6 +10,7 @@ use super::teardown::{Held, Owned};
 use crate::host::reaper::{self, OwnerRecord};
 use crate::ssh::keys::HostKey;
 use crate::support::background;
+use crate::support::lock::{self, FileLock, Removal};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -45,7 +46,7 @@ pub(crate) async fn start<B: Boot>(plan: &Plan, boot: B, held: Vec<Held>) -> Res
         Instant::now()
     };
     if let Err(e) = boot.make_domain(plan, &vm).await {
-        if let Err(te) = vm.remove().await {
+        if let Err(te) = vm.discard().await {
             tracing::warn!("{te}");
         }
         return Err(e);
@@ -54,41 +55,48 @@ pub(crate) async fn start<B: Boot>(plan: &Plan, boot: B, held: Vec<Held>) -> Res
     handed_over(vm, ready).await
 }
 
-/// The handle of `name`, before anything of it exists in libvirt: its run dir and owner
-/// record are written, so every later failure is cleaned up by the handle.
+/// The handle of the request's VM, whose domain is `domain`, before anything of it exists in
+/// libvirt: the request's name is claimed and its run dir and owner record are written, so
+/// every later failure is cleaned up by the handle.
 async fn open_handle(
     plan: &Plan,
-    name: &str,
+    domain: &str,
     host_key: HostKey,
-    held: Vec<Held>,
+    mut held: Vec<Held>,
 ) -> Result<Vm, VmError> {
-    // A background teardown of an earlier VM of this name (run dir included) finishes first.
-    {
-        let name = name.to_owned();
-        tokio::task::spawn_blocking(move || background::wait_for(&name))
-            .await
-            .map_err(|e| VmError::Task(e.to_string()))?;
-    }
-    let run_dir = create_run_dir(&plan.runs_dir, name).map_err(|source| VmError::RunDir {
-        vm: name.to_owned(),
-        path: plan.runs_dir.join(name),
-        source,
-    })?;
-    let serial_log = run_dir.join("serial.log");
-    let _ = std::fs::remove_file(&serial_log); // a stale log from a reused name would mislead
-    // Recorded before anything exists, so a killed run leaves a trail for the reaper.
-    if let Err(source) = OwnerRecord::current(&plan.owner.run_id).write(&run_dir) {
-        let _ = std::fs::remove_dir_all(&run_dir); // nothing else exists yet
-        return Err(VmError::RunDir {
-            vm: name.to_owned(),
-            path: run_dir.join(reaper::OWNER_FILE),
-            source,
-        });
-    }
+    let run_dir = {
+        let (plan, domain) = (plan.clone(), domain.to_owned());
+        tokio::task::spawn_blocking(move || -> Result<(PathBuf, FileLock), VmError> {
+            let claim = claim(&plan)?;
+            let run_dir = create_run_dir(&plan.runs_dir, &plan.spec.name).map_err(|source| {
+                VmError::RunDir {
+                    vm: plan.spec.name.clone(),
+                    path: plan.runs_dir.join(&plan.spec.name),
+                    source,
+                }
+            })?;
+            // A stale log from a reused name would mislead.
+            let _ = std::fs::remove_file(run_dir.join("serial.log"));
+            // Recorded before anything exists, so a killed run leaves a trail for the reaper.
+            if let Err(source) = OwnerRecord::current(&plan.owner.run_id, &domain).write(&run_dir) {
+                let _ = std::fs::remove_dir_all(&run_dir); // nothing else exists yet
+                return Err(VmError::RunDir {
+                    vm: plan.spec.name.clone(),
+                    path: run_dir.join(reaper::OWNER_FILE),
+                    source,
+                });
+            }
+            Ok((run_dir, claim))
+        })
+        .await
+        .map_err(|e| VmError::Task(e.to_string()))?
+    };
+    let (run_dir, claim) = run_dir?;
+    held.push(Box::new(claim));
     let owned = Owned {
         libvirt: plan.libvirt.clone(),
         pool: plan.pool.clone(),
-        name: name.to_owned(),
+        name: domain.to_owned(),
         run_dir: run_dir.clone(),
         lifecycle: Arc::new(Mutex::new(())),
         held: Arc::new(held),
@@ -103,10 +111,76 @@ async fn open_handle(
             host_key,
         },
         budgets: plan.budgets,
-        serial_log,
+        serial_log: run_dir.join("serial.log"),
         keep: plan.keep,
         flush_provisioning: plan.spec.flush_provisioning,
     }))
+}
+
+/// The claim on the request's name: held until its VM is gone, so no other test, in this
+/// process or another, makes a VM of that name meanwhile. What a dead run left under the name
+/// is removed first; what a live run owns, or a kept VM, is never touched (an error says
+/// whose it is). Blocking.
+fn claim(plan: &Plan) -> Result<FileLock, VmError> {
+    let name = &plan.spec.name;
+    // A background teardown of an earlier VM of this name in this process finishes first.
+    background::wait_for(name);
+    let claims = plan.runs_dir.join(reaper::CLAIMS);
+    let io = |path: PathBuf| {
+        let vm = name.clone();
+        move |source| VmError::RunDir { vm, path, source }
+    };
+    lock::private_dir(&claims).map_err(io(claims.clone()))?;
+    let path = claims.join(format!("{name}.lock"));
+    let holder = format!("run {}", plan.owner.run_id);
+    let Some(claim) =
+        lock::try_lock(&path, &holder, Removal::OnRelease).map_err(io(path.clone()))?
+    else {
+        return Err(VmError::NameInUse {
+            vm: name.clone(),
+            owner: lock::holder_of(&path),
+            fix: "give each VM its own name (`Lab::vm_name` makes one no other call gives)",
+        });
+    };
+    let run_dir = plan.runs_dir.join(name);
+    if let Some(owner) = OwnerRecord::read(&run_dir) {
+        if owner.kept {
+            return Err(VmError::NameInUse {
+                vm: name.clone(),
+                owner: format!("a VM kept by {} (DEVICELAB_KEEP)", owner.describe()),
+                fix: "remove it with `devicelab clean` once you are done with it, or use another name",
+            });
+        }
+        if owner.owner_alive() {
+            return Err(VmError::NameInUse {
+                vm: name.clone(),
+                owner: format!(
+                    "a VM of {} whose teardown has not succeeded",
+                    owner.describe()
+                ),
+                fix: "its teardown error says what failed; `devicelab clean` removes it once that run is gone",
+            });
+        }
+        let domain = owner.domain_in(&run_dir);
+        let errors = reaper::remove_vm(&plan.libvirt, &plan.pool, &domain);
+        if !errors.is_empty() {
+            return Err(VmError::NameInUse {
+                vm: name.clone(),
+                owner: format!(
+                    "VM {domain}, left by {} (gone), which could not be removed: {}",
+                    owner.describe(),
+                    errors.join("; ")
+                ),
+                fix: "fix what the error names, then `devicelab clean`",
+            });
+        }
+        tracing::warn!(
+            "VM {name}: removed VM {domain} left under this name by {} (gone)",
+            owner.describe()
+        );
+        let _ = std::fs::remove_dir_all(&run_dir);
+    }
+    Ok(claim)
 }
 
 /// The handle, once its domain started and `ready` says provisioning finished; otherwise the

@@ -33,8 +33,8 @@ pub(crate) struct Owned {
     pub name: String,
     pub run_dir: PathBuf,
     pub lifecycle: Arc<Mutex<()>>,
-    /// Released once the last clone goes, after the teardown: the VM's slot on this host,
-    /// a saved VM's clone lock.
+    /// Released once the last clone goes, after the teardown: the claim on the VM's name, its
+    /// slot on this host, a saved VM's clone lock.
     #[allow(dead_code)] // never read: holding is its whole job
     pub held: Arc<Vec<Held>>,
 }
@@ -46,6 +46,7 @@ impl Owned {
         let _held = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
         let errors = reaper::remove_vm(&self.libvirt, &self.pool, &self.name);
         if !errors.is_empty() {
+            self.hold_until_exit();
             return Err(TeardownError {
                 vm: self.name.clone(),
                 run_dir: self.run_dir.clone(),
@@ -58,6 +59,23 @@ impl Owned {
             let _ = std::fs::remove_dir_all(&self.run_dir);
         }
         Ok(())
+    }
+
+    /// The name the VM's request claimed (its run dir's): what a later request of that name
+    /// waits on while this teardown runs in the background.
+    pub fn claimed_name(&self) -> String {
+        self.run_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.name.clone())
+    }
+
+    /// A VM that outlives its handle (kept, or its teardown failed) keeps what it holds, its
+    /// name, its VM slot and its saved VM's clone lock, until this process exits: nothing else
+    /// in this process takes them while its domain may still run. (Once the process is gone,
+    /// its owner record and its domain say the same to the next run.)
+    pub fn hold_until_exit(&self) {
+        std::mem::forget(self.held.clone());
     }
 
     /// The cleanup run on SIGINT/SIGTERM: nobody will read this run's logs (DEVICELAB_KEEP is

@@ -24,6 +24,7 @@ use crate::image::{BaseImage, DiskFormat};
 use crate::model::spec::{Readiness, Start};
 use crate::model::wait::Wait;
 use crate::ssh::keys::HostKey;
+use crate::support::lock::{self, Removal};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::net::Ipv4Addr;
@@ -136,16 +137,7 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
         plan.spec.arch.debian_name(),
         &key[..10]
     );
-    let (lock, index) = {
-        let (dir, stem2, holder) = (plan.warm_dir.clone(), stem.clone(), plan.spec.name.clone());
-        tokio::task::spawn_blocking(move || {
-            crate::host::slots::lock_first_free(&dir, &stem2, MAX_CLONES, &holder)
-        })
-        .await
-        .map_err(|e| VmError::Task(e.to_string()))?
-        .map_err(WarmError::from)?
-        .ok_or_else(|| WarmError::AllInUse { key: key.clone() })?
-    };
+    let (lock, index) = lock_free_clone(plan, &stem, &key).await?;
     let name = format!("{stem}{index}");
     let dir = plan.warm_dir.join(&name);
     let found = {
@@ -175,6 +167,48 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
         host_key,
     };
     start::start(plan, restore, held).await
+}
+
+/// The first saved VM of `stem` whose clone lock nobody holds and whose domain is not defined:
+/// a kept clone (DEVICELAB_KEEP), or one whose teardown failed, outlives the lock its process
+/// held, and its domain still runs under the saved VM's name. Such a saved VM is passed over,
+/// never restored into (that would destroy the kept VM).
+async fn lock_free_clone(
+    plan: &Plan,
+    stem: &str,
+    key: &str,
+) -> Result<(lock::FileLock, usize), VmError> {
+    let mut from = 0;
+    loop {
+        let (dir, stem2, holder) = (
+            plan.warm_dir.clone(),
+            stem.to_owned(),
+            plan.spec.name.clone(),
+        );
+        let Some((lock, index)) = tokio::task::spawn_blocking(move || {
+            crate::host::slots::lock_first_free(&dir, &stem2, from, MAX_CLONES, &holder)
+        })
+        .await
+        .map_err(|e| VmError::Task(e.to_string()))?
+        .map_err(WarmError::from)?
+        else {
+            return Err(WarmError::AllInUse {
+                key: key.to_owned(),
+            }
+            .into());
+        };
+        let name = format!("{stem}{index}");
+        let n = name.clone();
+        if !plan.libvirt.run(move |lv| lv.has_domain(&n)).await? {
+            return Ok((lock, index));
+        }
+        tracing::warn!(
+            "VM {}: saved VM {name} has a clone that outlived its run (kept, or its teardown \
+             failed): using another; `devicelab clean` removes it",
+            plan.spec.name
+        );
+        from = index + 1;
+    }
 }
 
 /// Whether the saved VM's address is free for its clone: the DHCP server may have leased it to
@@ -347,7 +381,7 @@ async fn build(
         let building = building.clone();
         tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_dir_all(&building);
-            std::fs::create_dir_all(&building).map_err(io("create", &building))
+            lock::private_dir(&building).map_err(io("create", &building))
         })
         .await
         .map_err(|e| VmError::Task(e.to_string()))??;
@@ -422,7 +456,14 @@ fn mac_of(domain_xml: &Path) -> Option<String> {
 
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let mut f = std::fs::File::create(path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // It holds the guest's SSH host private key: the owner's only.
+    let mut f = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     // The memory file and disk too: a crash must not leave a complete-looking saved VM
@@ -496,18 +537,21 @@ impl Boot for WarmRestore {
             plan.owner.clone(),
         );
         let (dir, domain_xml) = (self.dir.clone(), vm.run_dir().join("domain.xml"));
+        let serial_log = vm.serial_log().to_owned();
         plan.libvirt
             .run(move |lv| {
                 let _held = owned.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
-                let xml = lv.restore(&from, &owned.name, &owner).map_err(|e| {
-                    // Whatever is wrong with it, it is not restored again.
-                    let _ = std::fs::remove_dir_all(&dir);
-                    WarmError::Restore {
-                        vm: owned.name.clone(),
-                        dir: dir.clone(),
-                        message: e.to_string(),
-                    }
-                })?;
+                let xml = lv
+                    .restore(&from, &owned.name, &owner, &serial_log)
+                    .map_err(|e| {
+                        // Whatever is wrong with it, it is not restored again.
+                        let _ = std::fs::remove_dir_all(&dir);
+                        WarmError::Restore {
+                            vm: owned.name.clone(),
+                            dir: dir.clone(),
+                            message: e.to_string(),
+                        }
+                    })?;
                 std::fs::write(&domain_xml, &xml).map_err(|source| VmError::RunDir {
                     vm: owned.name.clone(),
                     path: domain_xml,
@@ -570,7 +614,7 @@ pub fn saved_vms(dir: &Path) -> Vec<SavedVm> {
                 .sum();
             let name = e.file_name().to_string_lossy().into_owned();
             SavedVm {
-                in_use: lock_held(&dir.join(format!("{name}.lock"))),
+                in_use: lock::is_held(&dir.join(format!("{name}.lock"))),
                 saved_at_unix: saved.map_or(0, |s| s.saved_at_unix),
                 bytes,
                 name,
@@ -581,30 +625,17 @@ pub fn saved_vms(dir: &Path) -> Vec<SavedVm> {
     out
 }
 
-fn lock_held(path: &Path) -> bool {
-    std::fs::File::open(path)
-        .is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
-}
-
 /// Removes every saved VM no clone is using (`devicelab clean --warm`); returns their names.
 pub fn remove_unused(dir: &Path) -> Vec<String> {
     let mut removed = Vec::new();
     for saved in saved_vms(dir) {
-        let lock = dir.join(format!("{}.lock", saved.name));
         // Held while removing, so no clone starts from a half-removed saved VM.
-        let Ok(file) = std::fs::File::options()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock)
+        let path = dir.join(format!("{}.lock", saved.name));
+        let Ok(Some(_lock)) = lock::try_lock(&path, "devicelab clean --warm", Removal::OnRelease)
         else {
             continue;
         };
-        if file.try_lock().is_err() {
-            continue;
-        }
         if std::fs::remove_dir_all(dir.join(&saved.name)).is_ok() {
-            let _ = std::fs::remove_file(&lock);
             removed.push(saved.name);
         }
     }

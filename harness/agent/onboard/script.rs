@@ -91,7 +91,7 @@ pub fn render(
 /// `$b`: the bundle's directory; `$stop`: the step to stop after. `report` prints a step's
 /// outcome (and exits once the step to stop after has run); `fail` ends the run.
 const PROLOGUE: &str = r#"b=$1; stop=$2; restart=false
-report() { echo "devicelab-step $1 $2"; if [ "$1" = "$stop" ]; then exit 0; fi; }
+report() { echo "devicelab-step $1 $2"; if [ -n "$stop" ] && [ "$1" = "$stop" ]; then exit 0; fi; }
 fail() { echo "devicelab-fail $*"; exit 1; }
 run() { out=$("$@" 2>&1) || { printf '%s\n' "$out"; return 1; }; }
 "#;
@@ -102,6 +102,11 @@ fn packages(d: &AgentDescription, debs: &[(String, Vec<u8>)]) -> String {
     let mut s = String::from("p=unchanged; need=\"\"\n");
     for (i, (name, _)) in debs.iter().enumerate() {
         let n = shell_quote(name);
+        // The name dpkg will know it by must be the one the description gives (its check).
+        let _ = writeln!(
+            s,
+            r#"own=$(dpkg-deb -f "$b/deb{i}.deb" Package 2>&1) || fail packages unreadable {n}; [ "$own" = {n} ] || {{ echo "$own"; fail packages name {n}; }}"#
+        );
         let _ = writeln!(
             s,
             r#"[ "$(dpkg-query -W -f='${{Status}} ${{Version}}' {n} 2>/dev/null)" = "install ok installed $(dpkg-deb -f "$b/deb{i}.deb" Version)" ] || need="$need $b/deb{i}.deb""#
@@ -257,6 +262,56 @@ mod tests {
             names.push(name);
         }
         (script, names)
+    }
+
+    /// A file step with a hostile path (spaces, quotes, `$`, backslashes, `;`, backticks) run
+    /// by a real `sh`: the file lands at exactly that path, and nothing else runs. (`install`
+    /// is a shell function here that leaves out `-o`/`-g`, so the test needs no root.)
+    #[test]
+    fn a_hostile_path_is_installed_as_it_is() {
+        let base = std::env::temp_dir().join(format!(
+            "devicelab-script-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let bundle = base.join("bundle");
+        std::fs::create_dir_all(&bundle).unwrap();
+        std::fs::write(bundle.join("file0"), b"payload").unwrap();
+        let hostile = [
+            "a b",
+            "it's",
+            "$HOME",
+            "back\\slash",
+            "semi;colon",
+            "`touch pwned`",
+            "dq\"uote",
+        ];
+        for (i, name) in hostile.iter().enumerate() {
+            let path = base.join(format!("d{i}")).join(name);
+            let path = path.to_str().unwrap();
+            let script = format!(
+                "install() {{ while [ $# -gt 2 ]; do case $1 in -m|-o|-g) shift 2;; *) break;; esac; done; cp \"$1\" \"$2\"; }}\n{PROLOGUE}{}",
+                file_step("config", path, 0o600, "root", b"payload", "file0")
+            );
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&script)
+                .arg("onboard")
+                .arg(&bundle)
+                .arg("")
+                .current_dir(&base)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("devicelab-step config changed"),
+                "{name:?}: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(std::fs::read(path).unwrap(), b"payload", "{name:?}");
+        }
+        assert!(!base.join("pwned").exists(), "a backtick ran a command");
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
