@@ -1,6 +1,7 @@
 //! Faults the harness and the agent must ride out, each against the real part: a NATS server
 //! restarted while the agent reports (process mode here; the container mode runs with the e2e
-//! suite, which has the NATS image), and a domain left defined with other XML by an older run.
+//! suite, which has the NATS image), a domain left defined with other XML by an older run, and
+//! one defined by a run that still runs (never touched).
 
 mod common;
 
@@ -159,6 +160,35 @@ fn a_domain_left_defined_with_other_xml_is_redefined_not_replayed() {
     let uuid = dom.uuid_string().unwrap();
     let again = lv.define(&name, &new).unwrap();
     assert_eq!(again.uuid_string().unwrap(), uuid);
+}
+
+/// A domain whose owner, another process, still runs is never redefined (which would destroy
+/// it): the definition is refused with the owner named. (pid 1 stands for the other process.)
+#[test]
+fn a_domain_of_a_live_run_is_never_redefined() {
+    let lv = system_libvirt();
+    let name = format!(
+        "devicelab-fault-owned-{}",
+        hex::encode(rand::random::<[u8; 3]>())
+    );
+    let _cleanup = Undefine(&lv, &name);
+    let mut theirs = domain_params(&name, 512);
+    theirs.owner.pid = 1;
+    let theirs = render(&theirs);
+    lv.conn().unwrap().define_domain_xml(&theirs.xml).unwrap();
+    let refused = lv.define(&name, &render(&domain_params(&name, 768)));
+    assert!(
+        matches!(&refused, Err(LibvirtError::OwnedByLiveRun { pid: 1, .. })),
+        "{:?}",
+        refused.map(drop)
+    );
+    assert!(refused.unwrap_err().to_string().contains("another name"));
+    let defined = lv.domain(&name).unwrap().xml_desc(0).unwrap();
+    assert_eq!(
+        digest_of_defined(&defined).as_deref(),
+        Some(theirs.digest.as_str()),
+        "their definition is untouched"
+    );
 }
 
 /// A libvirtd of the test's own, so restarting it disturbs nothing else: private mount and

@@ -583,3 +583,46 @@ async fn a_kept_warm_clone_survives_the_next_warm_start() {
     );
     assert!(errors.is_empty(), "{errors:?}");
 }
+
+/// A partition's rules are gone once it is healed, once its VM is torn down, and once a killed
+/// run's leftovers are reaped; each removal checks the rules really went. (The rules are for an
+/// address of TEST-NET-1: no traffic is ever sent to it.)
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "changes the host's iptables: run with --features e2e")]
+async fn partition_rules_go_with_heal_teardown_and_reaping() {
+    use devicelab::host::firewall;
+    let lab = Lab::from_env().await.unwrap();
+    let ip = std::net::Ipv4Addr::new(192, 0, 2, 77);
+    let rules = |vm: &str| firewall::rules_of(vm).unwrap();
+
+    let healed = unique("fwheal");
+    firewall::block(&healed, ip).unwrap();
+    assert_eq!(rules(&healed).len(), 4, "INPUT, OUTPUT and FORWARD both ways");
+    assert!(firewall::is_blocked(&healed));
+    firewall::unblock(&healed).unwrap();
+    assert!(rules(&healed).is_empty(), "heal removed them");
+
+    let torn_down = unique("fwdown");
+    firewall::block(&torn_down, ip).unwrap();
+    let errors = devicelab::host::reaper::remove_vm(&lab.libvirt, &lab.pool, &torn_down);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(rules(&torn_down).is_empty(), "the VM's teardown removed them");
+
+    // A killed run: its owner record names a pid that is gone.
+    let killed = unique("fwkill");
+    firewall::block(&killed, ip).unwrap();
+    let dir = run_dir(&killed);
+    std::fs::create_dir_all(&dir).unwrap();
+    let gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    drop(gone.wait_with_output());
+    let mut owner = devicelab::host::reaper::OwnerRecord::current("killed", &killed);
+    owner.pid = pid;
+    owner.write(&dir).unwrap();
+    let _next_run = Lab::from_env().await.unwrap();
+    let (left, dir_reaped) = (rules(&killed), !dir.exists());
+    let _ = firewall::unblock(&killed);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(left.is_empty(), "the next run's reaper removed them: {left:?}");
+    assert!(dir_reaped, "and the run dir");
+}

@@ -171,6 +171,72 @@ async fn the_gate_ignores_the_past_and_rejects_the_old_boot_after_it() {
     assert!(matches!(err, NatsError::StatusRejected { .. }), "{err}");
 }
 
+/// A report still on its way when the plug is pulled (sent before the cut, stored after it)
+/// is the old boot's last word, not a report from the old boot after the cut: the gate taken
+/// once the stream is quiet puts it before the gate; a gate read at once would have failed a
+/// healthy device on it. Both sides, with the delay explicit: stored 300 ms after the cut.
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+async fn a_report_in_flight_at_the_cut_is_before_the_quiet_gate() {
+    let nats = server().await;
+    let cfg = agent(&nats, "dev-f");
+    run(&cfg, "old-boot", Some(2)).await.unwrap();
+    let log = nats.status_log("dev-f");
+    let old_boot_after = async |gate: u64| {
+        log.wait_for(gate, Duration::from_secs(10), |s| match s.boot_id.as_str() {
+            "old-boot" => Verdict::Reject("old boot after the gate".into()),
+            _ => Verdict::Accept,
+        })
+        .await
+    };
+    let in_flight = |cfg: AgentConfig| async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        run(&cfg, "old-boot", Some(1)).await.unwrap();
+    };
+
+    // Read at once, the gate lets the in-flight report through after it: a false failure.
+    let landing = tokio::spawn(in_flight(cfg.clone()));
+    let naive = log.last_sequence().await.unwrap();
+    landing.await.unwrap();
+    run(&cfg, "new-boot", Some(1)).await.unwrap();
+    let err = old_boot_after(naive).await.unwrap_err();
+    assert!(matches!(err, NatsError::StatusRejected { .. }), "{err}");
+
+    // Read once the stream is quiet, the gate is after it: the new boot's report decides.
+    let landing = tokio::spawn(in_flight(cfg.clone()));
+    let gate = log
+        .gate_after_cut(Duration::from_secs(3), Duration::from_secs(30))
+        .await
+        .unwrap();
+    landing.await.unwrap();
+    run(&cfg, "new-boot", Some(1)).await.unwrap();
+    let (_, first) = old_boot_after(gate).await.unwrap();
+    assert_eq!(first.boot_id, "new-boot");
+}
+
+/// A stream that never goes quiet after a cut (something still reports as the device) is an
+/// error within the gate's budget, not a gate.
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+async fn a_stream_that_never_goes_quiet_is_an_error() {
+    let nats = server().await;
+    let cfg = agent(&nats, "dev-q");
+    let chatter = tokio::spawn({
+        let cfg = cfg.clone();
+        async move {
+            loop {
+                run(&cfg, "still-on", Some(1)).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    });
+    let log = nats.status_log("dev-q");
+    let err = log
+        .gate_after_cut(Duration::from_secs(2), Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    chatter.abort();
+    assert!(err.to_string().contains("kept arriving"), "{err}");
+}
+
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn waiting_for_a_report_that_never_comes_times_out_with_what_was_seen() {
     let nats = server().await;

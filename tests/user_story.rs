@@ -13,10 +13,12 @@ async fn onboarded_agent_comes_back_after_pulling_the_plug(#[future] onboarded: 
     let reports = device.reports();
 
     let before = vm.boot_id().await.unwrap();
-    vm.power_cycle().await.unwrap();
-    // Everything the old boot sent is in the stream by now: after this gate, only the new
-    // boot may speak.
-    let gate = reports.last_sequence().await.unwrap();
+    vm.power_off().await.unwrap();
+    // The plug is out: once what the old boot sent last has landed, nothing of it can come.
+    // After this gate, only the new boot may speak.
+    let gate = reports.gate().await.unwrap();
+    vm.power_on().await.unwrap();
+    vm.wait_for_ssh().await.unwrap();
     let after = vm.boot_id().await.unwrap();
     assert_ne!(before, after, "a power cycle is a new boot");
 

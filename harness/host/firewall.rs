@@ -16,6 +16,11 @@ pub enum FirewallError {
     Missing(std::io::Error),
     #[error("iptables {args} failed: {stderr} (partitioning a VM needs root)")]
     Failed { args: String, stderr: String },
+    #[error(
+        "VM {vm}: its partition rules are still in place after removing them: {rules} \
+         (remove them with `iptables -D`, or `devicelab clean` once its run is gone)"
+    )]
+    StillBlocked { vm: String, rules: String },
 }
 
 /// Every chain the VM's packets cross on the host: to the host itself (the NATS server on the
@@ -71,14 +76,19 @@ pub fn block(vm: &str, ip: Ipv4Addr) -> Result<(), FirewallError> {
     Ok(())
 }
 
-/// Removes `vm`'s rules, if any (blocking). A host without iptables has none.
+/// Removes `vm`'s rules, if any, and checks they are gone (blocking). A host without iptables
+/// has none, and a process that may not read the rules cannot have added any; any other
+/// failure is an error, never taken for "no rules".
 pub fn unblock(vm: &str) -> Result<(), FirewallError> {
     let tag = tag(vm);
     for chain in CHAINS {
-        // Without iptables, or without the right to read the rules, this process cannot have
-        // added any: nothing to remove.
-        let Ok(listed) = iptables(&["-S".into(), chain.into()]) else {
-            return Ok(());
+        let listed = match iptables(&["-S".into(), chain.into()]) {
+            Ok(listed) => listed,
+            Err(FirewallError::Missing(_)) => return Ok(()),
+            Err(FirewallError::Failed { stderr, .. }) if lacks_privilege(&stderr) => {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         };
         for rule in listed.lines() {
             let words: Vec<&str> = rule.split_whitespace().collect();
@@ -93,14 +103,39 @@ pub fn unblock(vm: &str) -> Result<(), FirewallError> {
             iptables(&args)?;
         }
     }
+    let left = rules_of(vm)?;
+    if !left.is_empty() {
+        return Err(FirewallError::StillBlocked {
+            vm: vm.to_owned(),
+            rules: left.join("; "),
+        });
+    }
     Ok(())
+}
+
+/// iptables' answer to a user who may not read the rules.
+fn lacks_privilege(stderr: &str) -> bool {
+    let s = stderr.to_ascii_lowercase();
+    s.contains("permission denied") || s.contains("must be root")
+}
+
+/// `vm`'s rules now, as `iptables -S` prints them (blocking).
+pub fn rules_of(vm: &str) -> Result<Vec<String>, FirewallError> {
+    let tag = tag(vm);
+    let mut rules = Vec::new();
+    for chain in CHAINS {
+        let listed = iptables(&["-S".into(), chain.into()])?;
+        rules.extend(
+            listed
+                .lines()
+                .filter(|l| l.split_whitespace().any(|w| w.trim_matches('"') == tag))
+                .map(str::to_owned),
+        );
+    }
+    Ok(rules)
 }
 
 /// Whether `vm` has rules now (blocking; `false` without iptables).
 pub fn is_blocked(vm: &str) -> bool {
-    let tag = tag(vm);
-    CHAINS.iter().any(|chain| {
-        iptables(&["-S".into(), (*chain).into()])
-            .is_ok_and(|t| t.split_whitespace().any(|w| w.trim_matches('"') == tag))
-    })
+    rules_of(vm).is_ok_and(|r| !r.is_empty())
 }

@@ -211,6 +211,10 @@ fn try_any(
     holder: &str,
     group: &str,
 ) -> Result<Option<SlotLease>, SlotError> {
+    lock::private_dir(dir).map_err(|source| SlotError::Lock {
+        path: dir.to_owned(),
+        source,
+    })?;
     Ok(
         lock_first_free(dir, "", 0, count, holder)?.map(|(lock, index)| {
             *held()
@@ -227,8 +231,8 @@ fn try_any(
     )
 }
 
-/// Locks the first of `<stem><from>.lock` … `<stem><count-1>.lock` in `dir` (made 0700) that
-/// nobody holds, writing `holder` into it; `None` when all are held. Blocking.
+/// Locks the first of `<stem><from>.lock` … `<stem><count-1>.lock` in `dir` (which exists)
+/// that nobody holds, writing `holder` into it; `None` when all are held. Blocking.
 pub(crate) fn lock_first_free(
     dir: &Path,
     stem: &str,
@@ -236,10 +240,6 @@ pub(crate) fn lock_first_free(
     count: usize,
     holder: &str,
 ) -> Result<Option<(FileLock, usize)>, SlotError> {
-    lock::private_dir(dir).map_err(|source| SlotError::Lock {
-        path: dir.to_owned(),
-        source,
-    })?;
     for index in from..count {
         let path = slot_path(dir, stem, index);
         match lock::try_lock(&path, holder, Removal::Keep) {

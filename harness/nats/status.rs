@@ -54,6 +54,13 @@ pub struct Stored<T> {
 /// Decodes one message's payload to a `T`, or says why not.
 pub type DecodeAs<T> = Arc<dyn Fn(&[u8]) -> Result<T, String> + Send + Sync>;
 
+/// How long the stream must stay unchanged after a power cut before the gate is read: a
+/// report on its way when the plug was pulled (sent, not yet stored) lands well within it on
+/// a network the harness owns.
+pub const CUT_QUIET: Duration = Duration::from_secs(2);
+/// How long the gate waits for the stream to be quiet at most.
+pub const CUT_QUIET_BUDGET: Duration = Duration::from_secs(30);
+
 /// The messages on one subject, in the order NATS stored them, each decoded to a `T`.
 pub struct MessageLog<T> {
     js: jetstream::Context,
@@ -153,6 +160,41 @@ impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
             .await
             .map_err(|e| js_err("reading the stream state")(e.to_string()))?;
         Ok(info.state.last_sequence)
+    }
+
+    /// The gate after a power cut, as the trials take it: [`Self::gate_after_cut`] with
+    /// [`CUT_QUIET`] and [`CUT_QUIET_BUDGET`].
+    pub async fn gate(&self) -> Result<u64, NatsError> {
+        self.gate_after_cut(CUT_QUIET, CUT_QUIET_BUDGET).await
+    }
+
+    /// The gate after a power cut: the stream's last sequence once nothing new was stored for
+    /// `quiet` (a report the device sent just before the plug was pulled may still be on its
+    /// way; the device is off, so nothing newer can come). Taken before the device is powered
+    /// on again. A stream still growing after `budget` is an error: something still reports
+    /// as this device.
+    pub async fn gate_after_cut(&self, quiet: Duration, budget: Duration) -> Result<u64, NatsError> {
+        let started = tokio::time::Instant::now();
+        let mut last = self.last_sequence().await?;
+        let mut since = tokio::time::Instant::now();
+        loop {
+            if since.elapsed() >= quiet {
+                return Ok(last);
+            }
+            if started.elapsed() >= budget {
+                return Err(js_err("waiting for the stream to be quiet after a power cut")(
+                    format!(
+                        "messages kept arriving for {budget:?} after the plug was pulled (last \
+                         sequence {last}): is something else publishing as this device?"
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = self.last_sequence().await?;
+            if now != last {
+                (last, since) = (now, tokio::time::Instant::now());
+            }
+        }
     }
 
     /// Reads the reports after stream sequence `after`, in order, until `check` accepts one

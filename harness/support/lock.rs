@@ -50,11 +50,21 @@ impl Drop for FileLock {
 
 /// Makes `dir` (and its parents) and gives it mode 0700.
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    dir_with_mode(dir, 0o700)
+}
+
+/// Makes `dir` (and its parents) and gives it mode 0711: others may reach a file in it whose
+/// name they know (QEMU, running as its own user, opens a disk there) but not list it.
+pub fn traversable_dir(dir: &Path) -> std::io::Result<()> {
+    dir_with_mode(dir, 0o711)
+}
+
+fn dir_with_mode(dir: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(mode)
         .create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
 }
 
 /// Locks `path` unless someone holds it (`None` then), writing `holder` into it (who holds

@@ -169,23 +169,38 @@ where
     // A fresh report first: the last one before the outage, and where the judging starts.
     let (gate, last_before) = next_report(&log, log.last_sequence().await?, budget).await?;
     let cut_ms = now_ms();
-    cut().await?;
-    // What was in flight when the fault began may still land; after that, a fault that
-    // silences the device must really silence it (else the test proves nothing).
-    let grace = IN_FLIGHT.min(outage.duration);
-    tokio::time::sleep(grace).await;
-    let quiet_from = log.last_sequence().await?;
-    tokio::time::sleep(outage.duration - grace).await;
-    let at_heal = log.last_sequence().await?;
-    if outage.silences && at_heal > quiet_from {
-        let _ = heal().await;
-        return Err(ScenarioError::Check(format!(
-            "{} message(s) arrived during the outage, after the first {:.0} s: the fault did not cut the device off",
-            at_heal - quiet_from,
-            grace.as_secs_f64()
-        )));
+    // Whatever happens once the fault may have begun (even a cut that failed half-way), it is
+    // undone before this returns: a test never leaves its device partitioned.
+    let during = async {
+        cut().await?;
+        // What was in flight when the fault began may still land; after that, a fault that
+        // silences the device must really silence it (else the test proves nothing).
+        let grace = IN_FLIGHT.min(outage.duration);
+        tokio::time::sleep(grace).await;
+        let quiet_from = log.last_sequence().await?;
+        tokio::time::sleep(outage.duration - grace).await;
+        let at_heal = log.last_sequence().await?;
+        if outage.silences && at_heal > quiet_from {
+            return Err(ScenarioError::Check(format!(
+                "{} message(s) arrived during the outage, after the first {:.0} s: the fault did not cut the device off",
+                at_heal - quiet_from,
+                grace.as_secs_f64()
+            )));
+        }
+        Ok(at_heal)
     }
-    heal().await?;
+    .await;
+    let healed = heal().await;
+    let at_heal = match (during, healed) {
+        (Ok(at_heal), Ok(())) => at_heal,
+        (Err(e), Ok(())) => return Err(e),
+        (Ok(_), Err(h)) => return Err(h.into()),
+        (Err(e), Err(h)) => {
+            return Err(ScenarioError::Check(format!(
+                "{e}; and undoing the fault failed too: {h}"
+            )));
+        }
+    };
     let heal_ms = now_ms();
     let healed = Instant::now();
     next_report(&log, at_heal, budget).await?;

@@ -263,7 +263,7 @@ pub async fn cut_at(
     let looked = Instant::now();
     vm.power_off().await?;
     let to_cut = looked.elapsed();
-    let gate = log.last_sequence().await?;
+    let gate = log.gate().await?;
     let started = Instant::now();
     vm.power_on().await?;
     let budget = vm.budgets().power_cycle_recovery;

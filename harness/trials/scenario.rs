@@ -208,7 +208,8 @@ pub async fn report_from_boot(
 
 /// Waits for the first report after a power cut. What decides, in order:
 /// 1. the stream position: only reports stored after `gate` count (everything the old boot
-///    sent is before it: the guest was gone when the gate was read);
+///    sent is before it: the gate is read once the stream is quiet after the cut, with the
+///    guest off: [`crate::nats::MessageLog::gate`]);
 /// 2. the boot marker: a report carrying the old boot's marker after the gate fails at once;
 ///    one carrying another marker is the new boot's, whatever its timestamp says;
 /// 3. the time, only for an agent without a boot marker: stamped after `not_before_ms` by the
@@ -373,8 +374,9 @@ pub async fn pull_the_plug(device: &OnboardedDevice) -> Result<AfterCut, Scenari
     let log = device.reports();
     let started = Instant::now();
     vm.power_off().await?;
-    // The gate: the guest is gone, so everything the old boot sent is in the stream by now.
-    let gate_seq = log.last_sequence().await?;
+    // The gate: the guest is gone; once what it sent last has landed, nothing of the old boot
+    // can come (taken before power comes back).
+    let gate_seq = log.gate().await?;
     let gate_ms = now_ms();
     vm.power_on().await?;
     let agent = async {

@@ -186,11 +186,17 @@ async fn lock_free_clone(
             plan.spec.name.clone(),
         );
         let Some((lock, index)) = tokio::task::spawn_blocking(move || {
+            // Not listable; QEMU reaches a saved VM's disk through it.
+            lock::traversable_dir(&dir).map_err(|source| WarmError::Io {
+                what: "create",
+                dir: dir.clone(),
+                source,
+            })?;
             crate::host::slots::lock_first_free(&dir, &stem2, from, MAX_CLONES, &holder)
+                .map_err(WarmError::from)
         })
         .await
-        .map_err(|e| VmError::Task(e.to_string()))?
-        .map_err(WarmError::from)?
+        .map_err(|e| VmError::Task(e.to_string()))??
         else {
             return Err(WarmError::AllInUse {
                 key: key.to_owned(),
@@ -381,7 +387,7 @@ async fn build(
         let building = building.clone();
         tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_dir_all(&building);
-            lock::private_dir(&building).map_err(io("create", &building))
+            lock::traversable_dir(&building).map_err(io("create", &building))
         })
         .await
         .map_err(|e| VmError::Task(e.to_string()))??;
