@@ -112,6 +112,19 @@ async fn helper_slow_cleanup_and_hang() {
     std::future::pending::<()>().await;
 }
 
+/// Runs in a child process: a teardown already running in the background that takes a minute
+/// (an artifact collection from a guest that stopped answering), then hangs.
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[ignore = "helper for the leak tests"]
+async fn helper_slow_teardown_and_hang() {
+    let _guard = devicelab::host::reaper::on_interrupt(|| {});
+    devicelab::support::background::in_background("slow".into(), || {
+        std::thread::sleep(Duration::from_secs(60))
+    });
+    eprintln!("helper: cleanup registered");
+    std::future::pending::<()>().await;
+}
+
 fn spawn_helper(name: &str) -> Child {
     spawn("helper_provision_and_hang", name)
 }
@@ -293,16 +306,15 @@ fn a_vm_dropped_just_before_exit_is_still_removed() {
     assert!(!run_dir(&name).exists(), "and its run dir");
 }
 
-/// A second Ctrl-C while the cleanups run exits at once instead of being swallowed.
-#[test]
-fn a_second_ctrl_c_exits_at_once() {
+/// A second Ctrl-C while the cleanups run exits at once instead of being swallowed: a slow
+/// registered cleanup, and a slow teardown already running in the background (which the exit
+/// would otherwise wait for).
+#[rstest::rstest]
+#[case::slow_cleanup("helper_slow_cleanup_and_hang")]
+#[case::pending_teardown("helper_slow_teardown_and_hang")]
+fn a_second_ctrl_c_exits_at_once(#[case] helper: &str) {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "helper_slow_cleanup_and_hang",
-            "--include-ignored",
-            "--nocapture",
-        ])
+        .args(["--exact", helper, "--include-ignored", "--nocapture"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -588,7 +600,10 @@ async fn a_kept_warm_clone_survives_the_next_warm_start() {
 /// run's leftovers are reaped; each removal checks the rules really went. (The rules are for an
 /// address of TEST-NET-1: no traffic is ever sent to it.)
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
-#[cfg_attr(not(feature = "e2e"), ignore = "changes the host's iptables: run with --features e2e")]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "changes the host's iptables: run with --features e2e"
+)]
 async fn partition_rules_go_with_heal_teardown_and_reaping() {
     use devicelab::host::firewall;
     let lab = Lab::from_env().await.unwrap();
@@ -597,7 +612,11 @@ async fn partition_rules_go_with_heal_teardown_and_reaping() {
 
     let healed = unique("fwheal");
     firewall::block(&healed, ip).unwrap();
-    assert_eq!(rules(&healed).len(), 4, "INPUT, OUTPUT and FORWARD both ways");
+    assert_eq!(
+        rules(&healed).len(),
+        4,
+        "INPUT, OUTPUT and FORWARD both ways"
+    );
     assert!(firewall::is_blocked(&healed));
     firewall::unblock(&healed).unwrap();
     assert!(rules(&healed).is_empty(), "heal removed them");
@@ -606,7 +625,10 @@ async fn partition_rules_go_with_heal_teardown_and_reaping() {
     firewall::block(&torn_down, ip).unwrap();
     let errors = devicelab::host::reaper::remove_vm(&lab.libvirt, &lab.pool, &torn_down);
     assert!(errors.is_empty(), "{errors:?}");
-    assert!(rules(&torn_down).is_empty(), "the VM's teardown removed them");
+    assert!(
+        rules(&torn_down).is_empty(),
+        "the VM's teardown removed them"
+    );
 
     // A killed run: its owner record names a pid that is gone.
     let killed = unique("fwkill");
@@ -623,6 +645,9 @@ async fn partition_rules_go_with_heal_teardown_and_reaping() {
     let (left, dir_reaped) = (rules(&killed), !dir.exists());
     let _ = firewall::unblock(&killed);
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(left.is_empty(), "the next run's reaper removed them: {left:?}");
+    assert!(
+        left.is_empty(),
+        "the next run's reaper removed them: {left:?}"
+    );
     assert!(dir_reaped, "and the run dir");
 }

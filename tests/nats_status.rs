@@ -182,9 +182,11 @@ async fn a_report_in_flight_at_the_cut_is_before_the_quiet_gate() {
     run(&cfg, "old-boot", Some(2)).await.unwrap();
     let log = nats.status_log("dev-f");
     let old_boot_after = async |gate: u64| {
-        log.wait_for(gate, Duration::from_secs(10), |s| match s.boot_id.as_str() {
-            "old-boot" => Verdict::Reject("old boot after the gate".into()),
-            _ => Verdict::Accept,
+        log.wait_for(gate, Duration::from_secs(10), |s| {
+            match s.boot_id.as_str() {
+                "old-boot" => Verdict::Reject("old boot after the gate".into()),
+                _ => Verdict::Accept,
+            }
         })
         .await
     };

@@ -51,4 +51,3 @@ async fn the_same_name_provisioned_twice_in_a_row_gets_its_own_lease(
         mac_of(&second)
     );
 }
-

@@ -150,3 +150,48 @@ async fn the_onboarded_fixture_starts_warm_when_configured(arch: VmArchitecture)
     );
     eprintln!("warm onboarded device: phases {}", device.timings);
 }
+
+/// A saved VM that cannot be restored (its memory image rotted: truncated here) is deleted, and
+/// the request boots cold instead, saying so; the next warm start builds the saved VM again.
+#[rstest]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots VMs: run with --features e2e")]
+async fn a_broken_saved_vm_is_deleted_and_the_request_boots_cold(
+    #[future] lab: Arc<Lab>,
+    arch: VmArchitecture,
+) {
+    let lab = lab.await;
+    let spec = || VirtualMachineSpec::new(lab.vm_name("rot", arch), arch).with_start(Start::Warm);
+    // The saved VM this kind of request restores (built now if there is none yet).
+    let clone = lab.vm(spec()).await.unwrap();
+    let saved = lab.config.warm_dir().join(clone.name());
+    clone.remove().await.unwrap();
+    let memory = saved.join("memory.save");
+    let len = std::fs::metadata(&memory).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&memory)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+
+    let vm = lab.vm(spec()).await.unwrap();
+    vm.succeed("true").await.unwrap();
+    assert!(
+        !vm.name().starts_with("devicelab-warm-"),
+        "the request booted cold, as itself: {}",
+        vm.name()
+    );
+    assert!(
+        vm.timings
+            .entries()
+            .iter()
+            .all(|(p, _)| !p.starts_with("warm restore"))
+    );
+    assert!(
+        !saved.exists(),
+        "the broken saved VM was deleted: {}",
+        saved.display()
+    );
+    vm.remove().await.unwrap();
+}

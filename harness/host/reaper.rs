@@ -394,15 +394,24 @@ async fn handle_signals(
         "devicelab: interrupted; cleaning up {} resource(s) (interrupt again to exit at once)",
         cleanups.len()
     );
+    // The registered cleanups, then the teardowns already running in the background (the exit
+    // would wait for them): a second signal stops waiting for either.
     let cleaning = tokio::task::spawn_blocking(move || {
         for cleanup in cleanups {
             cleanup();
         }
+        crate::support::background::join_pending();
     });
+    let again = |what: &str| {
+        eprintln!(
+            "devicelab: {what} again: exiting without finishing the cleanup (the next run reaps what is left)"
+        );
+        crate::support::background::abandon();
+    };
     tokio::select! {
         _ = cleaning => {}
-        _ = int.recv() => eprintln!("devicelab: interrupted again: exiting without finishing the cleanup (the next run reaps what is left)"),
-        _ = term.recv() => eprintln!("devicelab: terminated again: exiting without finishing the cleanup (the next run reaps what is left)"),
+        _ = int.recv() => again("interrupted"),
+        _ = term.recv() => again("terminated"),
     }
     std::process::exit(code);
 }

@@ -55,6 +55,9 @@ pub struct Budgets {
     pub guest_step: Duration,
     /// Collecting one failure artifact (a log read over SSH).
     pub artifact_item: Duration,
+    /// A warm start: from the restore to an SSH login working (measured in seconds; a clone
+    /// that misses it marks its saved VM bad, and the request boots cold instead).
+    pub restore: Duration,
 }
 
 /// How the guest firmware is provided.
@@ -176,6 +179,7 @@ impl VmArchitecture {
                 command: minutes(5),
                 guest_step: minutes(1),
                 artifact_item: Duration::from_secs(30),
+                restore: minutes(1),
             },
             (Self::X86_64, Accelerator::Tcg) => Budgets {
                 lease: minutes(10),
@@ -187,6 +191,7 @@ impl VmArchitecture {
                 command: minutes(10),
                 guest_step: minutes(1),
                 artifact_item: Duration::from_secs(30),
+                restore: minutes(3),
             },
             (Self::Aarch64, Accelerator::Tcg) => Budgets {
                 lease: minutes(30),
@@ -198,6 +203,7 @@ impl VmArchitecture {
                 command: minutes(15),
                 guest_step: minutes(2),
                 artifact_item: Duration::from_secs(60),
+                restore: minutes(5),
             },
         }
     }
@@ -217,6 +223,7 @@ impl Budgets {
             command: s(self.command),
             guest_step: s(self.guest_step),
             artifact_item: s(self.artifact_item),
+            restore: s(self.restore),
         }
     }
 }
@@ -331,6 +338,7 @@ mod tests {
             command,
             guest_step,
             artifact_item,
+            restore,
         } = base.scaled(2.0);
         for (scaled, original) in [
             (lease, base.lease),
@@ -342,6 +350,7 @@ mod tests {
             (command, base.command),
             (guest_step, base.guest_step),
             (artifact_item, base.artifact_item),
+            (restore, base.restore),
         ] {
             assert_eq!(scaled, original * 2);
         }

@@ -173,7 +173,11 @@ impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
     /// way; the device is off, so nothing newer can come). Taken before the device is powered
     /// on again. A stream still growing after `budget` is an error: something still reports
     /// as this device.
-    pub async fn gate_after_cut(&self, quiet: Duration, budget: Duration) -> Result<u64, NatsError> {
+    pub async fn gate_after_cut(
+        &self,
+        quiet: Duration,
+        budget: Duration,
+    ) -> Result<u64, NatsError> {
         let started = tokio::time::Instant::now();
         let mut last = self.last_sequence().await?;
         let mut since = tokio::time::Instant::now();
@@ -182,12 +186,12 @@ impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
                 return Ok(last);
             }
             if started.elapsed() >= budget {
-                return Err(js_err("waiting for the stream to be quiet after a power cut")(
-                    format!(
-                        "messages kept arriving for {budget:?} after the plug was pulled (last \
+                return Err(js_err(
+                    "waiting for the stream to be quiet after a power cut",
+                )(format!(
+                    "messages kept arriving for {budget:?} after the plug was pulled (last \
                          sequence {last}): is something else publishing as this device?"
-                    ),
-                ));
+                )));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
             let now = self.last_sequence().await?;

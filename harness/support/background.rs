@@ -57,11 +57,39 @@ pub fn wait_for(name: &str) {
     }
 }
 
+/// Set once the process gives up on its teardowns (a second Ctrl-C): the exit no longer
+/// waits for them.
+static ABANDONED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the exit stop waiting for background teardowns (what is left is reaped by the next
+/// run, from the owner records).
+pub fn abandon() {
+    ABANDONED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Joins every background teardown (blocking), unless [`abandon`] was called.
+pub fn join_pending() {
+    join_all();
+}
+
 /// Joins every background teardown; registered with `atexit`, so a test process that returns
 /// (or calls `exit`) right after dropping a VM still removes it.
 extern "C" fn join_all() {
-    let all = std::mem::take(&mut *pending().lock().unwrap_or_else(|p| p.into_inner()));
-    for (_, handle) in all {
+    loop {
+        if ABANDONED.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let next = pending().lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let Some((_, handle)) = next else {
+            return;
+        };
+        // Joined in small steps, so that abandoning stops the wait.
+        while !handle.is_finished() {
+            if ABANDONED.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let _ = handle.join();
     }
 }

@@ -287,6 +287,20 @@ pub enum WarmError {
         /// libvirt's error.
         message: String,
     },
+    /// A clone restored but did not work within the restore budget (`Budgets::restore`):
+    /// its saved VM was deleted, and the request boots cold instead.
+    #[error(
+        "the saved VM {dir} restored but did not come back within {budget:?}: {cause}\n  it was \
+         deleted, so the next warm start builds it again"
+    )]
+    Broken {
+        /// The saved VM's directory.
+        dir: PathBuf,
+        /// The restore budget.
+        budget: Duration,
+        /// What the clone's wait found.
+        cause: String,
+    },
     /// A saved VM's lock file could not be used.
     #[error(transparent)]
     Slot(#[from] SlotError),

@@ -2,7 +2,7 @@
 //! a cold boot or a warm restore.
 
 use super::cold;
-use super::error::VmError;
+use super::error::{VmError, WarmError};
 use super::handle::Vm;
 use super::plan::Plan;
 use super::teardown::Held;
@@ -12,7 +12,28 @@ use crate::model::spec::Start;
 
 /// Runs `plan`: a ready VM, or an error that says what happened (with the kept artifacts once
 /// the domain had started). First a VM slot of this host (waiting for one if all are held).
+///
+/// A warm start whose saved VM turns out broken (it does not restore, or its clone does not
+/// come back within the restore budget) deletes it and boots cold instead, saying so.
 pub async fn run(plan: Plan) -> Result<Vm, VmError> {
+    match (plan.start, warm::cold_reason(&plan)) {
+        (Start::Warm, None) => match warm::start(&plan, slot(&plan).await?).await {
+            Err(VmError::Warm(e @ (WarmError::Broken { .. } | WarmError::Restore { .. }))) => {
+                tracing::warn!("VM {}: starting cold instead: {e}", plan.spec.name);
+                cold::boot(&plan, slot(&plan).await?).await
+            }
+            other => other,
+        },
+        (Start::Warm, Some(why)) => {
+            tracing::info!("VM {}: starting cold, not warm: {why}", plan.spec.name);
+            cold::boot(&plan, slot(&plan).await?).await
+        }
+        (Start::Cold, _) => cold::boot(&plan, slot(&plan).await?).await,
+    }
+}
+
+/// A VM slot of this host for `plan` (none when its test goes over the count).
+async fn slot(plan: &Plan) -> Result<Vec<Held>, VmError> {
     let slot = slots::acquire(
         plan.slots_dir.clone(),
         &plan.slots,
@@ -21,13 +42,5 @@ pub async fn run(plan: Plan) -> Result<Vm, VmError> {
         plan.slot_budget,
     )
     .await?;
-    let held: Vec<Held> = slot.into_iter().map(|s| Box::new(s) as Held).collect();
-    match (plan.start, warm::cold_reason(&plan)) {
-        (Start::Warm, None) => warm::start(&plan, held).await,
-        (Start::Warm, Some(why)) => {
-            tracing::info!("VM {}: starting cold, not warm: {why}", plan.spec.name);
-            cold::boot(&plan, held).await
-        }
-        (Start::Cold, _) => cold::boot(&plan, held).await,
-    }
+    Ok(slot.into_iter().map(|s| Box::new(s) as Held).collect())
 }

@@ -102,7 +102,8 @@ impl Vm {
     /// what it found (the console line, the command's stdout), if anything.
     pub async fn wait_for(&self, wait: &Wait) -> Result<Option<String>, VmError> {
         let deadline = Instant::now() + self.budget_for(wait);
-        self.guarded(self.wait_until(wait, deadline)).await
+        self.guarded(self.wait_until(wait, deadline, self.budget_for(wait)))
+            .await
     }
 
     /// Applies `waits` in order; each one's budget counts from `started` (the define, or the
@@ -111,8 +112,8 @@ impl Vm {
         let first = self.boot() == Boot::First;
         self.guarded(async {
             for wait in waits {
-                self.wait_until(wait, started + self.budget_for(wait))
-                    .await?;
+                let budget = self.budget_for(wait);
+                self.wait_until(wait, started + budget, budget).await?;
                 if first {
                     self.timings.record(&wait.to_string(), started.elapsed());
                 }
@@ -122,8 +123,26 @@ impl Vm {
         .await
     }
 
-    async fn wait_until(&self, wait: &Wait, deadline: Instant) -> Result<Option<String>, VmError> {
-        let budget = self.budget_for(wait);
+    /// A restored clone's waits: port 22, then an SSH login, both within the restore budget
+    /// from `started` (not the first boot's: a saved VM that does not come back in seconds is
+    /// broken, and the request is better off booting cold).
+    pub(crate) async fn wait_restored(&self, started: Instant) -> Result<(), VmError> {
+        let budget = self.budgets.restore;
+        self.guarded(async {
+            for wait in [Wait::OpenPort(22), Wait::SshLogin] {
+                self.wait_until(&wait, started + budget, budget).await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn wait_until(
+        &self,
+        wait: &Wait,
+        deadline: Instant,
+        budget: Duration,
+    ) -> Result<Option<String>, VmError> {
         let left = deadline.saturating_duration_since(Instant::now());
         let timeout = |last: String| self.timeout(&wait.to_string(), budget, last);
         match wait {

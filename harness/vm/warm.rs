@@ -22,13 +22,14 @@ use super::teardown::Held;
 use crate::host::reaper;
 use crate::image::{BaseImage, DiskFormat};
 use crate::model::spec::{Readiness, Start};
-use crate::model::wait::Wait;
 use crate::ssh::keys::HostKey;
 use crate::support::lock::{self, Removal};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Bumped when what a saved VM directory holds changes.
@@ -81,6 +82,9 @@ pub struct KeyInputs {
     pub firmware: Option<(FileId, FileId)>,
     pub emulator: FileId,
     pub qemu_version: String,
+    /// The libvirt network and its address on it: a clone resumes with the address it was
+    /// saved with, which must still be on the network.
+    pub network: String,
     /// SHA-256 of the domain XML as rendered for this request (names and per-instance values
     /// replaced by placeholders): a devicelab that renders differently gets another key.
     pub domain_xml: String,
@@ -150,6 +154,10 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
         Some(saved) if address_still_ours(plan, &saved).await? => saved,
         _ => build(plan, &name, &stem, &dir, inputs, &key).await?,
     };
+    // The clone holds the lock until its teardown is done; this one keeps the saved VM locked
+    // until a broken one is deleted.
+    let lock = Arc::new(lock);
+    let lock_guard = lock.clone();
     let mut held = held;
     held.push(Box::new(lock));
     tracing::info!(
@@ -160,13 +168,31 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
         saved.cold_boot_secs
     );
     let host_key = HostKey::from_openssh(&saved.host_key)?;
+    let broken = Arc::new(AtomicBool::new(false));
     let restore = WarmRestore {
         name,
-        dir,
+        dir: dir.clone(),
         saved,
         host_key,
+        broken: broken.clone(),
     };
-    start::start(plan, restore, held).await
+    match start::start(plan, restore, held).await {
+        Err(VmError::Warm(e @ WarmError::Restore { .. })) => Err(e.into()),
+        Err(cause) if broken.load(Ordering::SeqCst) => {
+            // Still under its clone lock (the failed clone's teardown is done): nobody else
+            // restores it meanwhile.
+            let d = dir.clone();
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(d)).await;
+            drop(lock_guard);
+            Err(WarmError::Broken {
+                dir,
+                budget: plan.budgets.restore,
+                cause: cause.to_string(),
+            }
+            .into())
+        }
+        other => other,
+    }
 }
 
 /// The first saved VM of `stem` whose clone lock nobody holds and whose domain is not defined:
@@ -311,6 +337,11 @@ pub(crate) fn key_inputs(plan: &Plan) -> Result<KeyInputs, VmError> {
         firmware,
         emulator: FileId::of(&plan.emulator)?,
         qemu_version: qemu_version(&plan.emulator)?,
+        network: format!(
+            "{} {}",
+            plan.network,
+            plan.libvirt.network_gateway(&plan.network)?
+        ),
         domain_xml: sha(&crate::host::domain_xml::render(&params).xml),
         seed: sha(&seed_text),
     })
@@ -393,13 +424,15 @@ async fn build(
         .map_err(|e| VmError::Task(e.to_string()))??;
     }
     let save_started = Instant::now();
-    {
+    let state_saved = {
         let (n, to) = (name.to_owned(), building.join("memory.save"));
         plan.libvirt
             .run(move |lv| lv.save(&lv.domain(&n)?, &n, &to))
-            .await?;
-    }
-    let kept = {
+            .await
+    };
+    let kept = if let Err(e) = state_saved {
+        Err(e.into())
+    } else {
         let (pool, dir, building, name, saved, serial_log) = (
             plan.pool.clone(),
             dir.to_owned(),
@@ -438,8 +471,12 @@ async fn build(
         .await
         .map_err(|e| VmError::Task(e.to_string()))?
     };
-    // The template's domain (saved, shut off) goes whatever happened.
+    // The template's domain (saved, shut off) goes whatever happened; a half-built saved VM
+    // goes with it.
     let removed = vm.remove().await;
+    if kept.is_err() {
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(building)).await;
+    }
     kept?;
     removed?;
     tracing::info!(
@@ -489,6 +526,9 @@ pub(crate) struct WarmRestore {
     dir: PathBuf,
     saved: Saved,
     host_key: HostKey,
+    /// Set when the clone did not come back within the restore budget: then its saved VM is
+    /// deleted.
+    broken: Arc<AtomicBool>,
 }
 
 impl Boot for WarmRestore {
@@ -570,11 +610,14 @@ impl Boot for WarmRestore {
 
     /// SSH, then the guest's clock stepped to the host's, then the request's own waits.
     async fn wait_ready(&self, plan: &Plan, vm: &Vm, started: Instant) -> Result<(), VmError> {
-        vm.wait_all(&[Wait::Lease, Wait::OpenPort(22), Wait::SshLogin], started)
-            .await?;
-        // The guest resumes at the time it was saved: verdicts that compare its clock with the
-        // host's would be fooled.
-        let skew = vm.step_clock_to_host().await?;
+        let restored = async {
+            vm.wait_restored(started).await?;
+            // The guest resumes at the time it was saved: verdicts that compare its clock with
+            // the host's would be fooled.
+            vm.step_clock_to_host().await
+        }
+        .await;
+        let skew = restored.inspect_err(|_| self.broken.store(true, Ordering::SeqCst))?;
         vm.timings.record("warm restore → SSH", started.elapsed());
         tracing::info!(
             "VM {}: restored in {:.1} s; the guest's clock was {:.0} s behind the host's, now stepped",
@@ -642,7 +685,21 @@ pub fn remove_unused(dir: &Path) -> Vec<String> {
             continue;
         };
         if std::fs::remove_dir_all(dir.join(&saved.name)).is_ok() {
-            removed.push(saved.name);
+            removed.push(saved.name.clone());
+        }
+        let _ = std::fs::remove_dir_all(dir.join(format!("{}.building", saved.name)));
+    }
+    // Half-built saved VMs whose build is over (its clone lock is free).
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(".building") else {
+            continue;
+        };
+        let path = dir.join(format!("{stem}.lock"));
+        if let Ok(Some(_lock)) = lock::try_lock(&path, "devicelab clean --warm", Removal::Keep)
+            && std::fs::remove_dir_all(entry.path()).is_ok()
+        {
+            removed.push(name);
         }
     }
     removed
@@ -674,9 +731,59 @@ mod tests {
             firmware: None,
             emulator: file("/qemu"),
             qemu_version: "QEMU emulator version 7.2.0".into(),
+            network: "default 192.168.122.1".into(),
             domain_xml: "x".into(),
             seed: "s".into(),
         }
+    }
+
+    /// What `devicelab ls` lists and `devicelab clean --warm` removes: saved VMs no clone
+    /// uses, and half-built ones whose build is over; never one whose clone runs. The saved
+    /// VM's record (it holds the guest's SSH host private key) is the owner's only.
+    #[test]
+    fn ls_lists_saved_vms_and_clean_warm_keeps_the_ones_in_use() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!(
+            "devicelab-warm-test-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let saved = Saved {
+            key: "k".into(),
+            inputs: inputs(),
+            ip: Ipv4Addr::new(192, 0, 2, 9),
+            mac: "52:54:00:00:00:01".into(),
+            host_key: "PRIVATE".into(),
+            cold_boot_secs: 1.0,
+            saved_at_unix: 1,
+        };
+        for name in ["w-0", "w-1"] {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+            write_synced(
+                &dir.join(name).join(META),
+                &serde_json::to_vec(&saved).unwrap(),
+            )
+            .unwrap();
+        }
+        std::fs::create_dir_all(dir.join("w-2.building")).unwrap();
+        let mode = std::fs::metadata(dir.join("w-0").join(META))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the record holds a private key");
+        let in_use = lock::try_lock(&dir.join("w-1.lock"), "a clone", Removal::Keep)
+            .unwrap()
+            .unwrap();
+        let listed = saved_vms(&dir);
+        let shown: Vec<(&str, bool)> = listed.iter().map(|s| (s.name.as_str(), s.in_use)).collect();
+        assert_eq!(shown, [("w-0", false), ("w-1", true)]);
+        let mut removed = remove_unused(&dir);
+        removed.sort();
+        assert_eq!(removed, ["w-0", "w-2.building"]);
+        assert!(dir.join("w-1").join(META).exists(), "the one in use stays");
+        drop(in_use);
+        assert_eq!(remove_unused(&dir), ["w-1"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -698,6 +805,7 @@ mod tests {
             firmware: _,
             emulator: _,
             qemu_version: _,
+            network: _,
             domain_xml: _,
             seed: _,
         } = inputs();
@@ -723,6 +831,10 @@ mod tests {
             ),
             ("emulator", Box::new(|k| k.emulator.path = "/q2".into())),
             ("qemu version", Box::new(|k| k.qemu_version.push('1'))),
+            (
+                "network",
+                Box::new(|k| k.network = "default 10.0.3.1".into()),
+            ),
             ("domain xml", Box::new(|k| k.domain_xml.push('y'))),
             ("seed", Box::new(|k| k.seed.push('t'))),
         ];

@@ -314,6 +314,50 @@ mod tests {
         std::fs::remove_dir_all(&base).unwrap();
     }
 
+    /// The packages step, run by a real `sh` with `dpkg-deb` answering for a `.deb` of
+    /// another name: it stops there, naming the package, before dpkg runs.
+    #[test]
+    fn a_deb_of_another_name_stops_the_packages_step() {
+        let mut d = crate::agent::reference::agent();
+        d.packages = vec![Package::Deb {
+            name: "netcat-openbsd".into(),
+            files: Default::default(),
+        }];
+        let debs = vec![("netcat-openbsd".to_owned(), vec![1])];
+        // `dpkg-deb` and `dpkg` as programs on PATH (a shell function cannot have a `-`).
+        let bin = std::env::temp_dir().join(format!(
+            "devicelab-debname-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&bin).unwrap();
+        for (tool, says) in [("dpkg-deb", "netcat-traditional"), ("dpkg", "dpkg ran")] {
+            let path = bin.join(tool);
+            std::fs::write(&path, format!("#!/bin/sh\necho {says}\n")).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let script = format!("{PROLOGUE}{}", packages(&d, &debs));
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script, "onboard", "/nonexistent", ""])
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        std::fs::remove_dir_all(&bin).unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{stdout}");
+        assert!(
+            stdout.contains("netcat-traditional\ndevicelab-fail packages name netcat-openbsd"),
+            "{stdout}"
+        );
+        assert!(!stdout.contains("dpkg ran"), "{stdout}");
+    }
+
     #[test]
     fn the_script_is_valid_sh_and_the_bundle_holds_every_file() {
         let mut d = crate::agent::reference::agent();
