@@ -173,12 +173,17 @@ pub fn volume_names(name: &str) -> [String; 3] {
 /// Removes a VM by name: its domain (NVRAM included) and its volumes. Absent parts are fine.
 pub fn remove_vm(libvirt: &Libvirt, pool: &Pool, name: &str) -> Vec<String> {
     let mut errors = Vec::new();
+    // Only "no such domain" means there is none: on any other error the domain may exist, so
+    // its volumes (and, through the error, its owner record) stay.
     let dom = match libvirt.conn() {
-        Ok(conn) => conn.lookup_domain_by_name(name).ok(),
-        Err(e) => {
-            errors.push(e.to_string());
-            None
-        }
+        Ok(conn) => match conn.lookup_domain_by_name(name) {
+            Ok(dom) => Some(dom),
+            Err(e) if crate::host::libvirt::is_code(&e, virt::error::ErrorNumber::NoDomain) => None,
+            Err(e) => {
+                return vec![format!("cannot look up domain {name}: {e}")];
+            }
+        },
+        Err(e) => return vec![e.to_string()],
     };
     if let Some(dom) = dom
         && let Err(e) = libvirt.remove_domain(&dom, name)

@@ -20,12 +20,14 @@ pub const GUEST_ITEMS: &[(&str, &str)] = &[
 
 /// Runs each `(file, command)` of [`GUEST_ITEMS`] and `extra` over one SSH session to
 /// `target`, each within `budget`, and writes its output (or why there is none) to `dir/file`.
+/// Returns the files that could not be written, each with why.
 pub async fn collect(
     target: Option<&SshTarget>,
     dir: &Path,
     extra: &[(&str, &str)],
     budget: Duration,
-) {
+) -> Vec<String> {
+    let mut unkept = Vec::new();
     // Retried within the item budget: a guest restarting sshd (cloud-init does, mid first
     // boot) refuses connections for a moment, and its logs are what explains the failure.
     let session = match target {
@@ -42,6 +44,26 @@ pub async fn collect(
         };
         if let Err(e) = tokio::fs::write(dir.join(file), text).await {
             tracing::warn!("cannot write {}: {e}", dir.join(file).display());
+            unkept.push(format!("{file}: {e}"));
         }
+    }
+    unkept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Evidence that cannot be written (a full or missing disk) is reported, each file with
+    /// why, not only logged.
+    #[tokio::test]
+    async fn evidence_that_cannot_be_written_is_reported() {
+        let dir = Path::new("/nonexistent/devicelab-run");
+        let unkept = collect(None, dir, &[("extra.txt", "true")], Duration::from_secs(1)).await;
+        assert_eq!(unkept.len(), GUEST_ITEMS.len() + 1, "{unkept:?}");
+        assert!(
+            unkept.iter().any(|u| u.starts_with("journal.txt: ")),
+            "{unkept:?}"
+        );
     }
 }

@@ -68,6 +68,19 @@ pub enum VmError {
         /// What SSH reported.
         source: SshError,
     },
+    /// A guest command printed something the harness cannot read (a number it needs, say):
+    /// the guest's tools differ from what the harness expects.
+    #[error("VM {vm}: `{command}` printed {output:?}, not {expected}")]
+    UnexpectedOutput {
+        /// The VM's name.
+        vm: String,
+        /// The command.
+        command: String,
+        /// What it printed.
+        output: String,
+        /// What the harness expected.
+        expected: &'static str,
+    },
     /// Another VM instance has this name now (a live test, a kept VM, a teardown that failed):
     /// nothing of it was touched.
     #[error("VM {vm}: the name is taken by {owner}, so nothing of it was touched: {fix}")]
@@ -181,13 +194,21 @@ pub enum VmError {
     },
     /// Provisioning failed after the domain started; what explains it is kept.
     /// [`VmError::root`] is the failure itself.
-    #[error("{source}\n  provisioning VM {vm} failed; what explains it is kept in {}", artifacts.display())]
+    #[error(
+        "{source}\n  provisioning VM {vm} failed; what explains it is kept in {}{}",
+        artifacts.display(),
+        if unkept.is_empty() { String::new() } else {
+            format!("\n  but this evidence could not be written there (is its disk full?): {}", unkept.join("; "))
+        }
+    )]
     Provision {
         /// The VM's name.
         vm: String,
         /// The directory that keeps the artifacts: serial log, domain XML, and the guest's
         /// own logs if SSH ever worked.
         artifacts: PathBuf,
+        /// The artifacts that could not be written, and why.
+        unkept: Vec<String>,
         /// The failure itself.
         source: Box<VmError>,
     },

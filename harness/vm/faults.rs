@@ -203,12 +203,17 @@ impl Vm {
     /// Sets the guest's clock to the host's; returns how far behind it was (a restored guest
     /// resumes at the time it was saved).
     pub(crate) async fn step_clock_to_host(&self) -> Result<Duration, VmError> {
-        let guest: f64 = self
-            .succeed("date +%s.%N")
-            .await?
+        let command = "date +%s.%N";
+        let printed = self.succeed(command).await?;
+        let guest: f64 = printed
             .trim()
             .parse()
-            .unwrap_or(0.0);
+            .map_err(|_| VmError::UnexpectedOutput {
+                vm: self.name().to_owned(),
+                command: command.into(),
+                output: printed.clone(),
+                expected: "seconds since the epoch (GNU date)",
+            })?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -238,7 +243,12 @@ impl Vm {
                  sync; free'"
             ))
             .await?;
-        let left = out.trim().parse().unwrap_or(0);
+        let left = out.trim().parse().map_err(|_| VmError::UnexpectedOutput {
+            vm: self.name().to_owned(),
+            command: format!("fill the disk to {leave} bytes free"),
+            output: out.clone(),
+            expected: "the bytes left free",
+        })?;
         self.log_fault(format!(
             "disk filled ({FILL_FILE}): {left} bytes left free (asked for at most {leave})"
         ));

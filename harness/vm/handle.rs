@@ -214,15 +214,16 @@ impl Vm {
     /// A provisioning failure once the domain has started: the run dir (serial log, domain
     /// XML) is kept, with the guest's own logs when SSH ever worked, and the error says where.
     pub(crate) async fn keep_artifacts_of(&self, error: VmError) -> VmError {
-        let artifacts = if self.ssh_reached.load(Ordering::SeqCst) {
-            self.collect_artifacts(&[]).await
+        self.keep_run_dir.store(true, Ordering::SeqCst);
+        let unkept = if self.ssh_reached.load(Ordering::SeqCst) {
+            self.collect_artifacts_checked(&[]).await
         } else {
-            self.keep_run_dir.store(true, Ordering::SeqCst);
-            self.owned.run_dir.clone()
+            Vec::new()
         };
         VmError::Provision {
             vm: self.owned.name.clone(),
-            artifacts,
+            artifacts: self.owned.run_dir.clone(),
+            unkept,
             source: Box::new(error),
         }
     }
@@ -482,11 +483,16 @@ impl Vm {
     /// the boot's journal, plus `extra` (file name, command) pairs. Best effort, each item
     /// within the budget table's `artifact_item`.
     pub async fn collect_artifacts(&self, extra: &[(&str, &str)]) -> PathBuf {
+        self.collect_artifacts_checked(extra).await;
+        self.owned.run_dir.clone()
+    }
+
+    /// [`Vm::collect_artifacts`], returning the files that could not be written, with why.
+    pub(crate) async fn collect_artifacts_checked(&self, extra: &[(&str, &str)]) -> Vec<String> {
         self.keep_run_dir.store(true, Ordering::SeqCst);
         let target = self.target().ok();
         let dir = &self.owned.run_dir;
-        artifacts::collect(target.as_ref(), dir, extra, self.budgets.artifact_item).await;
-        dir.clone()
+        artifacts::collect(target.as_ref(), dir, extra, self.budgets.artifact_item).await
     }
 
     /// The last lines of the serial console.
@@ -629,12 +635,21 @@ impl Drop for Vm {
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(artifacts::collect(
-                        target.as_ref(),
-                        &owned.run_dir,
-                        &[],
-                        budget,
-                    )),
+                    Ok(rt) => {
+                        let unkept = rt.block_on(artifacts::collect(
+                            target.as_ref(),
+                            &owned.run_dir,
+                            &[],
+                            budget,
+                        ));
+                        if !unkept.is_empty() {
+                            eprintln!(
+                                "devicelab: this evidence could not be kept in {} (is its disk full?): {}",
+                                owned.run_dir.display(),
+                                unkept.join("; ")
+                            );
+                        }
+                    }
                     Err(e) => eprintln!("devicelab: no runtime to collect the artifacts: {e}"),
                 }
             }
