@@ -12,11 +12,9 @@ use devicelab::host::reaper::{self, OwnerRecord};
 use devicelab::image::source::ImageSource;
 use devicelab::model::spec::ADMIN_USER;
 use devicelab::ssh::keys::client_key_path;
-use devicelab::support::lock;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
-use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -319,29 +317,25 @@ fn ssh(config: &HarnessConfig, vm: &str, command: &[String]) -> Result {
 async fn clean(config: &HarnessConfig, warm: bool) -> Result {
     let warm_dir = config.warm_dir();
     let config = config.clone();
-    let reaped =
-        tokio::task::spawn_blocking(move || -> Result<reaper::Reaped> {
-            let lv = Libvirt::open(&config.libvirt_uri).map_err(|e| e.to_string())?;
-            // As `Lab::new` does: one process at a time sets up the pool and reaps.
-            let path = config.data_dir.join(".pool.lock");
-            let _lock = lock::lock_within(&path, "devicelab clean", Duration::from_secs(300))
-                .map_err(|e| match e {
-                    lock::WaitError::Io(e) => format!("cannot lock {}: {e}", path.display()),
-                    lock::WaitError::Timeout { holder, waited } => format!(
-                        "{} was held by {holder} for {waited:.0?}: is that run hung?",
-                        path.display()
-                    ),
-                })?;
-            let pool = Pool::ensure(&lv, &config.pool_dir()).map_err(|e| e.to_string())?;
-            Ok(reaper::reap_including_kept(
-                &lv,
-                &pool,
-                &config.runs_dir(),
-                &config.podman,
-            ))
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+    let reaped = tokio::task::spawn_blocking(move || -> Result<reaper::Reaped> {
+        let lv = Libvirt::open(&config.libvirt_uri).map_err(|e| e.to_string())?;
+        // As `Lab::new` does: one process at a time sets up the pool and reaps.
+        let _lock = devicelab::lab::pool_setup_lock(&config).map_err(|e| e.to_string())?;
+        let pool = Pool::ensure(&lv, &config.pool_dir()).map_err(|e| e.to_string())?;
+        let (runs, warm) = (config.runs_dir(), config.warm_dir());
+        let dirs = reaper::DataDirs {
+            runs: &runs,
+            warm: &warm,
+        };
+        Ok(reaper::reap_including_kept(
+            &lv,
+            &pool,
+            &dirs,
+            &config.podman,
+        ))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
     let list = |v: &[String]| {
         if v.is_empty() {
             "none".to_owned()

@@ -110,9 +110,9 @@ pub struct Lab {
     /// This process's run identity, recorded on everything it creates, so that what a dead
     /// run left behind can be told apart and removed.
     pub owner: RunOwner,
-    /// This lab among the process's labs (one per test with the fixtures): whose VM slots a
-    /// request counts as its test's own.
-    id: u64,
+    /// Whose VM slots this lab's requests count as their own: its test's (see
+    /// [`slot_group`]).
+    slot_group: String,
     images: tokio::sync::Mutex<HashMap<VmArchitecture, BaseImage>>,
     accels: Mutex<HashMap<VmArchitecture, AccelDecision>>,
     qemu_args: Arc<Mutex<HashMap<VmArchitecture, Vec<String>>>>,
@@ -161,6 +161,37 @@ fn qemu_args_for(
 
 /// How long `Lab::new` waits for another run's pool setup (and reaping): seconds, normally.
 const POOL_LOCK_BUDGET: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The lock one process at a time holds while it sets up the storage pool and reaps what dead
+/// runs left (`Lab::new`, `devicelab clean`), waited for within a budget. Blocking.
+pub fn pool_setup_lock(config: &HarnessConfig) -> Result<lock::FileLock, LabError> {
+    let path = config.data_dir.join(".pool.lock");
+    lock::lock_within(&path, "setting up the pool", POOL_LOCK_BUDGET).map_err(|e| match e {
+        lock::WaitError::Io(source) => LabError::DataDir {
+            dir: config.data_dir.clone(),
+            source,
+        },
+        lock::WaitError::Timeout { holder, waited } => LabError::PoolLock {
+            path: path.clone(),
+            holder,
+            waited,
+        },
+    })
+}
+
+/// The test this lab belongs to, as far as VM slots go: libtest runs each test on a thread
+/// named after it (`cargo test` runs a binary's tests as threads of one process), and every
+/// fixture of a test makes its lab on that thread. Elsewhere (nextest's one test per process,
+/// a `main`, a runtime's worker) the process is the test.
+fn slot_group() -> String {
+    let pid = std::process::id();
+    match std::thread::current().name() {
+        Some(name) if name != "main" && !name.starts_with("tokio-") => {
+            format!("test {name} (pid {pid})")
+        }
+        _ => format!("pid {pid}"),
+    }
+}
 
 /// A number no earlier call in this process returned.
 fn next_instance() -> u64 {
@@ -228,22 +259,15 @@ impl Lab {
         let (libvirt, pool) = tokio::task::spawn_blocking(move || -> Result<_, LabError> {
             let libvirt = Libvirt::open(&config2.libvirt_uri)?;
             // Several test processes start at once: one defines the pool, the others find it.
-            let path = config2.data_dir.join(".pool.lock");
-            let _lock =
-                lock::lock_within(&path, "Lab::new", POOL_LOCK_BUDGET).map_err(|e| match e {
-                    lock::WaitError::Io(source) => LabError::DataDir {
-                        dir: config2.data_dir.clone(),
-                        source,
-                    },
-                    lock::WaitError::Timeout { holder, waited } => LabError::PoolLock {
-                        path: path.clone(),
-                        holder,
-                        waited,
-                    },
-                })?;
+            let _lock = pool_setup_lock(&config2)?;
             let pool = Pool::ensure(&libvirt, &config2.pool_dir())?;
             // Runs killed with SIGKILL left VMs and containers behind: clean up after them.
-            let reaped = reaper::reap(&libvirt, &pool, &config2.runs_dir(), &config2.podman);
+            let (runs, warm) = (config2.runs_dir(), config2.warm_dir());
+            let dirs = reaper::DataDirs {
+                runs: &runs,
+                warm: &warm,
+            };
+            let reaped = reaper::reap(&libvirt, &pool, &dirs, &config2.podman);
             if !reaped.vms.is_empty() || !reaped.containers.is_empty() {
                 tracing::warn!(
                     "reaped leftovers of dead runs: VMs {:?}, containers {:?}",
@@ -262,7 +286,7 @@ impl Lab {
             pool,
             client_key,
             owner: run_owner(),
-            id: next_instance(),
+            slot_group: slot_group(),
             images: Default::default(),
             accels: Default::default(),
             qemu_args: Default::default(),
@@ -359,7 +383,7 @@ impl Lab {
             spec.memory_mib,
         );
         Ok(Plan {
-            slot_group: format!("lab {} of run {}", self.id, self.owner.run_id),
+            slot_group: self.slot_group.clone(),
             start: spec.start.unwrap_or(self.config.start),
             slots,
             slots_dir: self.config.slots_dir(),

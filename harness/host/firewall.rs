@@ -77,15 +77,15 @@ pub fn block(vm: &str, ip: Ipv4Addr) -> Result<(), FirewallError> {
 }
 
 /// Removes `vm`'s rules, if any, and checks they are gone (blocking). A host without iptables
-/// has none, and a process that may not read the rules cannot have added any; any other
-/// failure is an error, never taken for "no rules".
+/// (or without its filter table) has none, and a process that may not read the rules cannot
+/// have added any; any other failure is an error, never taken for "no rules".
 pub fn unblock(vm: &str) -> Result<(), FirewallError> {
     let tag = tag(vm);
     for chain in CHAINS {
         let listed = match iptables(&["-S".into(), chain.into()]) {
             Ok(listed) => listed,
             Err(FirewallError::Missing(_)) => return Ok(()),
-            Err(FirewallError::Failed { stderr, .. }) if lacks_privilege(&stderr) => {
+            Err(FirewallError::Failed { stderr, .. }) if cannot_have_rules(&stderr) => {
                 return Ok(());
             }
             Err(e) => return Err(e),
@@ -113,10 +113,19 @@ pub fn unblock(vm: &str) -> Result<(), FirewallError> {
     Ok(())
 }
 
-/// iptables' answer to a user who may not read the rules.
-fn lacks_privilege(stderr: &str) -> bool {
+/// iptables' answer where no rule of ours can exist: a user who may not read the rules, or a
+/// kernel without the filter table (where `block` could never have added one).
+fn cannot_have_rules(stderr: &str) -> bool {
     let s = stderr.to_ascii_lowercase();
-    s.contains("permission denied") || s.contains("must be root")
+    [
+        "permission denied",
+        "must be root",
+        "table does not exist",
+        "can't initialize iptables table",
+        "protocol not supported",
+    ]
+    .iter()
+    .any(|m| s.contains(m))
 }
 
 /// `vm`'s rules now, as `iptables -S` prints them (blocking).

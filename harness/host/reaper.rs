@@ -4,7 +4,7 @@
 
 use crate::host::libvirt::Libvirt;
 use crate::host::pool::Pool;
-use crate::support::lock::Removal;
+use crate::support::lock::{self, Removal};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -215,60 +215,116 @@ pub struct Reaped {
 
 /// Cleans up after runs whose process is gone: VMs recorded under `runs_dir`, and containers
 /// labelled with a devicelab pid that no longer runs. What DEVICELAB_KEEP kept stays.
-pub fn reap(libvirt: &Libvirt, pool: &Pool, runs_dir: &Path, podman: &Path) -> Reaped {
-    reap_runs(libvirt, pool, runs_dir, podman, false)
+pub fn reap(libvirt: &Libvirt, pool: &Pool, dirs: &DataDirs, podman: &Path) -> Reaped {
+    reap_runs(libvirt, pool, dirs, podman, false)
 }
 
 /// [`reap`], and what DEVICELAB_KEEP kept (once its run is gone): `devicelab clean`.
 pub fn reap_including_kept(
     libvirt: &Libvirt,
     pool: &Pool,
-    runs_dir: &Path,
+    dirs: &DataDirs,
     podman: &Path,
 ) -> Reaped {
-    reap_runs(libvirt, pool, runs_dir, podman, true)
+    reap_runs(libvirt, pool, dirs, podman, true)
 }
 
 fn reap_runs(
     libvirt: &Libvirt,
     pool: &Pool,
-    runs_dir: &Path,
+    dirs: &DataDirs,
     podman: &Path,
     kept_too: bool,
 ) -> Reaped {
     let mut reaped = Reaped::default();
-    let entries = std::fs::read_dir(runs_dir).into_iter().flatten().flatten();
+    let entries = std::fs::read_dir(dirs.runs).into_iter().flatten().flatten();
     for entry in entries {
         let dir = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
         let Some(owner) = OwnerRecord::read(&dir) else {
             continue;
         };
-        if (owner.kept && !kept_too) || is_alive(owner.pid, owner.start_time) {
+        if (owner.kept && !kept_too) || owner.owner_alive() {
             continue;
         }
-        let name = owner.domain_in(&dir);
-        let errors = remove_vm(libvirt, pool, &name);
-        if errors.is_empty() {
-            // The run was killed before it could collect anything: its logs are not artifacts.
-            let _ = std::fs::remove_dir_all(&dir);
-            // Its claim on the name, unless someone holds it again.
-            let claim = runs_dir
-                .join(CLAIMS)
-                .join(format!("{}.lock", entry.file_name().to_string_lossy()));
-            let _ = crate::support::lock::try_lock(&claim, "reaper", Removal::OnRelease);
-            tracing::warn!(
-                "reaped VM {name} left by run {} (pid {} is gone)",
-                owner.run_id,
-                owner.pid
-            );
-            reaped.vms.push(name);
-        } else {
-            tracing::warn!("could not reap VM {name}: {}", errors.join("; "));
+        // The name's claim first: a run that claims it meanwhile reaps it itself, and one that
+        // claims it after finds it gone, never half-removed.
+        let claim = dirs.runs.join(CLAIMS).join(format!("{name}.lock"));
+        let Ok(Some(_claim)) = lock::try_lock(&claim, "reaper", Removal::OnRelease) else {
+            continue;
+        };
+        let Some(owner) = OwnerRecord::read(&dir) else {
+            continue; // reaped by whoever held the claim
+        };
+        match reap_one(libvirt, pool, dirs, &dir, &owner) {
+            Ok(domain) => {
+                tracing::warn!("reaped VM {domain} left by {} (gone)", owner.describe());
+                reaped.vms.push(domain);
+            }
+            Err(errors) => tracing::warn!("could not reap VM {name}: {}", errors.join("; ")),
+        }
+    }
+    // Claims whose run dir is gone (their process exited without releasing them by name).
+    for entry in std::fs::read_dir(dirs.runs.join(CLAIMS))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if let Some(name) = file.strip_suffix(".lock")
+            && !dirs.runs.join(name).exists()
+        {
+            let _ = lock::try_lock(&entry.path(), "reaper", Removal::OnRelease);
         }
     }
     reaped.containers = reap_containers(podman, kept_too);
     reap_nats_dirs_of(&std::env::temp_dir(), kept_too);
     reaped
+}
+
+/// Where a run's VMs are recorded (`runs/`) and where saved VMs are (`warm/`).
+pub struct DataDirs<'a> {
+    /// The runs dir: one dir per VM request, with its owner record.
+    pub runs: &'a Path,
+    /// The warm dir: the saved VMs and their clone locks.
+    pub warm: &'a Path,
+}
+
+/// Removes the VM a dead run recorded in `dir` (the caller holds its name's claim), then the
+/// run dir; returns its domain. A warm clone's domain has its saved VM's name, which a live
+/// clone may have taken since: then only the run dir goes (the domain is that clone's).
+pub fn reap_one(
+    libvirt: &Libvirt,
+    pool: &Pool,
+    dirs: &DataDirs,
+    dir: &Path,
+    owner: &OwnerRecord,
+) -> Result<String, Vec<String>> {
+    let domain = owner.domain_in(dir);
+    let clone_of_saved = dir
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy() != domain);
+    let _clone_lock = if clone_of_saved {
+        let path = dirs.warm.join(format!("{domain}.lock"));
+        match lock::try_lock(&path, "reaper", Removal::Keep) {
+            Ok(Some(lock)) => Some(lock),
+            // A live clone has the domain now.
+            Ok(None) => {
+                let _ = std::fs::remove_dir_all(dir);
+                return Ok(domain);
+            }
+            Err(e) => return Err(vec![format!("cannot lock {}: {e}", path.display())]),
+        }
+    } else {
+        None
+    };
+    let errors = remove_vm(libvirt, pool, &domain);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    // The run was killed before it could collect anything: its logs are not artifacts.
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(domain)
 }
 
 fn reap_containers(podman: &Path, kept_too: bool) -> Vec<String> {

@@ -143,11 +143,20 @@ pub(crate) fn js_err(doing: &str) -> impl FnOnce(String) -> NatsError + '_ {
 }
 
 /// Per-run credentials: only the test and the agents it configures can publish, so nothing
-/// else on the host can slip a status into a trial.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// else on the host can slip a status into a trial. Its `Debug` leaves the password out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct NatsCredentials {
     /// The user the harness and the agents log in as.
     pub user: String,
     /// Its password, random for each run.
     pub password: String,
+}
+
+impl std::fmt::Debug for NatsCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsCredentials")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }

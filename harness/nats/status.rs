@@ -168,35 +168,46 @@ impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
         self.gate_after_cut(CUT_QUIET, CUT_QUIET_BUDGET).await
     }
 
-    /// The gate after a power cut: the stream's last sequence once nothing new was stored for
-    /// `quiet` (a report the device sent just before the plug was pulled may still be on its
-    /// way; the device is off, so nothing newer can come). Taken before the device is powered
-    /// on again. A stream still growing after `budget` is an error: something still reports
-    /// as this device.
+    /// The gate after a power cut: a stream sequence after everything this log's device sent
+    /// before the plug was pulled. A report the device sent just before the cut may still be
+    /// on its way; the device is off, so nothing newer can come: the gate moves past each of
+    /// its reports that lands, until none has for `quiet`. Taken before the device is powered
+    /// on again. Reports that keep landing for `budget` are an error: something still reports
+    /// as this device. (Other devices' reports do not matter.)
     pub async fn gate_after_cut(
         &self,
         quiet: Duration,
         budget: Duration,
     ) -> Result<u64, NatsError> {
         let started = tokio::time::Instant::now();
-        let mut last = self.last_sequence().await?;
-        let mut since = tokio::time::Instant::now();
+        let mut gate = self.last_sequence().await?;
+        let device = self.device.clone();
+        let ours = |r: &T| device.as_deref().is_none_or(|d| r.device_id() == d);
         loop {
-            if since.elapsed() >= quiet {
-                return Ok(last);
+            let mut landed = None;
+            let found = self
+                .scan(gate, quiet, |seq, _, _, decoded| match decoded {
+                    Some(report) if ours(report) => {
+                        landed = Some(seq);
+                        Verdict::Accept
+                    }
+                    _ => Verdict::Skip,
+                })
+                .await;
+            match found {
+                Err(NatsError::StatusTimeout { .. }) => return Ok(gate),
+                Err(e) => return Err(e),
+                Ok(()) => gate = gate.max(landed.unwrap_or(gate)),
             }
             if started.elapsed() >= budget {
                 return Err(js_err(
-                    "waiting for the stream to be quiet after a power cut",
+                    "waiting for the device's last reports after a power cut",
                 )(format!(
-                    "messages kept arriving for {budget:?} after the plug was pulled (last \
-                         sequence {last}): is something else publishing as this device?"
+                    "its reports on {} kept arriving for {budget:?} after the plug was \
+                         pulled (the last at sequence {gate}): is something else reporting as \
+                         this device?",
+                    self.subject
                 )));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let now = self.last_sequence().await?;
-            if now != last {
-                (last, since) = (now, tokio::time::Instant::now());
             }
         }
     }

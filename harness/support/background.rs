@@ -57,8 +57,8 @@ pub fn wait_for(name: &str) {
     }
 }
 
-/// Set once the process gives up on its teardowns (a second Ctrl-C): the exit no longer
-/// waits for them.
+/// Set once the process gives up on its teardowns (a second Ctrl-C): from then on the exit
+/// does not wait for them.
 static ABANDONED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Makes the exit stop waiting for background teardowns (what is left is reaped by the next

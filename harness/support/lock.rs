@@ -96,7 +96,7 @@ pub fn try_lock(path: &Path, holder: &str, remove: Removal) -> std::io::Result<O
         if !same {
             continue;
         }
-        // A file made by an older version, or by hand, may be open to others.
+        // A file made by hand, or by a tool with another umask, may be open to others.
         if file.metadata()?.mode() & 0o077 != 0 {
             file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         }

@@ -311,8 +311,9 @@ pub enum WarmError {
     /// A clone restored but did not work within the restore budget (`Budgets::restore`):
     /// its saved VM was deleted, and the request boots cold instead.
     #[error(
-        "the saved VM {dir} restored but did not come back within {budget:?}: {cause}\n  it was \
-         deleted, so the next warm start builds it again"
+        "the saved VM {dir} restored but its clone was not usable within {budget:?}: {cause}\n  \
+         it was deleted, so the next warm start builds it again; the clone's evidence is in {}",
+        evidence.display()
     )]
     Broken {
         /// The saved VM's directory.
@@ -321,6 +322,8 @@ pub enum WarmError {
         budget: Duration,
         /// What the clone's wait found.
         cause: String,
+        /// Where the clone's evidence was moved (out of the way of the cold boot).
+        evidence: PathBuf,
     },
     /// A saved VM's lock file could not be used.
     #[error(transparent)]

@@ -5,10 +5,13 @@ use super::cold;
 use super::error::{VmError, WarmError};
 use super::handle::Vm;
 use super::plan::Plan;
+use super::start;
 use super::teardown::Held;
 use super::warm;
 use crate::host::slots;
 use crate::model::spec::Start;
+use crate::support::lock::FileLock;
+use std::sync::Arc;
 
 /// Runs `plan`: a ready VM, or an error that says what happened (with the kept artifacts once
 /// the domain had started). First a VM slot of this host (waiting for one if all are held).
@@ -16,24 +19,28 @@ use crate::model::spec::Start;
 /// A warm start whose saved VM turns out broken (it does not restore, or its clone does not
 /// come back within the restore budget) deletes it and boots cold instead, saying so.
 pub async fn run(plan: Plan) -> Result<Vm, VmError> {
+    // The name first: a name in use fails at once, without waiting for a slot.
+    let claim = Arc::new(start::claim(&plan).await?);
+    let held = async || held(&plan, &claim).await;
     match (plan.start, warm::cold_reason(&plan)) {
-        (Start::Warm, None) => match warm::start(&plan, slot(&plan).await?).await {
+        (Start::Warm, None) => match warm::start(&plan, held().await?).await {
             Err(VmError::Warm(e @ (WarmError::Broken { .. } | WarmError::Restore { .. }))) => {
                 tracing::warn!("VM {}: starting cold instead: {e}", plan.spec.name);
-                cold::boot(&plan, slot(&plan).await?).await
+                cold::boot(&plan, held().await?).await
             }
             other => other,
         },
         (Start::Warm, Some(why)) => {
             tracing::info!("VM {}: starting cold, not warm: {why}", plan.spec.name);
-            cold::boot(&plan, slot(&plan).await?).await
+            cold::boot(&plan, held().await?).await
         }
-        (Start::Cold, _) => cold::boot(&plan, slot(&plan).await?).await,
+        (Start::Cold, _) => cold::boot(&plan, held().await?).await,
     }
 }
 
-/// A VM slot of this host for `plan` (none when its test goes over the count).
-async fn slot(plan: &Plan) -> Result<Vec<Held>, VmError> {
+/// What a start of `plan` holds until its VM is gone: the claim on its name, and a VM slot of
+/// this host (none when its test goes over the count).
+async fn held(plan: &Plan, claim: &Arc<FileLock>) -> Result<Vec<Held>, VmError> {
     let slot = slots::acquire(
         plan.slots_dir.clone(),
         &plan.slots,
@@ -42,5 +49,7 @@ async fn slot(plan: &Plan) -> Result<Vec<Held>, VmError> {
         plan.slot_budget,
     )
     .await?;
-    Ok(slot.into_iter().map(|s| Box::new(s) as Held).collect())
+    let mut held: Vec<Held> = vec![Box::new(claim.clone())];
+    held.extend(slot.map(|s| Box::new(s) as Held));
+    Ok(held)
 }

@@ -56,18 +56,17 @@ pub(crate) async fn start<B: Boot>(plan: &Plan, boot: B, held: Vec<Held>) -> Res
 }
 
 /// The handle of the request's VM, whose domain is `domain`, before anything of it exists in
-/// libvirt: the request's name is claimed and its run dir and owner record are written, so
+/// libvirt (its name claimed already: [`claim`]): its run dir and owner record are written, so
 /// every later failure is cleaned up by the handle.
 async fn open_handle(
     plan: &Plan,
     domain: &str,
     host_key: HostKey,
-    mut held: Vec<Held>,
+    held: Vec<Held>,
 ) -> Result<Vm, VmError> {
     let run_dir = {
         let (plan, domain) = (plan.clone(), domain.to_owned());
-        tokio::task::spawn_blocking(move || -> Result<(PathBuf, FileLock), VmError> {
-            let claim = claim(&plan)?;
+        tokio::task::spawn_blocking(move || -> Result<PathBuf, VmError> {
             let run_dir = create_run_dir(&plan.runs_dir, &plan.spec.name).map_err(|source| {
                 VmError::RunDir {
                     vm: plan.spec.name.clone(),
@@ -86,13 +85,12 @@ async fn open_handle(
                     source,
                 });
             }
-            Ok((run_dir, claim))
+            Ok(run_dir)
         })
         .await
         .map_err(|e| VmError::Task(e.to_string()))?
     };
-    let (run_dir, claim) = run_dir?;
-    held.push(Box::new(claim));
+    let run_dir = run_dir?;
     let owned = Owned {
         libvirt: plan.libvirt.clone(),
         pool: plan.pool.clone(),
@@ -117,11 +115,18 @@ async fn open_handle(
     }))
 }
 
-/// The claim on the request's name: held until its VM is gone, so no other test, in this
-/// process or another, makes a VM of that name meanwhile. What a dead run left under the name
-/// is removed first; what a live run owns, or a kept VM, is never touched (an error says
-/// whose it is). Blocking.
-fn claim(plan: &Plan) -> Result<FileLock, VmError> {
+/// The claim on the request's name, taken before anything else (its VM slot included: a name
+/// in use fails at once): held until its VM is gone, so no other test, in this process or
+/// another, makes a VM of that name meanwhile. What a dead run left under the name is removed
+/// first; what a live run owns, or a kept VM, is never touched (an error says whose it is).
+pub(crate) async fn claim(plan: &Plan) -> Result<FileLock, VmError> {
+    let plan = plan.clone();
+    tokio::task::spawn_blocking(move || claim_blocking(&plan))
+        .await
+        .map_err(|e| VmError::Task(e.to_string()))?
+}
+
+fn claim_blocking(plan: &Plan) -> Result<FileLock, VmError> {
     let name = &plan.spec.name;
     // A background teardown of an earlier VM of this name in this process finishes first.
     background::wait_for(name);
@@ -161,24 +166,28 @@ fn claim(plan: &Plan) -> Result<FileLock, VmError> {
                 fix: "its teardown error says what failed; `devicelab clean` removes it once that run is gone",
             });
         }
-        let domain = owner.domain_in(&run_dir);
-        let errors = reaper::remove_vm(&plan.libvirt, &plan.pool, &domain);
-        if !errors.is_empty() {
-            return Err(VmError::NameInUse {
-                vm: name.clone(),
-                owner: format!(
-                    "VM {domain}, left by {} (gone), which could not be removed: {}",
-                    owner.describe(),
-                    errors.join("; ")
-                ),
-                fix: "fix what the error names, then `devicelab clean`",
-            });
+        let dirs = reaper::DataDirs {
+            runs: &plan.runs_dir,
+            warm: &plan.warm_dir,
+        };
+        match reaper::reap_one(&plan.libvirt, &plan.pool, &dirs, &run_dir, &owner) {
+            Ok(domain) => tracing::warn!(
+                "VM {name}: removed VM {domain} left under this name by {} (gone)",
+                owner.describe()
+            ),
+            Err(errors) => {
+                return Err(VmError::NameInUse {
+                    vm: name.clone(),
+                    owner: format!(
+                        "VM {}, left by {} (gone), which could not be removed: {}",
+                        owner.domain_in(&run_dir),
+                        owner.describe(),
+                        errors.join("; ")
+                    ),
+                    fix: "fix what the error names, then `devicelab clean`",
+                });
+            }
         }
-        tracing::warn!(
-            "VM {name}: removed VM {domain} left under this name by {} (gone)",
-            owner.describe()
-        );
-        let _ = std::fs::remove_dir_all(&run_dir);
     }
     Ok(claim)
 }

@@ -82,10 +82,17 @@ impl Owned {
     /// for that), so the run dir goes too, but only with the VM.
     pub fn on_interrupt(&self) -> CleanupGuard {
         let owned = self.clone();
-        reaper::on_interrupt(move || {
-            if let Err(e) = owned.remove(false) {
-                eprintln!("devicelab: {e}");
+        reaper::on_interrupt(move || match owned.remove(false) {
+            // The process exits right after, without dropping the claim: its file goes here.
+            Ok(()) => {
+                if let Some(runs) = owned.run_dir.parent() {
+                    let claim = runs
+                        .join(reaper::CLAIMS)
+                        .join(format!("{}.lock", owned.claimed_name()));
+                    let _ = std::fs::remove_file(claim);
+                }
             }
+            Err(e) => eprintln!("devicelab: {e}"),
         })
     }
 }

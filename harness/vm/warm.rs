@@ -178,16 +178,27 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
     };
     match start::start(plan, restore, held).await {
         Err(VmError::Warm(e @ WarmError::Restore { .. })) => Err(e.into()),
-        Err(cause) if broken.load(Ordering::SeqCst) => {
+        // A kept clone (DEVICELAB_KEEP) still runs on the saved VM's disk: it stays, and so
+        // does the saved VM, for a human to look at.
+        Err(cause) if broken.load(Ordering::SeqCst) && !plan.keep => {
             // Still under its clone lock (the failed clone's teardown is done): nobody else
-            // restores it meanwhile.
-            let d = dir.clone();
-            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(d)).await;
+            // restores it meanwhile. Its evidence moves aside, out of the way of the cold boot
+            // that reuses the request's run dir.
+            let (d, run_dir) = (dir.clone(), plan.runs_dir.join(&plan.spec.name));
+            let evidence = run_dir.with_extension("warm-failed");
+            let moved = evidence.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = std::fs::remove_dir_all(&d);
+                let _ = std::fs::remove_dir_all(&moved);
+                std::fs::rename(&run_dir, &moved)
+            })
+            .await;
             drop(lock_guard);
             Err(WarmError::Broken {
                 dir,
                 budget: plan.budgets.restore,
                 cause: cause.to_string(),
+                evidence,
             }
             .into())
         }
@@ -526,8 +537,8 @@ pub(crate) struct WarmRestore {
     dir: PathBuf,
     saved: Saved,
     host_key: HostKey,
-    /// Set when the clone did not come back within the restore budget: then its saved VM is
-    /// deleted.
+    /// Set when the clone did not come back within the restore budget (its SSH, or the clock
+    /// step after it): then its saved VM is deleted.
     broken: Arc<AtomicBool>,
 }
 
