@@ -8,7 +8,8 @@ use devicelab::fixtures::*;
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// Each test's VM: its name, and when the test had it.
+/// Each test's VM: its name (the request's: a warm clone's domain is its saved VM's, which
+/// clones one after the other share), and when the test had it.
 struct Seen {
     test: &'static str,
     name: String,
@@ -19,7 +20,12 @@ struct Seen {
 static SEEN: Mutex<Vec<Seen>> = Mutex::new(Vec::new());
 
 async fn runs_alone(test: &'static str, vm: Vm) {
-    let name = vm.name().to_owned();
+    let name = vm
+        .run_dir()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     SEEN.lock().unwrap().push(Seen {
         test,
         name: name.clone(),

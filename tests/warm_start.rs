@@ -195,3 +195,64 @@ async fn a_broken_saved_vm_is_deleted_and_the_request_boots_cold(
     );
     vm.remove().await.unwrap();
 }
+
+/// A saved VM that restores but whose clone never answers (its recorded address is tampered
+/// with here: the clone runs, the harness cannot reach it) misses the restore budget: the saved
+/// VM is deleted, the clone's evidence moves to `runs/<name>.warm-failed`, and the request
+/// boots cold. Budgets scaled to a quarter, so the restore budget ends in 45 s, not 3 min.
+#[rstest]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots VMs: run with --features e2e")]
+async fn a_clone_that_misses_the_restore_budget_deletes_its_saved_vm(arch: VmArchitecture) {
+    devicelab::init_logging();
+    let mut config = devicelab::config::HarnessConfig::from_env().unwrap();
+    config.budget_scale *= 0.25;
+    let lab = Lab::new(config).await.unwrap();
+    let spec = |name: &str| VirtualMachineSpec::new(name, arch).with_start(Start::Warm);
+    let clone = lab.vm(spec(&lab.vm_name("mute", arch))).await.unwrap();
+    let saved = lab.config.warm_dir().join(clone.name());
+    clone.remove().await.unwrap();
+    let record = saved.join("saved.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    json["ip"] = "192.0.2.200".into(); // TEST-NET-1: nothing answers there
+    std::fs::write(&record, serde_json::to_vec(&json).unwrap()).unwrap();
+
+    let name = lab.vm_name("mute", arch);
+    let started = std::time::Instant::now();
+    let vm = lab.vm(spec(&name)).await.unwrap();
+    vm.succeed("true").await.unwrap();
+    let evidence = lab.config.runs_dir().join(format!("{name}.warm-failed"));
+    let kept = evidence.join("serial.log").is_file();
+    let _ = std::fs::remove_dir_all(&evidence);
+    assert!(
+        !vm.name().starts_with("devicelab-warm-"),
+        "booted cold: {}",
+        vm.name()
+    );
+    assert!(
+        !saved.exists(),
+        "the saved VM was deleted: {}",
+        saved.display()
+    );
+    assert!(
+        kept,
+        "the clone's evidence was moved aside to {}",
+        evidence.display()
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let warm_mode = std::fs::metadata(lab.config.warm_dir())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        warm_mode & 0o777,
+        0o711,
+        "warm/: QEMU reaches saved disks, nobody lists it"
+    );
+    eprintln!(
+        "restore budget missed, then a cold boot: {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    vm.remove().await.unwrap();
+}

@@ -358,6 +358,9 @@ mod tests {
         let _held = try_any(&dir, 1, "devicelab-vm-holder", "budget-a")
             .unwrap()
             .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "slots/ is the owner's only");
         let started = Instant::now();
         let err = acquire(
             dir.clone(),
