@@ -66,3 +66,25 @@ fn a_missing_emulator_accepts_nothing() {
     }];
     assert!(accepted_args(Path::new("/nonexistent/qemu"), &knobs).is_empty());
 }
+
+/// An emulator that answers every QMP command, `quit` included, and then does not exit is given
+/// up on at the probe's deadline too (the probe's last wait has the budget as well).
+#[test]
+fn an_emulator_that_answers_quit_but_never_exits_is_given_up_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let stuck = dir.path().join("qemu-system-stuck");
+    std::fs::write(
+        &stuck,
+        "#!/bin/sh\necho '{\"QMP\": {}}'\nread a; echo '{\"return\": {}}'\nread b; echo '{\"return\": {}}'\nexec sleep 600\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&stuck, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let started = Instant::now();
+    let why = probe_within(&stuck, &[], Duration::from_secs(2)).unwrap_err();
+    assert!(why.contains("did not exit"), "{why}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -81,10 +81,18 @@ pub fn probe_within(emulator: &Path, args: &[&str], timeout: Duration) -> Result
         }
         Ok(())
     };
-    let answered = exchange();
+    let mut answered = exchange();
     drop(stdin);
     if answered.is_err() {
         let _ = child.kill();
+    }
+    // Even after `quit`, QEMU gets only the rest of the deadline to exit.
+    while answered.is_ok() && child.try_wait().map_err(|e| e.to_string())?.is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            answered = Err(format!("QEMU did not exit within {timeout:?} of `quit`"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     let status = child.wait().map_err(|e| e.to_string())?;
     let stderr = errors.join().unwrap_or_default();

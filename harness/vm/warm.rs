@@ -358,14 +358,20 @@ pub(crate) fn key_inputs(plan: &Plan) -> Result<KeyInputs, VmError> {
     })
 }
 
+/// How long `qemu --version` may take (it answers at once; a hung one must not hang the run).
+const QEMU_VERSION_BUDGET: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn qemu_version(emulator: &Path) -> Result<String, WarmError> {
-    let out = std::process::Command::new(emulator)
-        .arg("--version")
-        .output()
-        .map_err(|e| WarmError::QemuVersion {
-            emulator: emulator.to_owned(),
-            message: e.to_string(),
-        })?;
+    let err = |message: String| WarmError::QemuVersion {
+        emulator: emulator.to_owned(),
+        message,
+    };
+    let out = crate::support::process::output_within(
+        std::process::Command::new(emulator).arg("--version"),
+        QEMU_VERSION_BUDGET,
+    )
+    .map_err(|e| err(e.to_string()))?
+    .ok_or_else(|| err(format!("no answer within {QEMU_VERSION_BUDGET:?}: killed")))?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .next()
