@@ -6,6 +6,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
+use crate::support::lock;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,15 @@ pub enum DownloadError {
     CacheDir {
         dir: PathBuf,
         source: std::io::Error,
+    },
+    #[error(
+        "another process held the download lock {path} for {waited:.0?} ({holder}): is it hung? \
+         (it is released when that process exits)"
+    )]
+    LockTimeout {
+        path: PathBuf,
+        holder: String,
+        waited: Duration,
     },
     #[error("could not download {file_name} from any of its {} mirror(s):\n{}", attempts.len(), Attempts(attempts))]
     AllMirrorsFailed {
@@ -98,6 +108,10 @@ pub fn show_progress_with(show: ShowProgress) {
     let _ = PROGRESS.set(show);
 }
 
+/// How long a download waits for another process downloading the same file: a cloud image
+/// over a slow link takes minutes, not an hour.
+const DOWNLOAD_LOCK_BUDGET: Duration = Duration::from_secs(60 * 60);
+
 /// Returns the path of the verified file in `cache_dir`, downloading it first if needed.
 pub async fn fetch(cache_dir: &Path, artifact: &Artifact) -> Result<PathBuf, DownloadError> {
     artifact.validate()?;
@@ -108,12 +122,23 @@ pub async fn fetch(cache_dir: &Path, artifact: &Artifact) -> Result<PathBuf, Dow
     std::fs::create_dir_all(cache_dir).map_err(cache_err)?;
     let target = cache_dir.join(&artifact.file_name);
     let lock_path = cache_dir.join(format!(".{}.lock", artifact.file_name));
-    let lock = File::create(&lock_path).map_err(cache_err)?;
-    // Another process may be downloading the same file: wait for it, then use its result.
-    let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
-        .await
-        .map_err(|e| cache_err(std::io::Error::other(e)))?
-        .map_err(cache_err)?;
+    // Another process may be downloading the same file: wait for it (within a budget), then
+    // use its result.
+    let holder = format!("downloading {}", artifact.file_name);
+    let lock = {
+        let path = lock_path.clone();
+        tokio::task::spawn_blocking(move || lock::lock_within(&path, &holder, DOWNLOAD_LOCK_BUDGET))
+            .await
+            .map_err(|e| cache_err(std::io::Error::other(e)))?
+            .map_err(|e| match e {
+                lock::WaitError::Io(source) => cache_err(source),
+                lock::WaitError::Timeout { holder, waited } => DownloadError::LockTimeout {
+                    path: lock_path.clone(),
+                    holder,
+                    waited,
+                },
+            })?
+    };
 
     if is_verified(&target, &artifact.sha256) {
         tracing::debug!(file = %target.display(), "cache hit");
