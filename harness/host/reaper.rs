@@ -30,6 +30,10 @@ pub struct OwnerRecord {
 
 pub const OWNER_FILE: &str = "owner.json";
 
+/// How long one podman call may take (the image is local: nothing is pulled). A hung podman
+/// must not hang the run.
+pub const PODMAN_BUDGET: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Where the claims on VM names are, under the runs dir (`<name>.lock`, held by the VM's
 /// process while its VM exists).
 pub const CLAIMS: &str = ".claims";
@@ -328,15 +332,17 @@ pub fn reap_one(
 }
 
 fn reap_containers(podman: &Path, kept_too: bool) -> Vec<String> {
-    let Ok(out) = Command::new(podman)
-        .args(["ps", "-a", "--filter", "label=devicelab.pid"])
-        .args([
-            "--format",
-            "{{.Names}} {{index .Labels \"devicelab.pid\"}} {{index .Labels \"devicelab.start\"}} {{index .Labels \"devicelab.kept\"}}",
-        ])
-        .output()
-    else {
-        return Vec::new(); // no podman: nothing of ours can exist
+    let Ok(Some(out)) = crate::support::process::output_within(
+        Command::new(podman)
+            .args(["ps", "-a", "--filter", "label=devicelab.pid"])
+            .args([
+                "--format",
+                "{{.Names}} {{index .Labels \"devicelab.pid\"}} {{index .Labels \"devicelab.start\"}} {{index .Labels \"devicelab.kept\"}}",
+            ]),
+        PODMAN_BUDGET,
+    ) else {
+        // No podman: nothing of ours can exist; a hung one: the next run tries again.
+        return Vec::new();
     };
     let mut removed = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -356,11 +362,11 @@ fn reap_containers(podman: &Path, kept_too: bool) -> Vec<String> {
         if is_alive(pid, start) {
             continue;
         }
-        let ok = Command::new(podman)
-            .args(["rm", "-f", "-t", "0", name])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
+        let ok = crate::support::process::output_within(
+            Command::new(podman).args(["rm", "-f", "-t", "0", name]),
+            PODMAN_BUDGET,
+        )
+        .is_ok_and(|o| o.is_some_and(|o| o.status.success()));
         if ok {
             tracing::warn!("reaped NATS container {name} (pid {pid} is gone)");
             removed.push(name.to_owned());

@@ -2,11 +2,11 @@
 //! file renamed into place only once verified, a cross-process lock so parallel test processes
 //! download once, and a record of the verified digest so a cache hit never re-hashes.
 
+use crate::support::lock;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
-use crate::support::lock;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

@@ -186,23 +186,41 @@ impl Server {
                 );
                 // Host networking: the host's own network namespace is where the VMs' bridge is.
                 let start = reaper::process_start_time(owner.pid).unwrap_or(0);
-                let output = Command::new(&config.podman)
-                    // No --rm: it would delete the container on restart(); drop removes it.
-                    .args(["run", "-d", "--network", "host", "--name", &name])
-                    .args(["--label", &format!("devicelab.run={}", owner.run_id)])
-                    .args(["--label", &format!("devicelab.pid={}", owner.pid)])
-                    .args(["--label", &format!("devicelab.start={start}")])
-                    .args(["--label", &format!("devicelab.kept={}", u8::from(config.keep))])
-                    .args(["-v", &format!("{}:{CONTAINER_DIR}", dir.host.display())])
-                    .arg(image)
-                    .args(["-c", &server_config])
-                    .output()
-                    .await
-                    .map_err(|source| NatsError::Missing {
-                        program: config.podman.display().to_string(),
-                        source,
-                        fix: "install podman (fixtures/host/setup.sh), or set DEVICELAB_NATS=process",
-                    })?;
+                // No --rm: it would delete the container on restart(); drop removes it.
+                let mut args: Vec<String> = ["run", "-d", "--network", "host", "--name", &name]
+                    .map(str::to_owned)
+                    .to_vec();
+                for label in [
+                    format!("devicelab.run={}", owner.run_id),
+                    format!("devicelab.pid={}", owner.pid),
+                    format!("devicelab.start={start}"),
+                    format!("devicelab.kept={}", u8::from(config.keep)),
+                ] {
+                    args.extend(["--label".to_owned(), label]);
+                }
+                args.extend([
+                    "-v".to_owned(),
+                    format!("{}:{CONTAINER_DIR}", dir.host.display()),
+                    image.clone(),
+                    "-c".to_owned(),
+                    server_config.clone(),
+                ]);
+                let output = match podman_output(&config.podman, &args).await {
+                    Ok(output) => output,
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        return Err(NatsError::ContainerStart {
+                            image: image.clone(),
+                            stderr: e.to_string(),
+                        });
+                    }
+                    Err(source) => {
+                        return Err(NatsError::Missing {
+                            program: config.podman.display().to_string(),
+                            source,
+                            fix: "install podman (fixtures/host/setup.sh), or set DEVICELAB_NATS=process",
+                        });
+                    }
+                };
                 if !output.status.success() {
                     return Err(NatsError::ContainerStart {
                         image: image.clone(),
@@ -338,18 +356,18 @@ impl Server {
     /// The server's last output lines: the container's log, or the process's stderr file.
     async fn logs(&self) -> String {
         let text = match &self.runner {
-            Runner::Container { name, podman } => Command::new(podman)
-                .args(["logs", "--tail", "20", name])
-                .output()
-                .await
-                .map(|o| {
-                    format!(
-                        "{}{}",
-                        String::from_utf8_lossy(&o.stdout),
-                        String::from_utf8_lossy(&o.stderr)
-                    )
-                })
-                .unwrap_or_default(),
+            Runner::Container { name, podman } => {
+                podman_output(podman, &args(&["logs", "--tail", "20", name]))
+                    .await
+                    .map(|o| {
+                        format!(
+                            "{}{}",
+                            String::from_utf8_lossy(&o.stdout),
+                            String::from_utf8_lossy(&o.stderr)
+                        )
+                    })
+                    .unwrap_or_default()
+            }
             Runner::Process { .. } => {
                 let log = tokio::fs::read(self.dir.host.join(LOG_FILE)).await;
                 let log = String::from_utf8_lossy(&log.unwrap_or_default()).into_owned();
@@ -641,9 +659,7 @@ fn spawn_server(
 
 /// `podman <args>`; its stderr as the error.
 async fn podman_run(podman: &std::path::Path, args: &[&str]) -> Result<(), String> {
-    let output = Command::new(podman)
-        .args(args)
-        .output()
+    let output = podman_output(podman, &self::args(args))
         .await
         .map_err(|e| e.to_string())?;
     if output.status.success() {
@@ -656,28 +672,52 @@ async fn podman_run(podman: &std::path::Path, args: &[&str]) -> Result<(), Strin
     ))
 }
 
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// `podman <args>`, killed past [`reaper::PODMAN_BUDGET`] (an error of kind `TimedOut` then).
+async fn podman_output(
+    podman: &std::path::Path,
+    args: &[String],
+) -> std::io::Result<std::process::Output> {
+    let call = Command::new(podman).args(args).kill_on_drop(true).output();
+    tokio::time::timeout(reaper::PODMAN_BUDGET, call)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "`podman {}` gave no answer within {:?} (is podman hung?)",
+                    args.first().map_or("", String::as_str),
+                    reaper::PODMAN_BUDGET
+                ),
+            )
+        })?
+}
+
 /// Blocking (the interrupt cleanup and the drop thread call it).
 fn remove_container(podman: &std::path::Path, name: &str) {
-    let _ = std::process::Command::new(podman)
-        .args(["rm", "-f", "-t", "0", name])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    let _ = crate::support::process::output_within(
+        std::process::Command::new(podman).args(["rm", "-f", "-t", "0", name]),
+        reaper::PODMAN_BUDGET,
+    );
 }
 
 async fn container_running(podman: &std::path::Path, name: &str) -> bool {
-    Command::new(podman)
-        .args([
+    podman_output(
+        podman,
+        &args(&[
             "container",
             "inspect",
             "--format",
             "{{.State.Running}}",
             name,
-        ])
-        .output()
-        .await
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "true")
-        .unwrap_or(false)
+        ]),
+    )
+    .await
+    .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "true")
+    .unwrap_or(false)
 }
 
 impl Drop for Server {
