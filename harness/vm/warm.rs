@@ -177,7 +177,6 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
         broken: broken.clone(),
     };
     match start::start(plan, restore, held).await {
-        Err(VmError::Warm(e @ WarmError::Restore { .. })) => Err(e.into()),
         // A kept clone (DEVICELAB_KEEP) still runs on the saved VM's disk: it stays, and so
         // does the saved VM, for a human to look at.
         Err(cause) if broken.load(Ordering::SeqCst) && !plan.keep => {
