@@ -137,10 +137,17 @@ fn domain_printed(stdout: &[u8]) -> Option<String> {
         .map(|d| d.trim().to_owned())
 }
 
-fn spawn(helper: &str, name: &str) -> Child {
-    Command::new(std::env::current_exe().unwrap())
+/// This binary, to run `helper` alone with LEAK_VM_NAME=`name`.
+fn helper(helper: &str, name: &str) -> Command {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
         .args(["--exact", helper, "--include-ignored", "--nocapture"])
-        .env("LEAK_VM_NAME", name)
+        .env("LEAK_VM_NAME", name);
+    command
+}
+
+fn spawn(name_of_helper: &str, name: &str) -> Child {
+    helper(name_of_helper, name)
         .stdout(Stdio::null())
         .spawn()
         .unwrap()
@@ -353,14 +360,7 @@ fn a_second_ctrl_c_exits_at_once(#[case] helper: &str) {
 async fn kept_vm_and_nats_survive_their_run_and_the_next_reaper() {
     let lv = libvirt();
     let name = unique("keep");
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "helper_keep_and_exit",
-            "--include-ignored",
-            "--nocapture",
-        ])
-        .env("LEAK_VM_NAME", &name)
+    let out = helper("helper_keep_and_exit", &name)
         .env("DEVICELAB_KEEP", "1")
         .output()
         .unwrap();
@@ -469,14 +469,7 @@ async fn kept_vm_and_nats_survive_their_run_and_the_next_reaper() {
 fn a_test_that_panics_with_its_vm_up_keeps_the_evidence(#[case] start: &str) {
     let lv = libvirt();
     let name = unique("panic");
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "helper_panic_with_vm_up",
-            "--include-ignored",
-            "--nocapture",
-        ])
-        .env("LEAK_VM_NAME", &name)
+    let out = helper("helper_panic_with_vm_up", &name)
         .env("LEAK_START", start)
         .output()
         .unwrap();
@@ -514,14 +507,7 @@ fn a_test_that_panics_with_its_vm_up_keeps_the_evidence(#[case] start: &str) {
 async fn a_kept_warm_clone_survives_the_next_warm_start() {
     let lv = libvirt();
     let kept_name = unique("keepwarm");
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "helper_drop_and_exit",
-            "--include-ignored",
-            "--nocapture",
-        ])
-        .env("LEAK_VM_NAME", &kept_name)
+    let out = helper("helper_drop_and_exit", &kept_name)
         .env("LEAK_START", "warm")
         .env("DEVICELAB_KEEP", "1")
         .output()

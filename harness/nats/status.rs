@@ -148,6 +148,14 @@ impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
         Ok(count)
     }
 
+    /// Whether `report` counts for this log: it is its device's (or the log reads every
+    /// device's).
+    fn is_ours(&self, report: &T) -> bool {
+        self.device
+            .as_deref()
+            .is_none_or(|d| report.device_id() == d)
+    }
+
     /// The stream's last sequence number (of every subject it stores): a gate, since later reports get higher numbers.
     pub async fn last_sequence(&self) -> Result<u64, NatsError> {
         let mut stream = self
@@ -181,13 +189,11 @@ impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
     ) -> Result<u64, NatsError> {
         let started = tokio::time::Instant::now();
         let mut gate = self.last_sequence().await?;
-        let device = self.device.clone();
-        let ours = |r: &T| device.as_deref().is_none_or(|d| r.device_id() == d);
         loop {
             let mut landed = None;
             let found = self
                 .scan(gate, quiet, |seq, _, _, decoded| match decoded {
-                    Some(report) if ours(report) => {
+                    Some(report) if self.is_ours(report) => {
                         landed = Some(seq);
                         Verdict::Accept
                     }
@@ -222,10 +228,8 @@ impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
         mut check: impl FnMut(&T) -> Verdict,
     ) -> Result<(u64, T), NatsError> {
         let mut found = None;
-        let device = self.device.clone();
-        let ours = |r: &T| device.as_deref().is_none_or(|d| r.device_id() == d);
         self.scan(after, budget, |seq, _, _, decoded| match decoded {
-            Some(report) if ours(report) => {
+            Some(report) if self.is_ours(report) => {
                 let verdict = check(report);
                 if verdict == Verdict::Accept {
                     found = Some((seq, report.clone()));
@@ -247,10 +251,8 @@ impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
         mut until: impl FnMut(&T) -> bool,
     ) -> Result<Vec<Stored<T>>, NatsError> {
         let mut out = Vec::new();
-        let device = self.device.clone();
-        let ours = |r: &T| device.as_deref().is_none_or(|d| r.device_id() == d);
         self.scan(after, budget, |seq, stored_ms, _, decoded| match decoded {
-            Some(report) if ours(report) => {
+            Some(report) if self.is_ours(report) => {
                 out.push(Stored {
                     seq,
                     stored_ms,
