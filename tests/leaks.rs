@@ -582,9 +582,10 @@ async fn a_kept_warm_clone_survives_the_next_warm_start() {
     assert!(errors.is_empty(), "{errors:?}");
 }
 
-/// A partition's rules are gone once it is healed, once its VM is torn down, and once a killed
-/// run's leftovers are reaped; each removal checks the rules really went. (The rules are for an
-/// address of TEST-NET-1: no traffic is ever sent to it.)
+/// A partition's rules are gone once it is healed, once its VM is torn down, once a killed
+/// run's leftovers are reaped, and once the next reaper finds rules whose run dir is gone;
+/// each removal checks the rules really went. (The rules are for an address of TEST-NET-1: no
+/// traffic is ever sent to it.)
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(
     not(feature = "e2e"),
@@ -592,24 +593,35 @@ async fn a_kept_warm_clone_survives_the_next_warm_start() {
 )]
 async fn partition_rules_go_with_heal_teardown_and_reaping() {
     use devicelab::host::firewall;
+    use devicelab::host::reaper::OwnerRecord;
     let lab = Lab::from_env().await.unwrap();
     let ip = std::net::Ipv4Addr::new(192, 0, 2, 77);
     let rules = |vm: &str| firewall::rules_of(vm).unwrap();
+    // Each VM of this test is one of a live run (this process), as a partitioned VM always is,
+    // so the reapers of the runs going on meanwhile leave its rules alone; whatever a failed
+    // assertion leaves, the next run's reaper removes (this process is gone by then).
+    let vm = |what: &str, pid: Option<u32>| {
+        let name = unique(what);
+        let mut owner = OwnerRecord::current(what, &name);
+        owner.pid = pid.unwrap_or(owner.pid);
+        std::fs::create_dir_all(run_dir(&name)).unwrap();
+        owner.write(&run_dir(&name)).unwrap();
+        name
+    };
 
-    let healed = unique("fwheal");
+    let healed = vm("fwheal", None);
     firewall::block(&healed, ip).unwrap();
-    assert_eq!(
-        rules(&healed).len(),
-        4,
-        "INPUT, OUTPUT and FORWARD both ways"
-    );
-    assert!(firewall::is_blocked(&healed));
+    let blocked = rules(&healed);
     firewall::unblock(&healed).unwrap();
-    assert!(rules(&healed).is_empty(), "heal removed them");
+    let after_heal = rules(&healed);
+    std::fs::remove_dir_all(run_dir(&healed)).unwrap();
+    assert_eq!(blocked.len(), 4, "INPUT, OUTPUT and FORWARD both ways");
+    assert!(after_heal.is_empty(), "heal removed them: {after_heal:?}");
 
-    let torn_down = unique("fwdown");
+    let torn_down = vm("fwdown", None);
     firewall::block(&torn_down, ip).unwrap();
     let errors = devicelab::host::reaper::remove_vm(&lab.libvirt, &lab.pool, &torn_down);
+    std::fs::remove_dir_all(run_dir(&torn_down)).unwrap();
     assert!(errors.is_empty(), "{errors:?}");
     assert!(
         rules(&torn_down).is_empty(),
@@ -617,23 +629,23 @@ async fn partition_rules_go_with_heal_teardown_and_reaping() {
     );
 
     // A killed run: its owner record names a pid that is gone.
-    let killed = unique("fwkill");
-    firewall::block(&killed, ip).unwrap();
-    let dir = run_dir(&killed);
-    std::fs::create_dir_all(&dir).unwrap();
     let gone = Command::new("true").spawn().unwrap();
     let pid = gone.id();
     drop(gone.wait_with_output());
-    let mut owner = devicelab::host::reaper::OwnerRecord::current("killed", &killed);
-    owner.pid = pid;
-    owner.write(&dir).unwrap();
+    let killed = vm("fwkill", Some(pid));
+    firewall::block(&killed, ip).unwrap();
+    // Rules whose run dir is gone (a run killed between its teardown's steps).
+    let orphaned = unique("fworphan");
+    firewall::block(&orphaned, ip).unwrap();
     let _next_run = Lab::from_env().await.unwrap();
-    let (left, dir_reaped) = (rules(&killed), !dir.exists());
+    let left = [rules(&killed), rules(&orphaned)].concat();
+    let dir_reaped = !run_dir(&killed).exists();
     let _ = firewall::unblock(&killed);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = firewall::unblock(&orphaned);
+    let _ = std::fs::remove_dir_all(run_dir(&killed));
     assert!(
         left.is_empty(),
         "the next run's reaper removed them: {left:?}"
     );
-    assert!(dir_reaped, "and the run dir");
+    assert!(dir_reaped, "and the killed run's dir");
 }

@@ -27,8 +27,22 @@ pub enum FirewallError {
 /// network's gateway), from it (the harness's SSH), and forwarded (a container behind NAT).
 const CHAINS: [&str; 3] = ["INPUT", "OUTPUT", "FORWARD"];
 
+/// What every rule's comment starts with; the VM's name follows.
+const TAG: &str = "devicelab:";
+
 fn tag(vm: &str) -> String {
-    format!("devicelab:{vm}")
+    format!("{TAG}{vm}")
+}
+
+/// `iptables -S <chain>`, or `None` where no rule of ours can exist (no iptables, no filter
+/// table, no right to read it); any other failure is an error, never taken for "no rules".
+fn listing(chain: &str) -> Result<Option<String>, FirewallError> {
+    match iptables(&["-S".into(), chain.into()]) {
+        Ok(listed) => Ok(Some(listed)),
+        Err(FirewallError::Missing(_)) => Ok(None),
+        Err(FirewallError::Failed { stderr, .. }) if cannot_have_rules(&stderr) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn iptables(args: &[String]) -> Result<String, FirewallError> {
@@ -78,17 +92,12 @@ pub fn block(vm: &str, ip: Ipv4Addr) -> Result<(), FirewallError> {
 
 /// Removes `vm`'s rules, if any, and checks they are gone (blocking). A host without iptables
 /// (or without its filter table) has none, and a process that may not read the rules cannot
-/// have added any; any other failure is an error, never taken for "no rules".
+/// have added any.
 pub fn unblock(vm: &str) -> Result<(), FirewallError> {
     let tag = tag(vm);
     for chain in CHAINS {
-        let listed = match iptables(&["-S".into(), chain.into()]) {
-            Ok(listed) => listed,
-            Err(FirewallError::Missing(_)) => return Ok(()),
-            Err(FirewallError::Failed { stderr, .. }) if cannot_have_rules(&stderr) => {
-                return Ok(());
-            }
-            Err(e) => return Err(e),
+        let Some(listed) = listing(chain)? else {
+            return Ok(());
         };
         for rule in listed.lines() {
             let words: Vec<&str> = rule.split_whitespace().collect();
@@ -142,6 +151,23 @@ pub fn rules_of(vm: &str) -> Result<Vec<String>, FirewallError> {
         );
     }
     Ok(rules)
+}
+
+/// The VMs that have rules now, each once (blocking); none where no rule of ours can exist.
+pub fn partitioned_vms() -> Result<Vec<String>, FirewallError> {
+    let mut vms = std::collections::BTreeSet::new();
+    for chain in CHAINS {
+        let Some(listed) = listing(chain)? else {
+            return Ok(Vec::new());
+        };
+        vms.extend(listed.lines().flat_map(|l| {
+            l.split_whitespace()
+                .filter_map(|w| w.trim_matches('"').strip_prefix(TAG))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        }));
+    }
+    Ok(vms.into_iter().collect())
 }
 
 /// Whether `vm` has rules now (blocking; `false` without iptables).

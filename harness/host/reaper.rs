@@ -281,9 +281,30 @@ fn reap_runs(
             let _ = lock::try_lock(&entry.path(), "reaper", Removal::OnRelease);
         }
     }
+    reap_partition_rules(dirs.runs);
     reaped.containers = reap_containers(podman, kept_too);
     reap_nats_dirs_of(&std::env::temp_dir(), kept_too);
     reaped
+}
+
+/// Partition rules whose VM has no run dir: a run killed after it partitioned a VM and after
+/// its run dir went, or rules added outside any run. A live VM (and a kept one) has its run
+/// dir until its teardown has removed its rules, and the rules are listed before the run dirs
+/// are looked at, so a VM that appears meanwhile is never taken for gone.
+fn reap_partition_rules(runs_dir: &Path) {
+    let vms = match crate::host::firewall::partitioned_vms() {
+        Ok(vms) => vms,
+        Err(e) => return tracing::warn!("cannot list partition rules: {e}"),
+    };
+    for vm in vms {
+        if run_dir_of(runs_dir, &vm).is_some() {
+            continue;
+        }
+        match crate::host::firewall::unblock(&vm) {
+            Ok(()) => tracing::warn!("removed the partition rules of VM {vm} (its run is gone)"),
+            Err(e) => tracing::warn!("could not remove the partition rules of VM {vm}: {e}"),
+        }
+    }
 }
 
 /// Where a run's VMs are recorded (`runs/`) and where saved VMs are (`warm/`).
