@@ -322,11 +322,7 @@ async fn clean(config: &HarnessConfig, warm: bool) -> Result {
         // As `Lab::new` does: one process at a time sets up the pool and reaps.
         let _lock = devicelab::lab::pool_setup_lock(&config).map_err(|e| e.to_string())?;
         let pool = Pool::ensure(&lv, &config.pool_dir()).map_err(|e| e.to_string())?;
-        let (runs, warm) = (config.runs_dir(), config.warm_dir());
-        let dirs = reaper::DataDirs {
-            runs: &runs,
-            warm: &warm,
-        };
+        let dirs = reaper::DataDirs::of(&config);
         Ok(reaper::reap_including_kept(
             &lv,
             &pool,

@@ -31,7 +31,7 @@ pub const VARIABLES: &[(&str, &str)] = &[
     ),
     (
         "DEVICELAB_BUDGET_SCALE",
-        "multiply every budget of the budget table (VM phases, in-guest waits, the NATS server's start), e.g. `2` on a slow host",
+        "multiply every budget of the budget table (VM phases, in-guest waits, the NATS server's start), e.g. `2` on a slow host; from `0.1` to `100`",
     ),
     (
         "DEVICELAB_KEEP",
@@ -169,6 +169,10 @@ pub struct HarnessConfig {
     pub vm_slots: Option<usize>,
 }
 
+/// The smallest DEVICELAB_BUDGET_SCALE: below a tenth, waits end before a guest could answer
+/// and every failure reads as a timeout.
+pub const MIN_BUDGET_SCALE: f64 = 0.1;
+
 pub const DEFAULT_NATS_IMAGE: &str = "docker.io/library/nats:2.10";
 
 impl HarnessConfig {
@@ -217,12 +221,12 @@ impl HarnessConfig {
         let budget_scale = match get("DEVICELAB_BUDGET_SCALE") {
             None => 1.0,
             Some(v) => match v.parse::<f64>() {
-                Ok(f) if f.is_finite() && f > 0.0 && f <= 100.0 => f,
+                Ok(f) if (MIN_BUDGET_SCALE..=100.0).contains(&f) => f,
                 _ => {
                     return Err(invalid(
                         "DEVICELAB_BUDGET_SCALE",
                         &v,
-                        "use a number greater than 0 and at most 100, e.g. 2 or 0.5",
+                        "use a number from 0.1 (a tenth of every budget) to 100, e.g. 2 or 0.5",
                     ));
                 }
             },
@@ -256,6 +260,21 @@ impl HarnessConfig {
             ));
         }
         let network = get("DEVICELAB_NETWORK").unwrap_or_else(|| "default".into());
+        for (var, value) in [
+            ("DEVICELAB_NETWORK", Some(network.as_str())),
+            ("DEVICELAB_NATS_IMAGE", get("DEVICELAB_NATS_IMAGE").as_deref()),
+            ("DEVICELAB_LIBVIRT_URI", get("DEVICELAB_LIBVIRT_URI").as_deref()),
+        ] {
+            if let Some(value) = value
+                && value.contains(char::is_whitespace)
+            {
+                return Err(invalid(
+                    var,
+                    value,
+                    "use one name without spaces (a libvirt network, an image reference, a URI)",
+                ));
+            }
+        }
         let uefi = match (get("DEVICELAB_UEFI_CODE"), get("DEVICELAB_UEFI_VARS")) {
             (None, None) => None,
             (Some(code), Some(vars)) => Some(crate::model::arch::FirmwarePair {
@@ -450,7 +469,12 @@ mod tests {
         for (var, value, hint) in [
             ("DEVICELAB_ACCEL", "hvf", "auto, kvm or tcg"),
             ("DEVICELAB_BUDGET_SCALE", "fast", "number"),
-            ("DEVICELAB_BUDGET_SCALE", "-1", "greater than 0"),
+            ("DEVICELAB_BUDGET_SCALE", "-1", "from 0.1"),
+            ("DEVICELAB_BUDGET_SCALE", "0.001", "from 0.1"),
+            ("DEVICELAB_BUDGET_SCALE", "NaN", "from 0.1"),
+            ("DEVICELAB_NETWORK", "my net", "without spaces"),
+            ("DEVICELAB_NATS_IMAGE", "nats 2.10", "without spaces"),
+            ("DEVICELAB_LIBVIRT_URI", "qemu:///system extra", "without spaces"),
             ("DEVICELAB_KEEP", "maybe", "1 or 0"),
             ("DEVICELAB_NATS", "docker", "container or process"),
             ("DEVICELAB_DATA_DIR", "relative/dir", "absolute"),

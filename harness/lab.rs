@@ -262,11 +262,7 @@ impl Lab {
             let _lock = pool_setup_lock(&config2)?;
             let pool = Pool::ensure(&libvirt, &config2.pool_dir())?;
             // Runs killed with SIGKILL left VMs and containers behind: clean up after them.
-            let (runs, warm) = (config2.runs_dir(), config2.warm_dir());
-            let dirs = reaper::DataDirs {
-                runs: &runs,
-                warm: &warm,
-            };
+            let dirs = reaper::DataDirs::of(&config2);
             let reaped = reaper::reap(&libvirt, &pool, &dirs, &config2.podman);
             if !reaped.vms.is_empty() || !reaped.containers.is_empty() {
                 tracing::warn!(

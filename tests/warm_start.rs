@@ -3,6 +3,8 @@
 //! clone wrote), its clock is the host's (the power-cycle gate compares times), two clones at
 //! once never share an identity, a power cycle boots it for real, and the `onboarded` fixture
 //! works on it. The first run on a host builds the saved VMs (one cold boot each).
+//! The two tests that break a saved VM on purpose are named `when_…` so that they sort, and so
+//! run, after the others: each deletes a saved VM the others would otherwise build again.
 //! `--features e2e`.
 
 mod common;
@@ -156,7 +158,7 @@ async fn the_onboarded_fixture_starts_warm_when_configured(arch: VmArchitecture)
 #[rstest]
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots VMs: run with --features e2e")]
-async fn a_broken_saved_vm_is_deleted_and_the_request_boots_cold(
+async fn when_a_saved_vm_is_broken_it_is_deleted_and_the_request_boots_cold(
     #[future] lab: Arc<Lab>,
     arch: VmArchitecture,
 ) {
@@ -203,7 +205,7 @@ async fn a_broken_saved_vm_is_deleted_and_the_request_boots_cold(
 #[rstest]
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots VMs: run with --features e2e")]
-async fn a_clone_that_misses_the_restore_budget_deletes_its_saved_vm(arch: VmArchitecture) {
+async fn when_a_clone_misses_the_restore_budget_its_saved_vm_is_deleted(arch: VmArchitecture) {
     devicelab::init_logging();
     let mut config = devicelab::config::HarnessConfig::from_env().unwrap();
     config.budget_scale *= 0.25;

@@ -241,7 +241,7 @@ fn reap_runs(
     kept_too: bool,
 ) -> Reaped {
     let mut reaped = Reaped::default();
-    let entries = std::fs::read_dir(dirs.runs).into_iter().flatten().flatten();
+    let entries = std::fs::read_dir(&dirs.runs).into_iter().flatten().flatten();
     for entry in entries {
         let dir = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -281,7 +281,7 @@ fn reap_runs(
             let _ = lock::try_lock(&entry.path(), "reaper", Removal::OnRelease);
         }
     }
-    reap_partition_rules(dirs.runs);
+    reap_partition_rules(&dirs.runs);
     reaped.containers = reap_containers(podman, kept_too);
     reap_nats_dirs_of(&std::env::temp_dir(), kept_too);
     reaped
@@ -308,11 +308,21 @@ fn reap_partition_rules(runs_dir: &Path) {
 }
 
 /// Where a run's VMs are recorded (`runs/`) and where saved VMs are (`warm/`).
-pub struct DataDirs<'a> {
+pub struct DataDirs {
     /// The runs dir: one dir per VM request, with its owner record.
-    pub runs: &'a Path,
+    pub runs: std::path::PathBuf,
     /// The warm dir: the saved VMs and their clone locks.
-    pub warm: &'a Path,
+    pub warm: std::path::PathBuf,
+}
+
+impl DataDirs {
+    /// The configuration's runs and warm dirs.
+    pub fn of(config: &crate::config::HarnessConfig) -> Self {
+        Self {
+            runs: config.runs_dir(),
+            warm: config.warm_dir(),
+        }
+    }
 }
 
 /// Removes the VM a dead run recorded in `dir` (the caller holds its name's claim), then the

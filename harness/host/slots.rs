@@ -122,6 +122,15 @@ pub async fn acquire(
     budget: Duration,
 ) -> Result<Option<SlotLease>, SlotError> {
     let started = Instant::now();
+    let d = dir.clone();
+    tokio::task::spawn_blocking(move || lock::private_dir(&d))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|made| made)
+        .map_err(|source| SlotError::Lock {
+            path: dir.clone(),
+            source,
+        })?;
     let mut announced = false;
     loop {
         let (d, n, h, g) = (dir.clone(), count.count, holder.clone(), group.clone());
@@ -204,17 +213,13 @@ fn slot_path(dir: &Path, stem: &str, index: usize) -> PathBuf {
     dir.join(format!("{stem}{index}.lock"))
 }
 
-/// The first free host slot, or `None` when all are held. Blocking.
+/// The first free host slot in `dir` (which exists), or `None` when all are held. Blocking.
 fn try_any(
     dir: &Path,
     count: usize,
     holder: &str,
     group: &str,
 ) -> Result<Option<SlotLease>, SlotError> {
-    lock::private_dir(dir).map_err(|source| SlotError::Lock {
-        path: dir.to_owned(),
-        source,
-    })?;
     Ok(
         lock_first_free(dir, "", 0, count, holder)?.map(|(lock, index)| {
             *held()
@@ -283,6 +288,7 @@ mod tests {
     #[test]
     fn each_slot_is_held_by_one_holder_until_released() {
         let dir = std::env::temp_dir().join(format!("devicelab-slots-{}", std::process::id()));
+        lock::private_dir(&dir).unwrap();
         let a = try_any(&dir, 2, "vm-a", "t")
             .unwrap()
             .expect("slot 0 is free");
@@ -355,9 +361,16 @@ mod tests {
     #[tokio::test]
     async fn a_wait_for_a_slot_ends_at_its_budget_naming_the_holders() {
         let dir = slots_dir("budget");
-        let _held = try_any(&dir, 1, "devicelab-vm-holder", "budget-a")
-            .unwrap()
-            .unwrap();
+        let _held = acquire(
+            dir.clone(),
+            &one(),
+            "devicelab-vm-holder".into(),
+            "budget-a".into(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700, "slots/ is the owner's only");

@@ -92,9 +92,6 @@ pub enum NatsError {
         /// The server's last output lines, indented (empty when it printed nothing).
         logs: String,
     },
-    /// The harness's NATS client is not connected yet: the server is still starting.
-    #[error("the harness's NATS client is not connected yet (the server is still starting)")]
-    NotConnected,
     /// A device's raw report history could not be written (a failure artifact).
     #[error("cannot write the status history to {path}: {source}")]
     History {

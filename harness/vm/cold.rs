@@ -8,7 +8,6 @@ use super::seed::Seed;
 use super::start::{self, Boot};
 use super::teardown::Held;
 use crate::host::domain_xml::{self, UefiPflash};
-use crate::host::libvirt::LibvirtError;
 use crate::host::reaper;
 use crate::image::firmware;
 use crate::ssh::keys::HostKey;
@@ -97,18 +96,18 @@ impl Boot for ColdBoot {
             vm.serial_log.clone(),
             uefi,
         ));
-        let domain_xml = owned.run_dir.join("domain.xml");
-        std::fs::write(&domain_xml, &rendered.xml).map_err(|source| VmError::RunDir {
-            vm: name.clone(),
-            path: domain_xml,
-            source,
-        })?;
         plan.libvirt
-            .run(move |lv| -> Result<(), LibvirtError> {
+            .run(move |lv| -> Result<(), VmError> {
+                let domain_xml = owned.run_dir.join("domain.xml");
+                std::fs::write(&domain_xml, &rendered.xml).map_err(|source| VmError::RunDir {
+                    vm: owned.name.clone(),
+                    path: domain_xml,
+                    source,
+                })?;
                 // Held across define and start: an interrupt's teardown waits for both.
                 let _held = owned.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
                 let dom = lv.define(&owned.name, &rendered)?;
-                lv.start(&dom, &owned.name)
+                Ok(lv.start(&dom, &owned.name)?)
             })
             .await?;
         tracing::info!(

@@ -167,8 +167,8 @@ fn claim_blocking(plan: &Plan) -> Result<FileLock, VmError> {
             });
         }
         let dirs = reaper::DataDirs {
-            runs: &plan.runs_dir,
-            warm: &plan.warm_dir,
+            runs: plan.runs_dir.clone(),
+            warm: plan.warm_dir.clone(),
         };
         match reaper::reap_one(&plan.libvirt, &plan.pool, &dirs, &run_dir, &owner) {
             Ok(domain) => tracing::warn!(
