@@ -172,6 +172,8 @@ pub struct HarnessConfig {
 /// The smallest DEVICELAB_BUDGET_SCALE: below a tenth, waits end before a guest could answer
 /// and every failure reads as a timeout.
 pub const MIN_BUDGET_SCALE: f64 = 0.1;
+/// The largest DEVICELAB_BUDGET_SCALE.
+pub const MAX_BUDGET_SCALE: f64 = 100.0;
 
 pub const DEFAULT_NATS_IMAGE: &str = "docker.io/library/nats:2.10";
 
@@ -221,12 +223,15 @@ impl HarnessConfig {
         let budget_scale = match get("DEVICELAB_BUDGET_SCALE") {
             None => 1.0,
             Some(v) => match v.parse::<f64>() {
-                Ok(f) if (MIN_BUDGET_SCALE..=100.0).contains(&f) => f,
+                Ok(f) if (MIN_BUDGET_SCALE..=MAX_BUDGET_SCALE).contains(&f) => f,
                 _ => {
                     return Err(invalid(
                         "DEVICELAB_BUDGET_SCALE",
                         &v,
-                        "use a number from 0.1 (a tenth of every budget) to 100, e.g. 2 or 0.5",
+                        &format!(
+                            "use a number from {MIN_BUDGET_SCALE} to {MAX_BUDGET_SCALE}, e.g. 2 \
+                             or 0.5"
+                        ),
                     ));
                 }
             },
@@ -236,9 +241,20 @@ impl HarnessConfig {
             Some("1") | Some("true") | Some("yes") => true,
             Some(other) => return Err(invalid("DEVICELAB_KEEP", other, "use 1 or 0")),
         };
+        let one_word = |var: &str, value: String, what: &str| {
+            if value.contains(char::is_whitespace) {
+                Err(invalid(var, &value, &format!("use one {what}, without spaces")))
+            } else {
+                Ok(value)
+            }
+        };
         let nats = match get("DEVICELAB_NATS").as_deref() {
             None | Some("container") => NatsMode::Container {
-                image: get("DEVICELAB_NATS_IMAGE").unwrap_or_else(|| DEFAULT_NATS_IMAGE.into()),
+                image: one_word(
+                    "DEVICELAB_NATS_IMAGE",
+                    get("DEVICELAB_NATS_IMAGE").unwrap_or_else(|| DEFAULT_NATS_IMAGE.into()),
+                    "image reference",
+                )?,
             },
             Some("process") => NatsMode::Process {
                 binary: get("DEVICELAB_NATS_SERVER")
@@ -259,22 +275,16 @@ impl HarnessConfig {
                 "use an absolute path (libvirt resolves paths on its own side)",
             ));
         }
-        let network = get("DEVICELAB_NETWORK").unwrap_or_else(|| "default".into());
-        for (var, value) in [
-            ("DEVICELAB_NETWORK", Some(network.as_str())),
-            ("DEVICELAB_NATS_IMAGE", get("DEVICELAB_NATS_IMAGE").as_deref()),
-            ("DEVICELAB_LIBVIRT_URI", get("DEVICELAB_LIBVIRT_URI").as_deref()),
-        ] {
-            if let Some(value) = value
-                && value.contains(char::is_whitespace)
-            {
-                return Err(invalid(
-                    var,
-                    value,
-                    "use one name without spaces (a libvirt network, an image reference, a URI)",
-                ));
-            }
-        }
+        let network = one_word(
+            "DEVICELAB_NETWORK",
+            get("DEVICELAB_NETWORK").unwrap_or_else(|| "default".into()),
+            "libvirt network name",
+        )?;
+        let libvirt_uri = one_word(
+            "DEVICELAB_LIBVIRT_URI",
+            get("DEVICELAB_LIBVIRT_URI").unwrap_or_else(|| "qemu:///system".into()),
+            "libvirt URI",
+        )?;
         let uefi = match (get("DEVICELAB_UEFI_CODE"), get("DEVICELAB_UEFI_VARS")) {
             (None, None) => None,
             (Some(code), Some(vars)) => Some(crate::model::arch::FirmwarePair {
@@ -311,7 +321,7 @@ impl HarnessConfig {
             start,
             vm_slots,
             data_dir,
-            libvirt_uri: get("DEVICELAB_LIBVIRT_URI").unwrap_or_else(|| "qemu:///system".into()),
+            libvirt_uri,
             network,
             accel,
             budget_scale,
@@ -466,6 +476,12 @@ mod tests {
 
     #[test]
     fn malformed_values_name_the_variable_and_the_fix() {
+        assert!(
+            variables_table().contains(&format!(
+                "from `{MIN_BUDGET_SCALE}` to `{MAX_BUDGET_SCALE}`"
+            )),
+            "the table gives the budget scale's bounds"
+        );
         for (var, value, hint) in [
             ("DEVICELAB_ACCEL", "hvf", "auto, kvm or tcg"),
             ("DEVICELAB_BUDGET_SCALE", "fast", "number"),
@@ -473,6 +489,7 @@ mod tests {
             ("DEVICELAB_BUDGET_SCALE", "0.001", "from 0.1"),
             ("DEVICELAB_BUDGET_SCALE", "NaN", "from 0.1"),
             ("DEVICELAB_NETWORK", "my net", "without spaces"),
+            ("DEVICELAB_BUDGET_SCALE", "101", "to 100"),
             ("DEVICELAB_NATS_IMAGE", "nats 2.10", "without spaces"),
             ("DEVICELAB_LIBVIRT_URI", "qemu:///system extra", "without spaces"),
             ("DEVICELAB_KEEP", "maybe", "1 or 0"),

@@ -264,11 +264,13 @@ impl Lab {
             // Runs killed with SIGKILL left VMs and containers behind: clean up after them.
             let dirs = reaper::DataDirs::of(&config2);
             let reaped = reaper::reap(&libvirt, &pool, &dirs, &config2.podman);
-            if !reaped.vms.is_empty() || !reaped.containers.is_empty() {
+            if reaped != reaper::Reaped::default() {
                 tracing::warn!(
-                    "reaped leftovers of dead runs: VMs {:?}, containers {:?}",
+                    "reaped leftovers of dead runs: VMs {:?}, containers {:?}, partition rules \
+                     of {:?}",
                     reaped.vms,
-                    reaped.containers
+                    reaped.containers,
+                    reaped.partition_rules
                 );
             }
             Ok((libvirt, pool))

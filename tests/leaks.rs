@@ -583,9 +583,9 @@ async fn a_kept_warm_clone_survives_the_next_warm_start() {
 }
 
 /// A partition's rules are gone once it is healed, once its VM is torn down, once a killed
-/// run's leftovers are reaped, and once the next reaper finds rules whose run dir is gone;
-/// each removal checks the rules really went. (The rules are for an address of TEST-NET-1: no
-/// traffic is ever sent to it.)
+/// run's leftovers are reaped, and once the next reaper finds rules no VM accounts for; each
+/// removal checks the rules really went, and the reaper leaves a live run's partition alone.
+/// (The rules are for an address of TEST-NET-1: no traffic is ever sent to it.)
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(
     not(feature = "e2e"),
@@ -597,25 +597,28 @@ async fn partition_rules_go_with_heal_teardown_and_reaping() {
     let lab = Lab::from_env().await.unwrap();
     let ip = std::net::Ipv4Addr::new(192, 0, 2, 77);
     let rules = |vm: &str| firewall::rules_of(vm).unwrap();
-    // Each VM of this test is one of a live run (this process), as a partitioned VM always is,
-    // so the reapers of the runs going on meanwhile leave its rules alone; whatever a failed
-    // assertion leaves, the next run's reaper removes (this process is gone by then).
-    let vm = |what: &str, pid: Option<u32>| {
+    // A VM of this test has a run dir whose owner record names this process (a live run, so
+    // the reapers of the runs going on meanwhile leave its rules alone) or `pid`; whatever a
+    // failed assertion leaves, the next run's reaper removes (this process is gone by then).
+    // Its rules are tagged with `domain`'s name (a warm clone's domain is its saved VM's).
+    let vm_of = |what: &str, domain: Option<&str>, pid: Option<u32>| {
         let name = unique(what);
-        let mut owner = OwnerRecord::current(what, &name);
+        let mut owner = OwnerRecord::current(what, domain.unwrap_or(&name));
         owner.pid = pid.unwrap_or(owner.pid);
         std::fs::create_dir_all(run_dir(&name)).unwrap();
         owner.write(&run_dir(&name)).unwrap();
         name
     };
+    let vm = |what: &str, pid: Option<u32>| vm_of(what, None, pid);
 
     let healed = vm("fwheal", None);
     firewall::block(&healed, ip).unwrap();
-    let blocked = rules(&healed);
-    firewall::unblock(&healed).unwrap();
+    let (blocked, is_blocked) = (rules(&healed), firewall::is_blocked(&healed));
+    let removed = firewall::unblock(&healed).unwrap();
     let after_heal = rules(&healed);
     std::fs::remove_dir_all(run_dir(&healed)).unwrap();
     assert_eq!(blocked.len(), 4, "INPUT, OUTPUT and FORWARD both ways");
+    assert!(is_blocked && removed == 4, "{removed} removed");
     assert!(after_heal.is_empty(), "heal removed them: {after_heal:?}");
 
     let torn_down = vm("fwdown", None);
@@ -634,18 +637,26 @@ async fn partition_rules_go_with_heal_teardown_and_reaping() {
     drop(gone.wait_with_output());
     let killed = vm("fwkill", Some(pid));
     firewall::block(&killed, ip).unwrap();
-    // Rules whose run dir is gone (a run killed between its teardown's steps).
+    // Rules no VM accounts for (a kept VM removed by hand: its domain and run dir are gone).
     let orphaned = unique("fworphan");
     firewall::block(&orphaned, ip).unwrap();
+    // A live run's VM whose domain has another name than its run dir, as a warm clone's.
+    let live_domain = unique("fwlivedomain");
+    let live = vm_of("fwlive", Some(&live_domain), None);
+    firewall::block(&live_domain, ip).unwrap();
     let _next_run = Lab::from_env().await.unwrap();
     let left = [rules(&killed), rules(&orphaned)].concat();
+    let live_left = rules(&live_domain).len();
     let dir_reaped = !run_dir(&killed).exists();
-    let _ = firewall::unblock(&killed);
-    let _ = firewall::unblock(&orphaned);
+    for vm in [&killed, &orphaned, &live_domain] {
+        let _ = firewall::unblock(vm);
+    }
     let _ = std::fs::remove_dir_all(run_dir(&killed));
+    let _ = std::fs::remove_dir_all(run_dir(&live));
     assert!(
         left.is_empty(),
         "the next run's reaper removed them: {left:?}"
     );
     assert!(dir_reaped, "and the killed run's dir");
+    assert_eq!(live_left, 4, "the live run's partition stays");
 }

@@ -3,8 +3,8 @@
 //! clone wrote), its clock is the host's (the power-cycle gate compares times), two clones at
 //! once never share an identity, a power cycle boots it for real, and the `onboarded` fixture
 //! works on it. The first run on a host builds the saved VMs (one cold boot each).
-//! The two tests that break a saved VM on purpose are named `when_…` so that they sort, and so
-//! run, after the others: each deletes a saved VM the others would otherwise build again.
+//! The two tests that break a saved VM on purpose break one of their own (its key differs by a
+//! first-boot command no other test runs), never one another test may be restoring.
 //! `--features e2e`.
 
 mod common;
@@ -29,6 +29,13 @@ async fn clock_skew(vm: &Vm) -> f64 {
         .unwrap()
         .as_secs_f64();
     guest - host
+}
+
+/// A warm request whose saved VMs are `test`'s alone: the key covers the first-boot commands.
+fn own_saved_vm(name: &str, arch: VmArchitecture, test: &str) -> VirtualMachineSpec {
+    let mut spec = VirtualMachineSpec::new(name, arch).with_start(Start::Warm);
+    spec.first_boot.runcmd.push(format!("true {test}"));
+    spec
 }
 
 fn restore_time(vm: &Vm) -> f64 {
@@ -163,7 +170,7 @@ async fn when_a_saved_vm_is_broken_it_is_deleted_and_the_request_boots_cold(
     arch: VmArchitecture,
 ) {
     let lab = lab.await;
-    let spec = || VirtualMachineSpec::new(lab.vm_name("rot", arch), arch).with_start(Start::Warm);
+    let spec = || own_saved_vm(&lab.vm_name("rot", arch), arch, "rot");
     // The saved VM this kind of request restores (built now if there is none yet).
     let clone = lab.vm(spec()).await.unwrap();
     let saved = lab.config.warm_dir().join(clone.name());
@@ -208,9 +215,9 @@ async fn when_a_saved_vm_is_broken_it_is_deleted_and_the_request_boots_cold(
 async fn when_a_clone_misses_the_restore_budget_its_saved_vm_is_deleted(arch: VmArchitecture) {
     devicelab::init_logging();
     let mut config = devicelab::config::HarnessConfig::from_env().unwrap();
-    config.budget_scale *= 0.25;
+    config.budget_scale = (config.budget_scale * 0.25).max(devicelab::config::MIN_BUDGET_SCALE);
     let lab = Lab::new(config).await.unwrap();
-    let spec = |name: &str| VirtualMachineSpec::new(name, arch).with_start(Start::Warm);
+    let spec = |name: &str| own_saved_vm(name, arch, "mute");
     let clone = lab.vm(spec(&lab.vm_name("mute", arch))).await.unwrap();
     let saved = lab.config.warm_dir().join(clone.name());
     clone.remove().await.unwrap();

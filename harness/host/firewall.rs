@@ -90,27 +90,19 @@ pub fn block(vm: &str, ip: Ipv4Addr) -> Result<(), FirewallError> {
     Ok(())
 }
 
-/// Removes `vm`'s rules, if any, and checks they are gone (blocking). A host without iptables
-/// (or without its filter table) has none, and a process that may not read the rules cannot
-/// have added any.
-pub fn unblock(vm: &str) -> Result<(), FirewallError> {
-    let tag = tag(vm);
-    for chain in CHAINS {
-        let Some(listed) = listing(chain)? else {
-            return Ok(());
-        };
-        for rule in listed.lines() {
-            let words: Vec<&str> = rule.split_whitespace().collect();
-            if !words.iter().any(|w| w.trim_matches('"') == tag) || words.first() != Some(&"-A") {
-                continue;
-            }
-            let mut args: Vec<String> = words
-                .iter()
-                .map(|w| w.trim_matches('"').to_owned())
-                .collect();
-            args[0] = "-D".into();
-            iptables(&args)?;
+/// Removes `vm`'s rules, if any, and checks they are gone (blocking); returns how many it
+/// removed. A host without iptables (or without its filter table) has none, and a process that
+/// may not read the rules cannot have added any.
+pub fn unblock(vm: &str) -> Result<usize, FirewallError> {
+    let mut removed = 0;
+    for (words, _) in tagged(Some(vm))? {
+        if words.first().map(String::as_str) != Some("-A") {
+            continue;
         }
+        let mut args = words;
+        args[0] = "-D".into();
+        iptables(&args)?;
+        removed += 1;
     }
     let left = rules_of(vm)?;
     if !left.is_empty() {
@@ -119,7 +111,7 @@ pub fn unblock(vm: &str) -> Result<(), FirewallError> {
             rules: left.join("; "),
         });
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// iptables' answer where no rule of ours can exist: a user who may not read the rules, or a
@@ -137,36 +129,43 @@ fn cannot_have_rules(stderr: &str) -> bool {
     .any(|m| s.contains(m))
 }
 
-/// `vm`'s rules now, as `iptables -S` prints them (blocking).
-pub fn rules_of(vm: &str) -> Result<Vec<String>, FirewallError> {
-    let tag = tag(vm);
+/// Every rule of ours in [`CHAINS`] (only `vm`'s, if given): its words as `iptables -S` prints
+/// them (quotes dropped), and the VM its tag names. Blocking.
+fn tagged(vm: Option<&str>) -> Result<Vec<(Vec<String>, String)>, FirewallError> {
     let mut rules = Vec::new();
     for chain in CHAINS {
-        let listed = iptables(&["-S".into(), chain.into()])?;
-        rules.extend(
-            listed
-                .lines()
-                .filter(|l| l.split_whitespace().any(|w| w.trim_matches('"') == tag))
-                .map(str::to_owned),
-        );
+        let Some(listed) = listing(chain)? else {
+            continue;
+        };
+        for rule in listed.lines() {
+            let words: Vec<String> = rule
+                .split_whitespace()
+                .map(|w| w.trim_matches('"').to_owned())
+                .collect();
+            let Some(of) = words.iter().find_map(|w| w.strip_prefix(TAG)) else {
+                continue;
+            };
+            if vm.is_none_or(|vm| vm == of) {
+                let of = of.to_owned();
+                rules.push((words, of));
+            }
+        }
     }
     Ok(rules)
 }
 
+/// `vm`'s rules now, as `iptables -S` prints them (quotes dropped; blocking).
+pub fn rules_of(vm: &str) -> Result<Vec<String>, FirewallError> {
+    Ok(tagged(Some(vm))?
+        .into_iter()
+        .map(|(words, _)| words.join(" "))
+        .collect())
+}
+
 /// The VMs that have rules now, each once (blocking); none where no rule of ours can exist.
 pub fn partitioned_vms() -> Result<Vec<String>, FirewallError> {
-    let mut vms = std::collections::BTreeSet::new();
-    for chain in CHAINS {
-        let Some(listed) = listing(chain)? else {
-            return Ok(Vec::new());
-        };
-        vms.extend(listed.lines().flat_map(|l| {
-            l.split_whitespace()
-                .filter_map(|w| w.trim_matches('"').strip_prefix(TAG))
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        }));
-    }
+    let vms: std::collections::BTreeSet<String> =
+        tagged(None)?.into_iter().map(|(_, vm)| vm).collect();
     Ok(vms.into_iter().collect())
 }
 

@@ -198,11 +198,7 @@ pub fn remove_vm(libvirt: &Libvirt, pool: &Pool, name: &str) -> Vec<String> {
     if let Err(e) = crate::host::firewall::unblock(name) {
         errors.push(e.to_string());
     }
-    // `-seed.iso`: the seed's name before it became a FAT image, left by older versions.
-    for v in volume_names(name)
-        .into_iter()
-        .chain([format!("{name}-seed.iso")])
-    {
+    for v in volume_names(name) {
         if let Err(e) = pool.delete_volume(&v) {
             errors.push(e.to_string());
         }
@@ -215,6 +211,8 @@ pub fn remove_vm(libvirt: &Libvirt, pool: &Pool, name: &str) -> Vec<String> {
 pub struct Reaped {
     pub vms: Vec<String>,
     pub containers: Vec<String>,
+    /// VMs whose partition rules were left with no VM to account for them.
+    pub partition_rules: Vec<String>,
 }
 
 /// Cleans up after runs whose process is gone: VMs recorded under `runs_dir`, and containers
@@ -281,30 +279,50 @@ fn reap_runs(
             let _ = lock::try_lock(&entry.path(), "reaper", Removal::OnRelease);
         }
     }
-    reap_partition_rules(&dirs.runs);
+    reaped.partition_rules = reap_partition_rules(libvirt, &dirs.runs);
     reaped.containers = reap_containers(podman, kept_too);
     reap_nats_dirs_of(&std::env::temp_dir(), kept_too);
     reaped
 }
 
-/// Partition rules whose VM has no run dir: a run killed after it partitioned a VM and after
-/// its run dir went, or rules added outside any run. A live VM (and a kept one) has its run
-/// dir until its teardown has removed its rules, and the rules are listed before the run dirs
-/// are looked at, so a VM that appears meanwhile is never taken for gone.
-fn reap_partition_rules(runs_dir: &Path) {
+/// Partition rules that no VM accounts for: no domain of that name, no run dir that names it,
+/// and no run holding its name's claim. A VM removed by hand (a kept VM deleted with `virsh`
+/// and `rm`) or rules added outside a run leave them. A live or kept VM has its domain until
+/// its teardown has removed its rules, so a run on another data dir (whose run dirs this
+/// reaper does not see) keeps its partition. Returns the VMs whose rules it removed.
+fn reap_partition_rules(libvirt: &Libvirt, runs_dir: &Path) -> Vec<String> {
     let vms = match crate::host::firewall::partitioned_vms() {
         Ok(vms) => vms,
-        Err(e) => return tracing::warn!("cannot list partition rules: {e}"),
+        Err(e) => {
+            tracing::warn!("cannot list partition rules: {e}");
+            return Vec::new();
+        }
     };
+    let mut reaped = Vec::new();
+    let claims = runs_dir.join(CLAIMS);
+    if let Err(e) = lock::private_dir(&claims) {
+        tracing::warn!("cannot make {}: {e}", claims.display());
+        return reaped;
+    }
     for vm in vms {
-        if run_dir_of(runs_dir, &vm).is_some() {
+        // The claim first: a run that claims the name after this finds no rules of its own.
+        let claim = claims.join(format!("{vm}.lock"));
+        let Ok(Some(_claim)) = lock::try_lock(&claim, "reaper", Removal::OnRelease) else {
+            continue;
+        };
+        if run_dir_of(runs_dir, &vm).is_some() || libvirt.has_domain(&vm).unwrap_or(true) {
             continue;
         }
         match crate::host::firewall::unblock(&vm) {
-            Ok(()) => tracing::warn!("removed the partition rules of VM {vm} (its run is gone)"),
+            Ok(0) => {}
+            Ok(_) => {
+                tracing::warn!("removed the partition rules of VM {vm} (no VM of that name)");
+                reaped.push(vm);
+            }
             Err(e) => tracing::warn!("could not remove the partition rules of VM {vm}: {e}"),
         }
     }
+    reaped
 }
 
 /// Where a run's VMs are recorded (`runs/`) and where saved VMs are (`warm/`).
