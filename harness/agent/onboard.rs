@@ -56,6 +56,18 @@ pub enum OnboardError {
         steps: Vec<String>,
     },
     #[error(
+        "VM {vm}: the guest's package manager was locked by another process for {waited:?} \
+         (on Ubuntu images, apt-daily or unattended-upgrades right after the first boot):\n\
+         {output}\n  stop them before onboarding, e.g. in FirstBootConfig::runcmd: `systemctl \
+         disable --now apt-daily.timer apt-daily-upgrade.timer unattended-upgrades`, or give \
+         more time with DEVICELAB_BUDGET_SCALE (the wait is half the command budget)"
+    )]
+    PackageLocked {
+        vm: String,
+        waited: Duration,
+        output: String,
+    },
+    #[error(
         "VM {vm}: the package {package} cannot be installed:\n{output}\n  \
          check the .deb is for {arch} and that every package it depends on is in the description"
     )]
@@ -239,6 +251,7 @@ impl Onboarding {
             self.unit.as_bytes(),
             &self.debs,
             vm.budgets().guest_step,
+            vm.budgets().command / 2,
             stop_after,
         )
         .map_err(OnboardError::Bundle)?;
@@ -325,6 +338,11 @@ impl Onboarding {
                 vm,
                 package: names.join(" "),
                 arch: self.values.arch,
+                output,
+            },
+            ("packages", ["locked", secs]) => OnboardError::PackageLocked {
+                vm,
+                waited: Duration::from_secs(secs.parse().unwrap_or(0)),
                 output,
             },
             ("packages", ["name", name]) => OnboardError::DebName {

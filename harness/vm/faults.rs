@@ -17,6 +17,13 @@ use super::handle::Vm;
 use crate::host::firewall;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// How the guest reads its clock: seconds since the epoch, with nanoseconds (GNU date).
+const CLOCK_COMMAND: &str = "date +%s.%N";
+
+/// How far the guest's clock may be from the host's once [`Vm::restore_clock`] stepped it: an
+/// SSH round trip or two, under emulation on a busy host.
+pub const CLOCK_TOLERANCE: Duration = Duration::from_secs(5);
+
 /// A bad link, as `tc netem` shapes it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BadLink {
@@ -138,22 +145,47 @@ impl Vm {
     /// sends (`tc netem` in the guest, whose kernel has it; this host's does not). A power
     /// cycle restores the link (the qdisc is not persistent), as does [`Vm::restore_link`].
     pub async fn degrade_link(&self, link: BadLink) -> Result<(), VmError> {
-        self.succeed(&format!(
-            "sudo -n modprobe sch_netem 2>/dev/null; sudo -n tc qdisc replace dev {DEFAULT_DEV} root netem {}",
-            link.netem_args()
-        ))
+        self.set_root_qdisc(
+            &format!(
+                "sudo -n modprobe sch_netem 2>/dev/null; \
+                 sudo -n tc qdisc replace dev {DEFAULT_DEV} root netem {}",
+                link.netem_args()
+            ),
+            true,
+        )
         .await?;
         self.log_fault(format!("link degraded (netem {})", link.netem_args()));
         Ok(())
     }
 
-    /// The link is good again.
+    /// The link is good again (checked: no netem qdisc is left on the interface).
     pub async fn restore_link(&self) -> Result<(), VmError> {
-        self.succeed(&format!(
-            "sudo -n tc qdisc del dev {DEFAULT_DEV} root 2>/dev/null || true"
-        ))
+        self.set_root_qdisc(
+            &format!("sudo -n tc qdisc del dev {DEFAULT_DEV} root 2>/dev/null || true"),
+            false,
+        )
         .await?;
         self.log_fault("link restored".into());
+        Ok(())
+    }
+
+    /// Runs `change`, then checks that the interface's root qdisc is netem (`netem`) or not.
+    async fn set_root_qdisc(&self, change: &str, netem: bool) -> Result<(), VmError> {
+        self.succeed(change).await?;
+        let command = format!("tc qdisc show dev {DEFAULT_DEV} root");
+        let shown = self.succeed(&command).await?;
+        if shown.contains("netem") != netem {
+            return Err(VmError::UnexpectedOutput {
+                vm: self.name().to_owned(),
+                command,
+                output: shown,
+                expected: if netem {
+                    "a netem root qdisc once the link is degraded (is sch_netem in the guest's kernel?)"
+                } else {
+                    "no netem qdisc once the link is restored"
+                },
+            });
+        }
         Ok(())
     }
 
@@ -191,29 +223,47 @@ impl Vm {
         Ok(())
     }
 
-    /// The device's clock and RTC are the host's again.
+    /// The device's clock and RTC are the host's again (checked: the guest's clock is within
+    /// [`CLOCK_TOLERANCE`] of the host's afterwards).
     pub async fn restore_clock(&self) -> Result<(), VmError> {
         self.libvirt_call(|lv, dom, name| lv.set_rtc_offset(dom, name, None))
             .await?;
         self.step_clock_to_host().await?;
+        let (off, printed) = self.clock_offset().await?;
+        if off.abs() > CLOCK_TOLERANCE.as_secs_f64() {
+            return Err(VmError::UnexpectedOutput {
+                vm: self.name().to_owned(),
+                command: CLOCK_COMMAND.into(),
+                output: format!("{} ({off:+.1} s from the host's)", printed.trim()),
+                expected: "the host's time once the clock is restored (within CLOCK_TOLERANCE, 5 s)",
+            });
+        }
         self.log_fault("clock restored to the host's".into());
         Ok(())
     }
 
-    /// Sets the guest's clock to the host's; returns how far behind it was (a restored guest
-    /// resumes at the time it was saved).
-    pub(crate) async fn step_clock_to_host(&self) -> Result<Duration, VmError> {
-        let command = "date +%s.%N";
-        let printed = self.succeed(command).await?;
+    /// The guest's clock minus the host's, in seconds, and what the guest printed.
+    async fn clock_offset(&self) -> Result<(f64, String), VmError> {
+        let printed = self.succeed(CLOCK_COMMAND).await?;
         let guest: f64 = printed
             .trim()
             .parse()
             .map_err(|_| VmError::UnexpectedOutput {
                 vm: self.name().to_owned(),
-                command: command.into(),
+                command: CLOCK_COMMAND.into(),
                 output: printed.clone(),
                 expected: "seconds since the epoch (GNU date)",
             })?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok((guest - now.as_secs_f64(), printed))
+    }
+
+    /// Sets the guest's clock to the host's; returns how far behind it was (a restored guest
+    /// resumes at the time it was saved).
+    pub(crate) async fn step_clock_to_host(&self) -> Result<Duration, VmError> {
+        let (off, _) = self.clock_offset().await?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -223,9 +273,7 @@ impl Vm {
             now.subsec_nanos()
         ))
         .await?;
-        Ok(Duration::from_secs_f64(
-            (now.as_secs_f64() - guest).max(0.0),
-        ))
+        Ok(Duration::from_secs_f64((-off).max(0.0)))
     }
 
     /// Fills the root file system until at most `leave` bytes are free, counting the blocks

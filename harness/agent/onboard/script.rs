@@ -41,6 +41,7 @@ pub fn render(
     unit: &[u8],
     debs: &[(String, Vec<u8>)],
     guest_step: Duration,
+    lock_wait: Duration,
     stop_after: Option<&str>,
 ) -> std::io::Result<Run> {
     let mut tar = tar::Builder::new(Vec::new());
@@ -52,6 +53,7 @@ pub fn render(
         tar.append_data(&mut header, name, bytes)
     };
     let mut script = String::from(PROLOGUE);
+    let _ = writeln!(script, "lockwait={}", lock_wait.as_secs());
     if !d.packages.is_empty() {
         for (i, (_, bytes)) in debs.iter().enumerate() {
             add(&format!("deb{i}.deb"), bytes)?;
@@ -89,11 +91,17 @@ pub fn render(
 }
 
 /// `$b`: the bundle's directory; `$stop`: the step to stop after. `report` prints a step's
-/// outcome (and exits once the step to stop after has run); `fail` ends the run.
+/// outcome (and exits once the step to stop after has run); `fail` ends the run. `pkg` runs a
+/// package manager: while another process holds its lock (apt-daily, unattended-upgrades) it
+/// tries again every 5 s, for up to `$lockwait` seconds, then fails the packages step saying so.
 const PROLOGUE: &str = r#"b=$1; stop=$2; restart=false
 report() { echo "devicelab-step $1 $2"; if [ -n "$stop" ] && [ "$1" = "$stop" ]; then exit 0; fi; }
 fail() { echo "devicelab-fail $*"; exit 1; }
 run() { out=$("$@" 2>&1) || { printf '%s\n' "$out"; return 1; }; }
+pkg() { waited=0; while ! out=$("$@" 2>&1); do
+  case $out in *"Could not get lock"*|*"frontend lock"*|*"frontend is locked"*|*"database is locked"*) ;; *) printf '%s\n' "$out"; return 1;; esac
+  [ "$waited" -ge "$lockwait" ] && { printf '%s\n' "$out"; fail packages locked "$waited"; }
+  sleep 5; waited=$((waited + 5)); done; }
 "#;
 
 /// `.deb`s whose version is not installed yet, together (they may depend on each other); then
@@ -115,7 +123,7 @@ fn packages(d: &AgentDescription, debs: &[(String, Vec<u8>)]) -> String {
     let names: Vec<&str> = debs.iter().map(|(n, _)| n.as_str()).collect();
     let _ = writeln!(
         s,
-        r#"if [ -n "$need" ]; then run dpkg -i $need || fail packages deb {}; p=changed; fi"#,
+        r#"if [ -n "$need" ]; then pkg dpkg -i $need || fail packages deb {}; p=changed; fi"#,
         shell_quote(&names.join(" "))
     );
     let mirror: Vec<String> = d
@@ -130,7 +138,7 @@ fn packages(d: &AgentDescription, debs: &[(String, Vec<u8>)]) -> String {
         let _ = writeln!(
             s,
             r#"missing=""; for n in {list}; do dpkg-query -W -f='${{Status}}' "$n" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $n"; done
-if [ -n "$missing" ]; then run sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"' apt $missing || fail packages mirror $missing; p=changed; fi"#,
+if [ -n "$missing" ]; then pkg sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"' apt $missing || fail packages mirror $missing; p=changed; fi"#,
             list = mirror.join(" ")
         );
     }
@@ -247,6 +255,7 @@ mod tests {
             b"[Service]\n",
             &debs,
             Duration::from_secs(60),
+            Duration::from_secs(150),
             stop,
         )
         .unwrap();
@@ -314,30 +323,35 @@ mod tests {
         std::fs::remove_dir_all(&base).unwrap();
     }
 
-    /// The packages step, run by a real `sh` with `dpkg-deb` answering for a `.deb` of
-    /// another name: it stops there, naming the package, before dpkg runs.
-    #[test]
-    fn a_deb_of_another_name_stops_the_packages_step() {
+    /// The packages step for one `.deb` (netcat-openbsd), run by a real `sh` with `tools`
+    /// (name, shell body) as programs on PATH (a shell function cannot have a `-`); each
+    /// counts its calls in `<name>.calls`. Returns whether it succeeded, its output and how
+    /// often each tool ran.
+    fn packages_step_with(tools: &[(&str, &str)], lockwait: u64) -> (bool, String, Vec<usize>) {
         let mut d = crate::agent::reference::agent();
         d.packages = vec![Package::Deb {
             name: "netcat-openbsd".into(),
             files: Default::default(),
         }];
         let debs = vec![("netcat-openbsd".to_owned(), vec![1])];
-        // `dpkg-deb` and `dpkg` as programs on PATH (a shell function cannot have a `-`).
         let bin = std::env::temp_dir().join(format!(
-            "devicelab-debname-{}-{}",
+            "devicelab-packages-{}-{}",
             std::process::id(),
             rand::random::<u32>()
         ));
         std::fs::create_dir_all(&bin).unwrap();
-        for (tool, says) in [("dpkg-deb", "netcat-traditional"), ("dpkg", "dpkg ran")] {
+        for (tool, body) in tools {
             let path = bin.join(tool);
-            std::fs::write(&path, format!("#!/bin/sh\necho {says}\n")).unwrap();
+            std::fs::write(
+                &path,
+                format!("#!/bin/sh
+echo x >> \"$0.calls\"\n{body}\n"),
+            )
+            .unwrap();
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
-        let script = format!("{PROLOGUE}{}", packages(&d, &debs));
+        let script = format!("{PROLOGUE}lockwait={lockwait}\n{}", packages(&d, &debs));
         let path = format!(
             "{}:{}",
             bin.display(),
@@ -348,14 +362,72 @@ mod tests {
             .env("PATH", path)
             .output()
             .unwrap();
+        let calls = tools
+            .iter()
+            .map(|(tool, _)| {
+                std::fs::read_to_string(bin.join(format!("{tool}.calls")))
+                    .map_or(0, |c| c.lines().count())
+            })
+            .collect();
         std::fs::remove_dir_all(&bin).unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(!out.status.success(), "{stdout}");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success(), stdout, calls)
+    }
+
+    /// `dpkg-deb` for a `.deb` called netcat-openbsd, version 1.0; `sleep` that returns at once.
+    const DEB: (&str, &str) = (
+        "dpkg-deb",
+        r#"case $3 in Package) echo netcat-openbsd;; *) echo 1.0;; esac"#,
+    );
+    const NO_SLEEP: (&str, &str) = ("sleep", "exit 0");
+    const NOT_INSTALLED: (&str, &str) = ("dpkg-query", "exit 1");
+
+    /// A `.deb` of another name stops the step there, naming the package, before dpkg runs.
+    #[test]
+    fn a_deb_of_another_name_stops_the_packages_step() {
+        let (ok, stdout, calls) = packages_step_with(
+            &[
+                ("dpkg-deb", "echo netcat-traditional"),
+                ("dpkg", "echo dpkg ran"),
+            ],
+            0,
+        );
+        assert!(!ok, "{stdout}");
         assert!(
             stdout.contains("netcat-traditional\ndevicelab-fail packages name netcat-openbsd"),
             "{stdout}"
         );
-        assert!(!stdout.contains("dpkg ran"), "{stdout}");
+        assert_eq!(calls[1], 0, "dpkg never ran: {stdout}");
+    }
+
+    /// dpkg locked by another process (apt-daily, as dpkg 1.21 and apt say it) is waited for,
+    /// every 5 s up to the lock wait: the install goes on once the lock is free, and a lock
+    /// that stays fails the step saying so. Any other failure fails it at once.
+    #[test]
+    fn a_locked_package_manager_is_waited_for_within_the_lock_wait() {
+        let locked_twice = r#"n=$(wc -l < "$0.calls"); if [ "$n" -le 2 ]; then
+  echo "dpkg: error: dpkg frontend lock was locked by another process with pid 4242" >&2; exit 2; fi"#;
+        let (ok, stdout, calls) =
+            packages_step_with(&[DEB, ("dpkg", locked_twice), NO_SLEEP, NOT_INSTALLED], 60);
+        assert!(ok, "{stdout}");
+        assert!(stdout.contains("devicelab-step packages changed"), "{stdout}");
+        assert_eq!((calls[1], calls[2]), (3, 2), "two waits, three tries");
+
+        let apt_locked = "echo 'E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by \
+                          process 4242 (apt-get)' >&2; exit 100";
+        let (ok, stdout, calls) = packages_step_with(&[DEB, ("dpkg", apt_locked), NO_SLEEP, NOT_INSTALLED], 10);
+        assert!(!ok, "{stdout}");
+        assert!(
+            stdout.contains("Could not get lock") && stdout.contains("devicelab-fail packages locked 10"),
+            "{stdout}"
+        );
+        assert_eq!(calls[1], 3, "tried at 0, 5 and 10 s");
+
+        let broken = "echo 'dpkg: dependency problems prevent configuration' >&2; exit 1";
+        let (ok, stdout, calls) = packages_step_with(&[DEB, ("dpkg", broken), NO_SLEEP, NOT_INSTALLED], 60);
+        assert!(!ok, "{stdout}");
+        assert!(stdout.contains("devicelab-fail packages deb"), "{stdout}");
+        assert_eq!((calls[1], calls[2]), (1, 0), "no wait for another failure");
     }
 
     #[test]
