@@ -274,7 +274,8 @@ print('held', flush=True)
 time.sleep({})
 END
 sudo -n nohup python3 /tmp/hold-dpkg-lock.py > /tmp/hold-dpkg-lock.out 2>&1 &
-until grep -q held /tmp/hold-dpkg-lock.out 2>/dev/null; do sleep 0.2; done",
+for i in $(seq 50); do grep -q held /tmp/hold-dpkg-lock.out 2>/dev/null && exit 0; sleep 0.2; done
+cat /tmp/hold-dpkg-lock.out; exit 1",
         held.as_secs()
     ))
     .await

@@ -208,17 +208,24 @@ async fn when_a_saved_vm_is_broken_it_is_deleted_and_the_request_boots_cold(
 /// A saved VM that restores but whose clone never answers (its recorded address is tampered
 /// with here: the clone runs, the harness cannot reach it) misses the restore budget: the saved
 /// VM is deleted, the clone's evidence moves to `runs/<name>.warm-failed`, and the request
-/// boots cold. Budgets scaled to a quarter, so the restore budget ends in 45 s, not 3 min.
+/// boots cold. The saved VM is built with the configured budgets; the request that misses runs
+/// with them scaled to a quarter, so the restore budget ends in 45 s, not 3 min.
 #[rstest]
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots VMs: run with --features e2e")]
-async fn when_a_clone_misses_the_restore_budget_its_saved_vm_is_deleted(arch: VmArchitecture) {
-    devicelab::init_logging();
-    let mut config = devicelab::config::HarnessConfig::from_env().unwrap();
+async fn when_a_clone_misses_the_restore_budget_its_saved_vm_is_deleted(
+    #[future] lab: Arc<Lab>,
+    arch: VmArchitecture,
+) {
+    let builder = lab.await;
+    let spec = |name: &str| own_saved_vm(name, arch, "mute");
+    let clone = builder
+        .vm(spec(&builder.vm_name("mute", arch)))
+        .await
+        .unwrap();
+    let mut config = builder.config.clone();
     config.budget_scale = (config.budget_scale * 0.25).max(devicelab::config::MIN_BUDGET_SCALE);
     let lab = Lab::new(config).await.unwrap();
-    let spec = |name: &str| own_saved_vm(name, arch, "mute");
-    let clone = lab.vm(spec(&lab.vm_name("mute", arch))).await.unwrap();
     let saved = lab.config.warm_dir().join(clone.name());
     clone.remove().await.unwrap();
     let record = saved.join("saved.json");

@@ -56,11 +56,12 @@ pub enum OnboardError {
         steps: Vec<String>,
     },
     #[error(
-        "VM {vm}: the guest's package manager was locked by another process for {waited:?} \
-         (on Ubuntu images, apt-daily or unattended-upgrades right after the first boot):\n\
-         {output}\n  stop them before onboarding, e.g. in FirstBootConfig::runcmd: `systemctl \
-         disable --now apt-daily.timer apt-daily-upgrade.timer unattended-upgrades`, or give \
-         more time with DEVICELAB_BUDGET_SCALE (the wait is half the command budget)"
+        "VM {vm}: the guest's package manager was still locked by another process after \
+         {waited:?} (on Ubuntu images, apt-daily.service or apt-daily-upgrade.service in the \
+         first minutes):\n{output}\n  keep them out of the way before onboarding, e.g. in \
+         FirstBootConfig::runcmd: `systemctl disable --now apt-daily.timer \
+         apt-daily-upgrade.timer; systemctl stop apt-daily.service apt-daily-upgrade.service`, \
+         or give the wait more time with DEVICELAB_BUDGET_SCALE (it is half the command budget)"
     )]
     PackageLocked {
         vm: String,

@@ -189,13 +189,14 @@ pub fn remove_vm(libvirt: &Libvirt, pool: &Pool, name: &str) -> Vec<String> {
         },
         Err(e) => return vec![e.to_string()],
     };
+    // A partition (`Vm::partition`) outlives nothing: its rules go with the VM, before its
+    // domain (a VM that has rules has its domain until they are gone: see the reaper).
+    if let Err(e) = crate::host::firewall::unblock(name) {
+        errors.push(e.to_string());
+    }
     if let Some(dom) = dom
         && let Err(e) = libvirt.remove_domain(&dom, name)
     {
-        errors.push(e.to_string());
-    }
-    // A partition (`Vm::partition`) outlives nothing: its rules go with the VM.
-    if let Err(e) = crate::host::firewall::unblock(name) {
         errors.push(e.to_string());
     }
     for v in volume_names(name) {
@@ -288,8 +289,9 @@ fn reap_runs(
 /// Partition rules that no VM accounts for: no domain of that name, no run dir that names it,
 /// and no run holding its name's claim. A VM removed by hand (a kept VM deleted with `virsh`
 /// and `rm`) or rules added outside a run leave them. A live or kept VM has its domain until
-/// its teardown has removed its rules, so a run on another data dir (whose run dirs this
-/// reaper does not see) keeps its partition. Returns the VMs whose rules it removed.
+/// its teardown has removed its rules (`remove_vm` removes them first), so a run on another
+/// data dir (whose run dirs this reaper does not see) keeps its partition. Returns the VMs
+/// whose rules it removed.
 fn reap_partition_rules(libvirt: &Libvirt, runs_dir: &Path) -> Vec<String> {
     let vms = match crate::host::firewall::partitioned_vms() {
         Ok(vms) => vms,
@@ -305,6 +307,10 @@ fn reap_partition_rules(libvirt: &Libvirt, runs_dir: &Path) -> Vec<String> {
         return reaped;
     }
     for vm in vms {
+        // A tag is any text after `devicelab:` in a rule: only a VM's name is a file name here.
+        if crate::model::spec::VirtualMachineSpec::check_name(&vm).is_err() {
+            continue;
+        }
         // The claim first: a run that claims the name after this finds no rules of its own.
         let claim = claims.join(format!("{vm}.lock"));
         let Ok(Some(_claim)) = lock::try_lock(&claim, "reaper", Removal::OnRelease) else {

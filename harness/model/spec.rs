@@ -209,17 +209,25 @@ impl VirtualMachineSpec {
         self
     }
 
+    /// Checks that `name` can name a VM: 1–50 characters a-z, 0-9 and `-`, starting with a
+    /// letter (a VM's name is a domain's, a volume's and a file's).
+    pub fn check_name(name: &str) -> Result<(), SpecError> {
+        let ok = (1..=50).contains(&name.len())
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if ok {
+            Ok(())
+        } else {
+            Err(SpecError::Name(name.to_owned()))
+        }
+    }
+
     /// Checks the name, the admin user's name and the sizes; the lab does so before it
     /// creates anything.
     pub fn validate(&self) -> Result<(), SpecError> {
-        let n = &self.name;
-        let name_ok = (1..=50).contains(&n.len())
-            && n.starts_with(|c: char| c.is_ascii_lowercase())
-            && n.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-        if !name_ok {
-            return Err(SpecError::Name(n.clone()));
-        }
+        Self::check_name(&self.name)?;
         let u = &self.first_boot.admin_user;
         let user_ok = !u.is_empty()
             && u.len() <= 32
@@ -236,7 +244,7 @@ impl VirtualMachineSpec {
         ] {
             if got < min {
                 return Err(SpecError::TooSmall {
-                    name: n.clone(),
+                    name: self.name.clone(),
                     what,
                     min,
                     got,

@@ -92,16 +92,20 @@ pub fn render(
 
 /// `$b`: the bundle's directory; `$stop`: the step to stop after. `report` prints a step's
 /// outcome (and exits once the step to stop after has run); `fail` ends the run. `pkg` runs a
-/// package manager: while another process holds its lock (apt-daily, unattended-upgrades) it
-/// tries again every 5 s, for up to `$lockwait` seconds, then fails the packages step saying so.
+/// package manager (in the C locale: its messages are matched): while another process holds
+/// its lock (apt-daily) it tries again every 5 s until `$lockwait` seconds have passed since
+/// the first try, then fails the packages step saying so. The messages are dpkg's ("dpkg
+/// frontend lock was locked by another process", "dpkg database lock …", and the older "… is
+/// locked by another process") and apt's ("Could not get lock …").
 const PROLOGUE: &str = r#"b=$1; stop=$2; restart=false
 report() { echo "devicelab-step $1 $2"; if [ -n "$stop" ] && [ "$1" = "$stop" ]; then exit 0; fi; }
 fail() { echo "devicelab-fail $*"; exit 1; }
 run() { out=$("$@" 2>&1) || { printf '%s\n' "$out"; return 1; }; }
-pkg() { waited=0; while ! out=$("$@" 2>&1); do
-  case $out in *"Could not get lock"*|*"frontend lock"*|*"frontend is locked"*|*"database is locked"*) ;; *) printf '%s\n' "$out"; return 1;; esac
-  [ "$waited" -ge "$lockwait" ] && { printf '%s\n' "$out"; fail packages locked "$waited"; }
-  sleep 5; waited=$((waited + 5)); done; }
+pkg() { t0=$(date +%s); while ! out=$(LC_ALL=C "$@" 2>&1); do
+  case $out in *"Could not get lock"*|*"frontend lock"*|*"database lock"*|*"is locked by another process"*) ;; *) printf '%s\n' "$out"; return 1;; esac
+  waited=$(($(date +%s) - t0))
+  [ "$waited" -ge "${lockwait:-0}" ] && { printf '%s\n' "$out"; fail packages locked "$waited"; }
+  sleep 5; done; }
 "#;
 
 /// `.deb`s whose version is not installed yet, together (they may depend on each other); then
@@ -138,7 +142,7 @@ fn packages(d: &AgentDescription, debs: &[(String, Vec<u8>)]) -> String {
         let _ = writeln!(
             s,
             r#"missing=""; for n in {list}; do dpkg-query -W -f='${{Status}}' "$n" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $n"; done
-if [ -n "$missing" ]; then pkg sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"' apt $missing || fail packages mirror $missing; p=changed; fi"#,
+if [ -n "$missing" ]; then {{ pkg apt-get update -q && pkg env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing; }} || fail packages mirror $missing; p=changed; fi"#,
             list = mirror.join(" ")
         );
     }
@@ -325,9 +329,12 @@ mod tests {
 
     /// The packages step for one `.deb` (netcat-openbsd), run by a real `sh` with `tools`
     /// (name, shell body) as programs on PATH (a shell function cannot have a `-`); each
-    /// counts its calls in `<name>.calls`. Returns whether it succeeded, its output and how
-    /// often each tool ran.
-    fn packages_step_with(tools: &[(&str, &str)], lockwait: u64) -> (bool, String, Vec<usize>) {
+    /// writes each call's arguments as a line of `<name>.calls`. Returns whether it succeeded,
+    /// its output and each tool's calls.
+    fn packages_step_with(
+        tools: &[(&str, &str)],
+        lockwait: u64,
+    ) -> (bool, String, Vec<Vec<String>>) {
         let mut d = crate::agent::reference::agent();
         d.packages = vec![Package::Deb {
             name: "netcat-openbsd".into(),
@@ -344,8 +351,7 @@ mod tests {
             let path = bin.join(tool);
             std::fs::write(
                 &path,
-                format!("#!/bin/sh
-echo x >> \"$0.calls\"\n{body}\n"),
+                format!("#!/bin/sh\necho \"$*\" >> \"$0.calls\"\n{body}\n"),
             )
             .unwrap();
             use std::os::unix::fs::PermissionsExt;
@@ -366,7 +372,7 @@ echo x >> \"$0.calls\"\n{body}\n"),
             .iter()
             .map(|(tool, _)| {
                 std::fs::read_to_string(bin.join(format!("{tool}.calls")))
-                    .map_or(0, |c| c.lines().count())
+                    .map_or_else(|_| Vec::new(), |c| c.lines().map(str::to_owned).collect())
             })
             .collect();
         std::fs::remove_dir_all(&bin).unwrap();
@@ -374,13 +380,19 @@ echo x >> \"$0.calls\"\n{body}\n"),
         (out.status.success(), stdout, calls)
     }
 
-    /// `dpkg-deb` for a `.deb` called netcat-openbsd, version 1.0; `sleep` that returns at once.
+    /// `dpkg-deb` for a `.deb` called netcat-openbsd, version 1.0; `sleep` that returns at
+    /// once; `date +%s` that is 5 s later at every call (each try and its sleep take 5 s).
     const DEB: (&str, &str) = (
         "dpkg-deb",
         r#"case $3 in Package) echo netcat-openbsd;; *) echo 1.0;; esac"#,
     );
     const NO_SLEEP: (&str, &str) = ("sleep", "exit 0");
     const NOT_INSTALLED: (&str, &str) = ("dpkg-query", "exit 1");
+    const CLOCK: (&str, &str) = ("date", r#"echo $(( $(wc -l < "$0.calls") * 5 ))"#);
+    /// The tools of a packages step whose `dpkg` is `dpkg`.
+    fn with_dpkg(dpkg: &str) -> [(&str, &str); 5] {
+        [DEB, ("dpkg", dpkg), NO_SLEEP, NOT_INSTALLED, CLOCK]
+    }
 
     /// A `.deb` of another name stops the step there, naming the package, before dpkg runs.
     #[test]
@@ -397,37 +409,48 @@ echo x >> \"$0.calls\"\n{body}\n"),
             stdout.contains("netcat-traditional\ndevicelab-fail packages name netcat-openbsd"),
             "{stdout}"
         );
-        assert_eq!(calls[1], 0, "dpkg never ran: {stdout}");
+        assert!(calls[1].is_empty(), "dpkg never ran: {stdout}");
     }
 
-    /// dpkg locked by another process (apt-daily, as dpkg 1.21 and apt say it) is waited for,
-    /// every 5 s up to the lock wait: the install goes on once the lock is free, and a lock
-    /// that stays fails the step saying so. Any other failure fails it at once.
+    /// dpkg locked by another process (apt-daily) is waited for, trying every 5 s until the
+    /// lock wait has passed: the install goes on once the lock is free, and a lock that stays
+    /// fails the step saying so. Each wording dpkg and apt use counts; any other failure fails
+    /// the step at once.
     #[test]
     fn a_locked_package_manager_is_waited_for_within_the_lock_wait() {
-        let locked_twice = r#"n=$(wc -l < "$0.calls"); if [ "$n" -le 2 ]; then
+        let locked_twice = r#"if [ "$(wc -l < "$0.calls")" -le 2 ]; then
   echo "dpkg: error: dpkg frontend lock was locked by another process with pid 4242" >&2; exit 2; fi"#;
-        let (ok, stdout, calls) =
-            packages_step_with(&[DEB, ("dpkg", locked_twice), NO_SLEEP, NOT_INSTALLED], 60);
+        let (ok, stdout, calls) = packages_step_with(&with_dpkg(locked_twice), 60);
         assert!(ok, "{stdout}");
         assert!(stdout.contains("devicelab-step packages changed"), "{stdout}");
-        assert_eq!((calls[1], calls[2]), (3, 2), "two waits, three tries");
-
-        let apt_locked = "echo 'E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by \
-                          process 4242 (apt-get)' >&2; exit 100";
-        let (ok, stdout, calls) = packages_step_with(&[DEB, ("dpkg", apt_locked), NO_SLEEP, NOT_INSTALLED], 10);
-        assert!(!ok, "{stdout}");
+        assert_eq!(calls[1].len(), 3, "three tries: {stdout}");
+        assert_eq!(calls[2], ["5", "5"], "two waits of 5 s");
         assert!(
-            stdout.contains("Could not get lock") && stdout.contains("devicelab-fail packages locked 10"),
-            "{stdout}"
+            calls[1].iter().all(|args| args.starts_with("-i ")),
+            "{:?}",
+            calls[1]
         );
-        assert_eq!(calls[1], 3, "tried at 0, 5 and 10 s");
+
+        for says in [
+            "E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 4242 (apt-get)",
+            "dpkg: error: dpkg database lock was locked by another process with pid 4242",
+            "dpkg: error: dpkg status database is locked by another process",
+        ] {
+            let dpkg = format!("echo '{says}' >&2; exit 2");
+            let (ok, stdout, calls) = packages_step_with(&with_dpkg(&dpkg), 10);
+            assert!(!ok, "{stdout}");
+            assert!(
+                stdout.contains(&format!("{says}\ndevicelab-fail packages locked 10")),
+                "{says}: {stdout}"
+            );
+            assert_eq!(calls[1].len(), 2, "tried at 0 and 5 s, given up at 10 s");
+        }
 
         let broken = "echo 'dpkg: dependency problems prevent configuration' >&2; exit 1";
-        let (ok, stdout, calls) = packages_step_with(&[DEB, ("dpkg", broken), NO_SLEEP, NOT_INSTALLED], 60);
+        let (ok, stdout, calls) = packages_step_with(&with_dpkg(broken), 60);
         assert!(!ok, "{stdout}");
         assert!(stdout.contains("devicelab-fail packages deb"), "{stdout}");
-        assert_eq!((calls[1], calls[2]), (1, 0), "no wait for another failure");
+        assert_eq!((calls[1].len(), calls[2].len()), (1, 0), "no wait for another failure");
     }
 
     #[test]
