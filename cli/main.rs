@@ -197,6 +197,9 @@ struct Listed {
     name: String,
     running: bool,
     owner: Option<OwnerRecord>,
+    /// The request it was started for, where that is another name (a warm clone's domain has
+    /// its saved VM's name; its run dir has the request's).
+    request: Option<String>,
 }
 
 async fn ls(config: &HarnessConfig) -> Result {
@@ -210,9 +213,16 @@ async fn ls(config: &HarnessConfig) -> Result {
             .iter()
             .filter_map(|d| {
                 let name = d.name().ok()?;
-                name.starts_with("devicelab-").then(|| Listed {
+                if !name.starts_with("devicelab-") {
+                    return None;
+                }
+                let dir = reaper::run_dir_of(&runs, &name);
+                Some(Listed {
                     running: d.is_active().unwrap_or(false),
-                    owner: reaper::run_dir_of(&runs, &name).and_then(|dir| OwnerRecord::read(&dir)),
+                    owner: dir.as_deref().and_then(OwnerRecord::read),
+                    request: dir
+                        .and_then(|dir| Some(dir.file_name()?.to_string_lossy().into_owned()))
+                        .filter(|request| *request != name),
                     name,
                 })
             })
@@ -236,7 +246,12 @@ async fn ls(config: &HarnessConfig) -> Result {
             ),
             None => "no run dir: devicelab clean cannot tell whose it is".to_owned(),
         };
-        println!("VM {} ({state}): {whose}", vm.name);
+        let request = vm
+            .request
+            .as_ref()
+            .map(|r| format!(", request {r}"))
+            .unwrap_or_default();
+        println!("VM {} ({state}{request}): {whose}", vm.name);
         if let Some(login) = login_args(config, &vm.name) {
             println!("    ssh: ssh {}", login.join(" "));
         }

@@ -59,6 +59,15 @@ async fn helper_vm_to_ssh() -> (std::sync::Arc<Lab>, devicelab::Vm) {
     (lab, vm)
 }
 
+/// Runs in a child process: provisions a VM to SSH (or restores it: LEAK_START=warm), prints
+/// its domain and never returns.
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[ignore = "helper for the leak tests"]
+async fn helper_vm_to_ssh_and_hang() {
+    let (_lab, _vm) = helper_vm_to_ssh().await;
+    std::future::pending::<()>().await;
+}
+
 /// Runs in a child process with DEVICELAB_KEEP=1: provisions a VM to SSH and a NATS server,
 /// prints their names, drops both and exits.
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
@@ -248,6 +257,69 @@ async fn a_killed_run_is_reaped_by_the_next_one() {
     );
     assert!(!run_dir(&name).exists(), "and its run dir");
     assert_eq!(nats_dirs_of(pid), Vec::<String>::new(), "and its NATS dir");
+}
+
+/// A warm clone's run killed (SIGKILL: the next run reaps it) or interrupted (Ctrl-C: it
+/// cleans up itself): the clone's domain, volumes and run dir go, and the saved VM it was
+/// restored from stays, free for the next clone.
+#[rstest::rstest]
+#[case::killed(libc::SIGKILL)]
+#[case::ctrl_c(libc::SIGINT)]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn a_warm_clone_killed_or_interrupted_leaves_its_saved_vm(#[case] signal: i32) {
+    let lv = libvirt();
+    let name = unique("warmkill");
+    let mut child = helper("helper_vm_to_ssh_and_hang", &name)
+        .env("LEAK_START", "warm")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Its domain, once it is up (a first warm start on this host builds the saved VM first).
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let domain = std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("domain ").map(|d| d.trim().to_owned()));
+        let _ = tx.send(domain);
+    });
+    let domain = rx
+        .recv_timeout(Duration::from_secs(600))
+        .expect("the helper names its domain within 10 min")
+        .expect("the helper printed its domain before it ended");
+    let config = HarnessConfig::from_env().unwrap();
+    let saved = config.warm_dir().join(&domain);
+    let clone_lock = config.warm_dir().join(format!("{domain}.lock"));
+    assert!(domain_running(&lv, &domain), "the clone runs: {domain}");
+
+    unsafe { libc::kill(pid as i32, signal) };
+    let status = child.wait().unwrap();
+    if signal == libc::SIGKILL {
+        assert!(
+            domain_exists(&lv, &domain),
+            "the killed run left its clone (the leak the reaper is for)"
+        );
+        let _next_run = Lab::from_env().await.unwrap();
+    } else {
+        assert_eq!(status.code(), Some(130), "interrupted runs exit non-zero");
+    }
+    assert!(!domain_exists(&lv, &domain), "the clone's domain is gone");
+    assert_eq!(volumes_of(&domain), Vec::<String>::new(), "and its volumes");
+    assert!(!run_dir(&name).exists(), "and its run dir");
+    assert_eq!(containers_of(pid), Vec::<String>::new());
+    assert!(
+        saved.join("saved.json").is_file(),
+        "the saved VM stays: {}",
+        saved.display()
+    );
+    assert!(
+        !devicelab::support::lock::is_held(&clone_lock),
+        "and is free for the next clone"
+    );
 }
 
 /// The NATS server directories (configuration, store) a process left in the temp dir.
@@ -545,6 +617,11 @@ async fn a_kept_warm_clone_survives_the_next_warm_start() {
     }
     let kept_running_after = domain_running(&lv, &kept);
     let record_after = record(&kept_name);
+    let listed = Command::new(common::devicelab_cli())
+        .arg("ls")
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
 
     let cleaned = Command::new(common::devicelab_cli())
         .arg("clean")
@@ -556,6 +633,10 @@ async fn a_kept_warm_clone_survives_the_next_warm_start() {
     let _ = std::fs::remove_dir_all(run_dir(&kept_name));
 
     assert!(kept.starts_with("devicelab-warm-"), "a warm clone: {kept}");
+    assert!(
+        listed.contains(&format!("VM {kept} (running, request {kept_name}): kept")),
+        "`devicelab ls` names the clone's request: {listed}"
+    );
     assert!(
         next_works.is_ok(),
         "the next warm start works: {next_works:?}"
