@@ -42,6 +42,28 @@ fn unknown_libvirt_network_lists_the_real_ones() {
     );
 }
 
+/// A network the VMs could join but that has no IPv4 address (an isolated bridge, created
+/// transient here and destroyed again): refused, naming both ways out.
+#[test]
+fn a_network_without_ipv4_is_refused_naming_the_fix() {
+    let lv = system_libvirt();
+    let id = std::process::id();
+    let name = format!("devicelab-noip-{id}");
+    let xml = format!(
+        "<network><name>{name}</name><bridge name='dlnoip{}'/></network>",
+        id % 100_000
+    );
+    let net = lv.conn().unwrap().create_network_xml(&xml).unwrap();
+    let err = lv.network_gateway(&name);
+    net.destroy().unwrap();
+    let err = err.unwrap_err();
+    assert!(matches!(err, LibvirtError::NetworkWithoutIpv4 { .. }), "{err}");
+    assert_mentions(
+        &err,
+        &[&name, "no IPv4", "virsh net-edit", "DEVICELAB_NETWORK"],
+    );
+}
+
 #[test]
 fn libvirtd_not_running_says_how_to_start_it() {
     let err = Libvirt::open("qemu:///system?socket=/nonexistent/libvirt-sock")

@@ -25,7 +25,10 @@ pub enum LibvirtError {
     #[error("libvirt network {name:?} is not active: run `virsh -c {uri} net-start {name}`")]
     NetworkInactive { name: String, uri: String },
     #[error(
-        "libvirt network {name:?} has no IPv4 address, so guests cannot reach services on the host"
+        "libvirt network {name:?} has no IPv4 address, so guests cannot reach services on the \
+         host: give it one with DHCP (`virsh net-edit {name}`: <ip address=... netmask=...> \
+         with a <dhcp> range), or set DEVICELAB_NETWORK to a network that has one, such as \
+         libvirt's `default`"
     )]
     NetworkWithoutIpv4 { name: String },
     #[error(
