@@ -64,6 +64,36 @@ fn a_network_without_ipv4_is_refused_naming_the_fix() {
     );
 }
 
+/// The pool of another data dir is already defined: refused, naming both ways out, and
+/// nothing is made at the path asked for.
+#[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "defines devicelab's libvirt pool if it is not there: run with --features e2e"
+)]
+fn a_pool_defined_at_another_path_is_refused_naming_the_fix() {
+    use devicelab::host::pool::{Pool, PoolError};
+    let lv = system_libvirt();
+    let config = HarnessConfig::from_env().unwrap();
+    // The pool as every run defines it.
+    Pool::ensure(&lv, &config.pool_dir()).unwrap();
+    let elsewhere = std::env::temp_dir().join(format!("devicelab-other-pool-{}", std::process::id()));
+    let Err(err) = Pool::ensure(&lv, &elsewhere) else {
+        panic!("a second pool path was accepted");
+    };
+    assert!(matches!(err, PoolError::PathMismatch { .. }), "{err}");
+    assert_mentions(
+        &err,
+        &[
+            &config.pool_dir().display().to_string(),
+            &elsewhere.display().to_string(),
+            "DEVICELAB_DATA_DIR",
+            "virsh pool-undefine",
+        ],
+    );
+    assert!(!elsewhere.exists(), "nothing was made there");
+}
+
 #[test]
 fn libvirtd_not_running_says_how_to_start_it() {
     let err = Libvirt::open("qemu:///system?socket=/nonexistent/libvirt-sock")

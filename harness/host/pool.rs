@@ -42,10 +42,13 @@ impl Pool {
             dir: dir.to_owned(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(dir_err)?;
-        // 0711: libvirt's qemu user must reach the files; nobody needs to list them.
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(dir_err)?;
+        let make_dir = || -> Result<(), PoolError> {
+            std::fs::create_dir_all(dir).map_err(dir_err)?;
+            // 0711: libvirt's qemu user must reach the files; nobody needs to list them.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(dir_err)
+        };
         let conn = libvirt.conn()?;
+        // Looked up first: a pool at another path is refused before anything is made here.
         let pool = match conn.lookup_storage_pool_by_name(POOL_NAME) {
             Ok(pool) => {
                 let xml = pool.xml_desc(0).map_err(call_err("read pool", POOL_NAME))?;
@@ -66,9 +69,11 @@ impl Pool {
                         wanted: dir.to_owned(),
                     });
                 }
+                make_dir()?;
                 pool
             }
             Err(e) if is_code(&e, ErrorNumber::NoStoragePool) => {
+                make_dir()?;
                 let xml = format!(
                     r#"<pool type='dir'>
   <name>{POOL_NAME}</name>
