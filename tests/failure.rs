@@ -2,7 +2,10 @@
 //! collects its failure artifacts, then its kernel is crashed and the next wait must fail on the
 //! console's panic line instead of waiting out its budget; powered on again with sshd masked, it
 //! idles at its login prompt and the wait for SSH must say so after the idle grace, not after
-//! its budget. Boots a VM: `--features e2e`.
+//! its budget. A cold boot from a cached image whose bytes rotted on disk names the rot and
+//! removes the image. Boots a VM: `--features e2e`.
+
+mod common;
 
 use devicelab::fixtures::*;
 use devicelab::vm::VmError;
@@ -136,4 +139,58 @@ async fn a_failing_first_boot_keeps_its_artifacts(
         "nothing left for the reaper: the VM was removed"
     );
     std::fs::remove_dir_all(artifacts).unwrap();
+}
+
+/// A cached image whose bytes rotted on disk: same size, same modification time, so the
+/// cache's record still vouches for it. The boot from it fails (here at once: its qcow2
+/// version field now reads 99); the failure hashes the image again, removes it with its record
+/// and says so, so the next run downloads a good copy.
+#[rstest]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn a_cached_image_whose_bytes_rotted_is_named_and_removed(
+    #[future] lab: std::sync::Arc<Lab>,
+    arch: VmArchitecture,
+) {
+    use common::{HttpServer, Route, sha256_hex};
+    use std::os::unix::fs::FileExt;
+    let lab = lab.await;
+    // The configured image, served from 127.0.0.1 as a mirror would, into the download cache.
+    let bytes = std::fs::read(lab.base_image(arch).await.unwrap().path).unwrap();
+    let sha256 = sha256_hex(&bytes);
+    let server = HttpServer::start(vec![("/rot.qcow2", Route::ok(bytes))]).await;
+    let mut config = lab.config.clone();
+    let overrides = config.overrides.entry(arch).or_default();
+    overrides.image = None;
+    overrides.image_url = Some((server.url("/rot.qcow2"), sha256));
+    let downloading = Lab::new(config).await.unwrap();
+    let cached = downloading.base_image(arch).await.unwrap().path;
+    let modified = std::fs::metadata(&cached).unwrap().modified().unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&cached).unwrap();
+    file.write_all_at(&99u32.to_be_bytes(), 4).unwrap();
+    file.set_times(std::fs::FileTimes::new().set_modified(modified))
+        .unwrap();
+    drop(file);
+
+    let spec = devicelab::VirtualMachineSpec::new(downloading.vm_name("rot", arch), arch)
+        .with_start(devicelab::Start::Cold);
+    let result = downloading.vm(spec).await.map(drop);
+    let removed = !cached.exists();
+    // The file, its record and its lock: nothing of this test stays in the cache.
+    let name = cached.file_name().unwrap().to_string_lossy().into_owned();
+    for leftover in [
+        name.clone(),
+        format!(".{name}.verified.json"),
+        format!(".{name}.lock"),
+    ] {
+        let _ = std::fs::remove_file(cached.with_file_name(leftover));
+    }
+    let err = result.expect_err("a boot from a rotted image fails");
+    let msg = err.to_string();
+    assert!(matches!(err, VmError::ImageRotted { .. }), "{msg}");
+    assert!(
+        msg.contains("no longer matches its sha256") && msg.contains("the next run downloads it"),
+        "{msg}"
+    );
+    assert!(removed, "the rotted image was removed: {}", cached.display());
 }

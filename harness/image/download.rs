@@ -297,6 +297,53 @@ async fn stream_to(
     Ok(())
 }
 
+/// A cached file whose bytes no longer match the digest it was verified against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotted {
+    /// The digest it was downloaded and verified against.
+    pub expected: String,
+    /// Its digest now.
+    pub got: String,
+    /// Whether it was removed (not while a download of it is under way).
+    pub removed: bool,
+}
+
+/// Hashes a file of the download cache again, as after a boot from it failed (were its bytes
+/// the cause?). `None` for a file the cache never verified (a local image) and for one that
+/// still matches; one whose bytes changed on disk is removed with its record, so the next
+/// fetch downloads it again.
+pub async fn recheck(target: &Path) -> std::io::Result<Option<Rotted>> {
+    let Ok(text) = tokio::fs::read_to_string(record_path(target)).await else {
+        return Ok(None);
+    };
+    let Ok(record) = serde_json::from_str::<VerifiedRecord>(&text) else {
+        return Ok(None);
+    };
+    let got = hash_file(target).await?;
+    if got.eq_ignore_ascii_case(&record.sha256) {
+        return Ok(None);
+    }
+    let target = target.to_owned();
+    let removed = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+        let name = target.file_name().unwrap_or_default().to_string_lossy();
+        let lock_path = target.with_file_name(format!(".{name}.lock"));
+        let Some(_lock) = lock::try_lock(&lock_path, "removing a rotted file", lock::Removal::Keep)?
+        else {
+            return Ok(false); // being downloaded again right now
+        };
+        std::fs::remove_file(record_path(&target))?;
+        std::fs::remove_file(&target)?;
+        Ok(true)
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    Ok(Some(Rotted {
+        expected: record.sha256,
+        got,
+        removed,
+    }))
+}
+
 fn record_path(target: &Path) -> PathBuf {
     let name = target.file_name().unwrap_or_default().to_string_lossy();
     target.with_file_name(format!(".{name}.verified.json"))

@@ -29,9 +29,25 @@ impl ColdBoot {
     }
 }
 
-/// A cold boot of `plan`, to the plan's waits.
+/// A cold boot of `plan`, to the plan's waits. When it fails, an image from the download
+/// cache is hashed again: one whose bytes changed on disk is removed and named in the error.
 pub(crate) async fn boot(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
-    start::start(plan, ColdBoot::new(plan)?, held).await
+    let err = match start::start(plan, ColdBoot::new(plan)?, held).await {
+        Ok(vm) => return Ok(vm),
+        Err(err) => err,
+    };
+    match crate::image::download::recheck(&plan.image.path).await {
+        Ok(None) => Err(err),
+        Ok(Some(rotted)) => Err(VmError::ImageRotted {
+            image: plan.image.path.clone(),
+            rotted,
+            source: Box::new(err),
+        }),
+        Err(e) => {
+            tracing::warn!("cannot hash {} again: {e}", plan.image.path.display());
+            Err(err)
+        }
+    }
 }
 
 impl Boot for ColdBoot {

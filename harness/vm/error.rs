@@ -212,6 +212,29 @@ pub enum VmError {
         /// The failure itself.
         source: Box<VmError>,
     },
+    /// A cold boot failed, and the cached image it booted from no longer matches the digest it
+    /// was downloaded against (its bytes changed on disk): the likely cause. The image was
+    /// removed, so the next run downloads it again. [`VmError::root`] is the failure itself.
+    #[error(
+        "{source}\n  the cached image {} no longer matches its sha256 (expected {}, now {}): its \
+         bytes changed on disk, the likely cause of this failure; {}",
+        image.display(),
+        rotted.expected,
+        rotted.got,
+        if rotted.removed {
+            "it was removed, and the next run downloads it again"
+        } else {
+            "another process is downloading it again right now"
+        }
+    )]
+    ImageRotted {
+        /// The cached image.
+        image: PathBuf,
+        /// Its digests, and whether it was removed.
+        rotted: crate::image::download::Rotted,
+        /// The failure itself.
+        source: Box<VmError>,
+    },
     /// Removing the VM failed; the message lists what is left.
     #[error(transparent)]
     Teardown(#[from] TeardownError),
@@ -233,7 +256,7 @@ impl VmError {
     /// The error itself, past the provisioning wrapper that says where the artifacts are.
     pub fn root(&self) -> &VmError {
         match self {
-            Self::Provision { source, .. } => source.root(),
+            Self::Provision { source, .. } | Self::ImageRotted { source, .. } => source.root(),
             other => other,
         }
     }
