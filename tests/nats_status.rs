@@ -339,3 +339,31 @@ async fn the_duplicate_window_covers_the_agents_longest_resend() {
         "duplicate window {window:?} < the agent's longest resend {needed:?}"
     );
 }
+
+/// Another process takes the server's port while the server is down for a restart (its
+/// clients know only that port): the restart fails at once with the server's own words and
+/// the port, not after the start budget.
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+async fn a_port_taken_during_a_restart_fails_it_at_once_naming_the_port() {
+    let mut nats = server().await;
+    let addr: std::net::SocketAddr = nats
+        .client_url()
+        .trim_start_matches("nats://")
+        .parse()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (restarted, taken) = tokio::join!(nats.restart(Duration::from_secs(2)), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        std::net::TcpListener::bind(addr)
+    });
+    let took = started.elapsed();
+    let _taken = taken.expect("the port is free while the server is down");
+    let msg = restarted.expect_err("the port is taken").to_string();
+    assert!(
+        msg.contains(&addr.port().to_string())
+            && msg.contains("address already in use")
+            && msg.contains("its port is taken by another process"),
+        "{msg}"
+    );
+    assert!(took < Duration::from_secs(15), "failed at once: {took:?}");
+}

@@ -72,7 +72,15 @@ pub enum NatsError {
         source: std::io::Error,
     },
     /// The server stopped before it was ready; its output says why.
-    #[error("the NATS server exited ({status}) before it was ready:{stderr}")]
+    #[error(
+        "the NATS server exited ({status}) before it was ready:{stderr}{}",
+        if stderr.contains("address already in use") {
+            "\n  its port is taken by another process (after a restart: taken while it was \
+             down; its clients know only that port): stop what listens there (`ss -ltnp`)"
+        } else {
+            ""
+        }
+    )]
     Exited {
         /// The process's exit status, or that the container is no longer running.
         status: String,
