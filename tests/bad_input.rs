@@ -60,7 +60,7 @@ fn a_network_without_ipv4_is_refused_naming_the_fix() {
     assert!(matches!(err, LibvirtError::NetworkWithoutIpv4 { .. }), "{err}");
     assert_mentions(
         &err,
-        &[&name, "no IPv4", "virsh net-edit", "DEVICELAB_NETWORK"],
+        &[&name, "no IPv4", "net-edit", "DEVICELAB_NETWORK"],
     );
 }
 
@@ -75,7 +75,8 @@ fn a_pool_defined_at_another_path_is_refused_naming_the_fix() {
     use devicelab::host::pool::{Pool, PoolError};
     let lv = system_libvirt();
     let config = HarnessConfig::from_env().unwrap();
-    // The pool as every run defines it.
+    // The pool as every run defines it, under the lock every run takes for it.
+    let _setup = devicelab::lab::pool_setup_lock(&config).unwrap();
     Pool::ensure(&lv, &config.pool_dir()).unwrap();
     let elsewhere = std::env::temp_dir().join(format!("devicelab-other-pool-{}", std::process::id()));
     let Err(err) = Pool::ensure(&lv, &elsewhere) else {

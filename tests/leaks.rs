@@ -728,6 +728,7 @@ async fn partition_rules_go_with_heal_teardown_and_reaping() {
     // What the next run's `Lab` runs first. (What it lists as removed is not asserted: the
     // reaper of any other run starting meanwhile may have removed the same leftovers first.)
     let reaped = tokio::task::block_in_place(|| {
+        let _setup = devicelab::lab::pool_setup_lock(&lab.config).unwrap();
         let dirs = devicelab::host::reaper::DataDirs::of(&lab.config);
         devicelab::host::reaper::reap(&lab.libvirt, &lab.pool, &dirs, &lab.config.podman)
     });

@@ -94,7 +94,7 @@ pub fn block(vm: &str, ip: Ipv4Addr) -> Result<(), FirewallError> {
 /// removed. A host without iptables (or without its filter table) has none, and a process that
 /// may not read the rules cannot have added any.
 pub fn unblock(vm: &str) -> Result<usize, FirewallError> {
-    let mut removed = 0;
+    let (mut removed, mut failed) = (0, None);
     for (words, _) in tagged(Some(vm))? {
         if words.first().map(String::as_str) != Some("-A") {
             continue;
@@ -104,17 +104,18 @@ pub fn unblock(vm: &str) -> Result<usize, FirewallError> {
         match iptables(&args) {
             Ok(_) => removed += 1,
             // Removed meanwhile by another process (a reaper, the VM's own teardown): gone is
-            // what was wanted; the check below says whether anything is left.
-            Err(FirewallError::Failed { .. }) => {}
+            // what was wanted; the check below says whether anything is left, and if so this
+            // failure is the error.
+            Err(e @ FirewallError::Failed { .. }) => failed = Some(e),
             Err(e) => return Err(e),
         }
     }
     let left = rules_of(vm)?;
     if !left.is_empty() {
-        return Err(FirewallError::StillBlocked {
+        return Err(failed.unwrap_or_else(|| FirewallError::StillBlocked {
             vm: vm.to_owned(),
             rules: left.join("; "),
-        });
+        }));
     }
     Ok(removed)
 }

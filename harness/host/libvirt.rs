@@ -26,11 +26,11 @@ pub enum LibvirtError {
     NetworkInactive { name: String, uri: String },
     #[error(
         "libvirt network {name:?} has no IPv4 address, so guests cannot reach services on the \
-         host: give it one with DHCP (`virsh net-edit {name}`: <ip address=... netmask=...> \
+         host: give it one with DHCP (`virsh -c {uri} net-edit {name}`: <ip address=... netmask=...> \
          with a <dhcp> range), or set DEVICELAB_NETWORK to a network that has one, such as \
          libvirt's `default`"
     )]
-    NetworkWithoutIpv4 { name: String },
+    NetworkWithoutIpv4 { name: String, uri: String },
     #[error(
         "domain {name} belongs to run {run_id} (pid {pid}), which is still running: it was not \
          touched; give this VM another name, or stop that run first"
@@ -173,6 +173,7 @@ impl Libvirt {
             .find_map(|n| n.attribute("address")?.parse::<Ipv4Addr>().ok())
             .ok_or_else(|| LibvirtError::NetworkWithoutIpv4 {
                 name: name.to_owned(),
+                uri: self.uri.clone(),
             })
     }
 

@@ -153,16 +153,19 @@ pub fn run_records(runs_dir: &Path) -> Vec<(std::path::PathBuf, OwnerRecord)> {
 }
 
 /// The run dir of the VM called `name`: a request's name (its run dir's), or a domain's (a
-/// warm clone's run dir has the request's name, its domain the saved VM's).
+/// warm clone's run dir has the request's name, its domain the saved VM's). Where a dead run's
+/// dir and a live clone's both name the domain, the live one's.
 pub fn run_dir_of(runs_dir: &Path, name: &str) -> Option<std::path::PathBuf> {
     let direct = runs_dir.join(name);
     if OwnerRecord::read(&direct).is_some() {
         return Some(direct);
     }
-    run_records(runs_dir)
+    let mut naming: Vec<_> = run_records(runs_dir)
         .into_iter()
-        .find(|(dir, owner)| owner.domain_in(dir) == name)
-        .map(|(dir, _)| dir)
+        .filter(|(dir, owner)| owner.domain_in(dir) == name)
+        .collect();
+    naming.sort_by_key(|(_, owner)| !owner.owner_alive());
+    naming.into_iter().next().map(|(dir, _)| dir)
 }
 
 /// The volumes a VM named `name` may own in the pool.
@@ -174,7 +177,8 @@ pub fn volume_names(name: &str) -> [String; 3] {
     ]
 }
 
-/// Removes a VM by name: its domain (NVRAM included) and its volumes. Absent parts are fine.
+/// Removes a VM by name: its partition rules, its domain (NVRAM included) and its volumes.
+/// Absent parts are fine.
 pub fn remove_vm(libvirt: &Libvirt, pool: &Pool, name: &str) -> Vec<String> {
     let mut errors = Vec::new();
     // Only "no such domain" means there is none: on any other error the domain may exist, so
@@ -190,7 +194,7 @@ pub fn remove_vm(libvirt: &Libvirt, pool: &Pool, name: &str) -> Vec<String> {
         Err(e) => return vec![e.to_string()],
     };
     // A partition (`Vm::partition`) outlives nothing: its rules go with the VM, before its
-    // domain (a VM that has rules has its domain until they are gone: see the reaper).
+    // domain, so a reaper that finds rules without a domain never races this teardown.
     if let Err(e) = crate::host::firewall::unblock(name) {
         errors.push(e.to_string());
     }

@@ -152,9 +152,9 @@ pub async fn fetch(cache_dir: &Path, artifact: &Artifact) -> Result<PathBuf, Dow
                 record_verified(&target, &artifact.sha256).map_err(cache_err)?;
                 return Ok(target);
             }
+            // Downloaded again and renamed over it: a VM running from the old file keeps it.
             _ => {
                 tracing::warn!(file = %target.display(), "cached file does not match its sha256; downloading again");
-                std::fs::remove_file(&target).map_err(cache_err)?;
             }
         }
     }
@@ -304,15 +304,23 @@ pub struct Rotted {
     pub expected: String,
     /// Its digest now.
     pub got: String,
-    /// Whether it was removed (not while a download of it is under way).
-    pub removed: bool,
 }
 
 /// Hashes a file of the download cache again, as after a boot from it failed (were its bytes
-/// the cause?). `None` for a file the cache never verified (a local image) and for one that
-/// still matches; one whose bytes changed on disk is removed with its record, so the next
-/// fetch downloads it again.
+/// the cause?); at most once per file in a process. `None` for a file that still matches and
+/// for one without a record. One whose bytes changed on disk loses its record: the next fetch
+/// hashes it, finds it changed and downloads a good copy, renamed over it (VMs running from
+/// the old file keep theirs).
 pub async fn recheck(target: &Path) -> std::io::Result<Option<Rotted>> {
+    static RECHECKED: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    if !RECHECKED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(target.to_owned())
+    {
+        return Ok(None);
+    }
     let Ok(text) = tokio::fs::read_to_string(record_path(target)).await else {
         return Ok(None);
     };
@@ -323,24 +331,14 @@ pub async fn recheck(target: &Path) -> std::io::Result<Option<Rotted>> {
     if got.eq_ignore_ascii_case(&record.sha256) {
         return Ok(None);
     }
-    let target = target.to_owned();
-    let removed = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
-        let name = target.file_name().unwrap_or_default().to_string_lossy();
-        let lock_path = target.with_file_name(format!(".{name}.lock"));
-        let Some(_lock) = lock::try_lock(&lock_path, "removing a rotted file", lock::Removal::Keep)?
-        else {
-            return Ok(false); // being downloaded again right now
-        };
-        std::fs::remove_file(record_path(&target))?;
-        std::fs::remove_file(&target)?;
-        Ok(true)
-    })
-    .await
-    .map_err(std::io::Error::other)??;
+    match tokio::fs::remove_file(record_path(target)).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     Ok(Some(Rotted {
         expected: record.sha256,
         got,
-        removed,
     }))
 }
 

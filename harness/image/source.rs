@@ -40,6 +40,8 @@ impl DiskFormat {
 pub struct BaseImage {
     pub path: PathBuf,
     pub format: DiskFormat,
+    /// Downloaded into the cache (hashed again after a boot from it failed), not a local file.
+    pub cached: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,15 +128,20 @@ impl ImageSource {
 
     /// Makes the image available locally (downloading into `cache_dir` if needed).
     pub async fn resolve(&self, cache_dir: &Path) -> Result<BaseImage, ImageError> {
-        let (path, from_var) = match self {
+        let (path, from_var, cached) = match self {
             Self::Download(artifact) => (
                 download::fetch(cache_dir, artifact).await?,
                 "the download cache".to_owned(),
+                true,
             ),
-            Self::LocalFile { path, from_var } => (path.clone(), from_var.clone()),
+            Self::LocalFile { path, from_var } => (path.clone(), from_var.clone(), false),
         };
         let format = sniff_format(&path, &from_var)?;
-        Ok(BaseImage { path, format })
+        Ok(BaseImage {
+            path,
+            format,
+            cached,
+        })
     }
 }
 

@@ -30,12 +30,16 @@ impl ColdBoot {
 }
 
 /// A cold boot of `plan`, to the plan's waits. When it fails, an image from the download
-/// cache is hashed again: one whose bytes changed on disk is removed and named in the error.
+/// cache is hashed again (once per process): one whose bytes changed on disk is named in the
+/// error, and the next run downloads a good copy.
 pub(crate) async fn boot(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
     let err = match start::start(plan, ColdBoot::new(plan)?, held).await {
         Ok(vm) => return Ok(vm),
         Err(err) => err,
     };
+    if !plan.image.cached {
+        return Err(err);
+    }
     match crate::image::download::recheck(&plan.image.path).await {
         Ok(None) => Err(err),
         Ok(Some(rotted)) => Err(VmError::ImageRotted {

@@ -213,24 +213,20 @@ pub enum VmError {
         source: Box<VmError>,
     },
     /// A cold boot failed, and the cached image it booted from no longer matches the digest it
-    /// was downloaded against (its bytes changed on disk): the likely cause. The image was
-    /// removed, so the next run downloads it again. [`VmError::root`] is the failure itself.
+    /// was downloaded against (its bytes changed on disk): the likely cause. Its record was
+    /// removed, so the next run downloads a good copy. [`VmError::root`] is the failure itself.
     #[error(
         "{source}\n  the cached image {} no longer matches its sha256 (expected {}, now {}): its \
-         bytes changed on disk, the likely cause of this failure; {}",
+         bytes changed on disk, the likely cause of this failure; the next run downloads a good \
+         copy over it",
         image.display(),
         rotted.expected,
-        rotted.got,
-        if rotted.removed {
-            "it was removed, and the next run downloads it again"
-        } else {
-            "another process is downloading it again right now"
-        }
+        rotted.got
     )]
     ImageRotted {
         /// The cached image.
         image: PathBuf,
-        /// Its digests, and whether it was removed.
+        /// Its digests.
         rotted: crate::image::download::Rotted,
         /// The failure itself.
         source: Box<VmError>,

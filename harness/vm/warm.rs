@@ -572,6 +572,7 @@ impl Boot for WarmRestore {
                 let base = BaseImage {
                     path: dir.join("disk.qcow2"),
                     format: DiskFormat::Qcow2,
+                    cached: false,
                 };
                 pool.create_overlay(&disk, &base, gib)?;
                 let copy = |from: &str, to: &Path| {

@@ -94,16 +94,17 @@ pub fn render(
 /// outcome (and exits once the step to stop after has run); `fail` ends the run. `pkg` runs a
 /// package manager (in the C locale: its messages are matched): while another process holds
 /// its lock (apt-daily) it tries again every 5 s until `$lockwait` seconds have passed since
-/// the first try, then fails the packages step saying so. The messages are dpkg's ("dpkg
+/// the step's first package-manager call (one wait for the whole step, however many calls),
+/// then fails the packages step saying so. The messages are dpkg's ("dpkg
 /// frontend lock was locked by another process", "dpkg database lock …", and the older "… is
 /// locked by another process") and apt's ("Could not get lock …").
 const PROLOGUE: &str = r#"b=$1; stop=$2; restart=false
 report() { echo "devicelab-step $1 $2"; if [ -n "$stop" ] && [ "$1" = "$stop" ]; then exit 0; fi; }
 fail() { echo "devicelab-fail $*"; exit 1; }
 run() { out=$("$@" 2>&1) || { printf '%s\n' "$out"; return 1; }; }
-pkg() { t0=$(date +%s); while ! out=$(LC_ALL=C "$@" 2>&1); do
+pkg() { : "${pkg_t0:=$(date +%s)}"; while ! out=$(LC_ALL=C "$@" 2>&1); do
   case $out in *"Could not get lock"*|*"frontend lock"*|*"database lock"*|*"is locked by another process"*) ;; *) printf '%s\n' "$out"; return 1;; esac
-  waited=$(($(date +%s) - t0))
+  waited=$(($(date +%s) - pkg_t0))
   [ "$waited" -ge "${lockwait:-0}" ] && { printf '%s\n' "$out"; fail packages locked "$waited"; }
   sleep 5; done; }
 "#;
