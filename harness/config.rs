@@ -243,7 +243,11 @@ impl HarnessConfig {
         };
         let one_word = |var: &str, value: String, what: &str| {
             if value.contains(char::is_whitespace) {
-                Err(invalid(var, &value, &format!("use one {what}, without spaces")))
+                Err(invalid(
+                    var,
+                    &value,
+                    &format!("use one {what}, without spaces"),
+                ))
             } else {
                 Ok(value)
             }
@@ -491,7 +495,11 @@ mod tests {
             ("DEVICELAB_NETWORK", "my net", "without spaces"),
             ("DEVICELAB_BUDGET_SCALE", "101", "to 100"),
             ("DEVICELAB_NATS_IMAGE", "nats 2.10", "without spaces"),
-            ("DEVICELAB_LIBVIRT_URI", "qemu:///system extra", "without spaces"),
+            (
+                "DEVICELAB_LIBVIRT_URI",
+                "qemu:///system extra",
+                "without spaces",
+            ),
             ("DEVICELAB_KEEP", "maybe", "1 or 0"),
             ("DEVICELAB_NATS", "docker", "container or process"),
             ("DEVICELAB_DATA_DIR", "relative/dir", "absolute"),

@@ -57,11 +57,11 @@ fn a_network_without_ipv4_is_refused_naming_the_fix() {
     let err = lv.network_gateway(&name);
     net.destroy().unwrap();
     let err = err.unwrap_err();
-    assert!(matches!(err, LibvirtError::NetworkWithoutIpv4 { .. }), "{err}");
-    assert_mentions(
-        &err,
-        &[&name, "no IPv4", "net-edit", "DEVICELAB_NETWORK"],
+    assert!(
+        matches!(err, LibvirtError::NetworkWithoutIpv4 { .. }),
+        "{err}"
     );
+    assert_mentions(&err, &[&name, "no IPv4", "net-edit", "DEVICELAB_NETWORK"]);
 }
 
 /// The pool of another data dir is already defined: refused, naming both ways out, and
@@ -78,7 +78,8 @@ fn a_pool_defined_at_another_path_is_refused_naming_the_fix() {
     // The pool as every run defines it, under the lock every run takes for it.
     let _setup = devicelab::lab::pool_setup_lock(&config).unwrap();
     Pool::ensure(&lv, &config.pool_dir()).unwrap();
-    let elsewhere = std::env::temp_dir().join(format!("devicelab-other-pool-{}", std::process::id()));
+    let elsewhere =
+        std::env::temp_dir().join(format!("devicelab-other-pool-{}", std::process::id()));
     let Err(err) = Pool::ensure(&lv, &elsewhere) else {
         panic!("a second pool path was accepted");
     };

@@ -166,7 +166,10 @@ async fn a_cached_image_whose_bytes_rotted_is_named_and_removed(
     let downloading = Lab::new(config).await.unwrap();
     let cached = downloading.base_image(arch).await.unwrap().path;
     let modified = std::fs::metadata(&cached).unwrap().modified().unwrap();
-    let file = std::fs::OpenOptions::new().write(true).open(&cached).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cached)
+        .unwrap();
     file.write_all_at(&99u32.to_be_bytes(), 4).unwrap();
     file.set_times(std::fs::FileTimes::new().set_modified(modified))
         .unwrap();

@@ -284,7 +284,7 @@ async fn a_warm_clone_killed_or_interrupted_leaves_its_saved_vm(#[case] signal: 
         let domain = std::io::BufReader::new(stdout)
             .lines()
             .map_while(Result::ok)
-            .find_map(|l| l.strip_prefix("domain ").map(|d| d.trim().to_owned()));
+            .find_map(|l| domain_printed(l.as_bytes()));
         let _ = tx.send(domain);
     });
     let domain = rx

@@ -244,7 +244,10 @@ fn reap_runs(
     kept_too: bool,
 ) -> Reaped {
     let mut reaped = Reaped::default();
-    let entries = std::fs::read_dir(&dirs.runs).into_iter().flatten().flatten();
+    let entries = std::fs::read_dir(&dirs.runs)
+        .into_iter()
+        .flatten()
+        .flatten();
     for entry in entries {
         let dir = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();

@@ -169,10 +169,10 @@ impl Vm {
         Ok(())
     }
 
-    /// Runs `change`, then checks that the interface's root qdisc is netem (`netem`) or not.
+    /// Runs `change`, then checks that the interface's root qdisc is netem (`netem`) or not;
+    /// both in one round trip.
     async fn set_root_qdisc(&self, change: &str, netem: bool) -> Result<(), VmError> {
-        self.succeed(change).await?;
-        let command = format!("sudo -n tc qdisc show dev {DEFAULT_DEV} root");
+        let command = format!("{{ {change}; }} && sudo -n tc qdisc show dev {DEFAULT_DEV} root");
         let shown = self.succeed(&command).await?;
         if shown.contains("netem") != netem {
             return Err(VmError::UnexpectedOutput {

@@ -423,7 +423,10 @@ mod tests {
   echo "dpkg: error: dpkg frontend lock was locked by another process with pid 4242" >&2; exit 2; fi"#;
         let (ok, stdout, calls) = packages_step_with(&with_dpkg(locked_twice), 60);
         assert!(ok, "{stdout}");
-        assert!(stdout.contains("devicelab-step packages changed"), "{stdout}");
+        assert!(
+            stdout.contains("devicelab-step packages changed"),
+            "{stdout}"
+        );
         assert_eq!(calls[1].len(), 3, "three tries: {stdout}");
         assert_eq!(calls[2], ["5", "5"], "two waits of 5 s");
         assert!(
@@ -451,7 +454,11 @@ mod tests {
         let (ok, stdout, calls) = packages_step_with(&with_dpkg(broken), 60);
         assert!(!ok, "{stdout}");
         assert!(stdout.contains("devicelab-fail packages deb"), "{stdout}");
-        assert_eq!((calls[1].len(), calls[2].len()), (1, 0), "no wait for another failure");
+        assert_eq!(
+            (calls[1].len(), calls[2].len()),
+            (1, 0),
+            "no wait for another failure"
+        );
     }
 
     #[test]
