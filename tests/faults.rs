@@ -255,9 +255,16 @@ impl PrivateLibvirtd {
 
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A stopped daemon must run again to act on SIGTERM.
+            unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             child.wait().unwrap();
         }
+    }
+
+    fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("the private libvirtd runs");
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
     }
 }
 
@@ -265,6 +272,71 @@ impl Drop for PrivateLibvirtd {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Runs `f` on a thread of its own and gives it `limit`: a call that never returns fails the test
+/// instead of hanging it.
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("the call to a hung libvirtd did not return within {limit:?}"))
+}
+
+/// A hung libvirtd (stopped, not dead: its socket still accepts connections) ends a call on an
+/// open connection through the keepalive and a new connection through the open budget, each
+/// error saying it is hung and what to do; once it answers again the same handle works.
+#[test]
+fn a_hung_libvirtd_fails_every_call_within_its_budget_naming_it() {
+    use devicelab::host::libvirt::{KEEPALIVE_COUNT, KEEPALIVE_INTERVAL, OPEN_BUDGET};
+    let daemon = PrivateLibvirtd::start();
+    let lv = Libvirt::open(&daemon.uri()).unwrap();
+    let name = "devicelab-fault-hung";
+    assert!(!lv.has_domain(name).unwrap());
+    let (lv2, uri) = (lv.clone(), daemon.uri());
+    daemon.signal(libc::SIGSTOP);
+
+    // A call on the open connection is cut off by the keepalive.
+    let keepalive = Duration::from_secs(KEEPALIVE_INTERVAL as u64 * (KEEPALIVE_COUNT as u64 + 1));
+    let started = std::time::Instant::now();
+    let call = lv.clone();
+    let err = within(keepalive * 3, move || call.has_domain(name)).expect_err("libvirtd is hung");
+    let waited = started.elapsed();
+    let msg = err.to_string();
+    assert!(matches!(err, LibvirtError::Hung { .. }), "{msg}");
+    assert!(
+        msg.contains("it is hung") && msg.contains("restart it"),
+        "{msg}"
+    );
+    assert!(
+        waited < keepalive + Duration::from_secs(10),
+        "took {waited:?}"
+    );
+
+    // The next call, and a new handle, find the connection closed and open a new one: cut off
+    // by the open budget.
+    for reconnect in [
+        Box::new(move || lv2.has_domain(name).map(drop)) as Box<dyn FnOnce() -> _ + Send>,
+        Box::new(move || Libvirt::open(&uri).map(drop)),
+    ] {
+        let started = std::time::Instant::now();
+        let err = within(OPEN_BUDGET * 2, reconnect).expect_err("libvirtd is still hung");
+        let waited = started.elapsed();
+        assert!(matches!(err, LibvirtError::NotAnswering { .. }), "{err}");
+        assert!(err.to_string().contains("restart it"), "{err}");
+        assert!(
+            waited >= OPEN_BUDGET && waited < OPEN_BUDGET + Duration::from_secs(10),
+            "took {waited:?}"
+        );
+    }
+
+    daemon.signal(libc::SIGCONT);
+    assert!(
+        !lv.has_domain(name)
+            .expect("the same handle works once libvirtd answers again"),
+    );
 }
 
 #[test]

@@ -1,9 +1,13 @@
 //! The libvirt connection: domains and networks through the `virt` crate. Every call here is a
-//! blocking RPC; async code goes through [`Libvirt::run`], which moves it off the runtime.
+//! blocking RPC; async code goes through [`Libvirt::run`], which moves it off the runtime. No
+//! call waits on a hung libvirtd for long: opening a connection has [`OPEN_BUDGET`], and every
+//! call on an open one is ended by libvirt's keepalive ([`KEEPALIVE_INTERVAL`] ×
+//! ([`KEEPALIVE_COUNT`] + 1) without an answer).
 
 use crate::host::domain_xml::{RenderedDomain, digest_of_defined};
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::enumutil::Enum;
@@ -40,6 +44,28 @@ pub enum LibvirtError {
         run_id: String,
         pid: u32,
     },
+    /// libvirtd accepted the connection but did not answer: it is hung (stopped, stuck on a
+    /// lock, its disk full), not dead.
+    #[error(
+        "libvirtd at {uri} did not answer {what} within {waited:?}: it is hung, not stopped \
+         (a dead one refuses the connection); look at it (`systemctl status libvirtd`, its log, \
+         `virsh -c {uri} list`) and restart it"
+    )]
+    NotAnswering {
+        uri: String,
+        what: &'static str,
+        waited: Duration,
+    },
+    /// A call was cut off by libvirt's keepalive: libvirtd stopped answering mid-call.
+    #[error(
+        "libvirt failed to {action} {object}: libvirtd stopped answering ({message}): it is hung; \
+         look at it (`systemctl status libvirtd`, its log) and restart it"
+    )]
+    Hung {
+        action: &'static str,
+        object: String,
+        message: String,
+    },
     #[error("libvirt failed to {action} {object}: {message}")]
     Call {
         action: &'static str,
@@ -62,12 +88,34 @@ pub(crate) fn call_err(
     object: &str,
 ) -> impl FnOnce(virt::error::Error) -> LibvirtError {
     let object = object.to_owned();
-    move |e| LibvirtError::Call {
-        action,
-        object,
-        message: e.message().to_owned(),
+    move |e| {
+        let message = e.message().to_owned();
+        if message.contains(KEEPALIVE_CLOSED) {
+            LibvirtError::Hung {
+                action,
+                object,
+                message,
+            }
+        } else {
+            LibvirtError::Call {
+                action,
+                object,
+                message,
+            }
+        }
     }
 }
+
+/// libvirt's own wording when its keepalive closes a connection under a waiting call.
+const KEEPALIVE_CLOSED: &str = "keepalive timeout";
+
+/// How often libvirt pings libvirtd on a connection, in seconds.
+pub const KEEPALIVE_INTERVAL: i32 = 5;
+/// How many pings in a row may go unanswered before the connection is closed, failing the call
+/// that waits on it.
+pub const KEEPALIVE_COUNT: u32 = 3;
+/// How long opening a connection may take: a hung libvirtd accepts it and never answers.
+pub const OPEN_BUDGET: Duration = Duration::from_secs(20);
 
 pub(crate) fn is_code(e: &virt::error::Error, code: ErrorNumber) -> bool {
     e.code() == Enum::Known(code)
@@ -88,8 +136,13 @@ impl Libvirt {
         // one slow call never holds up every other thread's libvirt calls.
         let current = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
         // A round trip, not virConnectIsAlive: that says "alive" until a call has failed.
-        if current.lib_version().is_ok() {
-            return Ok(current);
+        match current.lib_version() {
+            Ok(_) => return Ok(current),
+            // Hung, not restarted: a new connection would only wait out its own budget.
+            Err(e) if e.message().contains(KEEPALIVE_CLOSED) => {
+                return Err(call_err("reach libvirtd at", &self.uri)(e));
+            }
+            Err(_) => {}
         }
         let fresh = Arc::new(connect(&self.uri)?);
         let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
@@ -447,11 +500,67 @@ fn remove_element(xml: &str, tag: &str) -> String {
     }
 }
 
+/// Opens a connection within [`OPEN_BUDGET`] and turns libvirt's keepalive on for it.
 fn connect(uri: &str) -> Result<Connect, LibvirtError> {
     // libvirt would otherwise print every error to stderr, including the expected ones.
     virt::error::clear_error_callback();
-    Connect::open(Some(uri)).map_err(|e| LibvirtError::Connect {
+    event_loop();
+    // The open runs on a thread of its own, so a hung libvirtd costs the budget, not the
+    // caller; a connection opened after the budget is closed when the thread's send fails.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = uri.to_owned();
+    let spawned = std::thread::Builder::new()
+        .name("devicelab-libvirt-open".into())
+        .spawn(move || {
+            let _ = tx.send(Connect::open(Some(&target)));
+        });
+    let opened = match spawned {
+        Ok(_) => rx
+            .recv_timeout(OPEN_BUDGET)
+            .map_err(|_| LibvirtError::NotAnswering {
+                uri: uri.to_owned(),
+                what: "a new connection",
+                waited: OPEN_BUDGET,
+            })?,
+        Err(_) => Connect::open(Some(uri)),
+    };
+    let conn = opened.map_err(|e| LibvirtError::Connect {
         uri: uri.to_owned(),
         message: e.message().to_owned(),
-    })
+    })?;
+    if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT) {
+        tracing::warn!(
+            "libvirt at {uri} refused keepalive ({}): a hung libvirtd would stall calls",
+            e.message()
+        );
+    }
+    Ok(conn)
+}
+
+/// libvirt's default event loop, on a thread of its own for the life of the process: the
+/// keepalive needs one to send its pings and notice they go unanswered.
+fn event_loop() {
+    static STARTED: Once = Once::new();
+    STARTED.call_once(|| {
+        if let Err(e) = virt::event::event_register_default_impl() {
+            tracing::warn!(
+                "libvirt's event loop could not be registered: {}",
+                e.message()
+            );
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("devicelab-libvirt-events".into())
+            .spawn(|| {
+                loop {
+                    if let Err(e) = virt::event::event_run_default_impl() {
+                        tracing::warn!("libvirt's event loop failed: {}", e.message());
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("no thread for libvirt's event loop: {e}");
+        }
+    });
 }
