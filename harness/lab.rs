@@ -210,6 +210,28 @@ pub fn run_owner() -> RunOwner {
         .clone()
 }
 
+/// Makes the data dir: ours, traversable, not listable. (The preflight checked it is writable
+/// and has room.) Blocking.
+fn prepare_data_dir(data: &Path) -> Result<(), LabError> {
+    use std::os::unix::fs::MetadataExt;
+    let data_err = |source| LabError::DataDir {
+        dir: data.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(data).map_err(data_err)?;
+    let owner = std::fs::metadata(data).map_err(data_err)?.uid();
+    let me = rustix::process::geteuid().as_raw();
+    if owner != me {
+        return Err(LabError::DataDirNotOurs {
+            dir: data.to_owned(),
+            owner,
+            me,
+        });
+    }
+    // Traversable (libvirt's qemu user reaches images through it), not listable.
+    std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o711)).map_err(data_err)
+}
+
 impl Lab {
     /// [`Lab::new`] with the configuration the environment gives (the `DEVICELAB_*`
     /// variables, `ARCH`).
@@ -234,29 +256,9 @@ impl Lab {
         preflight(&config, scope)
             .await
             .map_err(|misses| LabError::HostNotReady { misses })?;
-        let data = config.data_dir.clone();
-        let data_err = |source| LabError::DataDir {
-            dir: data.clone(),
-            source,
-        };
-        std::fs::create_dir_all(&data).map_err(data_err)?;
-        {
-            use std::os::unix::fs::MetadataExt;
-            let owner = std::fs::metadata(&data).map_err(data_err)?.uid();
-            let me = rustix::process::geteuid().as_raw();
-            if owner != me {
-                return Err(LabError::DataDirNotOurs {
-                    dir: data.clone(),
-                    owner,
-                    me,
-                });
-            }
-        }
-        // Traversable (libvirt's qemu user reaches images through it), not listable.
-        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o711))
-            .map_err(data_err)?;
         let config2 = config.clone();
         let (libvirt, pool) = tokio::task::spawn_blocking(move || -> Result<_, LabError> {
+            prepare_data_dir(&config2.data_dir)?;
             let libvirt = Libvirt::open(&config2.libvirt_uri)?;
             // Several test processes start at once: one defines the pool, the others find it.
             let _lock = pool_setup_lock(&config2)?;

@@ -340,3 +340,91 @@ async fn a_data_dir_owned_by_another_user_is_refused() {
     assert_mentions(&err, &["DEVICELAB_DATA_DIR", "uid 65534"]);
     assert_eq!(files_in(&data), Vec::<String>::new(), "nothing was written");
 }
+
+/// `Lab::new` on the data dir `DEVICELAB_DATA_DIR` names (a mount of the caller's making):
+/// refused by the preflight with the miss `EXPECT` names, and the fix, with nothing written there.
+#[test_log::test(tokio::test)]
+#[ignore = "helper for a_read_only_or_full_data_dir_is_refused_naming_the_fix"]
+async fn helper_lab_new_on_a_mounted_data_dir() {
+    let config = HarnessConfig::from_env().unwrap();
+    let data = config.data_dir.clone();
+    let err = match devicelab::Lab::new(config).await {
+        Ok(_) => panic!("the data dir {} was used", data.display()),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(err, devicelab::LabError::HostNotReady { .. }),
+        "{err}"
+    );
+    let expect = std::env::var("EXPECT").unwrap();
+    match expect.as_str() {
+        "read-only" => assert_mentions(
+            &err,
+            &[
+                "is not writable here",
+                "Read-only file system",
+                "DEVICELAB_DATA_DIR",
+            ],
+        ),
+        "full" => assert_mentions(
+            &err,
+            &[
+                "free disk",
+                "0 GiB free",
+                "GiB needed",
+                "DEVICELAB_DATA_DIR",
+            ],
+        ),
+        other => panic!("EXPECT={other}"),
+    }
+    assert_eq!(files_in(&data), Vec::<String>::new(), "nothing was written");
+    println!("refused as expected: {err}");
+}
+
+/// A read-only data dir, and one on a file system with too little room (a 64 MiB tmpfs), are
+/// refused by `Lab::new` before anything is written, each with the fix. (Each mount is made in a
+/// private mount namespace of a child process, which then runs the helper above.)
+#[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs a host ready for VMs: run with --features e2e"
+)]
+fn a_read_only_or_full_data_dir_is_refused_naming_the_fix() {
+    for (expect, mount) in [
+        (
+            "read-only",
+            "mount --bind \"$1\" \"$1\" && mount -o remount,bind,ro \"$1\"",
+        ),
+        (
+            "full",
+            "mount -t tmpfs -o size=64m,mode=0700 devicelab-full \"$1\"",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let out = std::process::Command::new(common::require("unshare", "apt install util-linux"))
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!(
+                "{mount} && exec \"$0\" --exact helper_lab_new_on_a_mounted_data_dir \
+                 --include-ignored --nocapture"
+            ))
+            .arg(std::env::current_exe().unwrap())
+            .arg(&data)
+            .env("DEVICELAB_DATA_DIR", &data)
+            .env("EXPECT", expect)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("test result: ok. 1 passed") && stdout.contains("refused as expected"),
+            "{expect}: the helper did not run and pass: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            files_in(&data),
+            Vec::<String>::new(),
+            "{expect}: nothing was written"
+        );
+    }
+}
