@@ -1,8 +1,9 @@
 //! When a device fails, the harness says so at once and leaves what explains it: one real VM
 //! collects its failure artifacts, then its kernel is crashed and the next wait must fail on the
-//! console's panic line instead of waiting out its budget; powered on again with sshd masked, it
-//! idles at its login prompt and the wait for SSH must say so after the idle grace, not after
-//! its budget. A cold boot from a cached image whose bytes rotted on disk names the rot and
+//! console's panic line instead of waiting out its budget; powered on again with sshd and the
+//! serial console's getty masked, it idles with no login prompt to show and the wait for SSH
+//! must say so after the idle grace (cloud-init's final message marks the finished boot), not
+//! after its budget. A cold boot from a cached image whose bytes rotted on disk names the rot and
 //! removes the image. Boots a VM: `--features e2e`.
 
 mod common;
@@ -29,11 +30,14 @@ async fn a_crashed_device_fails_fast_and_leaves_its_artifacts(#[future] vm: Vm) 
     assert!(!read("journal.txt").trim().is_empty());
     assert!(read("uname.txt").contains("Linux"), "extra items run too");
 
-    // The next boot will have no sshd (masked, and made durable): no failure on the console,
-    // only a login prompt and a refused port 22.
-    vm.succeed("sudo -n systemctl mask ssh.service ssh.socket")
-        .await
-        .unwrap();
+    // The next boot will have no sshd and no getty on the serial console (masked, and made
+    // durable): no failure on the console, no login prompt, and a refused port 22.
+    vm.succeed(
+        "sudo -n systemctl mask ssh.service ssh.socket serial-getty@ttyS0.service \
+         serial-getty@ttyAMA0.service",
+    )
+    .await
+    .unwrap();
     vm.flush().await.unwrap();
 
     // Crash the guest kernel; the SSH call that does it may never answer.
@@ -57,6 +61,7 @@ async fn a_crashed_device_fails_fast_and_leaves_its_artifacts(#[future] vm: Vm) 
     );
 
     vm.power_off().await.unwrap();
+    let boot_starts = std::fs::metadata(vm.serial_log()).unwrap().len();
     vm.power_on().await.unwrap();
     let started = Instant::now();
     let err = vm.wait_for_ssh().await.expect_err("no sshd, no SSH");
@@ -65,7 +70,16 @@ async fn a_crashed_device_fails_fast_and_leaves_its_artifacts(#[future] vm: Vm) 
         matches!(err, VmError::NothingListening { .. }),
         "the idle guest is named, not a timeout: {msg}"
     );
-    assert!(msg.contains("at its login prompt"), "{msg}");
+    assert!(
+        msg.contains("cloud-init's final message is on the console"),
+        "{msg}"
+    );
+    let console = std::fs::read(vm.serial_log()).unwrap();
+    let this_boot = String::from_utf8_lossy(&console[boot_starts as usize..]);
+    assert!(
+        this_boot.contains("Cloud-init v. ") && !this_boot.contains(" login:"),
+        "this boot's console has cloud-init's final message and no login prompt: {this_boot}"
+    );
     assert!(
         msg.contains("the plug was pulled")
             && msg.contains("after the harness flushed what the test wrote"),

@@ -272,3 +272,161 @@ async fn when_a_clone_misses_the_restore_budget_its_saved_vm_is_deleted(
     );
     vm.remove().await.unwrap();
 }
+
+/// A machine on the libvirt network with a real DHCP lease: busybox's udhcpc on one end of a
+/// veth pair in a network namespace of its own, the other end on the network's bridge. Dropped:
+/// the client releases its lease (SIGTERM with `-R`), and the namespace and the pair go.
+struct LeaseHolder {
+    netns: String,
+    client: std::process::Child,
+    mac: String,
+    ip: std::net::Ipv4Addr,
+    _dir: tempfile::TempDir,
+}
+
+impl LeaseHolder {
+    fn take(bridge: &str) -> Self {
+        let ip_cmd = common::require("ip", "apt install iproute2");
+        let busybox = common::require("busybox", "apt install busybox (fixtures/host/setup.sh)");
+        let tag = std::process::id() % 100_000;
+        let (netns, host_end, guest_end) = (
+            format!("dl-lease-{tag}"),
+            format!("dlh{tag}"),
+            format!("dlg{tag}"),
+        );
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new(&ip_cmd)
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        ip(&["netns", "add", &netns]);
+        ip(&[
+            "link", "add", &host_end, "type", "veth", "peer", "name", &guest_end,
+        ]);
+        ip(&["link", "set", &guest_end, "netns", &netns]);
+        ip(&["link", "set", &host_end, "master", bridge, "up"]);
+        ip(&["-n", &netns, "link", "set", &guest_end, "up"]);
+        let mac = ip(&["-n", &netns, "-br", "link", "show", &guest_end])
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .to_owned();
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("event.sh");
+        let bound = dir.path().join("bound");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = bound ] || exit 0\nip addr add \"$ip/$mask\" dev \"$interface\"\n\
+                 echo \"$ip\" > {}.tmp && mv {0}.tmp {0}\n",
+                bound.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let client = std::process::Command::new(&ip_cmd)
+            .args(["netns", "exec", &netns])
+            .arg(&busybox)
+            .args(["udhcpc", "-f", "-R", "-t", "30", "-T", "1", "-A", "1"])
+            .args(["-i", &guest_end, "-s"])
+            .arg(&script)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut this = Self {
+            netns,
+            client,
+            mac,
+            ip: std::net::Ipv4Addr::UNSPECIFIED,
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        this.ip = loop {
+            if let Ok(text) = std::fs::read_to_string(&bound) {
+                break text.trim().parse().unwrap();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "udhcpc got no lease on {bridge} within 60 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        this
+    }
+}
+
+impl Drop for LeaseHolder {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.client.id() as i32, libc::SIGTERM) };
+        let _ = self.client.wait();
+        // Deleting the namespace deletes the pair.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &self.netns])
+            .status();
+    }
+}
+
+/// A clone resumes with the address its saved VM was saved with, without asking the DHCP server;
+/// once that lease has expired the server may give the address to another machine. The check a
+/// warm restore makes first reads the network's real leases: an address leased to another MAC
+/// is not the saved VM's any more (so it is built again), one leased to the saved VM's own MAC
+/// or to nobody still is.
+#[test_log::test(tokio::test)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs a host ready for VMs: run with --features e2e"
+)]
+async fn an_address_leased_to_another_machine_is_not_restored_into() {
+    use devicelab::vm::warm::address_still_ours;
+    let config = devicelab::config::HarnessConfig::from_env().unwrap();
+    let lv = devicelab::host::libvirt::Libvirt::open(&config.libvirt_uri).unwrap();
+    let bridge = lv
+        .conn()
+        .unwrap()
+        .lookup_network_by_name(&config.network)
+        .unwrap()
+        .bridge_name()
+        .unwrap();
+    let holder = LeaseHolder::take(&bridge);
+    let saved_mac = "52:54:00:de:1a:b0";
+    let ours = |ip, mac: &str| {
+        let (lv, network, mac) = (lv.clone(), config.network.clone(), mac.to_owned());
+        async move { address_still_ours(&lv, &network, ip, &mac).await.unwrap() }
+    };
+    assert!(
+        !ours(holder.ip, saved_mac).await,
+        "{} is leased to {}: not the saved VM's",
+        holder.ip,
+        holder.mac
+    );
+    assert!(ours(holder.ip, &holder.mac).await, "its own lease");
+    let (ip, network) = (holder.ip, config.network.clone());
+    drop(holder);
+    // The server drops a released lease within moments.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let network = network.clone();
+        let holders = lv
+            .run(move |lv| lv.lease_holders(&network, ip))
+            .await
+            .unwrap();
+        if holders.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the released lease is still listed: {holders:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(ours(ip, saved_mac).await, "an address nobody holds");
+}

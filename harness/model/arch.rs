@@ -46,8 +46,9 @@ pub struct Budgets {
     /// wait); the trials also give the agent this long for its first report after a power cut
     /// or an outage.
     pub power_cycle_recovery: Duration,
-    /// How long a guest may sit at its login prompt with nothing listening on port 22 before
-    /// a wait for SSH gives up on it (sshd normally listens within seconds of the prompt).
+    /// How long a guest may sit idle, its boot finished (a login prompt, or cloud-init's final
+    /// message, on the console), with nothing listening on port 22 before a wait for SSH gives
+    /// up on it (sshd normally listens within seconds of either).
     pub idle_grace: Duration,
     /// How long one command over SSH may run (`Vm::exec`, `succeed`, `upload`).
     pub command: Duration,

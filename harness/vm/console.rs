@@ -76,14 +76,22 @@ pub fn evidence_after(path: &Path, offset: u64) -> Vec<String> {
         .collect()
 }
 
-/// Whether a getty's login prompt (`<host> login: `) appeared after byte `offset`: the boot
-/// has reached its idle state. Later console output often continues on the prompt's line.
-pub fn login_prompt_after(path: &Path, offset: u64) -> bool {
-    login_prompt_in(&boot_text(path, offset))
+/// What in this boot's console `text` says the boot has finished, the guest now idle: a getty's
+/// login prompt, or cloud-init's final message (printed on every boot, also by an image that
+/// puts no getty on the serial console). `None` while neither is there.
+pub fn idle_marker_in(text: &str) -> Option<&'static str> {
+    if login_prompt_in(text) {
+        return Some("its login prompt");
+    }
+    text.lines()
+        .map(strip_ansi)
+        .any(|l| l.contains("Cloud-init v. ") && l.contains(" finished at "))
+        .then_some("cloud-init's final message")
 }
 
-/// [`login_prompt_after`] on text already read.
-pub fn login_prompt_in(text: &str) -> bool {
+/// Whether a getty's login prompt (`<host> login: `) is in `text`. Later console output often
+/// continues on the prompt's line.
+fn login_prompt_in(text: &str) -> bool {
     text.lines().map(strip_ansi).any(|l| {
         l.split_once(" login:")
             .is_some_and(|(host, _)| !host.is_empty() && !host.contains(char::is_whitespace))
@@ -238,17 +246,32 @@ mod tests {
             evidence_after(f.path(), offset),
             vec!["/etc/ssh/ssh_host_ed25519_key is empty (0 bytes)"]
         );
-        assert!(login_prompt_after(f.path(), 0));
+        let marker = |path: &Path, offset| idle_marker_in(&boot_text(path, offset));
+        assert_eq!(marker(f.path(), 0), Some("its login prompt"));
         let not_a_prompt = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(
             not_a_prompt.path(),
-            "[  3.2] systemd[1]: Started getty: login: prompts\n",
+            "[  3.2] systemd[1]: Started getty: login: prompts\n\
+             [ 41.8] cloud-init[338]: Cloud-init v. 22.4.2 running 'modules:final' at Mon, 30 Nov 2026 15:54:40 +0000. Up 41.61 seconds.\n",
         )
         .unwrap();
-        assert!(!login_prompt_after(not_a_prompt.path(), 0));
-        assert!(
-            !login_prompt_after(f.path(), offset),
+        assert_eq!(marker(not_a_prompt.path(), 0), None);
+        assert_eq!(
+            marker(f.path(), offset),
+            None,
             "this boot has no prompt yet"
+        );
+        // An image without a getty on the serial console: cloud-init's final message.
+        let no_getty = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            no_getty.path(),
+            "[ 62.1] cloud-init[512]: Cloud-init v. 22.4.2 finished at Mon, 30 Nov 2026 15:55:01 +0000. \
+             Datasource DataSourceNoCloud [seed=/dev/vdb][dsmode=net].  Up 62.10 seconds\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            marker(no_getty.path(), 0),
+            Some("cloud-init's final message")
         );
     }
 

@@ -139,15 +139,16 @@ pub enum VmError {
         /// The serial console's last lines.
         console_tail: Vec<String>,
     },
-    /// The guest sat at its login prompt for the idle grace (`Budgets::idle_grace`) while port
-    /// 22 refused connections, so the wait ended early.
+    /// The guest sat idle (its login prompt, or cloud-init's final message, on the console) for
+    /// the idle grace (`Budgets::idle_grace`) while port 22 refused connections, so the wait
+    /// ended early.
     #[error("VM {vm}: no {phase}: {evidence}{cause}{console}", console = ConsoleTail(console_tail))]
     NothingListening {
         /// The VM's name.
         vm: String,
         /// What could not come up: `SSH`.
         phase: &'static str,
-        /// What the harness saw: how long the guest sat at its prompt with port 22 refusing.
+        /// What the harness saw: what said the boot finished, and how long port 22 refused.
         evidence: String,
         /// What the guest and the harness know about why (evidence lines, the last power cut).
         cause: String,

@@ -20,13 +20,15 @@ use std::time::{Duration, Instant};
 pub enum BootTrouble {
     /// A fatal console line (kernel panic, emergency shell, a failed sshd, ...) and its meaning.
     Fatal(String, &'static str),
-    /// The guest sat at its login prompt for the idle grace while port 22 refused connections.
+    /// The guest sat idle (its login prompt, or cloud-init's final message, on the console) for
+    /// the idle grace while port 22 refused connections.
     Idle(String),
 }
 
 /// Watches this boot's console (after byte `offset`), reading the log once a second, and
-/// resolves on the first sign the boot cannot succeed: a fatal line, or the guest idle at its
-/// login prompt for `grace` while `ssh` (once the address is known) refuses connections. Raced
+/// resolves on the first sign the boot cannot succeed: a fatal line, or the guest idle (its boot
+/// finished, [`console::idle_marker_in`]) for `grace` while `ssh` (once the address is known)
+/// refuses connections. Raced
 /// against every wait, so a dead boot fails at once instead of burning the budget.
 pub async fn watch_boot(
     serial_log: PathBuf,
@@ -43,18 +45,20 @@ pub async fn watch_boot(
         if let Some((line, meaning)) = console::fatal_line_in(&text) {
             return BootTrouble::Fatal(line, meaning);
         }
-        let refused = match ssh() {
-            Some(addr) if console::login_prompt_in(&text) => matches!(
+        let marker = console::idle_marker_in(&text);
+        let refused = match (ssh(), marker) {
+            (Some(addr), Some(_)) => matches!(
                 tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
             ),
             _ => false,
         };
-        if refused {
+        if let (true, Some(marker)) = (refused, marker) {
             let since = *idle_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= grace {
                 return BootTrouble::Idle(format!(
-                    "the guest has been at its login prompt for {:.0} s and port 22 still refuses connections",
+                    "the guest has finished booting ({marker} is on the console) and port 22 has \
+                     refused connections for {:.0} s",
                     since.elapsed().as_secs_f64()
                 ));
             }
@@ -328,7 +332,7 @@ impl Vm {
     /// Waits for SSH to come back on this boot: [`Wait::OpenPort`] 22, then
     /// [`Wait::SshLogin`]. Not for the lease: after a power cycle the old lease is listed at
     /// once, so it says nothing about the new boot. Fails at once on a fatal console line
-    /// (sshd failing included) or a guest idle at its login prompt with nothing listening,
+    /// (sshd failing included) or a guest idle with nothing listening,
     /// with the evidence and the last power cut in the message.
     pub async fn wait_for_ssh(&self) -> Result<(), VmError> {
         self.wait_all(&[Wait::OpenPort(22), Wait::SshLogin], Instant::now())
@@ -342,7 +346,7 @@ impl Vm {
     }
 
     /// Runs `wait`, failing at once if the console shows this boot cannot succeed, or the
-    /// guest sits idle at its login prompt with nothing listening on port 22.
+    /// guest sits idle (its boot finished) with nothing listening on port 22.
     async fn guarded<T>(
         &self,
         wait: impl std::future::Future<Output = Result<T, VmError>>,
@@ -369,6 +373,56 @@ impl Vm {
                     console_tail: console::tail(serial_log, 15),
                 },
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port nothing listens on: bound, then closed.
+    fn refusing_port() -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    }
+
+    /// The console guard gives up on a guest whose boot finished (either marker) while port 22
+    /// refuses, after the grace and not before; a boot that shows neither is left to its wait.
+    #[tokio::test]
+    async fn a_finished_boot_with_port_22_refusing_is_idle_after_the_grace() {
+        let port = refusing_port();
+        let grace = Duration::from_secs(2);
+        for (console, marker) in [
+            ("debian login: ", Some("its login prompt")),
+            (
+                "[ 62.1] cloud-init[512]: Cloud-init v. 22.4.2 finished at Mon, 30 Nov 2026 \
+                 15:55:01 +0000. Datasource DataSourceNoCloud.  Up 62.10 seconds\r\n",
+                Some("cloud-init's final message"),
+            ),
+            (
+                "[ 41.8] cloud-init[338]: Cloud-init v. 22.4.2 running 'modules:final'\r\n",
+                None,
+            ),
+        ] {
+            let log = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(log.path(), console).unwrap();
+            let started = Instant::now();
+            let watched = tokio::time::timeout(
+                Duration::from_secs(8),
+                watch_boot(log.path().to_owned(), 0, || Some(port), grace),
+            )
+            .await;
+            match (watched, marker) {
+                (Ok(BootTrouble::Idle(evidence)), Some(marker)) => {
+                    assert!(evidence.contains(marker), "{evidence}");
+                    assert!(started.elapsed() >= grace, "{:?}", started.elapsed());
+                }
+                (Err(_), None) => {}
+                (Ok(BootTrouble::Fatal(line, _)), _) => panic!("{console:?}: fatal {line}"),
+                (Ok(BootTrouble::Idle(evidence)), None) => panic!("{console:?}: idle {evidence}"),
+                (Err(_), Some(_)) => panic!("{console:?}: not seen as idle"),
+            }
         }
     }
 }

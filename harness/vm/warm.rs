@@ -19,6 +19,7 @@ use super::handle::Vm;
 use super::plan::Plan;
 use super::start::{self, Boot};
 use super::teardown::Held;
+use crate::host::libvirt::Libvirt;
 use crate::host::reaper;
 use crate::image::{BaseImage, DiskFormat};
 use crate::model::spec::{Readiness, Start};
@@ -151,7 +152,11 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
             .map_err(|e| VmError::Task(e.to_string()))?
     };
     let saved = match found {
-        Some(saved) if address_still_ours(plan, &saved).await? => saved,
+        Some(saved)
+            if address_still_ours(&plan.libvirt, &plan.network, saved.ip, &saved.mac).await? =>
+        {
+            saved
+        }
         _ => build(plan, &name, &stem, &dir, inputs, &key).await?,
     };
     // The clone holds the lock until its teardown is done; this one keeps the saved VM locked
@@ -256,17 +261,20 @@ async fn lock_free_clone(
 /// Whether the saved VM's address is free for its clone: the DHCP server may have leased it to
 /// another machine once the saved VM's own lease expired (a clone resumes with the address it
 /// was saved with, without asking). If it has, the saved VM is built again (a new address).
-async fn address_still_ours(plan: &Plan, saved: &Saved) -> Result<bool, VmError> {
-    let (network, ip) = (plan.network.clone(), saved.ip);
-    let holders = plan
-        .libvirt
+pub async fn address_still_ours(
+    libvirt: &Libvirt,
+    network: &str,
+    ip: Ipv4Addr,
+    mac: &str,
+) -> Result<bool, VmError> {
+    let network = network.to_owned();
+    let holders = libvirt
         .run(move |lv| lv.lease_holders(&network, ip))
         .await?;
-    let others: Vec<&String> = holders.iter().filter(|m| **m != saved.mac).collect();
+    let others: Vec<&String> = holders.iter().filter(|m| *m != mac).collect();
     if !others.is_empty() {
         tracing::warn!(
-            "saved VM's address {ip} is leased to {others:?} now, not to its MAC {}: building it again",
-            saved.mac
+            "saved VM's address {ip} is leased to {others:?} now, not to its MAC {mac}: building it again"
         );
     }
     Ok(others.is_empty())
