@@ -118,9 +118,34 @@ pub fn holder_of(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Whether someone holds the lock at `path` now. Blocking.
+/// Whether someone holds the lock at `path` now, read from the kernel's lock table
+/// (`/proc/locks`) so the question never takes the lock itself: a probe that locked for an
+/// instant would make a real request at that instant find it taken. Where the table cannot be
+/// read, that probe is the fallback. Blocking.
 pub fn is_held(path: &Path) -> bool {
-    File::open(path).is_ok_and(|f| matches!(f.try_lock(), Err(TryLockError::WouldBlock)))
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    match std::fs::read_to_string("/proc/locks") {
+        Ok(table) => flock_listed(&table, meta.dev(), meta.ino()),
+        Err(_) => {
+            File::open(path).is_ok_and(|f| matches!(f.try_lock(), Err(TryLockError::WouldBlock)))
+        }
+    }
+}
+
+/// Whether `/proc/locks` lists a `flock` on the file `dev`/`ino` (lines such as
+/// `1: FLOCK  ADVISORY  WRITE 4242 00:2a:131074 0 EOF`; blocked waiters, `->`, are not holders).
+fn flock_listed(table: &str, dev: u64, ino: u64) -> bool {
+    let id = format!(
+        "{:02x}:{:02x}:{ino}",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev)
+    );
+    table.lines().any(|l| {
+        let mut words = l.split_whitespace().skip(1);
+        words.next() == Some("FLOCK") && words.any(|w| w == id)
+    })
 }
 
 /// Why a lock could not be had within its budget.
@@ -178,6 +203,23 @@ mod tests {
         });
         assert!(second.is_none(), "a second thread got a held lock");
         assert!(is_held(&path));
+        // Asking does not take it: a lock probe would hold it for the instant of the question.
+        let (dev, ino) = {
+            let m = std::fs::metadata(&path).unwrap();
+            (m.dev(), m.ino())
+        };
+        let table = std::fs::read_to_string("/proc/locks").unwrap();
+        assert!(flock_listed(&table, dev, ino), "{table}");
+        assert!(!flock_listed(&table, dev, ino + 1), "{table}");
+        assert!(!flock_listed(
+            &format!(
+                "1: -> FLOCK  ADVISORY  WRITE 1 {:02x}:{:02x}:{ino} 0 EOF",
+                rustix::fs::major(dev),
+                rustix::fs::minor(dev)
+            ),
+            dev,
+            ino
+        ));
         assert!(holder_of(&path).starts_with("first (pid "));
         drop(first);
         assert!(!is_held(&path));
