@@ -360,3 +360,41 @@ fn a_libvirtd_restart_mid_run_is_a_clear_error_then_a_reconnect() {
     lv.remove_domain(&dom, name).unwrap();
     assert!(lv.domain(name).is_err(), "removed");
 }
+
+/// A teardown that cannot tell whether its domain exists (the lookup failed for another reason
+/// than "no such domain") removes nothing: the volumes stay, with the error, for a later try,
+/// instead of being deleted under a domain that may still run. Once the lookup says there is
+/// none, they go. (libvirt's pool, in a private libvirtd.)
+#[test]
+fn a_teardown_whose_lookup_failed_keeps_the_volumes() {
+    use devicelab::host::pool::Pool;
+    use devicelab::host::reaper::{remove_looked_up, remove_vm, volume_names};
+    let daemon = PrivateLibvirtd::start();
+    let lv = Libvirt::open(&daemon.uri()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::ensure(&lv, &dir.path().join("pool")).unwrap();
+    let name = "devicelab-fault-lookup";
+    let volumes = volume_names(name);
+    for v in &volumes {
+        std::fs::write(pool.path_of(v), b"disk").unwrap();
+    }
+    pool.refresh().unwrap();
+
+    let failed = "cannot look up domain devicelab-fault-lookup: internal error".to_owned();
+    let errors = remove_looked_up(&lv, &pool, name, Err(failed.clone()));
+    assert_eq!(errors, vec![failed]);
+    for v in &volumes {
+        assert!(
+            pool.path_of(v).exists(),
+            "{v} was deleted under a domain that may still run"
+        );
+    }
+
+    assert_eq!(remove_vm(&lv, &pool, name), Vec::<String>::new());
+    for v in &volumes {
+        assert!(
+            !pool.path_of(v).exists(),
+            "{v} outlived a domain that is not there"
+        );
+    }
+}

@@ -180,18 +180,33 @@ pub fn volume_names(name: &str) -> [String; 3] {
 /// Removes a VM by name: its partition rules, its domain (NVRAM included) and its volumes.
 /// Absent parts are fine.
 pub fn remove_vm(libvirt: &Libvirt, pool: &Pool, name: &str) -> Vec<String> {
-    let mut errors = Vec::new();
-    // Only "no such domain" means there is none: on any other error the domain may exist, so
-    // its volumes (and, through the error, its owner record) stay.
-    let dom = match libvirt.conn() {
+    // Only "no such domain" means there is none.
+    let lookup = match libvirt.conn() {
         Ok(conn) => match conn.lookup_domain_by_name(name) {
-            Ok(dom) => Some(dom),
-            Err(e) if crate::host::libvirt::is_code(&e, virt::error::ErrorNumber::NoDomain) => None,
-            Err(e) => {
-                return vec![format!("cannot look up domain {name}: {e}")];
+            Ok(dom) => Ok(Some(dom)),
+            Err(e) if crate::host::libvirt::is_code(&e, virt::error::ErrorNumber::NoDomain) => {
+                Ok(None)
             }
+            Err(e) => Err(format!("cannot look up domain {name}: {e}")),
         },
-        Err(e) => return vec![e.to_string()],
+        Err(e) => Err(e.to_string()),
+    };
+    remove_looked_up(libvirt, pool, name, lookup)
+}
+
+/// [`remove_vm`] once the domain was looked up: `Ok(None)`, there is none; an error, it may
+/// exist, so nothing is removed (its volumes, and through the error its owner record, stay
+/// for a later try).
+pub fn remove_looked_up(
+    libvirt: &Libvirt,
+    pool: &Pool,
+    name: &str,
+    lookup: Result<Option<virt::domain::Domain>, String>,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    let dom = match lookup {
+        Ok(dom) => dom,
+        Err(e) => return vec![e],
     };
     // A partition (`Vm::partition`) outlives nothing: its rules go with the VM, before its
     // domain, so a reaper that finds rules without a domain never races this teardown.
