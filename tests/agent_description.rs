@@ -192,6 +192,88 @@ async fn a_wildcard_subject_reads_every_subject_under_it() {
     assert_eq!(read(dev1).await, [1, 3], "dev-2's report is not dev-1's");
 }
 
+/// An MQTT-style agent: its device id is only in the subject (an MQTT topic `acme/dev-1/state`
+/// reaches NATS as `acme.dev-1.state`), its boot id in a header, its timestamp the whole payload.
+/// A decoder of the whole message gives each report to its device; the payload alone cannot,
+/// so a device's log read that way never finds its reports.
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+async fn a_device_id_in_the_subject_and_a_boot_id_in_a_header_are_decoded() {
+    use devicelab::description::{Message, Report};
+    let timestamp = |payload: &[u8]| -> Result<u64, String> {
+        std::str::from_utf8(payload)
+            .map_err(|e| e.to_string())?
+            .trim()
+            .parse()
+            .map_err(|e: std::num::ParseIntError| e.to_string())
+    };
+    let whole = Reports::subject("acme.*.state", |_| Err("unused".into())).decoded_by(
+        move |m: &Message<'_>| {
+            Ok(Report {
+                device_id: m
+                    .subject_token(1)
+                    .ok_or("no device in the subject")?
+                    .to_owned(),
+                timestamp_ms: timestamp(m.payload)?,
+                boot_marker: m.header("Boot-Id").map(str::to_owned),
+                seq: None,
+            })
+        },
+    );
+    // The same agent, decoded from its payload alone: the device id is not there.
+    let payload_only = Reports::subject("acme.*.state", move |p| {
+        Ok(Report {
+            device_id: String::new(),
+            timestamp_ms: timestamp(p)?,
+            boot_marker: None,
+            seq: None,
+        })
+    });
+    let nats = common::nats_process_server().await;
+    nats.capture(&whole.on).await.unwrap();
+    let client = nats.client();
+    for (device, ts, boot) in [("dev-2", 1, "b2"), ("dev-1", 2, "b1"), ("dev-1", 3, "b1")] {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Boot-Id", boot);
+        client
+            .publish_with_headers(
+                format!("acme.{device}.state"),
+                headers,
+                ts.to_string().into(),
+            )
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+
+    let mut seen = Vec::new();
+    nats.report_log(&whole.on, whole.decode.clone())
+        .for_device("dev-1")
+        .wait_for(0, Duration::from_secs(10), |r| {
+            seen.push((r.timestamp_ms, r.boot_marker.clone()));
+            if r.timestamp_ms == 3 {
+                Verdict::Accept
+            } else {
+                Verdict::Skip
+            }
+        })
+        .await
+        .unwrap();
+    let b1 = Some("b1".to_owned());
+    assert_eq!(
+        seen,
+        [(2, b1.clone()), (3, b1)],
+        "dev-2's report is not dev-1's"
+    );
+
+    let err = nats
+        .report_log(&payload_only.on, payload_only.decode.clone())
+        .for_device("dev-1")
+        .wait_for(0, Duration::from_secs(2), |_| Verdict::Accept)
+        .await
+        .expect_err("the payload alone names no device");
+    assert!(matches!(err, NatsError::StatusTimeout { .. }), "{err}");
+}
+
 /// An agent that puts its reports to a JetStream key-value bucket: the harness creates the
 /// bucket (keeping 64 revisions per key), and reads a device's revisions in order, from a gate
 /// on, like a subject's messages. The device publishes plainly on `$KV.<bucket>.<key>`, as the

@@ -341,8 +341,36 @@ pub struct Report {
     pub seq: Option<u64>,
 }
 
-/// Turns one message's payload into a [`Report`], or says why it is not one.
-pub type Decoder = Arc<dyn Fn(&[u8]) -> Result<Report, String> + Send + Sync>;
+/// One stored message as a decoder sees it: its subject (a device id is often there, as in
+/// most MQTT topics), its headers and its payload.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    /// The subject it was published on (a KV put: `$KV.<bucket>.<key>`; an MQTT publish: the
+    /// topic with `/` turned into `.`).
+    pub subject: &'a str,
+    /// Its headers, name and value, in no particular order (empty if it had none).
+    pub headers: &'a [(String, String)],
+    /// Its payload.
+    pub payload: &'a [u8],
+}
+
+impl<'a> Message<'a> {
+    /// The value of the header `name` (case-sensitive, as NATS keeps them), if it has one.
+    pub fn header(&self, name: &str) -> Option<&'a str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The subject's `index`-th token (`.`-separated, from 0), if it has that many.
+    pub fn subject_token(&self, index: usize) -> Option<&'a str> {
+        self.subject.split('.').nth(index)
+    }
+}
+
+/// Turns one stored message into a [`Report`], or says why it is not one.
+pub type Decoder = Arc<dyn Fn(&Message<'_>) -> Result<Report, String> + Send + Sync>;
 
 /// Where the agent's reports land. Subjects, keys and bucket names are templates
 /// (`{device_id}` is the usual part).
@@ -393,22 +421,25 @@ impl fmt::Display for ReportsOn {
 pub struct Reports {
     /// Where the reports land (templates, rendered per device).
     pub on: ReportsOn,
-    /// Turns one message's payload into a [`Report`].
+    /// Turns one stored message into a [`Report`].
     pub decode: Decoder,
 }
 
 impl Reports {
-    /// Reports published on `subject` (a template; wildcards allowed).
+    /// Reports published on `subject` (a template; wildcards allowed), each decoded from its
+    /// payload alone: the easy case, where the payload says everything ([`Reports::decoded_by`]
+    /// reads the subject and headers too).
     pub fn subject(
         subject: impl Into<String>,
         decode: impl Fn(&[u8]) -> Result<Report, String> + Send + Sync + 'static,
     ) -> Self {
         Self {
             on: ReportsOn::Subject(subject.into()),
-            decode: Arc::new(decode),
+            decode: payload_only(decode),
         }
     }
-    /// Reports put to `key` (a template) of the JetStream KV bucket `bucket`.
+    /// Reports put to `key` (a template) of the JetStream KV bucket `bucket`, each decoded
+    /// from its payload alone.
     pub fn key_value(
         bucket: impl Into<String>,
         key: impl Into<String>,
@@ -419,9 +450,28 @@ impl Reports {
                 bucket: bucket.into(),
                 key: key.into(),
             },
+            decode: payload_only(decode),
+        }
+    }
+    /// The same reports, decoded from the whole [`Message`]: for an agent whose device id is
+    /// in the subject and not in the payload (most MQTT devices), or whose version is in a
+    /// header.
+    pub fn decoded_by(
+        self,
+        decode: impl Fn(&Message<'_>) -> Result<Report, String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            on: self.on,
             decode: Arc::new(decode),
         }
     }
+}
+
+/// A [`Decoder`] that reads the payload alone.
+fn payload_only(
+    decode: impl Fn(&[u8]) -> Result<Report, String> + Send + Sync + 'static,
+) -> Decoder {
+    Arc::new(move |m: &Message<'_>| decode(m.payload))
 }
 
 impl fmt::Debug for Reports {

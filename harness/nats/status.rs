@@ -2,7 +2,7 @@
 //! the order NATS stored them, decoded by the agent's description and judged one by one.
 
 use super::{NatsError, STREAM_NAME, js_err};
-use crate::agent::description::{Decoder, Report, ReportsOn};
+use crate::agent::description::{Decoder, Message, Report, ReportsOn};
 use async_nats::jetstream::{self, consumer};
 use devicelab_agent::{DEFAULT_SUBJECT_PREFIX, Status, status_subject};
 use futures_util::StreamExt;
@@ -52,7 +52,7 @@ pub struct Stored<T> {
 }
 
 /// Decodes one message's payload to a `T`, or says why not.
-pub type DecodeAs<T> = Arc<dyn Fn(&[u8]) -> Result<T, String> + Send + Sync>;
+pub type DecodeAs<T> = Arc<dyn Fn(&Message<'_>) -> Result<T, String> + Send + Sync>;
 
 /// How long the stream must stay unchanged after a power cut before the gate is read: a
 /// report on its way when the plug was pulled (sent, not yet stored) lands well within it on
@@ -83,7 +83,7 @@ impl StatusLog {
             js: jetstream::new(client),
             stream: STREAM_NAME.to_owned(),
             subject: status_subject(DEFAULT_SUBJECT_PREFIX, device_id),
-            decode: Arc::new(|p| serde_json::from_slice(p).map_err(|e| e.to_string())),
+            decode: Arc::new(|m| serde_json::from_slice(m.payload).map_err(|e| e.to_string())),
             device: Some(device_id.to_owned()),
         }
     }
@@ -323,7 +323,22 @@ impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
                     (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
                 )
             });
-            let decoded = (self.decode)(&msg.payload);
+            let headers: Vec<(String, String)> = msg
+                .headers
+                .iter()
+                .flat_map(|h| {
+                    h.iter().flat_map(|(name, values)| {
+                        values
+                            .iter()
+                            .map(move |v| (name.to_string(), v.as_str().to_owned()))
+                    })
+                })
+                .collect();
+            let decoded = (self.decode)(&Message {
+                subject: msg.subject.as_str(),
+                headers: &headers,
+                payload: &msg.payload,
+            });
             let verdict = visit(seq, stored_ms, &msg.payload, decoded.as_ref().ok());
             match verdict {
                 Verdict::Accept => return Ok(()),
