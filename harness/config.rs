@@ -15,7 +15,7 @@ pub const VARIABLES: &[(&str, &str)] = &[
     ),
     (
         "DEVICELAB_DATA_DIR",
-        "cache, keys, storage pool, run logs. Default `/var/lib/devicelab` as root, else `/var/tmp/devicelab-$UID` (not `$HOME`: libvirt's qemu user must reach the images). It must be yours, writable, and have room (2 GiB per architecture the run boots, and 1 more), or `Lab::new` refuses it naming the fix",
+        "cache, keys, storage pool, run logs. Default `/var/lib/devicelab` as root, else `/var/tmp/devicelab-$UID` (not `$HOME`: libvirt's qemu user must reach the images). It must be yours, writable and have room (3 GiB free; `devicelab doctor`, checking both architectures, wants 5), or `Lab::new` refuses it naming the fix",
     ),
     (
         "DEVICELAB_LIBVIRT_URI",

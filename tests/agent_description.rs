@@ -400,6 +400,26 @@ async fn the_descriptions_nats_config_reaches_the_server() {
     assert_eq!(nats.client().server_info().max_payload, 4096);
 }
 
+/// The run's server is named, so an agent whose description turns on nats-server's MQTT
+/// listener (which refuses to start on an unnamed server) needs no more than its own block.
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+async fn an_mqtt_listener_needs_no_more_than_the_agents_own_block() {
+    let vars = BTreeMap::from([("DEVICELAB_NATS".to_owned(), "process".to_owned())]);
+    let config = HarnessConfig::from_vars(vars).unwrap();
+    let mut agent = agents::heartbeat();
+    agent.nats_config = "mqtt {\n  host: 127.0.0.1\n  port: -1\n}".into();
+    let nats = devicelab::nats::NatsServer::start_with(
+        &config,
+        std::net::Ipv4Addr::LOCALHOST,
+        &devicelab::lab::run_owner(),
+        &agent.nats_config,
+    )
+    .await
+    .expect("a server with an MQTT listener starts");
+    let name = nats.client().server_info().server_name;
+    assert!(name.starts_with("devicelab-nats-"), "{name}");
+}
+
 /// Each malformed description is refused by `check` before anything boots, with a message that
 /// names the part to fix. Both bundled agents stay valid (the table starts from them).
 #[test]

@@ -346,6 +346,10 @@ async fn a_data_dir_owned_by_another_user_is_refused() {
 #[test_log::test(tokio::test)]
 #[ignore = "helper for a_read_only_or_full_data_dir_is_refused_naming_the_fix"]
 async fn helper_lab_new_on_a_mounted_data_dir() {
+    // Run on its own (--include-ignored), without its mount, it has nothing to check.
+    let Ok(expect) = std::env::var("EXPECT") else {
+        return;
+    };
     let config = HarnessConfig::from_env().unwrap();
     let data = config.data_dir.clone();
     let err = match devicelab::Lab::new(config).await {
@@ -356,7 +360,6 @@ async fn helper_lab_new_on_a_mounted_data_dir() {
         matches!(err, devicelab::LabError::HostNotReady { .. }),
         "{err}"
     );
-    let expect = std::env::var("EXPECT").unwrap();
     match expect.as_str() {
         "read-only" => assert_mentions(
             &err,

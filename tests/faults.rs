@@ -285,24 +285,41 @@ fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'st
         .unwrap_or_else(|_| panic!("the call to a hung libvirtd did not return within {limit:?}"))
 }
 
+/// The threads of this process named `name`.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .count()
+}
+
 /// A hung libvirtd (stopped, not dead: its socket still accepts connections) ends a call on an
 /// open connection through the keepalive and a new connection through the open budget, each
-/// error saying it is hung and what to do; once it answers again the same handle works.
+/// error saying it is hung and what to do. A handle keeps one attempt to open in flight: a
+/// call after the budget is spent fails at once, and calls add no threads. Once libvirtd
+/// answers again the same handle works. (Short timeouts here, the same code as the defaults.)
 #[test]
 fn a_hung_libvirtd_fails_every_call_within_its_budget_naming_it() {
-    use devicelab::host::libvirt::{KEEPALIVE_COUNT, KEEPALIVE_INTERVAL, OPEN_BUDGET};
+    use devicelab::host::libvirt::{LibvirtTimeouts, OPEN_THREAD};
+    let timeouts = LibvirtTimeouts {
+        keepalive_interval: 1,
+        keepalive_count: 2,
+        open: Duration::from_secs(3),
+    };
+    let slack = Duration::from_secs(5);
     let daemon = PrivateLibvirtd::start();
-    let lv = Libvirt::open(&daemon.uri()).unwrap();
+    let lv = Libvirt::open_with(&daemon.uri(), timeouts).unwrap();
     let name = "devicelab-fault-hung";
     assert!(!lv.has_domain(name).unwrap());
     let (lv2, uri) = (lv.clone(), daemon.uri());
     daemon.signal(libc::SIGSTOP);
 
     // A call on the open connection is cut off by the keepalive.
-    let keepalive = Duration::from_secs(KEEPALIVE_INTERVAL as u64 * (KEEPALIVE_COUNT as u64 + 1));
+    let keepalive = Duration::from_secs(3);
     let started = std::time::Instant::now();
     let call = lv.clone();
-    let err = within(keepalive * 3, move || call.has_domain(name)).expect_err("libvirtd is hung");
+    let err = within(keepalive * 10, move || call.has_domain(name)).expect_err("libvirtd is hung");
     let waited = started.elapsed();
     let msg = err.to_string();
     assert!(matches!(err, LibvirtError::Hung { .. }), "{msg}");
@@ -310,17 +327,17 @@ fn a_hung_libvirtd_fails_every_call_within_its_budget_naming_it() {
         msg.contains("it is hung") && msg.contains("restart it"),
         "{msg}"
     );
-    assert!(
-        waited < keepalive + Duration::from_secs(10),
-        "took {waited:?}"
-    );
+    assert!(waited < keepalive + slack, "took {waited:?}");
 
     // The next call, and a new handle, find the connection closed and open a new one: cut off
     // by the open budget (both at once, each on a thread of its own).
     let started = std::time::Instant::now();
-    let next_call =
-        std::thread::spawn(move || within(OPEN_BUDGET * 2, move || lv2.has_domain(name).map(drop)));
-    let new_handle = within(OPEN_BUDGET * 2, move || Libvirt::open(&uri).map(drop));
+    let next_call = std::thread::spawn(move || {
+        within(timeouts.open * 10, move || lv2.has_domain(name).map(drop))
+    });
+    let new_handle = within(timeouts.open * 10, move || {
+        Libvirt::open_with(&uri, timeouts).map(drop)
+    });
     for err in [next_call.join().unwrap(), new_handle] {
         let err = err.expect_err("libvirtd is still hung");
         assert!(matches!(err, LibvirtError::NotAnswering { .. }), "{err}");
@@ -328,14 +345,45 @@ fn a_hung_libvirtd_fails_every_call_within_its_budget_naming_it() {
     }
     let waited = started.elapsed();
     assert!(
-        waited >= OPEN_BUDGET && waited < OPEN_BUDGET + Duration::from_secs(10),
+        waited >= timeouts.open && waited < timeouts.open + slack,
         "took {waited:?}"
     );
 
+    // Later calls share the attempt in flight: past its budget, they fail at once, and no
+    // call adds a thread.
+    let opening = threads_named(OPEN_THREAD);
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let call = lv.clone();
+        let err = within(timeouts.open * 10, move || call.has_domain(name).map(drop))
+            .expect_err("libvirtd is still hung");
+        assert!(matches!(err, LibvirtError::NotAnswering { .. }), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(threads_named(OPEN_THREAD), opening, "calls added threads");
+    assert!(opening <= 2, "{opening} threads opening connections");
+
+    // Answering again, libvirtd completes the attempt in flight; the handle takes it.
     daemon.signal(libc::SIGCONT);
-    assert!(
-        !lv.has_domain(name)
-            .expect("the same handle works once libvirtd answers again"),
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match lv.has_domain(name) {
+            Ok(found) => break assert!(!found),
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "the handle still fails 10 s after libvirtd answers again: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        threads_named(OPEN_THREAD),
+        0,
+        "the opening threads are done"
     );
 }
 

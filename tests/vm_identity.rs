@@ -74,19 +74,31 @@ async fn a_name_claimed_by_another_process_is_refused_at_once(
     std::fs::create_dir_all(&claims).unwrap();
     let path = claims.join(format!("{name}.lock"));
     std::fs::write(&path, "run c1a1m0ff (another process)\n").unwrap();
-    let mut other = std::process::Command::new(common::require("flock", "apt install util-linux"))
-        .args(["--nonblock", "--no-fork"])
-        .arg(&path)
-        .args(["sleep", "300"])
-        .spawn()
-        .unwrap();
+    /// The other process; killed, and its claim file removed, however the test ends.
+    struct Other(std::process::Child, std::path::PathBuf);
+    impl Drop for Other {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_file(&self.1);
+        }
+    }
+    let mut other = Other(
+        std::process::Command::new(common::require("flock", "apt install util-linux"))
+            .args(["--nonblock", "--no-fork"])
+            .arg(&path)
+            .args(["sleep", "300"])
+            .spawn()
+            .unwrap(),
+        path.clone(),
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !lock::is_held(&path) {
         assert!(
             std::time::Instant::now() < deadline,
             "flock never took the claim"
         );
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
     let started = std::time::Instant::now();
@@ -109,8 +121,7 @@ async fn a_name_claimed_by_another_process_is_refused_at_once(
     let lv = devicelab::host::libvirt::Libvirt::open(&lab.config.libvirt_uri).unwrap();
     assert!(!lv.has_domain(&name).unwrap(), "nothing was made");
 
-    other.kill().unwrap();
-    other.wait().unwrap();
+    other.0.kill().unwrap();
+    other.0.wait().unwrap();
     assert!(!lock::is_held(&path), "the claim goes with its process");
-    std::fs::remove_file(&path).unwrap();
 }

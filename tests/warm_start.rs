@@ -274,46 +274,72 @@ async fn when_a_clone_misses_the_restore_budget_its_saved_vm_is_deleted(
 }
 
 /// A machine on the libvirt network with a real DHCP lease: busybox's udhcpc on one end of a
-/// veth pair in a network namespace of its own, the other end on the network's bridge. Dropped:
-/// the client releases its lease (SIGTERM with `-R`), and the namespace and the pair go.
+/// veth pair in a network namespace of its own (`dl-lease-<pid>`), the other end on the
+/// network's bridge. Dropped, or its test's thread gone: the client releases its lease (SIGTERM
+/// with `-R`), and the namespace and the pair go. A namespace left by a killed run is removed
+/// by the next.
 struct LeaseHolder {
-    netns: String,
+    _netns: Netns,
     client: std::process::Child,
     mac: String,
     ip: std::net::Ipv4Addr,
     _dir: tempfile::TempDir,
 }
 
+/// A network namespace, deleted (with the veth end in it) when dropped.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+/// Runs `ip args…`, failing the test with its stderr; returns its stdout.
+fn ip(args: &[&str]) -> String {
+    let out = std::process::Command::new(common::require("ip", "apt install iproute2"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 impl LeaseHolder {
     fn take(bridge: &str) -> Self {
-        let ip_cmd = common::require("ip", "apt install iproute2");
         let busybox = common::require("busybox", "apt install busybox (fixtures/host/setup.sh)");
-        let tag = std::process::id() % 100_000;
-        let (netns, host_end, guest_end) = (
-            format!("dl-lease-{tag}"),
-            format!("dlh{tag}"),
-            format!("dlg{tag}"),
-        );
-        let ip = |args: &[&str]| {
-            let out = std::process::Command::new(&ip_cmd)
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
-        ip(&["netns", "add", &netns]);
+        // Namespaces of runs that were killed before they could remove theirs.
+        for entry in std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name
+                .strip_prefix("dl-lease-")
+                .and_then(|p| p.parse::<i32>().ok())
+                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                drop(Netns(name));
+            }
+        }
+        let pid = std::process::id();
+        let netns = Netns(format!("dl-lease-{pid}"));
+        let (host_end, guest_end) = (format!("dlh{pid}"), format!("dlg{pid}"));
+        ip(&["netns", "add", &netns.0]);
         ip(&[
             "link", "add", &host_end, "type", "veth", "peer", "name", &guest_end,
         ]);
-        ip(&["link", "set", &guest_end, "netns", &netns]);
+        ip(&["link", "set", &guest_end, "netns", &netns.0]);
         ip(&["link", "set", &host_end, "master", bridge, "up"]);
-        ip(&["-n", &netns, "link", "set", &guest_end, "up"]);
-        let mac = ip(&["-n", &netns, "-br", "link", "show", &guest_end])
+        ip(&["-n", &netns.0, "link", "set", &guest_end, "up"]);
+        let mac = ip(&["-n", &netns.0, "-br", "link", "show", &guest_end])
             .split_whitespace()
             .nth(2)
             .unwrap()
@@ -332,18 +358,26 @@ impl LeaseHolder {
         .unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let client = std::process::Command::new(&ip_cmd)
-            .args(["netns", "exec", &netns])
+        let mut command = std::process::Command::new(common::require("ip", "apt install iproute2"));
+        command
+            .args(["netns", "exec", &netns.0])
             .arg(&busybox)
             .args(["udhcpc", "-f", "-R", "-t", "30", "-T", "1", "-A", "1"])
             .args(["-i", &guest_end, "-s"])
             .arg(&script)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+            .stderr(std::process::Stdio::null());
+        // SAFETY: prctl is async-signal-safe; the client ends (releasing) with this thread.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let client = command.spawn().unwrap();
         let mut this = Self {
-            netns,
+            _netns: netns,
             client,
             mac,
             ip: std::net::Ipv4Addr::UNSPECIFIED,
@@ -368,10 +402,7 @@ impl Drop for LeaseHolder {
     fn drop(&mut self) {
         unsafe { libc::kill(self.client.id() as i32, libc::SIGTERM) };
         let _ = self.client.wait();
-        // Deleting the namespace deletes the pair.
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "delete", &self.netns])
-            .status();
+        // Then `netns` goes, with the pair.
     }
 }
 
@@ -380,12 +411,12 @@ impl Drop for LeaseHolder {
 /// warm restore makes first reads the network's real leases: an address leased to another MAC
 /// is not the saved VM's any more (so it is built again), one leased to the saved VM's own MAC
 /// or to nobody still is.
-#[test_log::test(tokio::test)]
+#[test]
 #[cfg_attr(
     not(feature = "e2e"),
     ignore = "needs a host ready for VMs: run with --features e2e"
 )]
-async fn an_address_leased_to_another_machine_is_not_restored_into() {
+fn an_address_leased_to_another_machine_is_not_restored_into() {
     use devicelab::vm::warm::address_still_ours;
     let config = devicelab::config::HarnessConfig::from_env().unwrap();
     let lv = devicelab::host::libvirt::Libvirt::open(&config.libvirt_uri).unwrap();
@@ -396,29 +427,27 @@ async fn an_address_leased_to_another_machine_is_not_restored_into() {
         .unwrap()
         .bridge_name()
         .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let ours = |ip, mac: &str| {
+        runtime
+            .block_on(address_still_ours(&lv, &config.network, ip, mac))
+            .unwrap()
+    };
     let holder = LeaseHolder::take(&bridge);
     let saved_mac = "52:54:00:de:1a:b0";
-    let ours = |ip, mac: &str| {
-        let (lv, network, mac) = (lv.clone(), config.network.clone(), mac.to_owned());
-        async move { address_still_ours(&lv, &network, ip, &mac).await.unwrap() }
-    };
     assert!(
-        !ours(holder.ip, saved_mac).await,
+        !ours(holder.ip, saved_mac),
         "{} is leased to {}: not the saved VM's",
         holder.ip,
         holder.mac
     );
-    assert!(ours(holder.ip, &holder.mac).await, "its own lease");
-    let (ip, network) = (holder.ip, config.network.clone());
+    assert!(ours(holder.ip, &holder.mac), "its own lease");
+    let ip = holder.ip;
     drop(holder);
     // The server drops a released lease within moments.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let network = network.clone();
-        let holders = lv
-            .run(move |lv| lv.lease_holders(&network, ip))
-            .await
-            .unwrap();
+        let holders = lv.lease_holders(&config.network, ip).unwrap();
         if holders.is_empty() {
             break;
         }
@@ -426,7 +455,7 @@ async fn an_address_leased_to_another_machine_is_not_restored_into() {
             std::time::Instant::now() < deadline,
             "the released lease is still listed: {holders:?}"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        std::thread::sleep(std::time::Duration::from_millis(500));
     }
-    assert!(ours(ip, saved_mac).await, "an address nobody holds");
+    assert!(ours(ip, saved_mac), "an address nobody holds");
 }

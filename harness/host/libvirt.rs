@@ -1,8 +1,11 @@
 //! The libvirt connection: domains and networks through the `virt` crate. Every call here is a
 //! blocking RPC; async code goes through [`Libvirt::run`], which moves it off the runtime. No
-//! call waits on a hung libvirtd for long: opening a connection has [`OPEN_BUDGET`], and every
-//! call on an open one is ended by libvirt's keepalive ([`KEEPALIVE_INTERVAL`] ×
-//! ([`KEEPALIVE_COUNT`] + 1) without an answer).
+//! call waits on a hung libvirtd for long ([`LibvirtTimeouts`]): opening a connection has its
+//! budget, and every call on an open one is ended by libvirt's keepalive.
+//!
+//! The keepalive needs an event loop: the first connection registers libvirt's default one for
+//! the process and runs it on a thread of its own (`dl-libvirt-loop`). A process that
+//! uses the `virt` crate beside devicelab shares that loop (libvirt has one per process).
 
 use crate::host::domain_xml::{RenderedDomain, digest_of_defined};
 use std::net::Ipv4Addr;
@@ -47,9 +50,9 @@ pub enum LibvirtError {
     /// libvirtd accepted the connection but did not answer: it is hung (stopped, stuck on a
     /// lock, its disk full), not dead.
     #[error(
-        "libvirtd at {uri} did not answer {what} within {waited:?}: it is hung, not stopped \
-         (a dead one refuses the connection); look at it (`systemctl status libvirtd`, its log, \
-         `virsh -c {uri} list`) and restart it"
+        "libvirtd at {uri} did not answer {what} within {waited:?}: it accepted the connection, \
+         so it is not stopped; it may be hung (or, on a remote URI, waiting for a password): look \
+         at it (`systemctl status libvirtd`, its log, `virsh -c {uri} list`) and restart it"
     )]
     NotAnswering {
         uri: String,
@@ -79,9 +82,78 @@ pub enum LibvirtError {
 /// since handles from a dead connection stay dead.
 #[derive(Clone)]
 pub struct Libvirt {
-    conn: Arc<Mutex<Arc<Connect>>>,
+    conn: Arc<Mutex<Arc<Live>>>,
+    /// The one attempt to open a connection in flight, if any: callers share it, so a hung
+    /// libvirtd holds one thread, not one per call.
+    opening: Arc<Mutex<Option<Arc<OpenAttempt>>>>,
+    timeouts: LibvirtTimeouts,
     pub uri: String,
 }
+
+/// How long libvirt calls may wait on a libvirtd that does not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LibvirtTimeouts {
+    /// How often the keepalive pings libvirtd, in seconds.
+    pub keepalive_interval: i32,
+    /// How many pings in a row may go unanswered before the connection is closed, failing the
+    /// calls that wait on it (after about `interval × (count + 1)`).
+    pub keepalive_count: u32,
+    /// How long opening a connection may take (a hung libvirtd accepts it, never answers).
+    pub open: Duration,
+}
+
+impl Default for LibvirtTimeouts {
+    /// A ping every 5 s, 6 unanswered ones close the connection (virsh's own values: libvirtd
+    /// answers pings from its event loop, even while its workers are busy); 20 s to open.
+    fn default() -> Self {
+        Self {
+            keepalive_interval: 5,
+            keepalive_count: 6,
+            open: Duration::from_secs(20),
+        }
+    }
+}
+
+/// An open connection, and why libvirt closed it, once it has (a `VIR_CONNECT_CLOSE_REASON_*`;
+/// -1 while open).
+pub struct Live {
+    conn: Connect,
+    closed: Arc<std::sync::atomic::AtomicI32>,
+}
+
+impl std::ops::Deref for Live {
+    type Target = Connect;
+    fn deref(&self) -> &Connect {
+        &self.conn
+    }
+}
+
+impl Live {
+    /// Whether libvirt's keepalive closed this connection: libvirtd stopped answering.
+    fn closed_by_keepalive(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+            == sys::VIR_CONNECT_CLOSE_REASON_KEEPALIVE as i32
+    }
+}
+
+/// One attempt to open a connection, on a thread of its own; its outcome, once there.
+struct OpenAttempt {
+    started: std::time::Instant,
+    outcome: Mutex<Option<Result<Arc<Live>, String>>>,
+    done: std::sync::Condvar,
+}
+
+impl OpenAttempt {
+    fn failed(&self) -> bool {
+        matches!(
+            *self.outcome.lock().unwrap_or_else(|p| p.into_inner()),
+            Some(Err(_))
+        )
+    }
+}
+
+/// The name of the threads that open connections (at most one per [`Libvirt`] at a time).
+pub const OPEN_THREAD: &str = "dl-libvirt-open";
 
 pub(crate) fn call_err(
     action: &'static str,
@@ -106,45 +178,58 @@ pub(crate) fn call_err(
     }
 }
 
-/// libvirt's own wording when its keepalive closes a connection under a waiting call.
+/// libvirt's own (English) wording when its keepalive closes a connection under a waiting
+/// call; the connection's close reason says it in any locale (see [`Libvirt::conn`]).
 const KEEPALIVE_CLOSED: &str = "keepalive timeout";
-
-/// How often libvirt pings libvirtd on a connection, in seconds.
-pub const KEEPALIVE_INTERVAL: i32 = 5;
-/// How many pings in a row may go unanswered before the connection is closed, failing the call
-/// that waits on it.
-pub const KEEPALIVE_COUNT: u32 = 3;
-/// How long opening a connection may take: a hung libvirtd accepts it and never answers.
-pub const OPEN_BUDGET: Duration = Duration::from_secs(20);
 
 pub(crate) fn is_code(e: &virt::error::Error, code: ErrorNumber) -> bool {
     e.code() == Enum::Known(code)
 }
 
 impl Libvirt {
+    /// Connects to libvirt at `uri` with the default [`LibvirtTimeouts`].
     pub fn open(uri: &str) -> Result<Self, LibvirtError> {
+        Self::open_with(uri, LibvirtTimeouts::default())
+    }
+
+    /// Connects to libvirt at `uri`: within `timeouts.open`, or [`LibvirtError::NotAnswering`].
+    pub fn open_with(uri: &str, timeouts: LibvirtTimeouts) -> Result<Self, LibvirtError> {
+        let opening = Arc::default();
+        let live = connect(&opening, uri, timeouts)?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(Arc::new(connect(uri)?))),
+            conn: Arc::new(Mutex::new(live)),
+            opening,
+            timeouts,
             uri: uri.to_owned(),
         })
     }
 
     /// The live connection, reopened first if libvirtd went away since the last call (a
-    /// restart mid-trial); a clear error while it is still down.
-    pub fn conn(&self) -> Result<Arc<Connect>, LibvirtError> {
+    /// restart mid-trial); a clear error while it is still down, and
+    /// [`LibvirtError::Hung`] if the keepalive closed it (libvirtd stopped answering).
+    pub fn conn(&self) -> Result<Arc<Live>, LibvirtError> {
         // The lock only guards the swap: the round trip and a reconnect run without it, so
         // one slow call never holds up every other thread's libvirt calls.
         let current = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
         // A round trip, not virConnectIsAlive: that says "alive" until a call has failed.
         match current.lib_version() {
             Ok(_) => return Ok(current),
-            // Hung, not restarted: a new connection would only wait out its own budget.
-            Err(e) if e.message().contains(KEEPALIVE_CLOSED) => {
-                return Err(call_err("reach libvirtd at", &self.uri)(e));
+            // Hung, not restarted: reported once, from the connection's close reason (any
+            // locale); the calls after it try a new connection, within its budget.
+            Err(e) if current.closed_by_keepalive() || e.message().contains(KEEPALIVE_CLOSED) => {
+                current.closed.store(
+                    sys::VIR_CONNECT_CLOSE_REASON_CLIENT as i32,
+                    std::sync::atomic::Ordering::SeqCst,
+                );
+                return Err(LibvirtError::Hung {
+                    action: "reach",
+                    object: format!("libvirtd at {}", self.uri),
+                    message: e.message().to_owned(),
+                });
             }
             Err(_) => {}
         }
-        let fresh = Arc::new(connect(&self.uri)?);
+        let fresh = connect(&self.opening, &self.uri, self.timeouts)?;
         let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if Arc::ptr_eq(&slot, &current) {
             *slot = fresh;
@@ -500,41 +585,121 @@ fn remove_element(xml: &str, tag: &str) -> String {
     }
 }
 
-/// Opens a connection within [`OPEN_BUDGET`] and turns libvirt's keepalive on for it.
-fn connect(uri: &str) -> Result<Connect, LibvirtError> {
+/// A new connection, within the open budget: the attempt in flight if there is one (a
+/// hung libvirtd holds one thread, and a caller arriving after the budget is spent fails
+/// at once), else a new attempt on a thread of its own.
+fn connect(
+    opening: &Mutex<Option<Arc<OpenAttempt>>>,
+    uri: &str,
+    timeouts: LibvirtTimeouts,
+) -> Result<Arc<Live>, LibvirtError> {
+    let attempt = {
+        let mut slot = opening.lock().unwrap_or_else(|p| p.into_inner());
+        match &*slot {
+            // One still in flight, or done and not yet taken: shared. One that failed is not
+            // reused: libvirtd may be back since.
+            Some(attempt) if !attempt.failed() => attempt.clone(),
+            _ => {
+                let attempt = Arc::new(OpenAttempt {
+                    started: std::time::Instant::now(),
+                    outcome: Mutex::new(None),
+                    done: std::sync::Condvar::new(),
+                });
+                let (mine, target) = (attempt.clone(), uri.to_owned());
+                std::thread::Builder::new()
+                    .name(OPEN_THREAD.into())
+                    .spawn(move || {
+                        let outcome = open_live(&target, timeouts);
+                        *mine.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+                        mine.done.notify_all();
+                    })
+                    .map_err(|e| LibvirtError::Connect {
+                        uri: uri.to_owned(),
+                        message: format!("no thread to open the connection on: {e}"),
+                    })?;
+                *slot = Some(attempt.clone());
+                attempt
+            }
+        }
+    };
+    let deadline = attempt.started + timeouts.open;
+    let mut outcome = attempt.outcome.lock().unwrap_or_else(|p| p.into_inner());
+    while outcome.is_none() {
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return Err(LibvirtError::NotAnswering {
+                uri: uri.to_owned(),
+                what: "a new connection",
+                waited: attempt.started.elapsed(),
+            });
+        }
+        outcome = attempt
+            .done
+            .wait_timeout(outcome, deadline - now)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+    let result = outcome.clone().expect("checked above");
+    drop(outcome);
+    // Done: the next reconnect starts an attempt of its own.
+    let mut slot = opening.lock().unwrap_or_else(|p| p.into_inner());
+    if slot.as_ref().is_some_and(|a| Arc::ptr_eq(a, &attempt)) {
+        *slot = None;
+    }
+    result.map_err(|message| LibvirtError::Connect {
+        uri: uri.to_owned(),
+        message,
+    })
+}
+
+/// Opens a connection (blocking, unbounded: [`connect`] bounds it), turns libvirt's
+/// keepalive on for it and records why libvirt closes it.
+fn open_live(uri: &str, timeouts: LibvirtTimeouts) -> Result<Arc<Live>, String> {
     // libvirt would otherwise print every error to stderr, including the expected ones.
     virt::error::clear_error_callback();
     event_loop();
-    // The open runs on a thread of its own, so a hung libvirtd costs the budget, not the
-    // caller; a connection opened after the budget is closed when the thread's send fails.
-    let (tx, rx) = std::sync::mpsc::channel();
-    let target = uri.to_owned();
-    let spawned = std::thread::Builder::new()
-        .name("devicelab-libvirt-open".into())
-        .spawn(move || {
-            let _ = tx.send(Connect::open(Some(&target)));
-        });
-    let opened = match spawned {
-        Ok(_) => rx
-            .recv_timeout(OPEN_BUDGET)
-            .map_err(|_| LibvirtError::NotAnswering {
-                uri: uri.to_owned(),
-                what: "a new connection",
-                waited: OPEN_BUDGET,
-            })?,
-        Err(_) => Connect::open(Some(uri)),
+    let conn = Connect::open(Some(uri)).map_err(|e| e.message().to_owned())?;
+    let closed = Arc::new(std::sync::atomic::AtomicI32::new(-1));
+    // The callback owns one count of `closed`, given back by `release_reason`.
+    let opaque = Arc::into_raw(closed.clone()) as *mut std::ffi::c_void;
+    // SAFETY: `conn` is open; libvirt calls `record_reason` with `opaque` until the callback
+    // is unregistered or the connection freed, then `release_reason` once.
+    let registered = unsafe {
+        sys::virConnectRegisterCloseCallback(
+            conn.as_ptr(),
+            Some(record_reason),
+            opaque,
+            Some(release_reason),
+        )
     };
-    let conn = opened.map_err(|e| LibvirtError::Connect {
-        uri: uri.to_owned(),
-        message: e.message().to_owned(),
-    })?;
-    if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT) {
+    if registered < 0 {
+        // SAFETY: libvirt did not take it: the count is ours to give back.
+        unsafe { release_reason(opaque) };
+    }
+    if let Err(e) = conn.set_keep_alive(timeouts.keepalive_interval, timeouts.keepalive_count) {
         tracing::warn!(
             "libvirt at {uri} refused keepalive ({}): a hung libvirtd would stall calls",
             e.message()
         );
     }
-    Ok(conn)
+    Ok(Arc::new(Live { conn, closed }))
+}
+
+/// libvirt's close callback: records why the connection closed.
+unsafe extern "C" fn record_reason(
+    _conn: sys::virConnectPtr,
+    reason: std::os::raw::c_int,
+    opaque: *mut std::ffi::c_void,
+) {
+    // SAFETY: `opaque` is the `Arc` given in `open_live`, alive until `release_reason`.
+    let closed = unsafe { &*(opaque as *const std::sync::atomic::AtomicI32) };
+    closed.store(reason, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Gives back the count of the close reason the callback held.
+unsafe extern "C" fn release_reason(opaque: *mut std::ffi::c_void) {
+    // SAFETY: made by `Arc::into_raw` in `open_live`, released once.
+    drop(unsafe { Arc::from_raw(opaque as *const std::sync::atomic::AtomicI32) });
 }
 
 /// libvirt's default event loop, on a thread of its own for the life of the process: the
@@ -550,11 +715,15 @@ fn event_loop() {
             return;
         }
         let spawned = std::thread::Builder::new()
-            .name("devicelab-libvirt-events".into())
+            .name("dl-libvirt-loop".into())
             .spawn(|| {
+                let mut failed = false;
                 loop {
                     if let Err(e) = virt::event::event_run_default_impl() {
-                        tracing::warn!("libvirt's event loop failed: {}", e.message());
+                        if !failed {
+                            tracing::warn!("libvirt's event loop failed: {}", e.message());
+                            failed = true;
+                        }
                         std::thread::sleep(Duration::from_secs(1));
                     }
                 }

@@ -40,8 +40,11 @@ const LOG_FILE: &str = "server.log";
 /// The server's configuration: credentials and the listen address stay out of every command
 /// line (`/proc/*/cmdline`, `podman inspect`); `port: -1` lets the server pick a free port
 /// and report it in its ports file, so no port is chosen here and bound later.
-/// `extra` (the agent description's own server settings) is appended as given.
+/// `extra` (the agent description's own server settings) is appended as given. The server is
+/// named (`name`, unique per server), as MQTT, leaf nodes and clusters require, so an agent's
+/// block that turns one of them on needs nothing more.
 fn config_text(
+    name: &str,
     dir: &str,
     host: Ipv4Addr,
     port: Option<u16>,
@@ -52,6 +55,7 @@ fn config_text(
     let port = port.map_or(-1, i32::from);
     format!(
         r#"# written by devicelab: this run's NATS server
+server_name: {name}
 host: {host}
 port: {port}
 ports_file_dir: {ports_dir}
@@ -65,6 +69,7 @@ jetstream {{
 # the agent's own settings (its description's nats_config)
 {extra}
 "#,
+        name = q(name),
         host = q(&host.to_string()),
         ports_dir = q(dir),
         user = q(&creds.user),
@@ -91,7 +96,11 @@ fn write_config(
             .truncate(true)
             .mode(0o600)
             .open(&path)?;
-        f.write_all(config_text(&dir.seen_by_server, host, port, creds, extra).as_bytes())
+        let name = dir.host.file_name().map_or_else(
+            || "devicelab".to_owned(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        f.write_all(config_text(&name, &dir.seen_by_server, host, port, creds, extra).as_bytes())
     };
     write().map_err(|source| NatsError::Config {
         dir: dir.host.clone(),

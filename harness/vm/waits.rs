@@ -409,7 +409,7 @@ mod tests {
             std::fs::write(log.path(), console).unwrap();
             let started = Instant::now();
             let watched = tokio::time::timeout(
-                Duration::from_secs(8),
+                grace + Duration::from_secs(3),
                 watch_boot(log.path().to_owned(), 0, || Some(port), grace),
             )
             .await;
