@@ -241,7 +241,9 @@ impl Lab {
 
     /// Checks the host (every miss at once), prepares the data dir, connects to libvirt,
     /// makes sure the storage pool exists, removes what dead runs left behind, and loads (or
-    /// makes) the SSH key.
+    /// makes) the SSH key. Every libvirt call has a budget against a hung libvirtd (its
+    /// keepalive runs on libvirt's event loop, which the first connection starts on a thread of
+    /// the process: see `LibvirtError::Hung`).
     pub async fn new(config: HarnessConfig) -> Result<Arc<Self>, LabError> {
         crate::install_crypto_provider();
         // Everything the run needs, checked at once: a miss fails here, naming every other

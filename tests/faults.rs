@@ -380,11 +380,6 @@ fn a_hung_libvirtd_fails_every_call_within_its_budget_naming_it() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(
-        threads_named(OPEN_THREAD),
-        0,
-        "the opening threads are done"
-    );
 }
 
 #[test]
