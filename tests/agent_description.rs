@@ -381,22 +381,28 @@ fn the_readme_example_is_the_downstream_crates_code() {
     assert_eq!(example, code);
 }
 
+/// A process-mode server started with `nats_config`, as a description gives it.
+async fn server_with(
+    nats_config: &str,
+) -> Result<devicelab::nats::NatsServer, devicelab::nats::NatsError> {
+    let vars = BTreeMap::from([("DEVICELAB_NATS".to_owned(), "process".to_owned())]);
+    let config = HarnessConfig::from_vars(vars).unwrap();
+    devicelab::nats::NatsServer::start_with(
+        &config,
+        std::net::Ipv4Addr::LOCALHOST,
+        &devicelab::lab::run_owner(),
+        nats_config,
+    )
+    .await
+}
+
 /// What a description asks of the server (`nats_config`) is in the server's configuration:
 /// here a smaller maximum payload, which the server then announces to its clients.
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn the_descriptions_nats_config_reaches_the_server() {
-    let vars = BTreeMap::from([("DEVICELAB_NATS".to_owned(), "process".to_owned())]);
-    let config = HarnessConfig::from_vars(vars).unwrap();
     let mut agent = agents::heartbeat();
     agent.nats_config = "max_payload: 4096".into();
-    let nats = devicelab::nats::NatsServer::start_with(
-        &config,
-        std::net::Ipv4Addr::LOCALHOST,
-        &devicelab::lab::run_owner(),
-        &agent.nats_config,
-    )
-    .await
-    .unwrap();
+    let nats = server_with(&agent.nats_config).await.unwrap();
     assert_eq!(nats.client().server_info().max_payload, 4096);
 }
 
@@ -404,18 +410,11 @@ async fn the_descriptions_nats_config_reaches_the_server() {
 /// listener (which refuses to start on an unnamed server) needs no more than its own block.
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn an_mqtt_listener_needs_no_more_than_the_agents_own_block() {
-    let vars = BTreeMap::from([("DEVICELAB_NATS".to_owned(), "process".to_owned())]);
-    let config = HarnessConfig::from_vars(vars).unwrap();
     let mut agent = agents::heartbeat();
     agent.nats_config = "mqtt {\n  host: 127.0.0.1\n  port: -1\n}".into();
-    let nats = devicelab::nats::NatsServer::start_with(
-        &config,
-        std::net::Ipv4Addr::LOCALHOST,
-        &devicelab::lab::run_owner(),
-        &agent.nats_config,
-    )
-    .await
-    .expect("a server with an MQTT listener starts");
+    let nats = server_with(&agent.nats_config)
+        .await
+        .expect("a server with an MQTT listener starts");
     let name = nats.client().server_info().server_name;
     assert!(name.starts_with("devicelab-nats-"), "{name}");
 }
