@@ -146,6 +146,22 @@ async fn a_subject_nothing_publishes_on_times_out_saying_so() {
     );
 }
 
+/// The reports `log` holds, in order, up to the one with timestamp 3.
+async fn reports_up_to_3(log: devicelab::nats::ReportLog) -> Vec<devicelab::description::Report> {
+    let mut seen = Vec::new();
+    log.wait_for(0, Duration::from_secs(10), |r| {
+        seen.push(r.clone());
+        if r.timestamp_ms == 3 {
+            Verdict::Accept
+        } else {
+            Verdict::Skip
+        }
+    })
+    .await
+    .unwrap();
+    seen
+}
+
 /// A subject with a wildcard takes every subject under it, and only those: here an agent
 /// that reports its boot and its beats on two subjects of its own. Where devices share a
 /// wildcard, a device's log skips the others' reports.
@@ -171,19 +187,9 @@ async fn a_wildcard_subject_reads_every_subject_under_it() {
         client.publish(subject, line.into()).await.unwrap();
     }
     client.flush().await.unwrap();
-    let read = |log: devicelab::nats::ReportLog| async move {
-        let mut seen = Vec::new();
-        log.wait_for(0, Duration::from_secs(10), |r| {
-            seen.push(r.timestamp_ms);
-            if r.timestamp_ms == 3 {
-                Verdict::Accept
-            } else {
-                Verdict::Skip
-            }
-        })
-        .await
-        .unwrap();
-        seen
+    let read = |log| async move {
+        let seen = reports_up_to_3(log).await;
+        seen.iter().map(|r| r.timestamp_ms).collect::<Vec<_>>()
     };
     let decode = || agent.reports.decode.clone();
     assert_eq!(read(nats.report_log(&own, decode())).await, [1, 3]);
@@ -245,19 +251,14 @@ async fn a_device_id_in_the_subject_and_a_boot_id_in_a_header_are_decoded() {
     }
     client.flush().await.unwrap();
 
-    let mut seen = Vec::new();
-    nats.report_log(&whole.on, whole.decode.clone())
-        .for_device("dev-1")
-        .wait_for(0, Duration::from_secs(10), |r| {
-            seen.push((r.timestamp_ms, r.boot_marker.clone()));
-            if r.timestamp_ms == 3 {
-                Verdict::Accept
-            } else {
-                Verdict::Skip
-            }
-        })
-        .await
-        .unwrap();
+    let seen: Vec<_> = reports_up_to_3(
+        nats.report_log(&whole.on, whole.decode.clone())
+            .for_device("dev-1"),
+    )
+    .await
+    .into_iter()
+    .map(|r| (r.timestamp_ms, r.boot_marker))
+    .collect();
     let b1 = Some("b1".to_owned());
     assert_eq!(
         seen,
