@@ -298,7 +298,8 @@ fn threads_named(name: &str) -> usize {
 /// open connection through the keepalive and a new connection through the open budget, each
 /// error saying it is hung and what to do. A handle keeps one attempt to open in flight: a
 /// call after the budget is spent fails at once, and calls add no threads. Once libvirtd
-/// answers again the same handle works. (Short timeouts here, the same code as the defaults.)
+/// answers again the same handle works. (Short timeouts here, the same code as the defaults;
+/// the thread counts assume a process of its own, as nextest gives each test.)
 #[test]
 fn a_hung_libvirtd_fails_every_call_within_its_budget_naming_it() {
     use devicelab::host::libvirt::{LibvirtTimeouts, OPEN_THREAD};
@@ -312,22 +313,61 @@ fn a_hung_libvirtd_fails_every_call_within_its_budget_naming_it() {
     let lv = Libvirt::open_with(&daemon.uri(), timeouts).unwrap();
     let name = "devicelab-fault-hung";
     assert!(!lv.has_domain(name).unwrap());
+    // A dropped handle closes its connection (the close callback would otherwise keep it).
+    let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let before = fds();
+    for _ in 0..5 {
+        assert!(
+            !Libvirt::open_with(&daemon.uri(), timeouts)
+                .unwrap()
+                .has_domain(name)
+                .unwrap()
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while fds() > before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "5 dropped handles left {} descriptors open",
+            fds() - before
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (lv2, uri) = (lv.clone(), daemon.uri());
+    let busy = Libvirt::open_with(&daemon.uri(), timeouts).unwrap();
     daemon.signal(libc::SIGSTOP);
-
-    // A call on the open connection is cut off by the keepalive.
+    let stopped = std::time::Instant::now();
     let keepalive = Duration::from_secs(3);
+    let hung = |err: LibvirtError| {
+        let msg = err.to_string();
+        assert!(matches!(err, LibvirtError::Hung { .. }), "{msg}");
+        assert!(
+            msg.contains("it is hung") && msg.contains("restart it"),
+            "{msg}"
+        );
+    };
+
+    // A call waiting on a connection when the keepalive closes it fails.
+    let in_flight = std::thread::spawn(move || {
+        within(keepalive * 10, move || busy.has_domain(name)).expect_err("libvirtd is hung")
+    });
+    // An idle connection is closed by the keepalive too: its next call says why from the
+    // connection's close reason alone (libvirt's message then only says the socket is closed).
+    std::thread::sleep(keepalive + Duration::from_secs(2));
     let started = std::time::Instant::now();
     let call = lv.clone();
-    let err = within(keepalive * 10, move || call.has_domain(name)).expect_err("libvirtd is hung");
-    let waited = started.elapsed();
-    let msg = err.to_string();
-    assert!(matches!(err, LibvirtError::Hung { .. }), "{msg}");
+    hung(within(keepalive * 10, move || call.has_domain(name)).expect_err("libvirtd is hung"));
     assert!(
-        msg.contains("it is hung") && msg.contains("restart it"),
-        "{msg}"
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
     );
-    assert!(waited < keepalive + slack, "took {waited:?}");
+    hung(in_flight.join().unwrap());
+    assert!(
+        stopped.elapsed() < keepalive + slack,
+        "took {:?}",
+        stopped.elapsed()
+    );
 
     // The next call, and a new handle, find the connection closed and open a new one: cut off
     // by the open budget (both at once, each on a thread of its own).
@@ -367,7 +407,8 @@ fn a_hung_libvirtd_fails_every_call_within_its_budget_naming_it() {
     assert_eq!(threads_named(OPEN_THREAD), opening, "calls added threads");
     assert!(opening <= 2, "{opening} threads opening connections");
 
-    // Answering again, libvirtd completes the attempt in flight; the handle takes it.
+    // Answering again, libvirtd completes the attempt in flight; the handle takes it (no new
+    // attempt: the thread count does not rise).
     daemon.signal(libc::SIGCONT);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -378,6 +419,10 @@ fn a_hung_libvirtd_fails_every_call_within_its_budget_naming_it() {
                 "the handle still fails 10 s after libvirtd answers again: {e}"
             ),
         }
+        assert!(
+            threads_named(OPEN_THREAD) <= opening,
+            "a new attempt was started"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -293,6 +293,7 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = std::process::Command::new("ip")
             .args(["netns", "delete", &self.0])
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }
@@ -330,8 +331,14 @@ impl LeaseHolder {
             }
         }
         let pid = std::process::id();
-        let netns = Netns(format!("dl-lease-{pid}"));
         let (host_end, guest_end) = (format!("dlh{pid}"), format!("dlg{pid}"));
+        // What a killed run of the same pid may have left: its namespace, its host end.
+        drop(Netns(format!("dl-lease-{pid}")));
+        let _ = std::process::Command::new("ip")
+            .args(["link", "delete", &host_end])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let netns = Netns(format!("dl-lease-{pid}"));
         ip(&["netns", "add", &netns.0]);
         ip(&[
             "link", "add", &host_end, "type", "veth", "peer", "name", &guest_end,
@@ -434,6 +441,21 @@ fn an_address_leased_to_another_machine_is_not_restored_into() {
             .unwrap()
     };
     let holder = LeaseHolder::take(&bridge);
+    // libvirt lists a lease once dnsmasq's lease helper has run, just after the client has it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !lv
+        .lease_holders(&config.network, holder.ip)
+        .unwrap()
+        .contains(&holder.mac)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "libvirt does not list {}'s lease of {}",
+            holder.mac,
+            holder.ip
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let saved_mac = "52:54:00:de:1a:b0";
     assert!(
         !ours(holder.ip, saved_mac),

@@ -50,9 +50,9 @@ pub enum LibvirtError {
     /// libvirtd accepted the connection but did not answer: it is hung (stopped, stuck on a
     /// lock, its disk full), not dead.
     #[error(
-        "libvirtd at {uri} did not answer {what} within {waited:?}: it accepted the connection, \
-         so it is not stopped; it may be hung (or, on a remote URI, waiting for a password): look \
-         at it (`systemctl status libvirtd`, its log, `virsh -c {uri} list`) and restart it"
+        "libvirtd at {uri} has not answered {what} for {waited:?}: it is hung (stopped or stuck: \
+         the kernel still queues connections to it) or, on a remote URI, waiting for a password; \
+         look at it (`systemctl status libvirtd`, its log, `virsh -c {uri} list`) and restart it"
     )]
     NotAnswering {
         uri: String,
@@ -115,10 +115,25 @@ impl Default for LibvirtTimeouts {
 }
 
 /// An open connection, and why libvirt closed it, once it has (a `VIR_CONNECT_CLOSE_REASON_*`;
-/// -1 while open).
+/// -1 while open; `CLIENT` once a keepalive close was reported). Dropped: closed.
 pub struct Live {
     conn: Connect,
     closed: Arc<std::sync::atomic::AtomicI32>,
+    /// Whether the close callback is registered: libvirt holds the connection while it is, so
+    /// it is unregistered first, or dropping would not close the connection.
+    registered: bool,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        if self.registered {
+            // SAFETY: `conn` is open until its own drop, after this one; unregistering makes
+            // libvirt call `release_reason` once (or not at all if it already did).
+            unsafe {
+                sys::virConnectUnregisterCloseCallback(self.conn.as_ptr(), Some(record_reason));
+            }
+        }
+    }
 }
 
 impl std::ops::Deref for Live {
@@ -129,10 +144,16 @@ impl std::ops::Deref for Live {
 }
 
 impl Live {
-    /// Whether libvirt's keepalive closed this connection: libvirtd stopped answering.
-    fn closed_by_keepalive(&self) -> bool {
-        self.closed.load(std::sync::atomic::Ordering::SeqCst)
-            == sys::VIR_CONNECT_CLOSE_REASON_KEEPALIVE as i32
+    /// Whether libvirt's keepalive closed this connection (libvirtd stopped answering) and it
+    /// was not said yet: true once.
+    fn hung_news(&self, failure: &virt::error::Error) -> bool {
+        let before = self.closed.swap(
+            sys::VIR_CONNECT_CLOSE_REASON_CLIENT as i32,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        before == sys::VIR_CONNECT_CLOSE_REASON_KEEPALIVE as i32
+            || (before != sys::VIR_CONNECT_CLOSE_REASON_CLIENT as i32
+                && failure.message().contains(KEEPALIVE_CLOSED))
     }
 }
 
@@ -216,11 +237,7 @@ impl Libvirt {
             Ok(_) => return Ok(current),
             // Hung, not restarted: reported once, from the connection's close reason (any
             // locale); the calls after it try a new connection, within its budget.
-            Err(e) if current.closed_by_keepalive() || e.message().contains(KEEPALIVE_CLOSED) => {
-                current.closed.store(
-                    sys::VIR_CONNECT_CLOSE_REASON_CLIENT as i32,
-                    std::sync::atomic::Ordering::SeqCst,
-                );
+            Err(e) if current.hung_news(&e) => {
                 return Err(LibvirtError::Hung {
                     action: "reach",
                     object: format!("libvirtd at {}", self.uri),
@@ -231,14 +248,20 @@ impl Libvirt {
         }
         let fresh = connect(&self.opening, &self.uri, self.timeouts)?;
         let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if Arc::ptr_eq(&slot, &current) {
-            *slot = fresh;
+        // The connection given up on is dropped outside the lock (closing it is a call).
+        let replaced = if Arc::ptr_eq(&slot, &current) {
             tracing::warn!(
                 "the connection to libvirt at {} was lost; reconnected",
                 self.uri
             );
-        }
-        Ok(slot.clone())
+            Some(std::mem::replace(&mut *slot, fresh))
+        } else {
+            None
+        };
+        let live = slot.clone();
+        drop(slot);
+        drop(replaced);
+        Ok(live)
     }
 
     /// The domain called `name`, looked up afresh.
@@ -585,10 +608,24 @@ fn remove_element(xml: &str, tag: &str) -> String {
     }
 }
 
-/// A new connection, within the open budget: the attempt in flight if there is one (a
-/// hung libvirtd holds one thread, and a caller arriving after the budget is spent fails
-/// at once), else a new attempt on a thread of its own.
+/// A new connection that answers, within the open budget: the attempt in flight if there is
+/// one (a hung libvirtd holds one thread, and a caller arriving after the budget is spent fails
+/// at once), else a new attempt on a thread of its own. One that finished while nobody waited
+/// may have died since: it is checked, and replaced once.
 fn connect(
+    opening: &Mutex<Option<Arc<OpenAttempt>>>,
+    uri: &str,
+    timeouts: LibvirtTimeouts,
+) -> Result<Arc<Live>, LibvirtError> {
+    let live = connect_once(opening, uri, timeouts)?;
+    if live.lib_version().is_ok() {
+        return Ok(live);
+    }
+    connect_once(opening, uri, timeouts)
+}
+
+/// One attempt's connection (see [`connect`]).
+fn connect_once(
     opening: &Mutex<Option<Arc<OpenAttempt>>>,
     uri: &str,
     timeouts: LibvirtTimeouts,
@@ -609,7 +646,8 @@ fn connect(
                 std::thread::Builder::new()
                     .name(OPEN_THREAD.into())
                     .spawn(move || {
-                        let outcome = open_live(&target, timeouts);
+                        let outcome = std::panic::catch_unwind(|| open_live(&target, timeouts))
+                            .unwrap_or_else(|_| Err("opening the connection panicked".into()));
                         *mine.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
                         mine.done.notify_all();
                     })
@@ -622,7 +660,10 @@ fn connect(
             }
         }
     };
-    let deadline = attempt.started + timeouts.open;
+    let deadline = attempt
+        .started
+        .checked_add(timeouts.open)
+        .unwrap_or(attempt.started + Duration::from_secs(365 * 24 * 3600));
     let mut outcome = attempt.outcome.lock().unwrap_or_else(|p| p.into_inner());
     while outcome.is_none() {
         let now = std::time::Instant::now();
@@ -660,10 +701,12 @@ fn open_live(uri: &str, timeouts: LibvirtTimeouts) -> Result<Arc<Live>, String> 
     event_loop();
     let conn = Connect::open(Some(uri)).map_err(|e| e.message().to_owned())?;
     let closed = Arc::new(std::sync::atomic::AtomicI32::new(-1));
-    // The callback owns one count of `closed`, given back by `release_reason`.
+    // The callback owns one count of `closed`, given back by `release_reason` (a driver
+    // without close callbacks accepts the registration and never calls either: that count,
+    // one integer, stays).
     let opaque = Arc::into_raw(closed.clone()) as *mut std::ffi::c_void;
     // SAFETY: `conn` is open; libvirt calls `record_reason` with `opaque` until the callback
-    // is unregistered or the connection freed, then `release_reason` once.
+    // is unregistered (`Live::drop`) or fires, then `release_reason` once.
     let registered = unsafe {
         sys::virConnectRegisterCloseCallback(
             conn.as_ptr(),
@@ -682,7 +725,11 @@ fn open_live(uri: &str, timeouts: LibvirtTimeouts) -> Result<Arc<Live>, String> 
             e.message()
         );
     }
-    Ok(Arc::new(Live { conn, closed }))
+    Ok(Arc::new(Live {
+        conn,
+        closed,
+        registered: registered >= 0,
+    }))
 }
 
 /// libvirt's close callback: records why the connection closed.
