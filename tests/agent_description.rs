@@ -221,7 +221,7 @@ async fn a_device_id_in_the_subject_and_a_boot_id_in_a_header_are_decoded() {
                     .to_owned(),
                 timestamp_ms: timestamp(m.payload)?,
                 boot_marker: m.header("Boot-Id").map(str::to_owned),
-                seq: None,
+                ..Report::default()
             })
         },
     );
@@ -230,8 +230,7 @@ async fn a_device_id_in_the_subject_and_a_boot_id_in_a_header_are_decoded() {
         Ok(Report {
             device_id: String::new(),
             timestamp_ms: timestamp(p)?,
-            boot_marker: None,
-            seq: None,
+            ..Report::default()
         })
     });
     let nats = common::nats_process_server().await;

@@ -47,6 +47,7 @@ async fn restart_while_reporting(mut nats: NatsServer) {
         subject_prefix: DEFAULT_SUBJECT_PREFIX.into(),
         nats_user: nats.credentials().map(|c| c.user.clone()),
         nats_password: nats.credentials().map(|c| c.password.clone()),
+        control: None,
     };
     let agent = tokio::spawn(async move { run(&cfg, "boot-outage", Some(REPORTS)).await });
     let log = nats.status_log("dev-outage");

@@ -23,6 +23,7 @@ fn agent(nats: &NatsServer, device: &str) -> AgentConfig {
         subject_prefix: DEFAULT_SUBJECT_PREFIX.into(),
         nats_user: nats.credentials().map(|c| c.user.clone()),
         nats_password: nats.credentials().map(|c| c.password.clone()),
+        control: None,
     }
 }
 

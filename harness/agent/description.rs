@@ -328,7 +328,7 @@ fn check_path(path: &str) -> Result<(), &'static str> {
 }
 
 /// What the verdicts need from one report.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
     /// The device that sent it (a log read for one device skips other devices' reports).
     pub device_id: String,
@@ -339,6 +339,13 @@ pub struct Report {
     /// The agent's own report counter (+1 per report of one agent process), if it has one:
     /// the partition verdict checks that no number is missing or repeated.
     pub seq: Option<u64>,
+    /// The generation of the desired state the device says it runs, for an agent with a
+    /// [`Control`] part (`None`: the agent has none, or has nothing consistent to report,
+    /// such as a torn state after a power cut).
+    pub applied: Option<u64>,
+    /// The generation the device says it is applying right now, if it says so (a power cut
+    /// can be triggered on it).
+    pub applying: Option<u64>,
 }
 
 /// One stored message as a decoder sees it: its subject (a device id is often there, as in
@@ -482,6 +489,86 @@ impl fmt::Debug for Reports {
     }
 }
 
+/// Where the platform puts the desired state: a key of a JetStream KV bucket (the harness
+/// creates the bucket before the device boots) or a subject. Templates, like [`ReportsOn`].
+pub type DesiredOn = ReportsOn;
+
+/// Turns a generation and its document into the bytes the agent reads as its desired state.
+pub type Encoder = Arc<dyn Fn(u64, &str) -> Vec<u8> + Send + Sync>;
+
+/// How the platform talks to the agent: where its desired state goes, how it is encoded, and
+/// the subject it answers commands on. With it the harness is the control plane:
+/// [`OnboardedDevice::desire`](crate::OnboardedDevice::desire),
+/// [`command`](crate::OnboardedDevice::command) and the convergence verdicts.
+#[derive(Clone)]
+pub struct Control {
+    /// Where the desired state goes (templates, rendered per device).
+    pub desired: DesiredOn,
+    /// Encodes a generation and its document.
+    pub encode: Encoder,
+    /// A request/reply subject (template) the agent answers commands on, if it takes any.
+    pub commands: Option<String>,
+}
+
+impl Control {
+    /// The desired state put to `key` (a template) of the KV bucket `bucket`, encoded by
+    /// `encode`.
+    pub fn key_value(
+        bucket: impl Into<String>,
+        key: impl Into<String>,
+        encode: impl Fn(u64, &str) -> Vec<u8> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            desired: DesiredOn::KeyValue {
+                bucket: bucket.into(),
+                key: key.into(),
+            },
+            encode: Arc::new(encode),
+            commands: None,
+        }
+    }
+
+    /// The desired state published on `subject` (a template; no wildcards), encoded by
+    /// `encode`. A message on a subject reaches an agent that listens then: a device that is
+    /// off misses it (a KV key does not).
+    pub fn subject(
+        subject: impl Into<String>,
+        encode: impl Fn(u64, &str) -> Vec<u8> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            desired: DesiredOn::Subject(subject.into()),
+            encode: Arc::new(encode),
+            commands: None,
+        }
+    }
+
+    /// The same, with commands taken on `subject` (a template), request/reply.
+    pub fn with_commands(self, subject: impl Into<String>) -> Self {
+        Self {
+            commands: Some(subject.into()),
+            ..self
+        }
+    }
+}
+
+impl fmt::Debug for Control {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Control")
+            .field("desired", &self.desired)
+            .field("commands", &self.commands)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`Control`] part rendered for one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlOn {
+    /// Where this device's desired state goes.
+    pub desired: DesiredOn,
+    /// The subject this device answers commands on, if any.
+    pub commands: Option<String>,
+}
+
 /// An agent, described.
 #[derive(Debug, Clone)]
 pub struct AgentDescription {
@@ -501,6 +588,8 @@ pub struct AgentDescription {
     /// Extra nats-server configuration (accounts, listeners, JetStream limits), merged into the
     /// run's server configuration, container and process alike.
     pub nats_config: String,
+    /// How the platform tells the agent what to run (`None`: the agent only reports).
+    pub control: Option<Control>,
 }
 
 impl AgentDescription {
@@ -526,6 +615,7 @@ impl AgentDescription {
             }
         }
         self.render_reports_on(None)?;
+        self.render_control_on(None)?;
         render_with(self.service.text(), None, agent, "the unit")?;
         if let Service::User { user, .. } = &self.service
             && self.user.as_deref() != Some(user.as_str())
@@ -684,19 +774,65 @@ impl AgentDescription {
         self.render_reports_on(Some(values))
     }
 
-    /// Renders the subject, or the bucket and key (a bucket name JetStream would refuse is an
-    /// error now, not when the server is asked to create it).
+    /// Where this device's desired state goes and where it takes commands (`None`: the agent
+    /// has no [`Control`] part).
+    pub fn control_on(
+        &self,
+        values: &TemplateValues,
+    ) -> Result<Option<ControlOn>, DescriptionError> {
+        self.render_control_on(Some(values))
+    }
+
     fn render_reports_on(
         &self,
         values: Option<&TemplateValues>,
     ) -> Result<ReportsOn, DescriptionError> {
+        self.render_on(&self.reports.on, values, "report")
+    }
+
+    fn render_control_on(
+        &self,
+        values: Option<&TemplateValues>,
+    ) -> Result<Option<ControlOn>, DescriptionError> {
+        let Some(control) = &self.control else {
+            return Ok(None);
+        };
+        let desired = self.render_on(&control.desired, values, "desired state")?;
+        if let DesiredOn::Subject(s) = &desired
+            && s.split('.').any(|t| t == "*" || t == ">")
+        {
+            return Err(DescriptionError::Invalid {
+                agent: self.name.clone(),
+                problem: format!(
+                    "the desired state's subject {s:?} has a wildcard: the harness publishes to it, so name one subject (e.g. acme.desired.{{device_id}})"
+                ),
+            });
+        }
+        let commands = match &control.commands {
+            Some(c) => Some(render_with(c, values, &self.name, "the command subject")?),
+            None => None,
+        };
+        Ok(Some(ControlOn { desired, commands }))
+    }
+
+    /// Renders a subject, or a bucket and key (a bucket name JetStream would refuse is an
+    /// error now, not when the server is asked to create it); `what` names its use.
+    fn render_on(
+        &self,
+        on: &ReportsOn,
+        values: Option<&TemplateValues>,
+        what: &str,
+    ) -> Result<ReportsOn, DescriptionError> {
         let agent = &self.name;
-        Ok(match &self.reports.on {
-            ReportsOn::Subject(s) => {
-                ReportsOn::Subject(render_with(s, values, agent, "the report subject")?)
-            }
+        Ok(match on {
+            ReportsOn::Subject(s) => ReportsOn::Subject(render_with(
+                s,
+                values,
+                agent,
+                &format!("the {what} subject"),
+            )?),
             ReportsOn::KeyValue { bucket, key } => {
-                let bucket = render_with(bucket, values, agent, "the KV bucket")?;
+                let bucket = render_with(bucket, values, agent, &format!("the {what} KV bucket"))?;
                 let valid = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
                 // Unrendered, a template's values are empty: only the literal part is checked.
                 if (values.is_some() && bucket.is_empty()) || !bucket.chars().all(valid) {
@@ -707,7 +843,7 @@ impl AgentDescription {
                         ),
                     });
                 }
-                let key = render_with(key, values, agent, "the KV key")?;
+                let key = render_with(key, values, agent, &format!("the {what} KV key"))?;
                 ReportsOn::KeyValue { bucket, key }
             }
         })

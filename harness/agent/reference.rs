@@ -1,13 +1,18 @@
 //! The reference agent (fixtures/agent) as a description: one instance of what a user writes
 //! for their own agent. A cargo package shipped as one binary, a typed TOML config rendered per
 //! device, a user unit with linger, JSON statuses on `devicelab.status.<device>` carrying the
-//! kernel's boot id.
+//! kernel's boot id. Two ways: it reads its desired state from the KV bucket
+//! [`DESIRED_BUCKET`] (key: its device id), applies a newer generation to its state file and
+//! reports `applying` then `applied`; it answers `status` on `devicelab.command.<device>`.
 
 use crate::agent::build::reference_source;
 use crate::agent::description::{
-    AgentDescription, Content, Installed, Renderer, Report, Reports, Service, TemplateValues,
+    AgentDescription, Content, Control, Installed, Renderer, Report, Reports, Service,
+    TemplateValues,
 };
-use devicelab_agent::{AgentConfig, DEFAULT_SUBJECT_PREFIX, Status};
+use devicelab_agent::{
+    AgentConfig, ApplyMode, ControlConfig, DEFAULT_SUBJECT_PREFIX, Desired, Status,
+};
 use std::sync::Arc;
 
 /// The user the reference agent runs as, created on the device; its group may read the
@@ -19,9 +24,23 @@ const BINARY_PATH: &str = "/usr/local/bin/devicelab-agent";
 const CONFIG_PATH: &str = "/etc/devicelab-agent/agent.toml";
 /// How often the reference agent reports in the trials.
 pub const INTERVAL_MS: u64 = 2_000;
+/// The KV bucket the reference agent reads its desired state from; its key is the device id.
+pub const DESIRED_BUCKET: &str = "devicelab-desired";
+/// The subject prefix the reference agent takes commands on (`<prefix>.<device id>`).
+pub const COMMAND_PREFIX: &str = "devicelab.command";
+/// Where the reference agent keeps its applied state (in its user's home).
+pub const STATE_PATH: &str = "/home/devicelab-agent/state/applied";
+/// How long one apply of the reference agent takes: long enough that a power cut triggered by
+/// its `applying` report lands inside it.
+pub const APPLY_MS: u64 = 4_000;
 
-/// The reference agent's configuration for one device.
+/// The reference agent's configuration for one device, applying the careful way.
 pub fn config_for(values: &TemplateValues) -> AgentConfig {
+    config_applying(values, ApplyMode::Careful)
+}
+
+/// The reference agent's configuration for one device, applying the way `mode` says.
+pub fn config_applying(values: &TemplateValues, mode: ApplyMode) -> AgentConfig {
     AgentConfig {
         device_id: values.device_id.clone(),
         nats_url: values.nats_url.clone(),
@@ -29,7 +48,24 @@ pub fn config_for(values: &TemplateValues) -> AgentConfig {
         subject_prefix: DEFAULT_SUBJECT_PREFIX.into(),
         nats_user: Some(values.nats_user.clone()),
         nats_password: Some(values.nats_password.clone()),
+        control: Some(ControlConfig {
+            desired_bucket: DESIRED_BUCKET.into(),
+            desired_key: values.device_id.clone(),
+            state_path: STATE_PATH.into(),
+            apply_ms: APPLY_MS,
+            apply: mode,
+            command_subject: Some(format!("{COMMAND_PREFIX}.{}", values.device_id)),
+        }),
     }
+}
+
+/// A generation and its document as the reference agent reads them: a JSON [`Desired`].
+pub fn encode(generation: u64, document: &str) -> Vec<u8> {
+    serde_json::to_vec(&Desired {
+        generation,
+        document: document.to_owned(),
+    })
+    .expect("Desired always serializes")
 }
 
 /// A status of the reference protocol, as the verdicts read it.
@@ -40,6 +76,8 @@ pub fn decode(payload: &[u8]) -> Result<Report, String> {
         timestamp_ms: s.timestamp_ms,
         boot_marker: Some(s.boot_id),
         seq: Some(s.seq),
+        applied: s.applied,
+        applying: s.applying,
     })
 }
 
@@ -60,10 +98,20 @@ WantedBy=default.target
     )
 }
 
-/// The reference agent, described.
+/// The reference agent, described: it applies desired states carefully.
 pub fn agent() -> AgentDescription {
+    agent_applying(ApplyMode::Careful)
+}
+
+/// The reference agent applying desired states the way `mode` says: [`ApplyMode::InPlace`]
+/// is the unsafe agent a power cut inside an apply can tear (its name says so:
+/// `devicelab-agent-in-place`).
+pub fn agent_applying(mode: ApplyMode) -> AgentDescription {
     AgentDescription {
-        name: "devicelab-agent".into(),
+        name: match mode {
+            ApplyMode::Careful => "devicelab-agent".into(),
+            ApplyMode::InPlace => "devicelab-agent-in-place".into(),
+        },
         user: Some(AGENT_USER.into()),
         packages: Vec::new(),
         files: vec![
@@ -80,7 +128,9 @@ pub fn agent() -> AgentDescription {
                 path: CONFIG_PATH.into(),
                 mode: 0o640,
                 group: AGENT_USER.into(),
-                content: Content::Render(Renderer(Arc::new(|v| config_for(v).to_toml()))),
+                content: Content::Render(Renderer(Arc::new(move |v| {
+                    config_applying(v, mode).to_toml()
+                }))),
             },
         ],
         service: Service::User {
@@ -90,5 +140,9 @@ pub fn agent() -> AgentDescription {
         },
         reports: Reports::subject(format!("{DEFAULT_SUBJECT_PREFIX}.{{device_id}}"), decode),
         nats_config: String::new(),
+        control: Some(
+            Control::key_value(DESIRED_BUCKET, "{device_id}", encode)
+                .with_commands(format!("{COMMAND_PREFIX}.{{device_id}}")),
+        ),
     }
 }

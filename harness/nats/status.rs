@@ -225,14 +225,29 @@ impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
         &self,
         after: u64,
         budget: Duration,
-        mut check: impl FnMut(&T) -> Verdict,
+        check: impl FnMut(&T) -> Verdict,
     ) -> Result<(u64, T), NatsError> {
+        let found = self.wait_for_stored(after, budget, check).await?;
+        Ok((found.seq, found.report))
+    }
+
+    /// [`Self::wait_for`], with when the server stored the accepted report.
+    pub async fn wait_for_stored(
+        &self,
+        after: u64,
+        budget: Duration,
+        mut check: impl FnMut(&T) -> Verdict,
+    ) -> Result<Stored<T>, NatsError> {
         let mut found = None;
-        self.scan(after, budget, |seq, _, _, decoded| match decoded {
+        self.scan(after, budget, |seq, stored_ms, _, decoded| match decoded {
             Some(report) if self.is_ours(report) => {
                 let verdict = check(report);
                 if verdict == Verdict::Accept {
-                    found = Some((seq, report.clone()));
+                    found = Some(Stored {
+                        seq,
+                        stored_ms,
+                        report: report.clone(),
+                    });
                 }
                 verdict
             }

@@ -2,10 +2,12 @@
 //! riding out a network partition ([`outage`]), the power-cut sweep ([`power_cut`]), and the
 //! matrix that runs them for any agent on each architecture ([`matrix`]).
 
+pub mod control;
 pub mod matrix;
 pub mod outage;
 pub mod power_cut;
 pub mod scenario;
 
+pub use control::{ControlPlane, Converged, Desire};
 pub use matrix::{AgentFn, Matrix, Scenario};
 pub use scenario::OnboardedDevice;

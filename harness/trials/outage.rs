@@ -275,6 +275,7 @@ mod tests {
             timestamp_ms: ts,
             boot_marker: Some("b".into()),
             seq,
+            ..Report::default()
         }
     }
 

@@ -10,6 +10,7 @@ use crate::lab::{Lab, LabNatsError};
 use crate::model::arch::VmArchitecture;
 use crate::model::spec::{Start, VirtualMachineSpec};
 use crate::nats::{NatsError, NatsServer, ReportLog, Verdict};
+use crate::trials::control::ControlPlane;
 use crate::vm::{PhaseTimings, Vm, VmError};
 use devicelab_agent::now_ms;
 use std::path::PathBuf;
@@ -70,6 +71,14 @@ pub enum ScenarioError {
         /// How long until SSH was back, or why it was not.
         ssh: Result<Duration, String>,
     },
+    /// A command sent to the agent ([`OnboardedDevice::command`]) got no reply.
+    #[error("the command on {subject} failed: {reason}")]
+    Command {
+        /// The subject the command was sent on.
+        subject: String,
+        /// Why: no reply in time, or nothing listens.
+        reason: String,
+    },
     #[error(
         "{source}\n  failure artifacts: {dir} (serial log, domain XML, cloud-init logs, journal, \
          agent journal, status history)\n  last console lines:{console}"
@@ -103,6 +112,9 @@ pub struct OnboardedDevice {
     pub first_report: Report,
     /// How long each phase took, from the VM's start to the first report.
     pub timings: PhaseTimings,
+    /// The harness as this device's control plane: its desired state, commands and
+    /// convergence verdicts (the same verbs are the device's own: [`Self::desire`]).
+    pub control_plane: ControlPlane,
 }
 
 impl OnboardedDevice {
@@ -148,7 +160,7 @@ pub async fn onboarded_device_started(
     let name = lab.vm_name(what, arch);
     let values = template_values(&name, &nats, arch);
     let reports_on = agent.reports_on(&values).map_err(OnboardError::from)?;
-    nats.capture(&reports_on).await?;
+    let control_plane = ControlPlane::for_device(&nats, agent, &values).await?;
     // The agent is built while the VM boots.
     let (vm, onboarding) = tokio::join!(
         lab.vm(VirtualMachineSpec {
@@ -171,6 +183,7 @@ pub async fn onboarded_device_started(
             reports_on,
             first_report,
             timings,
+            control_plane,
         }),
         Err(e) => Err(with_artifacts(&vm, &log, agent, e).await),
     }
@@ -379,6 +392,7 @@ pub async fn pull_the_plug(device: &OnboardedDevice) -> Result<AfterCut, Scenari
     let gate_seq = log.gate().await?;
     let gate_ms = now_ms();
     vm.power_on().await?;
+    device.control_plane.new_boot(gate_seq, now_ms());
     let agent = async {
         let status = report_after_cut(
             &log,

@@ -43,6 +43,7 @@ pub fn decode_heartbeat(payload: &[u8]) -> Result<Report, String> {
         boot_marker: Some(field("boot")?.to_owned()),
         // Fire and forget: no counter (a report it could not send is gone).
         seq: None,
+        ..Report::default()
     })
 }
 
@@ -104,6 +105,7 @@ WantedBy=multi-user.target
         // Reports go to a JetStream key-value bucket, the reference's to a plain subject.
         reports: Reports::key_value("heartbeat", "{device_id}", decode_heartbeat),
         nats_config: String::new(),
+        control: None,
     }
 }
 

@@ -43,8 +43,9 @@ pub fn agent() -> AgentDescription {
         },
         reports: Reports::subject("acme.reports.{device_id}", |payload| {
             let r: AcmeReport = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-            Ok(Report { device_id: r.id, timestamp_ms: r.t, boot_marker: Some(r.boot), seq: None })
+            Ok(Report { device_id: r.id, timestamp_ms: r.t, boot_marker: Some(r.boot), ..Report::default() })
         }),
         nats_config: String::new(),
+        control: None,
     }
 }
