@@ -170,6 +170,15 @@ async fn a_torn_state_is_reported_as_nothing_applied_then_repaired() {
     device.converged(3, BUDGET).await.unwrap();
     assert!(
         matches!(state::read(&state_path(&dir)).unwrap(), OnDisk::Applied(d) if d.generation == 3)
+    ); // What the agent found is kept beside the repaired state: the sweep's "on disk" column.
+    assert_eq!(
+        std::fs::read(state::found_path(&state_path(&dir))).unwrap(),
+        torn
+    );
+    assert!(reference::read_state(&torn).starts_with("torn ("));
+    assert_eq!(
+        state::found_path(Path::new(reference::STATE_PATH)),
+        Path::new(reference::STATE_FOUND_PATH)
     );
 }
 

@@ -98,6 +98,23 @@ WantedBy=default.target
     )
 }
 
+/// The copy of its state the reference agent keeps as it found it when it started: what the
+/// last power cut left on disk.
+pub const STATE_FOUND_PATH: &str = "/home/devicelab-agent/state/applied.found";
+
+/// The reference agent's state file, read the agent's own way: `generation N`, `torn (…)`,
+/// or `missing` (no bytes).
+pub fn read_state(bytes: &[u8]) -> String {
+    if bytes.is_empty() {
+        return "missing".into();
+    }
+    match devicelab_agent::state::decode(bytes) {
+        devicelab_agent::OnDisk::Applied(d) => format!("generation {}", d.generation),
+        devicelab_agent::OnDisk::Torn(why) => format!("torn ({why})"),
+        devicelab_agent::OnDisk::Missing => "missing".into(),
+    }
+}
+
 /// The reference agent, described: it applies desired states carefully.
 pub fn agent() -> AgentDescription {
     agent_applying(ApplyMode::Careful)

@@ -54,6 +54,20 @@ pub struct Stored<T> {
 /// Decodes one message's payload to a `T`, or says why not.
 pub type DecodeAs<T> = Arc<dyn Fn(&Message<'_>) -> Result<T, String> + Send + Sync>;
 
+/// A message's headers as a decoder sees them: name and value, one pair per value.
+pub(crate) fn headers_of(headers: Option<&async_nats::HeaderMap>) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .flat_map(|h| {
+            h.iter().flat_map(|(name, values)| {
+                values
+                    .iter()
+                    .map(move |v| (name.to_string(), v.as_str().to_owned()))
+            })
+        })
+        .collect()
+}
+
 /// How long the stream must stay unchanged after a power cut before the gate is read: a
 /// report on its way when the plug was pulled (sent, not yet stored) lands well within it on
 /// a network the harness owns.
@@ -338,17 +352,7 @@ impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
                     (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
                 )
             });
-            let headers: Vec<(String, String)> = msg
-                .headers
-                .iter()
-                .flat_map(|h| {
-                    h.iter().flat_map(|(name, values)| {
-                        values
-                            .iter()
-                            .map(move |v| (name.to_string(), v.as_str().to_owned()))
-                    })
-                })
-                .collect();
+            let headers = headers_of(msg.headers.as_ref());
             let decoded = (self.decode)(&Message {
                 subject: msg.subject.as_str(),
                 headers: &headers,

@@ -7,7 +7,7 @@
 use crate::agent::description::{AgentDescription, ControlOn, Encoder, Report, TemplateValues};
 use crate::agent::onboard::OnboardError;
 use crate::nats::{NatsError, NatsServer, ReportLog, Verdict, js_err};
-use crate::trials::scenario::{OnboardedDevice, ScenarioError};
+use crate::trials::error::ScenarioError;
 use async_nats::jetstream;
 use devicelab_agent::now_ms;
 use std::sync::Mutex;
@@ -272,42 +272,4 @@ impl ControlPlane {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock()
         .expect("the control plane's locks are never poisoned")
-}
-
-/// The verbs of the device's [`ControlPlane`], on the device itself.
-impl OnboardedDevice {
-    /// [`ControlPlane::desire`].
-    pub async fn desire(&self, generation: u64, document: &str) -> Result<Desire, ScenarioError> {
-        self.control_plane.desire(generation, document).await
-    }
-
-    /// [`ControlPlane::command`].
-    pub async fn command(
-        &self,
-        request: &[u8],
-        budget: Duration,
-    ) -> Result<Vec<u8>, ScenarioError> {
-        self.control_plane.command(request, budget).await
-    }
-
-    /// [`ControlPlane::converged`].
-    pub async fn converged(
-        &self,
-        generation: u64,
-        budget: Duration,
-    ) -> Result<Converged, ScenarioError> {
-        self.control_plane.converged(generation, budget).await
-    }
-
-    /// [`ControlPlane::never_reported`].
-    pub async fn never_reported(
-        &self,
-        what: &str,
-        window: Duration,
-        must_not: impl Fn(&Report) -> bool,
-    ) -> Result<(), ScenarioError> {
-        self.control_plane
-            .never_reported(what, window, must_not)
-            .await
-    }
 }

@@ -1,4 +1,4 @@
-//! The trial matrix for any agent — {e2e, power_cycle, partition} × {x86_64, aarch64} — as libtest-mimic
+//! The trial matrix for any agent — {e2e, power_cycle, partition, update} × {x86_64, aarch64} — as libtest-mimic
 //! trials, so `cargo test`, `cargo nextest` and their filters see one test per cell. A user's
 //! `harness = false` test target is a few lines:
 //!
@@ -35,11 +35,22 @@ pub enum Scenario {
     /// A reporting device (warm) cut off for longer than both keep-alives, then healed: every
     /// report arrives once, in order, and reporting resumes (`outage`).
     Partition,
+    /// For an agent with a control part: converge to generation 1, then pull the plug on the
+    /// device's own "applying 2" report; it comes back reporting 1 or 2 (never torn, never
+    /// nothing), usable, and converges to 2 (`update`).
+    Update,
 }
 
 impl Scenario {
     /// Every scenario: pass it to [`Matrix::agent`] to run them all.
-    pub const ALL: [Scenario; 3] = [Scenario::E2e, Scenario::PowerCycle, Scenario::Partition];
+    /// ([`Scenario::Update`] is listed only for an agent whose description has a control
+    /// part.)
+    pub const ALL: [Scenario; 4] = [
+        Scenario::E2e,
+        Scenario::PowerCycle,
+        Scenario::Partition,
+        Scenario::Update,
+    ];
 }
 
 impl fmt::Display for Scenario {
@@ -48,6 +59,7 @@ impl fmt::Display for Scenario {
             Self::E2e => "e2e",
             Self::PowerCycle => "power_cycle",
             Self::Partition => "partition",
+            Self::Update => "update",
         })
     }
 }
@@ -86,7 +98,11 @@ impl Matrix {
         let mut trials = Vec::new();
         for arch in VmArchitecture::ALL {
             for (prefix, agent, scenarios) in &self.rows {
+                let two_way = agent().control.is_some();
                 for &scenario in scenarios {
+                    if scenario == Scenario::Update && !two_way {
+                        continue;
+                    }
                     let ignored = !opted_in || config.arch_filter.is_some_and(|a| a != arch);
                     let name = if prefix.is_empty() {
                         format!("{scenario}::{arch}")
@@ -143,6 +159,7 @@ fn run(agent: AgentFn, scenario: Scenario, arch: VmArchitecture) -> Result<(), F
             Scenario::Partition => {
                 crate::trials::outage::partition_with(&lab, arch, &description).await
             }
+            Scenario::Update => crate::trials::update::update_with(&lab, arch, &description).await,
         };
         let agent = &description.name;
         match result {

@@ -1,13 +1,18 @@
 //! The trials: an onboarded device and the power-cycle story with its verdicts ([`scenario`]),
-//! riding out a network partition ([`outage`]), the power-cut sweep ([`power_cut`]), and the
-//! matrix that runs them for any agent on each architecture ([`matrix`]).
+//! riding out a network partition ([`outage`]), the power-cut sweep ([`power_cut`]), the
+//! harness as the device's control plane ([`control`]), power cuts during an update
+//! ([`update`]), and the matrix that runs them for any agent on each architecture
+//! ([`matrix`]).
 
 pub mod control;
+pub mod error;
 pub mod matrix;
 pub mod outage;
 pub mod power_cut;
 pub mod scenario;
+pub mod update;
 
 pub use control::{ControlPlane, Converged, Desire};
 pub use matrix::{AgentFn, Matrix, Scenario};
 pub use scenario::OnboardedDevice;
+pub use update::{ApplyCut, ArmedCut, CutWhen, Fired, StateFile, Trigger};

@@ -2,99 +2,18 @@
 //! onboard the agent, see it report; then pull the plug and see it report from the new boot.
 //! When a step fails, the VM's artifacts are saved and the error names where.
 
-use crate::agent::build::AgentBinaryError;
 use crate::agent::description::{AgentDescription, Report, ReportsOn, TemplateValues};
 use crate::agent::onboard::{OnboardError, Onboarding};
 use crate::agent::reference;
-use crate::lab::{Lab, LabNatsError};
+use crate::lab::Lab;
 use crate::model::arch::VmArchitecture;
 use crate::model::spec::{Start, VirtualMachineSpec};
 use crate::nats::{NatsError, NatsServer, ReportLog, Verdict};
-use crate::trials::control::ControlPlane;
-use crate::vm::{PhaseTimings, Vm, VmError};
+use crate::trials::control::{ControlPlane, Converged, Desire};
+pub use crate::trials::error::ScenarioError;
+use crate::vm::{PhaseTimings, Vm};
 use devicelab_agent::now_ms;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-fn recovery_message(agent: &Result<Duration, String>, ssh: &Result<Duration, String>) -> String {
-    match (agent, ssh) {
-        (Ok(a), Err(e)) => format!(
-            "the agent recovered in {:.1} s (a status from the new boot), but SSH did not come back: {e}",
-            a.as_secs_f64()
-        ),
-        (Err(e), Ok(s)) => format!(
-            "SSH came back in {:.1} s, but the agent did not recover: {e}",
-            s.as_secs_f64()
-        ),
-        (Err(a), Err(s)) => {
-            format!("neither the agent nor SSH came back:\n  agent: {a}\n  SSH: {s}")
-        }
-        (Ok(a), Ok(s)) => format!(
-            "the agent recovered in {:.1} s and SSH in {:.1} s",
-            a.as_secs_f64(),
-            s.as_secs_f64()
-        ),
-    }
-}
-
-/// Why a trial failed: the error of the layer that failed, a verdict of the trial itself, or
-/// either with the failure artifacts it kept.
-#[derive(Debug, thiserror::Error)]
-pub enum ScenarioError {
-    /// Starting or driving the VM failed.
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    /// The run's NATS server could not be started.
-    #[error(transparent)]
-    Nats(#[from] LabNatsError),
-    /// Reading the device's reports failed, or the report waited for did not arrive in time
-    /// or was rejected.
-    #[error(transparent)]
-    Status(#[from] NatsError),
-    /// Onboarding failed, or the agent's description is wrong (checked before anything boots).
-    #[error(transparent)]
-    Onboard(#[from] OnboardError),
-    /// The agent's binary could not be built, read, or is for another architecture.
-    #[error(transparent)]
-    Agent(#[from] AgentBinaryError),
-    /// A check of the trial failed (the VM's architecture, cloud-init's schema check,
-    /// onboarding's idempotence, delivery across an outage); the message says what was
-    /// expected and what was seen.
-    #[error("{0}")]
-    Check(String),
-    /// After a power cycle the agent (judged by its status stream) and the device's SSH are
-    /// two verdicts: a broken sshd is never reported as a broken agent, nor the reverse.
-    #[error("{}", recovery_message(agent, ssh))]
-    Recovery {
-        /// How long until a status from the new boot arrived, or why none did.
-        agent: Result<Duration, String>,
-        /// How long until SSH was back, or why it was not.
-        ssh: Result<Duration, String>,
-    },
-    /// A command sent to the agent ([`OnboardedDevice::command`]) got no reply.
-    #[error("the command on {subject} failed: {reason}")]
-    Command {
-        /// The subject the command was sent on.
-        subject: String,
-        /// Why: no reply in time, or nothing listens.
-        reason: String,
-    },
-    #[error(
-        "{source}\n  failure artifacts: {dir} (serial log, domain XML, cloud-init logs, journal, \
-         agent journal, status history)\n  last console lines:{console}"
-    )]
-    /// A failure on a running device, with its evidence kept: the message names the
-    /// artifacts' directory and quotes the serial console's last lines.
-    WithArtifacts {
-        /// The failure itself.
-        source: Box<ScenarioError>,
-        /// Where the failure artifacts are (serial log, domain XML, cloud-init logs, journal,
-        /// agent journal, report history).
-        dir: PathBuf,
-        /// The serial console's last lines, formatted for the message.
-        console: String,
-    },
-}
 
 /// A device with an agent onboarded and reporting.
 pub struct OnboardedDevice {
@@ -384,9 +303,20 @@ pub struct AfterCut {
 pub async fn pull_the_plug(device: &OnboardedDevice) -> Result<AfterCut, ScenarioError> {
     let vm = &device.vm;
     let old_boot = vm.boot_id().await?;
-    let log = device.reports();
     let started = Instant::now();
     vm.power_off().await?;
+    recover_after_cut(device, &old_boot, started).await
+}
+
+/// After the plug was pulled (at `started`) on boot `old_boot`: the gate, power on, and the
+/// agent and SSH judged apart; the agent's boot marker must then be the device's new boot id.
+pub(crate) async fn recover_after_cut(
+    device: &OnboardedDevice,
+    old_boot: &str,
+    started: Instant,
+) -> Result<AfterCut, ScenarioError> {
+    let vm = &device.vm;
+    let log = device.reports();
     // The gate: the guest is gone; once what it sent last has landed, nothing of the old boot
     // can come (taken before power comes back).
     let gate_seq = log.gate().await?;
@@ -397,7 +327,7 @@ pub async fn pull_the_plug(device: &OnboardedDevice) -> Result<AfterCut, Scenari
         let status = report_after_cut(
             &log,
             gate_seq,
-            &old_boot,
+            old_boot,
             Some(gate_ms),
             vm.budgets().power_cycle_recovery,
         )
@@ -430,4 +360,42 @@ pub async fn pull_the_plug(device: &OnboardedDevice) -> Result<AfterCut, Scenari
         report: status,
         gate_ms,
     })
+}
+
+/// The verbs of the device's [`ControlPlane`], on the device itself.
+impl OnboardedDevice {
+    /// [`ControlPlane::desire`].
+    pub async fn desire(&self, generation: u64, document: &str) -> Result<Desire, ScenarioError> {
+        self.control_plane.desire(generation, document).await
+    }
+
+    /// [`ControlPlane::command`].
+    pub async fn command(
+        &self,
+        request: &[u8],
+        budget: Duration,
+    ) -> Result<Vec<u8>, ScenarioError> {
+        self.control_plane.command(request, budget).await
+    }
+
+    /// [`ControlPlane::converged`].
+    pub async fn converged(
+        &self,
+        generation: u64,
+        budget: Duration,
+    ) -> Result<Converged, ScenarioError> {
+        self.control_plane.converged(generation, budget).await
+    }
+
+    /// [`ControlPlane::never_reported`].
+    pub async fn never_reported(
+        &self,
+        what: &str,
+        window: Duration,
+        must_not: impl Fn(&Report) -> bool,
+    ) -> Result<(), ScenarioError> {
+        self.control_plane
+            .never_reported(what, window, must_not)
+            .await
+    }
 }

@@ -1,0 +1,391 @@
+//! Power cut at the moment that matters: a cut armed on a trigger ([`CutWhen`]: a report the
+//! device sends) fires as soon as the harness sees it, then the device is
+//! powered on and judged. The `update` trial and the cut-during-apply sweep: desire a new
+//! generation, cut while the device applies it, and the device must come back usable,
+//! reporting the old generation or the new (never a torn state, never nothing), and converge
+//! to the new one without help.
+
+use crate::agent::description::Report;
+use crate::lab::Lab;
+use crate::model::arch::VmArchitecture;
+use crate::trials::scenario::{
+    AfterCut, OnboardedDevice, ScenarioError, onboarded_device_started, recover_after_cut,
+    with_artifacts,
+};
+use crate::vm::PhaseTimings;
+use futures_util::StreamExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What fires an armed cut.
+#[derive(Clone)]
+pub enum Trigger {
+    /// The device sends a report this matches (e.g. `applying == Some(7)`): seen on the wire,
+    /// as NATS delivers it, not once stored.
+    Reported(Arc<dyn Fn(&Report) -> bool + Send + Sync>),
+}
+
+impl std::fmt::Debug for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Reported(_) => f.write_str("a matching report"),
+        }
+    }
+}
+
+/// When an armed cut fires: a trigger, then an offset after it.
+#[derive(Debug, Clone)]
+pub struct CutWhen {
+    /// What fires it.
+    pub trigger: Trigger,
+    /// How long after the trigger the plug is pulled.
+    pub offset: Duration,
+}
+
+impl CutWhen {
+    /// The plug is pulled when the device reports something `matches`.
+    pub fn reported(matches: impl Fn(&Report) -> bool + Send + Sync + 'static) -> Self {
+        Self {
+            trigger: Trigger::Reported(Arc::new(matches)),
+            offset: Duration::ZERO,
+        }
+    }
+
+    /// The same trigger, the plug pulled `offset` after it.
+    pub fn after(self, offset: Duration) -> Self {
+        Self { offset, ..self }
+    }
+}
+
+/// A cut armed on a device: [`ArmedCut::fire`] waits for its trigger.
+pub struct ArmedCut<'a> {
+    device: &'a OnboardedDevice,
+    when: CutWhen,
+    old_boot: String,
+    wire: async_nats::Subscriber,
+}
+
+/// What a fired cut did: what triggered it, how close the cut followed, and the device after
+/// power-on.
+#[derive(Debug, Clone)]
+pub struct Fired {
+    /// The trigger, as it was seen (the report).
+    pub trigger: String,
+    /// The offset asked for.
+    pub offset: Duration,
+    /// From the trigger seen (plus the offset) until libvirt's destroy returned: how closely
+    /// the cut followed on this host.
+    pub delay: Duration,
+    /// The device after power-on: the new boot's first report.
+    pub after: AfterCut,
+}
+
+impl OnboardedDevice {
+    /// Arms a power cut on `when`: arm it before what triggers it (a report in answer to a
+    /// [`desire`](Self::desire) cannot be missed then).
+    pub async fn arm_cut(&self, when: CutWhen) -> Result<ArmedCut<'_>, ScenarioError> {
+        let old_boot = self.vm.boot_id().await?;
+        let wire = self
+            .nats
+            .client()
+            .subscribe(self.reports_on.subject())
+            .await
+            .map_err(|e| crate::nats::NatsError::JetStream {
+                doing: format!("subscribing to {}", self.reports_on),
+                message: e.to_string(),
+            })?;
+        Ok(ArmedCut {
+            device: self,
+            when,
+            old_boot,
+            wire,
+        })
+    }
+}
+
+impl ArmedCut<'_> {
+    /// Waits (at most `budget`) for the trigger, pulls the plug `offset` after it, powers the
+    /// device on and waits for its new boot's first report and SSH (two verdicts, as after any
+    /// cut).
+    pub async fn fire(mut self, budget: Duration) -> Result<Fired, ScenarioError> {
+        let device = self.device;
+        let (trigger, seen) = tokio::time::timeout(budget, self.trigger())
+            .await
+            .map_err(|_| {
+                ScenarioError::Check(format!(
+                    "the cut armed on {:?} never fired: not seen within {budget:?}",
+                    self.when.trigger
+                ))
+            })??;
+        tokio::time::sleep_until((seen + self.when.offset).into()).await;
+        device.vm.power_off().await?;
+        let delay = seen.elapsed().saturating_sub(self.when.offset);
+        tracing::info!(
+            "power cut {:?} after {trigger} (+{:?} asked): {:.0} ms from trigger to destroy",
+            self.when.trigger,
+            self.when.offset,
+            delay.as_secs_f64() * 1e3
+        );
+        let after = recover_after_cut(device, &self.old_boot, Instant::now()).await?;
+        Ok(Fired {
+            trigger,
+            offset: self.when.offset,
+            delay,
+            after,
+        })
+    }
+
+    /// The trigger, as seen, and when.
+    async fn trigger(&mut self) -> Result<(String, Instant), ScenarioError> {
+        let device = self.device;
+        match &self.when.trigger {
+            Trigger::Reported(matches) => {
+                let decode = &device.agent.reports.decode;
+                while let Some(msg) = self.wire.next().await {
+                    let headers = crate::nats::status::headers_of(msg.headers.as_ref());
+                    let message = crate::description::Message {
+                        subject: msg.subject.as_str(),
+                        headers: &headers,
+                        payload: &msg.payload,
+                    };
+                    if let Ok(report) = decode(&message)
+                        && report.device_id == device.device_id
+                        && matches(&report)
+                    {
+                        return Ok((format!("{report:?}"), Instant::now()));
+                    }
+                }
+                Err(ScenarioError::Check(
+                    "the subscription to the device's reports ended before the trigger".into(),
+                ))
+            }
+        }
+    }
+}
+
+/// What one cut inside an apply did: the outcome of [`cut_during_apply`].
+#[derive(Debug, Clone)]
+pub struct ApplyCut {
+    /// The generation the device ran before (flushed to disk before the cut).
+    pub from: u64,
+    /// The generation it was applying.
+    pub to: u64,
+    /// The cut, as fired: offset, delay from trigger to destroy, the new boot's first report.
+    pub fired: Fired,
+    /// What the agent's state file held after power-on, as the agent's own reader reads it
+    /// (`None`: no reader for this agent, or no SSH).
+    pub on_disk: Option<String>,
+    /// The agent's unit was active once SSH was back.
+    pub agent_active: bool,
+    /// Power-on until the device reported `to` applied (host clock), or why it did not.
+    pub converged: Result<Duration, String>,
+}
+
+impl ApplyCut {
+    /// The generation the new boot's first report says is applied.
+    pub fn applied_after(&self) -> Option<u64> {
+        self.fired.after.report.applied
+    }
+
+    /// What is wrong, if anything: a state that is neither generation (torn, or nothing), the
+    /// agent not active, no convergence.
+    pub fn broke(&self) -> Option<String> {
+        let mut wrong = Vec::new();
+        match self.applied_after() {
+            Some(g) if g == self.from || g == self.to => {}
+            Some(g) => wrong.push(format!(
+                "came back reporting generation {g}, neither {} nor {}",
+                self.from, self.to
+            )),
+            None => wrong.push(format!(
+                "came back reporting no applied generation (torn, or nothing), neither {} nor {}",
+                self.from, self.to
+            )),
+        }
+        if !self.agent_active {
+            wrong.push("the agent's unit is not active".into());
+        }
+        if let Err(e) = &self.converged {
+            wrong.push(format!("did not converge to {}: {e}", self.to));
+        }
+        (!wrong.is_empty()).then(|| wrong.join("; "))
+    }
+}
+
+/// How an agent's state file is read after power-on, for the sweep's "on disk" column: its
+/// path on the device, and the agent's own reader of its bytes.
+#[derive(Clone, Copy)]
+pub struct StateFile {
+    /// The file's path on the device.
+    pub path: &'static str,
+    /// Reads its bytes (an empty slice: the file is missing) into a word for the table.
+    pub read: fn(&[u8]) -> String,
+}
+
+/// One cut inside an apply, on an onboarded device running generation `from`: arm `when`,
+/// desire `to`, let the cut fire, power on, and judge. Errors before the cut are errors; what
+/// the cut breaks is the outcome ([`ApplyCut::broke`]).
+pub async fn cut_during_apply(
+    device: &OnboardedDevice,
+    from: u64,
+    to: u64,
+    when: CutWhen,
+    state: Option<StateFile>,
+) -> Result<ApplyCut, ScenarioError> {
+    let vm = &device.vm;
+    let budgets = vm.budgets();
+    let armed = device.arm_cut(when).await?;
+    device.desire(to, &format!("generation {to}")).await?;
+    let fired = armed.fire(budgets.power_cycle_recovery).await?;
+    let on_disk = match state {
+        Some(state) => {
+            let out = vm
+                .exec(&format!(
+                    "sudo -n od -An -v -tx1 {} 2>/dev/null | tr -d ' \\n'",
+                    crate::ssh::session::shell_quote(state.path)
+                ))
+                .await?;
+            let bytes = hex::decode(out.stdout.trim()).unwrap_or_default();
+            Some((state.read)(&bytes))
+        }
+        None => None,
+    };
+    let service = &device.agent.service;
+    let agent_active = vm
+        .wait_for_unit(service.unit(), service.user())
+        .await
+        .is_ok();
+    let converged = device
+        .converged(to, budgets.power_cycle_recovery)
+        .await
+        .map(|c| c.took)
+        .map_err(|e| e.to_string());
+    Ok(ApplyCut {
+        from,
+        to,
+        fired,
+        on_disk,
+        agent_active,
+        converged,
+    })
+}
+
+/// The trigger the `update` trial cuts on: the device's own report that it is applying `to`.
+pub fn applying(to: u64) -> CutWhen {
+    CutWhen::reported(move |r| r.applying == Some(to))
+}
+
+/// The `update` trial for any agent with a control part: onboard, converge to generation 1
+/// (flushed), then desire 2 and pull the plug on the device's own "applying 2" report. It
+/// must come back usable, reporting 1 or 2 (never torn, never nothing), and converge to 2.
+pub async fn update_with(
+    lab: &Lab,
+    arch: VmArchitecture,
+    agent: &crate::agent::description::AgentDescription,
+) -> Result<PhaseTimings, ScenarioError> {
+    let device = onboarded_device_started(lab, arch, "update", agent, None).await?;
+    let outcome = async {
+        let cut = apply_cut_on(&device, applying(2), None).await?;
+        match cut.broke() {
+            None => Ok(cut),
+            Some(wrong) => Err(ScenarioError::Check(format!(
+                "power cut while applying generation 2 ({:.0} ms after {}): the device {wrong}",
+                cut.fired.delay.as_secs_f64() * 1e3,
+                cut.fired.trigger
+            ))),
+        }
+    }
+    .await;
+    match outcome {
+        Ok(cut) => {
+            device.timings.record("trigger to destroy", cut.fired.delay);
+            if let Ok(took) = cut.converged {
+                device.timings.record("converged after the cut", took);
+            }
+            Ok(device.timings.clone())
+        }
+        Err(e) => Err(with_artifacts(&device.vm, &device.reports(), &device.agent, e).await),
+    }
+}
+
+/// On a fresh onboarded device: converge to generation 1 and flush it, then one cut while
+/// applying 2.
+async fn apply_cut_on(
+    device: &OnboardedDevice,
+    when: CutWhen,
+    state: Option<StateFile>,
+) -> Result<ApplyCut, ScenarioError> {
+    let started = Instant::now();
+    device.desire(1, "generation 1").await?;
+    device
+        .converged(1, device.vm.budgets().first_status)
+        .await?;
+    // Generation 1 must be durable before the cut: the verdict is about the apply of 2.
+    device.vm.flush().await?;
+    device.timings.record("converged to 1", started.elapsed());
+    cut_during_apply(device, 1, 2, when, state).await
+}
+
+/// The cut-during-apply sweep: for each offset after the device's "applying 2" report, a
+/// fresh device (warm starts make this cheap) converged to 1, then cut while applying 2.
+pub async fn sweep(
+    lab: &Lab,
+    arch: VmArchitecture,
+    agent: &crate::agent::description::AgentDescription,
+    offsets: &[Duration],
+    state: Option<StateFile>,
+) -> Result<Vec<ApplyCut>, ScenarioError> {
+    let mut outcomes = Vec::new();
+    for offset in offsets {
+        let device = onboarded_device_started(lab, arch, "apply-cut", agent, None).await?;
+        let cut = match apply_cut_on(&device, applying(2).after(*offset), state).await {
+            Ok(cut) => cut,
+            Err(e) => {
+                return Err(with_artifacts(&device.vm, &device.reports(), &device.agent, e).await);
+            }
+        };
+        tracing::info!(
+            "cut-during-apply sweep, {arch}, {} +{offset:?}: {}",
+            agent.name,
+            cut.broke().unwrap_or_else(|| "consistent".into())
+        );
+        outcomes.push(cut);
+    }
+    Ok(outcomes)
+}
+
+/// The sweep as a Markdown table: cut point, the trigger-to-destroy delay, what was on disk,
+/// the generation reported after power-on, time to converge, and whether the device was
+/// consistent and usable.
+pub fn table(arch: VmArchitecture, agent: &str, cuts: &[ApplyCut]) -> String {
+    let mut out = format!(
+        "| {arch}, {agent}: cut at | trigger → destroy | on disk after power-on | applied after power-on | converged to 2 after power-on | consistent and usable |\n\
+         | --- | --- | --- | --- | --- | --- |\n"
+    );
+    for c in cuts {
+        out.push_str(&format!(
+            "| applying 2 + {} ms | {:.0} ms | {} | {} | {} | {} |\n",
+            c.fired.offset.as_millis(),
+            c.fired.delay.as_secs_f64() * 1e3,
+            c.on_disk.as_deref().unwrap_or("?"),
+            c.applied_after()
+                .map_or("none (torn)".to_owned(), |g| g.to_string()),
+            match &c.converged {
+                Ok(d) => format!("{:.1} s", d.as_secs_f64()),
+                Err(_) => "no".into(),
+            },
+            match c.broke() {
+                None => "**yes**".to_owned(),
+                Some(wrong) => format!("**no**: {}", wrong.replace('|', "/")),
+            },
+        ));
+    }
+    out
+}
+
+/// The median trigger-to-destroy delay of `cuts`.
+pub fn median_delay(cuts: &[ApplyCut]) -> Option<Duration> {
+    let mut delays: Vec<Duration> = cuts.iter().map(|c| c.fired.delay).collect();
+    delays.sort();
+    delays.get(delays.len() / 2).copied()
+}

@@ -1,0 +1,123 @@
+//! Power cut in the middle of an update, on real VMs: the reference agent applies generation 2
+//! while the harness pulls the plug on the agent's own "applying 2" report (plus an offset that
+//! lands inside the apply). The careful agent (temp file, fsync, rename, fsync of the
+//! directory) must come back whole; the same agent writing in place must be caught torn: the
+//! pair proves the verdict can pass and can fail. Boots VMs: `--features e2e` (architecture:
+//! ARCH, else the host's).
+
+use devicelab::agent::reference;
+use devicelab::fixtures::*;
+use devicelab::trials::update::{self, ApplyCut, StateFile};
+use devicelab_agent::ApplyMode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The reference agent's state, as it found it after power-on.
+const STATE: StateFile = StateFile {
+    path: reference::STATE_FOUND_PATH,
+    read: reference::read_state,
+};
+
+/// Offsets after the "applying 2" report: the apply takes `reference::APPLY_MS` (4 s), its
+/// writes spread evenly over it.
+fn offsets(points: u64) -> Vec<Duration> {
+    (0..points)
+        .map(|i| Duration::from_millis(reference::APPLY_MS * i / points))
+        .collect()
+}
+
+async fn sweep(
+    lab: &Lab,
+    arch: VmArchitecture,
+    mode: ApplyMode,
+    offsets: &[Duration],
+    which: &str,
+) -> Vec<ApplyCut> {
+    let agent = reference::agent_applying(mode);
+    let cuts = update::sweep(lab, arch, &agent, offsets, Some(STATE))
+        .await
+        .unwrap();
+    let table = update::table(arch, &agent.name, &cuts);
+    println!("{table}");
+    println!(
+        "median trigger → destroy: {:.0} ms",
+        update::median_delay(&cuts)
+            .unwrap_or_default()
+            .as_secs_f64()
+            * 1e3
+    );
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(format!("update-sweep-{which}-{}-{arch}.md", agent.name));
+    std::fs::write(&out, &table).unwrap();
+    cuts
+}
+
+/// Every cut of the careful agent comes back whole and usable, and converges.
+fn assert_whole(cuts: &[ApplyCut], arch: VmArchitecture) {
+    let table = update::table(arch, "devicelab-agent", cuts);
+    for c in cuts {
+        assert_eq!(c.broke(), None, "the careful agent broke\n{table}");
+        assert!(
+            c.on_disk
+                .as_deref()
+                .is_some_and(|d| d == "generation 1" || d == "generation 2"),
+            "on disk after the cut: {:?}\n{table}",
+            c.on_disk
+        );
+    }
+}
+
+/// At least one cut of the in-place agent is caught torn: on disk, and by the verdict.
+fn assert_caught_torn(cuts: &[ApplyCut], arch: VmArchitecture) {
+    let table = update::table(arch, "devicelab-agent-in-place", cuts);
+    let torn: Vec<_> = cuts
+        .iter()
+        .filter(|c| c.on_disk.as_deref().is_some_and(|d| d.starts_with("torn")))
+        .collect();
+    assert!(
+        !torn.is_empty(),
+        "no cut tore the in-place agent's state\n{table}"
+    );
+    for c in torn {
+        let wrong = c.broke().unwrap_or_default();
+        assert!(
+            c.applied_after().is_none() && wrong.contains("torn, or nothing"),
+            "a torn state must fail the verdict: {wrong:?}\n{table}"
+        );
+        // Torn, yet it repairs itself: the desired state is still there.
+        assert!(c.converged.is_ok(), "{table}");
+    }
+}
+
+/// The short form CI runs: one cut inside the apply for each of the pair, each on a fresh
+/// device.
+#[rstest]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots 2 VMs: run with --features e2e")]
+async fn a_cut_inside_the_apply_leaves_the_careful_agent_whole_and_the_in_place_one_torn(
+    #[future] lab: Arc<Lab>,
+    arch: VmArchitecture,
+) {
+    let lab = lab.await;
+    let inside = [Duration::from_millis(reference::APPLY_MS / 2)];
+    let careful = sweep(&lab, arch, ApplyMode::Careful, &inside, "short").await;
+    assert_whole(&careful, arch);
+    let in_place = sweep(&lab, arch, ApplyMode::InPlace, &inside, "short").await;
+    assert_caught_torn(&in_place, arch);
+}
+
+/// The tables in docs/power-cuts.md: 8 cut points across the apply for each of the pair, each
+/// on a fresh device: `ARCH=<arch> cargo test --features e2e --test update cut_during_apply_sweep
+/// -- --ignored --nocapture` (16 VMs). Also written to `target/update-sweep-full-<agent>-<arch>.md`.
+#[rstest]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[ignore = "the cut-during-apply sweep: 16 VMs; run it with -- --ignored"]
+async fn cut_during_apply_sweep(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
+    let lab = lab.await;
+    let points = offsets(8);
+    let careful = sweep(&lab, arch, ApplyMode::Careful, &points, "full").await;
+    let in_place = sweep(&lab, arch, ApplyMode::InPlace, &points, "full").await;
+    assert_whole(&careful, arch);
+    assert_caught_torn(&in_place, arch);
+}
