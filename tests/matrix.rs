@@ -1,5 +1,6 @@
-//! The end-to-end matrix: {e2e, power_cycle, partition} × {x86_64, aarch64} for the reference agent, and
-//! the same for a second agent described through the public API (`heartbeat::…`). Built
+//! The end-to-end matrix: {e2e, power_cycle, partition, update} × {x86_64, aarch64} for the
+//! reference agent, and {e2e, power_cycle, partition} for a second agent described through the
+//! public API (`heartbeat::…`: it has no control part, so no `update`). Built
 //! by the same helper a user's crate calls (`devicelab::trials::Matrix`).
 //!
 //! The trials boot VMs, so they run only when asked: built with `--features e2e`, or with ARCH

@@ -102,12 +102,8 @@ WantedBy=default.target
 /// last power cut left on disk.
 pub const STATE_FOUND_PATH: &str = "/home/devicelab-agent/state/applied.found";
 
-/// The reference agent's state file, read the agent's own way: `generation N`, `torn (…)`,
-/// or `missing` (no bytes).
+/// The reference agent's state file, read the agent's own way: `generation N` or `torn (…)`.
 pub fn read_state(bytes: &[u8]) -> String {
-    if bytes.is_empty() {
-        return "missing".into();
-    }
     match devicelab_agent::state::decode(bytes) {
         devicelab_agent::OnDisk::Applied(d) => format!("generation {}", d.generation),
         devicelab_agent::OnDisk::Torn(why) => format!("torn ({why})"),

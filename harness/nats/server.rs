@@ -557,7 +557,9 @@ impl NatsServer {
                 }
                 js.create_stream(kv_stream_config(name, bucket))
                     .await
-                    .map_err(|e| js_err("creating the reports' KV bucket")(e.to_string()))?;
+                    .map_err(|e| {
+                        js_err(&format!("creating the KV bucket {bucket}"))(e.to_string())
+                    })?;
                 return Ok(());
             }
         };

@@ -163,27 +163,29 @@ impl ControlPlane {
             subject: subject.clone(),
             reason,
         };
-        let reply = tokio::time::timeout(
-            budget,
-            self.client
-                .request(subject.clone(), request.to_vec().into()),
-        )
-        .await
-        .map_err(|_| failed(format!("no reply within {budget:?}")))?
-        .map_err(|e| {
-            failed(match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => {
-                    "nothing listens there (is the agent running and connected?)".into()
-                }
-                _ => e.to_string(),
-            })
-        })?;
+        let ask = async_nats::Request::new()
+            .payload(request.to_vec().into())
+            .timeout(Some(budget));
+        let reply = self
+            .client
+            .send_request(subject.clone(), ask)
+            .await
+            .map_err(|e| {
+                failed(match e.kind() {
+                    async_nats::RequestErrorKind::NoResponders => {
+                        "nothing listens there (is the agent running and connected?)".into()
+                    }
+                    async_nats::RequestErrorKind::TimedOut => format!("no reply within {budget:?}"),
+                    _ => e.to_string(),
+                })
+            })?;
         Ok(reply.payload.to_vec())
     }
 
     /// Waits until the device reports that it runs generation `generation` (desired on this
-    /// control plane), judged on its own reports from its current boot: those after the put,
-    /// and after the last power cut's gate. A report of a generation larger than any desired
+    /// control plane), judged on its own reports after the put and, when this device's plug
+    /// was pulled by the harness since ([`OnboardedDevice::arm_cut`], the power-cycle trial),
+    /// after that cut's gate: the new boot's. A report of a generation larger than any desired
     /// fails at once, as does `budget` running out (the last reports are quoted).
     pub async fn converged(
         &self,
@@ -231,8 +233,11 @@ impl ControlPlane {
         })
     }
 
-    /// Watches the device's reports for `window`, from now: one that `must_not` matches fails
-    /// the verdict at once, quoted with `what` it would mean ("a torn state").
+    /// Watches the device's reports for `window`, from the call on (reports stored before it,
+    /// such as a new boot's first after a cut, are judged by [`Fired`](crate::trials::Fired)'s
+    /// report): one that `must_not` matches fails the verdict at once, quoted with `what` it
+    /// would mean ("a torn state"). A window without a single report of the device fails
+    /// too: a silent device proves nothing.
     pub async fn never_reported(
         &self,
         what: &str,
@@ -240,9 +245,11 @@ impl ControlPlane {
         must_not: impl Fn(&Report) -> bool,
     ) -> Result<(), ScenarioError> {
         let from = self.reports.last_sequence().await?;
+        let mut seen = 0usize;
         let verdict = self
             .reports
             .wait_for(from, window, |r| {
+                seen += 1;
                 if must_not(r) {
                     Verdict::Reject(format!("{} reported {what}", self.device_id))
                 } else {
@@ -251,7 +258,12 @@ impl ControlPlane {
             })
             .await;
         match verdict {
-            Err(NatsError::StatusTimeout { .. }) => Ok(()),
+            Err(NatsError::StatusTimeout { .. }) if seen > 0 => Ok(()),
+            Err(NatsError::StatusTimeout { .. }) => Err(ScenarioError::Check(format!(
+                "{} sent no report in {window:?}: a silent device cannot show it never reported \
+                 {what} (is its agent running?)",
+                self.device_id
+            ))),
             Err(e) => Err(e.into()),
             Ok(_) => unreachable!("the check never accepts"),
         }

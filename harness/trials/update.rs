@@ -113,11 +113,13 @@ impl ArmedCut<'_> {
             .await
             .map_err(|_| {
                 ScenarioError::Check(format!(
-                    "the cut armed on {:?} never fired: not seen within {budget:?}",
-                    self.when.trigger
+                    "the cut armed on {:?} of {} never fired: not seen within {budget:?} (does the \
+                     agent's decoder fill what the trigger reads, such as `Report::applying`?)",
+                    self.when.trigger, device.device_id
                 ))
             })??;
         tokio::time::sleep_until((seen + self.when.offset).into()).await;
+        let started = Instant::now();
         device.vm.power_off().await?;
         let delay = seen.elapsed().saturating_sub(self.when.offset);
         tracing::info!(
@@ -126,7 +128,7 @@ impl ArmedCut<'_> {
             self.when.offset,
             delay.as_secs_f64() * 1e3
         );
-        let after = recover_after_cut(device, &self.old_boot, Instant::now()).await?;
+        let after = recover_after_cut(device, &self.old_boot, started).await?;
         Ok(Fired {
             trigger,
             offset: self.when.offset,
@@ -172,8 +174,8 @@ pub struct ApplyCut {
     pub to: u64,
     /// The cut, as fired: offset, delay from trigger to destroy, the new boot's first report.
     pub fired: Fired,
-    /// What the agent's state file held after power-on, as the agent's own reader reads it
-    /// (`None`: no reader for this agent, or no SSH).
+    /// What the agent's state file held after power-on, as the agent's own reader reads it,
+    /// or `missing`, or `unreadable (why)` (`None`: no reader for this agent).
     pub on_disk: Option<String>,
     /// The agent's unit was active once SSH was back.
     pub agent_active: bool,
@@ -218,7 +220,7 @@ impl ApplyCut {
 pub struct StateFile {
     /// The file's path on the device.
     pub path: &'static str,
-    /// Reads its bytes (an empty slice: the file is missing) into a word for the table.
+    /// Reads its bytes (the file exists) into a word for the table.
     pub read: fn(&[u8]) -> String,
 }
 
@@ -239,14 +241,24 @@ pub async fn cut_during_apply(
     let fired = armed.fire(budgets.power_cycle_recovery).await?;
     let on_disk = match state {
         Some(state) => {
+            let path = crate::ssh::session::shell_quote(state.path);
             let out = vm
                 .exec(&format!(
-                    "sudo -n od -An -v -tx1 {} 2>/dev/null | tr -d ' \\n'",
-                    crate::ssh::session::shell_quote(state.path)
+                    "if sudo -n test -e {path}; then sudo -n od -An -v -tx1 {path} | tr -d ' \\n'; \
+                     else echo missing; fi"
                 ))
                 .await?;
-            let bytes = hex::decode(out.stdout.trim()).unwrap_or_default();
-            Some((state.read)(&bytes))
+            let text = out.stdout.trim();
+            Some(if !out.success() {
+                format!("unreadable ({})", out.stderr.trim())
+            } else if text == "missing" {
+                "missing".to_owned()
+            } else {
+                match hex::decode(text) {
+                    Ok(bytes) => (state.read)(&bytes),
+                    Err(e) => format!("unreadable ({e})"),
+                }
+            })
         }
         None => None,
     };
@@ -278,6 +290,8 @@ pub fn applying(to: u64) -> CutWhen {
 /// The `update` trial for any agent with a control part: onboard, converge to generation 1
 /// (flushed), then desire 2 and pull the plug on the device's own "applying 2" report. It
 /// must come back usable, reporting 1 or 2 (never torn, never nothing), and converge to 2.
+/// The documents are the text `generation N`: an agent whose desired state must be a valid
+/// configuration makes one in its encoder, which is given the generation.
 pub async fn update_with(
     lab: &Lab,
     arch: VmArchitecture,
