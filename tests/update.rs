@@ -7,6 +7,8 @@
 
 use devicelab::agent::reference;
 use devicelab::fixtures::*;
+use devicelab::ssh::session::user_systemctl;
+use devicelab::trials::scenario::{onboarded_device_started, template_values};
 use devicelab::trials::update::{self, ApplyCut, StateFile};
 use devicelab_agent::ApplyMode;
 use std::sync::Arc;
@@ -40,7 +42,7 @@ async fn sweep(
     let table = update::table(arch, &agent.name, &cuts);
     println!("{table}");
     println!(
-        "median trigger → destroy: {:.0} ms",
+        "median trigger → cut: {:.0} ms",
         update::median_delay(&cuts)
             .unwrap_or_default()
             .as_secs_f64()
@@ -58,10 +60,9 @@ fn assert_whole(cuts: &[ApplyCut], arch: VmArchitecture) {
     let table = update::table(arch, "devicelab-agent", cuts);
     for c in cuts {
         assert_eq!(c.broke(), None, "the careful agent broke\n{table}");
+        let whole = [c.from, c.to].map(|g| format!("generation {g}"));
         assert!(
-            c.on_disk
-                .as_deref()
-                .is_some_and(|d| d == "generation 1" || d == "generation 2"),
+            c.on_disk.as_ref().is_some_and(|d| whole.contains(d)),
             "on disk after the cut: {:?}\n{table}",
             c.on_disk
         );
@@ -90,21 +91,59 @@ fn assert_caught_torn(cuts: &[ApplyCut], arch: VmArchitecture) {
     }
 }
 
-/// The short form CI runs: one cut inside the apply for each of the pair, each on a fresh
-/// device.
+/// The short form CI runs, on one device: a cut halfway through the careful agent's apply of
+/// generation 2; then the same agent switched to writing in place (its config rewritten, its
+/// unit restarted) and the same cut halfway through its apply of 3.
 #[rstest]
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
-#[cfg_attr(not(feature = "e2e"), ignore = "boots 2 VMs: run with --features e2e")]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
 async fn a_cut_inside_the_apply_leaves_the_careful_agent_whole_and_the_in_place_one_torn(
     #[future] lab: Arc<Lab>,
     arch: VmArchitecture,
 ) {
     let lab = lab.await;
-    let inside = [Duration::from_millis(reference::APPLY_MS / 2)];
-    let careful = sweep(&lab, arch, ApplyMode::Careful, &inside, "short").await;
-    assert_whole(&careful, arch);
-    let in_place = sweep(&lab, arch, ApplyMode::InPlace, &inside, "short").await;
-    assert_caught_torn(&in_place, arch);
+    let half = Duration::from_millis(reference::APPLY_MS / 2);
+    let device = onboarded_device_started(&lab, arch, "pair", &reference::agent(), None)
+        .await
+        .unwrap();
+    let careful = update::converge_then_cut(&device, update::applying(2).after(half), Some(STATE))
+        .await
+        .unwrap();
+    println!(
+        "{}",
+        update::table(arch, "devicelab-agent", std::slice::from_ref(&careful))
+    );
+    assert_whole(std::slice::from_ref(&careful), arch);
+
+    let values = template_values(&device.device_id, &device.nats, arch);
+    let in_place = reference::config_applying(&values, ApplyMode::InPlace).to_toml();
+    let vm = &device.vm;
+    vm.exec_with_input(
+        "sudo -n tee /etc/devicelab-agent/agent.toml >/dev/null",
+        Some(in_place.as_bytes()),
+    )
+    .await
+    .unwrap();
+    vm.succeed(&user_systemctl(
+        reference::AGENT_USER,
+        &format!("restart {}", reference::AGENT_UNIT),
+    ))
+    .await
+    .unwrap();
+    vm.flush().await.unwrap();
+    let torn =
+        update::cut_during_apply(&device, 2, 3, update::applying(3).after(half), Some(STATE))
+            .await
+            .unwrap();
+    println!(
+        "{}",
+        update::table(
+            arch,
+            "devicelab-agent-in-place",
+            std::slice::from_ref(&torn)
+        )
+    );
+    assert_caught_torn(std::slice::from_ref(&torn), arch);
 }
 
 /// The tables in docs/power-cuts.md: 8 cut points across the apply for each of the pair, each
