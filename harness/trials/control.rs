@@ -1,7 +1,7 @@
 //! The harness as the control plane of a device ([`ControlPlane`]): it puts the desired state
 //! where the agent's description says ([`ControlPlane::desire`]), sends commands
 //! ([`ControlPlane::command`]), and judges what the device reports back:
-//! [`ControlPlane::converged`] and [`ControlPlane::never_reported`]. An [`OnboardedDevice`]
+//! [`ControlPlane::converged`] and [`ControlPlane::never_reported`]. An [`OnboardedDevice`](crate::OnboardedDevice)
 //! has the same verbs.
 
 use crate::agent::description::{AgentDescription, ControlOn, Encoder, Report, TemplateValues};
@@ -37,7 +37,7 @@ pub struct Converged {
 }
 
 /// The control plane of one device: where its desired state goes, its reports, what was
-/// desired, and where its current boot's reports begin. An [`OnboardedDevice`] has one (its
+/// desired, and where its current boot's reports begin. An [`OnboardedDevice`](crate::OnboardedDevice) has one (its
 /// verbs are this one's); [`ControlPlane::for_device`] makes one for any device that reaches
 /// the run's NATS server.
 pub struct ControlPlane {
@@ -184,7 +184,7 @@ impl ControlPlane {
 
     /// Waits until the device reports that it runs generation `generation` (desired on this
     /// control plane), judged on its own reports after the put and, when this device's plug
-    /// was pulled by the harness since ([`OnboardedDevice::arm_cut`], the power-cycle trial),
+    /// was pulled by the harness since ([`OnboardedDevice::arm_cut`](crate::OnboardedDevice::arm_cut), the power-cycle trial),
     /// after that cut's gate: the new boot's. A report of a generation larger than any desired
     /// fails at once, as does `budget` running out (the last reports are quoted).
     pub async fn converged(

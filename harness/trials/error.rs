@@ -64,7 +64,7 @@ pub enum ScenarioError {
         /// How long until SSH was back, or why it was not.
         ssh: Result<Duration, String>,
     },
-    /// A command sent to the agent ([`OnboardedDevice::command`]) got no reply.
+    /// A command sent to the agent ([`OnboardedDevice::command`](crate::OnboardedDevice::command)) got no reply.
     #[error("the command on {subject} failed: {reason}")]
     Command {
         /// The subject the command was sent on.
