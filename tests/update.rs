@@ -28,12 +28,12 @@ fn offsets(points: u64) -> Vec<Duration> {
         .collect()
 }
 
+/// The sweep of `mode`'s agent over `offsets`, its table printed and written under `target/`.
 async fn sweep(
     lab: &Lab,
     arch: VmArchitecture,
     mode: ApplyMode,
     offsets: &[Duration],
-    which: &str,
 ) -> Vec<ApplyCut> {
     let agent = reference::agent_applying(mode);
     let cuts = update::sweep(lab, arch, &agent, offsets, Some(STATE))
@@ -50,7 +50,7 @@ async fn sweep(
     );
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target")
-        .join(format!("update-sweep-{which}-{}-{arch}.md", agent.name));
+        .join(format!("update-sweep-full-{}-{arch}.md", agent.name));
     std::fs::write(&out, &table).unwrap();
     cuts
 }
@@ -155,8 +155,8 @@ async fn a_cut_inside_the_apply_leaves_the_careful_agent_whole_and_the_in_place_
 async fn cut_during_apply_sweep(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
     let lab = lab.await;
     let points = offsets(8);
-    let careful = sweep(&lab, arch, ApplyMode::Careful, &points, "full").await;
-    let in_place = sweep(&lab, arch, ApplyMode::InPlace, &points, "full").await;
+    let careful = sweep(&lab, arch, ApplyMode::Careful, &points).await;
+    let in_place = sweep(&lab, arch, ApplyMode::InPlace, &points).await;
     assert_whole(&careful, arch);
     assert_caught_torn(&in_place, arch);
 }

@@ -54,9 +54,14 @@ pub struct Stored<T> {
 /// Decodes one message's payload to a `T`, or says why not.
 pub type DecodeAs<T> = Arc<dyn Fn(&Message<'_>) -> Result<T, String> + Send + Sync>;
 
-/// A message's headers as a decoder sees them: name and value, one pair per value.
-pub(crate) fn headers_of(headers: Option<&async_nats::HeaderMap>) -> Vec<(String, String)> {
-    headers
+/// Decodes one NATS message by `decode`, given it as a decoder sees it: its subject, its
+/// headers (name and value, one pair per value) and its payload.
+pub(crate) fn decode_message<T>(
+    decode: &(impl Fn(&Message<'_>) -> Result<T, String> + ?Sized),
+    msg: &async_nats::Message,
+) -> Result<T, String> {
+    let headers: Vec<(String, String)> = msg
+        .headers
         .iter()
         .flat_map(|h| {
             h.iter().flat_map(|(name, values)| {
@@ -65,7 +70,12 @@ pub(crate) fn headers_of(headers: Option<&async_nats::HeaderMap>) -> Vec<(String
                     .map(move |v| (name.to_string(), v.as_str().to_owned()))
             })
         })
-        .collect()
+        .collect();
+    decode(&Message {
+        subject: msg.subject.as_str(),
+        headers: &headers,
+        payload: &msg.payload,
+    })
 }
 
 /// How long the stream must stay unchanged after a power cut before the gate is read: a
@@ -352,12 +362,7 @@ impl<T: std::fmt::Debug + Clone + FromDevice> MessageLog<T> {
                     (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
                 )
             });
-            let headers = headers_of(msg.headers.as_ref());
-            let decoded = (self.decode)(&Message {
-                subject: msg.subject.as_str(),
-                headers: &headers,
-                payload: &msg.payload,
-            });
+            let decoded = decode_message(&*self.decode, &msg);
             let verdict = visit(seq, stored_ms, &msg.payload, decoded.as_ref().ok());
             match verdict {
                 Verdict::Accept => return Ok(()),

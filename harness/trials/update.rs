@@ -148,13 +148,7 @@ impl ArmedCut<'_> {
             Trigger::Reported(matches) => {
                 let decode = &device.agent.reports.decode;
                 while let Some(msg) = self.wire.next().await {
-                    let headers = crate::nats::status::headers_of(msg.headers.as_ref());
-                    let message = crate::description::Message {
-                        subject: msg.subject.as_str(),
-                        headers: &headers,
-                        payload: &msg.payload,
-                    };
-                    if let Ok(report) = decode(&message)
+                    if let Ok(report) = crate::nats::status::decode_message(&**decode, &msg)
                         && report.device_id == device.device_id
                         && matches(&report)
                     {
