@@ -1,6 +1,7 @@
-//! The acme agent, described for devicelab.
+//! The acme agent, described for devicelab: what it ships, how it runs, how its reports read
+//! (its id from the subject, as MQTT devices do) and where its desired state goes.
 
-use acme_device_tests::{AcmeConfig, AcmeReport};
+use acme_device_tests::{AcmeConfig, AcmeDesired, AcmeReport, DESIRED_BUCKET};
 use devicelab::description::*;
 use std::path::Path;
 use std::sync::Arc;
@@ -13,6 +14,8 @@ pub fn agent() -> AgentDescription {
             nats_url: v.nats_url.clone(),
             user: v.nats_user.clone(),
             password: v.nats_password.clone(),
+            state: "/var/lib/acme/applied.json".into(),
+            interval_ms: 2_000,
         };
         serde_json::to_string_pretty(&c).unwrap_or_default()
     };
@@ -39,13 +42,28 @@ pub fn agent() -> AgentDescription {
         ],
         service: Service::System {
             unit: "acme-agent.service".into(),
-            text: "[Service]\nUser=acme\nExecStart=/usr/local/bin/acme-agent\nRestart=always\nRestartSec=1\n\n[Install]\nWantedBy=multi-user.target\n".into(),
+            text: "[Service]\nUser=acme\nStateDirectory=acme\nExecStart=/usr/local/bin/acme-agent\nRestart=always\nRestartSec=1\n\n[Install]\nWantedBy=multi-user.target\n".into(),
         },
-        reports: Reports::subject("acme.reports.{device_id}", |payload| {
-            let r: AcmeReport = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-            Ok(Report { device_id: r.id, timestamp_ms: r.t, boot_marker: Some(r.boot), ..Report::default() })
-        }),
+        // The id is the subject's third token: acme.reports.<id>.
+        reports: Reports {
+            on: ReportsOn::Subject("acme.reports.{device_id}".into()),
+            decode: Arc::new(|m: &Message<'_>| {
+                let r: AcmeReport = serde_json::from_slice(m.payload).map_err(|e| e.to_string())?;
+                let id = m.subject_token(2).ok_or("no device id in the subject")?;
+                Ok(Report {
+                    device_id: id.into(),
+                    timestamp_ms: r.t,
+                    boot_marker: Some(r.boot),
+                    applied: r.applied,
+                    applying: r.applying,
+                    ..Report::default()
+                })
+            }),
+        },
         nats_config: String::new(),
-        control: None,
+        control: Some(Control::key_value(DESIRED_BUCKET, "{device_id}", |generation, settings| {
+            let desired = AcmeDesired { generation, settings: settings.into() };
+            serde_json::to_vec(&desired).unwrap_or_default()
+        })),
     }
 }

@@ -1,35 +1,141 @@
 //! acme's device agent: every 2 s, one JSON report over plain NATS (std only, no client
-//! library: the wire protocol is three lines).
+//! library: the wire protocol is a few lines). Before each report it reads its desired state
+//! from its key of a JetStream KV bucket (a direct get) and applies a newer generation: an
+//! `applying` report, then the state written beside the old one, synced, and renamed over it.
 
-use acme_device_tests::{AcmeConfig, AcmeReport};
-use std::io::{BufRead, BufReader, Write};
+use acme_device_tests::{AcmeConfig, AcmeDesired, AcmeReport, DESIRED_BUCKET};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-fn publish(config: &AcmeConfig, report: &AcmeReport) -> std::io::Result<()> {
-    let addr = config.nats_url.trim_start_matches("nats://");
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let connect =
-        serde_json::json!({"user": config.user, "pass": config.password, "verbose": false});
-    let payload = serde_json::to_string(report)?;
-    let subject = format!("acme.reports.{}", config.id);
-    write!(
-        stream,
-        "CONNECT {connect}\r\nPUB {subject} {}\r\n{payload}\r\nPING\r\n",
-        payload.len()
-    )?;
-    // PONG comes after the server has processed the PUB (INFO and +OK may come first).
-    for line in BufReader::new(stream).lines() {
-        let line = line?;
-        if line.starts_with("PONG") {
-            return Ok(());
-        }
-        if line.starts_with("-ERR") {
-            return Err(std::io::Error::other(line));
+/// One connection to the server, for one round of the loop.
+struct Nats {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Nats {
+    fn connect(config: &AcmeConfig) -> std::io::Result<Self> {
+        let addr = config.nats_url.trim_start_matches("nats://");
+        let stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut nats = Self {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        };
+        let connect = serde_json::json!({"user": config.user, "pass": config.password,
+            "verbose": false, "headers": true, "no_responders": true});
+        write!(nats.writer, "CONNECT {connect}\r\nSUB _INBOX.acme 1\r\n")?;
+        Ok(nats)
+    }
+
+    /// Publishes `payload` on `subject`; returns once the server has processed it.
+    fn publish(&mut self, subject: &str, payload: &[u8]) -> std::io::Result<()> {
+        write!(self.writer, "PUB {subject} {}\r\n", payload.len())?;
+        self.writer.write_all(payload)?;
+        self.writer.write_all(b"\r\nPING\r\n")?;
+        // PONG comes after the server has processed the PUB (INFO and +OK may come first).
+        loop {
+            match self.line()? {
+                l if l.starts_with("PONG") => return Ok(()),
+                l if l.starts_with("-ERR") => return Err(std::io::Error::other(l)),
+                _ => {}
+            }
         }
     }
-    Err(std::io::Error::other("the server closed the connection"))
+
+    /// The last value of `key` in the KV bucket `bucket` (`None`: no value).
+    fn kv_get(&mut self, bucket: &str, key: &str) -> std::io::Result<Option<Vec<u8>>> {
+        write!(
+            self.writer,
+            "PUB $JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key} _INBOX.acme 0\r\n\r\n"
+        )?;
+        loop {
+            let line = self.line()?;
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["HMSG", _, _, headers, total] => {
+                    let (headers, total): (usize, usize) = (parse(headers)?, parse(total)?);
+                    let mut body = vec![0; total + 2];
+                    self.reader.read_exact(&mut body)?;
+                    let status = String::from_utf8_lossy(&body[..headers]).into_owned();
+                    // "NATS/1.0" is a value; "NATS/1.0 404 ..." says there is none.
+                    let first = status.lines().next().unwrap_or_default().trim();
+                    return Ok((first == "NATS/1.0").then(|| body[headers..total].to_vec()));
+                }
+                ["PING"] => self.writer.write_all(b"PONG\r\n")?,
+                [w, ..] if w.starts_with("-ERR") => return Err(std::io::Error::other(line)),
+                _ => {}
+            }
+        }
+    }
+
+    fn line(&mut self) -> std::io::Result<String> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::other("the server closed the connection"));
+        }
+        Ok(line)
+    }
+}
+
+fn parse(n: &str) -> std::io::Result<usize> {
+    n.parse().map_err(std::io::Error::other)
+}
+
+/// Writes `desired` beside `path`, syncs it, renames it over `path` and syncs the directory:
+/// a power cut leaves the old state or the new, never half of one.
+fn keep(path: &Path, desired: &AcmeDesired) -> std::io::Result<()> {
+    let tmp = path.with_extension("new");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&serde_json::to_vec(desired)?)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn applied(path: &Path) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice::<AcmeDesired>(&bytes)
+        .ok()
+        .map(|d| d.generation)
+}
+
+/// One round: apply a newer desired state if there is one, then report.
+fn round(config: &AcmeConfig, boot: &str) -> std::io::Result<()> {
+    let mut nats = Nats::connect(config)?;
+    let subject = format!("acme.reports.{}", config.id);
+    let state = Path::new(&config.state);
+    let now = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    };
+    let report = |applied, applying| AcmeReport {
+        boot: boot.to_owned(),
+        t: now(),
+        applied,
+        applying,
+    };
+    let mut have = applied(state);
+    if let Some(bytes) = nats.kv_get(DESIRED_BUCKET, &config.id)? {
+        match serde_json::from_slice::<AcmeDesired>(&bytes) {
+            Ok(desired) if have.is_none_or(|g| desired.generation > g) => {
+                let applying = report(have, Some(desired.generation));
+                nats.publish(&subject, &serde_json::to_vec(&applying)?)?;
+                keep(state, &desired)?;
+                have = Some(desired.generation);
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("acme-agent: a desired state it cannot read: {e}"),
+        }
+    }
+    nats.publish(&subject, &serde_json::to_vec(&report(have, None))?)
 }
 
 fn main() {
@@ -45,18 +151,9 @@ fn main() {
         .map(|b| b.trim().to_owned())
         .unwrap_or_default();
     loop {
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let report = AcmeReport {
-            id: config.id.clone(),
-            boot: boot.clone(),
-            t,
-        };
-        if let Err(e) = publish(&config, &report) {
+        if let Err(e) = round(&config, &boot) {
             eprintln!("acme-agent: {e}");
         }
-        std::thread::sleep(Duration::from_secs(2));
+        std::thread::sleep(Duration::from_millis(config.interval_ms));
     }
 }

@@ -1,0 +1,142 @@
+//! acme's control part on loopback, through devicelab's public API only: the real acme-agent
+//! binary against a real NATS server that devicelab starts, driven by the harness as its
+//! control plane. Its reports carry the device id only in the subject, as MQTT devices do:
+//! the description's decoder reads it there, and each device's log holds its own reports.
+//! `cargo nextest run -p acme-device-tests` (needs `nats-server` on PATH).
+
+mod acme;
+
+use devicelab::VmArchitecture;
+use devicelab::config::HarnessConfig;
+use devicelab::description::TemplateValues;
+use devicelab::nats::{NatsServer, Verdict};
+use devicelab::trials::ControlPlane;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+const BUDGET: Duration = Duration::from_secs(20);
+
+async fn nats() -> NatsServer {
+    let vars = [("DEVICELAB_NATS".to_owned(), "process".to_owned())];
+    let config = HarnessConfig::from_vars(vars.into_iter().collect()).unwrap();
+    NatsServer::start(
+        &config,
+        std::net::Ipv4Addr::LOCALHOST,
+        &devicelab::lab::run_owner(),
+    )
+    .await
+    .unwrap()
+}
+
+fn values(nats: &NatsServer, id: &str) -> TemplateValues {
+    let creds = nats
+        .credentials()
+        .expect("the run's server has credentials");
+    TemplateValues {
+        device_id: id.into(),
+        nats_url: nats.client_url(),
+        nats_user: creds.user.clone(),
+        nats_password: creds.password.clone(),
+        arch: VmArchitecture::X86_64,
+    }
+}
+
+/// The agent as a process on this host, its state in `dir`, reporting every 100 ms; killed
+/// when dropped.
+struct Agent(Child);
+
+impl Agent {
+    fn start(nats: &NatsServer, id: &str, dir: &Path) -> Self {
+        let v = values(nats, id);
+        let config = acme_device_tests::AcmeConfig {
+            id: v.device_id,
+            nats_url: v.nats_url,
+            user: v.nats_user,
+            password: v.nats_password,
+            state: dir.join(format!("{id}.json")).display().to_string(),
+            interval_ms: 100,
+        };
+        let path = dir.join(format!("{id}-agent.json"));
+        std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+        Self(
+            Command::new(env!("CARGO_BIN_EXE_acme-agent"))
+                .arg(&path)
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn desired_state_is_applied_and_reports_are_told_apart_by_their_subject() {
+    let nats = nats().await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = acme::agent();
+    let a = ControlPlane::for_device(&nats, &agent, &values(&nats, "acme-a"))
+        .await
+        .unwrap();
+    let b = ControlPlane::for_device(&nats, &agent, &values(&nats, "acme-b"))
+        .await
+        .unwrap();
+    let running_a = Agent::start(&nats, "acme-a", dir.path());
+    let _running_b = Agent::start(&nats, "acme-b", dir.path());
+
+    a.desire(1, "led=green").await.unwrap();
+    let one = a.converged(1, BUDGET).await.unwrap();
+    assert_eq!(one.report.device_id, "acme-a", "{one:?}");
+    a.desire(2, "led=blue").await.unwrap();
+    a.converged(2, BUDGET).await.unwrap();
+    let kept: acme_device_tests::AcmeDesired =
+        serde_json::from_slice(&std::fs::read(dir.path().join("acme-a.json")).unwrap()).unwrap();
+    assert_eq!((kept.generation, kept.settings.as_str()), (2, "led=blue"));
+
+    // Both report on acme.reports.*: each log holds its own device's reports only, and b,
+    // desired nothing, applied nothing.
+    let theirs = b.reports().collect(0, BUDGET, |_| true).await.unwrap();
+    assert!(theirs.iter().all(|s| s.report.device_id == "acme-b"));
+    b.never_reported(
+        "an apply on a device desired nothing",
+        Duration::from_millis(500),
+        |r| r.applied.is_some() || r.applying.is_some(),
+    )
+    .await
+    .unwrap();
+    let ours = a
+        .reports()
+        .collect(0, BUDGET, |r| r.applied == Some(2))
+        .await
+        .unwrap();
+    assert!(ours.iter().all(|s| s.report.device_id == "acme-a"));
+    assert!(
+        ours.iter().any(|s| s.report.applying == Some(2)),
+        "no `applying 2`: {ours:?}"
+    );
+
+    // Restarted, it resumes from what it kept: generation 2, nothing applied again.
+    drop(running_a);
+    let from = a.reports().last_sequence().await.unwrap();
+    let _running_a = Agent::start(&nats, "acme-a", dir.path());
+    let (_, first) = a
+        .reports()
+        .wait_for(from, BUDGET, |_| Verdict::Accept)
+        .await
+        .unwrap();
+    assert_eq!(
+        (first.applied, first.applying),
+        (Some(2), None),
+        "{first:?}"
+    );
+    a.never_reported("an apply after the restart", Duration::from_secs(1), |r| {
+        r.applying.is_some()
+    })
+    .await
+    .unwrap();
+}
