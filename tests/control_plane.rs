@@ -297,6 +297,9 @@ async fn the_verbs_refuse_what_cannot_be_judged() {
     device.desire(2, "b").await.unwrap();
     let err = device.desire(2, "again").await.unwrap_err().to_string();
     assert!(err.contains("not newer than generation 2"), "{err}");
+    // Two puts of one generation at once: one is refused, whichever comes second.
+    let (a, b) = tokio::join!(device.desire(3, "c"), device.desire(3, "c again"));
+    assert!(a.is_ok() != b.is_ok(), "{a:?} {b:?}");
 
     let listener = AgentDescription {
         control: None,

@@ -346,6 +346,9 @@ pub struct Report {
     /// The generation the device says it is applying right now, if it says so (a power cut
     /// can be triggered on it).
     pub applying: Option<u64>,
+    /// The version of the agent that sent it, if it says (what an update of the agent itself
+    /// is judged by).
+    pub version: Option<String>,
 }
 
 /// One stored message as a decoder sees it: its subject (a device id is often there, as in
@@ -798,18 +801,33 @@ impl AgentDescription {
             return Ok(None);
         };
         let desired = self.render_on(&control.desired, values, "desired state")?;
-        if let DesiredOn::Subject(s) = &desired
-            && s.split('.').any(|t| t == "*" || t == ">")
-        {
-            return Err(DescriptionError::Invalid {
-                agent: self.name.clone(),
-                problem: format!(
-                    "the desired state's subject {s:?} has a wildcard: the harness publishes to it, so name one subject (e.g. acme.desired.{{device_id}})"
-                ),
-            });
+        // The harness publishes to these: each must name one subject.
+        let one_subject = |subject: &str, what: &str, example: &str| {
+            if subject.split('.').any(|t| t == "*" || t == ">") {
+                Err(DescriptionError::Invalid {
+                    agent: self.name.clone(),
+                    problem: format!(
+                        "{what} {subject:?} has a wildcard: the harness publishes to it, so name one subject (e.g. {example})"
+                    ),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        match &desired {
+            DesiredOn::Subject(s) => {
+                one_subject(s, "the desired state's subject", "acme.desired.{device_id}")?
+            }
+            DesiredOn::KeyValue { key, .. } => {
+                one_subject(key, "the desired state's KV key", "{device_id}")?
+            }
         }
         let commands = match &control.commands {
-            Some(c) => Some(render_with(c, values, &self.name, "the command subject")?),
+            Some(c) => {
+                let c = render_with(c, values, &self.name, "the command subject")?;
+                one_subject(&c, "the command subject", "acme.command.{device_id}")?;
+                Some(c)
+            }
             None => None,
         };
         Ok(Some(ControlOn { desired, commands }))
@@ -910,5 +928,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unclosed"), "{err}");
+    }
+
+    #[test]
+    fn a_wildcard_where_the_harness_publishes_is_refused_before_anything_boots() {
+        let encode = |_: u64, _: &str| Vec::new();
+        for (control, names) in [
+            (
+                Control::subject("acme.desired.*", encode),
+                "desired state's subject",
+            ),
+            (
+                Control::key_value("b", "{device_id}.>", encode),
+                "desired state's KV key",
+            ),
+            (
+                Control::key_value("b", "{device_id}", encode).with_commands("acme.cmd.>"),
+                "command subject",
+            ),
+        ] {
+            let agent = AgentDescription {
+                control: Some(control),
+                ..crate::reference::agent()
+            };
+            let err = agent
+                .check(&[VmArchitecture::X86_64])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(names) && err.contains("wildcard"), "{err}");
+        }
+        crate::reference::agent()
+            .check(&[VmArchitecture::X86_64])
+            .unwrap();
     }
 }

@@ -47,6 +47,8 @@ pub struct ControlPlane {
     reports: ReportLog,
     control: Option<ControlOn>,
     desired: Mutex<Vec<Desire>>,
+    /// Held through a put: a generation is checked against the last and put as one step.
+    putting: tokio::sync::Mutex<()>,
     /// After a power cut: the gate (stream sequence) and when power came back (host ms).
     boot: Mutex<Option<(u64, u64)>>,
 }
@@ -85,6 +87,7 @@ impl ControlPlane {
                 .for_device(&values.device_id),
             control,
             desired: Mutex::default(),
+            putting: tokio::sync::Mutex::default(),
             boot: Mutex::default(),
         })
     }
@@ -111,6 +114,7 @@ impl ControlPlane {
     /// last.
     pub async fn desire(&self, generation: u64, document: &str) -> Result<Desire, ScenarioError> {
         let (control, encode) = self.control_part()?;
+        let _putting = self.putting.lock().await;
         let last = lock(&self.desired).iter().map(|d| d.generation).max();
         if let Some(last) = last.filter(|l| generation <= *l) {
             return Err(ScenarioError::Check(format!(
