@@ -9,7 +9,7 @@ use devicelab::agent::reference;
 use devicelab::fixtures::*;
 use devicelab::ssh::session::user_systemctl;
 use devicelab::trials::scenario::{onboarded_device_started, template_values};
-use devicelab::trials::update::{self, ApplyCut, StateFile};
+use devicelab::trials::update::{self, ApplyCut, CutWhen, StateFile};
 use devicelab_agent::ApplyMode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,12 +41,16 @@ async fn sweep(
         .unwrap();
     let table = update::table(arch, &agent.name, &cuts);
     println!("{table}");
+    let ms = |d: Option<Duration>| {
+        d.map_or("none".into(), |d| {
+            format!("{:.0} ms", d.as_secs_f64() * 1e3)
+        })
+    };
     println!(
-        "median trigger → cut: {:.0} ms",
-        update::median_delay(&cuts)
-            .unwrap_or_default()
-            .as_secs_f64()
-            * 1e3
+        "{arch}, {}: median trigger → cut {}; median power-on → applied 2 {}",
+        agent.name,
+        ms(update::median_delay(&cuts)),
+        ms(update::median_converged(&cuts))
     );
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target")
@@ -159,4 +163,55 @@ async fn cut_during_apply_sweep(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
     let in_place = sweep(&lab, arch, ApplyMode::InPlace, &points).await;
     assert_whole(&careful, arch);
     assert_caught_torn(&in_place, arch);
+}
+
+/// The other triggers, on one device: converged to generation 1, the plug pulled 1 s after
+/// generation 2 is desired (the careful agent comes back whole, whichever moment of its
+/// apply that was); then pulled when the device's console prints a line with a text.
+#[rstest]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn a_cut_fires_after_the_desire_and_on_a_console_text(
+    #[future] lab: Arc<Lab>,
+    arch: VmArchitecture,
+) {
+    let lab = lab.await;
+    let device = onboarded_device_started(&lab, arch, "trig", &reference::agent(), None)
+        .await
+        .unwrap();
+    let when = CutWhen::desired().after(Duration::from_secs(1));
+    let cut = update::converge_then_cut(&device, when, Some(STATE))
+        .await
+        .unwrap();
+    println!(
+        "{}",
+        update::table(arch, "devicelab-agent", std::slice::from_ref(&cut))
+    );
+    assert!(
+        cut.fired.trigger.contains(reference::DESIRED_BUCKET),
+        "{}",
+        cut.fired.trigger
+    );
+    assert_whole(std::slice::from_ref(&cut), arch);
+
+    const MARK: &str = "devicelab-cut-here";
+    let armed = device.arm_cut(CutWhen::console(MARK)).await.unwrap();
+    // A kernel message of level 2 (critical): printed on the serial console.
+    device
+        .vm
+        .succeed(&format!(
+            "echo '<2>{MARK}' | sudo -n tee /dev/kmsg >/dev/null"
+        ))
+        .await
+        .unwrap();
+    let fired = armed
+        .fire(device.vm.budgets().power_cycle_recovery)
+        .await
+        .unwrap();
+    println!(
+        "{arch}: console text → cut {:.0} ms ({})",
+        fired.delay.as_secs_f64() * 1e3,
+        fired.trigger
+    );
+    assert!(fired.trigger.contains(MARK), "{}", fired.trigger);
 }

@@ -61,10 +61,15 @@ fn reference_manifest() -> PathBuf {
 
 /// The reference agent's package, as a cargo source.
 pub fn reference_source() -> Source {
+    reference_source_bin(REFERENCE_PACKAGE)
+}
+
+/// The binary `bin` of the reference agent's package, as a cargo source.
+pub fn reference_source_bin(bin: &str) -> Source {
     Source::Cargo {
         manifest: reference_manifest(),
         package: REFERENCE_PACKAGE.into(),
-        bin: REFERENCE_PACKAGE.into(),
+        bin: bin.into(),
     }
 }
 

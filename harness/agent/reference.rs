@@ -5,7 +5,7 @@
 //! [`DESIRED_BUCKET`] (key: its device id), applies a newer generation to its state file and
 //! reports `applying` then `applied`; it answers `status` on `devicelab.command.<device>`.
 
-use crate::agent::build::reference_source;
+use crate::agent::build::{REFERENCE_PACKAGE, reference_source_bin};
 use crate::agent::description::{
     AgentDescription, Content, Control, Installed, Renderer, Report, Reports, Service,
     TemplateValues,
@@ -78,6 +78,7 @@ pub fn decode(payload: &[u8]) -> Result<Report, String> {
         seq: Some(s.seq),
         applied: s.applied,
         applying: s.applying,
+        version: s.version,
     })
 }
 
@@ -120,11 +121,36 @@ pub fn agent() -> AgentDescription {
 /// is the unsafe agent a power cut inside an apply can tear (its name says so:
 /// `devicelab-agent-in-place`).
 pub fn agent_applying(mode: ApplyMode) -> AgentDescription {
+    let name = match mode {
+        ApplyMode::Careful => "devicelab-agent",
+        ApplyMode::InPlace => "devicelab-agent-in-place",
+    };
+    described(name, REFERENCE_PACKAGE, move |v| config_applying(v, mode))
+}
+
+/// The reference agent's next release, described: the binary `devicelab-agent-next` (it
+/// reports [`NEXT_VERSION`](devicelab_agent::NEXT_VERSION)) at the same path, and a config
+/// that reports every [`NEXT_INTERVAL_MS`]: what an update of the agent itself installs over
+/// [`agent`] (same unit, same reports, same control part).
+pub fn agent_next() -> AgentDescription {
+    described("devicelab-agent-next", NEXT_BIN, |v| AgentConfig {
+        interval_ms: NEXT_INTERVAL_MS,
+        ..config_for(v)
+    })
+}
+
+/// The binary of the reference agent's next release (a bin of the same package).
+pub const NEXT_BIN: &str = "devicelab-agent-next";
+/// How often the reference agent's next release reports.
+pub const NEXT_INTERVAL_MS: u64 = 1_000;
+
+fn described(
+    name: &str,
+    bin: &str,
+    config: impl Fn(&TemplateValues) -> AgentConfig + Send + Sync + 'static,
+) -> AgentDescription {
     AgentDescription {
-        name: match mode {
-            ApplyMode::Careful => "devicelab-agent".into(),
-            ApplyMode::InPlace => "devicelab-agent-in-place".into(),
-        },
+        name: name.into(),
         user: Some(AGENT_USER.into()),
         packages: Vec::new(),
         files: vec![
@@ -133,7 +159,7 @@ pub fn agent_applying(mode: ApplyMode) -> AgentDescription {
                 path: BINARY_PATH.into(),
                 mode: 0o755,
                 group: "root".into(),
-                content: Content::Shipped(reference_source()),
+                content: Content::Shipped(reference_source_bin(bin)),
             },
             Installed {
                 // Holds the NATS password: readable by root and the agent's group only.
@@ -141,9 +167,7 @@ pub fn agent_applying(mode: ApplyMode) -> AgentDescription {
                 path: CONFIG_PATH.into(),
                 mode: 0o640,
                 group: AGENT_USER.into(),
-                content: Content::Render(Renderer(Arc::new(move |v| {
-                    config_applying(v, mode).to_toml()
-                }))),
+                content: Content::Render(Renderer(Arc::new(move |v| config(v).to_toml()))),
             },
         ],
         service: Service::User {

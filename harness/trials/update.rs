@@ -23,12 +23,23 @@ pub enum Trigger {
     /// The device sends a report this matches (e.g. `applying == Some(7)`): seen on the wire,
     /// as NATS delivers it, not once stored.
     Reported(Arc<dyn Fn(&Report) -> bool + Send + Sync>),
+    /// The device's serial console prints a line with this text, after the cut was armed
+    /// (read every [`CONSOLE_POLL`]).
+    Console(String),
+    /// A desired state for the device is put (seen on the wire, as the agent's server sees
+    /// it): with an offset, a cut a fixed time into whatever the agent does with it.
+    Desired,
 }
+
+/// How often a [`Trigger::Console`] reads the console: the most it adds to the delay.
+pub const CONSOLE_POLL: Duration = Duration::from_millis(20);
 
 impl std::fmt::Debug for Trigger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Reported(_) => f.write_str("a matching report"),
+            Self::Console(text) => write!(f, "the console printing {text:?}"),
+            Self::Desired => f.write_str("a desired state put"),
         }
     }
 }
@@ -51,6 +62,23 @@ impl CutWhen {
         }
     }
 
+    /// The plug is pulled when the device's console prints a line with `text`.
+    pub fn console(text: impl Into<String>) -> Self {
+        Self {
+            trigger: Trigger::Console(text.into()),
+            offset: Duration::ZERO,
+        }
+    }
+
+    /// The plug is pulled when a desired state is put for the device (then, with
+    /// [`Self::after`], at an offset into its apply).
+    pub fn desired() -> Self {
+        Self {
+            trigger: Trigger::Desired,
+            offset: Duration::ZERO,
+        }
+    }
+
     /// The same trigger, the plug pulled `offset` after it.
     pub fn after(self, offset: Duration) -> Self {
         Self { offset, ..self }
@@ -62,7 +90,14 @@ pub struct ArmedCut<'a> {
     device: &'a OnboardedDevice,
     when: CutWhen,
     old_boot: String,
-    wire: async_nats::Subscriber,
+    /// What the trigger watches: the device's reports or its desired state on the wire, or
+    /// its console from this offset.
+    watch: Watch,
+}
+
+enum Watch {
+    Wire(async_nats::Subscriber),
+    Console(u64),
 }
 
 /// What a fired cut did: what triggered it, how close the cut followed, and the device after
@@ -85,20 +120,38 @@ impl OnboardedDevice {
     /// [`desire`](Self::desire) cannot be missed then).
     pub async fn arm_cut(&self, when: CutWhen) -> Result<ArmedCut<'_>, ScenarioError> {
         let old_boot = self.vm.boot_id().await?;
-        let wire = self
-            .nats
-            .client()
-            .subscribe(self.reports_on.subject())
-            .await
-            .map_err(|e| crate::nats::NatsError::JetStream {
-                doing: format!("subscribing to {}", self.reports_on),
-                message: e.to_string(),
-            })?;
+        let subject = match &when.trigger {
+            Trigger::Reported(_) => Some(self.reports_on.subject().to_owned()),
+            Trigger::Desired => match self.control_plane.control() {
+                Some(control) => Some(control.desired.subject().to_owned()),
+                None => {
+                    return Err(ScenarioError::Check(format!(
+                        "a cut armed on a desired state needs an agent with a Control part; {} \
+                         has none (AgentDescription::control)",
+                        self.agent.name
+                    )));
+                }
+            },
+            Trigger::Console(_) => None,
+        };
+        let watch = match subject {
+            Some(subject) => Watch::Wire(
+                self.nats
+                    .client()
+                    .subscribe(subject.clone())
+                    .await
+                    .map_err(|e| crate::nats::NatsError::JetStream {
+                        doing: format!("subscribing to {subject}"),
+                        message: e.to_string(),
+                    })?,
+            ),
+            None => Watch::Console(crate::vm::console::len(self.vm.serial_log())),
+        };
         Ok(ArmedCut {
             device: self,
             when,
             old_boot,
-            wire,
+            watch,
         })
     }
 }
@@ -112,20 +165,25 @@ impl ArmedCut<'_> {
         let (trigger, seen) = tokio::time::timeout(budget, self.trigger())
             .await
             .map_err(|_| {
+                let hint = match &self.when.trigger {
+                    Trigger::Reported(_) => {
+                        "does the agent's decoder fill what the trigger reads, such as \
+                         `Report::applying`?"
+                    }
+                    Trigger::Console(_) => "is the text printed on the serial console?",
+                    Trigger::Desired => "was a desired state put after the cut was armed?",
+                };
                 ScenarioError::Check(format!(
-                    "the cut armed on {:?} of {} never fired: not seen within {budget:?} (does the \
-                     agent's decoder fill what the trigger reads, such as `Report::applying`?)",
+                    "the cut armed on {:?} of {} never fired: not seen within {budget:?} ({hint})",
                     self.when.trigger, device.device_id
                 ))
             })??;
         tokio::time::sleep_until((seen + self.when.offset).into()).await;
         let started = Instant::now();
-        // The guest stops when its vCPUs are paused (milliseconds); libvirt's destroy then
-        // takes QEMU down, which takes seconds under TCG. What the guest had not written to
-        // its disk by the pause is lost either way.
-        device.vm.freeze().await?;
-        let delay = seen.elapsed().saturating_sub(self.when.offset);
-        device.vm.power_off().await?;
+        let stopped = pull_now(device).await?;
+        let delay = stopped
+            .saturating_duration_since(seen)
+            .saturating_sub(self.when.offset);
         tracing::info!(
             "power cut {:?} after {trigger} (+{:?} asked): {:.0} ms from trigger to cut",
             self.when.trigger,
@@ -144,10 +202,10 @@ impl ArmedCut<'_> {
     /// The trigger, as seen, and when.
     async fn trigger(&mut self) -> Result<(String, Instant), ScenarioError> {
         let device = self.device;
-        match &self.when.trigger {
-            Trigger::Reported(matches) => {
+        match (&self.when.trigger, &mut self.watch) {
+            (Trigger::Reported(matches), Watch::Wire(wire)) => {
                 let decode = &device.agent.reports.decode;
-                while let Some(msg) = self.wire.next().await {
+                while let Some(msg) = wire.next().await {
                     if let Ok(report) = crate::nats::status::decode_message(&**decode, &msg)
                         && report.device_id == device.device_id
                         && matches(&report)
@@ -155,12 +213,52 @@ impl ArmedCut<'_> {
                         return Ok((format!("{report:?}"), Instant::now()));
                     }
                 }
-                Err(ScenarioError::Check(
-                    "the subscription to the device's reports ended before the trigger".into(),
-                ))
+            }
+            (Trigger::Desired, Watch::Wire(wire)) => {
+                if let Some(msg) = wire.next().await {
+                    return Ok((
+                        format!("a desired state put on {}", msg.subject),
+                        Instant::now(),
+                    ));
+                }
+            }
+            (Trigger::Console(text), Watch::Console(offset)) => {
+                let log = device.vm.serial_log().to_owned();
+                loop {
+                    let (log, text, offset) = (log.clone(), text.clone(), *offset);
+                    let line = tokio::task::spawn_blocking(move || {
+                        crate::vm::console::line_with_after(&log, offset, &text)
+                    })
+                    .await
+                    .map_err(|e| ScenarioError::Check(format!("reading the console: {e}")))?;
+                    if let Some(line) = line {
+                        return Ok((format!("the console line {line:?}"), Instant::now()));
+                    }
+                    tokio::time::sleep(CONSOLE_POLL).await;
+                }
+            }
+            (trigger, _) => {
+                return Err(ScenarioError::Check(format!(
+                    "the cut was armed on {trigger:?} without its watch"
+                )));
             }
         }
+        Err(ScenarioError::Check(format!(
+            "the subscription for {:?} ended before the trigger",
+            self.when.trigger
+        )))
     }
+}
+
+/// Pulls the plug on `device` now; returns when the guest stopped. The guest stops when its
+/// vCPUs are paused (milliseconds); libvirt's destroy then takes QEMU down, which takes
+/// seconds under TCG. What the guest had not written to its disk by the pause is lost either
+/// way.
+pub(crate) async fn pull_now(device: &OnboardedDevice) -> Result<Instant, ScenarioError> {
+    device.vm.freeze().await?;
+    let stopped = Instant::now();
+    device.vm.power_off().await?;
+    Ok(stopped)
 }
 
 /// What one cut inside an apply did: the outcome of [`cut_during_apply`].
@@ -398,7 +496,20 @@ pub fn table(arch: VmArchitecture, agent: &str, cuts: &[ApplyCut]) -> String {
 
 /// The median trigger-to-cut delay of `cuts`.
 pub fn median_delay(cuts: &[ApplyCut]) -> Option<Duration> {
-    let mut delays: Vec<Duration> = cuts.iter().map(|c| c.fired.delay).collect();
-    delays.sort();
-    delays.get(delays.len() / 2).copied()
+    median(cuts.iter().map(|c| c.fired.delay).collect())
+}
+
+/// The median time from power-on to the new generation's "applied" report, over the cuts
+/// that converged.
+pub fn median_converged(cuts: &[ApplyCut]) -> Option<Duration> {
+    median(
+        cuts.iter()
+            .filter_map(|c| c.converged.clone().ok())
+            .collect(),
+    )
+}
+
+fn median(mut values: Vec<Duration>) -> Option<Duration> {
+    values.sort();
+    values.get(values.len() / 2).copied()
 }
