@@ -3,11 +3,12 @@
 //! there, the README stays a front door, and no page speaks of how it came about. Fast: reads
 //! files only, no VM.
 //!
-//! A citation is a backticked source path (`tests/<file>.rs`, or `harness/<…>.rs`) followed, in
+//! A citation is a backticked source path (`tests/<file>.rs`, `harness/<…>.rs`, or
+//! `examples/<…>.rs`: a user's crate) followed, in
 //! the same sentence, list item or table cell, by backticked identifiers: `tests/leaks.rs`
 //! `a_killed_run_is_reaped_by_the_next_one`, with brace expansion
 //! (`a_nats_{process,container}_restarted_mid_report_loses_nothing`). Each identifier must be
-//! defined in that file as `fn <name>`; for `tests/matrix.rs` it is a trial name
+//! defined in that file as `fn <name>`; for a `tests/matrix.rs` it is a trial name
 //! (`heartbeat::partition::x86_64`) made of the matrix's agents, scenarios and architectures.
 
 use std::collections::BTreeSet;
@@ -237,7 +238,7 @@ struct Citation {
 }
 
 fn is_source_path(span: &str) -> bool {
-    (span.starts_with("tests/") || span.starts_with("harness/"))
+    (span.starts_with("tests/") || span.starts_with("harness/") || span.starts_with("examples/"))
         && span.ends_with(".rs")
         && span
             .chars()
@@ -336,8 +337,10 @@ struct MatrixNames {
 }
 
 impl MatrixNames {
-    fn load() -> Self {
-        let mut matrix = read(&root().join("tests/matrix.rs"));
+    /// The names of the matrix in `file` (`tests/matrix.rs`, whose agents are in
+    /// `tests/agents/`, or a user's crate's).
+    fn load(file: &str) -> Self {
+        let mut matrix = read(&root().join(file));
         for agents in sources_under(&root().join("tests/agents")) {
             matrix.push_str(&agents);
         }
@@ -371,7 +374,7 @@ impl MatrixNames {
         };
         if !self.prefixes.contains(prefix) {
             return Err(format!(
-                "tests/matrix.rs has no agent {prefix:?} (its agents: {:?})",
+                "the matrix has no agent {prefix:?} (its agents: {:?})",
                 self.prefixes
             ));
         }
@@ -388,7 +391,7 @@ impl MatrixNames {
 
 /// Every citation of the pages, checked; returns the problems and how many names were checked.
 fn check_citations(pages: &[(String, String)]) -> (Vec<String>, usize) {
-    let matrix = MatrixNames::load();
+    let mut matrices = std::collections::BTreeMap::new();
     let mut problems = Vec::new();
     let mut checked = 0;
     for (page, text) in pages {
@@ -402,7 +405,10 @@ fn check_citations(pages: &[(String, String)]) -> (Vec<String>, usize) {
             for name in &c.names {
                 for expanded in expand(name) {
                     checked += 1;
-                    if c.file == "tests/matrix.rs" {
+                    if c.file.ends_with("tests/matrix.rs") {
+                        let matrix = matrices
+                            .entry(c.file.clone())
+                            .or_insert_with(|| MatrixNames::load(&c.file));
                         if let Err(why) = matrix.knows(&expanded) {
                             problems.push(format!("{at} `{expanded}`: not a trial: {why}"));
                         }

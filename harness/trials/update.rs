@@ -185,8 +185,7 @@ impl ArmedCut<'_> {
             .saturating_duration_since(seen)
             .saturating_sub(self.when.offset);
         tracing::info!(
-            "power cut {:?} after {trigger} (+{:?} asked): {:.0} ms from trigger to cut",
-            self.when.trigger,
+            "power cut on {trigger} (+{:?} asked): {:.0} ms from trigger to cut",
             self.when.offset,
             delay.as_secs_f64() * 1e3
         );
