@@ -41,16 +41,16 @@ async fn sweep(
         .unwrap();
     let table = update::table(arch, &agent.name, &cuts);
     println!("{table}");
-    let ms = |d: Option<Duration>| {
+    let show = |d: Option<Duration>, unit: f64, name: &str| {
         d.map_or("none".into(), |d| {
-            format!("{:.0} ms", d.as_secs_f64() * 1e3)
+            format!("{:.1} {name}", d.as_secs_f64() * unit)
         })
     };
     println!(
         "{arch}, {}: median trigger → cut {}; median power-on → applied 2 {}",
         agent.name,
-        ms(update::median_delay(&cuts)),
-        ms(update::median_converged(&cuts))
+        show(update::median_delay(&cuts), 1e3, "ms"),
+        show(update::median_converged(&cuts), 1.0, "s")
     );
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target")

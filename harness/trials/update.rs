@@ -51,6 +51,8 @@ pub struct CutWhen {
     pub trigger: Trigger,
     /// How long after the trigger the plug is pulled.
     pub offset: Duration,
+    /// The trigger in a few words, for tables and logs (`applying 2`, `desired`).
+    pub name: String,
 }
 
 impl CutWhen {
@@ -59,13 +61,16 @@ impl CutWhen {
         Self {
             trigger: Trigger::Reported(Arc::new(matches)),
             offset: Duration::ZERO,
+            name: "a matching report".into(),
         }
     }
 
     /// The plug is pulled when the device's console prints a line with `text`.
     pub fn console(text: impl Into<String>) -> Self {
+        let text = text.into();
         Self {
-            trigger: Trigger::Console(text.into()),
+            name: format!("console {text:?}"),
+            trigger: Trigger::Console(text),
             offset: Duration::ZERO,
         }
     }
@@ -76,12 +81,21 @@ impl CutWhen {
         Self {
             trigger: Trigger::Desired,
             offset: Duration::ZERO,
+            name: "desired".into(),
         }
     }
 
     /// The same trigger, the plug pulled `offset` after it.
     pub fn after(self, offset: Duration) -> Self {
         Self { offset, ..self }
+    }
+
+    /// The same trigger, named `name` in tables and logs.
+    pub fn named(self, name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ..self
+        }
     }
 }
 
@@ -104,7 +118,9 @@ enum Watch {
 /// power-on.
 #[derive(Debug, Clone)]
 pub struct Fired {
-    /// The trigger, as it was seen (the report).
+    /// The trigger's name ([`CutWhen::name`]).
+    pub on: String,
+    /// The trigger, as it was seen (the report, the put, the console line).
     pub trigger: String,
     /// The offset asked for.
     pub offset: Duration,
@@ -191,6 +207,7 @@ impl ArmedCut<'_> {
         );
         let after = recover_after_cut(device, &self.old_boot, started).await?;
         Ok(Fired {
+            on: self.when.name.clone(),
             trigger,
             offset: self.when.offset,
             delay,
@@ -379,7 +396,7 @@ pub async fn cut_during_apply(
 
 /// The trigger the `update` trial cuts on: the device's own report that it is applying `to`.
 pub fn applying(to: u64) -> CutWhen {
-    CutWhen::reported(move |r| r.applying == Some(to))
+    CutWhen::reported(move |r| r.applying == Some(to)).named(format!("applying {to}"))
 }
 
 /// The `update` trial for any agent with a control part: onboard, converge to generation 1
@@ -473,8 +490,8 @@ pub fn table(arch: VmArchitecture, agent: &str, cuts: &[ApplyCut]) -> String {
     );
     for c in cuts {
         out.push_str(&format!(
-            "| applying {} + {} ms | {:.0} ms | {} | {} | {} | {} |\n",
-            c.to,
+            "| {} + {} ms | {:.0} ms | {} | {} | {} | {} |\n",
+            c.fired.on,
             c.fired.offset.as_millis(),
             c.fired.delay.as_secs_f64() * 1e3,
             c.on_disk.as_deref().unwrap_or("?"),
