@@ -337,11 +337,12 @@ struct MatrixNames {
 }
 
 impl MatrixNames {
-    /// The names of the matrix in `file` (`tests/matrix.rs`, whose agents are in
-    /// `tests/agents/`, or a user's crate's).
+    /// The names of the matrix in `file` (`tests/matrix.rs` or a user's crate's), whose
+    /// agents may be described in the `agents/` folder beside it.
     fn load(file: &str) -> Self {
-        let mut matrix = read(&root().join(file));
-        for agents in sources_under(&root().join("tests/agents")) {
+        let path = root().join(file);
+        let mut matrix = read(&path);
+        for agents in sources_under(&path.with_file_name("agents")) {
             matrix.push_str(&agents);
         }
         let prefixes = matrix

@@ -83,9 +83,11 @@ impl SwapCut {
 ///    cut, by boot marker and stream position, comes first), and its unit must be active;
 /// 4. `to` is onboarded again, whole, and the device must report `to`'s version.
 ///
-/// Both releases report on the same subject, decoded by the device's description, and need
-/// the same NATS server configuration. Errors before the cut are errors; what the cut breaks
-/// is the outcome ([`SwapCut::broke`]).
+/// Both releases report where the device's agent does, decoded by its description, and need
+/// the same NATS server configuration. Errors before the cut are errors. After it, a device
+/// with no agent reporting (neither version running) fails the recovery verdict of any cut
+/// ([`ScenarioError::Recovery`]); what else the cut breaks is the outcome
+/// ([`SwapCut::broke`]).
 pub async fn cut_during_swap(
     lab: &Lab,
     device: &OnboardedDevice,
@@ -94,7 +96,24 @@ pub async fn cut_during_swap(
     after_step: &str,
 ) -> Result<SwapCut, ScenarioError> {
     let vm = &device.vm;
+    if from.version == to.version {
+        return Err(ScenarioError::Check(format!(
+            "both releases report version {}: an update is judged by the version the device \
+             reports, so give the new release another one",
+            to.version
+        )));
+    }
     for release in [from, to] {
+        if release.agent.reports.on != device.agent.reports.on {
+            return Err(ScenarioError::Check(format!(
+                "{} reports on the {}, the device's agent {} on the {}: an update of the agent \
+                 is judged on the device's reports, so both releases must report where it does",
+                release.agent.name,
+                release.agent.reports.on,
+                device.agent.name,
+                device.agent.reports.on
+            )));
+        }
         if release.agent.nats_config != device.agent.nats_config {
             return Err(ScenarioError::Check(format!(
                 "{} needs another NATS server configuration than the device's agent {}: an \
@@ -169,7 +188,8 @@ async fn runs_version(
         .map_err(|e| {
             ScenarioError::Check(format!(
                 "{} never reported version {version} (does the agent's decoder fill \
-                 `Report::version`?): {e}",
+                 `Report::version`? Is DEVICELAB_AGENT_BIN_<ARCH> set, shipping one binary \
+                 for both releases?): {e}",
                 device.device_id
             ))
         })?;

@@ -1,8 +1,8 @@
 //! The trials: an onboarded device and the power-cycle story with its verdicts ([`scenario`]),
 //! riding out a network partition ([`outage`]), the power-cut sweep ([`power_cut`]), the
 //! harness as the device's control plane ([`control`]), power cuts during an update
-//! ([`update`]) and during an update of the agent itself ([`agent_update`]), and the matrix that runs them for any agent on each architecture
-//! ([`matrix`]).
+//! ([`update`]) and during an update of the agent itself ([`agent_update`]), and the matrix
+//! that runs them for any agent on each architecture ([`matrix`]).
 
 pub mod agent_update;
 pub mod control;

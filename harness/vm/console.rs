@@ -138,6 +138,19 @@ fn is_failure(line: &str, needle: &str) -> bool {
     !needle.starts_with("- ") || line.contains("Failed to start")
 }
 
+/// The log's bytes after byte `offset` (none if it is shorter or unreadable): read from there,
+/// not from the start, for a watch that polls often.
+pub fn bytes_after(path: &Path, offset: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut out = Vec::new();
+    if let Ok(mut file) = std::fs::File::open(path)
+        && file.seek(SeekFrom::Start(offset)).is_ok()
+    {
+        let _ = file.read_to_end(&mut out);
+    }
+    out
+}
+
 /// Current size of the log: where this boot's output will start.
 pub fn len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
@@ -180,6 +193,15 @@ pub fn strip_ansi(line: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_after_reads_from_the_offset_on() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), "old line\nnew line\n").unwrap();
+        assert_eq!(bytes_after(f.path(), 9), b"new line\n");
+        assert!(bytes_after(f.path(), 99).is_empty());
+        assert!(bytes_after(Path::new("/nonexistent/console.log"), 0).is_empty());
+    }
 
     #[test]
     fn finds_a_panic_among_escape_codes_and_quotes_the_tail() {

@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 struct Nats {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
+    /// This connection's own reply subject: replies to it reach no other device.
+    inbox: String,
 }
 
 impl Nats {
@@ -20,13 +22,18 @@ impl Nats {
         let addr = config.nats_url.trim_start_matches("nats://");
         let stream = TcpStream::connect(addr)?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
         let mut nats = Self {
             reader: BufReader::new(stream.try_clone()?),
             writer: stream,
+            inbox: format!("_INBOX.acme.{}.{}.{nanos}", config.id, std::process::id()),
         };
         let connect = serde_json::json!({"user": config.user, "pass": config.password,
             "verbose": false, "headers": true, "no_responders": true});
-        write!(nats.writer, "CONNECT {connect}\r\nSUB _INBOX.acme 1\r\n")?;
+        write!(nats.writer, "CONNECT {connect}\r\nSUB {} 1\r\n", nats.inbox)?;
         Ok(nats)
     }
 
@@ -45,24 +52,37 @@ impl Nats {
         }
     }
 
-    /// The last value of `key` in the KV bucket `bucket` (`None`: no value).
+    /// The last value of `key` in the KV bucket `bucket` (`None`: no value, or deleted).
     fn kv_get(&mut self, bucket: &str, key: &str) -> std::io::Result<Option<Vec<u8>>> {
         write!(
             self.writer,
-            "PUB $JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key} _INBOX.acme 0\r\n\r\n"
+            "PUB $JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key} {} 0\r\n\r\n",
+            self.inbox
         )?;
         loop {
             let line = self.line()?;
             let words: Vec<&str> = line.split_whitespace().collect();
+            // HMSG <subject> <sid> [reply-to] <header bytes> <total bytes>
             match words.as_slice() {
-                ["HMSG", _, _, headers, total] => {
+                ["HMSG", subject, "1", .., headers, total] if *subject == self.inbox => {
                     let (headers, total): (usize, usize) = (parse(headers)?, parse(total)?);
-                    let mut body = vec![0; total + 2];
+                    let mut body = vec![0; total + 2]; // and the CRLF after it
                     self.reader.read_exact(&mut body)?;
-                    let status = String::from_utf8_lossy(&body[..headers]).into_owned();
-                    // "NATS/1.0" is a value; "NATS/1.0 404 ..." says there is none.
-                    let first = status.lines().next().unwrap_or_default().trim();
-                    return Ok((first == "NATS/1.0").then(|| body[headers..total].to_vec()));
+                    let head = String::from_utf8_lossy(&body[..headers]).into_owned();
+                    let status = head.lines().next().unwrap_or_default();
+                    let code = status.split_whitespace().nth(1);
+                    let value = &body[headers..total];
+                    return match code {
+                        // A delete or a purge leaves a marker with no value.
+                        None if value.is_empty() => Ok(None),
+                        None => Ok(Some(value.to_vec())),
+                        Some("404") => Ok(None),
+                        Some(_) => Err(std::io::Error::other(format!(
+                            "reading {key} of the KV bucket {bucket}: {} (the bucket must \
+                             exist and allow direct gets)",
+                            status.trim()
+                        ))),
+                    };
                 }
                 ["PING"] => self.writer.write_all(b"PONG\r\n")?,
                 [w, ..] if w.starts_with("-ERR") => return Err(std::io::Error::other(line)),
@@ -87,7 +107,9 @@ fn parse(n: &str) -> std::io::Result<usize> {
 /// Writes `desired` beside `path`, syncs it, renames it over `path` and syncs the directory:
 /// a power cut leaves the old state or the new, never half of one.
 fn keep(path: &Path, desired: &AcmeDesired) -> std::io::Result<()> {
-    let tmp = path.with_extension("new");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".acme-new");
+    let tmp = std::path::PathBuf::from(tmp);
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(&serde_json::to_vec(desired)?)?;
     file.sync_all()?;
