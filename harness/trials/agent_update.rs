@@ -12,7 +12,7 @@ use crate::nats::Verdict;
 use crate::trials::scenario::{
     AfterCut, OnboardedDevice, ScenarioError, recover_after_cut, template_values,
 };
-use crate::trials::update::pull_now;
+use crate::trials::update::{converged_cell, pull_now, verdict_cell};
 use std::time::{Duration, Instant};
 
 /// One release of an agent: its description, and the version its reports carry
@@ -208,14 +208,8 @@ pub fn table(arch: VmArchitecture, cuts: &[SwapCut]) -> String {
             "| {} | {} | {} | {} |\n",
             c.after_step,
             c.version_after().unwrap_or("none"),
-            match &c.converged {
-                Ok(d) => format!("{:.1} s", d.as_secs_f64()),
-                Err(_) => "no".into(),
-            },
-            match c.broke() {
-                None => "**yes**".to_owned(),
-                Some(wrong) => format!("**no**: {}", wrong.replace('|', "/")),
-            },
+            converged_cell(&c.converged),
+            verdict_cell(c.broke()),
         ));
     }
     out

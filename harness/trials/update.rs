@@ -510,17 +510,27 @@ pub fn table(arch: VmArchitecture, agent: &str, cuts: &[ApplyCut]) -> String {
             c.on_disk.as_deref().unwrap_or("?"),
             c.applied_after()
                 .map_or("none (torn)".to_owned(), |g| g.to_string()),
-            match &c.converged {
-                Ok(d) => format!("{:.1} s", d.as_secs_f64()),
-                Err(_) => "no".into(),
-            },
-            match c.broke() {
-                None => "**yes**".to_owned(),
-                Some(wrong) => format!("**no**: {}", wrong.replace('|', "/")),
-            },
+            converged_cell(&c.converged),
+            verdict_cell(c.broke()),
         ));
     }
     out
+}
+
+/// A table cell for a time to converge, or `no`.
+pub(crate) fn converged_cell(converged: &Result<Duration, String>) -> String {
+    match converged {
+        Ok(d) => format!("{:.1} s", d.as_secs_f64()),
+        Err(_) => "no".into(),
+    }
+}
+
+/// A table cell for a verdict: **yes**, or **no** and what is wrong.
+pub(crate) fn verdict_cell(broke: Option<String>) -> String {
+    match broke {
+        None => "**yes**".to_owned(),
+        Some(wrong) => format!("**no**: {}", wrong.replace('|', "/")),
+    }
 }
 
 /// The median trigger-to-cut delay of `cuts`.
