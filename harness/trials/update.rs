@@ -32,7 +32,8 @@ pub enum Trigger {
 }
 
 /// How often a [`Trigger::Console`] reads the console (from where it stopped): a line is seen
-/// up to this long after it is printed, and [`Fired::delay`] counts from when it is seen.
+/// up to this long (and the time of one read) after it is printed; [`Fired::delay`] counts
+/// from when it is seen.
 pub const CONSOLE_POLL: Duration = Duration::from_millis(20);
 
 impl std::fmt::Debug for Trigger {
@@ -241,7 +242,7 @@ impl ArmedCut<'_> {
             }
             (Trigger::Console(text), Watch::Console(offset)) => {
                 let log = device.vm.serial_log().to_owned();
-                let (mut read, mut carry) = (*offset, String::new());
+                let (mut read, mut watch) = (*offset, crate::vm::console::LineWatch::default());
                 loop {
                     let (log, from) = (log.clone(), read);
                     let bytes = tokio::task::spawn_blocking(move || {
@@ -250,18 +251,8 @@ impl ArmedCut<'_> {
                     .await
                     .map_err(|e| ScenarioError::Check(format!("reading the console: {e}")))?;
                     read += bytes.len() as u64;
-                    carry.push_str(&String::from_utf8_lossy(&bytes));
-                    if let Some(line) = carry
-                        .lines()
-                        .map(crate::vm::console::strip_ansi)
-                        .find(|l| l.contains(text.as_str()))
-                    {
-                        let line = line.trim().to_owned();
+                    if let Some(line) = watch.feed(&bytes, text) {
                         return Ok((format!("the console line {line:?}"), Instant::now()));
-                    }
-                    // Only the last line may be incomplete: it is read again with what follows.
-                    if let Some(end) = carry.rfind('\n') {
-                        carry.drain(..=end);
                     }
                     tokio::time::sleep(CONSOLE_POLL).await;
                 }

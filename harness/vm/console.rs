@@ -151,6 +151,32 @@ pub fn bytes_after(path: &Path, offset: u64) -> Vec<u8> {
     out
 }
 
+/// A watch for a line with a text in a log read piece by piece ([`bytes_after`]): a line split
+/// across two reads, or a character split across two reads, is whole when it is matched.
+#[derive(Debug, Default)]
+pub struct LineWatch {
+    /// The last, incomplete line read so far (raw bytes: a character may be cut).
+    tail: Vec<u8>,
+}
+
+impl LineWatch {
+    /// Feeds the next bytes of the log; returns the first line (ANSI escapes stripped,
+    /// trimmed) that contains `text`. The last line, incomplete until its newline, is matched
+    /// too, and read again with what follows.
+    pub fn feed(&mut self, bytes: &[u8], text: &str) -> Option<String> {
+        self.tail.extend_from_slice(bytes);
+        let found = String::from_utf8_lossy(&self.tail)
+            .lines()
+            .map(strip_ansi)
+            .find(|l| l.contains(text))
+            .map(|l| l.trim().to_owned());
+        if let Some(end) = self.tail.iter().rposition(|b| *b == b'\n') {
+            self.tail.drain(..=end);
+        }
+        found
+    }
+}
+
 /// Current size of the log: where this boot's output will start.
 pub fn len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
@@ -193,6 +219,25 @@ pub fn strip_ansi(line: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_or_a_character_split_across_reads_is_matched_whole() {
+        let mut watch = LineWatch::default();
+        assert_eq!(watch.feed(b"boot\nUpdate Pro", "Update Progress"), None);
+        assert_eq!(
+            watch.feed(b"gress 40%\r\nnext\n", "Update Progress"),
+            Some("Update Progress 40%".into())
+        );
+        // "é" is two bytes: the first read ends inside it.
+        let bytes = "état: fini\n".as_bytes();
+        let mut watch = LineWatch::default();
+        assert_eq!(watch.feed(&bytes[..1], "état"), None);
+        assert_eq!(watch.feed(&bytes[1..], "état"), Some("état: fini".into()));
+        // Escapes are stripped; older lines are not read again.
+        let mut watch = LineWatch::default();
+        assert_eq!(watch.feed(b"\x1b[0;32mmark\x1b[0m old\n", "nothing"), None);
+        assert_eq!(watch.feed(b"new\n", "mark"), None);
+    }
 
     #[test]
     fn bytes_after_reads_from_the_offset_on() {

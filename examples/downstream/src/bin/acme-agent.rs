@@ -62,12 +62,23 @@ impl Nats {
         loop {
             let line = self.line()?;
             let words: Vec<&str> = line.split_whitespace().collect();
-            // HMSG <subject> <sid> [reply-to] <header bytes> <total bytes>
+            // HMSG <subject> <sid> [reply-to] <header bytes> <total bytes>; a MSG has no
+            // header count. Every message's body is read, ours or not, so the next line read
+            // is a protocol line.
             match words.as_slice() {
-                ["HMSG", subject, "1", .., headers, total] if *subject == self.inbox => {
+                ["MSG", .., total] => {
+                    self.reader.read_exact(&mut vec![0; parse(total)? + 2])?;
+                }
+                ["HMSG", subject, .., headers, total] => {
                     let (headers, total): (usize, usize) = (parse(headers)?, parse(total)?);
                     let mut body = vec![0; total + 2]; // and the CRLF after it
                     self.reader.read_exact(&mut body)?;
+                    if *subject != self.inbox {
+                        continue;
+                    }
+                    if headers > total {
+                        return Err(std::io::Error::other(format!("a bad frame: {line}")));
+                    }
                     let head = String::from_utf8_lossy(&body[..headers]).into_owned();
                     let status = head.lines().next().unwrap_or_default();
                     let code = status.split_whitespace().nth(1);
@@ -114,9 +125,8 @@ fn keep(path: &Path, desired: &AcmeDesired) -> std::io::Result<()> {
     file.write_all(&serde_json::to_vec(desired)?)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()?;
     Ok(())
 }
 
@@ -145,7 +155,12 @@ fn round(config: &AcmeConfig, boot: &str) -> std::io::Result<()> {
         applying,
     };
     let mut have = applied(state);
-    if let Some(bytes) = nats.kv_get(DESIRED_BUCKET, &config.id)? {
+    // A desired state it cannot read is logged; the device still reports what it runs.
+    let desired = nats.kv_get(DESIRED_BUCKET, &config.id).unwrap_or_else(|e| {
+        eprintln!("acme-agent: {e}");
+        None
+    });
+    if let Some(bytes) = desired {
         match serde_json::from_slice::<AcmeDesired>(&bytes) {
             Ok(desired) if have.is_none_or(|g| desired.generation > g) => {
                 let applying = report(have, Some(desired.generation));
