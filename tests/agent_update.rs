@@ -62,7 +62,7 @@ async fn a_cut_after_the_new_binary_is_in_place_leaves_one_version_running(
     cuts(&*lab.await, arch, &["binary"]).await;
 }
 
-/// The table in docs/control.md: a cut after each step of the swap that changes something
+/// The tables in BENCHMARKS.md: a cut after each step of the swap that changes something
 /// (the binary, the config, the restart), on one device: `ARCH=<arch> cargo test --features
 /// e2e --test agent_update cut_after_each_step_of_the_agents_update -- --ignored --nocapture`.
 #[rstest]

@@ -5,9 +5,9 @@
 //! pair proves the verdict can pass and can fail. Boots VMs: `--features e2e` (architecture:
 //! ARCH, else the host's).
 
+use devicelab::agent::onboard::Onboarding;
 use devicelab::agent::reference;
 use devicelab::fixtures::*;
-use devicelab::ssh::session::user_systemctl;
 use devicelab::trials::scenario::{onboarded_device_started, template_values};
 use devicelab::trials::update::{self, ApplyCut, CutWhen, StateFile};
 use devicelab_agent::ApplyMode;
@@ -119,22 +119,18 @@ async fn a_cut_inside_the_apply_leaves_the_careful_agent_whole_and_the_in_place_
     );
     assert_whole(std::slice::from_ref(&careful), arch);
 
+    // Onboarded over the careful agent: its config changes, its unit restarts, all flushed.
     let values = template_values(&device.device_id, &device.nats, arch);
-    let in_place = reference::config_applying(&values, ApplyMode::InPlace).to_toml();
-    let vm = &device.vm;
-    vm.exec_with_input(
-        "sudo -n tee /etc/devicelab-agent/agent.toml >/dev/null",
-        Some(in_place.as_bytes()),
+    Onboarding::prepare(
+        &lab.config,
+        &reference::agent_applying(ApplyMode::InPlace),
+        values,
     )
     .await
-    .unwrap();
-    vm.succeed(&user_systemctl(
-        reference::AGENT_USER,
-        &format!("restart {}", reference::AGENT_UNIT),
-    ))
+    .unwrap()
+    .apply(&device.vm)
     .await
     .unwrap();
-    vm.flush().await.unwrap();
     let torn =
         update::cut_during_apply(&device, 2, 3, update::applying(3).after(half), Some(STATE))
             .await

@@ -59,13 +59,8 @@ fn reference_manifest() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/agent/Cargo.toml")
 }
 
-/// The reference agent's package, as a cargo source.
-pub fn reference_source() -> Source {
-    reference_source_bin(REFERENCE_PACKAGE)
-}
-
 /// The binary `bin` of the reference agent's package, as a cargo source.
-pub fn reference_source_bin(bin: &str) -> Source {
+pub fn reference_source(bin: &str) -> Source {
     Source::Cargo {
         manifest: reference_manifest(),
         package: REFERENCE_PACKAGE.into(),

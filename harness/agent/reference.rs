@@ -5,7 +5,7 @@
 //! [`DESIRED_BUCKET`] (key: its device id), applies a newer generation to its state file and
 //! reports `applying` then `applied`; it answers `status` on `devicelab.command.<device>`.
 
-use crate::agent::build::{REFERENCE_PACKAGE, reference_source_bin};
+use crate::agent::build::{REFERENCE_PACKAGE, reference_source};
 use crate::agent::description::{
     AgentDescription, Content, Control, Installed, Renderer, Report, Reports, Service,
     TemplateValues,
@@ -159,7 +159,7 @@ fn described(
                 path: BINARY_PATH.into(),
                 mode: 0o755,
                 group: "root".into(),
-                content: Content::Shipped(reference_source_bin(bin)),
+                content: Content::Shipped(reference_source(bin)),
             },
             Installed {
                 // Holds the NATS password: readable by root and the agent's group only.

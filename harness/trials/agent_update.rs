@@ -143,11 +143,7 @@ pub async fn cut_during_swap(
         from.agent.name
     );
     let after = recover_after_cut(device, &old_boot, started).await?;
-    let service = &device.agent.service;
-    let agent_active = vm
-        .wait_for_unit(service.unit(), service.user())
-        .await
-        .is_ok();
+    let agent_active = device.agent_active().await;
 
     let started = Instant::now();
     let converged = async {

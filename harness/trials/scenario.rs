@@ -37,6 +37,15 @@ pub struct OnboardedDevice {
 }
 
 impl OnboardedDevice {
+    /// Whether the agent's unit is active (within the unit wait's budget).
+    pub(crate) async fn agent_active(&self) -> bool {
+        let service = &self.agent.service;
+        self.vm
+            .wait_for_unit(service.unit(), service.user())
+            .await
+            .is_ok()
+    }
+
     /// This device's reports, decoded by its agent's description.
     pub fn reports(&self) -> ReportLog {
         self.nats

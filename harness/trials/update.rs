@@ -106,14 +106,21 @@ pub struct ArmedCut<'a> {
     device: &'a OnboardedDevice,
     when: CutWhen,
     old_boot: String,
-    /// What the trigger watches: the device's reports or its desired state on the wire, or
-    /// its console from this offset.
+    /// What the trigger watches.
     watch: Watch,
 }
 
+/// A trigger's watch, with what it needs to see the trigger.
 enum Watch {
-    Wire(async_nats::Subscriber),
-    Console(u64),
+    /// The device's reports on the wire, and the predicate that fires.
+    Reports(
+        async_nats::Subscriber,
+        Arc<dyn Fn(&Report) -> bool + Send + Sync>,
+    ),
+    /// Where its desired state goes, on the wire.
+    Desired(async_nats::Subscriber),
+    /// Its console, from this offset on, for this text.
+    Console(u64, String),
 }
 
 /// What a fired cut did: what triggered it, how close the cut followed, and the device after
@@ -138,10 +145,22 @@ impl OnboardedDevice {
     /// [`desire`](Self::desire) cannot be missed then).
     pub async fn arm_cut(&self, when: CutWhen) -> Result<ArmedCut<'_>, ScenarioError> {
         let old_boot = self.vm.boot_id().await?;
-        let subject = match &when.trigger {
-            Trigger::Reported(_) => Some(self.reports_on.subject().to_owned()),
+        let subscribe = |subject: String| async move {
+            self.nats
+                .client()
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| crate::nats::NatsError::JetStream {
+                    doing: format!("subscribing to {subject}"),
+                    message: e.to_string(),
+                })
+        };
+        let watch = match &when.trigger {
+            Trigger::Reported(matches) => {
+                Watch::Reports(subscribe(self.reports_on.subject()).await?, matches.clone())
+            }
             Trigger::Desired => match self.control_plane.control() {
-                Some(control) => Some(control.desired.subject().to_owned()),
+                Some(control) => Watch::Desired(subscribe(control.desired.subject()).await?),
                 None => {
                     return Err(ScenarioError::Check(format!(
                         "a cut armed on a desired state needs an agent with a Control part; {} \
@@ -150,20 +169,9 @@ impl OnboardedDevice {
                     )));
                 }
             },
-            Trigger::Console(_) => None,
-        };
-        let watch = match subject {
-            Some(subject) => Watch::Wire(
-                self.nats
-                    .client()
-                    .subscribe(subject.clone())
-                    .await
-                    .map_err(|e| crate::nats::NatsError::JetStream {
-                        doing: format!("subscribing to {subject}"),
-                        message: e.to_string(),
-                    })?,
-            ),
-            None => Watch::Console(crate::vm::console::len(self.vm.serial_log())),
+            Trigger::Console(text) => {
+                Watch::Console(crate::vm::console::len(self.vm.serial_log()), text.clone())
+            }
         };
         Ok(ArmedCut {
             device: self,
@@ -220,8 +228,8 @@ impl ArmedCut<'_> {
     /// The trigger, as seen, and when.
     async fn trigger(&mut self) -> Result<(String, Instant), ScenarioError> {
         let device = self.device;
-        match (&self.when.trigger, &mut self.watch) {
-            (Trigger::Reported(matches), Watch::Wire(wire)) => {
+        match &mut self.watch {
+            Watch::Reports(wire, matches) => {
                 let decode = &device.agent.reports.decode;
                 while let Some(msg) = wire.next().await {
                     if let Ok(report) = crate::nats::status::decode_message(&**decode, &msg)
@@ -232,7 +240,7 @@ impl ArmedCut<'_> {
                     }
                 }
             }
-            (Trigger::Desired, Watch::Wire(wire)) => {
+            Watch::Desired(wire) => {
                 if let Some(msg) = wire.next().await {
                     return Ok((
                         format!("a desired state put on {}", msg.subject),
@@ -240,7 +248,7 @@ impl ArmedCut<'_> {
                     ));
                 }
             }
-            (Trigger::Console(text), Watch::Console(offset)) => {
+            Watch::Console(offset, text) => {
                 let log = device.vm.serial_log().to_owned();
                 let (mut read, mut watch) = (*offset, crate::vm::console::LineWatch::default());
                 loop {
@@ -251,16 +259,11 @@ impl ArmedCut<'_> {
                     .await
                     .map_err(|e| ScenarioError::Check(format!("reading the console: {e}")))?;
                     read += bytes.len() as u64;
-                    if let Some(line) = watch.feed(&bytes, text) {
+                    if let Some(line) = watch.feed(&bytes, text.as_str()) {
                         return Ok((format!("the console line {line:?}"), Instant::now()));
                     }
                     tokio::time::sleep(CONSOLE_POLL).await;
                 }
-            }
-            (trigger, _) => {
-                return Err(ScenarioError::Check(format!(
-                    "the cut was armed on {trigger:?} without its watch"
-                )));
             }
         }
         Err(ScenarioError::Check(format!(
@@ -378,11 +381,7 @@ pub async fn cut_during_apply(
         }
         None => None,
     };
-    let service = &device.agent.service;
-    let agent_active = vm
-        .wait_for_unit(service.unit(), service.user())
-        .await
-        .is_ok();
+    let agent_active = device.agent_active().await;
     let converged = device
         .converged(to, budgets.power_cycle_recovery)
         .await
