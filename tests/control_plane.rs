@@ -10,29 +10,23 @@ use devicelab::description::{AgentDescription, TemplateValues};
 use devicelab::nats::NatsServer;
 use devicelab::reference;
 use devicelab::trials::ControlPlane;
-use devicelab::trials::scenario::ScenarioError;
+use devicelab::trials::scenario::{ScenarioError, device_values};
 use devicelab_agent::{AgentConfig, ApplyMode, CommandReply, OnDisk, run, state};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const BUDGET: Duration = Duration::from_secs(20);
 
-fn values(nats: &NatsServer, device: &str) -> TemplateValues {
-    let creds = nats
-        .credentials()
-        .expect("the run's server has credentials");
-    TemplateValues {
-        device_id: device.into(),
-        nats_url: nats.client_url(),
-        nats_user: creds.user.clone(),
-        nats_password: creds.password.clone(),
-        arch: VmArchitecture::X86_64,
-    }
+/// `device`'s template values: its own NATS user, allowed what the reference agent needs.
+async fn values(nats: &NatsServer, device: &str) -> TemplateValues {
+    device_values(nats, &reference::agent(), device, VmArchitecture::X86_64)
+        .await
+        .unwrap()
 }
 
 /// The reference agent's own config for `device`, reporting every 100 ms, its state in `dir`.
-fn agent_config(nats: &NatsServer, device: &str, dir: &Path) -> AgentConfig {
-    let mut config = reference::config_applying(&values(nats, device), ApplyMode::Careful);
+async fn agent_config(nats: &NatsServer, device: &str, dir: &Path) -> AgentConfig {
+    let mut config = reference::config_applying(&values(nats, device).await, ApplyMode::Careful);
     config.interval_ms = 100;
     let control = config
         .control
@@ -63,7 +57,7 @@ fn start(config: &AgentConfig, boot: &str) -> Running {
 }
 
 async fn plane(nats: &NatsServer, device: &str, agent: &AgentDescription) -> ControlPlane {
-    ControlPlane::for_device(nats, agent, &values(nats, device))
+    ControlPlane::for_device(nats, agent, &values(nats, device).await)
         .await
         .unwrap()
 }
@@ -77,7 +71,7 @@ async fn a_desired_generation_is_applied_reported_and_kept_across_a_restart() {
     let nats = common::nats_process_server().await;
     let dir = tempfile::tempdir().unwrap();
     let device = plane(&nats, "dev-desire", &reference::agent()).await;
-    let config = agent_config(&nats, "dev-desire", dir.path());
+    let config = agent_config(&nats, "dev-desire", dir.path()).await;
     let agent = start(&config, "boot-1");
 
     device.desire(1, "interval = 5").await.unwrap();
@@ -160,7 +154,7 @@ async fn a_torn_state_is_reported_as_nothing_applied_then_repaired() {
     torn.extend_from_slice(&old[new.len() / 2..]);
     std::fs::write(state_path(&dir), &torn).unwrap();
 
-    let _agent = start(&agent_config(&nats, "dev-torn", dir.path()), "boot-1");
+    let _agent = start(&agent_config(&nats, "dev-torn", dir.path()).await, "boot-1");
     let first = device
         .reports()
         .wait_for(0, BUDGET, |_| devicelab::nats::Verdict::Accept)
@@ -191,7 +185,10 @@ async fn a_generation_applied_that_was_never_desired_fails_at_once() {
     let nats = common::nats_process_server().await;
     let dir = tempfile::tempdir().unwrap();
     let device = plane(&nats, "dev-stray", &reference::agent()).await;
-    let _agent = start(&agent_config(&nats, "dev-stray", dir.path()), "boot-1");
+    let _agent = start(
+        &agent_config(&nats, "dev-stray", dir.path()).await,
+        "boot-1",
+    );
     device.desire(1, "a").await.unwrap();
     device.converged(1, BUDGET).await.unwrap();
     // Someone else (not this control plane) desires generation 5.
@@ -232,7 +229,7 @@ async fn an_agent_that_never_applies_fails_convergence_quoting_its_reports() {
     let device = plane(&nats, "dev-deaf", &reference::agent()).await;
     // The agent only reports: its config has no control part.
     let dir = tempfile::tempdir().unwrap();
-    let mut config = agent_config(&nats, "dev-deaf", dir.path());
+    let mut config = agent_config(&nats, "dev-deaf", dir.path()).await;
     config.control = None;
     let _agent = start(&config, "boot-1");
     device.desire(1, "a").await.unwrap();
@@ -266,7 +263,7 @@ async fn commands_are_answered_and_bad_requests_are_named() {
             if subject == "devicelab.command.dev-cmd" && reason.contains("nothing listens")),
         "{err}"
     );
-    let _agent = start(&agent_config(&nats, "dev-cmd", dir.path()), "boot-1");
+    let _agent = start(&agent_config(&nats, "dev-cmd", dir.path()).await, "boot-1");
     device.desire(4, "d").await.unwrap();
     device.converged(4, BUDGET).await.unwrap();
     let reply: CommandReply =
@@ -337,7 +334,10 @@ async fn never_reported_passes_a_quiet_window_and_fails_at_the_first_match() {
     let nats = common::nats_process_server().await;
     let dir = tempfile::tempdir().unwrap();
     let device = plane(&nats, "dev-never", &reference::agent()).await;
-    let _agent = start(&agent_config(&nats, "dev-never", dir.path()), "boot-1");
+    let _agent = start(
+        &agent_config(&nats, "dev-never", dir.path()).await,
+        "boot-1",
+    );
     device
         .never_reported("a torn state", Duration::from_secs(1), |r| {
             r.applied.is_none()

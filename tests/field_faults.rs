@@ -255,7 +255,9 @@ async fn onboarding_waits_for_a_package_manager_another_process_holds(
     let agent = agents::heartbeat();
     let nats = lab.nats_for(&agent).await.unwrap();
     let name = lab.vm_name("dpkglock", arch);
-    let values = devicelab::trials::scenario::template_values(&name, &nats, arch);
+    let values = devicelab::trials::scenario::device_values(&nats, &agent, &name, arch)
+        .await
+        .unwrap();
     let vm = lab
         .vm(devicelab::VirtualMachineSpec::new(&name, arch).with_start(Start::Warm))
         .await

@@ -8,7 +8,7 @@
 use devicelab::agent::onboard::Onboarding;
 use devicelab::agent::reference;
 use devicelab::fixtures::*;
-use devicelab::trials::scenario::{onboarded_device_started, template_values};
+use devicelab::trials::scenario::{device_values, onboarded_device_started};
 use devicelab::trials::update::{self, ApplyCut, CutWhen, StateFile};
 use devicelab_agent::ApplyMode;
 use std::sync::Arc;
@@ -120,17 +120,16 @@ async fn a_cut_inside_the_apply_leaves_the_careful_agent_whole_and_the_in_place_
     assert_whole(std::slice::from_ref(&careful), arch);
 
     // Onboarded over the careful agent: its config changes, its unit restarts, all flushed.
-    let values = template_values(&device.device_id, &device.nats, arch);
-    Onboarding::prepare(
-        &lab.config,
-        &reference::agent_applying(ApplyMode::InPlace),
-        values,
-    )
-    .await
-    .unwrap()
-    .apply(&device.vm)
-    .await
-    .unwrap();
+    let in_place = reference::agent_applying(ApplyMode::InPlace);
+    let values = device_values(&device.nats, &in_place, &device.device_id, arch)
+        .await
+        .unwrap();
+    Onboarding::prepare(&lab.config, &in_place, values)
+        .await
+        .unwrap()
+        .apply(&device.vm)
+        .await
+        .unwrap();
     let torn =
         update::cut_during_apply(&device, 2, 3, update::applying(3).after(half), Some(STATE))
             .await

@@ -593,7 +593,25 @@ pub struct AgentDescription {
     pub nats_config: String,
     /// How the platform tells the agent what to run (`None`: the agent only reports).
     pub control: Option<Control>,
+    /// What the device's own NATS user may do beyond what the rest of the description
+    /// implies ([`AgentDescription::permissions`]); templates. Empty for most agents.
+    pub nats_permissions: Permissions,
 }
+
+/// What one device's NATS user may do: the subjects it may publish to and subscribe to
+/// (wildcards allowed), and whether it may answer requests (publish once to the reply subject
+/// of a message it received). Everything else the server refuses (a "Permissions Violation").
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Permissions {
+    /// Subjects the device may publish to.
+    pub publish: Vec<String>,
+    /// Subjects the device may subscribe to.
+    pub subscribe: Vec<String>,
+    /// Whether it may answer a request it received.
+    pub allow_responses: bool,
+}
+
+pub use devicelab_agent::inbox_prefix;
 
 impl AgentDescription {
     /// Checks everything that can be checked before a VM boots: templates name known values,
@@ -619,6 +637,7 @@ impl AgentDescription {
         }
         self.render_reports_on(None)?;
         self.render_control_on(None)?;
+        self.render_permissions(None)?;
         render_with(self.service.text(), None, agent, "the unit")?;
         if let Service::User { user, .. } = &self.service
             && self.user.as_deref() != Some(user.as_str())
@@ -784,6 +803,60 @@ impl AgentDescription {
         values: &TemplateValues,
     ) -> Result<Option<ControlOn>, DescriptionError> {
         self.render_control_on(Some(values))
+    }
+
+    /// What this device's own NATS user may do, and no more:
+    /// - publish its reports (a KV report: put to its key, and read the bucket's info);
+    /// - read its desired state (a KV key: a direct get of that key alone, and the bucket's
+    ///   info; a subject: subscribe to it);
+    /// - answer commands on its command subject;
+    /// - receive replies under its own inbox prefix ([`inbox_prefix`]);
+    /// - what the description's [`nats_permissions`](Self::nats_permissions) add.
+    pub fn permissions(&self, values: &TemplateValues) -> Result<Permissions, DescriptionError> {
+        self.render_permissions(Some(values))
+    }
+
+    fn render_permissions(
+        &self,
+        values: Option<&TemplateValues>,
+    ) -> Result<Permissions, DescriptionError> {
+        let device = values.map_or("", |v| v.device_id.as_str());
+        let mut p = Permissions {
+            subscribe: vec![format!("{}.>", inbox_prefix(device))],
+            ..Permissions::default()
+        };
+        match self.render_reports_on(values)? {
+            ReportsOn::Subject(s) => p.publish.push(s),
+            ReportsOn::KeyValue { bucket, key } => p.publish.extend([
+                format!("$KV.{bucket}.{key}"),
+                format!("$JS.API.STREAM.INFO.KV_{bucket}"),
+            ]),
+        }
+        if let Some(control) = self.render_control_on(values)? {
+            match control.desired {
+                DesiredOn::Subject(s) => p.subscribe.push(s),
+                DesiredOn::KeyValue { bucket, key } => p.publish.extend([
+                    format!("$JS.API.STREAM.INFO.KV_{bucket}"),
+                    format!("$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key}"),
+                ]),
+            }
+            if let Some(commands) = control.commands {
+                p.subscribe.push(commands);
+                p.allow_responses = true;
+            }
+        }
+        let extra = &self.nats_permissions;
+        let render = |t: &String| render_with(t, values, &self.name, "a NATS permission");
+        for t in &extra.publish {
+            p.publish.push(render(t)?);
+        }
+        for t in &extra.subscribe {
+            p.subscribe.push(render(t)?);
+        }
+        p.allow_responses |= extra.allow_responses;
+        p.publish.sort();
+        p.publish.dedup();
+        Ok(p)
     }
 
     fn render_reports_on(

@@ -177,6 +177,7 @@ fn described(
         },
         reports: Reports::subject(format!("{DEFAULT_SUBJECT_PREFIX}.{{device_id}}"), decode),
         nats_config: String::new(),
+        nats_permissions: Default::default(),
         control: Some(
             Control::key_value(DESIRED_BUCKET, "{device_id}", encode)
                 .with_commands(format!("{COMMAND_PREFIX}.{{device_id}}")),

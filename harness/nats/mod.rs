@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+mod identity;
 pub mod server;
 pub mod status;
 
@@ -60,6 +61,22 @@ pub enum NatsError {
         /// The container's name, or the server program.
         server: String,
         /// What went wrong: podman's output, or the error.
+        stderr: String,
+    },
+    /// A device cannot be given its own NATS user; `problem` says what to change.
+    #[error("cannot give device {device} its own NATS user: {problem}")]
+    Identity {
+        /// The device's id.
+        device: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The server did not take its new configuration (the devices' users) on reload.
+    #[error("the NATS server did not reload its configuration {config}: {stderr}")]
+    Reload {
+        /// The configuration file it was asked to read.
+        config: std::path::PathBuf,
+        /// What went wrong.
         stderr: String,
     },
     /// The server's private directory or its configuration file could not be created or
@@ -147,8 +164,9 @@ pub(crate) fn js_err(doing: &str) -> impl FnOnce(String) -> NatsError + '_ {
     }
 }
 
-/// Per-run credentials: only the test and the agents it configures can publish, so nothing
-/// else on the host can slip a status into a trial. Its `Debug` leaves the password out.
+/// A NATS user and password: the run's own (the harness's), or one device's. Only the test and
+/// the agents it configures can publish, so nothing else on the host can slip a status into a
+/// trial. Its `Debug` leaves the password out.
 #[derive(Clone, PartialEq, Eq)]
 pub struct NatsCredentials {
     /// The user the harness and the agents log in as.

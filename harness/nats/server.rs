@@ -2,8 +2,9 @@
 //! line), start as a podman container or a local process, the port it chose, readiness,
 //! restart in place, and removal (or keeping it, with DEVICELAB_KEEP).
 
+use super::identity::{DeviceUser, Identities};
 use super::{NatsCredentials, NatsError, ReportLog, STREAM_NAME, StatusLog, js_err};
-use crate::agent::description::{Decoder, ReportsOn};
+use crate::agent::description::{Decoder, Permissions, ReportsOn};
 use crate::config::{HarnessConfig, NatsMode};
 use crate::host::domain_xml::RunOwner;
 use crate::host::reaper::{self, CleanupGuard};
@@ -40,6 +41,7 @@ const LOG_FILE: &str = "server.log";
 /// The server's configuration: credentials and the listen address stay out of every command
 /// line (`/proc/*/cmdline`, `podman inspect`); `port: -1` lets the server pick a free port
 /// and report it in its ports file, so no port is chosen here and bound later.
+/// `authorization` holds the run's user and every device's ([`Identities::authorization`]).
 /// `extra` (the agent description's own server settings) is appended as given. The server is
 /// named (`name`, unique per server), as MQTT, leaf nodes and clusters require, so an agent's
 /// block that turns one of them on needs nothing more.
@@ -48,7 +50,7 @@ fn config_text(
     dir: &str,
     host: Ipv4Addr,
     port: Option<u16>,
-    creds: &NatsCredentials,
+    authorization: &str,
     extra: &str,
 ) -> String {
     let q = |s: &str| serde_json::to_string(s).expect("a string serializes");
@@ -59,10 +61,7 @@ server_name: {name}
 host: {host}
 port: {port}
 ports_file_dir: {ports_dir}
-authorization {{
-  user: {user}
-  password: {password}
-}}
+authorization: {authorization}
 jetstream {{
   store_dir: {store}
 }}
@@ -72,18 +71,16 @@ jetstream {{
         name = q(name),
         host = q(&host.to_string()),
         ports_dir = q(dir),
-        user = q(&creds.user),
-        password = q(&creds.password),
         store = q(&format!("{dir}/jetstream")),
     )
 }
 
-/// Writes the configuration, readable by its owner only (it holds the password).
+/// Writes the configuration, readable by its owner only (it holds the passwords).
 fn write_config(
     dir: &ServerDir,
     host: Ipv4Addr,
     port: Option<u16>,
-    creds: &NatsCredentials,
+    authorization: &str,
     extra: &str,
 ) -> Result<(), NatsError> {
     use std::io::Write;
@@ -100,7 +97,8 @@ fn write_config(
             || "devicelab".to_owned(),
             |n| n.to_string_lossy().into_owned(),
         );
-        f.write_all(config_text(&name, &dir.seen_by_server, host, port, creds, extra).as_bytes())
+        let text = config_text(&name, &dir.seen_by_server, host, port, authorization, extra);
+        f.write_all(text.as_bytes())
     };
     write().map_err(|source| NatsError::Config {
         dir: dir.host.clone(),
@@ -150,6 +148,10 @@ struct Server {
     start_budget: Duration,
     /// Extra server configuration (the agent description's).
     extra: String,
+    /// The devices' own users, written into the configuration.
+    identities: std::sync::Mutex<Identities>,
+    /// Held while the configuration is rewritten and reloaded: one reload at a time.
+    reloading: tokio::sync::Mutex<()>,
     _interrupt_guard: Option<CleanupGuard>,
 }
 
@@ -183,8 +185,18 @@ impl Server {
                 tmp.path().display().to_string()
             },
         };
+        let identities = Identities {
+            reload_password: hex::encode(rand::random::<[u8; 16]>()),
+            ..Identities::default()
+        };
         // Only where the test and the guests reach it: the libvirt network's gateway.
-        write_config(&dir, gateway, None, &credentials, extra)?;
+        write_config(
+            &dir,
+            gateway,
+            None,
+            &identities.authorization(&credentials),
+            extra,
+        )?;
         let server_config = format!("{}/{CONFIG_FILE}", dir.seen_by_server);
         let runner = match &config.nats {
             NatsMode::Container { image } => {
@@ -266,18 +278,125 @@ impl Server {
             keep: config.keep,
             start_budget: config.host_budgets().nats_start,
             extra: extra.to_owned(),
+            identities: std::sync::Mutex::new(identities),
+            reloading: tokio::sync::Mutex::new(()),
             _interrupt_guard: Some(interrupt_guard),
         };
         server.port = server.wait_for_port().await?;
         // A restart must come back on the same port: the agents were told this one.
-        write_config(
-            &server.dir,
-            gateway,
-            Some(server.port),
-            &server.credentials,
-            &server.extra,
-        )?;
+        server.rewrite_config()?;
         Ok(server)
+    }
+
+    fn identities(&self) -> std::sync::MutexGuard<'_, Identities> {
+        self.identities.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the configuration as it stands (port, users) for the next start or reload.
+    fn rewrite_config(&self) -> Result<(), NatsError> {
+        let authorization = self.identities().authorization(&self.credentials);
+        write_config(
+            &self.dir,
+            self.gateway,
+            Some(self.port),
+            &authorization,
+            &self.extra,
+        )
+    }
+
+    /// Gives each device its own user, allowed what `permissions` say (a device already known
+    /// keeps its password; its permissions are replaced), reloads the server's configuration,
+    /// and returns once the server runs it.
+    async fn identify(
+        &self,
+        devices: Vec<(String, Permissions)>,
+    ) -> Result<Vec<NatsCredentials>, NatsError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let (credentials, changed) = {
+            let mut ids = self.identities();
+            let mut changed = false;
+            let mut credentials = Vec::with_capacity(devices.len());
+            for (name, permissions) in devices {
+                if name == self.credentials.user
+                    || name.starts_with(super::identity::RELOAD_USER_PREFIX)
+                {
+                    return Err(NatsError::Identity {
+                        device: name,
+                        problem: "the name is the harness's own NATS user's: give the device                                   another id"
+                            .into(),
+                    });
+                }
+                let user = ids.devices.entry(name.clone()).or_insert_with(|| {
+                    changed = true;
+                    DeviceUser {
+                        password: hex::encode(rand::random::<[u8; 16]>()),
+                        permissions: permissions.clone(),
+                    }
+                });
+                if user.permissions != permissions {
+                    user.permissions = permissions;
+                    changed = true;
+                }
+                credentials.push(NatsCredentials {
+                    user: name,
+                    password: user.password.clone(),
+                });
+            }
+            if changed {
+                ids.generation += 1;
+            }
+            (credentials, changed)
+        };
+        if changed {
+            self.rewrite_config()?;
+            self.reload().await?;
+        }
+        Ok(credentials)
+    }
+
+    /// Asks the server to reload its configuration (SIGHUP) and waits until the reload
+    /// marker's user of this configuration can log in.
+    async fn reload(&self) -> Result<(), NatsError> {
+        let failed = |stderr: String| NatsError::Reload {
+            config: self.dir.host.join(CONFIG_FILE),
+            stderr,
+        };
+        match &self.runner {
+            Runner::Container { name, podman } => {
+                podman_run(podman, &["kill", "--signal", "HUP", name])
+                    .await
+                    .map_err(failed)?;
+            }
+            Runner::Process { child, .. } => {
+                let pid = child
+                    .id()
+                    .and_then(|pid| rustix::process::Pid::from_raw(pid as i32))
+                    .ok_or_else(|| failed("the server process has exited".into()))?;
+                rustix::process::kill_process(pid, rustix::process::Signal::HUP)
+                    .map_err(|e| failed(format!("cannot signal process {pid:?}: {e}")))?;
+            }
+        }
+        let (user, password) = {
+            let ids = self.identities();
+            (ids.reload_user(), ids.reload_password.clone())
+        };
+        let url = self.guest_url();
+        let logged_in = probe::poll(self.start_budget, || async {
+            async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+                .connect(&url)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        match logged_in {
+            Ok(()) => Ok(()),
+            Err(last) => Err(failed(format!(
+                "the new configuration was not in force within {:?} ({user} could not log in: {last}){}",
+                self.start_budget,
+                self.logs().await
+            ))),
+        }
     }
 
     /// Waits for the port the server chose (its ports file), failing at once with its
@@ -522,9 +641,22 @@ impl NatsServer {
         self.server.dir.host.join(CONFIG_FILE)
     }
 
-    /// The user and password agents must present (set them in the agent's config).
+    /// The run's own user and password (the harness's: allowed everything). A device gets its
+    /// own ([`Self::identify`]).
     pub fn credentials(&self) -> Option<&NatsCredentials> {
         Some(&self.server.credentials)
+    }
+
+    /// Gives each device (by its id) its own NATS user, allowed only what its permissions say
+    /// (an agent description's: [`AgentDescription::permissions`](crate::description::AgentDescription::permissions)),
+    /// and returns each one's credentials once the server enforces them. A device already
+    /// known keeps its password; its permissions are replaced. One configuration reload for
+    /// the whole list: give a fleet's devices in one call.
+    pub async fn identify(
+        &self,
+        devices: Vec<(String, Permissions)>,
+    ) -> Result<Vec<NatsCredentials>, NatsError> {
+        self.server.identify(devices).await
     }
 
     /// The harness's own client (connected as the run's user).

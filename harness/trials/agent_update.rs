@@ -10,7 +10,7 @@ use crate::lab::Lab;
 use crate::model::arch::VmArchitecture;
 use crate::nats::Verdict;
 use crate::trials::scenario::{
-    AfterCut, OnboardedDevice, ScenarioError, recover_after_cut, template_values,
+    AfterCut, OnboardedDevice, ScenarioError, device_values_for, recover_after_cut,
 };
 use crate::trials::update::{converged_cell, pull_now, verdict_cell};
 use std::time::{Duration, Instant};
@@ -122,7 +122,13 @@ pub async fn cut_during_swap(
             )));
         }
     }
-    let values = template_values(&device.device_id, &device.nats, vm.arch());
+    let values = device_values_for(
+        &device.nats,
+        &[from.agent, to.agent],
+        &device.device_id,
+        vm.arch(),
+    )
+    .await?;
     let (old, new) = tokio::join!(
         Onboarding::prepare(&lab.config, from.agent, values.clone()),
         Onboarding::prepare(&lab.config, to.agent, values)

@@ -13,7 +13,7 @@ use crate::model::spec::{Readiness, VirtualMachineSpec};
 use crate::nats::NatsServer;
 use crate::nats::ReportLog;
 use crate::ssh::user_systemctl;
-use crate::trials::scenario::{ScenarioError, report_after_cut, report_from_boot, template_values};
+use crate::trials::scenario::{ScenarioError, device_values, report_after_cut, report_from_boot};
 use crate::vm::{PowerCut, Vm};
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -236,7 +236,7 @@ pub async fn cut_at(
     // The agent first: the cut is timed from the end of provisioning, which must not wait
     // on a build.
     let agent = reference::agent();
-    let values = template_values(name, nats, arch);
+    let values = device_values(nats, &agent, name, arch).await?;
     let reports_on = agent
         .reports_on(&values)
         .map_err(crate::agent::onboard::OnboardError::from)?;

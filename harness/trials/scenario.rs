@@ -2,7 +2,7 @@
 //! onboard the agent, see it report; then pull the plug and see it report from the new boot.
 //! When a step fails, the VM's artifacts are saved and the error names where.
 
-use crate::agent::description::{AgentDescription, Report, ReportsOn, TemplateValues};
+use crate::agent::description::{AgentDescription, Permissions, Report, ReportsOn, TemplateValues};
 use crate::agent::onboard::{OnboardError, Onboarding};
 use crate::agent::reference;
 use crate::lab::Lab;
@@ -13,14 +13,15 @@ use crate::trials::control::{ControlPlane, Converged, Desire};
 pub use crate::trials::error::ScenarioError;
 use crate::vm::{PhaseTimings, Vm};
 use devicelab_agent::now_ms;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A device with an agent onboarded and reporting.
 pub struct OnboardedDevice {
     /// The device's VM.
     pub vm: Vm,
-    /// The run's NATS server the agent reports to.
-    pub nats: NatsServer,
+    /// The run's NATS server the agent reports to (shared by a fleet's devices).
+    pub nats: Arc<NatsServer>,
     /// The agent, described.
     pub agent: AgentDescription,
     /// The id the device's reports carry: its VM's name.
@@ -84,9 +85,22 @@ pub async fn onboarded_device_started(
     start: Option<Start>,
 ) -> Result<OnboardedDevice, ScenarioError> {
     agent.check(&[arch]).map_err(OnboardError::from)?;
-    let nats = lab.nats_for(agent).await?;
-    let name = lab.vm_name(what, arch);
-    let values = template_values(&name, &nats, arch);
+    let nats = Arc::new(lab.nats_for(agent).await?);
+    onboard_device(lab, nats, &lab.vm_name(what, arch), arch, agent, start).await
+}
+
+/// A device named `name` onboarded with `agent` and reporting to `nats` (a server other
+/// devices may share: each gets its own identity on it).
+pub(crate) async fn onboard_device(
+    lab: &Lab,
+    nats: Arc<NatsServer>,
+    name: &str,
+    arch: VmArchitecture,
+    agent: &AgentDescription,
+    start: Option<Start>,
+) -> Result<OnboardedDevice, ScenarioError> {
+    let name = name.to_owned();
+    let values = device_values(&nats, agent, &name, arch).await?;
     let reports_on = agent.reports_on(&values).map_err(OnboardError::from)?;
     let control_plane = ControlPlane::for_device(&nats, agent, &values).await?;
     // The agent is built while the VM boots.
@@ -117,17 +131,48 @@ pub async fn onboarded_device_started(
     }
 }
 
-/// What `name`'s templates receive: its id, the server as the guest sees it, the run's
-/// credentials and the architecture.
-pub fn template_values(name: &str, nats: &NatsServer, arch: VmArchitecture) -> TemplateValues {
-    let creds = nats.credentials();
-    TemplateValues {
+/// What `name`'s templates receive: its id, the server as the guest sees it, the device's own
+/// NATS user (allowed only what `agent`'s description implies:
+/// [`AgentDescription::permissions`]) and the architecture. The server enforces the user's
+/// permissions before this returns; asked again for the same device, the same credentials.
+pub async fn device_values(
+    nats: &NatsServer,
+    agent: &AgentDescription,
+    name: &str,
+    arch: VmArchitecture,
+) -> Result<TemplateValues, ScenarioError> {
+    device_values_for(nats, &[agent], name, arch).await
+}
+
+/// [`device_values`] for a device that runs any of `agents` (an agent and its next release):
+/// its user may do what each of them may.
+pub(crate) async fn device_values_for(
+    nats: &NatsServer,
+    agents: &[&AgentDescription],
+    name: &str,
+    arch: VmArchitecture,
+) -> Result<TemplateValues, ScenarioError> {
+    let mut values = TemplateValues {
         device_id: name.to_owned(),
         nats_url: nats.guest_url(),
-        nats_user: creds.map(|c| c.user.clone()).unwrap_or_default(),
-        nats_password: creds.map(|c| c.password.clone()).unwrap_or_default(),
+        nats_user: name.to_owned(),
+        nats_password: String::new(),
         arch,
+    };
+    let mut permissions = Permissions::default();
+    for agent in agents {
+        let p = agent.permissions(&values).map_err(OnboardError::from)?;
+        permissions.publish.extend(p.publish);
+        permissions.subscribe.extend(p.subscribe);
+        permissions.allow_responses |= p.allow_responses;
     }
+    for list in [&mut permissions.publish, &mut permissions.subscribe] {
+        list.sort();
+        list.dedup();
+    }
+    let mut credentials = nats.identify(vec![(name.to_owned(), permissions)]).await?;
+    values.nats_password = credentials.remove(0).password;
+    Ok(values)
 }
 
 /// Waits for the first report from boot `boot_id` after stream sequence `after` (an agent

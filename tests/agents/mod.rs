@@ -105,6 +105,7 @@ WantedBy=multi-user.target
         // Reports go to a JetStream key-value bucket, the reference's to a plain subject.
         reports: Reports::key_value("heartbeat", "{device_id}", decode_heartbeat),
         nats_config: String::new(),
+        nats_permissions: Default::default(),
         control: None,
     }
 }

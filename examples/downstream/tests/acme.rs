@@ -61,6 +61,7 @@ pub fn agent() -> AgentDescription {
             }),
         },
         nats_config: String::new(),
+        nats_permissions: Default::default(),
         control: Some(Control::key_value(DESIRED_BUCKET, "{device_id}", |generation, settings| {
             let desired = AcmeDesired { generation, settings: settings.into() };
             serde_json::to_vec(&desired).unwrap_or_default()

@@ -2,6 +2,7 @@
 //! binary against a real NATS server that devicelab starts, driven by the harness as its
 //! control plane. Its reports carry the device id only in the subject, as MQTT devices do:
 //! the description's decoder reads it there, and each device's log holds its own reports.
+//! Each device logs in as its own NATS user, allowed only its own subjects and key.
 //! `cargo nextest run -p acme-device-tests` (needs `nats-server` on PATH).
 
 mod acme;
@@ -11,6 +12,7 @@ use devicelab::config::HarnessConfig;
 use devicelab::description::{ReportsOn, TemplateValues};
 use devicelab::nats::{NatsServer, Verdict};
 use devicelab::trials::ControlPlane;
+use devicelab::trials::scenario::device_values;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -29,17 +31,11 @@ async fn nats() -> NatsServer {
     .unwrap()
 }
 
-fn values(nats: &NatsServer, id: &str) -> TemplateValues {
-    let creds = nats
-        .credentials()
-        .expect("the run's server has credentials");
-    TemplateValues {
-        device_id: id.into(),
-        nats_url: nats.client_url(),
-        nats_user: creds.user.clone(),
-        nats_password: creds.password.clone(),
-        arch: VmArchitecture::X86_64,
-    }
+/// Device `id`'s values: its own NATS user, allowed only what acme's description implies.
+async fn values(nats: &NatsServer, id: &str) -> TemplateValues {
+    device_values(nats, &acme::agent(), id, VmArchitecture::X86_64)
+        .await
+        .unwrap()
 }
 
 /// The agent as a process on this host, its state in `dir`, reporting every 100 ms; killed
@@ -47,8 +43,8 @@ fn values(nats: &NatsServer, id: &str) -> TemplateValues {
 struct Agent(Child);
 
 impl Agent {
-    fn start(nats: &NatsServer, id: &str, dir: &Path) -> Self {
-        let v = values(nats, id);
+    async fn start(nats: &NatsServer, id: &str, dir: &Path) -> Self {
+        let v = values(nats, id).await;
         let config = acme_device_tests::AcmeConfig {
             id: v.device_id,
             nats_url: v.nats_url,
@@ -80,14 +76,14 @@ async fn desired_state_is_applied_and_reports_are_told_apart_by_their_subject() 
     let nats = nats().await;
     let dir = tempfile::tempdir().unwrap();
     let agent = acme::agent();
-    let a = ControlPlane::for_device(&nats, &agent, &values(&nats, "acme-a"))
+    let a = ControlPlane::for_device(&nats, &agent, &values(&nats, "acme-a").await)
         .await
         .unwrap();
-    let b = ControlPlane::for_device(&nats, &agent, &values(&nats, "acme-b"))
+    let b = ControlPlane::for_device(&nats, &agent, &values(&nats, "acme-b").await)
         .await
         .unwrap();
-    let running_a = Agent::start(&nats, "acme-a", dir.path());
-    let _running_b = Agent::start(&nats, "acme-b", dir.path());
+    let running_a = Agent::start(&nats, "acme-a", dir.path()).await;
+    let _running_b = Agent::start(&nats, "acme-b", dir.path()).await;
 
     a.desire(1, "led=green").await.unwrap();
     let one = a.converged(1, BUDGET).await.unwrap();
@@ -134,7 +130,7 @@ async fn desired_state_is_applied_and_reports_are_told_apart_by_their_subject() 
     drop(running_a);
     // Everything the old process sent has landed: what comes after is the new one's.
     let from = a.reports().gate().await.unwrap();
-    let _running_a = Agent::start(&nats, "acme-a", dir.path());
+    let _running_a = Agent::start(&nats, "acme-a", dir.path()).await;
     let (_, first) = a
         .reports()
         .wait_for(from, BUDGET, |_| Verdict::Accept)

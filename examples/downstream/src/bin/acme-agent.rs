@@ -29,7 +29,7 @@ impl Nats {
         let mut nats = Self {
             reader: BufReader::new(stream.try_clone()?),
             writer: stream,
-            inbox: format!("_INBOX.acme.{}.{}.{nanos}", config.id, std::process::id()),
+            inbox: format!("_INBOX.{}.acme.{}.{nanos}", config.id, std::process::id()),
         };
         let connect = serde_json::json!({"user": config.user, "pass": config.password,
             "verbose": false, "headers": true, "no_responders": true});
