@@ -457,6 +457,18 @@ impl Lab {
             .await
     }
 
+    /// How many VMs of `arch` (of the default size) this host runs at once: what a fleet
+    /// onboards at a time.
+    pub fn vm_slots(&self, arch: VmArchitecture) -> crate::host::slots::SlotCount {
+        let spec = VirtualMachineSpec::new("slots", arch);
+        crate::host::slots::SlotCount::for_host(
+            self.config.vm_slots,
+            self.accel(arch).accel,
+            spec.vcpus,
+            spec.memory_mib,
+        )
+    }
+
     /// A VM name no other call gives, in this process or another:
     /// `devicelab-<what>-<arch>-<run id>-<n>`, with `<arch>` in Debian's naming (`amd64`,
     /// `arm64`) and `<n>` counting this process's calls.

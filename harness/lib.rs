@@ -61,7 +61,7 @@ pub use model::spec::{FirstBootConfig, Readiness, SpecError, Start, VirtualMachi
 pub use model::wait::Wait;
 pub use nats::{NatsServer, ReportLog};
 pub use ssh::ExecOutput;
-pub use trials::{Matrix, OnboardedDevice, Scenario};
+pub use trials::{Fleet, Matrix, OnboardedDevice, Scenario};
 pub use vm::faults::BadLink;
 pub use vm::{PhaseTimings, PowerCut, Vm, VmError};
 

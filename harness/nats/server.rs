@@ -563,6 +563,9 @@ pub struct NatsServer {
     pub port: u16,
     /// The address it listens on: the host's on the libvirt network.
     pub gateway: Ipv4Addr,
+    /// Held while [`Self::capture`] looks at the streams and changes them: a fleet's devices
+    /// ask at once, and each look-then-change must see the last one's result.
+    capturing: tokio::sync::Mutex<()>,
 }
 
 impl NatsServer {
@@ -593,6 +596,7 @@ impl NatsServer {
             gateway,
             server,
             client,
+            capturing: tokio::sync::Mutex::new(()),
         };
         tracing::info!(
             "NATS ready: test at {}, guests at {}",
@@ -679,6 +683,7 @@ impl NatsServer {
     /// stream captures a subject elsewhere than `devicelab.status.>`; a KV bucket is created
     /// (with the most history JetStream keeps per key) unless it exists.
     pub async fn capture(&self, on: &ReportsOn) -> Result<(), NatsError> {
+        let _one_at_a_time = self.capturing.lock().await;
         let js = jetstream::new(self.client.clone());
         let subject = match on {
             ReportsOn::Subject(subject) => subject,

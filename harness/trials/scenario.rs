@@ -152,7 +152,22 @@ pub(crate) async fn device_values_for(
     name: &str,
     arch: VmArchitecture,
 ) -> Result<TemplateValues, ScenarioError> {
-    let mut values = TemplateValues {
+    let (mut values, permissions) = identity_request(nats, agents, name, arch)?;
+    let mut credentials = nats.identify(vec![(name.to_owned(), permissions)]).await?;
+    values.nats_password = credentials.remove(0).password;
+    Ok(values)
+}
+
+/// `name`'s template values without its password yet, and what its NATS user may do (what
+/// any of `agents` needs): what [`NatsServer::identify`] takes, for one device or a fleet's
+/// in one reload.
+pub(crate) fn identity_request(
+    nats: &NatsServer,
+    agents: &[&AgentDescription],
+    name: &str,
+    arch: VmArchitecture,
+) -> Result<(TemplateValues, Permissions), ScenarioError> {
+    let values = TemplateValues {
         device_id: name.to_owned(),
         nats_url: nats.guest_url(),
         nats_user: name.to_owned(),
@@ -170,9 +185,7 @@ pub(crate) async fn device_values_for(
         list.sort();
         list.dedup();
     }
-    let mut credentials = nats.identify(vec![(name.to_owned(), permissions)]).await?;
-    values.nats_password = credentials.remove(0).password;
-    Ok(values)
+    Ok((values, permissions))
 }
 
 /// Waits for the first report from boot `boot_id` after stream sequence `after` (an agent

@@ -1,0 +1,1079 @@
+//! A fleet: real devices of mixed architectures and simulated ones beside them, on one NATS
+//! server, each with its own identity, its own report log and its own faults; selected as
+//! groups ([`Select`], [`Group`]) and faulted a group at a time (a partition, a freeze, a
+//! group power cut: a site outage); judged per device and for the fleet (every device
+//! reports from this boot, converges to a generation, delivers every report once, in order).
+//! Each verdict fills a column of one table ([`Fleet::table`]); a failing device names itself
+//! and keeps its evidence while the others' verdicts are still reported.
+
+use crate::agent::description::{AgentDescription, Report};
+use crate::lab::Lab;
+use crate::model::arch::VmArchitecture;
+use crate::model::spec::Start;
+use crate::nats::{NatsServer, ReportLog, Verdict};
+use crate::trials::control::ControlPlane;
+use crate::trials::error::ScenarioError;
+use crate::trials::outage::judge_delivery;
+use crate::trials::scenario::{self, OnboardedDevice, report_after_cut, report_from_boot};
+use crate::trials::simulated::{SimulatedDevice, Simulator};
+use crate::vm::faults::BadLink;
+use devicelab_agent::now_ms;
+use futures_util::future::join_all;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// One device of the fleet: a VM with the agent onboarded, or the agent as a host process.
+pub enum Device {
+    /// A real device: a VM of its architecture.
+    Real(Box<OnboardedDevice>),
+    /// A simulated device ([`crate::trials::simulated`]).
+    Simulated(SimulatedDevice),
+}
+
+/// A fleet's device, with its label.
+pub struct Member {
+    /// What the test called its part of the fleet ("site-a", "sim").
+    pub label: String,
+    /// The device.
+    pub device: Device,
+}
+
+impl Member {
+    /// The id its reports carry.
+    pub fn device_id(&self) -> &str {
+        match &self.device {
+            Device::Real(d) => &d.device_id,
+            Device::Simulated(d) => &d.device_id,
+        }
+    }
+
+    /// `x86_64`, `aarch64`, or `simulated`.
+    pub fn kind(&self) -> &'static str {
+        match &self.device {
+            Device::Real(d) => d.vm.arch().name(),
+            Device::Simulated(_) => "simulated",
+        }
+    }
+
+    /// Its reports, decoded by its agent's description.
+    pub fn reports(&self) -> ReportLog {
+        match &self.device {
+            Device::Real(d) => d.reports(),
+            Device::Simulated(d) => d.reports(),
+        }
+    }
+
+    /// The harness as its control plane.
+    pub fn control_plane(&self) -> &ControlPlane {
+        match &self.device {
+            Device::Real(d) => &d.control_plane,
+            Device::Simulated(d) => &d.control_plane,
+        }
+    }
+
+    /// The boot it is in now, as its reports' boot marker says it.
+    async fn boot(&self) -> Result<String, ScenarioError> {
+        Ok(match &self.device {
+            Device::Real(d) => d.vm.boot_id().await?,
+            Device::Simulated(d) => d.boot_id().await,
+        })
+    }
+
+    /// How long a report may take to come back after a power cut.
+    fn recovery_budget(&self) -> Duration {
+        match &self.device {
+            Device::Real(d) => d.vm.budgets().power_cycle_recovery,
+            Device::Simulated(_) => SIMULATED_RECOVERY,
+        }
+    }
+
+    fn real(&self, fault: &str) -> Result<&OnboardedDevice, ScenarioError> {
+        match &self.device {
+            Device::Real(d) => Ok(d),
+            Device::Simulated(d) => Err(ScenarioError::Check(format!(
+                "{fault} is a fault of a real device; {} is simulated (a host process): select \
+                 the real devices for it (Select::Real)",
+                d.device_id
+            ))),
+        }
+    }
+
+    /// Keeps its evidence (a VM's failure artifacts; a simulated device's output and state);
+    /// returns where.
+    async fn keep_evidence(&self) -> String {
+        match &self.device {
+            Device::Real(d) => {
+                let e = scenario::with_artifacts(
+                    &d.vm,
+                    &d.reports(),
+                    &d.agent,
+                    ScenarioError::Check(String::new()),
+                )
+                .await;
+                match e {
+                    ScenarioError::WithArtifacts { dir, .. } => dir.display().to_string(),
+                    _ => "(no artifacts)".into(),
+                }
+            }
+            Device::Simulated(d) => d.keep_evidence().display().to_string(),
+        }
+    }
+}
+
+/// A simulated device's budget for its first report after a power cut (a process restart).
+const SIMULATED_RECOVERY: Duration = Duration::from_secs(30);
+
+/// Which devices a group takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Select {
+    /// Every device.
+    All,
+    /// The real devices (VMs).
+    Real,
+    /// The simulated devices.
+    Simulated,
+    /// The real devices of one architecture.
+    Arch(VmArchitecture),
+    /// The devices the builder gave this label.
+    Label(String),
+}
+
+/// Some of a fleet's devices, in the fleet's order: what a group fault or verdict acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// Shown in the table's column for what happened to each device.
+    pub name: String,
+    members: Vec<usize>,
+}
+
+impl Group {
+    /// How many devices it holds.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Its first half (rounded down) and the rest: a network split into halves.
+    pub fn halves(&self) -> (Group, Group) {
+        let at = self.members.len() / 2;
+        (
+            self.part(&self.members[..at], "first half"),
+            self.part(&self.members[at..], "second half"),
+        )
+    }
+
+    /// Its first `k` devices.
+    pub fn first(&self, k: usize) -> Group {
+        self.part(
+            &self.members[..k.min(self.members.len())],
+            &format!("first {k}"),
+        )
+    }
+
+    /// This group's devices and `other`'s, in the fleet's order.
+    pub fn and(&self, other: &Group) -> Group {
+        let mut members = self.members.clone();
+        members.extend(&other.members);
+        members.sort_unstable();
+        members.dedup();
+        Group {
+            name: format!("{} + {}", self.name, other.name),
+            members,
+        }
+    }
+
+    /// The same devices under another name (the table shows it).
+    pub fn named(self, name: impl Into<String>) -> Group {
+        Group {
+            name: name.into(),
+            ..self
+        }
+    }
+
+    fn part(&self, members: &[usize], what: &str) -> Group {
+        Group {
+            name: format!("{what} of {}", self.name),
+            members: members.to_vec(),
+        }
+    }
+}
+
+enum Planned {
+    Real(VmArchitecture),
+    Simulated,
+}
+
+/// Describes a fleet: its agent, its real devices per architecture, its simulated ones.
+pub struct FleetBuilder {
+    agent: AgentDescription,
+    planned: Vec<(Planned, String, AgentDescription)>,
+    simulator: Option<Simulator>,
+    start: Option<Start>,
+}
+
+impl FleetBuilder {
+    /// `count` real devices of `arch`, labelled `label`, running the fleet's agent.
+    pub fn real(self, count: usize, arch: VmArchitecture, label: &str) -> Self {
+        let agent = self.agent.clone();
+        self.real_with(count, arch, label, &agent)
+    }
+
+    /// `count` real devices of `arch` running `agent` (a group with another description).
+    pub fn real_with(
+        mut self,
+        count: usize,
+        arch: VmArchitecture,
+        label: &str,
+        agent: &AgentDescription,
+    ) -> Self {
+        for _ in 0..count {
+            self.planned
+                .push((Planned::Real(arch), label.to_owned(), agent.clone()));
+        }
+        self
+    }
+
+    /// `count` simulated devices labelled `label`, run by the fleet's simulator
+    /// ([`Self::simulated_by`]; the reference agent's when none is given).
+    pub fn simulated(mut self, count: usize, label: &str) -> Self {
+        for _ in 0..count {
+            self.planned
+                .push((Planned::Simulated, label.to_owned(), self.agent.clone()));
+        }
+        self
+    }
+
+    /// How the simulated devices run their agent.
+    pub fn simulated_by(mut self, simulator: Simulator) -> Self {
+        self.simulator = Some(simulator);
+        self
+    }
+
+    /// Starts the real devices cold or warm (default: as DEVICELAB_START says).
+    pub fn start_as(mut self, start: Start) -> Self {
+        self.start = Some(start);
+        self
+    }
+
+    /// Starts the fleet's NATS server (the agent's `nats_config`) and every device.
+    pub async fn start(self, lab: &Lab) -> Result<Fleet, ScenarioError> {
+        let nats = Arc::new(lab.nats_for(&self.agent).await?);
+        self.start_on(Some(lab), nats).await
+    }
+
+    /// Starts every device against `nats`: the real ones onboarded concurrently, as many at
+    /// once as the host has VM slots (the rest wait their turn), beside the simulated ones.
+    /// A fleet of simulated devices only needs no `lab` (nor libvirt). Every device gets its
+    /// own NATS identity; every agent description is checked first.
+    pub async fn start_on(
+        self,
+        lab: Option<&Lab>,
+        nats: Arc<NatsServer>,
+    ) -> Result<Fleet, ScenarioError> {
+        let started = Instant::now();
+        let archs: Vec<VmArchitecture> = self
+            .planned
+            .iter()
+            .filter_map(|(p, ..)| match p {
+                Planned::Real(a) => Some(*a),
+                Planned::Simulated => None,
+            })
+            .collect();
+        for (_, _, agent) in &self.planned {
+            agent
+                .check(&archs)
+                .map_err(crate::agent::onboard::OnboardError::from)?;
+        }
+        let run_id = crate::lab::run_owner().run_id;
+        let simulator = match (&self.simulator, self.planned.len() > archs.len()) {
+            (Some(s), _) => Some(s.clone()),
+            (None, true) => {
+                let config = match lab {
+                    Some(lab) => lab.config.clone(),
+                    None => crate::config::HarnessConfig::from_env()
+                        .map_err(|e| ScenarioError::Check(e.to_string()))?,
+                };
+                let binary = crate::trials::simulated::reference_binary(&config).await?;
+                Some(crate::trials::simulated::reference_simulator(
+                    binary,
+                    crate::agent::reference::INTERVAL_MS,
+                ))
+            }
+            (None, false) => None,
+        };
+        // As many onboardings at once as the host has slots: a fleet is one test, whose VMs
+        // would otherwise all go over the count at once.
+        let concurrent = match lab {
+            Some(lab) => archs
+                .iter()
+                .map(|a| lab.vm_slots(*a).count)
+                .min()
+                .unwrap_or(1),
+            None => 1,
+        };
+        let slots = tokio::sync::Semaphore::new(concurrent.max(1));
+        // Every device's name and identity first, in one reload of the server's
+        // configuration (a reload per device would keep JetStream busy while the others start).
+        let host = crate::trials::simulated::host_arch().ok();
+        let mut names: Vec<String> = Vec::with_capacity(self.planned.len());
+        let mut requests = Vec::with_capacity(self.planned.len());
+        for (i, (planned, label, agent)) in self.planned.iter().enumerate() {
+            let (name, arch) = match planned {
+                Planned::Real(arch) => {
+                    let lab = lab.ok_or_else(|| {
+                        ScenarioError::Check(
+                            "a fleet with real devices needs a lab: start it with \
+                             FleetBuilder::start(&lab)"
+                                .into(),
+                        )
+                    })?;
+                    (lab.vm_name(&format!("fleet-{label}"), *arch), *arch)
+                }
+                Planned::Simulated => (
+                    format!("{label}-{run_id}-{i}"),
+                    match host {
+                        Some(host) => host,
+                        None => crate::trials::simulated::host_arch()?,
+                    },
+                ),
+            };
+            let (_, permissions) = scenario::identity_request(&nats, &[agent], &name, arch)?;
+            requests.push((name.clone(), permissions));
+            names.push(name);
+        }
+        nats.identify(requests).await?;
+        let starts = self
+            .planned
+            .iter()
+            .zip(&names)
+            .map(|((planned, label, agent), name)| {
+                let (nats, simulator, slots) = (nats.clone(), &simulator, &slots);
+                let start = self.start;
+                async move {
+                    let device = match planned {
+                        Planned::Real(arch) => {
+                            let lab = lab.expect("checked above");
+                            let _slot = slots.acquire().await.expect("never closed");
+                            Device::Real(Box::new(
+                                scenario::onboard_device(lab, nats, name, *arch, agent, start)
+                                    .await?,
+                            ))
+                        }
+                        Planned::Simulated => {
+                            let simulator = simulator.clone().expect("made above");
+                            Device::Simulated(
+                                SimulatedDevice::start(nats, agent, name, simulator).await?,
+                            )
+                        }
+                    };
+                    Ok::<_, ScenarioError>(Member {
+                        label: label.clone(),
+                        device,
+                    })
+                }
+            });
+        let results = join_all(starts).await;
+        let mut members = Vec::with_capacity(results.len());
+        let mut failed = Vec::new();
+        for r in results {
+            match r {
+                Ok(m) => members.push(m),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        if !failed.is_empty() {
+            // The started devices go with `members` (their drop removes them).
+            return Err(ScenarioError::Check(format!(
+                "{} of the fleet's {} devices did not start:\n  {}",
+                failed.len(),
+                self.planned.len(),
+                failed.join("\n  ")
+            )));
+        }
+        let fleet = Fleet {
+            nats,
+            members,
+            started,
+            table: Mutex::new(Table::default()),
+        };
+        fleet.note_all("started", |m| match &m.device {
+            Device::Real(d) => {
+                let took: Duration = d.timings.entries().iter().map(|(_, t)| *t).sum();
+                format!("{:.0} s", took.as_secs_f64())
+            }
+            Device::Simulated(_) => "process".into(),
+        });
+        tracing::info!(
+            "fleet of {} devices started in {:.1} s ({} onboarded at once)",
+            fleet.members.len(),
+            started.elapsed().as_secs_f64(),
+            concurrent
+        );
+        Ok(fleet)
+    }
+}
+
+/// The table the verdicts fill: one row per device, one column per verdict or fault.
+#[derive(Default)]
+struct Table {
+    columns: Vec<String>,
+    cells: BTreeMap<(usize, String), String>,
+    failures: BTreeMap<usize, Vec<String>>,
+}
+
+/// A fleet's devices, their NATS server and their table. Dropping it removes every device.
+pub struct Fleet {
+    /// The server every device reports to.
+    pub nats: Arc<NatsServer>,
+    /// The devices, in the builder's order.
+    pub members: Vec<Member>,
+    started: Instant,
+    table: Mutex<Table>,
+}
+
+/// A group power cut as it happened.
+#[derive(Debug, Clone)]
+pub struct GroupCut {
+    /// The group whose power was cut.
+    pub group: Group,
+    /// From the first device's stop to the last's: how close to one instant the cut was
+    /// (a VM stops when it is paused, a process when it is killed).
+    pub spread: Duration,
+    /// From the first real device's `destroy` to the last's.
+    pub destroy_spread: Option<Duration>,
+    /// Each device's boot before the cut.
+    old_boots: Vec<(usize, String)>,
+    at: Instant,
+}
+
+/// A fleet verdict's figures: how many devices passed, the slowest and the spread.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetFigures {
+    /// Devices that passed.
+    pub passed: usize,
+    /// Devices judged.
+    pub judged: usize,
+    /// The slowest device and its time.
+    pub slowest: Option<(String, Duration)>,
+    /// From the fastest device to the slowest.
+    pub spread: Duration,
+}
+
+impl std::fmt::Display for FleetFigures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} passed", self.passed, self.judged)?;
+        if let Some((device, took)) = &self.slowest {
+            write!(
+                f,
+                "; slowest {device} ({:.1} s); spread {:.1} s",
+                took.as_secs_f64(),
+                self.spread.as_secs_f64()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// What one device's reports looked like when a delivery verdict began.
+#[derive(Debug, Clone)]
+pub struct Mark {
+    seq: u64,
+    report: Report,
+}
+
+/// Every device's [`Mark`]: taken before a fault, judged after ([`Fleet::delivered`]).
+#[derive(Debug, Clone)]
+pub struct Marks(Vec<(usize, Mark)>);
+
+impl Fleet {
+    /// A fleet running `agent`: add its devices, then start it.
+    pub fn of(agent: &AgentDescription) -> FleetBuilder {
+        FleetBuilder {
+            agent: agent.clone(),
+            planned: Vec::new(),
+            simulator: None,
+            start: None,
+        }
+    }
+
+    /// The devices `select` takes.
+    pub fn group(&self, select: Select) -> Group {
+        let name = match &select {
+            Select::All => "all".to_owned(),
+            Select::Real => "real".to_owned(),
+            Select::Simulated => "simulated".to_owned(),
+            Select::Arch(a) => a.name().to_owned(),
+            Select::Label(l) => l.clone(),
+        };
+        let members = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| match (&select, &m.device) {
+                (Select::All, _) => true,
+                (Select::Real, Device::Real(_)) => true,
+                (Select::Simulated, Device::Simulated(_)) => true,
+                (Select::Arch(a), Device::Real(d)) => d.vm.arch() == *a,
+                (Select::Label(l), _) => m.label == *l,
+                _ => false,
+            })
+            .map(|(i, _)| i)
+            .collect();
+        Group { name, members }
+    }
+
+    fn each<'a>(&'a self, group: &'a Group) -> impl Iterator<Item = (usize, &'a Member)> + 'a {
+        group.members.iter().map(|&i| (i, &self.members[i]))
+    }
+
+    fn note(&self, i: usize, column: &str, cell: String) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if !t.columns.iter().any(|c| c == column) {
+            t.columns.push(column.to_owned());
+        }
+        t.cells.insert((i, column.to_owned()), cell);
+    }
+
+    fn note_all(&self, column: &str, cell: impl Fn(&Member) -> String) {
+        for (i, m) in self.members.iter().enumerate() {
+            self.note(i, column, cell(m));
+        }
+    }
+
+    fn fail(&self, i: usize, column: &str, why: String) {
+        self.note(i, column, "FAILED".into());
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        t.failures
+            .entry(i)
+            .or_default()
+            .push(format!("{column}: {why}"));
+    }
+
+    /// Runs `fault` on every device of `group` at once; the table's `column` says it.
+    async fn on_group<F>(&self, group: &Group, column: &str, fault: F) -> Result<(), ScenarioError>
+    where
+        F: AsyncFn(&Member) -> Result<(), ScenarioError>,
+    {
+        let results = join_all(self.each(group).map(|(i, m)| {
+            let fault = &fault;
+            async move { (i, fault(m).await) }
+        }))
+        .await;
+        let mut failed = Vec::new();
+        for (i, r) in results {
+            match r {
+                Ok(()) => self.note(i, "faults", self.faults_cell(i, column)),
+                Err(e) => failed.push(format!("{}: {e}", self.members[i].device_id())),
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(ScenarioError::Check(format!(
+                "{column} on {} failed for {} device(s):\n  {}",
+                group.name,
+                failed.len(),
+                failed.join("\n  ")
+            )))
+        }
+    }
+
+    fn faults_cell(&self, i: usize, fault: &str) -> String {
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        match t.cells.get(&(i, "faults".to_owned())) {
+            Some(before) if !before.is_empty() => format!("{before}, {fault}"),
+            _ => fault.to_owned(),
+        }
+    }
+
+    /// Cuts every device of `group` off the network (a real device: [`crate::Vm::partition`];
+    /// a simulated one: its link) until [`Self::heal`].
+    pub async fn partition(&self, group: &Group) -> Result<(), ScenarioError> {
+        self.on_group(group, "partition", async |m| match &m.device {
+            Device::Real(d) => Ok(d.vm.partition().await?),
+            Device::Simulated(d) => {
+                d.partition();
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    /// Restores every device's network after [`Self::partition`].
+    pub async fn heal(&self, group: &Group) -> Result<(), ScenarioError> {
+        self.on_group(group, "healed", async |m| match &m.device {
+            Device::Real(d) => Ok(d.vm.heal().await?),
+            Device::Simulated(d) => {
+                d.heal();
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    /// Freezes every device of `group` (a VM paused; a process stopped) until [`Self::thaw`].
+    pub async fn freeze(&self, group: &Group) -> Result<(), ScenarioError> {
+        self.on_group(group, "freeze", async |m| match &m.device {
+            Device::Real(d) => Ok(d.vm.freeze().await?),
+            Device::Simulated(d) => d.freeze().await,
+        })
+        .await
+    }
+
+    /// Lets every frozen device of `group` run again.
+    pub async fn thaw(&self, group: &Group) -> Result<(), ScenarioError> {
+        self.on_group(group, "thawed", async |m| match &m.device {
+            Device::Real(d) => Ok(d.vm.thaw().await?),
+            Device::Simulated(d) => d.thaw().await,
+        })
+        .await
+    }
+
+    /// Unplugs every real device's cable ([`crate::Vm::unplug_network`]).
+    pub async fn unplug_network(&self, group: &Group) -> Result<(), ScenarioError> {
+        self.on_group(group, "unplugged", async |m| {
+            Ok(m.real("unplugging the cable")?.vm.unplug_network().await?)
+        })
+        .await
+    }
+
+    /// Plugs every real device's cable back in.
+    pub async fn plug_network(&self, group: &Group) -> Result<(), ScenarioError> {
+        self.on_group(group, "plugged", async |m| {
+            Ok(m.real("plugging the cable")?.vm.plug_network().await?)
+        })
+        .await
+    }
+
+    /// Degrades every real device's link ([`crate::Vm::degrade_link`]).
+    pub async fn degrade_link(&self, group: &Group, link: BadLink) -> Result<(), ScenarioError> {
+        self.on_group(group, "bad link", async |m| {
+            Ok(m.real("a bad link")?.vm.degrade_link(link).await?)
+        })
+        .await
+    }
+
+    /// Restores every real device's link.
+    pub async fn restore_link(&self, group: &Group) -> Result<(), ScenarioError> {
+        self.on_group(group, "link restored", async |m| {
+            Ok(m.real("restoring the link")?.vm.restore_link().await?)
+        })
+        .await
+    }
+
+    /// Sets every real device's clock to `to` ([`crate::Vm::set_clock`]).
+    pub async fn set_clock(&self, group: &Group, to: SystemTime) -> Result<(), ScenarioError> {
+        self.on_group(group, "clock set", async |m| {
+            Ok(m.real("setting the clock")?.vm.set_clock(to).await?)
+        })
+        .await
+    }
+
+    /// Puts every real device's clock right again.
+    pub async fn restore_clock(&self, group: &Group) -> Result<(), ScenarioError> {
+        self.on_group(group, "clock restored", async |m| {
+            Ok(m.real("restoring the clock")?.vm.restore_clock().await?)
+        })
+        .await
+    }
+
+    /// Fills every real device's disk, leaving `leave` bytes ([`crate::Vm::fill_disk`]).
+    pub async fn fill_disk(&self, group: &Group, leave: u64) -> Result<(), ScenarioError> {
+        self.on_group(group, "disk full", async |m| {
+            m.real("a full disk")?.vm.fill_disk(leave).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Frees what [`Self::fill_disk`] took.
+    pub async fn free_disk(&self, group: &Group) -> Result<(), ScenarioError> {
+        self.on_group(group, "disk freed", async |m| {
+            Ok(m.real("freeing the disk")?.vm.free_disk().await?)
+        })
+        .await
+    }
+
+    /// A site outage: every device of `group` loses power at once. The VMs are paused
+    /// together (the instant they stop) and then destroyed; the simulated devices' processes
+    /// are killed. Nothing is flushed first. The spread (first stop to last) is measured and
+    /// logged; power comes back with [`Self::power_on`].
+    pub async fn power_cut(&self, group: &Group) -> Result<GroupCut, ScenarioError> {
+        let mut old_boots = Vec::with_capacity(group.len());
+        for (i, m) in self.each(group) {
+            old_boots.push((i, m.boot().await?));
+        }
+        let at = Instant::now();
+        let stops = join_all(self.each(group).map(|(i, m)| async move {
+            let stopped = match &m.device {
+                Device::Real(d) => d.vm.freeze().await.map_err(ScenarioError::from),
+                Device::Simulated(d) => d.power_off().await,
+            };
+            (i, stopped.map(|()| Instant::now()))
+        }))
+        .await;
+        let destroys = join_all(self.each(group).filter_map(|(i, m)| match &m.device {
+            Device::Real(d) => Some(async move {
+                (
+                    i,
+                    d.vm.power_off()
+                        .await
+                        .map(|()| Instant::now())
+                        .map_err(ScenarioError::from),
+                )
+            }),
+            Device::Simulated(_) => None,
+        }))
+        .await;
+        let mut failed = Vec::new();
+        let mut stopped = Vec::new();
+        let mut destroyed = Vec::new();
+        for (i, r) in stops {
+            match r {
+                Ok(t) => stopped.push(t),
+                Err(e) => failed.push(format!("{}: {e}", self.members[i].device_id())),
+            }
+        }
+        for (i, r) in destroys {
+            match r {
+                Ok(t) => destroyed.push(t),
+                Err(e) => failed.push(format!("{}: {e}", self.members[i].device_id())),
+            }
+        }
+        if !failed.is_empty() {
+            return Err(ScenarioError::Check(format!(
+                "the power cut of {} failed for {} device(s):\n  {}",
+                group.name,
+                failed.len(),
+                failed.join("\n  ")
+            )));
+        }
+        let spread_of = |ts: &[Instant]| match (ts.iter().min(), ts.iter().max()) {
+            (Some(a), Some(b)) => Some(b.duration_since(*a)),
+            _ => None,
+        };
+        let cut = GroupCut {
+            group: group.clone(),
+            spread: spread_of(&stopped).unwrap_or_default(),
+            destroy_spread: spread_of(&destroyed),
+            old_boots,
+            at,
+        };
+        for (i, _) in self.each(group) {
+            self.note(i, "faults", self.faults_cell(i, "power cut"));
+        }
+        let summary = format!(
+            "group power cut of {} ({} devices): stopped within {} ms of each other{}",
+            group.name,
+            group.len(),
+            cut.spread.as_millis(),
+            cut.destroy_spread.map_or(String::new(), |d| format!(
+                "; destroyed within {} ms",
+                d.as_millis()
+            ))
+        );
+        tracing::info!("{summary}");
+        eprintln!("{summary}");
+        Ok(cut)
+    }
+
+    /// Powers the devices of `cut` on again and judges each: its first report after the cut
+    /// comes from a new boot (read past a gate taken with the device off, as the
+    /// `power_cycle` trial does). Fills the table's "recovery" column.
+    pub async fn power_on(&self, cut: &GroupCut) -> FleetFigures {
+        let recoveries = join_all(cut.old_boots.iter().map(|(i, old_boot)| async move {
+            let m = &self.members[*i];
+            let log = m.reports();
+            let result = async {
+                let gate = log.gate().await?;
+                match &m.device {
+                    Device::Real(d) => d.vm.power_on().await?,
+                    Device::Simulated(d) => d.power_on().await?,
+                }
+                m.control_plane().new_boot(gate, now_ms());
+                let report =
+                    report_after_cut(&log, gate, old_boot, None, m.recovery_budget()).await?;
+                if let Device::Real(d) = &m.device {
+                    d.vm.wait_for_ssh().await?;
+                }
+                Ok::<_, ScenarioError>((report, cut.at.elapsed()))
+            }
+            .await;
+            (*i, result.map(|(_, took)| took))
+        }))
+        .await;
+        self.judged("recovery", recoveries).await
+    }
+
+    /// Every device of `group` reports from its current boot within `budget` (a real
+    /// device's first report after onboarding is one already).
+    pub async fn reporting(&self, group: &Group, budget: Duration) -> FleetFigures {
+        let results = join_all(self.each(group).map(|(i, m)| async move {
+            let result = async {
+                let boot = m.boot().await?;
+                report_from_boot(&m.reports(), 0, &boot, budget).await?;
+                Ok::<_, ScenarioError>(self.started.elapsed())
+            }
+            .await;
+            (i, result)
+        }))
+        .await;
+        self.judged("reports", results).await
+    }
+
+    /// Puts generation `generation` (`document`) as every device's desired state in `group`.
+    pub async fn desire(
+        &self,
+        group: &Group,
+        generation: u64,
+        document: &str,
+    ) -> Result<(), ScenarioError> {
+        let results = join_all(
+            self.each(group)
+                .map(|(_, m)| m.control_plane().desire(generation, document)),
+        )
+        .await;
+        results.into_iter().try_for_each(|r| r.map(drop))
+    }
+
+    /// Every device of `group` reports `generation` applied within `budget` (timed from its
+    /// put, or its last power-on if later). Fills the table's "gen N" column.
+    pub async fn converged(
+        &self,
+        group: &Group,
+        generation: u64,
+        budget: Duration,
+    ) -> FleetFigures {
+        let results = join_all(self.each(group).map(|(i, m)| async move {
+            (
+                i,
+                m.control_plane()
+                    .converged(generation, budget)
+                    .await
+                    .map(|c| c.took),
+            )
+        }))
+        .await;
+        self.judged(&format!("gen {generation}"), results).await
+    }
+
+    /// Where each device of `group` stands now: a fresh report and its stream position, the
+    /// start of a later [`Self::delivered`] verdict.
+    pub async fn mark(&self, group: &Group, budget: Duration) -> Result<Marks, ScenarioError> {
+        let marks = join_all(self.each(group).map(|(i, m)| async move {
+            let log = m.reports();
+            let from = log.last_sequence().await?;
+            let (seq, report) = log.wait_for(from, budget, |_| Verdict::Accept).await?;
+            Ok::<_, ScenarioError>((i, Mark { seq, report }))
+        }))
+        .await;
+        Ok(Marks(marks.into_iter().collect::<Result<_, _>>()?))
+    }
+
+    /// Every report each marked device made since its mark arrived once, in order: within
+    /// each boot, the counter rises by one (an agent without one: its timestamps rise); a
+    /// boot that ended in a power cut may have lost what it had not sent yet, and nothing of
+    /// an older boot may arrive after a newer one. Waits until each device made `fresh`
+    /// reports after this call. Fills the table's "delivery" column.
+    pub async fn delivered(&self, marks: &Marks, fresh: usize, budget: Duration) -> FleetFigures {
+        let since = now_ms();
+        let started = Instant::now();
+        let results = join_all(marks.0.iter().map(|(i, mark)| async move {
+            let m = &self.members[*i];
+            let result = async {
+                let mut new = 0;
+                let after = m
+                    .reports()
+                    .collect(mark.seq, budget, |r| {
+                        new += usize::from(r.timestamp_ms > since + 1_000);
+                        new >= fresh
+                    })
+                    .await?;
+                let reports: Vec<Report> = after.into_iter().map(|s| s.report).collect();
+                judge_across_boots(&mark.report, &reports).map_err(ScenarioError::Check)?;
+                Ok::<_, ScenarioError>(started.elapsed())
+            }
+            .await;
+            (*i, result)
+        }))
+        .await;
+        self.judged("delivery", results).await
+    }
+
+    /// Records each device's result in `column`, keeps the failing ones' evidence, and sums
+    /// up.
+    async fn judged(
+        &self,
+        column: &str,
+        results: Vec<(usize, Result<Duration, ScenarioError>)>,
+    ) -> FleetFigures {
+        let mut times = Vec::new();
+        for (i, r) in &results {
+            match r {
+                Ok(took) => {
+                    self.note(*i, column, format!("{:.1} s", took.as_secs_f64()));
+                    times.push((self.members[*i].device_id().to_owned(), *took));
+                }
+                Err(e) => {
+                    let evidence = self.members[*i].keep_evidence().await;
+                    self.fail(*i, column, format!("{e} (evidence: {evidence})"));
+                }
+            }
+        }
+        let slowest = times.iter().max_by_key(|(_, t)| *t).cloned();
+        let fastest = times.iter().map(|(_, t)| *t).min().unwrap_or_default();
+        let figures = FleetFigures {
+            passed: times.len(),
+            judged: results.len(),
+            spread: slowest
+                .as_ref()
+                .map_or(Duration::ZERO, |(_, t)| t.saturating_sub(fastest)),
+            slowest,
+        };
+        tracing::info!("fleet {column}: {figures}");
+        figures
+    }
+
+    /// The table so far: device, kind, label, then one column per verdict or fault.
+    pub fn table(&self) -> String {
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = format!("| device | kind | label | {} |\n", t.columns.join(" | "));
+        out.push_str(&format!("|{}\n", " --- |".repeat(3 + t.columns.len())));
+        for (i, m) in self.members.iter().enumerate() {
+            let cells: Vec<&str> = t
+                .columns
+                .iter()
+                .map(|c| t.cells.get(&(i, c.clone())).map_or("", String::as_str))
+                .collect();
+            out.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                m.device_id(),
+                m.kind(),
+                m.label,
+                cells.join(" | ")
+            ));
+        }
+        out
+    }
+
+    /// Ok when every verdict passed for every device; otherwise an error naming each failing
+    /// device, what failed and where its evidence is, with the whole table.
+    pub fn verdict(&self) -> Result<(), ScenarioError> {
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if t.failures.is_empty() {
+            return Ok(());
+        }
+        let failures: Vec<String> = t
+            .failures
+            .iter()
+            .map(|(i, why)| format!("{}: {}", self.members[*i].device_id(), why.join("; ")))
+            .collect();
+        drop(t);
+        Err(ScenarioError::Check(format!(
+            "{} of the fleet's {} devices failed:\n  {}\n{}",
+            failures.len(),
+            self.members.len(),
+            failures.join("\n  "),
+            self.table()
+        )))
+    }
+}
+
+/// Judges a device's reports after `last_before`, across any boots they span: each boot's
+/// reports continue without a gap or a repeat ([`judge_delivery`]); a new boot starts its own
+/// run; a boot seen before never comes back.
+pub fn judge_across_boots(last_before: &Report, after: &[Report]) -> Result<(), String> {
+    let mut seen = vec![last_before.boot_marker.clone()];
+    let mut start = 0;
+    let mut prev = last_before.clone();
+    while start < after.len() {
+        let boot = &after[start].boot_marker;
+        let end = after[start..]
+            .iter()
+            .position(|r| &r.boot_marker != boot)
+            .map_or(after.len(), |n| start + n);
+        let run = &after[start..end];
+        if boot == &prev.boot_marker {
+            judge_delivery(&prev, run, (0, 0), Duration::from_secs(1))?;
+        } else {
+            if seen.contains(boot) {
+                return Err(format!(
+                    "a report of boot {boot:?} arrived after a newer boot's: out of order"
+                ));
+            }
+            seen.push(boot.clone());
+            judge_delivery(&run[0], &run[1..], (0, 0), Duration::from_secs(1))?;
+        }
+        prev = run[run.len() - 1].clone();
+        start = end;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(boot: &str, seq: u64) -> Report {
+        Report {
+            device_id: "d".into(),
+            timestamp_ms: seq,
+            boot_marker: Some(boot.into()),
+            seq: Some(seq),
+            ..Report::default()
+        }
+    }
+
+    #[test]
+    fn each_boot_delivers_its_run_and_no_old_boot_comes_back() {
+        let before = report("a", 5);
+        let ok = [
+            report("a", 6),
+            report("a", 7),
+            report("b", 1),
+            report("b", 2),
+        ];
+        judge_across_boots(&before, &ok).unwrap();
+        // What the old boot had not sent when the power went is lost, not a gap.
+        judge_across_boots(&before, &[report("b", 1), report("b", 2)]).unwrap();
+        let gap = [report("a", 6), report("b", 1), report("b", 3)];
+        assert!(
+            judge_across_boots(&before, &gap)
+                .unwrap_err()
+                .contains("never arrived")
+        );
+        let back = [report("b", 1), report("a", 6)];
+        assert!(
+            judge_across_boots(&before, &back)
+                .unwrap_err()
+                .contains("out of order")
+        );
+        let twice = [report("a", 6), report("a", 6)];
+        assert!(
+            judge_across_boots(&before, &twice)
+                .unwrap_err()
+                .contains("repeated")
+        );
+    }
+
+    #[test]
+    fn groups_split_and_join_in_the_fleets_order() {
+        let g = Group {
+            name: "real".into(),
+            members: vec![0, 1, 2],
+        };
+        let (a, b) = g.halves();
+        assert_eq!(
+            (a.members.clone(), b.members.clone()),
+            (vec![0], vec![1, 2])
+        );
+        assert_eq!(b.and(&a).members, vec![0, 1, 2]);
+        assert_eq!(g.first(2).members, vec![0, 1]);
+        assert_eq!(g.first(9).len(), 3);
+    }
+}

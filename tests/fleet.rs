@@ -1,0 +1,96 @@
+//! A fleet of simulated devices on loopback, without a VM: the reference agent as 20 host
+//! processes, each logged in as its own NATS user, against a real nats-server. The fleet
+//! verbs and verdicts a fleet of real devices uses (`<agent>::fleet` in the matrix) on the
+//! cheap devices: a rollout, half of them cut off, the other half losing power at once,
+//! everything converged and delivered once; and a failing device naming itself while the
+//! others are still judged.
+
+mod common;
+
+use devicelab::Fleet;
+use devicelab::config::HarnessConfig;
+use devicelab::nats::{NatsError, Verdict};
+use devicelab::reference;
+use devicelab::trials::Select;
+use devicelab::trials::simulated::{reference_binary, reference_simulator};
+use std::sync::Arc;
+use std::time::Duration;
+
+const BUDGET: Duration = Duration::from_secs(30);
+/// Fast reports, so a short outage holds a backlog.
+const INTERVAL_MS: u64 = 250;
+
+async fn fleet(count: usize) -> Fleet {
+    let config = HarnessConfig::from_env().unwrap();
+    let binary = reference_binary(&config).await.unwrap();
+    let nats = Arc::new(common::nats_process_server().await);
+    Fleet::of(&reference::agent())
+        .simulated(count, "sim")
+        .simulated_by(reference_simulator(binary, INTERVAL_MS))
+        .start_on(None, nats)
+        .await
+        .unwrap()
+}
+
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+async fn a_rollout_through_a_split_and_a_site_outage_converges_and_delivers_once() {
+    let fleet = fleet(20).await;
+    let all = fleet.group(Select::All);
+    assert_eq!(all.len(), 20);
+    assert_eq!(fleet.reporting(&all, BUDGET).await.passed, 20);
+    fleet.desire(&all, 1, "interval = 5").await.unwrap();
+    assert_eq!(fleet.converged(&all, 1, BUDGET).await.passed, 20);
+
+    let marks = fleet.mark(&all, BUDGET).await.unwrap();
+    fleet.desire(&all, 2, "interval = 7").await.unwrap();
+    let (cut_off, site) = all.halves();
+    fleet.partition(&cut_off).await.unwrap();
+    let cut = fleet.power_cut(&site).await.unwrap();
+    assert_eq!(cut.group.len(), 10);
+    // Cut off means silent: after what was in flight, nothing of a partitioned device lands.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let log = fleet.members[0].reports();
+    let quiet_from = log.last_sequence().await.unwrap();
+    let during = log
+        .wait_for(quiet_from, Duration::from_secs(2), |_| Verdict::Accept)
+        .await;
+    assert!(
+        matches!(during, Err(NatsError::StatusTimeout { .. })),
+        "a partitioned device's report landed: {during:?}"
+    );
+    let recovered = fleet.power_on(&cut).await;
+    fleet.heal(&cut_off).await.unwrap();
+    let converged = fleet.converged(&all, 2, BUDGET).await;
+    let delivered = fleet.delivered(&marks, 3, BUDGET).await;
+    println!("{}", fleet.table());
+    fleet.verdict().unwrap();
+    assert_eq!(
+        (recovered.passed, converged.passed, delivered.passed),
+        (10, 20, 20)
+    );
+    // The partitioned half held a backlog: each of its devices' reports of the outage came
+    // after it (the verdict checked they came once, in order).
+    assert!(converged.slowest.is_some() && converged.spread <= BUDGET);
+}
+
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+async fn a_failing_device_names_itself_and_keeps_its_evidence_while_the_rest_are_judged() {
+    let fleet = fleet(3).await;
+    let all = fleet.group(Select::All);
+    let stuck = all.first(1).named("stuck");
+    fleet.freeze(&stuck).await.unwrap();
+    fleet.desire(&all, 1, "x").await.unwrap();
+    let converged = fleet.converged(&all, 1, Duration::from_secs(5)).await;
+    assert_eq!((converged.passed, converged.judged), (2, 3));
+    let err = fleet.verdict().unwrap_err().to_string();
+    let stuck_id = fleet.members[0].device_id();
+    assert!(
+        err.contains(&format!("{stuck_id}: gen 1:")) && err.contains("evidence: "),
+        "{err}"
+    );
+    // The others' cells are in the table beside the failure.
+    let table = fleet.table();
+    assert_eq!(table.matches("FAILED").count(), 1, "{table}");
+    assert!(table.contains("freeze"), "{table}");
+    fleet.thaw(&stuck).await.unwrap();
+}
