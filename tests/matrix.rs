@@ -13,6 +13,7 @@ use devicelab::trials::{Matrix, Scenario};
 fn main() {
     Matrix::new(cfg!(feature = "e2e"))
         .agent("", devicelab::reference::agent, &Scenario::ALL)
+        .simulated_by(devicelab::trials::simulated::reference)
         .agent("heartbeat", agents::heartbeat, &Scenario::ALL)
         .run()
 }

@@ -290,22 +290,10 @@ impl FleetBuilder {
                 .map_err(crate::agent::onboard::OnboardError::from)?;
         }
         let run_id = crate::lab::run_owner().run_id;
-        let simulator = match (&self.simulator, self.planned.len() > archs.len()) {
-            (Some(s), _) => Some(s.clone()),
-            (None, true) => {
-                let config = match lab {
-                    Some(lab) => lab.config.clone(),
-                    None => crate::config::HarnessConfig::from_env()
-                        .map_err(|e| ScenarioError::Check(e.to_string()))?,
-                };
-                let binary = crate::trials::simulated::reference_binary(&config).await?;
-                Some(crate::trials::simulated::reference_simulator(
-                    binary,
-                    crate::agent::reference::INTERVAL_MS,
-                ))
-            }
-            (None, false) => None,
-        };
+        let simulator = self
+            .simulator
+            .clone()
+            .unwrap_or_else(crate::trials::simulated::reference);
         // As many onboardings at once as the host has slots: a fleet is one test, whose VMs
         // would otherwise all go over the count at once.
         let concurrent = match lab {
@@ -365,7 +353,7 @@ impl FleetBuilder {
                             ))
                         }
                         Planned::Simulated => {
-                            let simulator = simulator.clone().expect("made above");
+                            let simulator = simulator.clone();
                             Device::Simulated(
                                 SimulatedDevice::start(nats, agent, name, simulator).await?,
                             )
@@ -982,6 +970,100 @@ impl Fleet {
             self.table()
         )))
     }
+}
+
+/// How many simulated devices the `fleet` trial runs beside the real ones.
+pub const FLEET_SIMULATED: usize = 50;
+/// How long the `fleet` trial keeps half the fleet cut off and the other half without power.
+pub const FLEET_OUTAGE: Duration = Duration::from_secs(30);
+
+/// The real devices of the `fleet` trial: two x86_64 and one aarch64, or two of the one
+/// architecture ARCH picks.
+pub fn fleet_devices(archs: &[VmArchitecture]) -> Vec<(usize, VmArchitecture)> {
+    match archs {
+        [one] => vec![(2, *one)],
+        _ => vec![(2, VmArchitecture::X86_64), (1, VmArchitecture::Aarch64)],
+    }
+}
+
+/// The `fleet` trial: the real devices of [`fleet_devices`] and, with a simulator,
+/// [`FLEET_SIMULATED`] simulated ones, on one NATS server. Every device reports from this
+/// boot; a generation is rolled out to all (an agent with a control part) and converges;
+/// then the next one is rolled out while half the real and half the simulated devices are
+/// cut off and the other halves lose power at once (a site outage), for [`FLEET_OUTAGE`];
+/// power comes back and the network heals; every device converges to it and delivered every
+/// report once, in order. Prints the fleet's table; fails naming every failing device.
+pub async fn fleet_with(
+    lab: &Lab,
+    archs: &[VmArchitecture],
+    agent: &AgentDescription,
+    simulator: Option<Simulator>,
+) -> Result<String, ScenarioError> {
+    let mut builder = Fleet::of(agent);
+    for (count, arch) in fleet_devices(archs) {
+        builder = builder.real(count, arch, "site");
+    }
+    if let Some(simulator) = simulator {
+        builder = builder
+            .simulated(FLEET_SIMULATED, "sim")
+            .simulated_by(simulator);
+    }
+    let fleet = builder.start(lab).await?;
+    let all = fleet.group(Select::All);
+    let budget = fleet
+        .members
+        .iter()
+        .map(Member::recovery_budget)
+        .max()
+        .unwrap_or(SIMULATED_RECOVERY);
+    let two_way = agent.control.is_some();
+    let first = fleet.reporting(&all, budget).await;
+    if two_way {
+        fleet.desire(&all, 1, "fleet rollout 1").await?;
+        fleet.converged(&all, 1, budget).await;
+    }
+    let marks = fleet.mark(&all, budget).await?;
+    if two_way {
+        fleet.desire(&all, 2, "fleet rollout 2").await?;
+    }
+    let (real_split, real_site) = fleet.group(Select::Real).halves();
+    let (sim_split, sim_site) = fleet.group(Select::Simulated).halves();
+    let split = real_split.and(&sim_split).named("split");
+    let site = real_site.and(&sim_site).named("site outage");
+    fleet.partition(&split).await?;
+    let cut = match fleet.power_cut(&site).await {
+        Ok(cut) => cut,
+        Err(e) => {
+            let _ = fleet.heal(&split).await;
+            return Err(e);
+        }
+    };
+    tokio::time::sleep(FLEET_OUTAGE).await;
+    let (recovered, healed) = tokio::join!(fleet.power_on(&cut), fleet.heal(&split));
+    healed?;
+    let converged = if two_way {
+        Some(fleet.converged(&all, 2, budget).await)
+    } else {
+        None
+    };
+    let delivered = fleet.delivered(&marks, 3, budget).await;
+    let table = fleet.table();
+    let summary = format!(
+        "fleet of {} ({} real): first reports {first}; site outage of {} devices, stopped \
+         within {} ms{}; recovery {recovered}{}; delivery {delivered}",
+        fleet.members.len(),
+        fleet.group(Select::Real).len(),
+        cut.group.len(),
+        cut.spread.as_millis(),
+        cut.destroy_spread.map_or(String::new(), |d| format!(
+            " (VMs destroyed within {} ms)",
+            d.as_millis()
+        )),
+        converged.map_or(String::new(), |c| format!("; generation 2 {c}")),
+    );
+    eprintln!("{summary}\n{table}");
+    fleet.verdict()?;
+    Ok(summary)
 }
 
 /// Judges a device's reports after `last_before`, across any boots they span: each boot's

@@ -25,7 +25,8 @@ use std::sync::Arc;
 
 /// How to run the agent for one simulated device: its template values (its id, its own NATS
 /// user, and the URL of its link) and a private directory for its files; returns the command
-/// (the harness sets the boot id, [`SIMULATED_BOOT_ID_VAR`], and the output).
+/// (the harness sets the boot id, [`SIMULATED_BOOT_ID_VAR`], and the output). Called on a
+/// blocking thread: it may write files, or build its agent once.
 pub type Simulator =
     Arc<dyn Fn(&TemplateValues, &Path) -> std::io::Result<std::process::Command> + Send + Sync>;
 
@@ -49,19 +50,46 @@ pub fn host_arch() -> Result<VmArchitecture, ScenarioError> {
 /// config rendered as on a real device, reporting every `interval_ms`, its applied state in
 /// the device's directory.
 pub fn reference_simulator(binary: PathBuf, interval_ms: u64) -> Simulator {
+    Arc::new(move |values, dir| reference_command(&binary, interval_ms, values, dir))
+}
+
+/// The reference agent as a simulated device, reporting as in the trials
+/// ([`INTERVAL_MS`](crate::agent::reference::INTERVAL_MS)); its host binary is built (or
+/// found) on the first device's start, as DEVICELAB_* say.
+pub fn reference() -> Simulator {
+    let binary: Arc<std::sync::OnceLock<Result<PathBuf, String>>> = Arc::default();
     Arc::new(move |values, dir| {
-        let mut config = crate::agent::reference::config_for(values);
-        config.interval_ms = interval_ms;
-        if let Some(control) = config.control.as_mut() {
-            control.state_path = dir.join("applied");
-        }
-        let path = dir.join("agent.toml");
-        let text = toml::to_string(&config).map_err(std::io::Error::other)?;
-        std::fs::write(&path, text)?;
-        let mut command = std::process::Command::new(&binary);
-        command.arg(&path);
-        Ok(command)
+        let path = binary
+            .get_or_init(|| {
+                let config = HarnessConfig::from_env().map_err(|e| e.to_string())?;
+                // Simulators run on a blocking thread of the runtime (SimulatedDevice).
+                tokio::runtime::Handle::current()
+                    .block_on(reference_binary(&config))
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(std::io::Error::other)?;
+        reference_command(&path, crate::agent::reference::INTERVAL_MS, values, dir)
     })
+}
+
+fn reference_command(
+    binary: &Path,
+    interval_ms: u64,
+    values: &TemplateValues,
+    dir: &Path,
+) -> std::io::Result<std::process::Command> {
+    let mut config = crate::agent::reference::config_for(values);
+    config.interval_ms = interval_ms;
+    if let Some(control) = config.control.as_mut() {
+        control.state_path = dir.join("applied");
+    }
+    let path = dir.join("agent.toml");
+    let text = toml::to_string(&config).map_err(std::io::Error::other)?;
+    std::fs::write(&path, text)?;
+    let mut command = std::process::Command::new(binary);
+    command.arg(&path);
+    Ok(command)
 }
 
 /// A running simulated device. Dropping it kills its process and removes its directory
@@ -160,7 +188,19 @@ impl SimulatedDevice {
             self.device_id,
             hex::encode(rand::random::<[u8; 6]>())
         );
-        let child = self.spawn(&boot_id).map_err(|e| {
+        let command = {
+            let (simulator, values, dir) = (
+                self.simulator.clone(),
+                self.values.clone(),
+                self.dir.path().to_owned(),
+            );
+            // A simulator may build its agent first: off the async workers.
+            tokio::task::spawn_blocking(move || simulator(&values, &dir))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|c| c)
+        };
+        let child = command.and_then(|c| self.spawn(c, &boot_id)).map_err(|e| {
             ScenarioError::Check(format!(
                 "cannot start simulated device {}'s agent: {e}",
                 self.device_id
@@ -174,8 +214,11 @@ impl SimulatedDevice {
         Ok(())
     }
 
-    fn spawn(&self, boot_id: &str) -> std::io::Result<tokio::process::Child> {
-        let mut command = (self.simulator)(&self.values, self.dir.path())?;
+    fn spawn(
+        &self,
+        mut command: std::process::Command,
+        boot_id: &str,
+    ) -> std::io::Result<tokio::process::Child> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -253,6 +296,16 @@ impl SimulatedDevice {
     /// Restores its link.
     pub fn heal(&self) {
         self.relay.heal();
+    }
+
+    /// Its agent's process id, while it runs.
+    pub async fn process_id(&self) -> Option<u32> {
+        self.process
+            .lock()
+            .await
+            .child
+            .as_ref()
+            .and_then(|c| c.id())
     }
 
     /// Whether its process is running now (not killed, not exited).

@@ -68,3 +68,23 @@ pub fn agent() -> AgentDescription {
         })),
     }
 }
+
+/// acme's agent as a simulated device of a fleet: the binary cargo built for these tests, run
+/// on the host with its config and state in the device's own directory.
+pub fn simulator() -> devicelab::trials::Simulator {
+    Arc::new(|v: &TemplateValues, dir: &Path| {
+        let config = AcmeConfig {
+            id: v.device_id.clone(),
+            nats_url: v.nats_url.clone(),
+            user: v.nats_user.clone(),
+            password: v.nats_password.clone(),
+            state: dir.join("applied.json").display().to_string(),
+            interval_ms: 2_000,
+        };
+        let path = dir.join("agent.json");
+        std::fs::write(&path, serde_json::to_vec(&config)?)?;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_acme-agent"));
+        command.arg(path);
+        Ok(command)
+    })
+}

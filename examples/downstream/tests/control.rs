@@ -153,3 +153,28 @@ async fn desired_state_is_applied_and_reports_are_told_apart_by_their_subject() 
         "an apply after the restart: {after:?}"
     );
 }
+
+/// A fleet of acme agents as simulated devices (host processes, each its own NATS user): a
+/// rollout converges on every one, and one frozen device fails alone, named.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fleet_of_simulated_acme_devices_converges_and_names_a_stuck_one() {
+    use devicelab::trials::{Fleet, Select};
+    let nats = std::sync::Arc::new(nats().await);
+    let fleet = Fleet::of(&acme::agent())
+        .simulated(5, "acme")
+        .simulated_by(acme::simulator())
+        .start_on(None, nats)
+        .await
+        .unwrap();
+    let all = fleet.group(Select::All);
+    fleet.desire(&all, 1, "led=green").await.unwrap();
+    assert_eq!(fleet.converged(&all, 1, BUDGET).await.passed, 5);
+    let stuck = all.first(1);
+    fleet.freeze(&stuck).await.unwrap();
+    fleet.desire(&all, 2, "led=red").await.unwrap();
+    let two = fleet.converged(&all, 2, Duration::from_secs(10)).await;
+    assert_eq!((two.passed, two.judged), (4, 5), "{}", fleet.table());
+    let err = fleet.verdict().unwrap_err().to_string();
+    assert!(err.contains(fleet.members[0].device_id()), "{err}");
+    fleet.thaw(&stuck).await.unwrap();
+}

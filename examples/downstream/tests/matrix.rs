@@ -9,5 +9,6 @@ use devicelab::trials::{Matrix, Scenario};
 fn main() {
     Matrix::new(cfg!(feature = "e2e"))
         .agent("acme", acme::agent, &Scenario::ALL)
+        .simulated_by(acme::simulator)
         .run()
 }
