@@ -18,6 +18,7 @@ pub use crate::lab::Lab;
 pub use crate::model::arch::VmArchitecture;
 use crate::model::spec::VirtualMachineSpec;
 pub use crate::nats::NatsServer;
+pub use crate::trials::fleet::{Fleet, Group, Select};
 pub use crate::trials::scenario::OnboardedDevice;
 pub use crate::vm::Vm;
 pub use rstest::{fixture, rstest};
@@ -95,6 +96,24 @@ pub async fn onboarded(
 ) -> OnboardedDevice {
     let lab = lab.await;
     crate::trials::scenario::onboarded_device_with(&lab, arch, "dev", &agent)
+        .await
+        .unwrap_or_else(|e| panic!("devicelab: {e}"))
+}
+
+/// A fleet of `agent`: two real devices of `arch` and ten simulated ones (the reference
+/// agent's simulator), on one NATS server, each its own identity; removed when dropped. For
+/// another shape, build one: [`Fleet::of`](crate::trials::Fleet::of).
+#[fixture]
+pub async fn fleet(
+    #[future] lab: Arc<Lab>,
+    arch: VmArchitecture,
+    agent: AgentDescription,
+) -> Fleet {
+    let lab = lab.await;
+    Fleet::of(&agent)
+        .real(2, arch, "real")
+        .simulated(10, "sim")
+        .start(&lab)
         .await
         .unwrap_or_else(|e| panic!("devicelab: {e}"))
 }

@@ -9,6 +9,7 @@ mod common;
 
 use devicelab::Fleet;
 use devicelab::config::HarnessConfig;
+use devicelab::fixtures::{arch, fleet};
 use devicelab::nats::{NatsError, Verdict};
 use devicelab::reference;
 use devicelab::trials::Select;
@@ -20,7 +21,7 @@ const BUDGET: Duration = Duration::from_secs(30);
 /// Fast reports, so a short outage holds a backlog.
 const INTERVAL_MS: u64 = 250;
 
-async fn fleet(count: usize) -> Fleet {
+async fn simulated_fleet(count: usize) -> Fleet {
     let config = HarnessConfig::from_env().unwrap();
     let binary = reference_binary(&config).await.unwrap();
     let nats = Arc::new(common::nats_process_server().await);
@@ -34,7 +35,7 @@ async fn fleet(count: usize) -> Fleet {
 
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn a_rollout_through_a_split_and_a_site_outage_converges_and_delivers_once() {
-    let fleet = fleet(20).await;
+    let fleet = simulated_fleet(20).await;
     let all = fleet.group(Select::All);
     assert_eq!(all.len(), 20);
     assert_eq!(fleet.reporting(&all, BUDGET).await.passed, 20);
@@ -75,7 +76,7 @@ async fn a_rollout_through_a_split_and_a_site_outage_converges_and_delivers_once
 
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn a_failing_device_names_itself_and_keeps_its_evidence_while_the_rest_are_judged() {
-    let fleet = fleet(3).await;
+    let fleet = simulated_fleet(3).await;
     let all = fleet.group(Select::All);
     let stuck = all.first(1).named("stuck");
     fleet.freeze(&stuck).await.unwrap();
@@ -93,4 +94,27 @@ async fn a_failing_device_names_itself_and_keeps_its_evidence_while_the_rest_are
     assert_eq!(table.matches("FAILED").count(), 1, "{table}");
     assert!(table.contains("freeze"), "{table}");
     fleet.thaw(&stuck).await.unwrap();
+}
+
+/// The `fleet` fixture: two real devices of ARCH's architecture and ten simulated ones, each
+/// logged in as itself, all reporting from their current boot.
+#[rstest::rstest]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots VMs")]
+async fn the_fleet_fixture_gives_every_device_its_own_identity(
+    #[future] fleet: devicelab::fixtures::Fleet,
+    arch: devicelab::VmArchitecture,
+) {
+    let fleet = fleet.await;
+    let real = fleet.group(Select::Arch(arch));
+    assert_eq!((real.len(), fleet.group(Select::Simulated).len()), (2, 10));
+    let all = fleet.group(Select::All);
+    assert_eq!(
+        fleet.reporting(&all, Duration::from_secs(120)).await.passed,
+        12
+    );
+    let ids: std::collections::BTreeSet<&str> =
+        fleet.members.iter().map(|m| m.device_id()).collect();
+    assert_eq!(ids.len(), 12, "every device has an id of its own");
+    fleet.verdict().unwrap();
 }
