@@ -611,6 +611,20 @@ pub struct Permissions {
     pub allow_responses: bool,
 }
 
+impl Permissions {
+    /// What `self` or `other` allows (each list sorted, without repeats).
+    pub fn merge(mut self, other: Permissions) -> Permissions {
+        self.publish.extend(other.publish);
+        self.subscribe.extend(other.subscribe);
+        self.allow_responses |= other.allow_responses;
+        for list in [&mut self.publish, &mut self.subscribe] {
+            list.sort();
+            list.dedup();
+        }
+        self
+    }
+}
+
 pub use devicelab_agent::inbox_prefix;
 
 impl AgentDescription {
@@ -845,18 +859,23 @@ impl AgentDescription {
                 p.allow_responses = true;
             }
         }
-        let extra = &self.nats_permissions;
         let render = |t: &String| render_with(t, values, &self.name, "a NATS permission");
-        for t in &extra.publish {
-            p.publish.push(render(t)?);
-        }
-        for t in &extra.subscribe {
-            p.subscribe.push(render(t)?);
-        }
-        p.allow_responses |= extra.allow_responses;
-        p.publish.sort();
-        p.publish.dedup();
-        Ok(p)
+        let extra = Permissions {
+            publish: self
+                .nats_permissions
+                .publish
+                .iter()
+                .map(render)
+                .collect::<Result<_, _>>()?,
+            subscribe: self
+                .nats_permissions
+                .subscribe
+                .iter()
+                .map(render)
+                .collect::<Result<_, _>>()?,
+            allow_responses: self.nats_permissions.allow_responses,
+        };
+        Ok(p.merge(extra))
     }
 
     fn render_reports_on(

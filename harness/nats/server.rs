@@ -306,52 +306,62 @@ impl Server {
 
     /// Gives each device its own user, allowed what `permissions` say (a device already known
     /// keeps its password; its permissions are replaced), reloads the server's configuration,
-    /// and returns once the server runs it.
+    /// and returns once the server runs it; `true` with the credentials when it reloaded.
+    /// Nothing changes unless every name is valid and the reload took: the users kept are
+    /// always the ones the server runs. The caller holds `reloading`.
     async fn identify(
         &self,
         devices: Vec<(String, Permissions)>,
-    ) -> Result<Vec<NatsCredentials>, NatsError> {
-        let _one_at_a_time = self.reloading.lock().await;
-        let (credentials, changed) = {
-            let mut ids = self.identities();
-            let mut changed = false;
+    ) -> Result<(Vec<NatsCredentials>, bool), NatsError> {
+        if let Some((name, _)) = devices.iter().find(|(name, _)| {
+            *name == self.credentials.user || name.starts_with(super::identity::RELOAD_USER_PREFIX)
+        }) {
+            return Err(NatsError::Identity {
+                device: name.clone(),
+                problem: format!(
+                    "the name is the harness's own (its user {}, or its reload marker \
+                     {}*): give the device another id",
+                    self.credentials.user,
+                    super::identity::RELOAD_USER_PREFIX
+                ),
+            });
+        }
+        let (next, credentials) = {
+            let ids = self.identities();
+            let mut next = ids.devices.clone();
             let mut credentials = Vec::with_capacity(devices.len());
             for (name, permissions) in devices {
-                if name == self.credentials.user
-                    || name.starts_with(super::identity::RELOAD_USER_PREFIX)
-                {
-                    return Err(NatsError::Identity {
-                        device: name,
-                        problem: "the name is the harness's own NATS user's: give the device                                   another id"
-                            .into(),
-                    });
-                }
-                let user = ids.devices.entry(name.clone()).or_insert_with(|| {
-                    changed = true;
-                    DeviceUser {
-                        password: hex::encode(rand::random::<[u8; 16]>()),
-                        permissions: permissions.clone(),
-                    }
+                let user = next.entry(name.clone()).or_insert_with(|| DeviceUser {
+                    password: hex::encode(rand::random::<[u8; 16]>()),
+                    permissions: permissions.clone(),
                 });
-                if user.permissions != permissions {
-                    user.permissions = permissions;
-                    changed = true;
-                }
+                user.permissions = permissions;
                 credentials.push(NatsCredentials {
                     user: name,
                     password: user.password.clone(),
                 });
             }
-            if changed {
-                ids.generation += 1;
-            }
-            (credentials, changed)
+            (next, credentials)
         };
-        if changed {
-            self.rewrite_config()?;
-            self.reload().await?;
+        if next == self.identities().devices {
+            return Ok((credentials, false));
         }
-        Ok(credentials)
+        let before = {
+            let mut ids = self.identities();
+            ids.generation += 1;
+            std::mem::replace(&mut ids.devices, next)
+        };
+        let reloaded = match self.rewrite_config() {
+            Ok(()) => self.reload().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = reloaded {
+            // The server may run the old users or the new: neither is promised to anyone.
+            self.identities().devices = before;
+            let _ = self.rewrite_config();
+            return Err(e);
+        }
+        Ok((credentials, true))
     }
 
     /// Asks the server to reload its configuration (SIGHUP) and waits until the reload
@@ -660,7 +670,25 @@ impl NatsServer {
         &self,
         devices: Vec<(String, Permissions)>,
     ) -> Result<Vec<NatsCredentials>, NatsError> {
-        self.server.identify(devices).await
+        let _one_at_a_time = self.server.reloading.lock().await;
+        let (credentials, reloaded) = self.server.identify(devices).await?;
+        if reloaded {
+            // JetStream answers again before anyone is told the reload is over (it is briefly
+            // unavailable while the server applies a new configuration).
+            let js = jetstream::new(self.client.clone());
+            probe::poll(self.server.start_budget, || async {
+                js.get_stream(STREAM_NAME)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|last| NatsError::Reload {
+                config: self.config_path(),
+                stderr: format!("JetStream did not answer after the reload: {last}"),
+            })?;
+        }
+        Ok(credentials)
     }
 
     /// The harness's own client (connected as the run's user).
@@ -787,17 +815,7 @@ fn spawn_server(
         .open(dir.join(LOG_FILE))?;
     let mut cmd = Command::new(&command[0]);
     if !keep {
-        // SAFETY: the closure only calls prctl, which is async-signal-safe; nothing else runs
-        // between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                // As before: a kernel without it still runs the server.
-                let _ = rustix::process::set_parent_process_death_signal(Some(
-                    rustix::process::Signal::KILL,
-                ));
-                Ok(())
-            });
-        }
+        crate::support::process::dies_with_parent(&mut cmd);
     }
     cmd.args(&command[1..])
         .stdout(Stdio::null())

@@ -23,6 +23,22 @@ pub fn is_alive(pid: u32, start_time: u64) -> bool {
     }
 }
 
+/// Makes the kernel kill `command`'s process (SIGKILL) when the process that started it dies,
+/// so a killed harness leaves none behind.
+pub fn dies_with_parent(command: &mut tokio::process::Command) {
+    // SAFETY: the closure only calls prctl, which is async-signal-safe; nothing else runs
+    // between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            // A kernel without it still runs the process.
+            let _ = rustix::process::set_parent_process_death_signal(Some(
+                rustix::process::Signal::KILL,
+            ));
+            Ok(())
+        });
+    }
+}
+
 /// Runs `command` to its end and returns its output, unless it runs longer than `budget`: then
 /// it is killed and `Ok(None)` says so. Blocking.
 pub fn output_within(

@@ -60,10 +60,13 @@ async fn accept(listener: TcpListener, upstream: SocketAddr, link: watch::Receiv
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((client, _)) = accepted else { continue };
-                connections.spawn(forward(client, upstream, link.clone()));
-            }
+            accepted = listener.accept() => match accepted {
+                Ok((client, _)) => {
+                    connections.spawn(forward(client, upstream, link.clone()));
+                }
+                // Out of file descriptors, most likely: no busy loop while it lasts.
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            },
             Some(_) = connections.join_next() => {}
         }
     }

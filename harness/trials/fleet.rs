@@ -267,7 +267,8 @@ impl FleetBuilder {
     }
 
     /// Starts every device against `nats`: the real ones onboarded concurrently, as many at
-    /// once as the host has VM slots (the rest wait their turn), beside the simulated ones.
+    /// once as the host has VM slots (the rest wait their turn to onboard; once up, all run at
+    /// once, as one test's VMs may), beside the simulated ones.
     /// A fleet of simulated devices only needs no `lab` (nor libvirt). Every device gets its
     /// own NATS identity; every agent description is checked first.
     pub async fn start_on(
@@ -290,10 +291,33 @@ impl FleetBuilder {
                 .map_err(crate::agent::onboard::OnboardError::from)?;
         }
         let run_id = crate::lab::run_owner().run_id;
-        let simulator = self
-            .simulator
-            .clone()
-            .unwrap_or_else(crate::trials::simulated::reference);
+        let reference = crate::agent::reference::agent().name;
+        let simulator = match &self.simulator {
+            Some(s) => s.clone(),
+            None if self.planned.len() == archs.len() || self.agent.name == reference => {
+                crate::trials::simulated::reference()
+            }
+            None => {
+                return Err(ScenarioError::Check(format!(
+                    "the fleet's simulated devices need to know how to run {} on the host: \
+                     give FleetBuilder::simulated_by a Simulator (only the reference agent has \
+                     one by default)",
+                    self.agent.name
+                )));
+            }
+        };
+        for (_, label, _) in &self.planned {
+            if label.is_empty()
+                || !label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            {
+                return Err(ScenarioError::Check(format!(
+                    "the fleet label {label:?} names devices and VMs: use lowercase letters, \
+                     digits and `-`"
+                )));
+            }
+        }
         // As many onboardings at once as the host has slots: a fleet is one test, whose VMs
         // would otherwise all go over the count at once.
         let concurrent = match lab {
@@ -385,6 +409,7 @@ impl FleetBuilder {
         }
         let fleet = Fleet {
             nats,
+            cuts: Mutex::new(vec![0; members.len()]),
             members,
             started,
             table: Mutex::new(Table::default()),
@@ -412,6 +437,8 @@ struct Table {
     columns: Vec<String>,
     cells: BTreeMap<(usize, String), String>,
     failures: BTreeMap<usize, Vec<String>>,
+    /// Where failing devices' evidence was kept.
+    evidence: Vec<String>,
 }
 
 /// A fleet's devices, their NATS server and their table. Dropping it removes every device.
@@ -422,6 +449,8 @@ pub struct Fleet {
     pub members: Vec<Member>,
     started: Instant,
     table: Mutex<Table>,
+    /// Each device's power cuts so far: a delivery verdict allows one new boot per cut.
+    cuts: Mutex<Vec<usize>>,
 }
 
 /// A group power cut as it happened.
@@ -436,7 +465,6 @@ pub struct GroupCut {
     pub destroy_spread: Option<Duration>,
     /// Each device's boot before the cut.
     old_boots: Vec<(usize, String)>,
-    at: Instant,
 }
 
 /// A fleet verdict's figures: how many devices passed, the slowest and the spread.
@@ -472,6 +500,7 @@ impl std::fmt::Display for FleetFigures {
 pub struct Mark {
     seq: u64,
     report: Report,
+    cuts: usize,
 }
 
 /// Every device's [`Mark`]: taken before a fault, judged after ([`Fleet::delivered`]).
@@ -696,7 +725,6 @@ impl Fleet {
         for (i, m) in self.each(group) {
             old_boots.push((i, m.boot().await?));
         }
-        let at = Instant::now();
         let stops = join_all(self.each(group).map(|(i, m)| async move {
             let stopped = match &m.device {
                 Device::Real(d) => d.vm.freeze().await.map_err(ScenarioError::from),
@@ -750,10 +778,10 @@ impl Fleet {
             spread: spread_of(&stopped).unwrap_or_default(),
             destroy_spread: spread_of(&destroyed),
             old_boots,
-            at,
         };
         for (i, _) in self.each(group) {
             self.note(i, "faults", self.faults_cell(i, "power cut"));
+            self.cuts.lock().unwrap_or_else(|p| p.into_inner())[i] += 1;
         }
         let summary = format!(
             "group power cut of {} ({} devices): stopped within {} ms of each other{}",
@@ -772,13 +800,15 @@ impl Fleet {
 
     /// Powers the devices of `cut` on again and judges each: its first report after the cut
     /// comes from a new boot (read past a gate taken with the device off, as the
-    /// `power_cycle` trial does). Fills the table's "recovery" column.
+    /// `power_cycle` trial does), and a real device's SSH is back. Fills the table's
+    /// "recovery" column: from power-on to both.
     pub async fn power_on(&self, cut: &GroupCut) -> FleetFigures {
         let recoveries = join_all(cut.old_boots.iter().map(|(i, old_boot)| async move {
             let m = &self.members[*i];
             let log = m.reports();
             let result = async {
                 let gate = log.gate().await?;
+                let on = Instant::now();
                 match &m.device {
                     Device::Real(d) => d.vm.power_on().await?,
                     Device::Simulated(d) => d.power_on().await?,
@@ -789,7 +819,7 @@ impl Fleet {
                 if let Device::Real(d) = &m.device {
                     d.vm.wait_for_ssh().await?;
                 }
-                Ok::<_, ScenarioError>((report, cut.at.elapsed()))
+                Ok::<_, ScenarioError>((report, on.elapsed()))
             }
             .await;
             (*i, result.map(|(_, took)| took))
@@ -799,7 +829,8 @@ impl Fleet {
     }
 
     /// Every device of `group` reports from its current boot within `budget` (a real
-    /// device's first report after onboarding is one already).
+    /// device's first report after onboarding is one already). The "reports" column says when,
+    /// counted from the fleet's start (a real device's onboarding included).
     pub async fn reporting(&self, group: &Group, budget: Duration) -> FleetFigures {
         let results = join_all(self.each(group).map(|(i, m)| async move {
             let result = async {
@@ -814,19 +845,25 @@ impl Fleet {
         self.judged("reports", results).await
     }
 
-    /// Puts generation `generation` (`document`) as every device's desired state in `group`.
-    pub async fn desire(
-        &self,
-        group: &Group,
-        generation: u64,
-        document: &str,
-    ) -> Result<(), ScenarioError> {
-        let results = join_all(
-            self.each(group)
-                .map(|(_, m)| m.control_plane().desire(generation, document)),
-        )
+    /// Puts generation `generation` (`document`) as every device's desired state in `group`;
+    /// returns how many devices it was put for. A device whose put failed fails the
+    /// "desire N" column (its evidence kept); the others go on.
+    pub async fn desire(&self, group: &Group, generation: u64, document: &str) -> usize {
+        let results = join_all(self.each(group).map(|(i, m)| async move {
+            (i, m.control_plane().desire(generation, document).await)
+        }))
         .await;
-        results.into_iter().try_for_each(|r| r.map(drop))
+        let mut put = 0;
+        for (i, r) in results {
+            match r {
+                Ok(_) => put += 1,
+                Err(e) => {
+                    self.failed_with_evidence(i, &format!("desire {generation}"), &e)
+                        .await
+                }
+            }
+        }
+        put
     }
 
     /// Every device of `group` reports `generation` applied within `budget` (timed from its
@@ -851,23 +888,39 @@ impl Fleet {
     }
 
     /// Where each device of `group` stands now: a fresh report and its stream position, the
-    /// start of a later [`Self::delivered`] verdict.
-    pub async fn mark(&self, group: &Group, budget: Duration) -> Result<Marks, ScenarioError> {
+    /// start of a later [`Self::delivered`] verdict. A device without a fresh report within
+    /// `budget` fails the "mark" column and is left out of the verdict.
+    pub async fn mark(&self, group: &Group, budget: Duration) -> Marks {
         let marks = join_all(self.each(group).map(|(i, m)| async move {
             let log = m.reports();
-            let from = log.last_sequence().await?;
-            let (seq, report) = log.wait_for(from, budget, |_| Verdict::Accept).await?;
-            Ok::<_, ScenarioError>((i, Mark { seq, report }))
+            let result = async {
+                let from = log.last_sequence().await?;
+                Ok::<_, ScenarioError>(log.wait_for(from, budget, |_| Verdict::Accept).await?)
+            }
+            .await;
+            (i, result)
         }))
         .await;
-        Ok(Marks(marks.into_iter().collect::<Result<_, _>>()?))
+        let mut kept = Vec::with_capacity(marks.len());
+        for (i, r) in marks {
+            match r {
+                Ok((seq, report)) => {
+                    let cuts = self.cuts.lock().unwrap_or_else(|p| p.into_inner())[i];
+                    kept.push((i, Mark { seq, report, cuts }));
+                }
+                Err(e) => self.failed_with_evidence(i, "mark", &e).await,
+            }
+        }
+        Marks(kept)
     }
 
     /// Every report each marked device made since its mark arrived once, in order: within
-    /// each boot, the counter rises by one (an agent without one: its timestamps rise); a
-    /// boot that ended in a power cut may have lost what it had not sent yet, and nothing of
-    /// an older boot may arrive after a newer one. Waits until each device made `fresh`
-    /// reports after this call. Fills the table's "delivery" column.
+    /// each boot, the counter rises by one (an agent without one: its timestamps rise), and a
+    /// new boot's starts at 1; a boot that ended in a power cut may have lost what it had not
+    /// sent yet; a device has no more new boots than power cuts since its mark, and nothing
+    /// of an older boot arrives after a newer one. Waits until each device made `fresh`
+    /// reports stamped a second after this call (by the device's clock: put right a clock a
+    /// test moved first). Fills the table's "delivery" column.
     pub async fn delivered(&self, marks: &Marks, fresh: usize, budget: Duration) -> FleetFigures {
         let since = now_ms();
         let started = Instant::now();
@@ -883,7 +936,8 @@ impl Fleet {
                     })
                     .await?;
                 let reports: Vec<Report> = after.into_iter().map(|s| s.report).collect();
-                judge_across_boots(&mark.report, &reports).map_err(ScenarioError::Check)?;
+                let cuts = self.cuts.lock().unwrap_or_else(|p| p.into_inner())[*i] - mark.cuts;
+                judge_across_boots(&mark.report, &reports, cuts).map_err(ScenarioError::Check)?;
                 Ok::<_, ScenarioError>(started.elapsed())
             }
             .await;
@@ -891,6 +945,17 @@ impl Fleet {
         }))
         .await;
         self.judged("delivery", results).await
+    }
+
+    /// Keeps device `i`'s evidence and fails its `column` with `error`.
+    async fn failed_with_evidence(&self, i: usize, column: &str, error: &ScenarioError) {
+        let evidence = self.members[i].keep_evidence().await;
+        self.table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .evidence
+            .push(evidence.clone());
+        self.fail(i, column, format!("{error} (evidence: {evidence})"));
     }
 
     /// Records each device's result in `column`, keeps the failing ones' evidence, and sums
@@ -907,10 +972,7 @@ impl Fleet {
                     self.note(*i, column, format!("{:.1} s", took.as_secs_f64()));
                     times.push((self.members[*i].device_id().to_owned(), *took));
                 }
-                Err(e) => {
-                    let evidence = self.members[*i].keep_evidence().await;
-                    self.fail(*i, column, format!("{e} (evidence: {evidence})"));
-                }
+                Err(e) => self.failed_with_evidence(*i, column, e).await,
             }
         }
         let slowest = times.iter().max_by_key(|(_, t)| *t).cloned();
@@ -947,6 +1009,13 @@ impl Fleet {
             ));
         }
         out
+    }
+
+    /// Where the evidence of each failing device was kept (a VM's failure artifacts, a
+    /// simulated device's output and state), in the order the failures were found.
+    pub fn evidence(&self) -> Vec<std::path::PathBuf> {
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        t.evidence.iter().map(std::path::PathBuf::from).collect()
     }
 
     /// Ok when every verdict passed for every device; otherwise an error naming each failing
@@ -1019,12 +1088,12 @@ pub async fn fleet_with(
     let two_way = agent.control.is_some();
     let first = fleet.reporting(&all, budget).await;
     if two_way {
-        fleet.desire(&all, 1, "fleet rollout 1").await?;
+        fleet.desire(&all, 1, "fleet rollout 1").await;
         fleet.converged(&all, 1, budget).await;
     }
-    let marks = fleet.mark(&all, budget).await?;
+    let marks = fleet.mark(&all, budget).await;
     if two_way {
-        fleet.desire(&all, 2, "fleet rollout 2").await?;
+        fleet.desire(&all, 2, "fleet rollout 2").await;
     }
     let (real_split, real_site) = fleet.group(Select::Real).halves();
     let (sim_split, sim_site) = fleet.group(Select::Simulated).halves();
@@ -1066,10 +1135,15 @@ pub async fn fleet_with(
     Ok(summary)
 }
 
-/// Judges a device's reports after `last_before`, across any boots they span: each boot's
-/// reports continue without a gap or a repeat ([`judge_delivery`]); a new boot starts its own
-/// run; a boot seen before never comes back.
-pub fn judge_across_boots(last_before: &Report, after: &[Report]) -> Result<(), String> {
+/// Judges a device's reports after `last_before`, across the boots they span (at most
+/// `new_boots`: one per power cut): each boot's reports continue without a gap or a repeat
+/// ([`judge_delivery`]); a new boot starts its own run, at report #1 for an agent with a
+/// counter; a boot seen before never comes back.
+pub fn judge_across_boots(
+    last_before: &Report,
+    after: &[Report],
+    new_boots: usize,
+) -> Result<(), String> {
     let mut seen = vec![last_before.boot_marker.clone()];
     let mut start = 0;
     let mut prev = last_before.clone();
@@ -1089,6 +1163,18 @@ pub fn judge_across_boots(last_before: &Report, after: &[Report]) -> Result<(), 
                 ));
             }
             seen.push(boot.clone());
+            if seen.len() - 1 > new_boots {
+                return Err(format!(
+                    "reports from boot {boot:?}: the device booted anew without a power cut \
+                     ({new_boots} cut(s) since the mark)"
+                ));
+            }
+            if let Some(first) = run[0].seq.filter(|s| *s != 1) {
+                return Err(format!(
+                    "boot {boot:?} starts at report #{first}: #1..#{} never arrived",
+                    first - 1
+                ));
+            }
             judge_delivery(&run[0], &run[1..], (0, 0), Duration::from_secs(1))?;
         }
         prev = run[run.len() - 1].clone();
@@ -1120,27 +1206,24 @@ mod tests {
             report("b", 1),
             report("b", 2),
         ];
-        judge_across_boots(&before, &ok).unwrap();
+        judge_across_boots(&before, &ok, 1).unwrap();
         // What the old boot had not sent when the power went is lost, not a gap.
-        judge_across_boots(&before, &[report("b", 1), report("b", 2)]).unwrap();
-        let gap = [report("a", 6), report("b", 1), report("b", 3)];
-        assert!(
-            judge_across_boots(&before, &gap)
-                .unwrap_err()
-                .contains("never arrived")
+        judge_across_boots(&before, &[report("b", 1), report("b", 2)], 1).unwrap();
+        let fails = |after: &[Report], new_boots: usize, why: &str| {
+            let e = judge_across_boots(&before, after, new_boots).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        };
+        fails(
+            &[report("a", 6), report("b", 1), report("b", 3)],
+            1,
+            "never arrived",
         );
-        let back = [report("b", 1), report("a", 6)];
-        assert!(
-            judge_across_boots(&before, &back)
-                .unwrap_err()
-                .contains("out of order")
-        );
-        let twice = [report("a", 6), report("a", 6)];
-        assert!(
-            judge_across_boots(&before, &twice)
-                .unwrap_err()
-                .contains("repeated")
-        );
+        fails(&[report("b", 1), report("a", 6)], 2, "out of order");
+        fails(&[report("a", 6), report("a", 6)], 0, "repeated");
+        // A device that was not cut must not come back from another boot.
+        fails(&ok, 0, "without a power cut");
+        // A new boot's opening reports must be there.
+        fails(&[report("b", 3), report("b", 4)], 1, "#1..#2 never arrived");
     }
 
     #[test]

@@ -176,14 +176,7 @@ pub(crate) fn identity_request(
     };
     let mut permissions = Permissions::default();
     for agent in agents {
-        let p = agent.permissions(&values).map_err(OnboardError::from)?;
-        permissions.publish.extend(p.publish);
-        permissions.subscribe.extend(p.subscribe);
-        permissions.allow_responses |= p.allow_responses;
-    }
-    for list in [&mut permissions.publish, &mut permissions.subscribe] {
-        list.sort();
-        list.dedup();
+        permissions = permissions.merge(agent.permissions(&values).map_err(OnboardError::from)?);
     }
     Ok((values, permissions))
 }

@@ -25,8 +25,10 @@ use std::sync::Arc;
 
 /// How to run the agent for one simulated device: its template values (its id, its own NATS
 /// user, and the URL of its link) and a private directory for its files; returns the command
-/// (the harness sets the boot id, [`SIMULATED_BOOT_ID_VAR`], and the output). Called on a
-/// blocking thread: it may write files, or build its agent once.
+/// (the harness sets the boot id, [`SIMULATED_BOOT_ID_VAR`], and the output). The agent must
+/// report that boot id as its boot marker when the variable is set (a host process shares the
+/// host's kernel boot id, which no power cut changes). Called on a blocking thread: it may
+/// write files, or build its agent once.
 pub type Simulator =
     Arc<dyn Fn(&TemplateValues, &Path) -> std::io::Result<std::process::Command> + Send + Sync>;
 
@@ -230,15 +232,7 @@ impl SimulatedDevice {
             .stderr(log);
         let mut command = tokio::process::Command::from(command);
         command.kill_on_drop(true);
-        // SAFETY: the closure only calls prctl, which is async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                let _ = rustix::process::set_parent_process_death_signal(Some(
-                    rustix::process::Signal::KILL,
-                ));
-                Ok(())
-            });
-        }
+        crate::support::process::dies_with_parent(&mut command);
         command.spawn()
     }
 

@@ -154,8 +154,9 @@ async fn desired_state_is_applied_and_reports_are_told_apart_by_their_subject() 
     );
 }
 
-/// A fleet of acme agents as simulated devices (host processes, each its own NATS user): a
-/// rollout converges on every one, and one frozen device fails alone, named.
+/// A fleet of acme agents as simulated devices (host processes, each its own NATS user): each
+/// reports from its simulated boot, a rollout converges on every one, and one frozen device
+/// fails alone, named.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fleet_of_simulated_acme_devices_converges_and_names_a_stuck_one() {
     use devicelab::trials::{Fleet, Select};
@@ -167,14 +168,19 @@ async fn a_fleet_of_simulated_acme_devices_converges_and_names_a_stuck_one() {
         .await
         .unwrap();
     let all = fleet.group(Select::All);
-    fleet.desire(&all, 1, "led=green").await.unwrap();
+    // Each reports from the boot the harness gave it (its own, not the host's).
+    assert_eq!(fleet.reporting(&all, BUDGET).await.passed, 5);
+    assert_eq!(fleet.desire(&all, 1, "led=green").await, 5);
     assert_eq!(fleet.converged(&all, 1, BUDGET).await.passed, 5);
     let stuck = all.first(1);
     fleet.freeze(&stuck).await.unwrap();
-    fleet.desire(&all, 2, "led=red").await.unwrap();
+    fleet.desire(&all, 2, "led=red").await;
     let two = fleet.converged(&all, 2, Duration::from_secs(10)).await;
     assert_eq!((two.passed, two.judged), (4, 5), "{}", fleet.table());
     let err = fleet.verdict().unwrap_err().to_string();
     assert!(err.contains(fleet.members[0].device_id()), "{err}");
+    for kept in fleet.evidence() {
+        let _ = std::fs::remove_dir_all(kept);
+    }
     fleet.thaw(&stuck).await.unwrap();
 }

@@ -184,9 +184,12 @@ fn main() {
         Ok(Err(e)) => return eprintln!("acme-agent: {path}: {e}"),
         Err(e) => return eprintln!("acme-agent: {path}: {e}"),
     };
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|b| b.trim().to_owned())
-        .unwrap_or_default();
+    // A simulated device (a host process standing for a device) is told its boot.
+    let boot = std::env::var("DEVICELAB_SIMULATED_BOOT_ID").unwrap_or_else(|_| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|b| b.trim().to_owned())
+            .unwrap_or_default()
+    });
     loop {
         if let Err(e) = round(&config, &boot) {
             eprintln!("acme-agent: {e}");
