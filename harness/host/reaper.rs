@@ -52,8 +52,18 @@ pub fn nats_dir_prefix(pid: u32) -> String {
     )
 }
 
-/// Removes the NATS directories (configuration with the password, JetStream store) of owners
-/// that are gone, except kept ones; returns their paths.
+/// The start of a simulated device's directory's name in the temp dir (its agent's config with
+/// its password, its state), named for its owner like a NATS server's.
+pub fn simulated_dir_prefix(pid: u32) -> String {
+    format!(
+        "devicelab-sim-{pid}-{}-",
+        process_start_time(pid).unwrap_or(0)
+    )
+}
+
+/// Removes the NATS directories (configuration with the password, JetStream store) and the
+/// simulated devices' directories of owners that are gone, except kept ones; returns their
+/// paths.
 pub fn reap_nats_dirs(temp_dir: &Path) -> Vec<std::path::PathBuf> {
     reap_nats_dirs_of(temp_dir, false)
 }
@@ -62,7 +72,10 @@ fn reap_nats_dirs_of(temp_dir: &Path, kept_too: bool) -> Vec<std::path::PathBuf>
     let mut removed = Vec::new();
     for entry in std::fs::read_dir(temp_dir).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("devicelab-nats-") else {
+        let Some(rest) = name
+            .strip_prefix("devicelab-nats-")
+            .or_else(|| name.strip_prefix("devicelab-sim-"))
+        else {
             continue;
         };
         let mut f = rest.splitn(3, '-');

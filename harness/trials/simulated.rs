@@ -139,7 +139,10 @@ impl SimulatedDevice {
             .map_err(crate::agent::onboard::OnboardError::from)?;
         let control_plane = ControlPlane::for_device(&nats, agent, &values).await?;
         let dir = tempfile::Builder::new()
-            .prefix(&format!("devicelab-sim-{device_id}-"))
+            .prefix(&format!(
+                "{}{device_id}-",
+                crate::host::reaper::simulated_dir_prefix(std::process::id())
+            ))
             .tempdir()
             .map_err(|e| ScenarioError::Check(format!("no directory for {device_id}: {e}")))?;
         let device = Self {
