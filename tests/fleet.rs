@@ -88,6 +88,12 @@ async fn a_failing_device_names_itself_and_keeps_its_evidence_while_the_rest_are
     let fleet = simulated_fleet(3).await;
     let all = fleet.group(Select::All);
     let stuck = all.first(1).named("stuck");
+    // A fault of a VM asked of a simulated device names it and the fix.
+    let err = fleet.unplug_network(&stuck).await.unwrap_err().to_string();
+    assert!(
+        err.contains("acts on real devices only") && err.contains(fleet.members[0].device_id()),
+        "{err}"
+    );
     fleet.freeze(&stuck).await.unwrap();
     assert_eq!(fleet.desire(&all, 1, "x").await, 3);
     let converged = fleet.converged(&all, 1, Duration::from_secs(5)).await;

@@ -92,7 +92,7 @@ impl Member {
         match &self.device {
             Device::Real(d) => Ok(d),
             Device::Simulated(d) => Err(ScenarioError::Check(format!(
-                "{fault} is a fault of a real device; {} is simulated (a host process): select \
+                "`{fault}` acts on real devices only; {} is simulated (a host process): select \
                  the real devices for it (Select::Real)",
                 d.device_id
             ))),
@@ -651,69 +651,65 @@ impl Fleet {
         .await
     }
 
-    /// Unplugs every real device's cable ([`crate::Vm::unplug_network`]).
-    pub async fn unplug_network(&self, group: &Group) -> Result<(), ScenarioError> {
-        self.on_group(group, "unplugged", async |m| {
-            Ok(m.real("unplugging the cable")?.vm.unplug_network().await?)
+    /// Runs `fault` on the VM of every device of `group` at once (real devices only).
+    async fn on_real<F>(&self, group: &Group, column: &str, fault: F) -> Result<(), ScenarioError>
+    where
+        F: AsyncFn(&crate::vm::Vm) -> Result<(), crate::vm::VmError>,
+    {
+        self.on_group(group, column, async |m| {
+            Ok(fault(&m.real(column)?.vm).await?)
         })
         .await
+    }
+
+    /// Unplugs every real device's cable ([`crate::Vm::unplug_network`]).
+    pub async fn unplug_network(&self, group: &Group) -> Result<(), ScenarioError> {
+        self.on_real(group, "unplugged", async |vm| vm.unplug_network().await)
+            .await
     }
 
     /// Plugs every real device's cable back in.
     pub async fn plug_network(&self, group: &Group) -> Result<(), ScenarioError> {
-        self.on_group(group, "plugged", async |m| {
-            Ok(m.real("plugging the cable")?.vm.plug_network().await?)
-        })
-        .await
+        self.on_real(group, "plugged", async |vm| vm.plug_network().await)
+            .await
     }
 
     /// Degrades every real device's link ([`crate::Vm::degrade_link`]).
     pub async fn degrade_link(&self, group: &Group, link: BadLink) -> Result<(), ScenarioError> {
-        self.on_group(group, "bad link", async |m| {
-            Ok(m.real("a bad link")?.vm.degrade_link(link).await?)
-        })
-        .await
+        self.on_real(group, "bad link", async |vm| vm.degrade_link(link).await)
+            .await
     }
 
     /// Restores every real device's link.
     pub async fn restore_link(&self, group: &Group) -> Result<(), ScenarioError> {
-        self.on_group(group, "link restored", async |m| {
-            Ok(m.real("restoring the link")?.vm.restore_link().await?)
-        })
-        .await
+        self.on_real(group, "link restored", async |vm| vm.restore_link().await)
+            .await
     }
 
     /// Sets every real device's clock to `to` ([`crate::Vm::set_clock`]).
     pub async fn set_clock(&self, group: &Group, to: SystemTime) -> Result<(), ScenarioError> {
-        self.on_group(group, "clock set", async |m| {
-            Ok(m.real("setting the clock")?.vm.set_clock(to).await?)
-        })
-        .await
+        self.on_real(group, "clock set", async |vm| vm.set_clock(to).await)
+            .await
     }
 
     /// Puts every real device's clock right again.
     pub async fn restore_clock(&self, group: &Group) -> Result<(), ScenarioError> {
-        self.on_group(group, "clock restored", async |m| {
-            Ok(m.real("restoring the clock")?.vm.restore_clock().await?)
-        })
-        .await
+        self.on_real(group, "clock restored", async |vm| vm.restore_clock().await)
+            .await
     }
 
     /// Fills every real device's disk, leaving `leave` bytes ([`crate::Vm::fill_disk`]).
     pub async fn fill_disk(&self, group: &Group, leave: u64) -> Result<(), ScenarioError> {
-        self.on_group(group, "disk full", async |m| {
-            m.real("a full disk")?.vm.fill_disk(leave).await?;
-            Ok(())
+        self.on_real(group, "disk full", async |vm| {
+            vm.fill_disk(leave).await.map(drop)
         })
         .await
     }
 
     /// Frees what [`Self::fill_disk`] took.
     pub async fn free_disk(&self, group: &Group) -> Result<(), ScenarioError> {
-        self.on_group(group, "disk freed", async |m| {
-            Ok(m.real("freeing the disk")?.vm.free_disk().await?)
-        })
-        .await
+        self.on_real(group, "disk freed", async |vm| vm.free_disk().await)
+            .await
     }
 
     /// A site outage: every device of `group` loses power at once. The VMs are paused
