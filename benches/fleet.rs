@@ -3,19 +3,24 @@
 //!
 //!     cargo bench --bench fleet                                  # 500 devices, 60 s
 //!     BENCH_DEVICES=100 BENCH_SECONDS=20 cargo bench --bench fleet
+//!     BENCH_REAL=3 BENCH_DEVICES=20 cargo bench --bench fleet     # with 3 real devices
 //!
 //! Starts a NATS server on 127.0.0.1 (DEVICELAB_NATS says how) and `BENCH_DEVICES` simulated
 //! devices of the reference agent (each its own host process, its own NATS user and its own
 //! link), reporting every second. Once all report, it measures `BENCH_SECONDS`: the reports
 //! stored (against one per device per second), each device's delivery verdict (every report
 //! once, in order), and the host CPU time and resident memory of the agents' processes, per
-//! device, and of the NATS server in process mode. Says how busy the host was.
+//! device, and of the NATS server in process mode. With `BENCH_REAL` real devices (VMs of
+//! x86_64, or ARCH's) in the fleet, it then cuts their power at once and prints the spread
+//! (first to last stop, and first to last `destroy`) and their recovery. Says how busy the
+//! host was.
 
 use devicelab::config::HarnessConfig;
 use devicelab::nats::NatsServer;
 use devicelab::trials::fleet::Device;
 use devicelab::trials::simulated::{reference_binary, reference_simulator};
 use devicelab::trials::{Fleet, Select};
+use devicelab::{Lab, VmArchitecture};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,20 +94,30 @@ async fn main() {
     let binary = reference_binary(&config)
         .await
         .expect("the reference agent builds");
+    // BENCH_REAL real devices (x86_64, or ARCH's) join the fleet: the server then listens on
+    // the lab's network, where they reach it.
+    let real = var("BENCH_REAL", 0) as usize;
+    let lab = if real > 0 {
+        Some(Lab::from_env().await.expect("a lab for the real devices"))
+    } else {
+        None
+    };
+    let address = match &lab {
+        Some(lab) => lab.gateway().await.expect("the lab's network"),
+        None => std::net::Ipv4Addr::LOCALHOST,
+    };
     let nats = Arc::new(
-        NatsServer::start(
-            &config,
-            std::net::Ipv4Addr::LOCALHOST,
-            &devicelab::lab::run_owner(),
-        )
-        .await
-        .expect("a NATS server"),
+        NatsServer::start(&config, address, &devicelab::lab::run_owner())
+            .await
+            .expect("a NATS server"),
     );
+    let arch = config.arch_filter.unwrap_or(VmArchitecture::X86_64);
     let started = Instant::now();
     let fleet = Fleet::of(&devicelab::reference::agent())
+        .real(real, arch, "real")
         .simulated(devices, "bench")
         .simulated_by(reference_simulator(binary, 1_000))
-        .start_on(None, nats.clone())
+        .start_on(lab.as_deref(), nats.clone())
         .await
         .expect("the fleet starts");
     let all = fleet.group(Select::All);
@@ -122,15 +137,19 @@ async fn main() {
     let delivered = fleet.delivered(&marks, 1, budget).await;
     let n = devices as f64;
     let stored = to - from;
-    println!("fleet benchmark: {devices} simulated devices, 1 report/s each, {seconds} s measured");
+    println!(
+        "fleet benchmark: {devices} simulated devices and {real} real ones, 1 report/s each \
+         (the real ones: every 2 s), {seconds} s measured"
+    );
     println!("| figure | value |\n| --- | --- |");
     println!(
         "| started and all reporting | {:.1} s ({reporting}) |",
         ready.as_secs_f64()
     );
     println!(
-        "| reports stored in the window | {stored} (expected ~{:.0}: {devices} × {measured:.1} s) |",
-        n * measured
+        "| reports stored in the window | {stored} (expected ~{:.0}: {devices} × {measured:.1} s, \
+         + {real} × {measured:.1} s / 2) |",
+        n * measured + real as f64 * measured / 2.0
     );
     println!("| delivery: once, in order, per device | {delivered} |");
     println!(
@@ -150,7 +169,18 @@ async fn main() {
         "| load average (1/5/15 min) before / after | {load_before} / {} |",
         load()
     );
-    if delivered.passed != devices || reporting.passed != devices {
+    if real > 0 {
+        let group = fleet.group(Select::Real);
+        let cut = fleet.power_cut(&group).await.expect("a group power cut");
+        println!(
+            "| group power cut of {real} real devices: first to last stop / destroy | {} ms / {} ms |",
+            cut.spread.as_millis(),
+            cut.destroy_spread.unwrap_or_default().as_millis()
+        );
+        let recovered = fleet.power_on(&cut).await;
+        println!("| their recovery (power-on to a report from the new boot) | {recovered} |");
+    }
+    if delivered.passed != fleet.members.len() || reporting.passed != fleet.members.len() {
         eprintln!("{}", fleet.table());
         fleet.verdict().expect("every device passes");
     }
