@@ -356,10 +356,6 @@ async fn clean(config: &HarnessConfig, warm: bool) -> Result {
     };
     println!("removed VMs: {}", list(&reaped.vms));
     println!("removed NATS containers: {}", list(&reaped.containers));
-    println!(
-        "removed partition rules of: {}",
-        list(&reaped.partition_rules)
-    );
     if warm {
         let removed =
             tokio::task::spawn_blocking(move || devicelab::vm::warm::remove_unused(&warm_dir))

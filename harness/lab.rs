@@ -270,11 +270,9 @@ impl Lab {
             let reaped = reaper::reap(&libvirt, &pool, &dirs, &config2.podman);
             if reaped != reaper::Reaped::default() {
                 tracing::warn!(
-                    "reaped leftovers of dead runs: VMs {:?}, containers {:?}, partition rules \
-                     of {:?}",
+                    "reaped leftovers of dead runs: VMs {:?}, containers {:?}",
                     reaped.vms,
-                    reaped.containers,
-                    reaped.partition_rules
+                    reaped.containers
                 );
             }
             Ok((libvirt, pool))

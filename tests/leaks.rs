@@ -663,88 +663,68 @@ async fn a_kept_warm_clone_survives_the_next_warm_start() {
     assert!(errors.is_empty(), "{errors:?}");
 }
 
-/// A partition's rules are gone once it is healed, once its VM is torn down, once a killed
-/// run's leftovers are reaped, and once the next reaper finds rules no VM accounts for; each
-/// removal checks the rules really went, and the reaper leaves a live run's partition alone.
-/// (The rules are for an address of TEST-NET-1: no traffic is ever sent to it.)
+/// A partition is a network filter on the VM's own interface: in place once partitioned, in
+/// the domain's definition too (so it outlasts a power cycle, as a network's partition does),
+/// gone once healed, and gone with the VM: libvirt leaves no binding of it on the host once
+/// the VM is removed, so no run, killed or not, leaves a partition behind.
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
-#[cfg_attr(
-    not(feature = "e2e"),
-    ignore = "changes the host's iptables: run with --features e2e"
-)]
-async fn partition_rules_go_with_heal_teardown_and_reaping() {
-    use devicelab::host::firewall;
-    use devicelab::host::reaper::OwnerRecord;
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn a_partition_goes_with_heal_and_with_its_vm() {
+    use devicelab::host::libvirt::PARTITION_FILTER;
     let lab = Lab::from_env().await.unwrap();
-    let ip = std::net::Ipv4Addr::new(192, 0, 2, 77);
-    let rules = |vm: &str| firewall::rules_of(vm).unwrap();
-    // A VM of this test has a run dir whose owner record names this process (a live run, so
-    // the reapers of the runs going on meanwhile leave its rules alone) or `pid`; whatever a
-    // failed assertion leaves, the next run's reaper removes (this process is gone by then).
-    // Its rules are tagged with `domain`'s name (a warm clone's domain is its saved VM's).
-    let vm_of = |what: &str, domain: Option<&str>, pid: Option<u32>| {
-        let name = unique(what);
-        let mut owner = OwnerRecord::current(what, domain.unwrap_or(&name));
-        owner.pid = pid.unwrap_or(owner.pid);
-        std::fs::create_dir_all(run_dir(&name)).unwrap();
-        owner.write(&run_dir(&name)).unwrap();
-        name
+    let arch = lab.config.arch_filter.unwrap_or(VmArchitecture::X86_64);
+    let vm = lab
+        .vm(VirtualMachineSpec::new(lab.vm_name("part", arch), arch).with_start(Start::Warm))
+        .await
+        .unwrap();
+    // The domain's name (a warm clone's domain has its saved VM's).
+    let name = vm.name().to_owned();
+    let virsh = |args: &[&str]| {
+        let out = Command::new("virsh")
+            .args(["-q", "-c", &lab.config.libvirt_uri])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "virsh {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let vm = |what: &str, pid: Option<u32>| vm_of(what, None, pid);
+    // The VM's port on the host, and whether a binding of the partition's filter is on it.
+    let port = virsh(&["domiflist", &name])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let bound = |port: &str| {
+        virsh(&["nwfilter-binding-list"])
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == [port, PARTITION_FILTER])
+    };
+    assert!(!bound(&port) && !vm.is_partitioned().await.unwrap());
 
-    let healed = vm("fwheal", None);
-    firewall::block(&healed, ip).unwrap();
-    let (blocked, is_blocked) = (rules(&healed), firewall::is_blocked(&healed));
-    let removed = firewall::unblock(&healed).unwrap();
-    let after_heal = rules(&healed);
-    std::fs::remove_dir_all(run_dir(&healed)).unwrap();
-    assert_eq!(blocked.len(), 4, "INPUT, OUTPUT and FORWARD both ways");
-    assert!(is_blocked && removed == 4, "{removed} removed");
-    assert!(after_heal.is_empty(), "heal removed them: {after_heal:?}");
-
-    let torn_down = vm("fwdown", None);
-    firewall::block(&torn_down, ip).unwrap();
-    let errors = devicelab::host::reaper::remove_vm(&lab.libvirt, &lab.pool, &torn_down);
-    std::fs::remove_dir_all(run_dir(&torn_down)).unwrap();
-    assert!(errors.is_empty(), "{errors:?}");
+    vm.partition().await.unwrap();
+    vm.partition().await.unwrap(); // idempotent
+    assert!(vm.is_partitioned().await.unwrap() && bound(&port));
+    let defined = virsh(&["dumpxml", "--inactive", &name]);
     assert!(
-        rules(&torn_down).is_empty(),
-        "the VM's teardown removed them"
+        defined.contains(PARTITION_FILTER),
+        "not in the definition: {defined}"
     );
+    // A power cycle keeps it: the domain starts with the filter on its new port.
+    vm.power_off().await.unwrap();
+    assert!(!bound(&port), "a stopped domain keeps no binding");
+    vm.power_on().await.unwrap();
+    let port = virsh(&["domiflist", &name])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(vm.is_partitioned().await.unwrap() && bound(&port));
 
-    // A killed run: its owner record names a pid that is gone.
-    let gone = Command::new("true").spawn().unwrap();
-    let pid = gone.id();
-    drop(gone.wait_with_output());
-    let killed = vm("fwkill", Some(pid));
-    firewall::block(&killed, ip).unwrap();
-    // Rules no VM accounts for (a kept VM removed by hand: its domain and run dir are gone).
-    let orphaned = unique("fworphan");
-    firewall::block(&orphaned, ip).unwrap();
-    // A live run's VM whose domain has another name than its run dir, as a warm clone's.
-    let live_domain = unique("fwlivedomain");
-    let live = vm_of("fwlive", Some(&live_domain), None);
-    firewall::block(&live_domain, ip).unwrap();
-    // What the next run's `Lab` runs first. (What it lists as removed is not asserted: the
-    // reaper of any other run starting meanwhile may have removed the same leftovers first.)
-    let reaped = tokio::task::block_in_place(|| {
-        let _setup = devicelab::lab::pool_setup_lock(&lab.config).unwrap();
-        let dirs = devicelab::host::reaper::DataDirs::of(&lab.config);
-        devicelab::host::reaper::reap(&lab.libvirt, &lab.pool, &dirs, &lab.config.podman)
-    });
-    eprintln!("reaped: {reaped:?}");
-    let left = [rules(&killed), rules(&orphaned)].concat();
-    let live_left = rules(&live_domain).len();
-    let dir_reaped = !run_dir(&killed).exists();
-    for vm in [&killed, &orphaned, &live_domain] {
-        let _ = firewall::unblock(vm);
-    }
-    let _ = std::fs::remove_dir_all(run_dir(&killed));
-    let _ = std::fs::remove_dir_all(run_dir(&live));
-    assert!(
-        left.is_empty(),
-        "the next run's reaper removed them: {left:?}"
-    );
-    assert!(dir_reaped, "and the killed run's dir");
-    assert_eq!(live_left, 4, "the live run's partition stays");
+    vm.heal().await.unwrap();
+    assert!(!vm.is_partitioned().await.unwrap() && !bound(&port));
+    assert!(!virsh(&["dumpxml", "--inactive", &name]).contains(PARTITION_FILTER));
+
+    vm.partition().await.unwrap();
+    vm.remove().await.unwrap();
+    assert!(!bound(&port), "the VM's removal took its partition with it");
 }

@@ -77,6 +77,14 @@ pub enum LibvirtError {
     },
 }
 
+/// The network filter that partitions a VM ([`Live::set_partitioned`]): every frame to and
+/// from its interface dropped on the host (no reset, no ICMP: TCP keeps waiting).
+pub const PARTITION_FILTER: &str = "devicelab-partition";
+
+const PARTITION_FILTER_XML: &str = r#"<filter name='devicelab-partition' chain='root'>
+  <rule action='drop' direction='inout' priority='-1000'/>
+</filter>"#;
+
 /// A libvirt connection that survives a libvirtd restart: a dead connection is reopened on
 /// the next call. Domains and pools are looked up by name per call, never held across calls,
 /// since handles from a dead connection stay dead.
@@ -537,6 +545,93 @@ impl Libvirt {
         );
         dom.update_device_flags(&changed, sys::VIR_DOMAIN_AFFECT_LIVE)
             .map_err(call_err("change the link state of", name))
+    }
+
+    /// Cuts the domain's interface off (`on`) or lets it through again: the network filter
+    /// [`PARTITION_FILTER`] referenced from the interface, live and in the domain's
+    /// definition, so the partition lasts across the device's power cycles, as a network's
+    /// does, and goes with the domain (libvirt removes an interface's filters with it: nothing
+    /// is left on the host by a run that dies). Idempotent.
+    pub fn set_partitioned(&self, dom: &Domain, name: &str, on: bool) -> Result<(), LibvirtError> {
+        if on {
+            self.define_partition_filter()?;
+        }
+        let persistent = dom.is_persistent().map_err(call_err("read domain", name))?;
+        let inactive = (
+            sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE,
+            sys::VIR_DOMAIN_AFFECT_CONFIG,
+        );
+        let live = (0, sys::VIR_DOMAIN_AFFECT_LIVE);
+        for (read, affect) in std::iter::once(live).chain(persistent.then_some(inactive)) {
+            let xml = dom.xml_desc(read).map_err(call_err("read domain", name))?;
+            let iface = element_text(&xml, "interface").ok_or_else(|| LibvirtError::Call {
+                action: "find the network interface of",
+                object: name.to_owned(),
+                message: "no <interface> in its XML".into(),
+            })?;
+            let without = remove_element(&iface, "filterref");
+            let changed = if on {
+                let at = without.rfind("</interface>").unwrap_or(without.len());
+                format!(
+                    "{}<filterref filter='{PARTITION_FILTER}'/>\n{}",
+                    &without[..at],
+                    &without[at..]
+                )
+            } else {
+                without
+            };
+            dom.update_device_flags(&changed, affect)
+                .map_err(call_err("change the network filter of", name))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the domain's running interface references [`PARTITION_FILTER`].
+    pub fn is_partitioned(&self, dom: &Domain, name: &str) -> Result<bool, LibvirtError> {
+        let xml = dom.xml_desc(0).map_err(call_err("read domain", name))?;
+        Ok(element_text(&xml, "filterref").is_some_and(|f| {
+            [
+                format!("'{PARTITION_FILTER}'"),
+                format!("\"{PARTITION_FILTER}\""),
+            ]
+            .iter()
+            .any(|quoted| f.contains(quoted.as_str()))
+        }))
+    }
+
+    /// Defines [`PARTITION_FILTER`] on this host unless it is there (one definition serves
+    /// every VM; it is the host's, like the storage pool).
+    fn define_partition_filter(&self) -> Result<(), LibvirtError> {
+        let live = self.conn()?;
+        let defined = live
+            .conn
+            .list_nw_filters()
+            .map_err(call_err("list the network filters of", "this host"))?;
+        if defined.iter().any(|f| f == PARTITION_FILTER) {
+            return Ok(());
+        }
+        let xml = std::ffi::CString::new(PARTITION_FILTER_XML).expect("no NUL in the filter");
+        // SAFETY: a valid connection and a NUL-terminated string; the returned filter is owned
+        // here and freed by NWFilter's drop.
+        let filter = unsafe { sys::virNWFilterDefineXML(live.conn.as_ptr(), xml.as_ptr()) };
+        if filter.is_null() {
+            // Another process may have defined it meanwhile: that is what was wanted.
+            let now = live
+                .conn
+                .list_nw_filters()
+                .map_err(call_err("list the network filters of", "this host"))?;
+            if now.iter().any(|f| f == PARTITION_FILTER) {
+                return Ok(());
+            }
+            return Err(LibvirtError::Call {
+                action: "define the network filter",
+                object: PARTITION_FILTER.to_owned(),
+                message: virt::error::Error::last_error().to_string(),
+            });
+        }
+        // SAFETY: a non-null filter libvirt returned, owned from here on.
+        drop(unsafe { virt::nwfilter::NWFilter::from_ptr(filter) });
+        Ok(())
     }
 
     /// Pauses the whole domain (vCPUs stop; its clock stops with them) or resumes it.

@@ -221,11 +221,7 @@ pub fn remove_looked_up(
         Ok(dom) => dom,
         Err(e) => return vec![e],
     };
-    // A partition (`Vm::partition`) outlives nothing: its rules go with the VM, before its
-    // domain, so a reaper that finds rules without a domain never races this teardown.
-    if let Err(e) = crate::host::firewall::unblock(name) {
-        errors.push(e.to_string());
-    }
+    // A partition (`Vm::partition`) is a filter on the domain's interface: it goes with it.
     if let Some(dom) = dom
         && let Err(e) = libvirt.remove_domain(&dom, name)
     {
@@ -244,8 +240,6 @@ pub fn remove_looked_up(
 pub struct Reaped {
     pub vms: Vec<String>,
     pub containers: Vec<String>,
-    /// VMs whose partition rules were left with no VM to account for them.
-    pub partition_rules: Vec<String>,
 }
 
 /// Cleans up after runs whose process is gone: VMs recorded under `runs_dir`, and containers
@@ -315,54 +309,8 @@ fn reap_runs(
             let _ = lock::try_lock(&entry.path(), "reaper", Removal::OnRelease);
         }
     }
-    reaped.partition_rules = reap_partition_rules(libvirt, &dirs.runs);
     reaped.containers = reap_containers(podman, kept_too);
     reap_nats_dirs_of(&std::env::temp_dir(), kept_too);
-    reaped
-}
-
-/// Partition rules that no VM accounts for: no domain of that name, no run dir that names it,
-/// and no run holding its name's claim. A VM removed by hand (a kept VM deleted with `virsh`
-/// and `rm`) or rules added outside a run leave them. A live or kept VM has its domain until
-/// its teardown has removed its rules (`remove_vm` removes them first), so a run on another
-/// data dir (whose run dirs this reaper does not see) keeps its partition. Returns the VMs
-/// whose rules it removed.
-fn reap_partition_rules(libvirt: &Libvirt, runs_dir: &Path) -> Vec<String> {
-    let vms = match crate::host::firewall::partitioned_vms() {
-        Ok(vms) => vms,
-        Err(e) => {
-            tracing::warn!("cannot list partition rules: {e}");
-            return Vec::new();
-        }
-    };
-    let mut reaped = Vec::new();
-    let claims = runs_dir.join(CLAIMS);
-    if let Err(e) = lock::private_dir(&claims) {
-        tracing::warn!("cannot make {}: {e}", claims.display());
-        return reaped;
-    }
-    for vm in vms {
-        // A tag is any text after `devicelab:` in a rule: only a VM's name is a file name here.
-        if crate::model::spec::VirtualMachineSpec::check_name(&vm).is_err() {
-            continue;
-        }
-        // The claim first: a run that claims the name after this finds no rules of its own.
-        let claim = claims.join(format!("{vm}.lock"));
-        let Ok(Some(_claim)) = lock::try_lock(&claim, "reaper", Removal::OnRelease) else {
-            continue;
-        };
-        if run_dir_of(runs_dir, &vm).is_some() || libvirt.has_domain(&vm).unwrap_or(true) {
-            continue;
-        }
-        match crate::host::firewall::unblock(&vm) {
-            Ok(0) => {}
-            Ok(_) => {
-                tracing::warn!("removed the partition rules of VM {vm} (no VM of that name)");
-                reaped.push(vm);
-            }
-            Err(e) => tracing::warn!("could not remove the partition rules of VM {vm}: {e}"),
-        }
-    }
     reaped
 }
 

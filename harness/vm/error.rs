@@ -4,7 +4,6 @@
 
 use super::seed::SeedError;
 use super::teardown::TeardownError;
-use crate::host::firewall::FirewallError;
 use crate::host::libvirt::LibvirtError;
 use crate::host::pool::PoolError;
 use crate::host::slots::SlotError;
@@ -238,9 +237,6 @@ pub enum VmError {
     /// No VM slot came free in time (or its lock could not be used).
     #[error(transparent)]
     Slot(#[from] SlotError),
-    /// iptables could not partition or heal the VM (it needs iptables and root).
-    #[error(transparent)]
-    Firewall(#[from] FirewallError),
     /// A warm start failed.
     #[error(transparent)]
     Warm(#[from] WarmError),

@@ -1,12 +1,12 @@
 //! The faults a field device meets, on demand: verbs on a [`Vm`], each undone by its
 //! counterpart and at the latest when the handle goes (the domain, and with it every guest-side
-//! change, is destroyed; the host-side firewall rules are removed by the teardown and by the
-//! reaper). Each is logged with the time it took effect ([`Vm::fault_log`]).
+//! change, is destroyed; a partition's network filter goes with the domain's interface). Each
+//! is logged with the time it took effect ([`Vm::fault_log`]).
 //!
 //! | verb | where it acts |
 //! | --- | --- |
 //! | `unplug_network` / `plug_network` | libvirt: the interface's link state (the guest sees carrier loss) |
-//! | `partition` / `heal` | the host's side of the libvirt network: iptables drops the guest's packets |
+//! | `partition` / `heal` | libvirt: a network filter on the interface drops every frame, both ways |
 //! | `degrade_link` / `restore_link` | the guest: `tc netem` on its egress (this host's kernel has no netem) |
 //! | `freeze` / `thaw` | libvirt: the domain is suspended and resumed |
 //! | `set_clock` / `restore_clock` | the guest's clock (`date`) and its RTC for later boots (libvirt `<clock>`) |
@@ -14,7 +14,6 @@
 
 use super::error::VmError;
 use super::handle::Vm;
-use crate::host::firewall;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How the guest reads its clock: seconds since the epoch, with nanoseconds (GNU date).
@@ -119,26 +118,32 @@ impl Vm {
     /// silently dropped while the link stays up: no reset, no ICMP, TCP keeps waiting.
     /// Commands over SSH wait until [`Vm::heal`].
     pub async fn partition(&self) -> Result<(), VmError> {
-        let ip = self.ip().ok_or_else(|| VmError::NoAddress {
-            vm: self.name().to_owned(),
-        })?;
         self.session.lock().await.take();
-        let name = self.name().to_owned();
-        tokio::task::spawn_blocking(move || firewall::block(&name, ip))
-            .await
-            .map_err(|e| VmError::Task(e.to_string()))??;
-        self.log_fault(format!("partitioned ({ip}'s packets dropped on the host)"));
+        self.libvirt_call(|lv, dom, name| lv.set_partitioned(dom, name, true))
+            .await?;
+        self.log_fault(format!(
+            "partitioned (the network filter {} on its interface)",
+            crate::host::libvirt::PARTITION_FILTER
+        ));
         Ok(())
     }
 
     /// Ends a partition.
     pub async fn heal(&self) -> Result<(), VmError> {
-        let name = self.name().to_owned();
-        tokio::task::spawn_blocking(move || firewall::unblock(&name))
-            .await
-            .map_err(|e| VmError::Task(e.to_string()))??;
-        self.log_fault("healed (partition rules removed)".into());
+        self.libvirt_call(|lv, dom, name| lv.set_partitioned(dom, name, false))
+            .await?;
+        self.log_fault("healed (the network filter removed)".into());
         Ok(())
+    }
+
+    /// Whether the VM is partitioned now ([`Vm::partition`]), as libvirt says.
+    pub async fn is_partitioned(&self) -> Result<bool, VmError> {
+        let name = self.name().to_owned();
+        Ok(self
+            .owned
+            .libvirt
+            .run(move |lv| lv.is_partitioned(&lv.domain(&name)?, &name))
+            .await?)
     }
 
     /// The device's link turns bad: `link`'s latency, jitter, loss and rate on everything it
