@@ -179,6 +179,10 @@ async fn main() {
         );
         let recovered = fleet.power_on(&cut).await;
         println!("| their recovery (power-on to a report from the new boot) | {recovered} |");
+        if recovered.passed != recovered.judged {
+            eprintln!("{}", fleet.table());
+            fleet.verdict().expect("every real device recovers");
+        }
     }
     if delivered.passed != fleet.members.len() || reporting.passed != fleet.members.len() {
         eprintln!("{}", fleet.table());

@@ -91,7 +91,9 @@ async fn a_failing_device_names_itself_and_keeps_its_evidence_while_the_rest_are
     // A fault of a VM asked of a simulated device names it and the fix.
     let err = fleet.unplug_network(&stuck).await.unwrap_err().to_string();
     assert!(
-        err.contains("acts on real devices only") && err.contains(fleet.members[0].device_id()),
+        err.contains("acts on real devices only")
+            && err.contains(fleet.members[0].device_id())
+            && err.contains("Select::Real"),
         "{err}"
     );
     fleet.freeze(&stuck).await.unwrap();

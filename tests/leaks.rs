@@ -665,14 +665,15 @@ async fn a_kept_warm_clone_survives_the_next_warm_start() {
 
 /// A partition is a network filter on the VM's own interface: in place once partitioned, in
 /// the domain's definition too (so it outlasts a power cycle, as a network's partition does),
-/// gone once healed, and gone with the VM: libvirt leaves no binding of it on the host once
-/// the VM is removed, so no run, killed or not, leaves a partition behind.
+/// healed even while the device is off, and gone with the VM: libvirt leaves no binding of it
+/// on the host once the VM's domain is removed (by its teardown, or by the reaper of a killed
+/// run, which removes the same way).
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
 async fn a_partition_goes_with_heal_and_with_its_vm() {
     use devicelab::host::libvirt::PARTITION_FILTER;
     let lab = Lab::from_env().await.unwrap();
-    let arch = lab.config.arch_filter.unwrap_or(VmArchitecture::X86_64);
+    let arch = arch();
     let vm = lab
         .vm(VirtualMachineSpec::new(lab.vm_name("part", arch), arch).with_start(Start::Warm))
         .await
@@ -723,6 +724,13 @@ async fn a_partition_goes_with_heal_and_with_its_vm() {
     vm.heal().await.unwrap();
     assert!(!vm.is_partitioned().await.unwrap() && !bound(&port));
     assert!(!virsh(&["dumpxml", "--inactive", &name]).contains(PARTITION_FILTER));
+
+    // Partitioned, then healed while off: it comes back on whole.
+    vm.partition().await.unwrap();
+    vm.power_off().await.unwrap();
+    vm.heal().await.unwrap();
+    vm.power_on().await.unwrap();
+    assert!(!vm.is_partitioned().await.unwrap());
 
     vm.partition().await.unwrap();
     vm.remove().await.unwrap();

@@ -548,21 +548,27 @@ impl Libvirt {
     }
 
     /// Cuts the domain's interface off (`on`) or lets it through again: the network filter
-    /// [`PARTITION_FILTER`] referenced from the interface, live and in the domain's
-    /// definition, so the partition lasts across the device's power cycles, as a network's
-    /// does, and goes with the domain (libvirt removes an interface's filters with it: nothing
-    /// is left on the host by a run that dies). Idempotent.
+    /// [`PARTITION_FILTER`] referenced from the interface, in the domain's definition and, while
+    /// it runs, live; so the partition lasts across the device's power cycles, as a network's
+    /// does, can be healed while the device is off, and goes with the domain (libvirt removes
+    /// an interface's filters with it: nothing is left on the host by a run that dies).
+    /// Idempotent. Needs libvirt's nwfilter driver (ebtables where libvirtd runs).
     pub fn set_partitioned(&self, dom: &Domain, name: &str, on: bool) -> Result<(), LibvirtError> {
         if on {
             self.define_partition_filter()?;
         }
+        let running = dom.is_active().map_err(call_err("read domain", name))?;
         let persistent = dom.is_persistent().map_err(call_err("read domain", name))?;
-        let inactive = (
+        let live = (0, sys::VIR_DOMAIN_AFFECT_LIVE);
+        let defined = (
             sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE,
             sys::VIR_DOMAIN_AFFECT_CONFIG,
         );
-        let live = (0, sys::VIR_DOMAIN_AFFECT_LIVE);
-        for (read, affect) in std::iter::once(live).chain(persistent.then_some(inactive)) {
+        let changes = running
+            .then_some(live)
+            .into_iter()
+            .chain(persistent.then_some(defined));
+        for (read, affect) in changes {
             let xml = dom.xml_desc(read).map_err(call_err("read domain", name))?;
             let iface = element_text(&xml, "interface").ok_or_else(|| LibvirtError::Call {
                 action: "find the network interface of",
@@ -586,7 +592,8 @@ impl Libvirt {
         Ok(())
     }
 
-    /// Whether the domain's running interface references [`PARTITION_FILTER`].
+    /// Whether the domain's interface references [`PARTITION_FILTER`] (live while it runs,
+    /// else in its definition).
     pub fn is_partitioned(&self, dom: &Domain, name: &str) -> Result<bool, LibvirtError> {
         let xml = dom.xml_desc(0).map_err(call_err("read domain", name))?;
         Ok(element_text(&xml, "filterref").is_some_and(|f| {
@@ -603,35 +610,34 @@ impl Libvirt {
     /// every VM; it is the host's, like the storage pool).
     fn define_partition_filter(&self) -> Result<(), LibvirtError> {
         let live = self.conn()?;
-        let defined = live
-            .conn
-            .list_nw_filters()
-            .map_err(call_err("list the network filters of", "this host"))?;
+        let no_driver = |e: virt::error::Error| LibvirtError::Call {
+            action: "use the network filters of",
+            object: "this host".into(),
+            message: format!(
+                "{e} (a partition needs libvirt's nwfilter driver: install and start \
+                 virtnwfilterd, or a libvirtd built with it, and ebtables)"
+            ),
+        };
+        let defined = live.conn.list_nw_filters().map_err(no_driver)?;
         if defined.iter().any(|f| f == PARTITION_FILTER) {
             return Ok(());
         }
-        let xml = std::ffi::CString::new(PARTITION_FILTER_XML).expect("no NUL in the filter");
-        // SAFETY: a valid connection and a NUL-terminated string; the returned filter is owned
-        // here and freed by NWFilter's drop.
-        let filter = unsafe { sys::virNWFilterDefineXML(live.conn.as_ptr(), xml.as_ptr()) };
-        if filter.is_null() {
-            // Another process may have defined it meanwhile: that is what was wanted.
-            let now = live
-                .conn
-                .list_nw_filters()
-                .map_err(call_err("list the network filters of", "this host"))?;
-            if now.iter().any(|f| f == PARTITION_FILTER) {
-                return Ok(());
+        match live.conn.define_nwfilter_xml(PARTITION_FILTER_XML) {
+            Ok(_filter) => Ok(()),
+            Err(e) => {
+                // Another process may have defined it meanwhile: that is what was wanted.
+                let now = live.conn.list_nw_filters().map_err(no_driver)?;
+                if now.iter().any(|f| f == PARTITION_FILTER) {
+                    Ok(())
+                } else {
+                    Err(LibvirtError::Call {
+                        action: "define the network filter",
+                        object: PARTITION_FILTER.to_owned(),
+                        message: e.to_string(),
+                    })
+                }
             }
-            return Err(LibvirtError::Call {
-                action: "define the network filter",
-                object: PARTITION_FILTER.to_owned(),
-                message: virt::error::Error::last_error().to_string(),
-            });
         }
-        // SAFETY: a non-null filter libvirt returned, owned from here on.
-        drop(unsafe { virt::nwfilter::NWFilter::from_ptr(filter) });
-        Ok(())
     }
 
     /// Pauses the whole domain (vCPUs stop; its clock stops with them) or resumes it.

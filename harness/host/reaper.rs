@@ -90,7 +90,7 @@ fn reap_nats_dirs_of(temp_dir: &Path, kept_too: bool) -> Vec<std::path::PathBuf>
             continue;
         }
         if std::fs::remove_dir_all(&path).is_ok() {
-            tracing::warn!("reaped NATS dir {} (pid {pid} is gone)", path.display());
+            tracing::warn!("reaped {} (pid {pid} is gone)", path.display());
             removed.push(path);
         }
     }
@@ -190,7 +190,8 @@ pub fn volume_names(name: &str) -> [String; 3] {
     ]
 }
 
-/// Removes a VM by name: its partition rules, its domain (NVRAM included) and its volumes.
+/// Removes a VM by name: its domain (NVRAM included; a partition's filter goes with it) and
+/// its volumes.
 /// Absent parts are fine.
 pub fn remove_vm(libvirt: &Libvirt, pool: &Pool, name: &str) -> Vec<String> {
     // Only "no such domain" means there is none.
@@ -534,5 +535,33 @@ mod tests {
         assert!(is_alive(me, start));
         assert!(!is_alive(me, start + 1), "a recycled pid is not the owner");
         assert!(!is_alive(u32::MAX - 1, 0), "no such process");
+    }
+
+    /// A dead owner's NATS and simulated-device dirs go; a live owner's, a kept one and kept
+    /// evidence stay.
+    #[test]
+    fn a_dead_runs_dirs_are_reaped_and_a_live_ones_kept() {
+        let temp = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        let dead = u32::MAX - 1;
+        let dirs = [
+            (format!("{}dev-a-x", simulated_dir_prefix(me)), true),
+            (format!("devicelab-sim-{dead}-5-dev-b-x"), false),
+            (format!("{}x", nats_dir_prefix(me)), true),
+            (format!("devicelab-nats-{dead}-5-x"), false),
+            ("devicelab-sim-evidence-dev-c-1".to_owned(), true),
+        ];
+        for (name, _) in &dirs {
+            std::fs::create_dir(temp.path().join(name)).unwrap();
+        }
+        let kept = format!("devicelab-nats-{dead}-6-kept");
+        std::fs::create_dir(temp.path().join(&kept)).unwrap();
+        std::fs::write(temp.path().join(&kept).join(KEPT_MARK), "").unwrap();
+        let removed = reap_nats_dirs(temp.path());
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        for (name, stays) in &dirs {
+            assert_eq!(temp.path().join(name).exists(), *stays, "{name}");
+        }
+        assert!(temp.path().join(&kept).exists());
     }
 }

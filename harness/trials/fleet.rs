@@ -92,8 +92,8 @@ impl Member {
         match &self.device {
             Device::Real(d) => Ok(d),
             Device::Simulated(d) => Err(ScenarioError::Check(format!(
-                "`{fault}` acts on real devices only; {} is simulated (a host process): select \
-                 the real devices for it (Select::Real)",
+                "this fault ({fault}) acts on real devices only; {} is simulated (a host \
+                 process): select the real devices for it (Select::Real)",
                 d.device_id
             ))),
         }
