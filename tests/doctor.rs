@@ -62,6 +62,7 @@ fn after_setup_everything_is_there() {
     for what in [
         "libvirt",
         "network default",
+        "network filters",
         "data dir",
         "free disk",
         "NATS",

@@ -288,6 +288,21 @@ fn libvirt(config: &HarnessConfig, distro: Distro) -> Vec<Check> {
             ),
         ),
     });
+    out.push(match lv.network_filters() {
+        Ok(n) => Check::ok(
+            "network filters",
+            format!("libvirt's nwfilter driver answers ({n} filters): partitions work"),
+        ),
+        Err(e) => Check::warn(
+            "network filters",
+            format!(
+                "{} (a partition is a libvirt network filter)",
+                first_line(&e.to_string())
+            ),
+            "install and start libvirt's nwfilter driver (virtnwfilterd, or a libvirtd built with \
+             it) and ebtables; only partitions need it",
+        ),
+    });
     out
 }
 

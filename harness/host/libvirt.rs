@@ -606,6 +606,16 @@ impl Libvirt {
         }))
     }
 
+    /// How many network filters libvirt's nwfilter driver lists: an error where the driver is
+    /// missing (a partition needs it).
+    pub fn network_filters(&self) -> Result<usize, LibvirtError> {
+        self.conn()?
+            .conn
+            .list_nw_filters()
+            .map(|f| f.len())
+            .map_err(call_err("list the network filters of", "this host"))
+    }
+
     /// Defines [`PARTITION_FILTER`] on this host unless it is there (one definition serves
     /// every VM; it is the host's, like the storage pool).
     fn define_partition_filter(&self) -> Result<(), LibvirtError> {
