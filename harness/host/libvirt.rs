@@ -77,7 +77,7 @@ pub enum LibvirtError {
     },
 }
 
-/// The network filter that partitions a VM ([`Live::set_partitioned`]): every frame to and
+/// The network filter that partitions a VM ([`Libvirt::set_partitioned`]): every frame to and
 /// from its interface dropped on the host (no reset, no ICMP: TCP keeps waiting).
 pub const PARTITION_FILTER: &str = "devicelab-partition";
 
