@@ -390,17 +390,8 @@ impl Server {
             let ids = self.identities();
             (ids.reload_user(), ids.reload_password.clone())
         };
-        let url = self.guest_url();
-        let logged_in = probe::poll(self.start_budget, || async {
-            async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
-                .connect(&url)
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string())
-        })
-        .await;
-        match logged_in {
-            Ok(()) => Ok(()),
+        match self.log_in(&user, &password).await {
+            Ok(_) => Ok(()),
             Err(last) => Err(failed(format!(
                 "the new configuration was not in force within {:?} ({user} could not log in: {last}){}",
                 self.start_budget,
@@ -451,26 +442,29 @@ impl Server {
 
     async fn connect_when_ready(&mut self) -> Result<async_nats::Client, NatsError> {
         self.check_alive().await?;
-        let url = self.guest_url();
-        let connected = probe::poll(self.start_budget, || async {
-            async_nats::ConnectOptions::with_user_and_password(
-                self.credentials.user.clone(),
-                self.credentials.password.clone(),
-            )
-            .connect(&url)
-            .await
-            .map_err(|e| e.to_string())
-        })
-        .await;
-        match connected {
+        let (user, password) = (&self.credentials.user, &self.credentials.password);
+        match self.log_in(user, password).await {
             Ok(client) => Ok(client),
             Err(last) => Err(NatsError::NotReady {
                 last,
                 budget: self.start_budget,
                 logs: self.logs().await,
-                url,
+                url: self.guest_url(),
             }),
         }
+    }
+
+    /// Logs in as `user`, trying again until the server takes it or the start budget is
+    /// spent (then the last error).
+    async fn log_in(&self, user: &str, password: &str) -> Result<async_nats::Client, String> {
+        let url = self.guest_url();
+        probe::poll(self.start_budget, || async {
+            async_nats::ConnectOptions::with_user_and_password(user.to_owned(), password.to_owned())
+                .connect(&url)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
     }
 
     async fn ensure_stream(client: &async_nats::Client) -> Result<(), NatsError> {
