@@ -535,22 +535,15 @@ impl Libvirt {
     /// Sets the link state of the domain's network interface, live: down is a pulled cable
     /// (the guest sees carrier loss), up plugs it back.
     pub fn set_link(&self, dom: &Domain, name: &str, up: bool) -> Result<(), LibvirtError> {
-        let xml = dom.xml_desc(0).map_err(call_err("read domain", name))?;
-        let iface = element_text(&xml, "interface").ok_or_else(|| LibvirtError::Call {
-            action: "find the network interface of",
-            object: name.to_owned(),
-            message: "no <interface> in its XML".into(),
-        })?;
         let state = if up { "up" } else { "down" };
-        let without = remove_element(&iface, "link");
-        let at = without.rfind("</interface>").unwrap_or(without.len());
-        let changed = format!(
-            "{}<link state='{state}'/>\n{}",
-            &without[..at],
-            &without[at..]
-        );
-        dom.update_device_flags(&changed, sys::VIR_DOMAIN_AFFECT_LIVE)
-            .map_err(call_err("change the link state of", name))
+        change_interface(
+            dom,
+            name,
+            (0, sys::VIR_DOMAIN_AFFECT_LIVE),
+            "link",
+            Some(&format!("<link state='{state}'/>")),
+            "change the link state of",
+        )
     }
 
     /// Cuts the domain's interface off (`on`) or lets it through again: the network filter
@@ -574,26 +567,16 @@ impl Libvirt {
             .then_some(live)
             .into_iter()
             .chain(persistent.then_some(defined));
-        for (read, affect) in changes {
-            let xml = dom.xml_desc(read).map_err(call_err("read domain", name))?;
-            let iface = element_text(&xml, "interface").ok_or_else(|| LibvirtError::Call {
-                action: "find the network interface of",
-                object: name.to_owned(),
-                message: "no <interface> in its XML".into(),
-            })?;
-            let without = remove_element(&iface, "filterref");
-            let changed = if on {
-                let at = without.rfind("</interface>").unwrap_or(without.len());
-                format!(
-                    "{}<filterref filter='{PARTITION_FILTER}'/>\n{}",
-                    &without[..at],
-                    &without[at..]
-                )
-            } else {
-                without
-            };
-            dom.update_device_flags(&changed, affect)
-                .map_err(call_err("change the network filter of", name))?;
+        let filterref = format!("<filterref filter='{PARTITION_FILTER}'/>");
+        for change in changes {
+            change_interface(
+                dom,
+                name,
+                change,
+                "filterref",
+                on.then_some(filterref.as_str()),
+                "change the network filter of",
+            )?;
         }
         Ok(())
     }
@@ -715,6 +698,32 @@ fn element_range(xml: &str, tag: &str) -> Option<std::ops::Range<usize>> {
 /// The first `<tag>` element of `xml`, as text.
 fn element_text(xml: &str, tag: &str) -> Option<String> {
     element_range(xml, tag).map(|r| xml[r].to_owned())
+}
+
+/// Changes the domain's network interface as read with `(read, affect)`'s XML flags and
+/// applied with its update flags: its `<tag>` element removed, and `element` (if any) put in
+/// its place (last in the interface).
+fn change_interface(
+    dom: &Domain,
+    name: &str,
+    (read, affect): (u32, u32),
+    tag: &str,
+    element: Option<&str>,
+    action: &'static str,
+) -> Result<(), LibvirtError> {
+    let xml = dom.xml_desc(read).map_err(call_err("read domain", name))?;
+    let iface = element_text(&xml, "interface").ok_or_else(|| LibvirtError::Call {
+        action: "find the network interface of",
+        object: name.to_owned(),
+        message: "no <interface> in its XML".into(),
+    })?;
+    let mut changed = remove_element(&iface, tag);
+    if let Some(element) = element {
+        let at = changed.rfind("</interface>").unwrap_or(changed.len());
+        changed.insert_str(at, &format!("{element}\n"));
+    }
+    dom.update_device_flags(&changed, affect)
+        .map_err(call_err(action, name))
 }
 
 /// `xml` without its first `<tag>` element (unchanged if it has none).
