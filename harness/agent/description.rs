@@ -859,20 +859,14 @@ impl AgentDescription {
                 p.allow_responses = true;
             }
         }
-        let render = |t: &String| render_with(t, values, &self.name, "a NATS permission");
+        let render = |list: &[String]| {
+            list.iter()
+                .map(|t| render_with(t, values, &self.name, "a NATS permission"))
+                .collect::<Result<Vec<_>, _>>()
+        };
         let extra = Permissions {
-            publish: self
-                .nats_permissions
-                .publish
-                .iter()
-                .map(render)
-                .collect::<Result<_, _>>()?,
-            subscribe: self
-                .nats_permissions
-                .subscribe
-                .iter()
-                .map(render)
-                .collect::<Result<_, _>>()?,
+            publish: render(&self.nats_permissions.publish)?,
+            subscribe: render(&self.nats_permissions.subscribe)?,
             allow_responses: self.nats_permissions.allow_responses,
         };
         Ok(p.merge(extra))

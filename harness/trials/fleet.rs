@@ -6,7 +6,7 @@
 //! Each verdict fills a column of one table ([`Fleet::table`]); a failing device names itself
 //! and keeps its evidence while the others' verdicts are still reported.
 
-use crate::agent::description::{AgentDescription, Report};
+use crate::agent::description::{AgentDescription, Report, TemplateValues};
 use crate::lab::Lab;
 use crate::model::arch::VmArchitecture;
 use crate::model::spec::Start;
@@ -103,19 +103,10 @@ impl Member {
     /// returns where.
     async fn keep_evidence(&self) -> String {
         match &self.device {
-            Device::Real(d) => {
-                let e = scenario::with_artifacts(
-                    &d.vm,
-                    &d.reports(),
-                    &d.agent,
-                    ScenarioError::Check(String::new()),
-                )
-                .await;
-                match e {
-                    ScenarioError::WithArtifacts { dir, .. } => dir.display().to_string(),
-                    _ => "(no artifacts)".into(),
-                }
-            }
+            Device::Real(d) => scenario::keep_artifacts(&d.vm, &d.reports(), &d.agent)
+                .await
+                .display()
+                .to_string(),
             Device::Simulated(d) => d.keep_evidence().display().to_string(),
         }
     }
@@ -331,8 +322,7 @@ impl FleetBuilder {
         let slots = tokio::sync::Semaphore::new(concurrent.max(1));
         // Every device's name and identity first, in one reload of the server's
         // configuration (a reload per device would keep JetStream busy while the others start).
-        let host = crate::trials::simulated::host_arch().ok();
-        let mut names: Vec<String> = Vec::with_capacity(self.planned.len());
+        let mut identities: Vec<TemplateValues> = Vec::with_capacity(self.planned.len());
         let mut requests = Vec::with_capacity(self.planned.len());
         for (i, (planned, label, agent)) in self.planned.iter().enumerate() {
             let (name, arch) = match planned {
@@ -348,47 +338,48 @@ impl FleetBuilder {
                 }
                 Planned::Simulated => (
                     format!("{label}-{run_id}-{i}"),
-                    match host {
-                        Some(host) => host,
-                        None => crate::trials::simulated::host_arch()?,
-                    },
+                    crate::trials::simulated::host_arch()?,
                 ),
             };
-            let (_, permissions) = scenario::identity_request(&nats, &[agent], &name, arch)?;
-            requests.push((name.clone(), permissions));
-            names.push(name);
+            let (values, permissions) = scenario::identity_request(&nats, &[agent], &name, arch)?;
+            requests.push((name, permissions));
+            identities.push(values);
         }
-        nats.identify(requests).await?;
-        let starts = self
-            .planned
-            .iter()
-            .zip(&names)
-            .map(|((planned, label, agent), name)| {
-                let (nats, simulator, slots) = (nats.clone(), &simulator, &slots);
-                let start = self.start;
-                async move {
-                    let device = match planned {
-                        Planned::Real(arch) => {
-                            let lab = lab.expect("checked above");
-                            let _slot = slots.acquire().await.expect("never closed");
-                            Device::Real(Box::new(
-                                scenario::onboard_device(lab, nats, name, *arch, agent, start)
-                                    .await?,
-                            ))
-                        }
-                        Planned::Simulated => {
-                            let simulator = simulator.clone();
-                            Device::Simulated(
-                                SimulatedDevice::start(nats, agent, name, simulator).await?,
-                            )
-                        }
-                    };
-                    Ok::<_, ScenarioError>(Member {
-                        label: label.clone(),
-                        device,
-                    })
-                }
-            });
+        let credentials = nats.identify(requests).await?;
+        for (values, given) in identities.iter_mut().zip(credentials) {
+            values.nats_password = given.password;
+        }
+        let starts =
+            self.planned
+                .iter()
+                .zip(identities)
+                .map(|((planned, label, agent), values)| {
+                    let (nats, simulator, slots) = (nats.clone(), &simulator, &slots);
+                    let start = self.start;
+                    async move {
+                        let device = match planned {
+                            Planned::Real(_) => {
+                                let lab = lab.expect("checked above");
+                                let _slot = slots.acquire().await.expect("never closed");
+                                Device::Real(Box::new(
+                                    scenario::onboard_device(lab, nats, values, agent, start)
+                                        .await?,
+                                ))
+                            }
+                            Planned::Simulated => {
+                                let simulator = simulator.clone();
+                                Device::Simulated(
+                                    SimulatedDevice::start_as(nats, agent, values, simulator)
+                                        .await?,
+                                )
+                            }
+                        };
+                        Ok::<_, ScenarioError>(Member {
+                            label: label.clone(),
+                            device,
+                        })
+                    }
+                });
         let results = join_all(starts).await;
         let mut members = Vec::with_capacity(results.len());
         let mut failed = Vec::new();
@@ -581,23 +572,38 @@ impl Fleet {
             async move { (i, fault(m).await) }
         }))
         .await;
+        let (done, verdict) = self.every_one(&format!("{column} on {}", group.name), results);
+        for (i, ()) in done {
+            self.note(i, "faults", self.faults_cell(i, column));
+        }
+        verdict
+    }
+
+    /// Each device's result, split: the devices it went right for (with what they gave), and
+    /// `Ok`, or one error naming every device whose `what` failed.
+    fn every_one<T>(
+        &self,
+        what: &str,
+        results: Vec<(usize, Result<T, ScenarioError>)>,
+    ) -> (Vec<(usize, T)>, Result<(), ScenarioError>) {
+        let mut done = Vec::with_capacity(results.len());
         let mut failed = Vec::new();
         for (i, r) in results {
             match r {
-                Ok(()) => self.note(i, "faults", self.faults_cell(i, column)),
+                Ok(t) => done.push((i, t)),
                 Err(e) => failed.push(format!("{}: {e}", self.members[i].device_id())),
             }
         }
-        if failed.is_empty() {
+        let verdict = if failed.is_empty() {
             Ok(())
         } else {
             Err(ScenarioError::Check(format!(
-                "{column} on {} failed for {} device(s):\n  {}",
-                group.name,
+                "{what} failed for {} device(s):\n  {}",
                 failed.len(),
                 failed.join("\n  ")
             )))
-        }
+        };
+        (done, verdict)
     }
 
     fn faults_cell(&self, i: usize, fault: &str) -> String {
@@ -742,29 +748,21 @@ impl Fleet {
             Device::Simulated(_) => None,
         }))
         .await;
-        let mut failed = Vec::new();
-        let mut stopped = Vec::new();
-        let mut destroyed = Vec::new();
-        for (i, r) in stops {
-            match r {
-                Ok(t) => stopped.push(t),
-                Err(e) => failed.push(format!("{}: {e}", self.members[i].device_id())),
-            }
-        }
-        for (i, r) in destroys {
-            match r {
-                Ok(t) => destroyed.push(t),
-                Err(e) => failed.push(format!("{}: {e}", self.members[i].device_id())),
-            }
-        }
-        if !failed.is_empty() {
-            return Err(ScenarioError::Check(format!(
-                "the power cut of {} failed for {} device(s):\n  {}",
-                group.name,
-                failed.len(),
-                failed.join("\n  ")
-            )));
-        }
+        // Stops, then destroys: one verdict over both.
+        let all = stops
+            .into_iter()
+            .map(|(i, r)| (i, r.map(|t| (false, t))))
+            .chain(destroys.into_iter().map(|(i, r)| (i, r.map(|t| (true, t)))))
+            .collect();
+        let (done, verdict) = self.every_one(&format!("the power cut of {}", group.name), all);
+        verdict?;
+        let at = |destroy: bool| -> Vec<Instant> {
+            done.iter()
+                .filter(|(_, (d, _))| *d == destroy)
+                .map(|(_, (_, t))| *t)
+                .collect()
+        };
+        let (stopped, destroyed) = (at(false), at(true));
         let spread_of = |ts: &[Instant]| match (ts.iter().min(), ts.iter().max()) {
             (Some(a), Some(b)) => Some(b.duration_since(*a)),
             _ => None,
@@ -810,15 +808,14 @@ impl Fleet {
                     Device::Simulated(d) => d.power_on().await?,
                 }
                 m.control_plane().new_boot(gate, now_ms());
-                let report =
-                    report_after_cut(&log, gate, old_boot, None, m.recovery_budget()).await?;
+                report_after_cut(&log, gate, old_boot, None, m.recovery_budget()).await?;
                 if let Device::Real(d) = &m.device {
                     d.vm.wait_for_ssh().await?;
                 }
-                Ok::<_, ScenarioError>((report, on.elapsed()))
+                Ok::<_, ScenarioError>(on.elapsed())
             }
             .await;
-            (*i, result.map(|(_, took)| took))
+            (*i, result)
         }))
         .await;
         self.judged("recovery", recoveries).await

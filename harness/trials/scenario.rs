@@ -86,21 +86,20 @@ pub async fn onboarded_device_started(
 ) -> Result<OnboardedDevice, ScenarioError> {
     agent.check(&[arch]).map_err(OnboardError::from)?;
     let nats = Arc::new(lab.nats_for(agent).await?);
-    onboard_device(lab, nats, &lab.vm_name(what, arch), arch, agent, start).await
+    let values = device_values(&nats, agent, &lab.vm_name(what, arch), arch).await?;
+    onboard_device(lab, nats, values, agent, start).await
 }
 
-/// A device named `name` onboarded with `agent` and reporting to `nats` (a server other
-/// devices may share: each gets its own identity on it).
+/// The device `values` describe (its id, architecture and NATS identity, already given by
+/// `nats`: a server other devices may share), onboarded with `agent`.
 pub(crate) async fn onboard_device(
     lab: &Lab,
     nats: Arc<NatsServer>,
-    name: &str,
-    arch: VmArchitecture,
+    values: TemplateValues,
     agent: &AgentDescription,
     start: Option<Start>,
 ) -> Result<OnboardedDevice, ScenarioError> {
-    let name = name.to_owned();
-    let values = device_values(&nats, agent, &name, arch).await?;
+    let (name, arch) = (values.device_id.clone(), values.arch);
     let reports_on = agent.reports_on(&values).map_err(OnboardError::from)?;
     let control_plane = ControlPlane::for_device(&nats, agent, &values).await?;
     // The agent is built while the VM boots.
@@ -292,11 +291,7 @@ pub(crate) async fn with_artifacts(
     agent: &AgentDescription,
     error: ScenarioError,
 ) -> ScenarioError {
-    let journal = agent.service.journal_command(2000);
-    let dir = vm
-        .collect_artifacts(&[("agent-journal.txt", journal.as_str())])
-        .await;
-    let _ = log.dump_history(&dir.join("status-history.jsonl")).await;
+    let dir = keep_artifacts(vm, log, agent).await;
     let console = vm
         .console_tail(10)
         .iter()
@@ -307,6 +302,21 @@ pub(crate) async fn with_artifacts(
         dir,
         console,
     }
+}
+
+/// Saves `vm`'s failure artifacts, the agent's journal and the device's raw report history;
+/// returns their directory.
+pub(crate) async fn keep_artifacts(
+    vm: &Vm,
+    log: &ReportLog,
+    agent: &AgentDescription,
+) -> std::path::PathBuf {
+    let journal = agent.service.journal_command(2000);
+    let dir = vm
+        .collect_artifacts(&[("agent-journal.txt", journal.as_str())])
+        .await;
+    let _ = log.dump_history(&dir.join("status-history.jsonl")).await;
+    dir
 }
 
 /// The `e2e` trial.

@@ -116,7 +116,6 @@ pub struct SimulatedDevice {
 struct Process {
     child: Option<tokio::process::Child>,
     boot_id: String,
-    frozen: bool,
 }
 
 impl SimulatedDevice {
@@ -128,7 +127,18 @@ impl SimulatedDevice {
         device_id: &str,
         simulator: Simulator,
     ) -> Result<Self, ScenarioError> {
-        let mut values = device_values(&nats, agent, device_id, host_arch()?).await?;
+        let values = device_values(&nats, agent, device_id, host_arch()?).await?;
+        Self::start_as(nats, agent, values, simulator).await
+    }
+
+    /// [`Self::start`] for a device whose identity `nats` has already given (`values`).
+    pub(crate) async fn start_as(
+        nats: Arc<NatsServer>,
+        agent: &AgentDescription,
+        mut values: TemplateValues,
+        simulator: Simulator,
+    ) -> Result<Self, ScenarioError> {
+        let device_id = values.device_id.clone();
         let upstream = std::net::SocketAddr::from((nats.gateway, nats.port));
         let relay = Relay::start(upstream)
             .await
@@ -158,7 +168,6 @@ impl SimulatedDevice {
             process: tokio::sync::Mutex::new(Process {
                 child: None,
                 boot_id: String::new(),
-                frozen: false,
             }),
         };
         device.power_on().await?;
@@ -214,7 +223,6 @@ impl SimulatedDevice {
         *process = Process {
             child: Some(child),
             boot_id,
-            frozen: false,
         };
         Ok(())
     }
@@ -247,26 +255,21 @@ impl SimulatedDevice {
             let _ = child.start_kill();
             let _ = child.wait().await;
         }
-        process.frozen = false;
         Ok(())
     }
 
     /// Stops the process (SIGSTOP) until [`Self::thaw`]: a hung device.
     pub async fn freeze(&self) -> Result<(), ScenarioError> {
-        self.signal(rustix::process::Signal::STOP, true).await
+        self.signal(rustix::process::Signal::STOP).await
     }
 
     /// Lets a frozen process run again (SIGCONT).
     pub async fn thaw(&self) -> Result<(), ScenarioError> {
-        self.signal(rustix::process::Signal::CONT, false).await
+        self.signal(rustix::process::Signal::CONT).await
     }
 
-    async fn signal(
-        &self,
-        signal: rustix::process::Signal,
-        frozen: bool,
-    ) -> Result<(), ScenarioError> {
-        let mut process = self.process.lock().await;
+    async fn signal(&self, signal: rustix::process::Signal) -> Result<(), ScenarioError> {
+        let process = self.process.lock().await;
         let pid = process
             .child
             .as_ref()
@@ -280,9 +283,7 @@ impl SimulatedDevice {
             })?;
         rustix::process::kill_process(pid, signal).map_err(|e| {
             ScenarioError::Check(format!("cannot signal {}'s agent: {e}", self.device_id))
-        })?;
-        process.frozen = frozen;
-        Ok(())
+        })
     }
 
     /// Cuts its link: nothing crosses, both ways, until [`Self::heal`].
@@ -303,15 +304,6 @@ impl SimulatedDevice {
             .child
             .as_ref()
             .and_then(|c| c.id())
-    }
-
-    /// Whether its process is running now (not killed, not exited).
-    pub async fn running(&self) -> bool {
-        let mut process = self.process.lock().await;
-        match process.child.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
     }
 
     /// Keeps its directory (config, applied state, the agent's output) and returns where.
