@@ -49,10 +49,13 @@ async fn a_rollout_through_a_split_and_a_site_outage_converges_and_delivers_once
     fleet.partition(&cut_off).await.unwrap();
     let cut = fleet.power_cut(&site).await.unwrap();
     assert_eq!(cut.group.len(), 10);
-    // Cut off means silent: after what was in flight, nothing of a partitioned device lands.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Cut off means silent: once what was in flight has landed (quiet for three report
+    // intervals), nothing of a partitioned device lands.
     let log = fleet.members[0].reports();
-    let quiet_from = log.last_sequence().await.unwrap();
+    let quiet_from = log
+        .gate_after_cut(Duration::from_millis(3 * INTERVAL_MS), BUDGET)
+        .await
+        .unwrap();
     let during = log
         .wait_for(quiet_from, Duration::from_secs(2), |_| Verdict::Accept)
         .await;

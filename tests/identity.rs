@@ -49,22 +49,20 @@ async fn client_as(values: &TemplateValues) -> (async_nats::Client, Arc<Mutex<Ve
 
 /// Waits for the server to refuse `what` (its error names the subject).
 async fn refused(errors: &Mutex<Vec<String>>, what: &str, subject: &str) {
-    let deadline = tokio::time::Instant::now() + BUDGET;
-    loop {
-        let found = errors.lock().unwrap().iter().any(|e| {
+    devicelab::support::probe::poll(BUDGET, || async {
+        let errors = errors.lock().unwrap();
+        let found = errors.iter().any(|e| {
             let lower = e.to_lowercase();
             lower.contains("permissions violation") && lower.contains(what) && e.contains(subject)
         });
         if found {
-            return;
+            Ok(())
+        } else {
+            Err(format!("its errors: {errors:?}"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the server never refused {what} {subject}; its errors: {:?}",
-            errors.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
+    .unwrap_or_else(|last| panic!("the server never refused {what} {subject}; {last}"));
 }
 
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
