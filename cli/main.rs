@@ -356,6 +356,10 @@ async fn clean(config: &HarnessConfig, warm: bool) -> Result {
     };
     println!("removed VMs: {}", list(&reaped.vms));
     println!("removed NATS containers: {}", list(&reaped.containers));
+    println!(
+        "removed unfinished uploads (pool volumes): {}",
+        list(&reaped.uploads)
+    );
     if warm {
         let removed =
             tokio::task::spawn_blocking(move || devicelab::vm::warm::remove_unused(&warm_dir))

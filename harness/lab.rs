@@ -408,21 +408,23 @@ impl Lab {
     }
 
     /// The aarch64 UEFI firmware as VMs boot it: CODE padded to the 64 MiB a `virt` pflash
-    /// needs (cached in the pool), and the VARS template each VM copies.
-    pub async fn firmware(&self) -> Result<FirmwarePair, FirmwareError> {
-        let pool_dir = self.pool.dir.clone();
+    /// needs (a volume of the pool), and the VARS template each VM's NVRAM is uploaded from.
+    pub async fn firmware(&self) -> Result<FirmwarePair, PoolError> {
+        let pool = self.pool.clone();
         let configured = self.config.uefi.clone();
         tokio::task::spawn_blocking(move || {
             let fw = firmware::discover(configured.as_ref())?;
             Ok(FirmwarePair {
-                code: firmware::padded_code(&fw, &pool_dir)?,
+                code: pool.firmware_code(&fw)?,
                 vars: fw.vars,
             })
         })
         .await
-        .map_err(|e| FirmwareError::Io {
-            path: PathBuf::from("(firmware task)"),
-            source: std::io::Error::other(e),
+        .map_err(|e| {
+            PoolError::Firmware(FirmwareError::Io {
+                path: PathBuf::from("(firmware task)"),
+                source: std::io::Error::other(e),
+            })
         })?
     }
 

@@ -156,9 +156,10 @@ async fn a_failing_first_boot_keeps_its_artifacts(
 }
 
 /// A cached image whose bytes rotted on disk: same size, same modification time, so the
-/// cache's record still vouches for it. The boot from it fails (here at once: its qcow2
-/// version field now reads 99); the failure hashes the image again and says so, and the next
-/// fetch downloads a good copy over it.
+/// cache's record still vouches for it. The boot from it fails (here before the VM is defined:
+/// the bytes sent to the pool do not hash to the image's digest, so no copy is kept); the
+/// failure hashes the image again and says so, and the next fetch downloads a good copy over
+/// it.
 #[rstest]
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
@@ -169,8 +170,11 @@ async fn a_cached_image_whose_bytes_rotted_is_named_and_removed(
     use common::{HttpServer, Route, sha256_hex};
     use std::os::unix::fs::FileExt;
     let lab = lab.await;
-    // The configured image, served from 127.0.0.1 as a mirror would, into the download cache.
-    let bytes = std::fs::read(lab.base_image(arch).await.unwrap().path).unwrap();
+    // The configured image, served from 127.0.0.1 as a mirror would, into the download cache;
+    // with zeros after its end (which QEMU ignores), so its digest is its own: the pool's copy
+    // for the configured image's digest is not this file's.
+    let mut bytes = std::fs::read(lab.base_image(arch).await.unwrap().path).unwrap();
+    bytes.extend_from_slice(&[0u8; 4096]);
     let sha256 = sha256_hex(&bytes);
     let server = HttpServer::start(vec![("/rot.qcow2", Route::ok(bytes))]).await;
     let mut config = lab.config.clone();

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::system_libvirt;
+use common::{PrivateLibvirtd, system_libvirt};
 use devicelab::VmArchitecture;
 use devicelab::config::HarnessConfig;
 use devicelab::host::domain_xml::{DomainXmlParams, digest_of_defined, mac_for, render};
@@ -16,7 +16,7 @@ use devicelab::nats::{NatsServer, Verdict};
 use devicelab_agent::{AgentConfig, DEFAULT_SUBJECT_PREFIX, run};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// A server configured from the environment (DEVICELAB_NATS_IMAGE…), with `overrides`.
@@ -190,89 +190,6 @@ fn a_domain_of_a_live_run_is_never_redefined() {
         Some(theirs.digest.as_str()),
         "their definition is untouched"
     );
-}
-
-/// A libvirtd of the test's own, so restarting it disturbs nothing else: private mount and
-/// network namespaces, its state and config in a temp dir, its socket at `<dir>/run/libvirt-sock`.
-struct PrivateLibvirtd {
-    dir: tempfile::TempDir,
-    child: Option<std::process::Child>,
-}
-
-impl PrivateLibvirtd {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        for sub in ["run", "lib", "cache", "etc"] {
-            std::fs::create_dir(dir.path().join(sub)).unwrap();
-        }
-        for conf in ["libvirtd.conf", "qemu.conf"] {
-            std::fs::copy(
-                Path::new("/etc/libvirt").join(conf),
-                dir.path().join("etc").join(conf),
-            )
-            .unwrap();
-        }
-        let mut this = Self { dir, child: None };
-        this.spawn();
-        this
-    }
-
-    fn uri(&self) -> String {
-        format!(
-            "qemu:///system?socket={}",
-            self.dir.path().join("run/libvirt-sock").display()
-        )
-    }
-
-    fn spawn(&mut self) {
-        let d = self.dir.path().display();
-        let script = format!(
-            "mount --bind {d}/run /run/libvirt && mount --bind {d}/lib /var/lib/libvirt && \
-             mount --bind {d}/cache /var/cache/libvirt && mount --bind {d}/etc /etc/libvirt && \
-             exec libvirtd -p {d}/libvirtd.pid"
-        );
-        common::require(
-            "libvirtd",
-            "apt install libvirt-daemon-system (fixtures/host/setup.sh)",
-        );
-        let child =
-            std::process::Command::new(common::require("unshare", "apt install util-linux"))
-                .args(["--mount", "--net", "--propagation", "private", "sh", "-c"])
-                .arg(script)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("unshare (util-linux) runs libvirtd");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while Libvirt::open(&self.uri()).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the private libvirtd did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // A stopped daemon must run again to act on SIGTERM.
-            unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            child.wait().unwrap();
-        }
-    }
-
-    fn signal(&self, signal: i32) {
-        let child = self.child.as_ref().expect("the private libvirtd runs");
-        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
-    }
-}
-
-impl Drop for PrivateLibvirtd {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// Runs `f` on a thread of its own and gives it `limit`: a call that never returns fails the test

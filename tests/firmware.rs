@@ -1,11 +1,16 @@
-//! aarch64 UEFI firmware discovery and pflash padding, with real files in temp dirs.
+//! aarch64 UEFI firmware discovery with real files in temp dirs, and its volumes (CODE padded
+//! to the pflash size, a VARS per VM) in a real libvirt pool.
 
+mod common;
+
+use common::PrivateLibvirtd;
+use devicelab::host::libvirt::Libvirt;
+use devicelab::host::pool::{Access, Pool};
 use devicelab::image::firmware::{
-    CANDIDATES, FirmwareError, FirmwarePair, PFLASH_SIZE, discover_in, padded_code, vars_copy,
+    CANDIDATES, FirmwareError, FirmwarePair, PADDED_SUFFIX, PFLASH_SIZE, code_volume, discover_in,
 };
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::time::{Duration, SystemTime};
 
 fn put(root: &Path, path: &str, bytes: &[u8]) {
     let p = root.join(path.trim_start_matches('/'));
@@ -89,27 +94,26 @@ fn pair(dir: &Path, code_len: u64) -> FirmwarePair {
     FirmwarePair { code, vars }
 }
 
-#[test]
-fn exactly_64_mib_is_used_as_is() {
-    let src = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
-    let fw = pair(src.path(), PFLASH_SIZE);
-    assert_eq!(padded_code(&fw, cache.path()).unwrap(), fw.code);
-    assert_eq!(
-        std::fs::read_dir(cache.path()).unwrap().count(),
-        0,
-        "no copy"
-    );
+/// A pool in a libvirtd of the test's own (the volumes go through it as to any host's).
+fn private_pool() -> (PrivateLibvirtd, Libvirt, Pool) {
+    let daemon = PrivateLibvirtd::start();
+    let lv = Libvirt::open(&daemon.uri()).unwrap();
+    let pool = Pool::ensure(&lv, &daemon.dir.path().join("data/pool")).unwrap();
+    (daemon, lv, pool)
 }
 
 #[test]
-fn smaller_code_is_padded_once_sparsely_and_reused() {
+fn code_is_padded_into_a_sparse_volume_once_per_firmware() {
+    let (_daemon, _lv, pool) = private_pool();
     let src = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
     let fw = pair(src.path(), 2 * 1024 * 1024);
-    let padded = padded_code(&fw, cache.path()).unwrap();
-    assert_ne!(padded, fw.code);
-    assert!(padded.starts_with(cache.path()));
+    let padded = pool.firmware_code(&fw).unwrap();
+    assert!(padded.starts_with(&pool.dir), "{}", padded.display());
+    assert!(
+        padded.to_string_lossy().ends_with(PADDED_SUFFIX),
+        "{}",
+        padded.display()
+    );
     let meta = std::fs::metadata(&padded).unwrap();
     assert_eq!(meta.len(), PFLASH_SIZE);
     assert_eq!(meta.permissions().mode() & 0o777, 0o644);
@@ -124,67 +128,74 @@ fn smaller_code_is_padded_once_sparsely_and_reused() {
     assert!(bytes[original.len()..].iter().all(|b| *b == 0));
 
     let mtime = meta.modified().unwrap();
-    assert_eq!(padded_code(&fw, cache.path()).unwrap(), padded);
+    assert_eq!(pool.firmware_code(&fw).unwrap(), padded);
     assert_eq!(
         std::fs::metadata(&padded).unwrap().modified().unwrap(),
         mtime,
-        "reused, not rewritten"
+        "reused, not sent again"
     );
-}
 
-#[test]
-fn a_stale_cache_is_padded_again() {
-    let src = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
-    let fw = pair(src.path(), 1024 * 1024);
-    let padded = padded_code(&fw, cache.path()).unwrap();
-    // The distro updated the firmware: the source is now newer than the cached copy.
-    let mut newer = std::fs::read(&fw.code).unwrap();
+    // The distro updated the firmware: new bytes, a new volume of their own.
+    let mut newer = original.clone();
     newer[0] = 0xEE;
     std::fs::write(&fw.code, &newer).unwrap();
-    let future = SystemTime::now() + Duration::from_secs(60);
-    std::fs::File::options()
-        .write(true)
-        .open(&fw.code)
-        .unwrap()
-        .set_modified(future)
-        .unwrap();
-    let again = padded_code(&fw, cache.path()).unwrap();
-    assert_eq!(again, padded);
+    let again = pool.firmware_code(&fw).unwrap();
+    assert_ne!(again, padded);
     assert_eq!(
         std::fs::read(&again).unwrap()[0],
         0xEE,
-        "re-padded from the new source"
+        "padded from the new bytes"
+    );
+    let exact = pair(src.path(), PFLASH_SIZE);
+    let whole = pool.firmware_code(&exact).unwrap();
+    assert_eq!(
+        std::fs::read(&whole).unwrap(),
+        std::fs::read(&exact.code).unwrap()
+    );
+    let volumes = pool.volumes().unwrap();
+    assert_eq!(
+        volumes
+            .iter()
+            .filter(|v| v.ends_with(PADDED_SUFFIX))
+            .count(),
+        3,
+        "one volume per firmware: {volumes:?}"
+    );
+    assert!(
+        !volumes.iter().any(|v| v.starts_with("devicelab-upload-")),
+        "no upload left: {volumes:?}"
     );
 }
 
 #[test]
 fn larger_code_is_refused() {
     let src = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
     let fw = pair(src.path(), PFLASH_SIZE + 1);
-    let err = padded_code(&fw, cache.path()).unwrap_err();
+    let err = code_volume(&fw).unwrap_err();
     assert!(
         matches!(err, FirmwareError::TooLarge { size, .. } if size == PFLASH_SIZE + 1),
         "{err}"
     );
-    assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0);
 }
 
 #[test]
-fn each_vm_gets_its_own_vars_copy() {
+fn each_vm_gets_its_own_vars_volume() {
+    let (_daemon, _lv, pool) = private_pool();
     let src = tempfile::tempdir().unwrap();
-    let pool = tempfile::tempdir().unwrap();
     let fw = pair(src.path(), 1024);
     std::fs::set_permissions(&fw.vars, std::fs::Permissions::from_mode(0o444)).unwrap();
-    let a = vars_copy(&fw, &pool.path().join("a-VARS.fd")).unwrap();
-    let b = vars_copy(&fw, &pool.path().join("b-VARS.fd")).unwrap();
+    let a = pool
+        .upload("a-VARS.fd", &fw.vars, 0, Access::Private)
+        .unwrap();
+    let b = pool
+        .upload("b-VARS.fd", &fw.vars, 0, Access::Private)
+        .unwrap();
     assert_ne!(a, b);
     for p in [&a, &b] {
         assert_eq!(std::fs::read(p).unwrap(), std::fs::read(&fw.vars).unwrap());
         assert_eq!(
             std::fs::metadata(p).unwrap().permissions().mode() & 0o777,
-            0o644
+            0o600
         );
     }
 }

@@ -3,105 +3,14 @@
 
 mod common;
 
+use common::{Sshd, user};
 use devicelab::ssh::keys::{ClientKey, HostKey};
 use devicelab::ssh::session::{SshError, SshSession, SshTarget};
-use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-struct Sshd {
-    /// Accepts connections on the port the test bound (and keeps) and hands each to
-    /// `sshd -i`: no port is picked, freed and bound again later by someone else.
-    acceptor: tokio::task::JoinHandle<()>,
-    addr: SocketAddr,
-    host_key: HostKey,
-    client: ClientKey,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        self.acceptor.abort();
-    }
-}
-
-fn user() -> String {
-    std::env::var("USER")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| {
-            let out = Command::new("id").arg("-un").output().unwrap();
-            String::from_utf8(out.stdout).unwrap().trim().to_owned()
-        })
-}
-
 async fn start_sshd() -> Sshd {
-    devicelab::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-    let host_key = HostKey::generate("test-host").unwrap();
-    let host_key_path = dir.path().join("host_ed25519");
-    std::fs::write(&host_key_path, &host_key.private_openssh).unwrap();
-    std::fs::set_permissions(&host_key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let client = ClientKey::load_or_generate(&dir.path().join("keys")).unwrap();
-    let authorized = dir.path().join("authorized_keys");
-    std::fs::write(&authorized, format!("{}\n", client.public_line)).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = dir.path().join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "HostKey {}\nAuthorizedKeysFile {}\nPidFile none\n\
-             UsePAM no\nStrictModes no\nPasswordAuthentication no\nPermitRootLogin prohibit-password\n",
-            host_key_path.display(),
-            authorized.display()
-        ),
-    )
-    .unwrap();
-    let _ = std::fs::create_dir_all("/run/sshd"); // privilege separation dir (Debian)
-    let sshd = common::require(
-        "sshd",
-        "apt install openssh-server (fixtures/host/setup.sh)",
-    );
-    // Fails here, clearly, if sshd cannot run with this configuration.
-    let check = Command::new(&sshd)
-        .args(["-t", "-f"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "sshd -t: {}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let acceptor = tokio::spawn(async move {
-        // Held by the task: aborting it (the drop) kills every sshd it started.
-        let mut sessions = Vec::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            let stream = stream.into_std().unwrap();
-            stream.set_nonblocking(false).unwrap();
-            let input = stream.try_clone().unwrap();
-            // Inetd mode: this connection is sshd's stdin and stdout; it exits with it.
-            let session = tokio::process::Command::new(&sshd)
-                .args(["-i", "-f"])
-                .arg(&config)
-                .stdin(Stdio::from(std::os::fd::OwnedFd::from(input)))
-                .stdout(Stdio::from(std::os::fd::OwnedFd::from(stream)))
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn();
-            sessions.extend(session.ok());
-        }
-    });
-    Sshd {
-        acceptor,
-        addr,
-        host_key,
-        client,
-        _dir: dir,
-    }
+    Sshd::start(&[]).await
 }
 
 fn target(sshd: &Sshd) -> SshTarget {

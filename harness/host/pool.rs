@@ -1,16 +1,107 @@
-//! The harness's dir-backed libvirt storage pool: VM overlays (backed by the cached image)
-//! and seed ISOs live there, so libvirt labels and cleans them like any volume.
+//! The harness's dir-backed libvirt storage pool: everything a VM's disks are (its overlay,
+//! the base image under it, its seed, its firmware) is a volume there, and every byte that
+//! goes in goes through libvirt (volume creation and upload streams), so a libvirt host
+//! elsewhere is served the same way as this one.
+//!
+//! Two kinds of volume are kept across runs, one copy per host: a base image
+//! (`devicelab-base-<digest>.<format>`) and padded UEFI CODE (`…-pflash64M.fd`). Each is
+//! uploaded under a name of its uploader's ([`upload_prefix`]) and copied by libvirt to its
+//! own name once whole, so the cached name never holds a half-sent file, and the reaper
+//! removes an upload whose process died.
 
 use crate::host::domain_xml::xml_escape;
 use crate::host::libvirt::{Libvirt, LibvirtError, call_err, is_code};
-use crate::image::source::BaseImage;
+use crate::image::firmware::{self, FirmwareError, FirmwarePair, PFLASH_SIZE};
+use crate::image::source::{BaseImage, DiskFormat};
+use crate::support::lock;
+use crate::support::process::process_start_time;
+use sha2::Digest;
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use virt::error::ErrorNumber;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
+use virt::stream::Stream;
 
 pub const POOL_NAME: &str = "devicelab";
+
+/// The start of a cached base image volume's name; the rest is the image's digest and format.
+pub const BASE_PREFIX: &str = "devicelab-base-";
+
+/// How long a process waits while another one uploads the cached volume it needs.
+pub const UPLOAD_LOCK_BUDGET: Duration = Duration::from_secs(600);
+
+/// Bytes sent per call of an upload stream.
+const CHUNK: usize = 1 << 20;
+
+/// The start of an upload's volume name while it is sent: its owner's pid and start time, so
+/// the reaper can tell a dead uploader's leftover from a live one's.
+pub fn upload_prefix(pid: u32) -> String {
+    format!(
+        "devicelab-upload-{pid}-{}-",
+        process_start_time(pid).unwrap_or(0)
+    )
+}
+
+/// The owner (pid, start time) an upload volume's name carries, if it is one.
+pub fn upload_owner(volume: &str) -> Option<(u32, u64)> {
+    let mut f = volume.strip_prefix("devicelab-upload-")?.splitn(3, '-');
+    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+}
+
+/// Whether a volume is one the pool keeps across runs (a base image or padded firmware), not
+/// one of a VM's.
+pub fn is_cached_volume(volume: &str) -> bool {
+    volume.starts_with(BASE_PREFIX) || volume.ends_with(firmware::PADDED_SUFFIX)
+}
+
+/// The name of the volume that holds `base` on every host.
+pub fn base_volume_name(base: &BaseImage) -> String {
+    format!(
+        "{BASE_PREFIX}{}.{}",
+        &base.digest[..16.min(base.digest.len())],
+        base.format.as_str()
+    )
+}
+
+/// A raw volume's definition: `capacity` bytes (sparse: what is not written takes no disk),
+/// its file's mode from `access`.
+fn raw_volume_xml(volume: &str, capacity: u64, access: Access) -> String {
+    format!(
+        r#"<volume>
+  <name>{name}</name>
+  <capacity unit='bytes'>{capacity}</capacity>
+  <allocation>0</allocation>
+  <target>
+    <format type='raw'/>
+    <permissions><mode>{mode}</mode></permissions>
+  </target>
+</volume>
+"#,
+        name = xml_escape(volume),
+        mode = access.mode(),
+    )
+}
+
+/// The access mode of a volume's file on its host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// 0600: the VM's own (its seed, its NVRAM).
+    Private,
+    /// 0644: read by every VM that boots from it (a base image, firmware CODE).
+    Shared,
+}
+
+impl Access {
+    fn mode(self) -> &'static str {
+        match self {
+            Self::Private => "0600",
+            Self::Shared => "0644",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -20,6 +111,35 @@ pub enum PoolError {
     Dir {
         dir: PathBuf,
         source: std::io::Error,
+    },
+    #[error(transparent)]
+    Firmware(#[from] FirmwareError),
+    #[error(
+        "{path} changed while it was sent as volume {volume}: its bytes hash to {got}, not {want}; \
+         nothing was kept. If the file is being rebuilt, run again once it is done; if it is a \
+         downloaded image, `devicelab fetch` downloads a good copy"
+    )]
+    Changed {
+        volume: String,
+        path: PathBuf,
+        want: String,
+        got: String,
+    },
+    #[error("cannot read {path} to upload it as volume {volume}: {source}")]
+    Source {
+        volume: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "another process held the upload lock {path} for {waited:.0?} ({holder}) while volume \
+         {volume} was sent: is it hung? It is released when that process exits"
+    )]
+    UploadLock {
+        volume: String,
+        path: PathBuf,
+        holder: String,
+        waited: Duration,
     },
     #[error(
         "the libvirt pool {POOL_NAME:?} already exists at {existing}, not {wanted}: set DEVICELAB_DATA_DIR so \
@@ -32,6 +152,8 @@ pub enum PoolError {
 pub struct Pool {
     libvirt: Libvirt,
     pub dir: PathBuf,
+    /// This machine's locks on the uploads of cached volumes (one process sends each).
+    locks: PathBuf,
 }
 
 impl Pool {
@@ -103,9 +225,15 @@ impl Pool {
             pool.set_autostart(true)
                 .map_err(call_err("autostart pool", POOL_NAME))?;
         }
+        let locks = dir.with_file_name(".pool-locks");
+        lock::private_dir(&locks).map_err(|source| PoolError::Dir {
+            dir: locks.clone(),
+            source,
+        })?;
         Ok(Self {
             libvirt: libvirt.clone(),
             dir: dir.to_owned(),
+            locks,
         })
     }
 
@@ -122,11 +250,208 @@ impl Pool {
         self.dir.join(volume)
     }
 
-    /// A qcow2 overlay over the base image: the VM writes there, the cached image stays pristine.
+    /// A new raw volume `volume` of `capacity` bytes (at least the source's length) holding
+    /// `source`'s bytes at its start, sent through a libvirt stream. A volume of that name is
+    /// replaced; an upload that fails leaves none. Returns its path on the pool's host.
+    pub fn upload(
+        &self,
+        volume: &str,
+        source: &Path,
+        capacity: u64,
+        access: Access,
+    ) -> Result<PathBuf, PoolError> {
+        self.send_file(volume, source, capacity, access, None)
+    }
+
+    /// [`Pool::upload`], and when `sha256` is given, the bytes sent must have that digest (else
+    /// the volume is deleted and the error says the file changed).
+    fn send_file(
+        &self,
+        volume: &str,
+        source: &Path,
+        capacity: u64,
+        access: Access,
+        sha256: Option<&str>,
+    ) -> Result<PathBuf, PoolError> {
+        let source_err = |source_e| PoolError::Source {
+            volume: volume.to_owned(),
+            path: source.to_owned(),
+            source: source_e,
+        };
+        let len = std::fs::metadata(source).map_err(source_err)?.len();
+        self.delete_volume(volume)?;
+        let xml = raw_volume_xml(volume, capacity.max(len).max(1), access);
+        let vol = StorageVol::create_xml(&self.handle()?, &xml, 0)
+            .map_err(call_err("create volume", volume))?;
+        let sent = (|| -> Result<(), PoolError> {
+            let mut file = std::fs::File::open(source).map_err(source_err)?;
+            let conn = self.libvirt.conn()?;
+            let stream =
+                Stream::new(&conn, 0).map_err(call_err("open an upload stream for", volume))?;
+            vol.upload(&stream, 0, len, 0)
+                .map_err(call_err("upload to volume", volume))?;
+            let mut buf = vec![0u8; CHUNK];
+            let mut hasher = sha2::Sha256::new();
+            let copied = (|| -> Result<(), PoolError> {
+                loop {
+                    let n = file.read(&mut buf).map_err(source_err)?;
+                    if n == 0 {
+                        let got = hex::encode(hasher.finalize_reset());
+                        return match sha256 {
+                            Some(want) if !got.eq_ignore_ascii_case(want) => {
+                                Err(PoolError::Changed {
+                                    volume: volume.to_owned(),
+                                    path: source.to_owned(),
+                                    want: want.to_owned(),
+                                    got,
+                                })
+                            }
+                            _ => Ok(()),
+                        };
+                    }
+                    if sha256.is_some() {
+                        hasher.update(&buf[..n]);
+                    }
+                    let mut at = 0;
+                    while at < n {
+                        let sent = stream
+                            .send(&buf[at..n])
+                            .map_err(call_err("upload to volume", volume))?;
+                        match usize::try_from(sent) {
+                            Ok(sent) if sent > 0 => at += sent.min(n - at),
+                            _ => {
+                                return Err(LibvirtError::Call {
+                                    action: "upload to volume",
+                                    object: volume.to_owned(),
+                                    message: format!("the stream took {sent} bytes"),
+                                }
+                                .into());
+                            }
+                        }
+                    }
+                }
+            })();
+            match copied {
+                Ok(()) => Ok(stream
+                    .finish()
+                    .map_err(call_err("finish the upload to volume", volume))?),
+                Err(e) => {
+                    let _ = stream.abort();
+                    Err(e)
+                }
+            }
+        })();
+        match sent {
+            Ok(()) => Ok(PathBuf::from(
+                vol.path().map_err(call_err("locate volume", volume))?,
+            )),
+            Err(e) => {
+                let _ = vol.delete(0);
+                Err(e)
+            }
+        }
+    }
+
+    /// The volume `volume` the pool keeps across runs, uploaded from `source` if this host does
+    /// not have it yet. `volume` names its content (a digest): one whole copy per host, sent by
+    /// one process at a time from this machine, never seen half-sent under its own name.
+    pub fn cached(
+        &self,
+        volume: &str,
+        source: &Path,
+        capacity: u64,
+        sha256: Option<&str>,
+    ) -> Result<PathBuf, PoolError> {
+        if let Some(path) = self.existing(volume)? {
+            return Ok(path);
+        }
+        let lock_path = self.locks.join(format!("{volume}.lock"));
+        let holder = format!("pid {} uploading {volume}", std::process::id());
+        let _lock =
+            lock::lock_within(&lock_path, &holder, UPLOAD_LOCK_BUDGET).map_err(|e| match e {
+                lock::WaitError::Io(source) => PoolError::Dir {
+                    dir: lock_path.clone(),
+                    source,
+                },
+                lock::WaitError::Timeout { holder, waited } => PoolError::UploadLock {
+                    volume: volume.to_owned(),
+                    path: lock_path.clone(),
+                    holder,
+                    waited,
+                },
+            })?;
+        if let Some(path) = self.existing(volume)? {
+            return Ok(path);
+        }
+        let len = std::fs::metadata(source)
+            .map_err(|source_e| PoolError::Source {
+                volume: volume.to_owned(),
+                path: source.to_owned(),
+                source: source_e,
+            })?
+            .len();
+        let part = format!("{}{volume}", upload_prefix(std::process::id()));
+        self.send_file(&part, source, capacity, Access::Shared, sha256)?;
+        let copied = (|| -> Result<PathBuf, PoolError> {
+            let pool = self.handle()?;
+            let from = pool
+                .lookup_storage_vol_by_name(&part)
+                .map_err(call_err("look up volume", &part))?;
+            let xml = raw_volume_xml(volume, capacity.max(len).max(1), Access::Shared);
+            let vol = StorageVol::create_xml_from(&pool, &xml, &from, 0)
+                .map_err(call_err("copy to volume", volume))?;
+            Ok(PathBuf::from(
+                vol.path().map_err(call_err("locate volume", volume))?,
+            ))
+        })();
+        let removed = self.delete_volume(&part);
+        let path = copied?;
+        removed?;
+        Ok(path)
+    }
+
+    /// The path of volume `volume` on the pool's host, if there is one.
+    fn existing(&self, volume: &str) -> Result<Option<PathBuf>, PoolError> {
+        match self.handle()?.lookup_storage_vol_by_name(volume) {
+            Ok(vol) => Ok(Some(PathBuf::from(
+                vol.path().map_err(call_err("locate volume", volume))?,
+            ))),
+            Err(e) if is_code(&e, ErrorNumber::NoStorageVolume) => Ok(None),
+            Err(e) => Err(call_err("look up volume", volume)(e).into()),
+        }
+    }
+
+    /// The base image as a volume of this host's pool (uploaded once per host and digest,
+    /// its bytes checked against the digest as they are sent).
+    pub fn base_volume(&self, base: &BaseImage) -> Result<PathBuf, PoolError> {
+        self.cached(&base_volume_name(base), &base.path, 0, Some(&base.digest))
+    }
+
+    /// `fw`'s CODE as a volume of this host's pool, padded to the 64 MiB a `virt` pflash device
+    /// needs (uploaded once per host and firmware).
+    pub fn firmware_code(&self, fw: &FirmwarePair) -> Result<PathBuf, PoolError> {
+        let volume = firmware::code_volume(fw)?;
+        self.cached(&volume, &fw.code, PFLASH_SIZE, None)
+    }
+
+    /// A qcow2 overlay over the base image (its volume in this pool): the VM writes there, the
+    /// base stays pristine.
     pub fn create_overlay(
         &self,
         volume: &str,
         base: &BaseImage,
+        capacity_gib: u64,
+    ) -> Result<PathBuf, PoolError> {
+        let backing = self.base_volume(base)?;
+        self.create_overlay_on(volume, &backing, base.format, capacity_gib)
+    }
+
+    /// A qcow2 overlay over `backing`, a file of the pool's host (a saved VM's disk).
+    pub fn create_overlay_on(
+        &self,
+        volume: &str,
+        backing: &Path,
+        format: DiskFormat,
         capacity_gib: u64,
     ) -> Result<PathBuf, PoolError> {
         self.delete_volume(volume)?; // a leftover of the same name would make create fail
@@ -145,8 +470,8 @@ impl Pool {
 </volume>
 "#,
             volume = xml_escape(volume),
-            backing = xml_escape(&base.path.display().to_string()),
-            format = base.format.as_str(),
+            backing = xml_escape(&backing.display().to_string()),
+            format = format.as_str(),
         );
         let vol = StorageVol::create_xml(&self.handle()?, &xml, 0)
             .map_err(call_err("create volume", volume))?;
@@ -155,7 +480,7 @@ impl Pool {
         ))
     }
 
-    /// Makes libvirt notice files the harness wrote into the pool directory itself.
+    /// Makes libvirt notice what changed in the pool directory outside its calls.
     pub fn refresh(&self) -> Result<(), PoolError> {
         self.handle()?
             .refresh(0)
@@ -163,7 +488,8 @@ impl Pool {
         Ok(())
     }
 
-    /// Deletes a volume (or a file libvirt has not seen yet); absent is fine.
+    /// Deletes a volume (or a file a warm start copied into the pool directory that libvirt
+    /// has not seen yet); absent is fine.
     pub fn delete_volume(&self, volume: &str) -> Result<(), PoolError> {
         match self.handle()?.lookup_storage_vol_by_name(volume) {
             Ok(vol) => vol.delete(0).map_err(call_err("delete volume", volume))?,
@@ -178,6 +504,21 @@ impl Pool {
                 source,
             }),
         }
+    }
+
+    /// Deletes the uploads whose process is gone (a run killed mid-upload); returns their names.
+    pub fn reap_uploads(&self) -> Vec<String> {
+        let mut reaped = Vec::new();
+        for volume in self.volumes().unwrap_or_default() {
+            if let Some((pid, start)) = upload_owner(&volume)
+                && !crate::support::process::is_alive(pid, start)
+                && self.delete_volume(&volume).is_ok()
+            {
+                tracing::warn!("reaped volume {volume} (its uploader, pid {pid}, is gone)");
+                reaped.push(volume);
+            }
+        }
+        reaped
     }
 
     /// Names of the pool's volumes (refreshed first).

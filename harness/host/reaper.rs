@@ -1,6 +1,7 @@
 //! Cleanup on every exit path. Normal exits and panics drop the handles; SIGINT/SIGTERM run
 //! the registered cleanups and exit non-zero; SIGKILL leaves an owner record behind, which the
-//! next run's reaper finds (its process is gone) and cleans up after.
+//! next run's reaper finds (its process is gone) and cleans up after, with the pool volumes a
+//! killed run was uploading.
 
 use crate::host::libvirt::Libvirt;
 use crate::host::pool::Pool;
@@ -241,6 +242,8 @@ pub fn remove_looked_up(
 pub struct Reaped {
     pub vms: Vec<String>,
     pub containers: Vec<String>,
+    /// Pool volumes a killed run was uploading.
+    pub uploads: Vec<String>,
 }
 
 /// Cleans up after runs whose process is gone: VMs recorded under `runs_dir`, and containers
@@ -311,6 +314,7 @@ fn reap_runs(
         }
     }
     reaped.containers = reap_containers(podman, kept_too);
+    reaped.uploads = pool.reap_uploads();
     reap_nats_dirs_of(&std::env::temp_dir(), kept_too);
     reaped
 }

@@ -382,6 +382,37 @@ fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
     meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
 }
 
+/// The SHA-256 of a local file's bytes: hashed once, then read from a record in `records`
+/// (named for the file's path) while the file keeps its size and modification time. Blocking.
+pub fn local_digest(path: &Path, records: &Path) -> std::io::Result<String> {
+    let meta = std::fs::metadata(path)?;
+    let key = hex::encode(Sha256::digest(path.as_os_str().as_encoded_bytes()));
+    let record_file = records.join(format!("{}.json", &key[..16]));
+    if let Ok(text) = std::fs::read_to_string(&record_file)
+        && let Ok(record) = serde_json::from_str::<VerifiedRecord>(&text)
+        && record.size == meta.len()
+        && record.mtime_ns == mtime_ns(&meta)
+    {
+        return Ok(record.sha256);
+    }
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut File::open(path)?, &mut hasher)?;
+    let record = VerifiedRecord {
+        sha256: hex::encode(hasher.finalize()),
+        // As it was before the hashing: a file changed meanwhile is hashed again next time.
+        size: meta.len(),
+        mtime_ns: mtime_ns(&meta),
+    };
+    lock::private_dir(records)?;
+    let tmp = records.join(format!(".{}.{}.tmp", &key[..16], std::process::id()));
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(&record).expect("record serializes"),
+    )?;
+    std::fs::rename(tmp, record_file)?;
+    Ok(record.sha256)
+}
+
 /// SHA-256 of a file, off the async threads.
 pub async fn hash_file(path: &Path) -> std::io::Result<String> {
     let path = path.to_owned();

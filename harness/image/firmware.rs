@@ -1,7 +1,7 @@
-//! aarch64 UEFI firmware: finding a CODE+VARS pflash pair across distros, padding CODE to the
-//! 64 MiB QEMU's `virt` machine requires, and a per-VM copy of VARS.
+//! aarch64 UEFI firmware: finding a CODE+VARS pflash pair across distros, and naming the pool
+//! volume that holds CODE padded to the 64 MiB QEMU's `virt` machine requires (the pool pads
+//! it as it uploads it; each VM's VARS is a volume uploaded from the template).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// QEMU `virt` refuses pflash CODE of any other size ("device requires 67108864 bytes").
@@ -100,51 +100,22 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FirmwareError + '_ {
     }
 }
 
-/// The CODE file to boot: the original if it is exactly 64 MiB, else a padded copy cached in
-/// `cache_dir` (made once, reused while newer than its source).
-pub fn padded_code(fw: &FirmwarePair, cache_dir: &Path) -> Result<PathBuf, FirmwareError> {
+/// The end of the name of CODE's volume: CODE padded to [`PFLASH_SIZE`] (kept in the pool).
+pub const PADDED_SUFFIX: &str = "-pflash64M.fd";
+
+/// The name of the pool volume that holds `fw`'s CODE padded to 64 MiB: named for its bytes,
+/// so a distro's firmware update is a new volume, and the same firmware is one volume per host.
+/// CODE larger than a `virt` pflash device is refused.
+pub fn code_volume(fw: &FirmwarePair) -> Result<String, FirmwareError> {
     let source = &fw.code;
-    let meta = std::fs::metadata(source).map_err(io_err(source))?;
-    if meta.len() == PFLASH_SIZE {
-        return Ok(source.clone());
-    }
-    if meta.len() > PFLASH_SIZE {
+    let bytes = std::fs::read(source).map_err(io_err(source))?;
+    if bytes.len() as u64 > PFLASH_SIZE {
         return Err(FirmwareError::TooLarge {
             path: source.clone(),
-            size: meta.len(),
+            size: bytes.len() as u64,
         });
     }
     let stem = source.file_stem().unwrap_or_default().to_string_lossy();
-    let tag = &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-        source.as_os_str().as_encoded_bytes(),
-    ))[..8];
-    let cached = cache_dir.join(format!("{stem}-{tag}-pflash64M.fd"));
-    if let Ok(c) = std::fs::metadata(&cached)
-        && c.len() == PFLASH_SIZE
-        && c.modified().ok() > meta.modified().ok()
-    {
-        return Ok(cached);
-    }
-    // Copy to a temp name and rename, so a concurrent reader never sees a half-padded file.
-    let tmp = cache_dir.join(format!(".{stem}-{tag}.{}.tmp", std::process::id()));
-    let result = (|| {
-        std::fs::copy(source, &tmp)?;
-        let file = std::fs::OpenOptions::new().write(true).open(&tmp)?;
-        file.set_len(PFLASH_SIZE)?; // sparse: the padding costs no disk
-        drop(file);
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
-        std::fs::rename(&tmp, &cached)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err(&cached)(e));
-    }
-    Ok(cached)
-}
-
-/// A private, writable copy of the VARS template for one VM (0644).
-pub fn vars_copy(fw: &FirmwarePair, dest: &Path) -> Result<PathBuf, FirmwareError> {
-    std::fs::copy(&fw.vars, dest).map_err(io_err(dest))?;
-    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o644)).map_err(io_err(dest))?;
-    Ok(dest.to_owned())
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    Ok(format!("{stem}-{}{PADDED_SUFFIX}", &digest[..12]))
 }

@@ -42,6 +42,8 @@ pub struct BaseImage {
     pub format: DiskFormat,
     /// Downloaded into the cache (hashed again after a boot from it failed), not a local file.
     pub cached: bool,
+    /// The SHA-256 of its bytes (lower-case hex): a libvirt host keeps one copy per digest.
+    pub digest: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,10 +139,26 @@ impl ImageSource {
             Self::LocalFile { path, from_var } => (path.clone(), from_var.clone(), false),
         };
         let format = sniff_format(&path, &from_var)?;
+        let digest = match self {
+            Self::Download(artifact) => artifact.sha256.to_ascii_lowercase(),
+            Self::LocalFile { .. } => {
+                let (file, records) = (path.clone(), cache_dir.join(".digests"));
+                tokio::task::spawn_blocking(move || download::local_digest(&file, &records))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r)
+                    .map_err(|source| ImageError::Unreadable {
+                        path: path.clone(),
+                        from_var: from_var.clone(),
+                        source,
+                    })?
+            }
+        };
         Ok(BaseImage {
             path,
             format,
             cached,
+            digest,
         })
     }
 }

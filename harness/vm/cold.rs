@@ -4,12 +4,12 @@
 use super::error::VmError;
 use super::handle::Vm;
 use super::plan::Plan;
-use super::seed::Seed;
+use super::seed::{Seed, SeedError};
 use super::start::{self, Boot};
 use super::teardown::Held;
 use crate::host::domain_xml::{self, UefiPflash};
+use crate::host::pool::Access;
 use crate::host::reaper;
-use crate::image::firmware;
 use crate::ssh::keys::HostKey;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -88,23 +88,29 @@ impl Boot for ColdBoot {
             plan.spec.disk_gib,
             plan.firmware.clone(),
         );
-        // File copies and volume calls block: off the runtime.
+        // Uploads and volume calls block: off the runtime.
         let (disk, seed, uefi) = plan
             .libvirt
             .run(
                 move |_| -> Result<(PathBuf, PathBuf, Option<UefiPflash>), VmError> {
                     let uefi = match fw {
                         Some(fw) => Some(UefiPflash {
-                            code: firmware::padded_code(&fw, &pool.dir)?,
-                            vars: firmware::vars_copy(&fw, &pool.path_of(&vars_vol))?,
+                            code: pool.firmware_code(&fw)?,
+                            vars: pool.upload(&vars_vol, &fw.vars, 0, Access::Private)?,
                         }),
                         None => None,
                     };
                     let disk = pool.create_overlay(&disk_vol, &image, gib)?;
-                    let seed_path = pool.path_of(&seed_vol);
-                    seed.write_image(&seed_path)?;
-                    pool.refresh()?;
-                    Ok((disk, seed_path, uefi))
+                    // Written here (the seed holds the VM's host key: a private temp dir),
+                    // then sent to the pool's host.
+                    let written = tempfile::tempdir().map_err(|source| SeedError::Write {
+                        dir: std::env::temp_dir(),
+                        source,
+                    })?;
+                    let seed_file = written.path().join(&seed_vol);
+                    seed.write_image(&seed_file)?;
+                    let seed = pool.upload(&seed_vol, &seed_file, 0, Access::Private)?;
+                    Ok((disk, seed, uefi))
                 },
             )
             .await?;

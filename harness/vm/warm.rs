@@ -21,7 +21,7 @@ use super::start::{self, Boot};
 use super::teardown::Held;
 use crate::host::libvirt::Libvirt;
 use crate::host::reaper;
-use crate::image::{BaseImage, DiskFormat};
+use crate::image::DiskFormat;
 use crate::model::spec::{Readiness, Start};
 use crate::ssh::keys::HostKey;
 use crate::support::lock::{self, Removal};
@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Bumped when what a saved VM directory holds changes.
-const LAYOUT: u32 = 2;
+const LAYOUT: u32 = 3;
 const META: &str = "saved.json";
 
 /// A file as the key sees it: where, how long, when last changed (hashing a 2 GiB image on
@@ -577,12 +577,7 @@ impl Boot for WarmRestore {
         plan.libvirt
             .run(move |_| -> Result<(), VmError> {
                 let [disk, seed, vars] = reaper::volume_names(&name);
-                let base = BaseImage {
-                    path: dir.join("disk.qcow2"),
-                    format: DiskFormat::Qcow2,
-                    cached: false,
-                };
-                pool.create_overlay(&disk, &base, gib)?;
+                pool.create_overlay_on(&disk, &dir.join("disk.qcow2"), DiskFormat::Qcow2, gib)?;
                 let copy = |from: &str, to: &Path| {
                     std::fs::copy(dir.join(from), to)
                         .map(drop)

@@ -200,3 +200,227 @@ pub fn devicelab_cli() -> std::path::PathBuf {
         })
         .clone()
 }
+
+/// A libvirtd of the test's own, so restarting it disturbs nothing else: private mount and
+/// network namespaces, its state and config in a temp dir, its socket at `<dir>/run/libvirt-sock`.
+/// `<dir>/data` is a directory it shares with the test, or, started
+/// [`PrivateLibvirtd::apart`], one of its own (`<dir>/host-data` seen from the test), as a
+/// remote host's files are: nothing written there by the test reaches it.
+pub struct PrivateLibvirtd {
+    pub dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+    apart: bool,
+}
+
+impl PrivateLibvirtd {
+    pub fn start() -> Self {
+        Self::started(false)
+    }
+
+    /// Started with a `<dir>/data` of its own.
+    pub fn apart() -> Self {
+        Self::started(true)
+    }
+
+    fn started(apart: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["run", "lib", "cache", "etc", "data", "host-data"] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        for conf in ["libvirtd.conf", "qemu.conf"] {
+            std::fs::copy(
+                std::path::Path::new("/etc/libvirt").join(conf),
+                dir.path().join("etc").join(conf),
+            )
+            .unwrap();
+        }
+        let mut this = Self {
+            dir,
+            child: None,
+            apart,
+        };
+        this.spawn();
+        this
+    }
+
+    pub fn uri(&self) -> String {
+        format!(
+            "qemu:///system?socket={}",
+            self.dir.path().join("run/libvirt-sock").display()
+        )
+    }
+
+    pub fn spawn(&mut self) {
+        let d = self.dir.path().display();
+        let data = if self.apart {
+            format!("mount --bind {d}/host-data {d}/data && ")
+        } else {
+            String::new()
+        };
+        let script = format!(
+            "{data}mount --bind {d}/run /run/libvirt && mount --bind {d}/lib /var/lib/libvirt && \
+             mount --bind {d}/cache /var/cache/libvirt && mount --bind {d}/etc /etc/libvirt && \
+             exec libvirtd -p {d}/libvirtd.pid"
+        );
+        require(
+            "libvirtd",
+            "apt install libvirt-daemon-system (fixtures/host/setup.sh)",
+        );
+        let child = std::process::Command::new(require("unshare", "apt install util-linux"))
+            .args(["--mount", "--net", "--propagation", "private", "sh", "-c"])
+            .arg(script)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("unshare (util-linux) runs libvirtd");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while devicelab::host::libvirt::Libvirt::open(&self.uri()).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the private libvirtd did not come up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // A stopped daemon must run again to act on SIGTERM.
+            unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            child.wait().unwrap();
+        }
+    }
+
+    /// The daemon's pid (`unshare` execs it: the same process), to enter its namespaces.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the private libvirtd runs").id()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("the private libvirtd runs");
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+    }
+}
+
+impl Drop for PrivateLibvirtd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A real OpenSSH sshd on 127.0.0.1, with a host key and an authorized client key of its own.
+pub struct Sshd {
+    /// Accepts connections on the port the test bound (and keeps) and hands each to
+    /// `sshd -i`: no port is picked, freed and bound again later by someone else.
+    acceptor: tokio::task::JoinHandle<()>,
+    pub addr: std::net::SocketAddr,
+    pub host_key: devicelab::ssh::keys::HostKey,
+    pub client: devicelab::ssh::keys::ClientKey,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+/// The user this test runs as.
+pub fn user() -> String {
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| {
+            let out = std::process::Command::new("id")
+                .arg("-un")
+                .output()
+                .unwrap();
+            String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        })
+}
+
+impl Sshd {
+    /// Starts it; each session's `sshd -i` runs under `wrap` (a command and its arguments, such as
+    /// `nsenter` into another mount namespace), or directly when `wrap` is empty.
+    pub async fn start(wrap: &[std::ffi::OsString]) -> Sshd {
+        use devicelab::ssh::keys::{ClientKey, HostKey};
+        use std::os::unix::fs::PermissionsExt;
+        use std::process::{Command, Stdio};
+        devicelab::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let host_key = HostKey::generate("test-host").unwrap();
+        let host_key_path = dir.path().join("host_ed25519");
+        std::fs::write(&host_key_path, &host_key.private_openssh).unwrap();
+        std::fs::set_permissions(&host_key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let client = ClientKey::load_or_generate(&dir.path().join("keys")).unwrap();
+        let authorized = dir.path().join("authorized_keys");
+        std::fs::write(&authorized, format!("{}\n", client.public_line)).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = dir.path().join("sshd_config");
+        std::fs::write(
+        &config,
+        format!(
+            "HostKey {}\nAuthorizedKeysFile {}\nPidFile none\n\
+             UsePAM no\nStrictModes no\nPasswordAuthentication no\nPermitRootLogin prohibit-password\n",
+            host_key_path.display(),
+            authorized.display()
+        ),
+    )
+    .unwrap();
+        let _ = std::fs::create_dir_all("/run/sshd"); // privilege separation dir (Debian)
+        let sshd = require(
+            "sshd",
+            "apt install openssh-server (fixtures/host/setup.sh)",
+        );
+        // Fails here, clearly, if sshd cannot run with this configuration.
+        let check = Command::new(&sshd)
+            .args(["-t", "-f"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "sshd -t: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let wrap = wrap.to_vec();
+        let acceptor = tokio::spawn(async move {
+            // Held by the task: aborting it (the drop) kills every sshd it started.
+            let mut sessions = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                let stream = stream.into_std().unwrap();
+                stream.set_nonblocking(false).unwrap();
+                let input = stream.try_clone().unwrap();
+                // Inetd mode: this connection is sshd's stdin and stdout; it exits with it.
+                let mut command = match wrap.split_first() {
+                    Some((program, args)) => {
+                        let mut c = tokio::process::Command::new(program);
+                        c.args(args).arg(&sshd);
+                        c
+                    }
+                    None => tokio::process::Command::new(&sshd),
+                };
+                let session = command
+                    .args(["-i", "-f"])
+                    .arg(&config)
+                    .stdin(Stdio::from(std::os::fd::OwnedFd::from(input)))
+                    .stdout(Stdio::from(std::os::fd::OwnedFd::from(stream)))
+                    .stderr(Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn();
+                sessions.extend(session.ok());
+            }
+        });
+        Sshd {
+            acceptor,
+            addr,
+            host_key,
+            client,
+            dir,
+        }
+    }
+}
