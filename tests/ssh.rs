@@ -19,6 +19,7 @@ fn target(sshd: &Sshd) -> SshTarget {
         user: user(),
         key: sshd.client.private.clone(),
         host_key: sshd.host_key.public.clone(),
+        via: None,
     }
 }
 
@@ -144,4 +145,52 @@ async fn an_unauthorized_client_key_is_rejected() {
         .err()
         .expect("must fail");
     assert!(matches!(err, SshError::AuthRejected { .. }), "{err}");
+}
+
+/// A guest whose address does not route from here is reached through its host: a `direct-tcpip`
+/// channel of a session to the host, each hop's host key checked, the error naming the hop
+/// whose key was wrong.
+#[test_log::test(tokio::test)]
+async fn a_guest_is_reached_through_its_host_each_hop_verified() {
+    let (host, guest) = (start_sshd().await, start_sshd().await);
+    let through = |host_key: HostKey, guest_key: HostKey| SshTarget {
+        host_key: guest_key.public,
+        via: Some(Box::new(SshTarget {
+            host_key: host_key.public,
+            ..target(&host)
+        })),
+        ..target(&guest)
+    };
+    let s = SshSession::connect(
+        &through(host.host_key.clone(), guest.host_key.clone()),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let out = s.exec("echo through").await.unwrap();
+    assert_eq!(out.stdout, "through\n");
+    assert_eq!(host.sessions(), 1, "the host carried it");
+    assert_eq!(guest.sessions(), 1);
+
+    for (host_key, guest_key, wrong) in [
+        (
+            HostKey::generate("impostor").unwrap(),
+            guest.host_key.clone(),
+            host.addr,
+        ),
+        (
+            host.host_key.clone(),
+            HostKey::generate("impostor").unwrap(),
+            guest.addr,
+        ),
+    ] {
+        let err = SshSession::connect(&through(host_key, guest_key), Duration::from_secs(10))
+            .await
+            .err()
+            .expect("a host key that is not the expected one is refused");
+        assert!(
+            matches!(&err, SshError::HostKeyMismatch { addr, .. } if *addr == wrong),
+            "{err}"
+        );
+    }
 }

@@ -51,6 +51,10 @@ pub struct SshTarget {
     pub user: String,
     pub key: Arc<PrivateKey>,
     pub host_key: PublicKey,
+    /// The host to go through when this one's address does not route from here (a guest on a
+    /// libvirt host's network): the guest is reached over a `direct-tcpip` channel of an SSH
+    /// connection to it, each hop's host key checked.
+    pub via: Option<Box<SshTarget>>,
 }
 
 /// What a command run over SSH did: how it ended and what it printed.
@@ -102,29 +106,67 @@ pub fn fingerprint(key: &PublicKey) -> String {
 pub struct SshSession {
     handle: client::Handle<Verifier>,
     addr: SocketAddr,
+    /// The session to the host this one goes through, kept open as long as this one.
+    _jump: Option<Box<SshSession>>,
+}
+
+/// The client's settings: keepalives, and the host key type the harness injected, so that is
+/// the one verified.
+fn config() -> Arc<client::Config> {
+    Arc::new(client::Config {
+        keepalive_interval: Some(Duration::from_secs(15)),
+        keepalive_max: 4,
+        preferred: russh::Preferred {
+            key: Cow::Borrowed(&[Algorithm::Ed25519]),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
 }
 
 impl SshSession {
-    /// One attempt: TCP connect, handshake (verifying the host key), public-key auth.
+    /// One attempt: TCP connect (or a channel through the host `target.via` names, logged in to
+    /// first), handshake (verifying the host key), public-key auth.
     pub async fn connect(target: &SshTarget, timeout: Duration) -> Result<Self, SshError> {
+        let jump = match &target.via {
+            None => None,
+            Some(host) => Some(Box::pin(Self::connect(host, timeout)).await?),
+        };
         let addr = target.addr;
-        let config = Arc::new(client::Config {
-            keepalive_interval: Some(Duration::from_secs(15)),
-            keepalive_max: 4,
-            preferred: russh::Preferred {
-                // Ask for the key type the harness injected, so that is the one verified.
-                key: Cow::Borrowed(&[Algorithm::Ed25519]),
-                ..Default::default()
-            },
-            ..Default::default()
-        });
         let presented = Arc::new(Mutex::new(None));
         let verifier = Verifier {
             expected: target.host_key.clone(),
             presented: presented.clone(),
         };
-        let connecting = client::connect(config, addr, verifier);
-        let mut handle = match tokio::time::timeout(timeout, connecting).await {
+        let connected = match &jump {
+            None => tokio::time::timeout(timeout, client::connect(config(), addr, verifier)).await,
+            Some(jump) => {
+                let channel = tokio::time::timeout(
+                    timeout,
+                    jump.handle.channel_open_direct_tcpip(
+                        addr.ip().to_string(),
+                        u32::from(addr.port()),
+                        "127.0.0.1",
+                        0,
+                    ),
+                )
+                .await
+                .map_err(|_| SshError::ConnectTimeout {
+                    addr,
+                    after: timeout,
+                })?
+                .map_err(|e| SshError::Connect {
+                    addr,
+                    message: format!("through {}: {e}", jump.addr),
+                })?;
+                tokio::time::timeout(
+                    timeout,
+                    client::connect_stream(config(), channel.into_stream(), verifier),
+                )
+                .await
+            }
+        };
+        let mut handle = match connected {
             Err(_) => {
                 return Err(SshError::ConnectTimeout {
                     addr,
@@ -167,7 +209,11 @@ impl SshSession {
                 user: target.user.clone(),
             });
         }
-        Ok(Self { handle, addr })
+        Ok(Self {
+            handle,
+            addr,
+            _jump: jump.map(Box::new),
+        })
     }
 
     pub fn is_closed(&self) -> bool {

@@ -201,6 +201,7 @@ impl Vm {
             user: self.login.user.clone(),
             key: self.login.key.clone(),
             host_key: self.login.host_key.public.clone(),
+            via: None,
         })
     }
 

@@ -319,6 +319,7 @@ pub struct Sshd {
     pub host_key: devicelab::ssh::keys::HostKey,
     pub client: devicelab::ssh::keys::ClientKey,
     pub dir: tempfile::TempDir,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Drop for Sshd {
@@ -388,10 +389,13 @@ impl Sshd {
             String::from_utf8_lossy(&check.stderr)
         );
         let wrap = wrap.to_vec();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
         let acceptor = tokio::spawn(async move {
             // Held by the task: aborting it (the drop) kills every sshd it started.
             let mut sessions = Vec::new();
             while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let stream = stream.into_std().unwrap();
                 stream.set_nonblocking(false).unwrap();
                 let input = stream.try_clone().unwrap();
@@ -421,6 +425,12 @@ impl Sshd {
             host_key,
             client,
             dir,
+            accepted,
         }
+    }
+
+    /// How many connections it has accepted.
+    pub fn sessions(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
