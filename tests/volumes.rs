@@ -42,8 +42,8 @@ fn image(dir: &Path, digest: Option<&str>) -> BaseImage {
     }
 }
 
-/// What `qemu-img info` says backs the qcow2 file at `path`.
-fn backing_of(path: &Path) -> String {
+/// What `qemu-img info` says of the image at `path`.
+fn info(path: &Path) -> serde_json::Value {
     let out = std::process::Command::new(require("qemu-img", "apt install qemu-utils"))
         .args(["info", "-U", "--output=json"])
         .arg(path)
@@ -54,8 +54,12 @@ fn backing_of(path: &Path) -> String {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    info["backing-filename"]
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// What backs the qcow2 file at `path`.
+fn backing_of(path: &Path) -> String {
+    info(path)["backing-filename"]
         .as_str()
         .unwrap_or_default()
         .to_owned()
@@ -114,6 +118,40 @@ fn a_base_image_is_sent_once_per_host_and_digest() {
             "no upload left"
         );
     }
+}
+
+/// A qcow2 base image (as cloud images are) stays a qcow2 image of the same size in the pool,
+/// and the overlays over it say so.
+#[test]
+fn a_qcow2_base_stays_qcow2_in_the_pool() {
+    let src = tempfile::tempdir().unwrap();
+    let path = src.path().join("base.qcow2");
+    let made = std::process::Command::new(require("qemu-img", "apt install qemu-utils"))
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&path)
+        .arg("64M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let base = BaseImage {
+        digest: common::sha256_hex(&std::fs::read(&path).unwrap()),
+        path,
+        format: DiskFormat::Qcow2,
+        cached: false,
+    };
+    let h = host();
+    let overlay = h.pool.create_overlay("vm.qcow2", &base, 1).unwrap();
+    let copy = h.pool.path_of(&named(&h.pool, BASE_PREFIX)[0]);
+    let theirs = info(&copy);
+    assert_eq!(theirs["format"], "qcow2", "{theirs}");
+    assert_eq!(theirs["virtual-size"], 64 * 1024 * 1024, "{theirs}");
+    let ours = info(&overlay);
+    assert_eq!(
+        ours["backing-filename"],
+        copy.display().to_string(),
+        "{ours}"
+    );
+    assert_eq!(ours["backing-filename-format"], "qcow2", "{ours}");
 }
 
 #[test]

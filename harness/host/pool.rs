@@ -66,21 +66,22 @@ pub fn base_volume_name(base: &BaseImage) -> String {
     )
 }
 
-/// A raw volume's definition: `capacity` bytes (sparse: what is not written takes no disk),
-/// its file's mode from `access`.
-fn raw_volume_xml(volume: &str, capacity: u64, access: Access) -> String {
+/// A volume's definition: `capacity` bytes (sparse: what is not written takes no disk), its
+/// file in `format`, its mode from `access`.
+fn volume_xml(volume: &str, capacity: u64, format: DiskFormat, access: Access) -> String {
     format!(
         r#"<volume>
   <name>{name}</name>
   <capacity unit='bytes'>{capacity}</capacity>
   <allocation>0</allocation>
   <target>
-    <format type='raw'/>
+    <format type='{format}'/>
     <permissions><mode>{mode}</mode></permissions>
   </target>
 </volume>
 "#,
         name = xml_escape(volume),
+        format = format.as_str(),
         mode = access.mode(),
     )
 }
@@ -280,7 +281,8 @@ impl Pool {
         };
         let len = std::fs::metadata(source).map_err(source_err)?.len();
         self.delete_volume(volume)?;
-        let xml = raw_volume_xml(volume, capacity.max(len).max(1), access);
+        // Raw: the bytes are sent as they are, whatever they hold.
+        let xml = volume_xml(volume, capacity.max(len).max(1), DiskFormat::Raw, access);
         let vol = StorageVol::create_xml(&self.handle()?, &xml, 0)
             .map_err(call_err("create volume", volume))?;
         let sent = (|| -> Result<(), PoolError> {
@@ -360,6 +362,7 @@ impl Pool {
         volume: &str,
         source: &Path,
         capacity: u64,
+        format: DiskFormat,
         sha256: Option<&str>,
     ) -> Result<PathBuf, PoolError> {
         if let Some(path) = self.existing(volume)? {
@@ -397,7 +400,10 @@ impl Pool {
             let from = pool
                 .lookup_storage_vol_by_name(&part)
                 .map_err(call_err("look up volume", &part))?;
-            let xml = raw_volume_xml(volume, capacity.max(len).max(1), Access::Shared);
+            // In the source's own format: libvirt copies a raw file as it is and a qcow2
+            // image image to image (at least the sent one's size: libvirt raises it to the
+            // image's own).
+            let xml = volume_xml(volume, capacity.max(len).max(1), format, Access::Shared);
             let vol = StorageVol::create_xml_from(&pool, &xml, &from, 0)
                 .map_err(call_err("copy to volume", volume))?;
             Ok(PathBuf::from(
@@ -424,14 +430,20 @@ impl Pool {
     /// The base image as a volume of this host's pool (uploaded once per host and digest,
     /// its bytes checked against the digest as they are sent).
     pub fn base_volume(&self, base: &BaseImage) -> Result<PathBuf, PoolError> {
-        self.cached(&base_volume_name(base), &base.path, 0, Some(&base.digest))
+        self.cached(
+            &base_volume_name(base),
+            &base.path,
+            0,
+            base.format,
+            Some(&base.digest),
+        )
     }
 
     /// `fw`'s CODE as a volume of this host's pool, padded to the 64 MiB a `virt` pflash device
     /// needs (uploaded once per host and firmware).
     pub fn firmware_code(&self, fw: &FirmwarePair) -> Result<PathBuf, PoolError> {
         let volume = firmware::code_volume(fw)?;
-        self.cached(&volume, &fw.code, PFLASH_SIZE, None)
+        self.cached(&volume, &fw.code, PFLASH_SIZE, DiskFormat::Raw, None)
     }
 
     /// A qcow2 overlay over the base image (its volume in this pool): the VM writes there, the
