@@ -21,7 +21,6 @@ fn params(arch: VmArchitecture, accel: Accelerator) -> DomainXmlParams {
         seed: pool.join(format!("{name}-seed.img")),
         network: "default".into(),
         mac: mac_for(&name),
-        serial_log: PathBuf::from(format!("/var/lib/devicelab/runs/{name}/serial.log")),
         uefi: (arch == VmArchitecture::Aarch64).then(|| UefiPflash {
             code: PathBuf::from("/usr/share/AAVMF/AAVMF_CODE.fd"),
             vars: pool.join(format!("{name}-VARS.fd")),

@@ -118,7 +118,6 @@ fn domain_params(name: &str, memory_mib: u64) -> DomainXmlParams {
         seed: dir.join("seed.img"),
         network: "default".into(),
         mac: mac_for(name),
-        serial_log: dir.join("serial.log"),
         uefi: None,
         qemu_args: Vec::new(),
         owner: run_owner(),

@@ -24,7 +24,6 @@ pub struct DomainXmlParams {
     pub seed: PathBuf,
     pub network: String,
     pub mac: String,
-    pub serial_log: PathBuf,
     pub uefi: Option<UefiPflash>,
     /// Extra QEMU arguments passed through `<qemu:commandline>`.
     pub qemu_args: Vec<String>,
@@ -79,24 +78,6 @@ pub fn digest_of_defined(xml: &str) -> Option<String> {
         .find(|n| n.has_tag_name((METADATA_NS, "run")))?
         .attribute("xml-sha256")?;
     (digest.len() == 64 && digest.chars().all(|c| c.is_ascii_hexdigit())).then(|| digest.to_owned())
-}
-
-/// `xml` with its serial console logged to `serial_log` instead (a clone restored from a saved
-/// VM logs to its own run dir); `None` if it logs nowhere.
-pub fn with_serial_log(xml: &str, serial_log: &std::path::Path) -> Option<String> {
-    let doc = roxmltree::Document::parse(xml).ok()?;
-    let log = doc
-        .descendants()
-        .filter(|n| n.has_tag_name("serial"))
-        .flat_map(|n| n.children())
-        .find(|n| n.has_tag_name("log"))?;
-    let attr = log.attributes().find(|a| a.name() == "file")?;
-    let range = attr.range_value();
-    let mut out = String::with_capacity(xml.len());
-    out.push_str(&xml[..range.start]);
-    out.push_str(&xml_escape(&serial_log.display().to_string()));
-    out.push_str(&xml[range.end..]);
-    Some(out)
 }
 
 /// The run a defined domain's metadata names as its owner, if any.
@@ -198,7 +179,6 @@ fn render_with_digest(p: &DomainXmlParams, digest: &str) -> String {
       <model type='virtio'/>
     </interface>
     <serial type='pty'>
-      <log file='{serial_log}' append='on'/>
       <target port='0'/>
     </serial>
     <console type='pty'>
@@ -223,7 +203,6 @@ fn render_with_digest(p: &DomainXmlParams, digest: &str) -> String {
         seed = path(&p.seed),
         mac = e(&p.mac),
         network = e(&p.network),
-        serial_log = path(&p.serial_log),
     )
 }
 

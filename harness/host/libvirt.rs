@@ -8,6 +8,7 @@
 //! uses the `virt` crate beside devicelab shares that loop (libvirt has one per process).
 
 use crate::host::domain_xml::{RenderedDomain, digest_of_defined};
+use crate::host::serial;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
@@ -179,6 +180,20 @@ impl OpenAttempt {
             Some(Err(_))
         )
     }
+}
+
+/// [`serial::tap`], its failure a [`LibvirtError::Call`] naming the domain.
+fn tap(
+    conn: &Connect,
+    dom: &Domain,
+    name: &str,
+    serial_log: &std::path::Path,
+) -> Result<(), LibvirtError> {
+    serial::tap(conn, dom, name, serial_log).map_err(|e| LibvirtError::Call {
+        action: e.action,
+        object: name.to_owned(),
+        message: e.message,
+    })
 }
 
 /// The name of the threads that open connections (at most one per [`Libvirt`] at a time).
@@ -418,8 +433,20 @@ impl Libvirt {
         }
     }
 
-    pub fn start(&self, dom: &Domain, name: &str) -> Result<(), LibvirtError> {
-        dom.create().map_err(call_err("start domain", name))
+    /// Starts the domain with its serial console streamed into `serial_log` from its first
+    /// byte: started paused, the console opened, then resumed.
+    pub fn start(
+        &self,
+        dom: &Domain,
+        name: &str,
+        serial_log: &std::path::Path,
+    ) -> Result<(), LibvirtError> {
+        dom.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
+            .map_err(call_err("start domain", name))?;
+        let conn = self.conn()?;
+        tap(&conn, dom, name, serial_log)?;
+        dom.resume().map_err(call_err("resume domain", name))?;
+        Ok(())
     }
 
     /// Saves the running domain's memory and device state to `to` (libvirt's save): the
@@ -444,8 +471,8 @@ impl Libvirt {
         Ok(())
     }
 
-    /// Restores the domain saved in `from` (running, as it was saved), records `owner` in its
-    /// metadata and makes it persistent, so a power cycle (destroy, start) boots it again from
+    /// Restores the domain saved in `from` (running, as it was saved, its console streamed into
+    /// `serial_log`), records `owner` in its metadata and makes it persistent, so a power cycle (destroy, start) boots it again from
     /// its disk. Returns the defined XML.
     pub fn restore(
         &self,
@@ -456,24 +483,14 @@ impl Libvirt {
     ) -> Result<String, LibvirtError> {
         let conn = self.conn()?;
         let file = from.display().to_string();
-        // The saved XML logs the console to the saved VM's own run dir; this clone logs to its
-        // own (the rest of the XML must stay as saved: libvirt checks it is the same machine).
-        let saved = conn
-            .save_image_xml_desc(&file, sys::VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
-            .map_err(call_err("read the saved XML of", name))?;
-        let xml =
-            crate::host::domain_xml::with_serial_log(&saved, serial_log).ok_or_else(|| {
-                LibvirtError::Call {
-                    action: "find the console log in the saved XML of",
-                    object: name.to_owned(),
-                    message: "no <serial><log file=...> element".into(),
-                }
-            })?;
-        conn.restore_domain_flags(&file, Some(&xml), sys::VIR_DOMAIN_SAVE_RUNNING)
+        // Paused until its console streams into this clone's own log.
+        conn.restore_domain_flags(&file, None, sys::VIR_DOMAIN_SAVE_PAUSED)
             .map_err(call_err("restore domain", name))?;
         let dom = conn
             .lookup_domain_by_name(name)
             .map_err(call_err("look up domain", name))?;
+        tap(&conn, &dom, name, serial_log)?;
+        dom.resume().map_err(call_err("resume domain", name))?;
         dom.set_metadata(
             sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
             Some(&crate::host::domain_xml::owner_element(owner)),

@@ -1,6 +1,6 @@
 //! The host a VM runs on: the libvirt connection ([`libvirt`]), the domain XML it is given
 //! ([`domain_xml`]) and the network filter that partitions it, the storage pool ([`pool`]), the
-//! cross-process VM slots ([`slots`]), the accelerator ([`accel`]) and QEMU's own probe ([`qemu_probe`]), the
+//! cross-process VM slots ([`slots`]), the serial console streamed into its log ([`serial`]), the accelerator ([`accel`]) and QEMU's own probe ([`qemu_probe`]), the
 //! host checks ([`doctor`]) and the reaper of what a dead run left ([`reaper`]).
 //!
 //! Never imports `vm`, `agent`, `nats` or `trials`.
@@ -12,4 +12,5 @@ pub mod libvirt;
 pub mod pool;
 pub mod qemu_probe;
 pub mod reaper;
+pub mod serial;
 pub mod slots;

@@ -119,9 +119,9 @@ impl Boot for ColdBoot {
             disk,
             seed,
             domain_xml::mac_for(&instance_id),
-            vm.serial_log.clone(),
             uefi,
         ));
+        let serial_log = vm.serial_log.clone();
         plan.libvirt
             .run(move |lv| -> Result<(), VmError> {
                 let domain_xml = owned.run_dir.join("domain.xml");
@@ -133,7 +133,7 @@ impl Boot for ColdBoot {
                 // Held across define and start: an interrupt's teardown waits for both.
                 let _held = owned.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
                 let dom = lv.define(&owned.name, &rendered)?;
-                Ok(lv.start(&dom, &owned.name)?)
+                Ok(lv.start(&dom, &owned.name, &serial_log)?)
             })
             .await?;
         tracing::info!(

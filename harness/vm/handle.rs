@@ -463,13 +463,13 @@ impl Vm {
     pub async fn power_on(&self) -> Result<(), VmError> {
         self.boot_offset
             .store(console::len(&self.serial_log), Ordering::SeqCst);
-        let owned = self.owned.clone();
+        let (owned, serial_log) = (self.owned.clone(), self.serial_log.clone());
         Ok(self
             .owned
             .libvirt
             .run(move |lv| {
                 let _held = owned.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
-                lv.start(&lv.domain(&owned.name)?, &owned.name)
+                lv.start(&lv.domain(&owned.name)?, &owned.name, &serial_log)
             })
             .await?)
     }

@@ -56,7 +56,6 @@ impl Plan {
         disk: PathBuf,
         seed: PathBuf,
         mac: String,
-        serial_log: PathBuf,
         uefi: Option<UefiPflash>,
     ) -> DomainXmlParams {
         DomainXmlParams {
@@ -70,7 +69,6 @@ impl Plan {
             seed,
             network: self.network.clone(),
             mac,
-            serial_log,
             uefi,
             qemu_args: self.qemu_args.clone(),
             owner: self.owner.clone(),

@@ -309,7 +309,6 @@ pub(crate) fn key_inputs(plan: &Plan) -> Result<KeyInputs, VmError> {
         pool.join("placeholder.qcow2"),
         pool.join("placeholder-seed.img"),
         "52:54:00:00:00:00".into(),
-        plan.runs_dir.join(placeholder).join("serial.log"),
         plan.firmware
             .as_ref()
             .map(|fw| crate::host::domain_xml::UefiPflash {
