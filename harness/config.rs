@@ -19,7 +19,7 @@ pub const VARIABLES: &[(&str, &str)] = &[
     ),
     (
         "DEVICELAB_LIBVIRT_URI",
-        "libvirt connection, default `qemu:///system`",
+        "libvirt connection, default `qemu:///system`; another host's: [remote-hosts.md](remote-hosts.md)",
     ),
     (
         "DEVICELAB_NETWORK",
@@ -51,7 +51,7 @@ pub const VARIABLES: &[(&str, &str)] = &[
     ),
     (
         "DEVICELAB_UEFI_VARS",
-        "the aarch64 UEFI VARS template each VM copies (with `DEVICELAB_UEFI_CODE`)",
+        "the aarch64 UEFI VARS template each VM's NVRAM volume is sent from (with `DEVICELAB_UEFI_CODE`)",
     ),
     (
         "DEVICELAB_IMAGE_<ARCH>",

@@ -6,7 +6,7 @@ mod common;
 
 use common::{PrivateLibvirtd, require};
 use devicelab::host::libvirt::Libvirt;
-use devicelab::host::pool::{Access, BASE_PREFIX, Pool, PoolError, upload_prefix};
+use devicelab::host::pool::{Access, BASE_PREFIX, Pool, PoolError, machine_id, upload_prefix};
 use devicelab::host::reaper::{self, DataDirs};
 use devicelab::image::{BaseImage, DiskFormat};
 use std::path::Path;
@@ -187,8 +187,10 @@ fn an_upload_whose_process_died_is_reaped_and_a_live_ones_kept() {
     let mut dead = std::process::Command::new("true").spawn().unwrap();
     let dead_pid = dead.id();
     dead.wait().unwrap();
-    let theirs = format!("devicelab-upload-{dead_pid}-1-base");
-    for v in [&mine, &theirs] {
+    let theirs = format!("devicelab-upload-{}-{dead_pid}-1-base", machine_id());
+    // Another machine's, by a pid this one cannot see: not this machine's to judge.
+    let elsewhere = format!("devicelab-upload-othermachine-{dead_pid}-1-base");
+    for v in [&mine, &theirs, &elsewhere] {
         h.pool.upload(v, &file, 0, Access::Shared).unwrap();
     }
 
@@ -199,5 +201,7 @@ fn an_upload_whose_process_died_is_reaped_and_a_live_ones_kept() {
     };
     let reaped = reaper::reap(&h.libvirt, &h.pool, &dirs, Path::new("true"));
     assert_eq!(reaped.uploads, vec![theirs]);
-    assert_eq!(named(&h.pool, "devicelab-upload-"), vec![mine]);
+    let mut left = vec![mine, elsewhere];
+    left.sort();
+    assert_eq!(named(&h.pool, "devicelab-upload-"), left);
 }

@@ -443,10 +443,26 @@ impl Libvirt {
     ) -> Result<(), LibvirtError> {
         dom.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
             .map_err(call_err("start domain", name))?;
-        let conn = self.conn()?;
-        tap(&conn, dom, name, serial_log)?;
-        dom.resume().map_err(call_err("resume domain", name))?;
-        Ok(())
+        self.resume_with_console(dom, name, serial_log)
+    }
+
+    /// Resumes a domain started or restored paused, its serial console streamed into
+    /// `serial_log` first; if either fails, the domain is destroyed (not left paused).
+    pub fn resume_with_console(
+        &self,
+        dom: &Domain,
+        name: &str,
+        serial_log: &std::path::Path,
+    ) -> Result<(), LibvirtError> {
+        let resumed = self.conn().and_then(|conn| {
+            tap(&conn, dom, name, serial_log)?;
+            dom.resume().map_err(call_err("resume domain", name))?;
+            Ok(())
+        });
+        if resumed.is_err() {
+            let _ = dom.destroy();
+        }
+        resumed
     }
 
     /// Saves the running domain's memory and device state to `to` (libvirt's save): the
@@ -471,26 +487,22 @@ impl Libvirt {
         Ok(())
     }
 
-    /// Restores the domain saved in `from` (running, as it was saved, its console streamed into
-    /// `serial_log`), records `owner` in its metadata and makes it persistent, so a power cycle (destroy, start) boots it again from
-    /// its disk. Returns the defined XML.
+    /// Restores the domain saved in `from`, paused (see [`Libvirt::resume_with_console`]),
+    /// records `owner` in its metadata and makes it persistent, so a power cycle (destroy,
+    /// start) boots it again from its disk. Returns the domain and its defined XML.
     pub fn restore(
         &self,
         from: &std::path::Path,
         name: &str,
         owner: &crate::host::domain_xml::RunOwner,
-        serial_log: &std::path::Path,
-    ) -> Result<String, LibvirtError> {
+    ) -> Result<(Domain, String), LibvirtError> {
         let conn = self.conn()?;
         let file = from.display().to_string();
-        // Paused until its console streams into this clone's own log.
         conn.restore_domain_flags(&file, None, sys::VIR_DOMAIN_SAVE_PAUSED)
             .map_err(call_err("restore domain", name))?;
         let dom = conn
             .lookup_domain_by_name(name)
             .map_err(call_err("look up domain", name))?;
-        tap(&conn, &dom, name, serial_log)?;
-        dom.resume().map_err(call_err("resume domain", name))?;
         dom.set_metadata(
             sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
             Some(&crate::host::domain_xml::owner_element(owner)),
@@ -504,7 +516,7 @@ impl Libvirt {
             .map_err(call_err("read domain", name))?;
         conn.define_domain_xml(&xml)
             .map_err(call_err("define the restored domain", name))?;
-        Ok(xml)
+        Ok((dom, xml))
     }
 
     /// The MACs that `network`'s DHCP server has leased `ip` to (unexpired leases).

@@ -37,25 +37,46 @@ pub const UPLOAD_LOCK_BUDGET: Duration = Duration::from_secs(600);
 const CHUNK: usize = 1 << 20;
 
 /// The start of an upload's volume name while it is sent: its owner's pid and start time, so
-/// the reaper can tell a dead uploader's leftover from a live one's.
+/// the reaper can tell a dead uploader's leftover from a live one's. It starts with this
+/// machine's id: a libvirt host several machines use holds uploads of processes this one
+/// cannot see.
 pub fn upload_prefix(pid: u32) -> String {
     format!(
-        "devicelab-upload-{pid}-{}-",
+        "devicelab-upload-{}-{pid}-{}-",
+        machine_id(),
         process_start_time(pid).unwrap_or(0)
     )
 }
 
-/// The owner (pid, start time) an upload volume's name carries, if it is one.
-pub fn upload_owner(volume: &str) -> Option<(u32, u64)> {
-    let mut f = volume.strip_prefix("devicelab-upload-")?.splitn(3, '-');
-    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+/// The owner (machine, pid, start time) an upload volume's name carries, if it is one.
+pub fn upload_owner(volume: &str) -> Option<(String, u32, u64)> {
+    let mut f = volume.strip_prefix("devicelab-upload-")?.splitn(4, '-');
+    Some((
+        f.next()?.to_owned(),
+        f.next()?.parse().ok()?,
+        f.next()?.parse().ok()?,
+    ))
 }
 
-/// Whether a volume is one the pool keeps across runs (a base image or padded firmware), not
-/// one of a VM's.
-pub fn is_cached_volume(volume: &str) -> bool {
-    volume.starts_with(BASE_PREFIX) || volume.ends_with(firmware::PADDED_SUFFIX)
+/// This machine's id (the start of `/etc/machine-id`, else of its host name), as an upload's
+/// name carries it.
+pub fn machine_id() -> String {
+    let id = std::fs::read_to_string("/etc/machine-id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .unwrap_or_default();
+    let id: String = id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(12)
+        .collect();
+    if id.is_empty() { "unknown".into() } else { id }
 }
+
+/// How long a pool refresh waits while libvirt copies a volume (it refuses one meanwhile).
+const REFRESH_BUDGET: Duration = Duration::from_secs(120);
 
 /// The name of the volume that holds `base` on every host.
 pub fn base_volume_name(base: &BaseImage) -> String {
@@ -261,16 +282,18 @@ impl Pool {
         capacity: u64,
         access: Access,
     ) -> Result<PathBuf, PoolError> {
-        self.send_file(volume, source, capacity, access, None)
+        self.send_file(volume, source, capacity, DiskFormat::Raw, access, None)
     }
 
-    /// [`Pool::upload`], and when `sha256` is given, the bytes sent must have that digest (else
-    /// the volume is deleted and the error says the file changed).
+    /// [`Pool::upload`] into a volume libvirt knows as `format` (the bytes are sent as they
+    /// are), and when `sha256` is given, the bytes sent must have that digest (else the volume
+    /// is deleted and the error says the file changed).
     fn send_file(
         &self,
         volume: &str,
         source: &Path,
         capacity: u64,
+        format: DiskFormat,
         access: Access,
         sha256: Option<&str>,
     ) -> Result<PathBuf, PoolError> {
@@ -281,8 +304,7 @@ impl Pool {
         };
         let len = std::fs::metadata(source).map_err(source_err)?.len();
         self.delete_volume(volume)?;
-        // Raw: the bytes are sent as they are, whatever they hold.
-        let xml = volume_xml(volume, capacity.max(len).max(1), DiskFormat::Raw, access);
+        let xml = volume_xml(volume, capacity.max(len).max(1), format, access);
         let vol = StorageVol::create_xml(&self.handle()?, &xml, 0)
             .map_err(call_err("create volume", volume))?;
         let sent = (|| -> Result<(), PoolError> {
@@ -365,9 +387,8 @@ impl Pool {
         format: DiskFormat,
         sha256: Option<&str>,
     ) -> Result<PathBuf, PoolError> {
-        if let Some(path) = self.existing(volume)? {
-            return Ok(path);
-        }
+        // Locked before looking: libvirt shows a volume under its name while it still copies
+        // into it, and this machine's other processes must not take it before it is whole.
         let lock_path = self.locks.join(format!("{volume}.lock"));
         let holder = format!("pid {} uploading {volume}", std::process::id());
         let _lock =
@@ -394,7 +415,9 @@ impl Pool {
             })?
             .len();
         let part = format!("{}{volume}", upload_prefix(std::process::id()));
-        self.send_file(&part, source, capacity, Access::Shared, sha256)?;
+        // Declared in its own format from the start: libvirt's copy below reads it as that,
+        // not as whatever its probe of the sent bytes would say.
+        self.send_file(&part, source, capacity, format, Access::Shared, sha256)?;
         let copied = (|| -> Result<PathBuf, PoolError> {
             let pool = self.handle()?;
             let from = pool
@@ -404,11 +427,16 @@ impl Pool {
             // image image to image (at least the sent one's size: libvirt raises it to the
             // image's own).
             let xml = volume_xml(volume, capacity.max(len).max(1), format, Access::Shared);
-            let vol = StorageVol::create_xml_from(&pool, &xml, &from, 0)
-                .map_err(call_err("copy to volume", volume))?;
-            Ok(PathBuf::from(
-                vol.path().map_err(call_err("locate volume", volume))?,
-            ))
+            match StorageVol::create_xml_from(&pool, &xml, &from, 0) {
+                Ok(vol) => Ok(PathBuf::from(
+                    vol.path().map_err(call_err("locate volume", volume))?,
+                )),
+                // Another machine's copy came first: the same bytes, by its name.
+                Err(e) if is_code(&e, ErrorNumber::StorageVolExist) => self
+                    .existing(volume)?
+                    .ok_or_else(|| call_err("copy to volume", volume)(e).into()),
+                Err(e) => Err(call_err("copy to volume", volume)(e).into()),
+            }
         })();
         let removed = self.delete_volume(&part);
         let path = copied?;
@@ -442,8 +470,14 @@ impl Pool {
     /// `fw`'s CODE as a volume of this host's pool, padded to the 64 MiB a `virt` pflash device
     /// needs (uploaded once per host and firmware).
     pub fn firmware_code(&self, fw: &FirmwarePair) -> Result<PathBuf, PoolError> {
-        let volume = firmware::code_volume(fw)?;
-        self.cached(&volume, &fw.code, PFLASH_SIZE, DiskFormat::Raw, None)
+        let (volume, digest) = firmware::code_volume(fw)?;
+        self.cached(
+            &volume,
+            &fw.code,
+            PFLASH_SIZE,
+            DiskFormat::Raw,
+            Some(&digest),
+        )
     }
 
     /// A qcow2 overlay over the base image (its volume in this pool): the VM writes there, the
@@ -493,36 +527,40 @@ impl Pool {
     }
 
     /// Makes libvirt notice what changed in the pool directory outside its calls.
+    /// libvirt refuses a refresh while it copies a volume into the pool (a base image's first
+    /// upload to this host, by any process): it is tried again until [`REFRESH_BUDGET`].
     pub fn refresh(&self) -> Result<(), PoolError> {
-        self.handle()?
-            .refresh(0)
-            .map_err(call_err("refresh pool", POOL_NAME))?;
-        Ok(())
+        let started = std::time::Instant::now();
+        loop {
+            match self.handle()?.refresh(0) {
+                Ok(_) => return Ok(()),
+                Err(e)
+                    if e.message().contains("asynchronous jobs running")
+                        && started.elapsed() < REFRESH_BUDGET =>
+                {
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                Err(e) => return Err(call_err("refresh pool", POOL_NAME)(e).into()),
+            }
+        }
     }
 
-    /// Deletes a volume (or a file a warm start copied into the pool directory that libvirt
-    /// has not seen yet); absent is fine.
+    /// Deletes a volume; absent is fine.
     pub fn delete_volume(&self, volume: &str) -> Result<(), PoolError> {
         match self.handle()?.lookup_storage_vol_by_name(volume) {
             Ok(vol) => vol.delete(0).map_err(call_err("delete volume", volume))?,
             Err(e) if is_code(&e, ErrorNumber::NoStorageVolume) => {}
             Err(e) => return Err(call_err("look up volume", volume)(e).into()),
         }
-        match std::fs::remove_file(self.path_of(volume)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(PoolError::Dir {
-                dir: self.path_of(volume),
-                source,
-            }),
-        }
+        Ok(())
     }
 
     /// Deletes the uploads whose process is gone (a run killed mid-upload); returns their names.
     pub fn reap_uploads(&self) -> Vec<String> {
         let mut reaped = Vec::new();
         for volume in self.volumes().unwrap_or_default() {
-            if let Some((pid, start)) = upload_owner(&volume)
+            if let Some((machine, pid, start)) = upload_owner(&volume)
+                && machine == machine_id()
                 && !crate::support::process::is_alive(pid, start)
                 && self.delete_volume(&volume).is_ok()
             {

@@ -7,14 +7,22 @@
 //! until the domain stops (the stream ends); the next start opens a new one, appending to the
 //! same log.
 
+use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::stream::Stream;
 
 /// The name of the threads that copy a console into its log.
 pub const TAP_THREAD: &str = "dl-console";
+
+/// How long [`settle`] waits for a stopped VM's console to reach its log: libvirt ends the
+/// stream as the domain stops, so this is only ever waited out if the VM still runs.
+pub const SETTLE_BUDGET: Duration = Duration::from_secs(5);
 
 /// What could not be done to tap a console, and why.
 #[derive(Debug)]
@@ -25,6 +33,12 @@ pub struct TapError {
     pub message: String,
 }
 
+/// The copying thread of each log, until the next start of its VM or [`settle`].
+fn taps() -> &'static Mutex<HashMap<PathBuf, JoinHandle<()>>> {
+    static TAPS: OnceLock<Mutex<HashMap<PathBuf, JoinHandle<()>>>> = OnceLock::new();
+    TAPS.get_or_init(Default::default)
+}
+
 /// Starts copying `dom`'s serial console into `log` (appended), until the domain stops.
 pub fn tap(conn: &Connect, dom: &Domain, name: &str, log: &Path) -> Result<(), TapError> {
     let failed = |action| {
@@ -33,17 +47,17 @@ pub fn tap(conn: &Connect, dom: &Domain, name: &str, log: &Path) -> Result<(), T
             message: e.to_string(),
         }
     };
-    let stream = Stream::new(conn, 0).map_err(|e| failed("open a console stream for")(&e))?;
-    // Forced: a console left open by an earlier start of the same domain gives way.
-    dom.open_console(None, &stream, virt::sys::VIR_DOMAIN_CONSOLE_FORCE)
-        .map_err(|e| failed("open the serial console of")(&e))?;
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .map_err(|e| failed("open the console log of")(&format!("{}: {e}", log.display())))?;
+    let stream = Stream::new(conn, 0).map_err(|e| failed("open a console stream for")(&e))?;
+    // Forced: a console left open by an earlier start of the same domain gives way.
+    dom.open_console(None, &stream, virt::sys::VIR_DOMAIN_CONSOLE_FORCE)
+        .map_err(|e| failed("open the serial console of")(&e))?;
     let vm = name.to_owned();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(TAP_THREAD.into())
         .spawn(move || {
             let mut buf = vec![0u8; 16 * 1024];
@@ -52,18 +66,47 @@ pub fn tap(conn: &Connect, dom: &Domain, name: &str, log: &Path) -> Result<(), T
                     Ok(n) if n > 0 => {
                         let n = usize::try_from(n).unwrap_or(0);
                         if file.write_all(&buf[..n]).is_err() {
-                            break; // the run dir is gone: nobody reads this log any more
+                            let _ = stream.abort(); // the run dir is gone: nobody reads it
+                            return;
                         }
                     }
-                    Ok(_) => break, // the domain stopped
+                    Ok(_) => {
+                        let _ = stream.finish(); // the domain stopped
+                        return;
+                    }
                     Err(e) => {
                         tracing::debug!("VM {vm}: the console stream ended: {e}");
-                        break;
+                        let _ = stream.abort();
+                        return;
                     }
                 }
             }
-            let _ = stream.abort();
         })
         .map_err(|e| failed("start the console thread of")(&e))?;
+    taps()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(log.to_owned(), thread);
     Ok(())
+}
+
+/// Waits, up to `budget`, until everything the console of `log`'s VM printed before it stopped
+/// is in the log (its copying thread has seen the stream end): what a reader of the log takes
+/// for the previous boot's, or copies, is all there. Blocking.
+pub fn settle(log: &Path, budget: Duration) {
+    let Some(thread) = taps().lock().unwrap_or_else(|p| p.into_inner()).remove(log) else {
+        return;
+    };
+    let started = Instant::now();
+    while !thread.is_finished() && started.elapsed() < budget {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if thread.is_finished() {
+        let _ = thread.join();
+    } else {
+        tracing::warn!(
+            "the console of {} still streams after {budget:?}: its VM still runs?",
+            log.display()
+        );
+    }
 }

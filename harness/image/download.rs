@@ -403,13 +403,29 @@ pub fn local_digest(path: &Path, records: &Path) -> std::io::Result<String> {
         size: meta.len(),
         mtime_ns: mtime_ns(&meta),
     };
-    lock::private_dir(records)?;
-    let tmp = records.join(format!(".{}.{}.tmp", &key[..16], std::process::id()));
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(&record).expect("record serializes"),
-    )?;
-    std::fs::rename(tmp, record_file)?;
+    // Only a shortcut for the next time: a record that cannot be written costs a hash then.
+    let tmp = records.join(format!(
+        ".{}.{}.{:08x}.tmp",
+        &key[..16],
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let written = lock::private_dir(records)
+        .and_then(|()| {
+            std::fs::write(
+                &tmp,
+                serde_json::to_vec(&record).expect("record serializes"),
+            )
+        })
+        .and_then(|()| std::fs::rename(&tmp, &record_file));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!(
+            "cannot record the digest of {} in {}: {e} (it is hashed again next time)",
+            path.display(),
+            records.display()
+        );
+    }
     Ok(record.sha256)
 }
 

@@ -103,10 +103,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FirmwareError + '_ {
 /// The end of the name of CODE's volume: CODE padded to [`PFLASH_SIZE`] (kept in the pool).
 pub const PADDED_SUFFIX: &str = "-pflash64M.fd";
 
-/// The name of the pool volume that holds `fw`'s CODE padded to 64 MiB: named for its bytes,
-/// so a distro's firmware update is a new volume, and the same firmware is one volume per host.
-/// CODE larger than a `virt` pflash device is refused.
-pub fn code_volume(fw: &FirmwarePair) -> Result<String, FirmwareError> {
+/// The name of the pool volume that holds `fw`'s CODE padded to 64 MiB, and the digest of the
+/// bytes it names: a distro's firmware update is a new volume, and the same firmware is one
+/// volume per host. CODE larger than a `virt` pflash device is refused.
+pub fn code_volume(fw: &FirmwarePair) -> Result<(String, String), FirmwareError> {
     let source = &fw.code;
     let bytes = std::fs::read(source).map_err(io_err(source))?;
     if bytes.len() as u64 > PFLASH_SIZE {
@@ -117,5 +117,5 @@ pub fn code_volume(fw: &FirmwarePair) -> Result<String, FirmwareError> {
     }
     let stem = source.file_stem().unwrap_or_default().to_string_lossy();
     let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-    Ok(format!("{stem}-{}{PADDED_SUFFIX}", &digest[..12]))
+    Ok((format!("{stem}-{}{PADDED_SUFFIX}", &digest[..12]), digest))
 }

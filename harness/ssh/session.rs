@@ -107,7 +107,7 @@ pub struct SshSession {
     handle: client::Handle<Verifier>,
     addr: SocketAddr,
     /// The session to the host this one goes through, kept open as long as this one.
-    _jump: Option<Box<SshSession>>,
+    jump_session: Option<Box<SshSession>>,
 }
 
 /// The client's settings: keepalives, and the host key type the harness injected, so that is
@@ -126,11 +126,21 @@ fn config() -> Arc<client::Config> {
 
 impl SshSession {
     /// One attempt: TCP connect (or a channel through the host `target.via` names, logged in to
-    /// first), handshake (verifying the host key), public-key auth.
+    /// first), handshake (verifying the host key), public-key auth, all within `timeout`.
     pub async fn connect(target: &SshTarget, timeout: Duration) -> Result<Self, SshError> {
+        let addr = target.addr;
+        tokio::time::timeout(timeout, Self::connect_steps(target))
+            .await
+            .map_err(|_| SshError::ConnectTimeout {
+                addr,
+                after: timeout,
+            })?
+    }
+
+    async fn connect_steps(target: &SshTarget) -> Result<Self, SshError> {
         let jump = match &target.via {
             None => None,
-            Some(host) => Some(Box::pin(Self::connect(host, timeout)).await?),
+            Some(host) => Some(Box::pin(Self::connect_steps(host)).await?),
         };
         let addr = target.addr;
         let presented = Arc::new(Mutex::new(None));
@@ -139,41 +149,26 @@ impl SshSession {
             presented: presented.clone(),
         };
         let connected = match &jump {
-            None => tokio::time::timeout(timeout, client::connect(config(), addr, verifier)).await,
+            None => client::connect(config(), addr, verifier).await,
             Some(jump) => {
-                let channel = tokio::time::timeout(
-                    timeout,
-                    jump.handle.channel_open_direct_tcpip(
+                let channel = jump
+                    .handle
+                    .channel_open_direct_tcpip(
                         addr.ip().to_string(),
                         u32::from(addr.port()),
                         "127.0.0.1",
                         0,
-                    ),
-                )
-                .await
-                .map_err(|_| SshError::ConnectTimeout {
-                    addr,
-                    after: timeout,
-                })?
-                .map_err(|e| SshError::Connect {
-                    addr,
-                    message: format!("through {}: {e}", jump.addr),
-                })?;
-                tokio::time::timeout(
-                    timeout,
-                    client::connect_stream(config(), channel.into_stream(), verifier),
-                )
-                .await
+                    )
+                    .await
+                    .map_err(|e| SshError::Connect {
+                        addr,
+                        message: format!("through {}: {e}", jump.addr),
+                    })?;
+                client::connect_stream(config(), channel.into_stream(), verifier).await
             }
         };
         let mut handle = match connected {
-            Err(_) => {
-                return Err(SshError::ConnectTimeout {
-                    addr,
-                    after: timeout,
-                });
-            }
-            Ok(Err(e)) => {
+            Err(e) => {
                 if let Some(got) = presented.lock().unwrap().take() {
                     return Err(SshError::HostKeyMismatch {
                         addr,
@@ -186,23 +181,17 @@ impl SshSession {
                     message: e.to_string(),
                 });
             }
-            Ok(Ok(handle)) => handle,
+            Ok(handle) => handle,
         };
         let key = PrivateKeyWithHashAlg::new(target.key.clone(), None);
-        let auth = tokio::time::timeout(
-            timeout,
-            handle.authenticate_publickey(target.user.clone(), key),
-        )
-        .await
-        .map_err(|_| SshError::ConnectTimeout {
-            addr,
-            after: timeout,
-        })?
-        .map_err(|e| SshError::Session {
-            addr,
-            doing: "authenticating".into(),
-            message: e.to_string(),
-        })?;
+        let auth = handle
+            .authenticate_publickey(target.user.clone(), key)
+            .await
+            .map_err(|e| SshError::Session {
+                addr,
+                doing: "authenticating".into(),
+                message: e.to_string(),
+            })?;
         if !auth.success() {
             return Err(SshError::AuthRejected {
                 addr,
@@ -212,7 +201,7 @@ impl SshSession {
         Ok(Self {
             handle,
             addr,
-            _jump: jump.map(Box::new),
+            jump_session: jump.map(Box::new),
         })
     }
 
@@ -308,6 +297,9 @@ impl SshSession {
             .handle
             .disconnect(russh::Disconnect::ByApplication, "", "en")
             .await;
+        if let Some(jump) = self.jump_session {
+            Box::pin(jump.close()).await;
+        }
     }
 }
 

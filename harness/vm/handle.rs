@@ -7,6 +7,7 @@ use super::console;
 use super::error::VmError;
 use super::teardown::Owned;
 use crate::host::reaper::{self, CleanupGuard, OwnerRecord};
+use crate::host::serial::{self, SETTLE_BUDGET};
 use crate::model::arch::{Budgets, VmArchitecture};
 use crate::model::spec::Readiness;
 use crate::ssh::keys::HostKey;
@@ -461,6 +462,12 @@ impl Vm {
 
     /// Powers the VM on again after [`Vm::power_off`]; returns at once (see `wait_for_ssh`).
     pub async fn power_on(&self) -> Result<(), VmError> {
+        // The last boot's console all in the log first: what follows is the new boot's.
+        let log = self.serial_log.clone();
+        self.owned
+            .libvirt
+            .run(move |_| serial::settle(&log, SETTLE_BUDGET))
+            .await;
         self.boot_offset
             .store(console::len(&self.serial_log), Ordering::SeqCst);
         let (owned, serial_log) = (self.owned.clone(), self.serial_log.clone());

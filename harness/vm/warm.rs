@@ -20,7 +20,9 @@ use super::plan::Plan;
 use super::start::{self, Boot};
 use super::teardown::Held;
 use crate::host::libvirt::Libvirt;
+use crate::host::pool::Access;
 use crate::host::reaper;
+use crate::host::serial::{self, SETTLE_BUDGET};
 use crate::image::DiskFormat;
 use crate::model::spec::{Readiness, Start};
 use crate::ssh::keys::HostKey;
@@ -474,7 +476,9 @@ async fn build(
             pool.refresh()?;
             std::fs::copy(pool.path_of(&seed), building.join("seed.img"))
                 .map_err(io("keep the seed", &building))?;
-            // The boot a clone resumes in: its console so far belongs to every clone.
+            // The boot a clone resumes in: its console so far belongs to every clone (all of
+            // it, the domain having stopped with the save).
+            serial::settle(&serial_log, SETTLE_BUDGET);
             std::fs::copy(&serial_log, building.join("serial.log"))
                 .map_err(io("keep the console log", &building))?;
             if pool.path_of(&vars).exists() {
@@ -577,22 +581,18 @@ impl Boot for WarmRestore {
             .run(move |_| -> Result<(), VmError> {
                 let [disk, seed, vars] = reaper::volume_names(&name);
                 pool.create_overlay_on(&disk, &dir.join("disk.qcow2"), DiskFormat::Qcow2, gib)?;
-                let copy = |from: &str, to: &Path| {
-                    std::fs::copy(dir.join(from), to)
-                        .map(drop)
-                        .map_err(|source| WarmError::Io {
-                            what: "copy out",
-                            dir: dir.join(from),
-                            source,
-                        })
-                };
-                copy("seed.img", &pool.path_of(&seed))?;
-                // The clone's console starts with the boot it resumes in.
-                copy("serial.log", &serial_log)?;
+                pool.upload(&seed, &dir.join("seed.img"), 0, Access::Private)?;
                 if dir.join("VARS.fd").exists() {
-                    copy("VARS.fd", &pool.path_of(&vars))?;
+                    pool.upload(&vars, &dir.join("VARS.fd"), 0, Access::Private)?;
                 }
-                pool.refresh()?;
+                // The clone's console starts with the boot it resumes in.
+                std::fs::copy(dir.join("serial.log"), &serial_log).map_err(|source| {
+                    WarmError::Io {
+                        what: "copy out",
+                        dir: dir.join("serial.log"),
+                        source,
+                    }
+                })?;
                 Ok(())
             })
             .await?;
@@ -606,22 +606,22 @@ impl Boot for WarmRestore {
         plan.libvirt
             .run(move |lv| {
                 let _held = owned.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
-                let xml = lv
-                    .restore(&from, &owned.name, &owner, &serial_log)
-                    .map_err(|e| {
-                        // Whatever is wrong with it, it is not restored again.
-                        let _ = std::fs::remove_dir_all(&dir);
-                        WarmError::Restore {
-                            vm: owned.name.clone(),
-                            dir: dir.clone(),
-                            message: e.to_string(),
-                        }
-                    })?;
+                let (dom, xml) = lv.restore(&from, &owned.name, &owner).map_err(|e| {
+                    // Whatever is wrong with it, it is not restored again.
+                    let _ = std::fs::remove_dir_all(&dir);
+                    WarmError::Restore {
+                        vm: owned.name.clone(),
+                        dir: dir.clone(),
+                        message: e.to_string(),
+                    }
+                })?;
                 std::fs::write(&domain_xml, &xml).map_err(|source| VmError::RunDir {
                     vm: owned.name.clone(),
                     path: domain_xml,
                     source,
-                })
+                })?;
+                // Not the saved VM's fault if this fails: it stays for the next clone.
+                Ok::<_, VmError>(lv.resume_with_console(&dom, &owned.name, &serial_log)?)
             })
             .await?;
         vm.set_ip(self.saved.ip)

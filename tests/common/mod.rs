@@ -1,5 +1,6 @@
-//! A real HTTP/1.1 server on 127.0.0.1 for download tests: serves files with a chosen status,
-//! can cut a body short, and counts requests per path.
+//! What the tests share: a real HTTP/1.1 server on 127.0.0.1 for download tests (serves files
+//! with a chosen status, can cut a body short, counts requests per path), a real sshd on
+//! 127.0.0.1 (`Sshd`), a libvirtd of the test's own (`PrivateLibvirtd`), and small helpers.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
