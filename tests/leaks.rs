@@ -316,9 +316,13 @@ async fn a_warm_clone_killed_or_interrupted_leaves_its_saved_vm(#[case] signal: 
         "the saved VM stays: {}",
         saved.display()
     );
+    // Free for the next clone: not held, or already taken by another test's clone beside this
+    // one (the lock file then names that one).
+    let holder = devicelab::support::lock::holder_of(&clone_lock);
     assert!(
-        !devicelab::support::lock::is_held(&clone_lock),
-        "and is free for the next clone"
+        !devicelab::support::lock::is_held(&clone_lock)
+            || !holder.ends_with(&format!("(pid {pid})")),
+        "and is free for the next clone: {holder}"
     );
 }
 

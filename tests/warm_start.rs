@@ -55,7 +55,9 @@ async fn warm_clones_are_fresh_on_time_distinct_side_by_side_and_power_cycle_for
     arch: VmArchitecture,
 ) {
     let lab = lab.await;
-    let spec = || VirtualMachineSpec::new(lab.vm_name("warm", arch), arch).with_start(Start::Warm);
+    // Saved VMs of this test's own: a test beside it never takes the one this one checks
+    // comes free again.
+    let spec = || own_saved_vm(&lab.vm_name("warm", arch), arch, "fresh");
 
     let first = lab.vm(spec()).await.unwrap();
     assert!(
