@@ -348,34 +348,49 @@ fn record_path(target: &Path) -> PathBuf {
 }
 
 fn is_verified(target: &Path, sha256: &str) -> bool {
-    let (Ok(meta), Ok(text)) = (
-        std::fs::metadata(target),
-        std::fs::read_to_string(record_path(target)),
-    ) else {
-        return false;
-    };
-    let Ok(record) = serde_json::from_str::<VerifiedRecord>(&text) else {
-        return false;
-    };
-    record.sha256.eq_ignore_ascii_case(sha256)
-        && record.size == meta.len()
-        && record.mtime_ns == mtime_ns(&meta)
+    std::fs::metadata(target)
+        .ok()
+        .and_then(|meta| fresh_record(&record_path(target), &meta))
+        .is_some_and(|record| record.sha256.eq_ignore_ascii_case(sha256))
+}
+
+/// The record at `record_file`, if it was made of a file of `meta`'s size and modification time.
+fn fresh_record(record_file: &Path, meta: &std::fs::Metadata) -> Option<VerifiedRecord> {
+    let record: VerifiedRecord =
+        serde_json::from_str(&std::fs::read_to_string(record_file).ok()?).ok()?;
+    (record.size == meta.len() && record.mtime_ns == mtime_ns(meta)).then_some(record)
 }
 
 fn record_verified(target: &Path, sha256: &str) -> std::io::Result<()> {
     let meta = std::fs::metadata(target)?;
-    let record = VerifiedRecord {
-        sha256: sha256.to_ascii_lowercase(),
-        size: meta.len(),
-        mtime_ns: mtime_ns(&meta),
-    };
-    let path = record_path(target);
-    let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(&record).expect("record serializes"),
-    )?;
-    std::fs::rename(tmp, path)
+    write_record(
+        &record_path(target),
+        &VerifiedRecord {
+            sha256: sha256.to_ascii_lowercase(),
+            size: meta.len(),
+            mtime_ns: mtime_ns(&meta),
+        },
+    )
+}
+
+/// Writes `record` to `record_file` through a temp file of this writer's own and a rename: a
+/// reader sees the old record or the new one, never half of one.
+fn write_record(record_file: &Path, record: &VerifiedRecord) -> std::io::Result<()> {
+    let name = record_file
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy();
+    let tmp = record_file.with_file_name(format!(
+        ".{name}.{}.{:08x}.tmp",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let written = std::fs::write(&tmp, serde_json::to_vec(record).expect("record serializes"))
+        .and_then(|()| std::fs::rename(&tmp, record_file));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
@@ -388,38 +403,17 @@ pub fn local_digest(path: &Path, records: &Path) -> std::io::Result<String> {
     let meta = std::fs::metadata(path)?;
     let key = hex::encode(Sha256::digest(path.as_os_str().as_encoded_bytes()));
     let record_file = records.join(format!("{}.json", &key[..16]));
-    if let Ok(text) = std::fs::read_to_string(&record_file)
-        && let Ok(record) = serde_json::from_str::<VerifiedRecord>(&text)
-        && record.size == meta.len()
-        && record.mtime_ns == mtime_ns(&meta)
-    {
+    if let Some(record) = fresh_record(&record_file, &meta) {
         return Ok(record.sha256);
     }
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut File::open(path)?, &mut hasher)?;
     let record = VerifiedRecord {
-        sha256: hex::encode(hasher.finalize()),
+        sha256: sha256_of(path)?,
         // As it was before the hashing: a file changed meanwhile is hashed again next time.
         size: meta.len(),
         mtime_ns: mtime_ns(&meta),
     };
     // Only a shortcut for the next time: a record that cannot be written costs a hash then.
-    let tmp = records.join(format!(
-        ".{}.{}.{:08x}.tmp",
-        &key[..16],
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    let written = lock::private_dir(records)
-        .and_then(|()| {
-            std::fs::write(
-                &tmp,
-                serde_json::to_vec(&record).expect("record serializes"),
-            )
-        })
-        .and_then(|()| std::fs::rename(&tmp, &record_file));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
+    if let Err(e) = lock::private_dir(records).and_then(|()| write_record(&record_file, &record)) {
         tracing::warn!(
             "cannot record the digest of {} in {}: {e} (it is hashed again next time)",
             path.display(),
@@ -429,15 +423,65 @@ pub fn local_digest(path: &Path, records: &Path) -> std::io::Result<String> {
     Ok(record.sha256)
 }
 
+/// SHA-256 of a file (lower-case hex). Blocking.
+fn sha256_of(path: &Path) -> std::io::Result<String> {
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut File::open(path)?, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
 /// SHA-256 of a file, off the async threads.
 pub async fn hash_file(path: &Path) -> std::io::Result<String> {
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let mut file = File::open(path)?;
-        let mut hasher = Sha256::new();
-        std::io::copy(&mut file, &mut hasher)?;
-        Ok(hex::encode(hasher.finalize()))
-    })
-    .await
-    .map_err(std::io::Error::other)?
+    tokio::task::spawn_blocking(move || sha256_of(&path))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    /// A local image is hashed once: the digest comes from its record while the file keeps its
+    /// size and modification time (here even over changed bytes, to show the record is what
+    /// answers), and is hashed again once either changes.
+    #[test]
+    fn a_local_digest_is_recorded_and_rehashed_when_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, records) = (dir.path().join("image"), dir.path().join("records"));
+        std::fs::write(&image, b"first bytes").unwrap();
+        let when = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let touch = |at: SystemTime| {
+            File::options()
+                .write(true)
+                .open(&image)
+                .unwrap()
+                .set_modified(at)
+                .unwrap()
+        };
+        touch(when);
+        let first = local_digest(&image, &records).unwrap();
+        assert_eq!(first, hex::encode(Sha256::digest(b"first bytes")));
+
+        std::fs::write(&image, b"other bytes").unwrap();
+        touch(when);
+        assert_eq!(
+            local_digest(&image, &records).unwrap(),
+            first,
+            "from the record"
+        );
+
+        touch(when + Duration::from_secs(1));
+        assert_eq!(
+            local_digest(&image, &records).unwrap(),
+            hex::encode(Sha256::digest(b"other bytes")),
+            "hashed again"
+        );
+        let names: Vec<String> = std::fs::read_dir(&records)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 1, "one record, no temp file left: {names:?}");
+    }
 }
