@@ -282,12 +282,13 @@ impl Pool {
         capacity: u64,
         access: Access,
     ) -> Result<PathBuf, PoolError> {
-        self.send_file(volume, source, capacity, DiskFormat::Raw, access, None)
+        let (path, _) = self.send_file(volume, source, capacity, DiskFormat::Raw, access, None)?;
+        Ok(path)
     }
 
     /// [`Pool::upload`] into a volume libvirt knows as `format` (the bytes are sent as they
     /// are), and when `sha256` is given, the bytes sent must have that digest (else the volume
-    /// is deleted and the error says the file changed).
+    /// is deleted and the error says the file changed). Returns its path and its capacity.
     fn send_file(
         &self,
         volume: &str,
@@ -296,7 +297,7 @@ impl Pool {
         format: DiskFormat,
         access: Access,
         sha256: Option<&str>,
-    ) -> Result<PathBuf, PoolError> {
+    ) -> Result<(PathBuf, u64), PoolError> {
         let source_err = |source_e| PoolError::Source {
             volume: volume.to_owned(),
             path: source.to_owned(),
@@ -304,7 +305,8 @@ impl Pool {
         };
         let len = std::fs::metadata(source).map_err(source_err)?.len();
         self.delete_volume(volume)?;
-        let xml = volume_xml(volume, capacity.max(len).max(1), format, access);
+        let capacity = capacity.max(len).max(1);
+        let xml = volume_xml(volume, capacity, format, access);
         let vol = StorageVol::create_xml(&self.handle()?, &xml, 0)
             .map_err(call_err("create volume", volume))?;
         let sent = (|| -> Result<(), PoolError> {
@@ -366,8 +368,9 @@ impl Pool {
             }
         })();
         match sent {
-            Ok(()) => Ok(PathBuf::from(
-                vol.path().map_err(call_err("locate volume", volume))?,
+            Ok(()) => Ok((
+                PathBuf::from(vol.path().map_err(call_err("locate volume", volume))?),
+                capacity,
             )),
             Err(e) => {
                 let _ = vol.delete(0);
@@ -407,17 +410,11 @@ impl Pool {
         if let Some(path) = self.existing(volume)? {
             return Ok(path);
         }
-        let len = std::fs::metadata(source)
-            .map_err(|source_e| PoolError::Source {
-                volume: volume.to_owned(),
-                path: source.to_owned(),
-                source: source_e,
-            })?
-            .len();
         let part = format!("{}{volume}", upload_prefix(std::process::id()));
         // Declared in its own format from the start: libvirt's copy below reads it as that,
         // not as whatever its probe of the sent bytes would say.
-        self.send_file(&part, source, capacity, format, Access::Shared, sha256)?;
+        let (_, capacity) =
+            self.send_file(&part, source, capacity, format, Access::Shared, sha256)?;
         let copied = (|| -> Result<PathBuf, PoolError> {
             let pool = self.handle()?;
             let from = pool
@@ -426,7 +423,7 @@ impl Pool {
             // In the source's own format: libvirt copies a raw file as it is and a qcow2
             // image image to image (at least the sent one's size: libvirt raises it to the
             // image's own).
-            let xml = volume_xml(volume, capacity.max(len).max(1), format, Access::Shared);
+            let xml = volume_xml(volume, capacity, format, Access::Shared);
             match StorageVol::create_xml_from(&pool, &xml, &from, 0) {
                 Ok(vol) => Ok(PathBuf::from(
                     vol.path().map_err(call_err("locate volume", volume))?,
