@@ -100,9 +100,16 @@ fn a_stopped_libvirtd_and_a_missing_firmware_file_are_both_named_with_their_fixe
         firmware.contains("/nonexistent/AAVMF_CODE.fd") && firmware.contains("DEVICELAB_UEFI_CODE"),
         "{firmware}"
     );
+    // Other checks (free disk, the network) depend on the host the test runs
+    // on; whatever they say, the total counts every ✗ line.
+    let misses = report
+        .lines()
+        .filter(|line| line.trim_start().starts_with('✗'))
+        .count();
+    assert!(misses >= 2, "{report}");
     assert!(
-        report.contains("2 missing") || report.contains("3 missing"),
-        "every miss is counted:\n{report}"
+        report.contains(&format!("{misses} missing")),
+        "every miss is counted ({misses} ✗ lines):\n{report}"
     );
 }
 
