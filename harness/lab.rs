@@ -10,12 +10,14 @@ use crate::host::libvirt::{Libvirt, LibvirtError};
 use crate::host::pool::{Pool, PoolError};
 use crate::host::qemu_probe;
 use crate::host::reaper;
+use crate::host::remote::{self, RemoteError};
 use crate::image::firmware::{self, FirmwareError, FirmwarePair};
 use crate::image::source::{BaseImage, ImageError, ImageSource};
 use crate::model::arch::Accelerator;
 use crate::model::arch::VmArchitecture;
-use crate::model::spec::VirtualMachineSpec;
+use crate::model::spec::{Start, VirtualMachineSpec};
 use crate::nats::{NatsError, NatsServer};
+use crate::ssh::Route;
 use crate::ssh::keys::{ClientKey, KeyError};
 use crate::support::lock;
 use crate::vm::plan::{self, Plan};
@@ -41,6 +43,9 @@ pub enum LabError {
     /// The harness's SSH key could not be made or read.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The libvirt URI names a remote host the guests cannot be reached through.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
     /// The data dir could not be created, given its permissions, or locked: set
     /// DEVICELAB_DATA_DIR to a directory you can write.
     #[error(
@@ -107,6 +112,9 @@ pub struct Lab {
     pub pool: Pool,
     /// The harness's SSH key, authorized on every VM it boots (kept in the data dir).
     pub client_key: ClientKey,
+    /// How the guests' ports are reached: directly for a local libvirt host, through its SSH
+    /// login (the URI's user, key and `known_hosts`) for a remote one.
+    pub route: Route,
     /// This process's run identity, recorded on everything it creates, so that what a dead
     /// run left behind can be told apart and removed.
     pub owner: RunOwner,
@@ -259,7 +267,9 @@ impl Lab {
             .await
             .map_err(|misses| LabError::HostNotReady { misses })?;
         let config2 = config.clone();
-        let (libvirt, pool) = tokio::task::spawn_blocking(move || -> Result<_, LabError> {
+        let (libvirt, pool, hop) = tokio::task::spawn_blocking(move || -> Result<_, LabError> {
+            // A remote host the guests cannot be reached through fails before anything is made.
+            let hop = remote::ssh_hop(&config2.libvirt_uri)?;
             prepare_data_dir(&config2.data_dir)?;
             let libvirt = Libvirt::open(&config2.libvirt_uri)?;
             // Several test processes start at once: one defines the pool, the others find it.
@@ -275,7 +285,7 @@ impl Lab {
                     reaped.containers
                 );
             }
-            Ok((libvirt, pool))
+            Ok((libvirt, pool, hop))
         })
         .await
         .map_err(|e| LabError::Task(e.to_string()))??;
@@ -285,6 +295,7 @@ impl Lab {
             libvirt,
             pool,
             client_key,
+            route: Route::through(hop),
             owner: run_owner(),
             slot_group: slot_group(),
             images: Default::default(),
@@ -354,6 +365,23 @@ impl Lab {
         Ok(())
     }
 
+    /// How `spec`'s VM comes up: its own choice, else the configuration's; cold on a remote
+    /// host, whose saved VMs the harness does not keep (a warning says so, once).
+    fn start_for(&self, spec: &VirtualMachineSpec) -> Start {
+        let wanted = spec.start.unwrap_or(self.config.start);
+        if wanted == Start::Warm && matches!(self.route, Route::Through(_)) {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(
+                    "warm starts are kept on the local libvirt host only: VMs on {} start cold",
+                    self.config.libvirt_uri
+                )
+            });
+            return Start::Cold;
+        }
+        wanted
+    }
+
     /// Resolves `spec` into everything a run needs (architecture facts, accelerator,
     /// budgets, image, emulator, QEMU arguments, firmware), before anything is created.
     pub async fn plan(&self, spec: VirtualMachineSpec) -> Result<Plan, VmError> {
@@ -384,7 +412,7 @@ impl Lab {
         );
         Ok(Plan {
             slot_group: self.slot_group.clone(),
-            start: spec.start.unwrap_or(self.config.start),
+            start: self.start_for(&spec),
             slots,
             slots_dir: self.config.slots_dir(),
             slot_budget: self.config.host_budgets().vm_slot,
@@ -400,6 +428,7 @@ impl Lab {
             libvirt: self.libvirt.clone(),
             pool: self.pool.clone(),
             network: self.config.network.clone(),
+            route: self.route.clone(),
             client_key: self.client_key.clone(),
             owner: self.owner.clone(),
             runs_dir: self.config.runs_dir(),

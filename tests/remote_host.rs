@@ -2,17 +2,26 @@
 //! the harness's key and a pinned `known_hosts`. The host is a libvirtd of the test's own in
 //! namespaces of its own, with files of its own; each SSH session runs in its mount namespace,
 //! so what answers over SSH is that libvirtd, not this machine's, and a file written here does
-//! not reach it. The VM's disks go to its pool through libvirt.
+//! not reach it. The VM's disks go to its pool through libvirt. A device on a host reached
+//! over SSH (here this machine's own libvirtd, behind a real sshd) is reached through that
+//! host: its disks, console and guest SSH all go through the one login the URI names.
 
 mod common;
 
 use common::{PrivateLibvirtd, Sshd, require};
+use devicelab::config::HarnessConfig;
+use devicelab::fixtures::*;
 use devicelab::host::libvirt::Libvirt;
 use devicelab::host::pool::{BASE_PREFIX, Pool};
+use devicelab::host::remote::{self, RemoteError};
 use devicelab::image::{BaseImage, DiskFormat};
+use devicelab::model::spec::Start;
+use devicelab::nats::Verdict;
 use devicelab::ssh::keys::HostKey;
+use devicelab::ssh::{Route, SshError, SshSession};
 use std::ffi::OsString;
 use std::path::Path;
+use std::time::Duration;
 
 /// The private libvirtd, and an sshd whose sessions run in its mount namespace.
 async fn remote() -> (PrivateLibvirtd, Sshd) {
@@ -123,5 +132,118 @@ async fn a_host_over_ssh_gets_the_disks_through_libvirt_and_a_wrong_host_key_is_
     assert!(
         msg.to_lowercase().contains("host key") || msg.contains("known_hosts"),
         "{msg}"
+    );
+}
+
+/// The hop a `qemu+libssh://` URI names logs in with the URI's key, checks the host key its
+/// `known_hosts` pins, and reaches ports beside the host: open ones answer, closed ones are
+/// refused as such. A host `known_hosts` does not list, or lists with another key, is refused,
+/// each error naming its fix.
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+async fn the_hop_a_uri_names_uses_its_key_and_pinned_host_key() {
+    let sshd = Sshd::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let good = uri(&sshd, &sshd.host_key, dir.path());
+    let hop = remote::ssh_hop(&good)
+        .unwrap()
+        .expect("a remote URI has a hop");
+    assert_eq!((hop.addr, hop.user.as_str()), (sshd.addr, "root"));
+    let session = SshSession::connect(&hop, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(session.exec("echo host").await.unwrap().stdout, "host\n");
+
+    // A port that listens beside the host, and one that does not (bound, then closed).
+    let listening = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let route = Route::through(Some(hop.clone()));
+    let before = sshd.sessions();
+    route.probe(listening.local_addr().unwrap()).await.unwrap();
+    let refused = route.probe(closed).await.unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+    assert_eq!(
+        sshd.sessions(),
+        before + 1,
+        "both probes went through the host, on one session"
+    );
+
+    let impostor = uri(&sshd, &HostKey::generate("impostor").unwrap(), dir.path());
+    let hop = remote::ssh_hop(&impostor).unwrap().unwrap();
+    let err = SshSession::connect(&hop, Duration::from_secs(10))
+        .await
+        .err()
+        .expect("a host key that is not the pinned one is refused");
+    assert!(matches!(err, SshError::HostKeyMismatch { .. }), "{err}");
+
+    std::fs::write(dir.path().join("known_hosts"), "").unwrap();
+    let Err(err) = remote::ssh_hop(&good) else {
+        panic!("a host known_hosts does not list has no hop")
+    };
+    assert!(
+        matches!(err, RemoteError::NotPinned { .. }) && err.to_string().contains("ssh-keyscan"),
+        "{err}"
+    );
+}
+
+/// A device on a libvirt host reached over SSH: the whole onboarding and a power cycle, with
+/// its disks, console and guest SSH through the host's login (the sshd carries the libvirt
+/// connection, the probes' session and each guest session's hop).
+#[rstest]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arch: VmArchitecture) {
+    devicelab::init_logging();
+    let sshd = Sshd::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = HarnessConfig::from_env().unwrap();
+    config.libvirt_uri = uri(&sshd, &sshd.host_key, dir.path());
+    config.start = Start::Cold;
+    let lab = Lab::new(config).await.unwrap();
+    assert!(matches!(lab.route, Route::Through(_)));
+    let device = devicelab::trials::scenario::onboarded_device_with(
+        &lab,
+        arch,
+        "overssh",
+        &devicelab::reference::agent(),
+    )
+    .await
+    .unwrap();
+    let vm = &device.vm;
+    assert!(
+        sshd.sessions() >= 3,
+        "libvirt, the probes and the guest's SSH went through the host: {} sessions",
+        sshd.sessions()
+    );
+    let before = vm.boot_id().await.unwrap();
+    let reports = device.reports();
+    vm.power_off().await.unwrap();
+    let gate = reports.gate().await.unwrap();
+    vm.power_on().await.unwrap();
+    vm.wait_for_ssh().await.unwrap();
+    let after = vm.boot_id().await.unwrap();
+    assert_ne!(before, after, "a power cycle is a new boot");
+    reports
+        .wait_for(gate, vm.budgets().first_status, |r| {
+            match r.boot_marker.as_deref() {
+                Some(b) if b == after => Verdict::Accept,
+                Some(b) if b == before => {
+                    Verdict::Reject(format!("a report from the old boot after the gate: {r:?}"))
+                }
+                _ => Verdict::Skip,
+            }
+        })
+        .await
+        .unwrap();
+    let console = std::fs::read_to_string(vm.serial_log()).unwrap();
+    assert!(
+        console.contains("login:") || console.contains("cloud-init"),
+        "the console came through the host:\n{console}"
     );
 }

@@ -110,14 +110,14 @@ pub struct SshSession {
     jump_session: Option<Box<SshSession>>,
 }
 
-/// The client's settings: keepalives, and the host key type the harness injected, so that is
-/// the one verified.
-fn config() -> Arc<client::Config> {
+/// The client's settings: keepalives, and the host key type of the key pinned for the host
+/// (for a guest, the one the harness injected), so that is the one verified.
+fn config(host_key: Algorithm) -> Arc<client::Config> {
     Arc::new(client::Config {
         keepalive_interval: Some(Duration::from_secs(15)),
         keepalive_max: 4,
         preferred: russh::Preferred {
-            key: Cow::Borrowed(&[Algorithm::Ed25519]),
+            key: Cow::Owned(vec![host_key]),
             ..Default::default()
         },
         ..Default::default()
@@ -149,7 +149,7 @@ impl SshSession {
             presented: presented.clone(),
         };
         let connected = match &jump {
-            None => client::connect(config(), addr, verifier).await,
+            None => client::connect(config(target.host_key.algorithm()), addr, verifier).await,
             Some(jump) => {
                 let channel = jump
                     .handle
@@ -164,7 +164,12 @@ impl SshSession {
                         addr,
                         message: format!("through {}: {e}", jump.addr),
                     })?;
-                client::connect_stream(config(), channel.into_stream(), verifier).await
+                client::connect_stream(
+                    config(target.host_key.algorithm()),
+                    channel.into_stream(),
+                    verifier,
+                )
+                .await
             }
         };
         let mut handle = match connected {
@@ -207,6 +212,21 @@ impl SshSession {
 
     pub fn is_closed(&self) -> bool {
         self.handle.is_closed()
+    }
+
+    /// Asks the server to connect to `addr` (a `direct-tcpip` channel), then closes the
+    /// channel: whether something accepts TCP connections there, seen from the server.
+    pub async fn probe_port(&self, addr: SocketAddr) -> Result<(), russh::Error> {
+        let channel = self
+            .handle
+            .channel_open_direct_tcpip(
+                addr.ip().to_string(),
+                u32::from(addr.port()),
+                "127.0.0.1",
+                0,
+            )
+            .await?;
+        channel.close().await
     }
 
     pub async fn exec(&self, command: &str) -> Result<ExecOutput, SshError> {

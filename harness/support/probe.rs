@@ -1,8 +1,7 @@
 //! Probes with a budget: retry an attempt every [`BACKOFF`] until it succeeds or the budget is
-//! spent, and wait for a TCP port. Generic: no harness types.
+//! spent. Generic: no harness types.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// How often a probe retries.
@@ -53,20 +52,6 @@ where
         before = Some(reason);
         tokio::time::sleep_until(next.into()).await;
     }
-}
-
-/// Waits until something accepts TCP connections at `addr`.
-pub async fn tcp_port(addr: SocketAddr, budget: Duration) -> Result<(), String> {
-    poll(budget, || async move {
-        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("connect {addr}: {e}")),
-            Err(_) => Err(format!(
-                "connect {addr}: no answer within {CONNECT_TIMEOUT:?}"
-            )),
-        }
-    })
-    .await
 }
 
 #[cfg(test)]

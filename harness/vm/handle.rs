@@ -11,7 +11,7 @@ use crate::host::serial::{self, SETTLE_BUDGET};
 use crate::model::arch::{Budgets, VmArchitecture};
 use crate::model::spec::Readiness;
 use crate::ssh::keys::HostKey;
-use crate::ssh::{ExecOutput, SshError, SshSession, SshTarget};
+use crate::ssh::{ExecOutput, Route, SshError, SshSession, SshTarget};
 use crate::support::probe;
 use russh::keys::PrivateKey;
 use std::fmt;
@@ -98,6 +98,8 @@ pub struct Vm {
     /// Known once the DHCP lease wait found it.
     pub(crate) ip: OnceLock<Ipv4Addr>,
     pub(crate) login: Login,
+    /// How the guest's ports are reached: directly, or through its libvirt host.
+    pub(crate) route: Route,
     pub(crate) session: tokio::sync::Mutex<Option<SshSession>>,
     pub(crate) budgets: Budgets,
     pub(crate) serial_log: PathBuf,
@@ -144,6 +146,7 @@ pub(crate) struct VmParts {
     pub owned: Owned,
     pub arch: VmArchitecture,
     pub login: Login,
+    pub route: Route,
     pub budgets: Budgets,
     pub serial_log: PathBuf,
     pub keep: bool,
@@ -162,6 +165,7 @@ impl Vm {
             interrupt_guard,
             ip: OnceLock::new(),
             login: p.login,
+            route: p.route,
             session: tokio::sync::Mutex::new(None),
             budgets: p.budgets,
             serial_log: p.serial_log,
@@ -202,7 +206,7 @@ impl Vm {
             user: self.login.user.clone(),
             key: self.login.key.clone(),
             host_key: self.login.host_key.public.clone(),
-            via: None,
+            via: self.route.via(),
         })
     }
 

@@ -11,6 +11,7 @@ use crate::image::firmware::{self, FirmwarePair};
 use crate::model::arch::{Budgets, FirmwareKind};
 use crate::model::spec::{Start, VirtualMachineSpec};
 use crate::model::wait::Wait;
+use crate::ssh::Route;
 use crate::ssh::keys::ClientKey;
 use std::path::PathBuf;
 
@@ -30,6 +31,8 @@ pub struct Plan {
     pub libvirt: Libvirt,
     pub pool: Pool,
     pub network: String,
+    /// How the guests' ports are reached: directly, or through the libvirt host's SSH login.
+    pub route: Route,
     pub client_key: ClientKey,
     pub owner: RunOwner,
     pub runs_dir: PathBuf,

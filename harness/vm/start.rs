@@ -108,6 +108,7 @@ async fn open_handle(
             key_path: plan.client_key.path.clone(),
             host_key,
         },
+        route: plan.route.clone(),
         budgets: plan.budgets,
         serial_log: run_dir.join("serial.log"),
         keep: plan.keep,

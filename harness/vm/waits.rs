@@ -9,8 +9,8 @@ use super::error::VmError;
 use super::handle::{Vm, diagnosis};
 use crate::model::wait::Wait;
 use crate::ssh::login::ssh_login;
-use crate::ssh::{SshError, shell_quote, user_systemctl};
-use crate::support::probe::{BACKOFF, CONNECT_TIMEOUT, poll, tcp_port};
+use crate::ssh::{Route, SshError, shell_quote, user_systemctl};
+use crate::support::probe::{BACKOFF, poll};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -28,11 +28,12 @@ pub enum BootTrouble {
 /// Watches this boot's console (after byte `offset`), reading the log once a second, and
 /// resolves on the first sign the boot cannot succeed: a fatal line, or the guest idle (its boot
 /// finished, [`console::idle_marker_in`]) for `grace` while `ssh` (once the address is known)
-/// refuses connections. Raced
-/// against every wait, so a dead boot fails at once instead of burning the budget.
+/// refuses connections (seen along `route`). Raced against every wait, so a dead boot fails at
+/// once instead of burning the budget.
 pub async fn watch_boot(
     serial_log: PathBuf,
     offset: u64,
+    route: &Route,
     ssh: impl Fn() -> Option<SocketAddr>,
     grace: Duration,
 ) -> BootTrouble {
@@ -48,8 +49,8 @@ pub async fn watch_boot(
         let marker = console::idle_marker_in(&text);
         let refused = match (ssh(), marker) {
             (Some(addr), Some(_)) => matches!(
-                tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+                route.probe(addr).await,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
             ),
             _ => false,
         };
@@ -160,7 +161,16 @@ impl Vm {
             }
             Wait::OpenPort(port) => {
                 let addr = SocketAddr::new(self.target()?.addr.ip(), *port);
-                tcp_port(addr, left).await.map_err(timeout).map(|()| None)
+                let route = &self.route;
+                poll(left, || async move {
+                    route
+                        .probe(addr)
+                        .await
+                        .map_err(|e| format!("connect {addr}: {e}"))
+                })
+                .await
+                .map_err(timeout)
+                .map(|()| None)
             }
             Wait::SshLogin => self.log_in(left).await.map(|()| None),
             Wait::CloudInitDone => self.cloud_init_done(left).await.map(|()| None),
@@ -357,7 +367,7 @@ impl Vm {
         let ssh_addr = || self.ip().map(|ip| SocketAddr::from((ip, 22)));
         tokio::select! {
             r = wait => r,
-            trouble = watch_boot(serial_log.clone(), offset, ssh_addr, self.budgets.idle_grace) => Err(match trouble {
+            trouble = watch_boot(serial_log.clone(), offset, &self.route, ssh_addr, self.budgets.idle_grace) => Err(match trouble {
                 BootTrouble::Fatal(line, meaning) => VmError::BootFailed {
                     vm: self.name().to_owned(),
                     meaning,
@@ -410,7 +420,13 @@ mod tests {
             let started = Instant::now();
             let watched = tokio::time::timeout(
                 grace + Duration::from_secs(3),
-                watch_boot(log.path().to_owned(), 0, || Some(port), grace),
+                watch_boot(
+                    log.path().to_owned(),
+                    0,
+                    &Route::Direct,
+                    || Some(port),
+                    grace,
+                ),
             )
             .await;
             match (watched, marker) {

@@ -1,0 +1,357 @@
+//! The SSH hop to a libvirt host named by a remote URI (`qemu+ssh://`, `qemu+libssh://`,
+//! `qemu+libssh2://`): the same user, address, key and `known_hosts` libvirt itself uses, read
+//! from the URI, so a guest on that host's network is reached through the host, its key
+//! checked at both hops. A local URI (no host, or the `test` driver) needs no hop; a remote one
+//! over another transport (`qemu+tls://`, `qemu+tcp://`) is refused with the fix, since guest
+//! SSH has no way through it.
+
+use crate::ssh::SshTarget;
+use russh::keys::{Algorithm, PrivateKey, PublicKey};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Why the hop to a remote libvirt host could not be worked out from its URI.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The URI does not parse.
+    #[error("DEVICELAB_LIBVIRT_URI {uri:?} is not a URI: {message}")]
+    Uri {
+        /// The URI.
+        uri: String,
+        /// What the parser said.
+        message: String,
+    },
+    /// A remote host over a transport guest SSH cannot go through.
+    #[error(
+        "DEVICELAB_LIBVIRT_URI {uri:?} reaches {host} over {transport}, which guest SSH cannot go \
+         through: use qemu+ssh://{host}/system (or qemu+libssh://), so the harness reaches the \
+         guests through the same SSH login"
+    )]
+    Transport {
+        /// The URI.
+        uri: String,
+        /// Its host.
+        host: String,
+        /// Its transport (`tls`, `tcp`, ...).
+        transport: String,
+    },
+    /// The URI turns host key checking off.
+    #[error(
+        "DEVICELAB_LIBVIRT_URI {uri:?} turns host key checking off ({option}): the harness \
+         checks the libvirt host's key before it sends anything through it; remove {option} and \
+         record the host's key in known_hosts (ssh-keyscan, after checking its fingerprint)"
+    )]
+    Unverified {
+        /// The URI.
+        uri: String,
+        /// The option that turns it off.
+        option: String,
+    },
+    /// No user in the URI, and none in the environment.
+    #[error(
+        "DEVICELAB_LIBVIRT_URI {uri:?} names no user and USER is unset: write the user into it \
+         (qemu+ssh://USER@HOST/system)"
+    )]
+    NoUser {
+        /// The URI.
+        uri: String,
+    },
+    /// No key file in the URI, and none of the usual ones exists.
+    #[error(
+        "DEVICELAB_LIBVIRT_URI {uri:?} names no keyfile and none of {tried:?} exists: add \
+         ?keyfile=/path/to/key (an unencrypted key the host authorizes)"
+    )]
+    NoKey {
+        /// The URI.
+        uri: String,
+        /// The key files looked for.
+        tried: Vec<PathBuf>,
+    },
+    /// The key file cannot be read as an unencrypted OpenSSH private key.
+    #[error(
+        "cannot use {path} as the key for the libvirt host: {message} (the harness needs an \
+         unencrypted OpenSSH private key; name another with ?keyfile= in DEVICELAB_LIBVIRT_URI)"
+    )]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The host has no key in `known_hosts`.
+    #[error(
+        "{host} (port {port}) has no key in {known_hosts}: record it (`ssh-keyscan -p {port} \
+         {host} >> {known_hosts}`, after checking the fingerprint), or name another file with \
+         ?known_hosts= in DEVICELAB_LIBVIRT_URI"
+    )]
+    NotPinned {
+        /// The host as the URI names it.
+        host: String,
+        /// Its SSH port.
+        port: u16,
+        /// The file looked in.
+        known_hosts: PathBuf,
+    },
+    /// `known_hosts` could not be read.
+    #[error("cannot read {known_hosts}: {message}")]
+    KnownHosts {
+        /// The file.
+        known_hosts: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The host name does not resolve.
+    #[error("cannot resolve the libvirt host {host}:{port}: {message}")]
+    Resolve {
+        /// The host.
+        host: String,
+        /// Its SSH port.
+        port: u16,
+        /// What the resolver said.
+        message: String,
+    },
+}
+
+/// What a libvirt URI says about reaching its host over SSH, before anything is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLogin {
+    /// The host as written (the name `known_hosts` records).
+    pub host: String,
+    /// Its SSH port.
+    pub port: u16,
+    /// The user to log in as.
+    pub user: String,
+    /// The private key (the URI's `keyfile`, or `None`: the usual files under `~/.ssh`).
+    pub keyfile: Option<PathBuf>,
+    /// The `known_hosts` file (the URI's, or `~/.ssh/known_hosts`).
+    pub known_hosts: PathBuf,
+}
+
+/// The SSH login a libvirt URI implies: `None` for a local host, the login for a remote one
+/// over SSH, an error for a remote one over another transport or with checks turned off.
+/// `user` and `home` stand in for the environment's (`USER`, `HOME`).
+pub fn host_login(
+    uri: &str,
+    user: Option<&str>,
+    home: Option<&Path>,
+) -> Result<Option<HostLogin>, RemoteError> {
+    let parsed = url::Url::parse(uri).map_err(|e| RemoteError::Uri {
+        uri: uri.to_owned(),
+        message: e.to_string(),
+    })?;
+    let host = match parsed.host_str() {
+        None | Some("") => return Ok(None),
+        Some(host) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+    };
+    let transport = parsed
+        .scheme()
+        .split_once('+')
+        .map(|(_, t)| t.to_owned())
+        .unwrap_or_default();
+    if !matches!(transport.as_str(), "ssh" | "libssh" | "libssh2") {
+        if transport == "unix" {
+            return Ok(None);
+        }
+        return Err(RemoteError::Transport {
+            uri: uri.to_owned(),
+            host,
+            transport: if transport.is_empty() {
+                "tls (the default for a host without +transport)".to_owned()
+            } else {
+                transport
+            },
+        });
+    }
+    let mut keyfile = None;
+    let mut known_hosts = None;
+    for (name, value) in parsed.query_pairs() {
+        match (name.as_ref(), value.as_ref()) {
+            ("keyfile", path) => keyfile = Some(PathBuf::from(path)),
+            ("known_hosts", path) => known_hosts = Some(PathBuf::from(path)),
+            ("no_verify", "1") | ("known_hosts_verify", "ignore") => {
+                return Err(RemoteError::Unverified {
+                    uri: uri.to_owned(),
+                    option: format!("{name}={value}"),
+                });
+            }
+            _ => {}
+        }
+    }
+    let user = match parsed.username() {
+        "" => user
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| RemoteError::NoUser {
+                uri: uri.to_owned(),
+            })?
+            .to_owned(),
+        named => named.to_owned(),
+    };
+    let ssh_dir = home.unwrap_or(Path::new("/")).join(".ssh");
+    Ok(Some(HostLogin {
+        host,
+        port: parsed.port().unwrap_or(22),
+        user,
+        keyfile,
+        known_hosts: known_hosts.unwrap_or_else(|| ssh_dir.join("known_hosts")),
+    }))
+}
+
+/// The usual private keys under `~/.ssh`, in the order OpenSSH tries them.
+fn usual_keys(home: Option<&Path>) -> Vec<PathBuf> {
+    let ssh_dir = home.unwrap_or(Path::new("/")).join(".ssh");
+    ["id_ed25519", "id_ecdsa", "id_rsa"]
+        .iter()
+        .map(|name| ssh_dir.join(name))
+        .collect()
+}
+
+/// The hop to the host `uri` names, read from its files (key, `known_hosts`) and resolved:
+/// `None` for a local host. The host key is the one `known_hosts` records for it (Ed25519
+/// first where several are). Blocking (files, the resolver).
+pub fn ssh_hop(uri: &str) -> Result<Option<SshTarget>, RemoteError> {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let user = std::env::var("USER").ok();
+    let Some(login) = host_login(uri, user.as_deref(), home.as_deref())? else {
+        return Ok(None);
+    };
+    let key_path = match &login.keyfile {
+        Some(path) => path.clone(),
+        None => {
+            let tried = usual_keys(home.as_deref());
+            tried
+                .iter()
+                .find(|p| p.is_file())
+                .cloned()
+                .ok_or_else(|| RemoteError::NoKey {
+                    uri: uri.to_owned(),
+                    tried: tried.clone(),
+                })?
+        }
+    };
+    let key = read_key(&key_path)?;
+    let host_key = pinned_key(&login)?;
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(login.host.as_str(), login.port))
+        .map_err(|e| RemoteError::Resolve {
+            host: login.host.clone(),
+            port: login.port,
+            message: e.to_string(),
+        })?
+        .next()
+        .ok_or_else(|| RemoteError::Resolve {
+            host: login.host.clone(),
+            port: login.port,
+            message: "no address".to_owned(),
+        })?;
+    Ok(Some(SshTarget {
+        addr,
+        user: login.user,
+        key: Arc::new(key),
+        host_key,
+        via: None,
+    }))
+}
+
+fn read_key(path: &Path) -> Result<PrivateKey, RemoteError> {
+    let err = |message: String| RemoteError::Key {
+        path: path.to_owned(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let key = PrivateKey::from_openssh(&text).map_err(|e| err(e.to_string()))?;
+    if key.is_encrypted() {
+        return Err(err("it is encrypted".to_owned()));
+    }
+    Ok(key)
+}
+
+/// The key `known_hosts` records for the login's host: Ed25519 where there is one.
+fn pinned_key(login: &HostLogin) -> Result<PublicKey, RemoteError> {
+    let keys =
+        russh::keys::known_hosts::known_host_keys_path(&login.host, login.port, &login.known_hosts)
+            .map_err(|e| RemoteError::KnownHosts {
+                known_hosts: login.known_hosts.clone(),
+                message: e.to_string(),
+            })?;
+    let mut keys: Vec<PublicKey> = keys.into_iter().map(|(_, key)| key).collect();
+    keys.sort_by_key(|k| k.algorithm() != Algorithm::Ed25519);
+    keys.into_iter()
+        .next()
+        .ok_or_else(|| RemoteError::NotPinned {
+            host: login.host.clone(),
+            port: login.port,
+            known_hosts: login.known_hosts.clone(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login(uri: &str) -> Result<Option<HostLogin>, RemoteError> {
+        host_login(uri, Some("tester"), Some(Path::new("/home/tester")))
+    }
+
+    #[test]
+    fn a_local_uri_needs_no_hop() {
+        for uri in [
+            "qemu:///system",
+            "qemu:///system?socket=/run/x/libvirt-sock",
+            "qemu:///session",
+            "test:///default",
+            "qemu+unix:///system",
+        ] {
+            assert_eq!(login(uri).unwrap(), None, "{uri}");
+        }
+    }
+
+    #[test]
+    fn an_ssh_uri_gives_its_user_port_key_and_known_hosts() {
+        let l = login(
+            "qemu+libssh://root@kvm.example:2222/system?keyfile=/k/id&known_hosts=/k/kh&sshauth=privkey",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            l,
+            HostLogin {
+                host: "kvm.example".into(),
+                port: 2222,
+                user: "root".into(),
+                keyfile: Some("/k/id".into()),
+                known_hosts: "/k/kh".into(),
+            }
+        );
+        let l = login("qemu+ssh://kvm.example/system").unwrap().unwrap();
+        assert_eq!(
+            (l.port, l.user.as_str(), l.keyfile, l.known_hosts),
+            (
+                22,
+                "tester",
+                None,
+                PathBuf::from("/home/tester/.ssh/known_hosts")
+            )
+        );
+    }
+
+    #[test]
+    fn a_remote_uri_that_ssh_cannot_follow_or_check_is_refused_with_the_fix() {
+        let e = login("qemu+tls://kvm.example/system").unwrap_err();
+        assert!(
+            e.to_string().contains("use qemu+ssh://kvm.example/system"),
+            "{e}"
+        );
+        let e = login("qemu://kvm.example/system").unwrap_err();
+        assert!(matches!(e, RemoteError::Transport { .. }), "{e}");
+        for option in ["no_verify=1", "known_hosts_verify=ignore"] {
+            let e = login(&format!("qemu+ssh://root@kvm.example/system?{option}")).unwrap_err();
+            assert!(e.to_string().contains(&format!("remove {option}")), "{e}");
+        }
+        let e = host_login("qemu+ssh://kvm.example/system", None, None).unwrap_err();
+        assert!(e.to_string().contains("qemu+ssh://USER@HOST/system"), "{e}");
+        let e = login("not a uri").unwrap_err();
+        assert!(matches!(e, RemoteError::Uri { .. }), "{e}");
+    }
+}

@@ -1,0 +1,106 @@
+//! How the harness reaches a guest's TCP ports: directly, when the guest's network routes from
+//! here (a local libvirt host), or through the SSH login of the libvirt host it runs on, as a
+//! `direct-tcpip` channel of one session to that host, kept and reopened when it closes. Guest
+//! SSH sessions take the same way ([`SshTarget::via`]).
+
+use super::session::{SshSession, SshTarget};
+use crate::support::probe::CONNECT_TIMEOUT;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// The way to a guest's ports.
+#[derive(Clone, Default)]
+pub enum Route {
+    /// The guest's address routes from here.
+    #[default]
+    Direct,
+    /// Through the host this SSH login reaches.
+    Through(Arc<Hop>),
+}
+
+/// An SSH login to a libvirt host, and the session to it the probes share.
+pub struct Hop {
+    target: SshTarget,
+    session: tokio::sync::Mutex<Option<SshSession>>,
+}
+
+impl Route {
+    /// Through `hop`, or direct when there is none.
+    pub fn through(hop: Option<SshTarget>) -> Self {
+        match hop {
+            None => Self::Direct,
+            Some(target) => Self::Through(Arc::new(Hop {
+                target,
+                session: tokio::sync::Mutex::new(None),
+            })),
+        }
+    }
+
+    /// What a guest's [`SshTarget::via`] is on this route.
+    pub fn via(&self) -> Option<Box<SshTarget>> {
+        match self {
+            Self::Direct => None,
+            Self::Through(hop) => Some(Box::new(hop.target.clone())),
+        }
+    }
+
+    /// Whether something accepts TCP connections at `addr`, seen from where the guest's network
+    /// is: `Ok`, or an error of kind `ConnectionRefused` when nothing listens there (a
+    /// failure to reach the host is another kind, naming the host). One attempt, within
+    /// [`CONNECT_TIMEOUT`] for each connection it makes.
+    pub async fn probe(&self, addr: SocketAddr) -> io::Result<()> {
+        match self {
+            Self::Direct => {
+                tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no answer within {CONNECT_TIMEOUT:?}"),
+                        )
+                    })??;
+                Ok(())
+            }
+            // Boxed: the SSH connect inside is a deep future for every wait that probes.
+            Self::Through(hop) => Box::pin(hop.probe(addr)).await,
+        }
+    }
+}
+
+impl Hop {
+    async fn probe(&self, addr: SocketAddr) -> io::Result<()> {
+        let host = self.target.addr;
+        let mut session = self.session.lock().await;
+        if session.as_ref().is_none_or(SshSession::is_closed) {
+            *session = None;
+            let connected = SshSession::connect(&self.target, CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| io::Error::other(format!("through the libvirt host: {e}")))?;
+            *session = Some(connected);
+        }
+        let Some(open) = session.as_ref() else {
+            unreachable!("connected above")
+        };
+        let probed = tokio::time::timeout(CONNECT_TIMEOUT, open.probe_port(addr)).await;
+        match probed {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed))) => {
+                Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("refused, seen from the libvirt host {host}"),
+                ))
+            }
+            Ok(Err(e)) => {
+                *session = None;
+                Err(io::Error::other(format!(
+                    "through the libvirt host {host}: {e}"
+                )))
+            }
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer through the libvirt host {host} within {CONNECT_TIMEOUT:?}"),
+            )),
+        }
+    }
+}
