@@ -19,6 +19,7 @@ use crate::model::spec::{Start, VirtualMachineSpec};
 use crate::nats::{NatsError, NatsServer};
 use crate::ssh::Route;
 use crate::ssh::keys::{ClientKey, KeyError};
+use crate::ssh::route::ForwardError;
 use crate::support::lock;
 use crate::vm::plan::{self, Plan};
 use crate::vm::run;
@@ -472,9 +473,33 @@ impl Lab {
         self.nats_with(&agent.nats_config).await
     }
 
+    /// On a local host the server listens on the network's gateway, where the test and the
+    /// guests both reach it. On a remote one it listens on this machine's loopback, and the
+    /// guests reach it at their own gateway, through a port the host's sshd forwards back.
     async fn nats_with(&self, extra: &str) -> Result<NatsServer, LabNatsError> {
         let gateway = self.gateway().await?;
-        Ok(NatsServer::start_with(&self.config, gateway, &self.owner, extra).await?)
+        let Route::Through(_) = self.route else {
+            return Ok(NatsServer::start_with(&self.config, gateway, &self.owner, extra).await?);
+        };
+        let mut nats = NatsServer::start_with(
+            &self.config,
+            std::net::Ipv4Addr::LOCALHOST,
+            &self.owner,
+            extra,
+        )
+        .await?;
+        let here = std::net::SocketAddr::from((nats.gateway, nats.port));
+        let budget = self.config.host_budgets().nats_start;
+        let forward = self
+            .route
+            .forward_here(gateway, here, budget)
+            .await
+            .map_err(|source| LabNatsError::Forward {
+                uri: self.config.libvirt_uri.clone(),
+                source,
+            })?;
+        nats.for_guests = forward;
+        Ok(nats)
     }
 
     /// The host's address on the lab's network: where a service the VMs use listens (the NATS
@@ -521,4 +546,12 @@ pub enum LabNatsError {
     /// The server could not be started.
     #[error(transparent)]
     Nats(#[from] NatsError),
+    /// The server could not be offered to the guests of a remote host.
+    #[error("cannot offer the NATS server to the guests of {uri}: {source}")]
+    Forward {
+        /// The libvirt URI of the guests' host.
+        uri: String,
+        /// What went wrong.
+        source: ForwardError,
+    },
 }

@@ -192,6 +192,69 @@ async fn the_hop_a_uri_names_uses_its_key_and_pinned_host_key() {
     );
 }
 
+/// A service here (NATS, for the device tests) is offered beside a remote host, at the address
+/// asked for, through a port the host's sshd forwards back over SSH; an sshd that forwards on
+/// its loopback only is named with the setting that fixes it. A local host needs no forward.
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+async fn a_service_here_is_offered_beside_a_host_through_its_sshd() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An echo server here (the forward's check connects once and sends nothing).
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let here = echo.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = echo.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    // An address of the host that is not its loopback's 127.0.0.1.
+    let beside = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let budget = Duration::from_secs(20);
+    assert!(
+        Route::Direct
+            .forward_here(beside, here, budget)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let sshd = Sshd::start_with(&[], "GatewayPorts clientspecified\n").await;
+    let route = Route::through(remote::ssh_hop(&uri(&sshd, &sshd.host_key, dir.path())).unwrap());
+    let forward = route
+        .forward_here(beside, here, budget)
+        .await
+        .unwrap()
+        .expect("a remote host gets a forward");
+    assert_eq!(forward.addr.ip(), beside);
+    let mut guest = tokio::net::TcpStream::connect(forward.addr).await.unwrap();
+    guest.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tokio::time::timeout(budget, guest.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"ping");
+    drop(forward);
+
+    let loopback_only = Sshd::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let route = Route::through(
+        remote::ssh_hop(&uri(&loopback_only, &loopback_only.host_key, dir.path())).unwrap(),
+    );
+    let Err(err) = route.forward_here(beside, here, budget).await else {
+        panic!("an sshd that forwards on its loopback only is refused")
+    };
+    assert!(
+        err.to_string().contains("GatewayPorts clientspecified"),
+        "{err}"
+    );
+    server.abort();
+}
+
 /// A device on a libvirt host reached over SSH: the whole onboarding and a power cycle, with
 /// its disks, console and guest SSH through the host's login (the sshd carries the libvirt
 /// connection, the probes' session and each guest session's hop).
@@ -200,7 +263,7 @@ async fn the_hop_a_uri_names_uses_its_key_and_pinned_host_key() {
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
 async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arch: VmArchitecture) {
     devicelab::init_logging();
-    let sshd = Sshd::start(&[]).await;
+    let sshd = Sshd::start_with(&[], "GatewayPorts clientspecified\n").await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = HarnessConfig::from_env().unwrap();
     config.libvirt_uri = uri(&sshd, &sshd.host_key, dir.path());

@@ -8,6 +8,7 @@ use crate::agent::description::{Decoder, Permissions, ReportsOn};
 use crate::config::{HarnessConfig, NatsMode};
 use crate::host::domain_xml::RunOwner;
 use crate::host::reaper::{self, CleanupGuard};
+use crate::ssh::route::Forward;
 use crate::support::probe;
 use async_nats::jetstream::{self, stream};
 use devicelab_agent::DEFAULT_SUBJECT_PREFIX;
@@ -449,7 +450,7 @@ impl Server {
                 last,
                 budget: self.start_budget,
                 logs: self.logs().await,
-                url: self.guest_url(),
+                url: self.url(),
             }),
         }
     }
@@ -457,7 +458,7 @@ impl Server {
     /// Logs in as `user`, trying again until the server takes it or the start budget is
     /// spent (then the last error).
     async fn log_in(&self, user: &str, password: &str) -> Result<async_nats::Client, String> {
-        let url = self.guest_url();
+        let url = self.url();
         probe::poll(self.start_budget, || async {
             async_nats::ConnectOptions::with_user_and_password(user.to_owned(), password.to_owned())
                 .connect(&url)
@@ -552,7 +553,8 @@ impl Server {
         self.connect_when_ready().await.map(drop)
     }
 
-    fn guest_url(&self) -> String {
+    /// Where it listens.
+    fn url(&self) -> String {
         format!("nats://{}:{}", self.gateway, self.port)
     }
 }
@@ -565,8 +567,12 @@ pub struct NatsServer {
     /// The port the server listens on: chosen by the server at start, the same after a
     /// restart.
     pub port: u16,
-    /// The address it listens on: the host's on the libvirt network.
+    /// The address it listens on: the host's on the libvirt network (this machine's loopback
+    /// when the guests are on a remote host, which they reach it through: `for_guests`).
     pub gateway: Ipv4Addr,
+    /// Where a remote host's guests reach it: a port on their gateway that the host's sshd
+    /// forwards back here. `None` on a local host, where they connect where it listens.
+    pub for_guests: Option<Forward>,
     /// Held while [`Self::capture`] looks at the streams and changes them: a fleet's devices
     /// ask at once, and each look-then-change must see the last one's result.
     capturing: tokio::sync::Mutex<()>,
@@ -598,6 +604,7 @@ impl NatsServer {
         let this = Self {
             port: server.port,
             gateway,
+            for_guests: None,
             server,
             client,
             capturing: tokio::sync::Mutex::new(()),
@@ -617,15 +624,19 @@ impl NatsServer {
         self.server.restart(down_for).await
     }
 
-    /// Where the test process connects: the same address as the guests (the server listens
-    /// there only).
+    /// Where the test process connects: where the server listens (on a local host, the same
+    /// address as the guests).
     pub fn client_url(&self) -> String {
-        self.guest_url()
+        self.server.url()
     }
 
-    /// Where guests connect: the host's address on the libvirt network.
+    /// Where guests connect: the host's address on the libvirt network (through the forward,
+    /// on a remote host).
     pub fn guest_url(&self) -> String {
-        self.server.guest_url()
+        match &self.for_guests {
+            Some(forward) => format!("nats://{}", forward.addr),
+            None => self.server.url(),
+        }
     }
 
     /// The server's process id in process mode (`None` for a container).
@@ -903,7 +914,7 @@ impl Drop for Server {
             };
             eprintln!(
                 "devicelab: keeping NATS at {} as {how}; its configuration (with the password) is {}",
-                self.guest_url(),
+                self.url(),
                 dir.join(CONFIG_FILE).display()
             );
             return;

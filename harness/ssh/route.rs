@@ -1,12 +1,14 @@
 //! How the harness reaches a guest's TCP ports: directly, when the guest's network routes from
 //! here (a local libvirt host), or through the SSH login of the libvirt host it runs on, as a
 //! `direct-tcpip` channel of one session to that host, kept and reopened when it closes. Guest
-//! SSH sessions take the same way ([`SshTarget::via`]).
+//! SSH sessions take the same way ([`SshTarget::via`]). The other way, a service here (the
+//! NATS server) is offered to a remote host's guests on that host's side of their network, as
+//! a port its sshd forwards back over SSH ([`Route::forward_here`]).
 
-use super::session::{SshSession, SshTarget};
+use super::session::{SshError, SshSession, SshTarget};
 use crate::support::probe::CONNECT_TIMEOUT;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 /// The way to a guest's ports.
@@ -17,6 +19,32 @@ pub enum Route {
     Direct,
     /// Through the host this SSH login reaches.
     Through(Arc<Hop>),
+}
+
+/// Why a service here could not be offered to a remote host's guests.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The SSH session to the host, or its forward request, failed.
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    /// The host's sshd took the forward but does not listen where the guests can reach it.
+    #[error(
+        "the sshd of {host} forwards ports on its loopback only, not on {bind} where its guests \
+         reach it: set `GatewayPorts clientspecified` in its sshd_config and reload sshd"
+    )]
+    LoopbackOnly {
+        /// The host.
+        host: SocketAddr,
+        /// The address asked for (the guests' gateway).
+        bind: Ipv4Addr,
+    },
+}
+
+/// A port on the guests' host that forwards to a service here, open as long as this lives.
+pub struct Forward {
+    _session: SshSession,
+    /// Where the guests connect: their gateway, and the port the host's sshd picked.
+    pub addr: SocketAddr,
 }
 
 /// An SSH login to a libvirt host, and the session to it the probes share.
@@ -43,6 +71,34 @@ impl Route {
             Self::Direct => None,
             Self::Through(hop) => Some(Box::new(hop.target.clone())),
         }
+    }
+
+    /// Offers `to` (a service here) to the guests at `bind` (their gateway on their host):
+    /// `None` on a direct route, where they reach it as it is; on a remote host, a port there
+    /// its sshd forwards back over SSH, checked to answer at `bind`. Within `budget`.
+    pub async fn forward_here(
+        &self,
+        bind: Ipv4Addr,
+        to: SocketAddr,
+        budget: std::time::Duration,
+    ) -> Result<Option<Forward>, ForwardError> {
+        let Self::Through(hop) = self else {
+            return Ok(None);
+        };
+        let (session, port) =
+            SshSession::connect_forwarding(&hop.target, budget, bind.into(), to).await?;
+        let addr = SocketAddr::from((bind, port));
+        // sshd takes the request even where it binds loopback only (GatewayPorts no).
+        if session.probe_port(addr).await.is_err() {
+            return Err(ForwardError::LoopbackOnly {
+                host: hop.target.addr,
+                bind,
+            });
+        }
+        Ok(Some(Forward {
+            _session: session,
+            addr,
+        }))
     }
 
     /// Whether something accepts TCP connections at `addr`, seen from where the guest's network

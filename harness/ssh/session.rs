@@ -79,6 +79,9 @@ impl ExecOutput {
 struct Verifier {
     expected: PublicKey,
     presented: Arc<Mutex<Option<String>>>,
+    /// Where connections the server forwards to this client go (a remote forward's target
+    /// here); the server's forwarded channels are refused when there is none.
+    forward_to: Option<SocketAddr>,
 }
 
 impl client::Handler for Verifier {
@@ -96,6 +99,35 @@ impl client::Handler for Verifier {
             *self.presented.lock().unwrap() = Some(fingerprint(key));
         }
         Ok(ok)
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        _connected_address: &str,
+        _connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let Some(to) = self.forward_to else {
+            return Ok(()); // dropping the reply refuses the channel
+        };
+        reply.accept().await;
+        tokio::spawn(async move {
+            match tokio::net::TcpStream::connect(to).await {
+                Ok(mut local) => {
+                    let mut remote = channel.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut remote, &mut local).await;
+                }
+                Err(e) => {
+                    tracing::debug!("a forwarded connection to {to} failed: {e}");
+                    let _ = channel.close().await;
+                }
+            }
+        });
+        Ok(())
     }
 }
 
@@ -129,7 +161,7 @@ impl SshSession {
     /// first), handshake (verifying the host key), public-key auth, all within `timeout`.
     pub async fn connect(target: &SshTarget, timeout: Duration) -> Result<Self, SshError> {
         let addr = target.addr;
-        tokio::time::timeout(timeout, Self::connect_steps(target))
+        tokio::time::timeout(timeout, Self::connect_steps(target, None))
             .await
             .map_err(|_| SshError::ConnectTimeout {
                 addr,
@@ -137,16 +169,55 @@ impl SshSession {
             })?
     }
 
-    async fn connect_steps(target: &SshTarget) -> Result<Self, SshError> {
+    /// [`SshSession::connect`], then asks the server to listen on `bind` (a port it picks)
+    /// and forward each connection there back to `to` here: the session and that port. The
+    /// forward lasts as long as the session.
+    pub async fn connect_forwarding(
+        target: &SshTarget,
+        timeout: Duration,
+        bind: std::net::IpAddr,
+        to: SocketAddr,
+    ) -> Result<(Self, u16), SshError> {
+        let addr = target.addr;
+        tokio::time::timeout(timeout, async {
+            let session = Self::connect_steps(target, Some(to)).await?;
+            let port = session
+                .handle
+                .tcpip_forward(bind.to_string(), 0)
+                .await
+                .map_err(|e| SshError::Session {
+                    addr,
+                    doing: format!("asking it to forward {bind} to {to}"),
+                    message: e.to_string(),
+                })?;
+            let port = u16::try_from(port).map_err(|_| SshError::Session {
+                addr,
+                doing: format!("asking it to forward {bind} to {to}"),
+                message: format!("it answered with port {port}"),
+            })?;
+            Ok((session, port))
+        })
+        .await
+        .map_err(|_| SshError::ConnectTimeout {
+            addr,
+            after: timeout,
+        })?
+    }
+
+    async fn connect_steps(
+        target: &SshTarget,
+        forward_to: Option<SocketAddr>,
+    ) -> Result<Self, SshError> {
         let jump = match &target.via {
             None => None,
-            Some(host) => Some(Box::pin(Self::connect_steps(host)).await?),
+            Some(host) => Some(Box::pin(Self::connect_steps(host, None)).await?),
         };
         let addr = target.addr;
         let presented = Arc::new(Mutex::new(None));
         let verifier = Verifier {
             expected: target.host_key.clone(),
             presented: presented.clone(),
+            forward_to,
         };
         let connected = match &jump {
             None => client::connect(config(target.host_key.algorithm()), addr, verifier).await,

@@ -347,6 +347,11 @@ impl Sshd {
     /// Starts it; each session's `sshd -i` runs under `wrap` (a command and its arguments, such as
     /// `nsenter` into another mount namespace), or directly when `wrap` is empty.
     pub async fn start(wrap: &[std::ffi::OsString]) -> Sshd {
+        Self::start_with(wrap, "").await
+    }
+
+    /// [`Sshd::start`] with `extra` lines of sshd_config.
+    pub async fn start_with(wrap: &[std::ffi::OsString], extra: &str) -> Sshd {
         use devicelab::ssh::keys::{ClientKey, HostKey};
         use std::os::unix::fs::PermissionsExt;
         use std::process::{Command, Stdio};
@@ -367,7 +372,7 @@ impl Sshd {
         &config,
         format!(
             "HostKey {}\nAuthorizedKeysFile {}\nPidFile none\n\
-             UsePAM no\nStrictModes no\nPasswordAuthentication no\nPermitRootLogin prohibit-password\n",
+             UsePAM no\nStrictModes no\nPasswordAuthentication no\nPermitRootLogin prohibit-password\n{extra}",
             host_key_path.display(),
             authorized.display()
         ),
