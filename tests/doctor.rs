@@ -113,6 +113,19 @@ fn a_stopped_libvirtd_and_a_missing_firmware_file_are_both_named_with_their_fixe
     );
 }
 
+/// A remote host over a transport guest SSH cannot follow is a miss naming the URI to use.
+#[test]
+fn a_remote_host_over_tls_is_a_miss_naming_qemu_ssh() {
+    let (ok, report) = devicelab(
+        &["doctor", "--arch", "x86_64"],
+        &[("DEVICELAB_LIBVIRT_URI", "qemu+tls://127.0.0.1/system")],
+        None,
+    );
+    assert!(!ok, "{report}");
+    let route = miss(&report, "guest route");
+    assert!(route.contains("use qemu+ssh://127.0.0.1/system"), "{route}");
+}
+
 #[test]
 fn a_missing_and_an_inactive_network_are_named_with_net_start() {
     let (ok, report) = devicelab(

@@ -256,8 +256,9 @@ async fn a_service_here_is_offered_beside_a_host_through_its_sshd() {
 }
 
 /// A device on a libvirt host reached over SSH: the whole onboarding and a power cycle, with
-/// its disks, console and guest SSH through the host's login (the sshd carries the libvirt
-/// connection, the probes' session and each guest session's hop).
+/// its disks, console, guest SSH and NATS through the host's login (the sshd carries the
+/// libvirt connection, the probes' session, each guest session's hop and the NATS forward),
+/// started cold though warm was asked for.
 #[rstest]
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
@@ -267,7 +268,8 @@ async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arc
     let dir = tempfile::tempdir().unwrap();
     let mut config = HarnessConfig::from_env().unwrap();
     config.libvirt_uri = uri(&sshd, &sshd.host_key, dir.path());
-    config.start = Start::Cold;
+    // Asked for warm: a remote host's VMs start cold (saved VMs are kept on the local host).
+    config.start = Start::Warm;
     let lab = Lab::new(config).await.unwrap();
     assert!(matches!(lab.route, Route::Through(_)));
     let device = devicelab::trials::scenario::onboarded_device_with(
@@ -279,8 +281,14 @@ async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arc
     .await
     .unwrap();
     let vm = &device.vm;
+    assert!(!vm.name().starts_with("devicelab-warm-"), "{}", vm.name());
     assert!(
-        sshd.sessions() >= 3,
+        device.nats.guest_url() != device.nats.client_url(),
+        "the guests reach NATS through the host's forward: {}",
+        device.nats.guest_url()
+    );
+    assert!(
+        sshd.sessions() >= 4,
         "libvirt, the probes and the guest's SSH went through the host: {} sessions",
         sshd.sessions()
     );

@@ -5,6 +5,7 @@
 use crate::config::{HarnessConfig, NatsMode};
 use crate::host::accel;
 use crate::host::libvirt::Libvirt;
+use crate::host::remote;
 use crate::model::arch::Accelerator;
 use crate::model::arch::VmArchitecture;
 use crate::support::which::{resolve, which};
@@ -239,10 +240,34 @@ pub fn check(config: &HarnessConfig, scope: &Scope) -> Report {
     Report { checks }
 }
 
+/// For a remote host, how the guests are reached: through its SSH login, read from the URI
+/// (user, key, the host key `known_hosts` pins); nothing for a local one.
+fn guest_route(uri: &str) -> Option<Check> {
+    match remote::ssh_hop(uri) {
+        Ok(None) => None,
+        Ok(Some(hop)) => Some(Check::ok(
+            "guest route",
+            format!(
+                "through {}@{} (host key {} pinned); the host's sshd needs `GatewayPorts \
+                 clientspecified` for the guests to reach NATS",
+                hop.user,
+                hop.addr,
+                crate::ssh::session::fingerprint(&hop.host_key)
+            ),
+        )),
+        Err(e) => Some(Check::miss(
+            "guest route",
+            e.to_string(),
+            "change DEVICELAB_LIBVIRT_URI (or the files it names) as the line above says",
+        )),
+    }
+}
+
 /// libvirtd reachable, and the network active (the connection failing for a non-root user is
 /// usually the group).
 fn libvirt(config: &HarnessConfig, distro: Distro) -> Vec<Check> {
     let uri = &config.libvirt_uri;
+    let route = guest_route(uri);
     let lv = match Libvirt::open(uri) {
         Ok(lv) => lv,
         Err(e) => {
@@ -265,7 +290,10 @@ fn libvirt(config: &HarnessConfig, distro: Distro) -> Vec<Check> {
                     "not checked: no libvirt connection",
                     "fix libvirt first",
                 ),
-            ];
+            ]
+            .into_iter()
+            .chain(route)
+            .collect();
         }
     };
     let who = if rustix::process::geteuid().is_root() {
@@ -274,6 +302,7 @@ fn libvirt(config: &HarnessConfig, distro: Distro) -> Vec<Check> {
         "as this user"
     };
     let mut out = vec![Check::ok("libvirt", format!("{uri} answers {who}"))];
+    out.extend(route);
     out.push(match lv.network_gateway(&config.network) {
         Ok(gw) => Check::ok(
             format!("network {}", config.network),
