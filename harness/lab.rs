@@ -499,6 +499,11 @@ impl Lab {
                 source,
             })?;
         nats.for_guests = forward;
+        tracing::info!(
+            "NATS: the guests of {} reach it at {}, forwarded by the host's sshd",
+            self.config.libvirt_uri,
+            nats.guest_url()
+        );
         Ok(nats)
     }
 

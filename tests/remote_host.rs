@@ -296,9 +296,14 @@ async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arc
     let reports = device.reports();
     vm.power_off().await.unwrap();
     let gate = reports.gate().await.unwrap();
+    let sessions = sshd.sessions();
     vm.power_on().await.unwrap();
     vm.wait_for_ssh().await.unwrap();
     let after = vm.boot_id().await.unwrap();
+    assert!(
+        sshd.sessions() > sessions,
+        "the new boot's SSH login went through the host"
+    );
     assert_ne!(before, after, "a power cycle is a new boot");
     reports
         .wait_for(gate, vm.budgets().first_status, |r| {

@@ -93,7 +93,10 @@ pub enum RemoteError {
         known_hosts: PathBuf,
     },
     /// `known_hosts` could not be read.
-    #[error("cannot read {known_hosts}: {message}")]
+    #[error(
+        "cannot read {known_hosts}: {message} (make it readable, or name another file with \
+         ?known_hosts= in DEVICELAB_LIBVIRT_URI)"
+    )]
     KnownHosts {
         /// The file.
         known_hosts: PathBuf,
@@ -101,7 +104,10 @@ pub enum RemoteError {
         message: String,
     },
     /// The host name does not resolve.
-    #[error("cannot resolve the libvirt host {host}:{port}: {message}")]
+    #[error(
+        "cannot resolve the libvirt host {host}:{port}: {message} (check the host name in \
+         DEVICELAB_LIBVIRT_URI, or write its address)"
+    )]
     Resolve {
         /// The host.
         host: String,
@@ -139,12 +145,12 @@ pub fn host_login(
         uri: uri.to_owned(),
         message: e.to_string(),
     })?;
-    let host = match parsed.host_str() {
-        None | Some("") => return Ok(None),
-        Some(host) => host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
+    // As `known_hosts` and the resolver name it (an IPv6 address without brackets), and as a
+    // URI writes it (with them).
+    let (host, uri_host) = match parsed.host() {
+        None | Some(url::Host::Domain("")) => return Ok(None),
+        Some(url::Host::Ipv6(ip)) => (ip.to_string(), format!("[{ip}]")),
+        Some(host) => (host.to_string(), host.to_string()),
     };
     let transport = parsed
         .scheme()
@@ -157,7 +163,7 @@ pub fn host_login(
         }
         return Err(RemoteError::Transport {
             uri: uri.to_owned(),
-            host,
+            host: uri_host,
             transport: if transport.is_empty() {
                 "tls (the default for a host without +transport)".to_owned()
             } else {
@@ -167,8 +173,23 @@ pub fn host_login(
     }
     let mut keyfile = None;
     let mut known_hosts = None;
-    for (name, value) in parsed.query_pairs() {
-        match (name.as_ref(), value.as_ref()) {
+    // libvirt decodes `%XX` in its parameters and nothing else (a `+` stays a `+`).
+    let decode = |text: &str| {
+        percent_encoding::percent_decode_str(text)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let pairs = parsed
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(name), decode(value))
+        });
+    for (name, value) in pairs {
+        match (name.as_str(), value.as_str()) {
             ("keyfile", path) => keyfile = Some(PathBuf::from(path)),
             ("known_hosts", path) => known_hosts = Some(PathBuf::from(path)),
             ("no_verify", "1") | ("known_hosts_verify", "ignore") => {
@@ -180,7 +201,7 @@ pub fn host_login(
             _ => {}
         }
     }
-    let user = match parsed.username() {
+    let user = match decode(parsed.username()).as_str() {
         "" => user
             .filter(|u| !u.is_empty())
             .ok_or_else(|| RemoteError::NoUser {
@@ -213,7 +234,8 @@ fn usual_keys(home: Option<&Path>) -> Vec<PathBuf> {
 /// first where several are). Blocking (files, the resolver).
 pub fn ssh_hop(uri: &str) -> Result<Option<SshTarget>, RemoteError> {
     let home = std::env::var_os("HOME").map(PathBuf::from);
-    let user = std::env::var("USER").ok();
+    // libvirt logs in as the effective uid's account where the URI names no user.
+    let user = effective_user().or_else(|| std::env::var("USER").ok());
     let Some(login) = host_login(uri, user.as_deref(), home.as_deref())? else {
         return Ok(None);
     };
@@ -252,6 +274,31 @@ pub fn ssh_hop(uri: &str) -> Result<Option<SshTarget>, RemoteError> {
         host_key,
         via: None,
     }))
+}
+
+/// The name of the effective uid's account, from the password database.
+fn effective_user() -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: a plain C struct, filled by getpwuid_r below before it is read.
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is to a live local of the size given; `found` is set to `entry`
+    // or to null, and `pw_name` points into `buf`, which outlives its use here.
+    let rc = unsafe {
+        libc::getpwuid_r(
+            libc::geteuid(),
+            &mut entry,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() || entry.pw_name.is_null() {
+        return None;
+    }
+    // SAFETY: a NUL-terminated string inside `buf` (see above).
+    let name = unsafe { std::ffi::CStr::from_ptr(entry.pw_name) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 fn read_key(path: &Path) -> Result<PrivateKey, RemoteError> {
@@ -333,6 +380,23 @@ mod tests {
                 None,
                 PathBuf::from("/home/tester/.ssh/known_hosts")
             )
+        );
+    }
+
+    /// As libvirt reads them: `%XX` decoded, a `+` kept; an IPv6 host without its brackets.
+    #[test]
+    fn parameters_and_users_are_decoded_as_libvirt_decodes_them() {
+        let l = login("qemu+ssh://ci%2Dbot@[fd00::5]/system?keyfile=/k/a+b%20c")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (l.user.as_str(), l.host.as_str(), l.keyfile),
+            ("ci-bot", "fd00::5", Some(PathBuf::from("/k/a+b c")))
+        );
+        let e = login("qemu+tls://[fd00::5]/system").unwrap_err();
+        assert!(
+            e.to_string().contains("use qemu+ssh://[fd00::5]/system"),
+            "{e}"
         );
     }
 

@@ -38,6 +38,19 @@ pub enum ForwardError {
         /// The address asked for (the guests' gateway).
         bind: Ipv4Addr,
     },
+    /// The forward's port did not answer at the guests' gateway for another reason.
+    #[error(
+        "the port the sshd of {host} forwards on {addr} does not answer there: {message} (its \
+         sshd_config needs `AllowTcpForwarding yes` and `GatewayPorts clientspecified`)"
+    )]
+    NotAnswering {
+        /// The host.
+        host: SocketAddr,
+        /// The forwarded port, on the guests' gateway.
+        addr: SocketAddr,
+        /// What the check got.
+        message: String,
+    },
 }
 
 /// A port on the guests' host that forwards to a service here, open as long as this lives.
@@ -47,10 +60,11 @@ pub struct Forward {
     pub addr: SocketAddr,
 }
 
-/// An SSH login to a libvirt host, and the session to it the probes share.
+/// An SSH login to a libvirt host, and the session to it the probes share (the lock is held
+/// only to reconnect; a probe runs on its own channel).
 pub struct Hop {
     target: SshTarget,
-    session: tokio::sync::Mutex<Option<SshSession>>,
+    session: tokio::sync::Mutex<Option<Arc<SshSession>>>,
 }
 
 impl Route {
@@ -88,12 +102,21 @@ impl Route {
         let (session, port) =
             SshSession::connect_forwarding(&hop.target, budget, bind.into(), to).await?;
         let addr = SocketAddr::from((bind, port));
-        // sshd takes the request even where it binds loopback only (GatewayPorts no).
-        if session.probe_port(addr).await.is_err() {
-            return Err(ForwardError::LoopbackOnly {
-                host: hop.target.addr,
-                bind,
-            });
+        // sshd takes the request even where it binds loopback only (GatewayPorts no): the
+        // port is checked from the host, at the address asked for.
+        let host = hop.target.addr;
+        let not_answering = |message: String| ForwardError::NotAnswering {
+            host,
+            addr,
+            message,
+        };
+        match tokio::time::timeout(budget, session.probe_port(addr)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed))) => {
+                return Err(ForwardError::LoopbackOnly { host, bind });
+            }
+            Ok(Err(e)) => return Err(not_answering(e.to_string())),
+            Err(_) => return Err(not_answering(format!("no answer within {budget:?}"))),
         }
         Ok(Some(Forward {
             _session: session,
@@ -102,8 +125,10 @@ impl Route {
     }
 
     /// Whether something accepts TCP connections at `addr`, seen from where the guest's network
-    /// is: `Ok`, or an error of kind `ConnectionRefused` when nothing listens there (a
-    /// failure to reach the host is another kind, naming the host). One attempt, within
+    /// is: `Ok`, or an error of kind `ConnectionRefused` when nothing listens there. Through a
+    /// host, that kind also covers an address the host cannot connect to for another reason
+    /// (sshd answers every failed connect alike, and the error says so); a failure to reach
+    /// the host itself is another kind, naming the host. One attempt, within
     /// [`CONNECT_TIMEOUT`] for each connection it makes.
     pub async fn probe(&self, addr: SocketAddr) -> io::Result<()> {
         match self {
@@ -125,30 +150,48 @@ impl Route {
 }
 
 impl Hop {
+    /// The shared session, connected (again) if there is none or it closed.
+    async fn session(&self) -> io::Result<Arc<SshSession>> {
+        let mut session = self.session.lock().await;
+        if let Some(open) = session.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(open.clone());
+        }
+        *session = None;
+        let connected = SshSession::connect(&self.target, CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| io::Error::other(format!("through the libvirt host: {e}")))?;
+        let connected = Arc::new(connected);
+        *session = Some(connected.clone());
+        Ok(connected)
+    }
+
     async fn probe(&self, addr: SocketAddr) -> io::Result<()> {
         let host = self.target.addr;
-        let mut session = self.session.lock().await;
-        if session.as_ref().is_none_or(SshSession::is_closed) {
-            *session = None;
-            let connected = SshSession::connect(&self.target, CONNECT_TIMEOUT)
-                .await
-                .map_err(|e| io::Error::other(format!("through the libvirt host: {e}")))?;
-            *session = Some(connected);
-        }
-        let Some(open) = session.as_ref() else {
-            unreachable!("connected above")
-        };
-        let probed = tokio::time::timeout(CONNECT_TIMEOUT, open.probe_port(addr)).await;
+        let session = self.session().await?;
+        let probed = tokio::time::timeout(CONNECT_TIMEOUT, session.probe_port(addr)).await;
         match probed {
             Ok(Ok(())) => Ok(()),
             Ok(Err(russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed))) => {
                 Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
-                    format!("refused, seen from the libvirt host {host}"),
+                    format!("refused (or unreachable), seen from the libvirt host {host}"),
                 ))
             }
+            Ok(Err(russh::Error::ChannelOpenFailure(
+                russh::ChannelOpenFailure::AdministrativelyProhibited,
+            ))) => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "the sshd of the libvirt host {host} forwards no TCP connections: set \
+                     `AllowTcpForwarding yes` in its sshd_config"
+                ),
+            )),
             Ok(Err(e)) => {
-                *session = None;
+                // The session is broken: the next probe connects again.
+                let mut shared = self.session.lock().await;
+                if shared.as_ref().is_some_and(|s| Arc::ptr_eq(s, &session)) {
+                    *shared = None;
+                }
                 Err(io::Error::other(format!(
                     "through the libvirt host {host}: {e}"
                 )))

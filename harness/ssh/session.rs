@@ -114,16 +114,18 @@ impl client::Handler for Verifier {
         let Some(to) = self.forward_to else {
             return Ok(()); // dropping the reply refuses the channel
         };
-        reply.accept().await;
+        // Connected first, so a service that is down (a NATS outage) is refused, not accepted
+        // and closed.
         tokio::spawn(async move {
             match tokio::net::TcpStream::connect(to).await {
                 Ok(mut local) => {
+                    reply.accept().await;
                     let mut remote = channel.into_stream();
                     let _ = tokio::io::copy_bidirectional(&mut remote, &mut local).await;
                 }
                 Err(e) => {
                     tracing::debug!("a forwarded connection to {to} failed: {e}");
-                    let _ = channel.close().await;
+                    reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
                 }
             }
         });
@@ -143,13 +145,25 @@ pub struct SshSession {
 }
 
 /// The client's settings: keepalives, and the host key type of the key pinned for the host
-/// (for a guest, the one the harness injected), so that is the one verified.
+/// (for a guest, the one the harness injected), so that is the one verified (an RSA key with
+/// SHA-2 signatures, which OpenSSH offers, not SHA-1's `ssh-rsa`).
 fn config(host_key: Algorithm) -> Arc<client::Config> {
+    let key = match host_key {
+        Algorithm::Rsa { .. } => vec![
+            Algorithm::Rsa {
+                hash: Some(russh::keys::HashAlg::Sha512),
+            },
+            Algorithm::Rsa {
+                hash: Some(russh::keys::HashAlg::Sha256),
+            },
+        ],
+        other => vec![other],
+    };
     Arc::new(client::Config {
         keepalive_interval: Some(Duration::from_secs(15)),
         keepalive_max: 4,
         preferred: russh::Preferred {
-            key: Cow::Owned(vec![host_key]),
+            key: Cow::Owned(key),
             ..Default::default()
         },
         ..Default::default()
@@ -188,7 +202,13 @@ impl SshSession {
                 .map_err(|e| SshError::Session {
                     addr,
                     doing: format!("asking it to forward {bind} to {to}"),
-                    message: e.to_string(),
+                    message: match e {
+                        russh::Error::RequestDenied => format!(
+                            "{e} (its sshd_config needs `AllowTcpForwarding yes`, and {bind} must \
+                             be one of its addresses)"
+                        ),
+                        e => e.to_string(),
+                    },
                 })?;
             let port = u16::try_from(port).map_err(|_| SshError::Session {
                 addr,
@@ -259,7 +279,17 @@ impl SshSession {
             }
             Ok(handle) => handle,
         };
-        let key = PrivateKeyWithHashAlg::new(target.key.clone(), None);
+        // An RSA key signs with the best SHA-2 the server takes (OpenSSH refuses SHA-1).
+        let hash = match target.key.algorithm() {
+            Algorithm::Rsa { .. } => handle
+                .best_supported_rsa_hash()
+                .await
+                .ok()
+                .flatten()
+                .flatten(),
+            _ => None,
+        };
+        let key = PrivateKeyWithHashAlg::new(target.key.clone(), hash);
         let auth = handle
             .authenticate_publickey(target.user.clone(), key)
             .await
