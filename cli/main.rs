@@ -9,6 +9,7 @@ use devicelab::host::doctor::{self, Scope};
 use devicelab::host::libvirt::Libvirt;
 use devicelab::host::pool::Pool;
 use devicelab::host::reaper::{self, OwnerRecord};
+use devicelab::host::remote;
 use devicelab::image::source::ImageSource;
 use devicelab::model::spec::ADMIN_USER;
 use devicelab::ssh::keys::client_key_path;
@@ -301,13 +302,21 @@ fn login_args(config: &HarnessConfig, vm: &str) -> Option<Vec<String>> {
     let known_hosts = reaper::run_dir_of(&config.runs_dir(), vm)?.join("known_hosts");
     let text = std::fs::read_to_string(&known_hosts).ok()?;
     let ip = text.split_whitespace().next()?;
-    Some(vec![
+    let mut args = vec![
         "-i".into(),
         client_key_path(&config.keys_dir()).display().to_string(),
         "-o".into(),
         format!("UserKnownHostsFile={}", known_hosts.display()),
-        format!("{ADMIN_USER}@{ip}"),
-    ])
+    ];
+    // A guest of a host reached over SSH is reached through that host.
+    if let Ok(Some(host)) = remote::login_of(&config.libvirt_uri) {
+        args.extend([
+            "-o".into(),
+            format!("ProxyCommand={}", host.proxy_command()),
+        ]);
+    }
+    args.push(format!("{ADMIN_USER}@{ip}"));
+    Some(args)
 }
 
 fn ssh(config: &HarnessConfig, vm: &str, command: &[String]) -> Result {

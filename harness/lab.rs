@@ -268,9 +268,10 @@ impl Lab {
             .await
             .map_err(|misses| LabError::HostNotReady { misses })?;
         let config2 = config.clone();
-        let (libvirt, pool, hop) = tokio::task::spawn_blocking(move || -> Result<_, LabError> {
+        let (libvirt, pool, route) = tokio::task::spawn_blocking(move || -> Result<_, LabError> {
             // A remote host the guests cannot be reached through fails before anything is made.
             let hop = remote::ssh_hop(&config2.libvirt_uri)?;
+            let proxy = remote::login_of(&config2.libvirt_uri)?.map(|l| l.proxy_command());
             prepare_data_dir(&config2.data_dir)?;
             let libvirt = Libvirt::open(&config2.libvirt_uri)?;
             // Several test processes start at once: one defines the pool, the others find it.
@@ -286,7 +287,11 @@ impl Lab {
                     reaped.containers
                 );
             }
-            Ok((libvirt, pool, hop))
+            let route = match proxy {
+                Some(command) => Route::through(hop).with_proxy_command(command),
+                None => Route::through(hop),
+            };
+            Ok((libvirt, pool, route))
         })
         .await
         .map_err(|e| LabError::Task(e.to_string()))??;
@@ -296,7 +301,7 @@ impl Lab {
             libvirt,
             pool,
             client_key,
-            route: Route::through(hop),
+            route,
             owner: run_owner(),
             slot_group: slot_group(),
             images: Default::default(),

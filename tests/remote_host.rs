@@ -137,7 +137,8 @@ async fn a_host_over_ssh_gets_the_disks_through_libvirt_and_a_wrong_host_key_is_
 
 /// The hop a `qemu+libssh://` URI names logs in with the URI's key, checks the host key its
 /// `known_hosts` pins, and reaches ports beside the host: open ones answer, closed ones are
-/// refused as such. A host `known_hosts` does not list, or lists with another key, is refused,
+/// refused as such; a human's OpenSSH client reaches a guest through it with the login's
+/// `ProxyCommand`. A host `known_hosts` does not list, or lists with another key, is refused,
 /// each error naming its fix.
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 async fn the_hop_a_uri_names_uses_its_key_and_pinned_host_key() {
@@ -173,6 +174,50 @@ async fn the_hop_a_uri_names_uses_its_key_and_pinned_host_key() {
         before + 1,
         "both probes went through the host, on one session"
     );
+
+    // A human's OpenSSH client takes the same way, through the command the login gives.
+    let guest = Sshd::start(&[]).await;
+    let guest_known_hosts = dir.path().join("guest_known_hosts");
+    std::fs::write(
+        &guest_known_hosts,
+        format!(
+            "[{}]:{} {}\n",
+            guest.addr.ip(),
+            guest.addr.port(),
+            guest.host_key.public_line
+        ),
+    )
+    .unwrap();
+    let proxy = remote::login_of(&good).unwrap().unwrap().proxy_command();
+    let ssh = require("ssh", "apt install openssh-client");
+    let out = tokio::process::Command::new(ssh)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-i",
+        ])
+        .arg(&guest.client.path)
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            guest_known_hosts.display()
+        ))
+        .args(["-o", &format!("ProxyCommand={proxy}")])
+        .args(["-p", &guest.addr.port().to_string()])
+        .arg(format!("root@{}", guest.addr.ip()))
+        .arg("echo guest")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "guest\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!((guest.sessions(), sshd.sessions()), (1, before + 2));
 
     let impostor = uri(&sshd, &HostKey::generate("impostor").unwrap(), dir.path());
     let hop = remote::ssh_hop(&impostor).unwrap().unwrap();
@@ -317,6 +362,27 @@ async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arc
         })
         .await
         .unwrap();
+    // A human's `devicelab ssh` goes through the host too (OpenSSH's client, `ssh -W`).
+    let sessions = sshd.sessions();
+    let out = std::process::Command::new(common::devicelab_cli())
+        .args(["ssh", vm.name(), "hostname"])
+        .env("DEVICELAB_LIBVIRT_URI", &lab.config.libvirt_uri)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && !out.stdout.is_empty(),
+        "devicelab ssh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        sshd.sessions() > sessions,
+        "devicelab ssh went through the host"
+    );
+    assert!(
+        vm.ssh_command().contains("ProxyCommand="),
+        "{}",
+        vm.ssh_command()
+    );
     let console = std::fs::read_to_string(vm.serial_log()).unwrap();
     assert!(
         console.contains("login:") || console.contains("cloud-init"),

@@ -5,7 +5,7 @@
 //! over another transport (`qemu+tls://`, `qemu+tcp://`) is refused with the fix, since guest
 //! SSH has no way through it.
 
-use crate::ssh::SshTarget;
+use crate::ssh::{SshTarget, shell_quote};
 use russh::keys::{Algorithm, PrivateKey, PublicKey};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -220,6 +220,33 @@ pub fn host_login(
     }))
 }
 
+impl HostLogin {
+    /// The command OpenSSH's client reaches a guest of this host through (`ProxyCommand`):
+    /// `ssh -W` with this login, the host key checked against its `known_hosts`.
+    pub fn proxy_command(&self) -> String {
+        let key = self
+            .keyfile
+            .as_ref()
+            .map(|k| format!("-i {} ", shell_quote(&k.display().to_string())))
+            .unwrap_or_default();
+        format!(
+            "ssh {key}-o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -p {} -W %h:%p {}@{}",
+            shell_quote(&self.known_hosts.display().to_string()),
+            self.port,
+            shell_quote(&self.user),
+            shell_quote(&self.host),
+        )
+    }
+}
+
+/// [`host_login`] with this process's user and home: the login libvirt itself would use.
+pub fn login_of(uri: &str) -> Result<Option<HostLogin>, RemoteError> {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    // libvirt logs in as the effective uid's account where the URI names no user.
+    let user = effective_user().or_else(|| std::env::var("USER").ok());
+    host_login(uri, user.as_deref(), home.as_deref())
+}
+
 /// The usual private keys under `~/.ssh`, in the order OpenSSH tries them.
 fn usual_keys(home: Option<&Path>) -> Vec<PathBuf> {
     let ssh_dir = home.unwrap_or(Path::new("/")).join(".ssh");
@@ -234,9 +261,7 @@ fn usual_keys(home: Option<&Path>) -> Vec<PathBuf> {
 /// first where several are). Blocking (files, the resolver).
 pub fn ssh_hop(uri: &str) -> Result<Option<SshTarget>, RemoteError> {
     let home = std::env::var_os("HOME").map(PathBuf::from);
-    // libvirt logs in as the effective uid's account where the URI names no user.
-    let user = effective_user().or_else(|| std::env::var("USER").ok());
-    let Some(login) = host_login(uri, user.as_deref(), home.as_deref())? else {
+    let Some(login) = login_of(uri)? else {
         return Ok(None);
     };
     let key_path = match &login.keyfile {

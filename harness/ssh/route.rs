@@ -65,6 +65,9 @@ pub struct Forward {
 pub struct Hop {
     target: SshTarget,
     session: tokio::sync::Mutex<Option<Arc<SshSession>>>,
+    /// The `ssh -W` command a human's OpenSSH client reaches a guest through (its
+    /// `ProxyCommand`), if known.
+    proxy_command: Option<String>,
 }
 
 impl Route {
@@ -75,7 +78,34 @@ impl Route {
             Some(target) => Self::Through(Arc::new(Hop {
                 target,
                 session: tokio::sync::Mutex::new(None),
+                proxy_command: None,
             })),
+        }
+    }
+
+    /// This route, with the command a human's `ssh` goes through the host with
+    /// (`-o ProxyCommand=…`): see [`Route::ssh_options`].
+    pub fn with_proxy_command(self, command: String) -> Self {
+        match self {
+            Self::Direct => Self::Direct,
+            Self::Through(hop) => Self::Through(Arc::new(Hop {
+                target: hop.target.clone(),
+                session: tokio::sync::Mutex::new(None),
+                proxy_command: Some(command),
+            })),
+        }
+    }
+
+    /// The options a human's OpenSSH client needs to reach a guest on this route: none when
+    /// direct, its host's `ProxyCommand` through a host.
+    pub fn ssh_options(&self) -> Vec<String> {
+        match self {
+            Self::Through(hop) => hop
+                .proxy_command
+                .iter()
+                .flat_map(|c| ["-o".to_owned(), format!("ProxyCommand={c}")])
+                .collect(),
+            Self::Direct => Vec::new(),
         }
     }
 

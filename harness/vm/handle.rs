@@ -262,8 +262,14 @@ impl Vm {
         let ip = self
             .ip()
             .map_or_else(|| "<no address yet>".to_owned(), |ip| ip.to_string());
+        let through: String = self
+            .route
+            .ssh_options()
+            .iter()
+            .map(|o| format!("{} ", crate::ssh::shell_quote(o)))
+            .collect();
         format!(
-            "ssh -i {} -o UserKnownHostsFile={} {}@{ip}",
+            "ssh -i {} -o UserKnownHostsFile={} {through}{}@{ip}",
             self.login.key_path.display(),
             self.known_hosts.display(),
             self.login.user,
