@@ -10,9 +10,14 @@
 //! every 100 ms until it logs in), then `cloud-init status --wait` and QEMU's resident memory.
 //! Then a warm start (`Start::Warm`): the saved VM is built once before the runs (not
 //! measured); each run restores a clone and records restore → SSH and the whole request.
-//! The harness's own overhead is the ratio of its time to SSH to the baseline's. Prints a
-//! table (min / median / max per phase) and writes `target/devicelab-bench/boot.json`; says
-//! how busy the host was (load average before and after).
+//! The harness's own overhead is the ratio of its time to SSH to the baseline's. With
+//! `BENCH_REMOTE_URI` set to a libvirt host reached over SSH (`qemu+ssh://…`), each run also
+//! runs the same trial there, right after the local one, and records the ratio of the two
+//! trials' wall times: the transport's overhead. Prints a table (min / median / max per phase)
+//! and writes `target/devicelab-bench/boot.json`; says how busy the host was (load average
+//! before and after).
+//!
+//!     BENCH_RUNS=1 ARCH=x86_64 BENCH_REMOTE_URI='qemu+ssh://ci@kvm-server/system' cargo bench --bench boot
 
 use devicelab::VirtualMachineSpec;
 use devicelab::{Lab, VmArchitecture, trials::scenario, vm::run};
@@ -65,6 +70,18 @@ fn main() {
 
 async fn bench(runs: usize) -> Report {
     let lab = Lab::from_env().await.unwrap_or_else(|e| panic!("{e}"));
+    let remote = match std::env::var("BENCH_REMOTE_URI") {
+        Ok(uri) if !uri.is_empty() => {
+            let mut config = lab.config.clone();
+            config.libvirt_uri = uri;
+            Some(
+                Lab::new(config)
+                    .await
+                    .unwrap_or_else(|e| panic!("BENCH_REMOTE_URI: {e}")),
+            )
+        }
+        _ => None,
+    };
     let archs: Vec<VmArchitecture> = match lab.config.arch_filter {
         Some(a) => vec![a],
         None => VmArchitecture::ALL.to_vec(),
@@ -91,9 +108,12 @@ async fn bench(runs: usize) -> Report {
                 add("QEMU RSS at cloud-init done (MiB)", rss);
             }
             eprintln!("bench: {arch} run {run}/{runs}: the power-cycle trial");
+            let trial_started = Instant::now();
             let timings = scenario::power_cycle(&lab, arch)
                 .await
                 .unwrap_or_else(|e| panic!("{arch} power cycle: {e}"));
+            let local_trial = trial_started.elapsed().as_secs_f64();
+            add("harness: the whole trial", local_trial);
             let t: BTreeMap<String, f64> = timings
                 .entries()
                 .into_iter()
@@ -104,6 +124,24 @@ async fn bench(runs: usize) -> Report {
             }
             if let Some(ssh) = t.get("ssh") {
                 add("ratio: harness time to SSH ÷ bare", ssh / bare.ssh);
+            }
+            if let Some(remote) = &remote {
+                eprintln!(
+                    "bench: {arch} run {run}/{runs}: the power-cycle trial on the remote host"
+                );
+                let started = Instant::now();
+                let timings = scenario::power_cycle(remote, arch)
+                    .await
+                    .unwrap_or_else(|e| panic!("{arch} power cycle on the remote host: {e}"));
+                let remote_trial = started.elapsed().as_secs_f64();
+                for (phase, d) in timings.entries() {
+                    add(&format!("remote: {phase}"), d.as_secs_f64());
+                }
+                add("remote: the whole trial", remote_trial);
+                add(
+                    "ratio: remote trial ÷ local trial",
+                    remote_trial / local_trial,
+                );
             }
             eprintln!("bench: {arch} run {run}/{runs}: a warm start");
             let (restore, whole) = warm_vm(&lab, arch).await;
