@@ -308,7 +308,8 @@ fn login_args(config: &HarnessConfig, vm: &str) -> Option<Vec<String>> {
         "-o".into(),
         format!("UserKnownHostsFile={}", known_hosts.display()),
     ];
-    // A guest of a host reached over SSH is reached through that host.
+    // A guest of a host reached over SSH is reached through that host (a URI that cannot be
+    // gone through is refused first: see `ssh`).
     if let Ok(Some(host)) = remote::login_of(&config.libvirt_uri) {
         args.extend([
             "-o".into(),
@@ -320,6 +321,7 @@ fn login_args(config: &HarnessConfig, vm: &str) -> Option<Vec<String>> {
 }
 
 fn ssh(config: &HarnessConfig, vm: &str, command: &[String]) -> Result {
+    remote::login_of(&config.libvirt_uri).map_err(|e| e.to_string())?;
     let Some(login) = login_args(config, vm) else {
         return Err(format!(
             "no address recorded for {vm} under {}: `devicelab ls` lists the VMs you can log in to",

@@ -188,7 +188,30 @@ async fn the_hop_a_uri_names_uses_its_key_and_pinned_host_key() {
         ),
     )
     .unwrap();
-    let proxy = remote::login_of(&good).unwrap().unwrap().proxy_command();
+    // Its files under a name with a blank and a `%`, which ssh would split and expand.
+    let odd = dir.path().join("a b%h");
+    std::fs::create_dir(&odd).unwrap();
+    std::fs::copy(dir.path().join("known_hosts"), odd.join("known_hosts")).unwrap();
+    std::fs::copy(&sshd.client.path, odd.join("key")).unwrap();
+    std::fs::set_permissions(
+        odd.join("key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let encoded = |p: std::path::PathBuf| {
+        p.display()
+            .to_string()
+            .replace('%', "%25")
+            .replace(' ', "%20")
+    };
+    let odd_uri = format!(
+        "qemu+libssh://root@{}:{}/system?keyfile={}&known_hosts={}",
+        sshd.addr.ip(),
+        sshd.addr.port(),
+        encoded(odd.join("key")),
+        encoded(odd.join("known_hosts"))
+    );
+    let proxy = remote::login_of(&odd_uri).unwrap().unwrap().proxy_command();
     let ssh = require("ssh", "apt install openssh-client");
     let out = tokio::process::Command::new(ssh)
         .args([
@@ -377,10 +400,24 @@ async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arc
         sshd.sessions() > sessions,
         "devicelab ssh went through the host"
     );
+    // And so does the command a VM prints for a human, pasted into a shell.
+    let sessions = sshd.sessions();
+    let pasted = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{} hostname", vm.ssh_command()))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
     assert!(
-        vm.ssh_command().contains("ProxyCommand="),
-        "{}",
-        vm.ssh_command()
+        pasted.status.success() && !pasted.stdout.is_empty(),
+        "{}: {}",
+        vm.ssh_command(),
+        String::from_utf8_lossy(&pasted.stderr)
+    );
+    assert!(
+        sshd.sessions() > sessions,
+        "the printed command went through the host"
     );
     let console = std::fs::read_to_string(vm.serial_log()).unwrap();
     assert!(

@@ -49,7 +49,8 @@ pub enum RemoteError {
     },
     /// No user in the URI, and none in the environment.
     #[error(
-        "DEVICELAB_LIBVIRT_URI {uri:?} names no user and USER is unset: write the user into it \
+        "DEVICELAB_LIBVIRT_URI {uri:?} names no user, and neither the effective uid's account \
+         nor USER gives one: write the user into it \
          (qemu+ssh://USER@HOST/system)"
     )]
     NoUser {
@@ -135,7 +136,7 @@ pub struct HostLogin {
 
 /// The SSH login a libvirt URI implies: `None` for a local host, the login for a remote one
 /// over SSH, an error for a remote one over another transport or with checks turned off.
-/// `user` and `home` stand in for the environment's (`USER`, `HOME`).
+/// `user` and `home` stand in for this process's account and home ([`login_of`] gives them).
 pub fn host_login(
     uri: &str,
     user: Option<&str>,
@@ -223,17 +224,28 @@ pub fn host_login(
 impl HostLogin {
     /// The command OpenSSH's client reaches a guest of this host through (`ProxyCommand`):
     /// `ssh -W` with this login, the host key checked against its `known_hosts`.
+    /// ssh expands `%` tokens in `ProxyCommand` and again in the file options, and splits
+    /// those on blanks: each path is escaped for its layers (`IdentityFile`, not `-i`, whose
+    /// raw path ssh checks before expanding it).
     pub fn proxy_command(&self) -> String {
+        let option = |name: &str, path: &Path| {
+            let path = path.display().to_string().replace('%', "%%");
+            format!("-o {} ", shell_quote(&format!("{name}=\"{path}\"")))
+        };
         let key = self
             .keyfile
             .as_ref()
-            .map(|k| format!("-i {} ", shell_quote(&k.display().to_string())))
+            .map(|k| option("IdentityFile", k))
             .unwrap_or_default();
-        format!(
-            "ssh {key}-o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -p {} -W %h:%p {}@{}",
-            shell_quote(&self.known_hosts.display().to_string()),
+        let login = format!(
+            "ssh {key}{}-o StrictHostKeyChecking=yes -p {}",
+            option("UserKnownHostsFile", &self.known_hosts),
             self.port,
-            shell_quote(&self.user),
+        );
+        format!(
+            "{} -W %h:%p {}@{}",
+            login.replace('%', "%%"),
+            shell_quote(&self.user).replace('%', "%%"),
             shell_quote(&self.host),
         )
     }
@@ -303,23 +315,29 @@ pub fn ssh_hop(uri: &str) -> Result<Option<SshTarget>, RemoteError> {
 
 /// The name of the effective uid's account, from the password database.
 fn effective_user() -> Option<String> {
-    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut len = 1024;
+    let mut buf;
     // SAFETY: a plain C struct, filled by getpwuid_r below before it is read.
     let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is to a live local of the size given; `found` is set to `entry`
-    // or to null, and `pw_name` points into `buf`, which outlives its use here.
-    let rc = unsafe {
-        libc::getpwuid_r(
-            libc::geteuid(),
-            &mut entry,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    if rc != 0 || found.is_null() || entry.pw_name.is_null() {
-        return None;
+    loop {
+        buf = vec![0 as libc::c_char; len];
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is to a live local of the size given; `found` is set to
+        // `entry` or to null, and `pw_name` points into `buf`, which outlives its use here.
+        let rc = unsafe {
+            libc::getpwuid_r(
+                libc::geteuid(),
+                &mut entry,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        match rc {
+            0 if !found.is_null() && !entry.pw_name.is_null() => break,
+            libc::ERANGE if len < 1 << 20 => len *= 2,
+            _ => return None,
+        }
     }
     // SAFETY: a NUL-terminated string inside `buf` (see above).
     let name = unsafe { std::ffi::CStr::from_ptr(entry.pw_name) };

@@ -281,12 +281,15 @@ impl SshSession {
         };
         // An RSA key signs with the best SHA-2 the server takes (OpenSSH refuses SHA-1).
         let hash = match target.key.algorithm() {
-            Algorithm::Rsa { .. } => handle
-                .best_supported_rsa_hash()
-                .await
-                .ok()
-                .flatten()
-                .flatten(),
+            Algorithm::Rsa { .. } => Some(
+                handle
+                    .best_supported_rsa_hash()
+                    .await
+                    .ok()
+                    .flatten()
+                    .flatten()
+                    .unwrap_or(russh::keys::HashAlg::Sha256),
+            ),
             _ => None,
         };
         let key = PrivateKeyWithHashAlg::new(target.key.clone(), hash);
