@@ -428,3 +428,75 @@ async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arc
     // would be torn down after it stopped, and left to the next run's reaper).
     device.vm.remove().await.unwrap();
 }
+
+/// A device on another host: a libvirtd in mount and network namespaces of its own, whose
+/// guests sit on its own network (`192.168.130.0/24`, which does not route from the test),
+/// reached through a real sshd in its namespaces. The device is provisioned, onboarded and
+/// reports to the NATS server here, all through that host's SSH login; nothing reaches its
+/// guest any other way.
+#[rstest]
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
+async fn a_device_on_another_host_is_reached_only_through_it(arch: VmArchitecture) {
+    devicelab::init_logging();
+    let daemon = tokio::task::spawn_blocking(PrivateLibvirtd::another_host)
+        .await
+        .unwrap();
+    let nsenter = require("nsenter", "apt install util-linux");
+    let wrap: Vec<OsString> = vec![
+        nsenter.into(),
+        "-t".into(),
+        daemon.pid().to_string().into(),
+        "-m".into(),
+        "-n".into(),
+        "--".into(),
+    ];
+    let sshd = Sshd::start_with(&wrap, "GatewayPorts clientspecified\n").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = HarnessConfig::from_env().unwrap();
+    config.libvirt_uri = uri(&sshd, &sshd.host_key, dir.path());
+    // Its pool lands in the host's own files (`<dir>/data` is another directory there).
+    config.data_dir = daemon.dir.path().join("data");
+    config.start = Start::Cold;
+    let lab = Lab::new(config).await.unwrap();
+    let device = devicelab::trials::scenario::onboarded_device_with(
+        &lab,
+        arch,
+        "apart",
+        &devicelab::reference::agent(),
+    )
+    .await
+    .unwrap();
+    let ip = device.vm.ip().expect("the lease gave it an address");
+    assert!(
+        ip.to_string().starts_with(common::ANOTHER_HOST_NETWORK),
+        "{ip} is on the other host's network"
+    );
+    let direct = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect((ip, 22)),
+    )
+    .await;
+    assert!(
+        !matches!(direct, Ok(Ok(_))),
+        "{ip} does not route from here: only the host reaches it"
+    );
+    assert!(
+        device
+            .nats
+            .guest_url()
+            .contains(&format!("{}.1:", common::ANOTHER_HOST_NETWORK)),
+        "the guest reaches NATS at its own gateway: {}",
+        device.nats.guest_url()
+    );
+    assert!(
+        !device
+            .vm
+            .succeed("hostname")
+            .await
+            .unwrap()
+            .trim()
+            .is_empty()
+    );
+    device.vm.remove().await.unwrap();
+}

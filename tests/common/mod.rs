@@ -211,19 +211,60 @@ pub struct PrivateLibvirtd {
     pub dir: tempfile::TempDir,
     child: Option<std::process::Child>,
     apart: bool,
+    /// Another host: its loopback up and a network of its own ([`PrivateLibvirtd::another_host`]).
+    host: bool,
 }
+
+/// The network [`PrivateLibvirtd::another_host`] gives its guests: not this machine's.
+pub const ANOTHER_HOST_NETWORK: &str = "192.168.130";
 
 impl PrivateLibvirtd {
     pub fn start() -> Self {
-        Self::started(false)
+        Self::started(false, false)
     }
 
     /// Started with a `<dir>/data` of its own.
     pub fn apart() -> Self {
-        Self::started(true)
+        Self::started(true, false)
     }
 
-    fn started(apart: bool) -> Self {
+    /// [`PrivateLibvirtd::apart`], and a host that boots guests of its own: its loopback up,
+    /// an isolated network `default` on `192.168.130.0/24` in its network namespace (which
+    /// does not route from the test's), QEMU's output to files (there is no virtlogd there).
+    /// Its network is destroyed (its dnsmasq stopped) before the daemon stops.
+    pub fn another_host() -> Self {
+        let this = Self::started(true, true);
+        let xml = this.dir.path().join("network.xml");
+        std::fs::write(
+            &xml,
+            format!(
+                "<network><name>default</name><bridge name='virbr0'/>\
+                 <ip address='{n}.1' netmask='255.255.255.0'><dhcp>\
+                 <range start='{n}.10' end='{n}.200'/></dhcp></ip></network>",
+                n = ANOTHER_HOST_NETWORK
+            ),
+        )
+        .unwrap();
+        let virsh = require("virsh", "apt install libvirt-clients");
+        for args in [
+            vec!["net-define".to_owned(), xml.display().to_string()],
+            vec!["net-start".to_owned(), "default".to_owned()],
+        ] {
+            let out = std::process::Command::new(&virsh)
+                .args(["-c", &this.uri()])
+                .args(&args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "virsh {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        this
+    }
+
+    fn started(apart: bool, host: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         for sub in ["run", "lib", "cache", "etc", "data", "host-data"] {
             std::fs::create_dir(dir.path().join(sub)).unwrap();
@@ -235,10 +276,25 @@ impl PrivateLibvirtd {
             )
             .unwrap();
         }
+        if host {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(dir.path().join("etc/qemu.conf"))
+                .unwrap()
+                .write_all(b"\nstdio_handler = \"file\"\n")
+                .unwrap();
+            // Traversable by libvirt's QEMU user, as a data dir is.
+            for d in [dir.path().to_owned(), dir.path().join("host-data")] {
+                std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+                    .unwrap();
+            }
+        }
         let mut this = Self {
             dir,
             child: None,
             apart,
+            host,
         };
         this.spawn();
         this
@@ -258,8 +314,13 @@ impl PrivateLibvirtd {
         } else {
             String::new()
         };
+        let lo = if self.host {
+            "ip link set lo up && "
+        } else {
+            ""
+        };
         let script = format!(
-            "{data}mount --bind {d}/run /run/libvirt && mount --bind {d}/lib /var/lib/libvirt && \
+            "{lo}{data}mount --bind {d}/run /run/libvirt && mount --bind {d}/lib /var/lib/libvirt && \
              mount --bind {d}/cache /var/cache/libvirt && mount --bind {d}/etc /etc/libvirt && \
              exec libvirtd -p {d}/libvirtd.pid"
         );
@@ -286,6 +347,12 @@ impl PrivateLibvirtd {
     }
 
     pub fn stop(&mut self) {
+        if self.host && self.child.is_some() {
+            // libvirtd leaves a network's dnsmasq running when it stops: destroy it first.
+            let _ = std::process::Command::new("virsh")
+                .args(["-c", &self.uri(), "net-destroy", "default"])
+                .output();
+        }
         if let Some(mut child) = self.child.take() {
             // A stopped daemon must run again to act on SIGTERM.
             unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
