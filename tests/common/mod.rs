@@ -348,10 +348,21 @@ impl PrivateLibvirtd {
 
     pub fn stop(&mut self) {
         if self.host && self.child.is_some() {
-            // libvirtd leaves a network's dnsmasq running when it stops: destroy it first.
-            let _ = std::process::Command::new("virsh")
-                .args(["-c", &self.uri(), "net-destroy", "default"])
-                .output();
+            // libvirtd leaves its domains' QEMU and its network's dnsmasq running when it
+            // stops (a test that failed with its VM up): destroy them first.
+            let uri = self.uri();
+            let virsh = |args: &[&str]| {
+                std::process::Command::new("virsh")
+                    .args(["-c", &uri])
+                    .args(args)
+                    .output()
+            };
+            if let Ok(listed) = virsh(&["list", "--name"]) {
+                for name in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
+                    let _ = virsh(&["destroy", name]);
+                }
+            }
+            let _ = virsh(&["net-destroy", "default"]);
         }
         if let Some(mut child) = self.child.take() {
             // A stopped daemon must run again to act on SIGTERM.
