@@ -10,6 +10,7 @@ use crate::support::probe::CONNECT_TIMEOUT;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The way to a guest's ports.
 #[derive(Clone, Default)]
@@ -161,20 +162,27 @@ impl Route {
     /// the host itself is another kind, naming the host. One attempt, within
     /// [`CONNECT_TIMEOUT`] for each connection it makes.
     pub async fn probe(&self, addr: SocketAddr) -> io::Result<()> {
+        self.probe_within(addr, CONNECT_TIMEOUT).await
+    }
+
+    /// [`Route::probe`], the connection to `addr` given up after `timeout` (a connection to
+    /// the host, if one is needed first, still gets [`CONNECT_TIMEOUT`]). A fresh attempt
+    /// sees a port that opens sooner than the kernel's next SYN of a waiting one would.
+    pub async fn probe_within(&self, addr: SocketAddr, timeout: Duration) -> io::Result<()> {
         match self {
             Self::Direct => {
-                tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
                     .await
                     .map_err(|_| {
                         io::Error::new(
                             io::ErrorKind::TimedOut,
-                            format!("no answer within {CONNECT_TIMEOUT:?}"),
+                            format!("no answer within {timeout:?}"),
                         )
                     })??;
                 Ok(())
             }
             // Boxed: the SSH connect inside is a deep future for every wait that probes.
-            Self::Through(hop) => Box::pin(hop.probe(addr)).await,
+            Self::Through(hop) => Box::pin(hop.probe(addr, timeout)).await,
         }
     }
 }
@@ -195,10 +203,10 @@ impl Hop {
         Ok(connected)
     }
 
-    async fn probe(&self, addr: SocketAddr) -> io::Result<()> {
+    async fn probe(&self, addr: SocketAddr, timeout: Duration) -> io::Result<()> {
         let host = self.target.addr;
         let session = self.session().await?;
-        let probed = tokio::time::timeout(CONNECT_TIMEOUT, session.probe_port(addr)).await;
+        let probed = tokio::time::timeout(timeout, session.probe_port(addr)).await;
         match probed {
             Ok(Ok(())) => Ok(()),
             Ok(Err(russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed))) => {
@@ -228,7 +236,7 @@ impl Hop {
             }
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("no answer through the libvirt host {host} within {CONNECT_TIMEOUT:?}"),
+                format!("no answer through the libvirt host {host} within {timeout:?}"),
             )),
         }
     }

@@ -17,7 +17,21 @@ pub const FIRST_ATTEMPT: Duration = Duration::from_secs(30);
 /// the last reason it gave for not being ready. An attempt still running at the end of the
 /// budget (or of [`FIRST_ATTEMPT`], for the first) is dropped: a hung attempt does not
 /// stretch the wait.
-pub async fn poll<T, F, Fut>(budget: Duration, mut attempt: F) -> Result<T, String>
+pub async fn poll<T, F, Fut>(budget: Duration, attempt: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    poll_every(budget, BACKOFF, attempt).await
+}
+
+/// [`poll`], starting an attempt every `every` (or as soon as the last one ended, if it took
+/// longer).
+pub async fn poll_every<T, F, Fut>(
+    budget: Duration,
+    every: Duration,
+    mut attempt: F,
+) -> Result<T, String>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, String>>,
@@ -45,7 +59,7 @@ where
             }
         };
         // No attempt starts that could not end before the deadline by its own backoff.
-        let next = started + BACKOFF;
+        let next = started + every;
         if next >= deadline {
             return Err(reason);
         }

@@ -569,7 +569,10 @@ impl Boot for WarmRestore {
         &self.host_key
     }
 
+    /// Each part's time goes into the timings (`warm restore: volumes`, `…: libvirt
+    /// restore`), so "restore → SSH" can be read part by part.
     async fn make_domain(&self, plan: &Plan, vm: &Vm) -> Result<(), VmError> {
+        let part = Instant::now();
         let (pool, dir, name, gib, serial_log) = (
             plan.pool.clone(),
             self.dir.clone(),
@@ -596,6 +599,8 @@ impl Boot for WarmRestore {
                 Ok(())
             })
             .await?;
+        vm.timings.record("warm restore: volumes", part.elapsed());
+        let part = Instant::now();
         let (owned, from, owner) = (
             vm.owned.clone(),
             self.dir.join("memory.save"),
@@ -624,6 +629,8 @@ impl Boot for WarmRestore {
                 Ok::<_, VmError>(lv.resume_with_console(&dom, &owned.name, &serial_log)?)
             })
             .await?;
+        vm.timings
+            .record("warm restore: libvirt restore", part.elapsed());
         vm.set_ip(self.saved.ip)
     }
 
@@ -633,7 +640,11 @@ impl Boot for WarmRestore {
             vm.wait_restored(started).await?;
             // The guest resumes at the time it was saved: verdicts that compare its clock with
             // the host's would be fooled.
-            vm.step_clock_to_host().await
+            let part = Instant::now();
+            let skew = vm.step_clock_to_host().await?;
+            vm.timings
+                .record("warm restore: clock step", part.elapsed());
+            Ok::<_, VmError>(skew)
         }
         .await;
         let skew = restored.inspect_err(|_| self.broken.store(true, Ordering::SeqCst))?;
