@@ -23,20 +23,27 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
+/// `daemon`, and an sshd whose sessions run in its namespaces (`namespaces`: nsenter's flags,
+/// `-m` for its mount namespace, `-n` for its network namespace too), with `extra` lines of
+/// sshd_config.
+async fn behind_sshd(
+    daemon: fn() -> PrivateLibvirtd,
+    namespaces: &[&str],
+    extra: &str,
+) -> (PrivateLibvirtd, Sshd) {
+    let daemon = tokio::task::spawn_blocking(daemon).await.unwrap();
+    let nsenter = require("nsenter", "apt install util-linux");
+    let mut wrap: Vec<OsString> =
+        vec![nsenter.into(), "-t".into(), daemon.pid().to_string().into()];
+    wrap.extend(namespaces.iter().map(OsString::from));
+    wrap.push("--".into());
+    let sshd = Sshd::start_with(&wrap, extra).await;
+    (daemon, sshd)
+}
+
 /// The private libvirtd, and an sshd whose sessions run in its mount namespace.
 async fn remote() -> (PrivateLibvirtd, Sshd) {
-    let daemon = tokio::task::spawn_blocking(PrivateLibvirtd::apart)
-        .await
-        .unwrap();
-    let nsenter = require("nsenter", "apt install util-linux");
-    let wrap: Vec<OsString> = vec![
-        nsenter.into(),
-        "-t".into(),
-        daemon.pid().to_string().into(),
-        "-m".into(),
-        "--".into(),
-    ];
-    (daemon, Sshd::start(&wrap).await)
+    behind_sshd(PrivateLibvirtd::apart, &["-m"], "").await
 }
 
 /// `qemu+libssh://` to `sshd`, authenticating with its client key, verifying its host key
@@ -439,19 +446,12 @@ async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arc
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
 async fn a_device_on_another_host_is_reached_only_through_it(arch: VmArchitecture) {
     devicelab::init_logging();
-    let daemon = tokio::task::spawn_blocking(PrivateLibvirtd::another_host)
-        .await
-        .unwrap();
-    let nsenter = require("nsenter", "apt install util-linux");
-    let wrap: Vec<OsString> = vec![
-        nsenter.into(),
-        "-t".into(),
-        daemon.pid().to_string().into(),
-        "-m".into(),
-        "-n".into(),
-        "--".into(),
-    ];
-    let sshd = Sshd::start_with(&wrap, "GatewayPorts clientspecified\n").await;
+    let (daemon, sshd) = behind_sshd(
+        PrivateLibvirtd::another_host,
+        &["-m", "-n"],
+        "GatewayPorts clientspecified\n",
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = HarnessConfig::from_env().unwrap();
     config.libvirt_uri = uri(&sshd, &sshd.host_key, dir.path());

@@ -42,7 +42,7 @@ fn restore_time(vm: &Vm) -> f64 {
     vm.timings
         .entries()
         .iter()
-        .find(|(p, _)| p.starts_with("warm restore"))
+        .find(|(p, _)| p == "warm restore → SSH")
         .map(|(_, d)| d.as_secs_f64())
         .expect("a warm VM records its restore")
 }

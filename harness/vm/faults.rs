@@ -266,19 +266,30 @@ impl Vm {
     }
 
     /// Sets the guest's clock to the host's; returns how far behind it was (a restored guest
-    /// resumes at the time it was saved).
+    /// resumes at the time it was saved). One round trip: the guest prints its clock, then
+    /// sets it to the host's time when the command was sent.
     pub(crate) async fn step_clock_to_host(&self) -> Result<Duration, VmError> {
-        let (off, _) = self.clock_offset().await?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        self.succeed(&format!(
-            "sudo -n date -u -s @{}.{:09} >/dev/null",
+        let command = format!(
+            "{CLOCK_COMMAND} && sudo -n date -u -s @{}.{:09} >/dev/null",
             now.as_secs(),
             now.subsec_nanos()
+        );
+        let printed = self.succeed(&command).await?;
+        let guest: f64 = printed
+            .trim()
+            .parse()
+            .map_err(|_| VmError::UnexpectedOutput {
+                vm: self.name().to_owned(),
+                command: command.clone(),
+                output: printed.clone(),
+                expected: "seconds since the epoch (GNU date)",
+            })?;
+        Ok(Duration::from_secs_f64(
+            (now.as_secs_f64() - guest).max(0.0),
         ))
-        .await?;
-        Ok(Duration::from_secs_f64((-off).max(0.0)))
     }
 
     /// Fills the root file system until at most `leave` bytes are free, counting the blocks
