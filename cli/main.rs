@@ -13,6 +13,7 @@ use devicelab::host::remote;
 use devicelab::image::source::ImageSource;
 use devicelab::model::spec::ADMIN_USER;
 use devicelab::ssh::keys::client_key_path;
+use devicelab::ssh::shell_quote;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
@@ -254,7 +255,8 @@ async fn ls(config: &HarnessConfig) -> Result {
             .unwrap_or_default();
         println!("VM {} ({state}{request}): {whose}", vm.name);
         if let Some(login) = login_args(config, &vm.name) {
-            println!("    ssh: ssh {}", login.join(" "));
+            let pasted: Vec<String> = login.iter().map(|a| shell_quote(a)).collect();
+            println!("    ssh: ssh {}", pasted.join(" "));
         }
     }
     let warm_dir = config.warm_dir();

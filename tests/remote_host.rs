@@ -410,8 +410,7 @@ async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arc
     // And so does the command a VM prints for a human, pasted into a shell.
     let sessions = sshd.sessions();
     let pasted = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("{} hostname", vm.ssh_command()))
+        .args(["-c", &format!("{} hostname", vm.ssh_command())])
         .stdin(std::process::Stdio::null())
         .output()
         .await

@@ -166,7 +166,7 @@ impl Route {
     }
 
     /// [`Route::probe`], the connection to `addr` given up after `timeout` (a connection to
-    /// the host, if one is needed first, still gets [`CONNECT_TIMEOUT`]). A fresh attempt
+    /// the host, if one is needed first, gets [`CONNECT_TIMEOUT`]). A fresh attempt
     /// sees a port that opens sooner than the kernel's next SYN of a waiting one would.
     pub async fn probe_within(&self, addr: SocketAddr, timeout: Duration) -> io::Result<()> {
         match self {
@@ -206,7 +206,17 @@ impl Hop {
     async fn probe(&self, addr: SocketAddr, timeout: Duration) -> io::Result<()> {
         let host = self.target.addr;
         let session = self.session().await?;
-        let probed = tokio::time::timeout(timeout, session.probe_port(addr)).await;
+        // On a task of its own: given up on, it runs on and closes the channel once the host
+        // answers, so no channel to the guest is left open on the shared session.
+        let probing = {
+            let session = session.clone();
+            tokio::spawn(async move { session.probe_port(addr).await })
+        };
+        let probed = match tokio::time::timeout(timeout, probing).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(join)) => Ok(Err(russh::Error::IO(io::Error::other(join.to_string())))),
+            Err(elapsed) => Err(elapsed),
+        };
         match probed {
             Ok(Ok(())) => Ok(()),
             Ok(Err(russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed))) => {

@@ -281,15 +281,11 @@ impl SshSession {
         };
         // An RSA key signs with the best SHA-2 the server takes (OpenSSH refuses SHA-1).
         let hash = match target.key.algorithm() {
-            Algorithm::Rsa { .. } => Some(
-                handle
-                    .best_supported_rsa_hash()
-                    .await
-                    .ok()
-                    .flatten()
-                    .flatten()
-                    .unwrap_or(russh::keys::HashAlg::Sha256),
-            ),
+            // What the server lists, else SHA-256 when it lists nothing.
+            Algorithm::Rsa { .. } => match handle.best_supported_rsa_hash().await {
+                Ok(Some(listed)) => listed,
+                Ok(None) | Err(_) => Some(russh::keys::HashAlg::Sha256),
+            },
             _ => None,
         };
         let key = PrivateKeyWithHashAlg::new(target.key.clone(), hash);

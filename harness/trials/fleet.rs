@@ -37,6 +37,8 @@ pub struct Member {
     pub label: String,
     /// The device.
     pub device: Device,
+    /// How long it took to start, from its VM slot (or its process) to its first report.
+    pub started_in: std::time::Duration,
 }
 
 impl Member {
@@ -357,10 +359,12 @@ impl FleetBuilder {
                     let (nats, simulator, slots) = (nats.clone(), &simulator, &slots);
                     let start = self.start;
                     async move {
+                        let mut began = std::time::Instant::now();
                         let device = match planned {
                             Planned::Real(_) => {
                                 let lab = lab.expect("checked above");
                                 let _slot = slots.acquire().await.expect("never closed");
+                                began = std::time::Instant::now();
                                 Device::Real(Box::new(
                                     scenario::onboard_device(lab, nats, values, agent, start)
                                         .await?,
@@ -377,6 +381,7 @@ impl FleetBuilder {
                         Ok::<_, ScenarioError>(Member {
                             label: label.clone(),
                             device,
+                            started_in: began.elapsed(),
                         })
                     }
                 });
@@ -406,10 +411,7 @@ impl FleetBuilder {
             table: Mutex::new(Table::default()),
         };
         fleet.note_all("started", |m| match &m.device {
-            Device::Real(d) => {
-                let took: Duration = d.timings.entries().iter().map(|(_, t)| *t).sum();
-                format!("{:.0} s", took.as_secs_f64())
-            }
+            Device::Real(_) => format!("{:.0} s", m.started_in.as_secs_f64()),
             Device::Simulated(_) => "process".into(),
         });
         tracing::info!(

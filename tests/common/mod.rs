@@ -315,6 +315,7 @@ impl PrivateLibvirtd {
             String::new()
         };
         let lo = if self.host {
+            require("ip", "apt install iproute2");
             "ip link set lo up && "
         } else {
             ""
@@ -347,9 +348,13 @@ impl PrivateLibvirtd {
     }
 
     pub fn stop(&mut self) {
-        if self.host && self.child.is_some() {
+        if self.host
+            && let Some(child) = &self.child
+        {
             // libvirtd leaves its domains' QEMU and its network's dnsmasq running when it
-            // stops (a test that failed with its VM up): destroy them first.
+            // stops (a test that failed with its VM up): destroy them first (a stopped daemon
+            // runs again to answer); if it cannot answer, kill the QEMU its pid files name.
+            unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
             let uri = self.uri();
             let virsh = |args: &[&str]| {
                 std::process::Command::new("virsh")
@@ -357,18 +362,43 @@ impl PrivateLibvirtd {
                     .args(args)
                     .output()
             };
-            if let Ok(listed) = virsh(&["list", "--name"]) {
-                for name in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
-                    let _ = virsh(&["destroy", name]);
+            match virsh(&["list", "--name"]) {
+                Ok(listed) if listed.status.success() => {
+                    for name in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
+                        let _ = virsh(&["destroy", name]);
+                    }
+                    let _ = virsh(&["net-destroy", "default"]);
                 }
+                _ => self.kill_by_pid_files(),
             }
-            let _ = virsh(&["net-destroy", "default"]);
         }
         if let Some(mut child) = self.child.take() {
             // A stopped daemon must run again to act on SIGTERM.
             unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             child.wait().unwrap();
+        }
+    }
+
+    /// Kills the QEMU processes this daemon's pid files name whose command line names its
+    /// files (so a reused pid is left alone).
+    fn kill_by_pid_files(&self) {
+        let ours = self.dir.path().to_string_lossy().into_owned();
+        let files = std::fs::read_dir(self.dir.path().join("run/qemu"))
+            .into_iter()
+            .flatten();
+        for file in files.flatten() {
+            let Some(pid) = std::fs::read_to_string(file.path())
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("qemu-system") && cmdline.contains(&ours) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
         }
     }
 
