@@ -247,18 +247,25 @@ impl Vm {
         Ok(())
     }
 
-    /// The guest's clock minus the host's, in seconds, and what the guest printed.
-    async fn clock_offset(&self) -> Result<(f64, String), VmError> {
-        let printed = self.succeed(CLOCK_COMMAND).await?;
-        let guest: f64 = printed
+    /// Runs `command`, which prints the guest's clock first ([`CLOCK_COMMAND`]): that clock, in
+    /// seconds since the epoch, and what it printed.
+    async fn guest_clock(&self, command: &str) -> Result<(f64, String), VmError> {
+        let printed = self.succeed(command).await?;
+        let guest = printed
             .trim()
             .parse()
             .map_err(|_| VmError::UnexpectedOutput {
                 vm: self.name().to_owned(),
-                command: CLOCK_COMMAND.into(),
+                command: command.into(),
                 output: printed.clone(),
                 expected: "seconds since the epoch (GNU date)",
             })?;
+        Ok((guest, printed))
+    }
+
+    /// The guest's clock minus the host's, in seconds, and what the guest printed.
+    async fn clock_offset(&self) -> Result<(f64, String), VmError> {
+        let (guest, printed) = self.guest_clock(CLOCK_COMMAND).await?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -277,16 +284,7 @@ impl Vm {
             now.as_secs(),
             now.subsec_nanos()
         );
-        let printed = self.succeed(&command).await?;
-        let guest: f64 = printed
-            .trim()
-            .parse()
-            .map_err(|_| VmError::UnexpectedOutput {
-                vm: self.name().to_owned(),
-                command: command.clone(),
-                output: printed.clone(),
-                expected: "seconds since the epoch (GNU date)",
-            })?;
+        let (guest, _) = self.guest_clock(&command).await?;
         Ok(Duration::from_secs_f64(
             (now.as_secs_f64() - guest).max(0.0),
         ))
