@@ -270,8 +270,10 @@ impl Lab {
         let config2 = config.clone();
         let (libvirt, pool, route) = tokio::task::spawn_blocking(move || -> Result<_, LabError> {
             // A remote host the guests cannot be reached through fails before anything is made.
-            let hop = remote::ssh_hop(&config2.libvirt_uri)?;
-            let proxy = remote::login_of(&config2.libvirt_uri)?.map(|l| l.proxy_command());
+            let route = match remote::ssh_hop(&config2.libvirt_uri)? {
+                None => Route::Direct,
+                Some(host) => Route::through(host.target, Some(host.login.proxy_command())),
+            };
             prepare_data_dir(&config2.data_dir)?;
             let libvirt = Libvirt::open(&config2.libvirt_uri)?;
             // Several test processes start at once: one defines the pool, the others find it.
@@ -287,10 +289,6 @@ impl Lab {
                     reaped.containers
                 );
             }
-            let route = match proxy {
-                Some(command) => Route::through(hop).with_proxy_command(command),
-                None => Route::through(hop),
-            };
             Ok((libvirt, pool, route))
         })
         .await

@@ -154,7 +154,8 @@ async fn the_hop_a_uri_names_uses_its_key_and_pinned_host_key() {
     let good = uri(&sshd, &sshd.host_key, dir.path());
     let hop = remote::ssh_hop(&good)
         .unwrap()
-        .expect("a remote URI has a hop");
+        .expect("a remote URI has a hop")
+        .target;
     assert_eq!((hop.addr, hop.user.as_str()), (sshd.addr, "root"));
     let session = SshSession::connect(&hop, Duration::from_secs(10))
         .await
@@ -167,7 +168,7 @@ async fn the_hop_a_uri_names_uses_its_key_and_pinned_host_key() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let route = Route::through(Some(hop.clone()));
+    let route = Route::through(hop.clone(), None);
     let before = sshd.sessions();
     route.probe(listening.local_addr().unwrap()).await.unwrap();
     let refused = route.probe(closed).await.unwrap_err();
@@ -250,7 +251,7 @@ async fn the_hop_a_uri_names_uses_its_key_and_pinned_host_key() {
     assert_eq!((guest.sessions(), sshd.sessions()), (1, before + 2));
 
     let impostor = uri(&sshd, &HostKey::generate("impostor").unwrap(), dir.path());
-    let hop = remote::ssh_hop(&impostor).unwrap().unwrap();
+    let hop = remote::ssh_hop(&impostor).unwrap().unwrap().target;
     let err = SshSession::connect(&hop, Duration::from_secs(10))
         .await
         .err()
@@ -298,7 +299,8 @@ async fn a_service_here_is_offered_beside_a_host_through_its_sshd() {
 
     let dir = tempfile::tempdir().unwrap();
     let sshd = Sshd::start_with(&[], "GatewayPorts clientspecified\n").await;
-    let route = Route::through(remote::ssh_hop(&uri(&sshd, &sshd.host_key, dir.path())).unwrap());
+    let host = remote::ssh_hop(&uri(&sshd, &sshd.host_key, dir.path())).unwrap();
+    let route = Route::through(host.unwrap().target, None);
     let forward = route
         .forward_here(beside, here, budget)
         .await
@@ -317,9 +319,8 @@ async fn a_service_here_is_offered_beside_a_host_through_its_sshd() {
 
     let loopback_only = Sshd::start(&[]).await;
     let dir = tempfile::tempdir().unwrap();
-    let route = Route::through(
-        remote::ssh_hop(&uri(&loopback_only, &loopback_only.host_key, dir.path())).unwrap(),
-    );
+    let host = remote::ssh_hop(&uri(&loopback_only, &loopback_only.host_key, dir.path()));
+    let route = Route::through(host.unwrap().unwrap().target, None);
     let Err(err) = route.forward_here(beside, here, budget).await else {
         panic!("an sshd that forwards on its loopback only is refused")
     };

@@ -245,14 +245,14 @@ pub fn check(config: &HarnessConfig, scope: &Scope) -> Report {
 fn guest_route(uri: &str) -> Option<Check> {
     match remote::ssh_hop(uri) {
         Ok(None) => None,
-        Ok(Some(hop)) => Some(Check::ok(
+        Ok(Some(host)) => Some(Check::ok(
             "guest route",
             format!(
                 "through {}@{} (host key {} pinned); the host's sshd needs `GatewayPorts \
                  clientspecified` for the guests to reach NATS",
-                hop.user,
-                hop.addr,
-                crate::ssh::session::fingerprint(&hop.host_key)
+                host.target.user,
+                host.target.addr,
+                crate::ssh::session::fingerprint(&host.target.host_key)
             ),
         )),
         Err(e) => Some(Check::miss(

@@ -268,10 +268,18 @@ fn usual_keys(home: Option<&Path>) -> Vec<PathBuf> {
         .collect()
 }
 
+/// A remote host's SSH login as the URI gives it, and as the harness's own client connects.
+pub struct RemoteHost {
+    /// The login, as the URI names it (what a human's OpenSSH client is given).
+    pub login: HostLogin,
+    /// The login read from its files and resolved (what the harness connects with).
+    pub target: SshTarget,
+}
+
 /// The hop to the host `uri` names, read from its files (key, `known_hosts`) and resolved:
 /// `None` for a local host. The host key is the one `known_hosts` records for it (Ed25519
 /// first where several are). Blocking (files, the resolver).
-pub fn ssh_hop(uri: &str) -> Result<Option<SshTarget>, RemoteError> {
+pub fn ssh_hop(uri: &str) -> Result<Option<RemoteHost>, RemoteError> {
     let home = std::env::var_os("HOME").map(PathBuf::from);
     let Some(login) = login_of(uri)? else {
         return Ok(None);
@@ -304,13 +312,14 @@ pub fn ssh_hop(uri: &str) -> Result<Option<SshTarget>, RemoteError> {
             port: login.port,
             message: "no address".to_owned(),
         })?;
-    Ok(Some(SshTarget {
+    let target = SshTarget {
         addr,
-        user: login.user,
+        user: login.user.clone(),
         key: Arc::new(key),
         host_key,
         via: None,
-    }))
+    };
+    Ok(Some(RemoteHost { login, target }))
 }
 
 /// The name of the effective uid's account, from the password database.

@@ -73,28 +73,12 @@ pub struct Hop {
 
 impl Route {
     /// Through `hop`, or direct when there is none.
-    pub fn through(hop: Option<SshTarget>) -> Self {
-        match hop {
-            None => Self::Direct,
-            Some(target) => Self::Through(Arc::new(Hop {
-                target,
-                session: tokio::sync::Mutex::new(None),
-                proxy_command: None,
-            })),
-        }
-    }
-
-    /// This route, with the command a human's `ssh` goes through the host with
-    /// (`-o ProxyCommand=…`): see [`Route::ssh_options`].
-    pub fn with_proxy_command(self, command: String) -> Self {
-        match self {
-            Self::Direct => Self::Direct,
-            Self::Through(hop) => Self::Through(Arc::new(Hop {
-                target: hop.target.clone(),
-                session: tokio::sync::Mutex::new(None),
-                proxy_command: Some(command),
-            })),
-        }
+    pub fn through(target: SshTarget, proxy_command: Option<String>) -> Self {
+        Self::Through(Arc::new(Hop {
+            target,
+            session: tokio::sync::Mutex::new(None),
+            proxy_command,
+        }))
     }
 
     /// The options a human's OpenSSH client needs to reach a guest on this route: none when
@@ -212,42 +196,40 @@ impl Hop {
             let session = session.clone();
             tokio::spawn(async move { session.probe_port(addr).await })
         };
-        let probed = match tokio::time::timeout(timeout, probing).await {
-            Ok(Ok(result)) => Ok(result),
-            Ok(Err(join)) => Ok(Err(russh::Error::IO(io::Error::other(join.to_string())))),
-            Err(elapsed) => Err(elapsed),
-        };
-        match probed {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed))) => {
-                Err(io::Error::new(
+        use russh::ChannelOpenFailure::{AdministrativelyProhibited, ConnectFailed};
+        let broken = match tokio::time::timeout(timeout, probing).await {
+            Ok(Ok(Ok(()))) => return Ok(()),
+            Ok(Ok(Err(russh::Error::ChannelOpenFailure(ConnectFailed)))) => {
+                return Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
                     format!("refused (or unreachable), seen from the libvirt host {host}"),
-                ))
+                ));
             }
-            Ok(Err(russh::Error::ChannelOpenFailure(
-                russh::ChannelOpenFailure::AdministrativelyProhibited,
-            ))) => Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!(
-                    "the sshd of the libvirt host {host} forwards no TCP connections: set \
-                     `AllowTcpForwarding yes` in its sshd_config"
-                ),
-            )),
-            Ok(Err(e)) => {
-                // The session is broken: the next probe connects again.
-                let mut shared = self.session.lock().await;
-                if shared.as_ref().is_some_and(|s| Arc::ptr_eq(s, &session)) {
-                    *shared = None;
-                }
-                Err(io::Error::other(format!(
-                    "through the libvirt host {host}: {e}"
-                )))
+            Ok(Ok(Err(russh::Error::ChannelOpenFailure(AdministrativelyProhibited)))) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "the sshd of the libvirt host {host} forwards no TCP connections: set \
+                         `AllowTcpForwarding yes` in its sshd_config"
+                    ),
+                ));
             }
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer through the libvirt host {host} within {timeout:?}"),
-            )),
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer through the libvirt host {host} within {timeout:?}"),
+                ));
+            }
+            Ok(Ok(Err(e))) => e.to_string(),
+            Ok(Err(task)) => task.to_string(),
+        };
+        // The session is broken: the next probe connects again.
+        let mut shared = self.session.lock().await;
+        if shared.as_ref().is_some_and(|s| Arc::ptr_eq(s, &session)) {
+            *shared = None;
         }
+        Err(io::Error::other(format!(
+            "through the libvirt host {host}: {broken}"
+        )))
     }
 }

@@ -170,17 +170,25 @@ fn config(host_key: Algorithm) -> Arc<client::Config> {
     })
 }
 
+/// `steps`, given up on after `timeout` as a connection to `target` that timed out.
+async fn within<T>(
+    target: &SshTarget,
+    timeout: Duration,
+    steps: impl std::future::Future<Output = Result<T, SshError>>,
+) -> Result<T, SshError> {
+    tokio::time::timeout(timeout, steps)
+        .await
+        .map_err(|_| SshError::ConnectTimeout {
+            addr: target.addr,
+            after: timeout,
+        })?
+}
+
 impl SshSession {
     /// One attempt: TCP connect (or a channel through the host `target.via` names, logged in to
     /// first), handshake (verifying the host key), public-key auth, all within `timeout`.
     pub async fn connect(target: &SshTarget, timeout: Duration) -> Result<Self, SshError> {
-        let addr = target.addr;
-        tokio::time::timeout(timeout, Self::connect_steps(target, None))
-            .await
-            .map_err(|_| SshError::ConnectTimeout {
-                addr,
-                after: timeout,
-            })?
+        within(target, timeout, Self::connect_steps(target, None)).await
     }
 
     /// [`SshSession::connect`], then asks the server to listen on `bind` (a port it picks)
@@ -192,36 +200,31 @@ impl SshSession {
         bind: std::net::IpAddr,
         to: SocketAddr,
     ) -> Result<(Self, u16), SshError> {
-        let addr = target.addr;
-        tokio::time::timeout(timeout, async {
+        let refused = |message: String| SshError::Session {
+            addr: target.addr,
+            doing: format!("asking it to forward {bind} to {to}"),
+            message,
+        };
+        within(target, timeout, async {
             let session = Self::connect_steps(target, Some(to)).await?;
             let port = session
                 .handle
                 .tcpip_forward(bind.to_string(), 0)
                 .await
-                .map_err(|e| SshError::Session {
-                    addr,
-                    doing: format!("asking it to forward {bind} to {to}"),
-                    message: match e {
+                .map_err(|e| {
+                    refused(match e {
                         russh::Error::RequestDenied => format!(
                             "{e} (its sshd_config needs `AllowTcpForwarding yes`, and {bind} must \
                              be one of its addresses)"
                         ),
                         e => e.to_string(),
-                    },
+                    })
                 })?;
-            let port = u16::try_from(port).map_err(|_| SshError::Session {
-                addr,
-                doing: format!("asking it to forward {bind} to {to}"),
-                message: format!("it answered with port {port}"),
-            })?;
+            let port = u16::try_from(port)
+                .map_err(|_| refused(format!("it answered with port {port}")))?;
             Ok((session, port))
         })
         .await
-        .map_err(|_| SshError::ConnectTimeout {
-            addr,
-            after: timeout,
-        })?
     }
 
     async fn connect_steps(
@@ -242,19 +245,10 @@ impl SshSession {
         let connected = match &jump {
             None => client::connect(config(target.host_key.algorithm()), addr, verifier).await,
             Some(jump) => {
-                let channel = jump
-                    .handle
-                    .channel_open_direct_tcpip(
-                        addr.ip().to_string(),
-                        u32::from(addr.port()),
-                        "127.0.0.1",
-                        0,
-                    )
-                    .await
-                    .map_err(|e| SshError::Connect {
-                        addr,
-                        message: format!("through {}: {e}", jump.addr),
-                    })?;
+                let channel = jump.open_tcp(addr).await.map_err(|e| SshError::Connect {
+                    addr,
+                    message: format!("through {}: {e}", jump.addr),
+                })?;
                 client::connect_stream(
                     config(target.host_key.algorithm()),
                     channel.into_stream(),
@@ -317,16 +311,22 @@ impl SshSession {
     /// Asks the server to connect to `addr` (a `direct-tcpip` channel), then closes the
     /// channel: whether something accepts TCP connections there, seen from the server.
     pub async fn probe_port(&self, addr: SocketAddr) -> Result<(), russh::Error> {
-        let channel = self
-            .handle
+        self.open_tcp(addr).await?.close().await
+    }
+
+    /// A `direct-tcpip` channel: the server connects to `addr` and relays it.
+    async fn open_tcp(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<russh::Channel<client::Msg>, russh::Error> {
+        self.handle
             .channel_open_direct_tcpip(
                 addr.ip().to_string(),
                 u32::from(addr.port()),
                 "127.0.0.1",
                 0,
             )
-            .await?;
-        channel.close().await
+            .await
     }
 
     pub async fn exec(&self, command: &str) -> Result<ExecOutput, SshError> {
