@@ -463,7 +463,7 @@ impl Lab {
 
     /// Provisions a VM and waits until it is ready (the spec's wait strategies).
     pub async fn vm(&self, spec: VirtualMachineSpec) -> Result<Vm, VmError> {
-        run::run(self.plan(spec).await?).await
+        Box::pin(run::run(self.plan(spec).await?)).await
     }
 
     /// Starts a NATS server reachable from this lab's VMs.

@@ -64,8 +64,9 @@ async fn a_rollout_through_a_split_and_a_site_outage_converges_and_delivers_once
         "a partitioned device's report landed: {during:?}"
     );
     let recovered = fleet.power_on(&cut).await;
-    fleet.heal(&cut_off).await.unwrap();
+    // Taken before the heal: a healed relay may deliver the backlog before `heal` returns.
     let heal_ms = devicelab_agent::now_ms();
+    fleet.heal(&cut_off).await.unwrap();
     let converged = fleet.converged(&all, 2, BUDGET).await;
     let delivered = fleet.delivered(&marks, 3, BUDGET).await;
     println!("{}", fleet.table());

@@ -460,10 +460,15 @@ impl Server {
     async fn log_in(&self, user: &str, password: &str) -> Result<async_nats::Client, String> {
         let url = self.url();
         probe::poll(self.start_budget, || async {
-            async_nats::ConnectOptions::with_user_and_password(user.to_owned(), password.to_owned())
-                .connect(&url)
-                .await
-                .map_err(|e| e.to_string())
+            Box::pin(
+                async_nats::ConnectOptions::with_user_and_password(
+                    user.to_owned(),
+                    password.to_owned(),
+                )
+                .connect(&url),
+            )
+            .await
+            .map_err(|e| e.to_string())
         })
         .await
     }

@@ -188,7 +188,7 @@ impl SshSession {
     /// One attempt: TCP connect (or a channel through the host `target.via` names, logged in to
     /// first), handshake (verifying the host key), public-key auth, all within `timeout`.
     pub async fn connect(target: &SshTarget, timeout: Duration) -> Result<Self, SshError> {
-        within(target, timeout, Self::connect_steps(target, None)).await
+        within(target, timeout, Box::pin(Self::connect_steps(target, None))).await
     }
 
     /// [`SshSession::connect`], then asks the server to listen on `bind` (a port it picks)
@@ -206,7 +206,7 @@ impl SshSession {
             message,
         };
         within(target, timeout, async {
-            let session = Self::connect_steps(target, Some(to)).await?;
+            let session = Box::pin(Self::connect_steps(target, Some(to))).await?;
             let port = session
                 .handle
                 .tcpip_forward(bind.to_string(), 0)

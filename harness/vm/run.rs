@@ -23,18 +23,18 @@ pub async fn run(plan: Plan) -> Result<Vm, VmError> {
     let claim = Arc::new(start::claim(&plan).await?);
     let held = async || held(&plan, &claim).await;
     match (plan.start, warm::cold_reason(&plan)) {
-        (Start::Warm, None) => match warm::start(&plan, held().await?).await {
+        (Start::Warm, None) => match Box::pin(warm::start(&plan, held().await?)).await {
             Err(VmError::Warm(e @ (WarmError::Broken { .. } | WarmError::Restore { .. }))) => {
                 tracing::warn!("VM {}: starting cold instead: {e}", plan.spec.name);
-                cold::boot(&plan, held().await?).await
+                Box::pin(cold::boot(&plan, held().await?)).await
             }
             other => other,
         },
         (Start::Warm, Some(why)) => {
             tracing::info!("VM {}: starting cold, not warm: {why}", plan.spec.name);
-            cold::boot(&plan, held().await?).await
+            Box::pin(cold::boot(&plan, held().await?)).await
         }
-        (Start::Cold, _) => cold::boot(&plan, held().await?).await,
+        (Start::Cold, _) => Box::pin(cold::boot(&plan, held().await?)).await,
     }
 }
 

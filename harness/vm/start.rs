@@ -45,13 +45,13 @@ pub(crate) async fn start<B: Boot>(plan: &Plan, boot: B, held: Vec<Held>) -> Res
     } else {
         Instant::now()
     };
-    if let Err(e) = boot.make_domain(plan, &vm).await {
+    if let Err(e) = Box::pin(boot.make_domain(plan, &vm)).await {
         if let Err(te) = vm.discard().await {
             tracing::warn!("{te}");
         }
         return Err(e);
     }
-    let ready = boot.wait_ready(plan, &vm, started).await;
+    let ready = Box::pin(boot.wait_ready(plan, &vm, started)).await;
     handed_over(vm, ready).await
 }
 

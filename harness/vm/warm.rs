@@ -159,7 +159,7 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
         {
             saved
         }
-        _ => build(plan, &name, &stem, &dir, inputs, &key).await?,
+        _ => Box::pin(build(plan, &name, &stem, &dir, inputs, &key)).await?,
     };
     // The clone holds the lock until its teardown is done; this one keeps the saved VM locked
     // until a broken one is deleted.
