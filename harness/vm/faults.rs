@@ -19,6 +19,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// How the guest reads its clock: seconds since the epoch, with nanoseconds (GNU date).
 const CLOCK_COMMAND: &str = "date +%s.%N";
 
+/// A round trip short enough for a clock reading to be taken as it is (its error is half of
+/// it); a longer one is read again, up to three times.
+const CLOCK_READ_ENOUGH: Duration = Duration::from_millis(500);
+
 /// How far the guest's clock may be from the host's once [`Vm::restore_clock`] stepped it: an
 /// SSH round trip or two, under emulation on a busy host.
 pub const CLOCK_TOLERANCE: Duration = Duration::from_secs(5);
@@ -263,31 +267,47 @@ impl Vm {
         Ok((guest, printed))
     }
 
-    /// The guest's clock minus the host's, in seconds, and what the guest printed.
+    /// The guest's clock minus the host's, in seconds, and what the guest printed: read
+    /// against the middle of the round trip, the shortest of up to three (a busy guest answers
+    /// late), so it is off by at most half that round trip.
     async fn clock_offset(&self) -> Result<(f64, String), VmError> {
-        let (guest, printed) = self.guest_clock(CLOCK_COMMAND).await?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        Ok((guest - now.as_secs_f64(), printed))
+        let host_now = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64()
+        };
+        let mut best: Option<(f64, f64, String)> = None;
+        for _ in 0..3 {
+            let sent = host_now();
+            let (guest, printed) = self.guest_clock(CLOCK_COMMAND).await?;
+            let back = host_now();
+            let round_trip = back - sent;
+            if best
+                .as_ref()
+                .is_none_or(|(shortest, ..)| round_trip < *shortest)
+            {
+                best = Some((round_trip, guest - (sent + back) / 2.0, printed));
+            }
+            if round_trip < CLOCK_READ_ENOUGH.as_secs_f64() {
+                break;
+            }
+        }
+        let (_, offset, printed) = best.expect("one reading at least");
+        Ok((offset, printed))
     }
 
     /// Sets the guest's clock to the host's; returns how far behind it was (a restored guest
-    /// resumes at the time it was saved). One round trip: the guest prints its clock, then
-    /// sets it to the host's time when the command was sent.
+    /// resumes at the time it was saved). The offset is read first ([`Vm::clock_offset`]),
+    /// then taken off the guest's own clock as the command runs, however late it arrives.
     pub(crate) async fn step_clock_to_host(&self) -> Result<Duration, VmError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let command = format!(
-            "{CLOCK_COMMAND} && sudo -n date -u -s @{}.{:09} >/dev/null",
-            now.as_secs(),
-            now.subsec_nanos()
-        );
-        let (guest, _) = self.guest_clock(&command).await?;
-        Ok(Duration::from_secs_f64(
-            (now.as_secs_f64() - guest).max(0.0),
+        let (offset, _) = self.clock_offset().await?;
+        self.succeed(&format!(
+            "sudo -n date -u -s @$(awk -v now=$(date +%s.%N) -v off={offset:.9} \
+             'BEGIN {{ printf \"%.9f\", now - off }}') >/dev/null"
         ))
+        .await?;
+        Ok(Duration::from_secs_f64((-offset).max(0.0)))
     }
 
     /// Fills the root file system until at most `leave` bytes are free, counting the blocks
