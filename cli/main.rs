@@ -1,6 +1,6 @@
 //! `devicelab`: the host side of the harness from a shell. `doctor` checks every host piece a
 //! run needs; `fetch` downloads and verifies the images (what a CI cache step runs); `ls`,
-//! `ssh` and `clean` look after what runs left on this host.
+//! `ssh` and `clean` look after what runs left on the host (each host of DEVICELAB_HOSTS).
 
 use clap::{Parser, Subcommand};
 use devicelab::VmArchitecture;
@@ -45,7 +45,8 @@ enum Cmd {
         #[arg(long, default_value = "all", value_parser = archs)]
         arch: Archs,
     },
-    /// Lists devicelab's VMs and NATS containers on this host, and how to log in to kept VMs.
+    /// Lists devicelab's VMs (on each host of DEVICELAB_HOSTS) and NATS containers, and how to
+    /// log in to each VM.
     Ls,
     /// Logs in to a VM (one kept with DEVICELAB_KEEP, or one a running test holds).
     Ssh {
@@ -110,14 +111,23 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 
 type Result<T = (), E = String> = std::result::Result<T, E>;
 
+/// Every check, on each host of DEVICELAB_HOSTS (under its URI) or on the one host.
 async fn doctor(config: &HarnessConfig, archs: Vec<VmArchitecture>) -> ExitCode {
-    let config = config.clone();
-    let report =
-        tokio::task::spawn_blocking(move || doctor::check(&config, &Scope::everything(archs)))
-            .await
-            .expect("the checks ran");
-    print!("{report}");
-    let misses = report.failures().count();
+    let mut misses = 0;
+    let hosts = config.host_configs();
+    let several = hosts.len() > 1;
+    for host in hosts {
+        if several {
+            println!("host {}:", host.libvirt_uri);
+        }
+        let archs = archs.clone();
+        let report =
+            tokio::task::spawn_blocking(move || doctor::check(&host, &Scope::everything(archs)))
+                .await
+                .expect("the checks ran");
+        print!("{report}");
+        misses += report.failures().count();
+    }
     if misses == 0 {
         println!("all set: nothing missing");
         ExitCode::SUCCESS
@@ -205,6 +215,38 @@ struct Listed {
 }
 
 async fn ls(config: &HarnessConfig) -> Result {
+    let listed = each_host(config, |host| async move { ls_vms(&host).await }).await;
+    ls_saved_and_containers(config).await.and(listed)
+}
+
+/// `what` for each host (under a heading naming it, when there are several), on to the next
+/// one whatever fails: the hosts that failed, named with their errors.
+async fn each_host<F, Fut>(config: &HarnessConfig, what: F) -> Result
+where
+    F: Fn(HarnessConfig) -> Fut,
+    Fut: std::future::Future<Output = Result>,
+{
+    let hosts = config.host_configs();
+    let several = hosts.len() > 1;
+    let mut failed = Vec::new();
+    for host in hosts {
+        let uri = host.libvirt_uri.clone();
+        if several {
+            println!("host {uri}:");
+        }
+        if let Err(e) = what(host).await {
+            eprintln!("devicelab: {uri}: {e}");
+            failed.push(format!("{uri}: {e}"));
+        }
+    }
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(failed.join("; ")),
+    }
+}
+
+/// The devicelab VMs on the host `config` names, whose they are, and how to log in to each.
+async fn ls_vms(config: &HarnessConfig) -> Result {
     let uri = config.libvirt_uri.clone();
     let runs = config.runs_dir();
     let vms = tokio::task::spawn_blocking(move || -> Result<Vec<Listed>> {
@@ -255,10 +297,15 @@ async fn ls(config: &HarnessConfig) -> Result {
             .unwrap_or_default();
         println!("VM {} ({state}{request}): {whose}", vm.name);
         if let Some(login) = login_args(config, &vm.name) {
-            let pasted: Vec<String> = login.iter().map(|a| shell_quote(a)).collect();
+            let pasted: Vec<String> = login.iter().map(|a| pasteable(a)).collect();
             println!("    ssh: ssh {}", pasted.join(" "));
         }
     }
+    Ok(())
+}
+
+/// This machine's saved VMs and NATS containers.
+async fn ls_saved_and_containers(config: &HarnessConfig) -> Result {
     let warm_dir = config.warm_dir();
     let saved = tokio::task::spawn_blocking(move || devicelab::vm::warm::saved_vms(&warm_dir))
         .await
@@ -298,6 +345,17 @@ async fn ls(config: &HarnessConfig) -> Result {
     Ok(())
 }
 
+/// `arg` as a shell reads it back: bare when nothing in it is special to the shell (an
+/// argument after the command's name), else quoted.
+fn pasteable(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg.to_owned()
+    } else {
+        shell_quote(arg)
+    }
+}
+
 /// The arguments `ssh` logs in to `vm` with, from its run dir: the lab's key, and the host key
 /// the harness pinned (its known_hosts, whose first field is the VM's address).
 fn login_args(config: &HarnessConfig, vm: &str) -> Option<Vec<String>> {
@@ -323,6 +381,7 @@ fn login_args(config: &HarnessConfig, vm: &str) -> Option<Vec<String>> {
 }
 
 fn ssh(config: &HarnessConfig, vm: &str, command: &[String]) -> Result {
+    let config = &host_of(config, vm);
     remote::login_of(&config.libvirt_uri).map_err(|e| e.to_string())?;
     let Some(login) = login_args(config, vm) else {
         return Err(format!(
@@ -342,9 +401,34 @@ fn ssh(config: &HarnessConfig, vm: &str, command: &[String]) -> Result {
     ))
 }
 
+/// The configuration of the host `vm` runs on, as its run dir's owner record says (the first
+/// host's when it names none).
+fn host_of(config: &HarnessConfig, vm: &str) -> HarnessConfig {
+    let recorded = reaper::run_dir_of(&config.runs_dir(), vm)
+        .and_then(|dir| OwnerRecord::read(&dir))
+        .map(|owner| owner.host);
+    config
+        .host_configs()
+        .into_iter()
+        .find(|host| recorded.as_deref() == Some(host.libvirt_uri.as_str()))
+        .unwrap_or_else(|| config.clone())
+}
+
 async fn clean(config: &HarnessConfig, warm: bool) -> Result {
-    let warm_dir = config.warm_dir();
-    let config = config.clone();
+    let cleaned = each_host(config, clean_host).await;
+    if warm {
+        let warm_dir = config.warm_dir();
+        let removed =
+            tokio::task::spawn_blocking(move || devicelab::vm::warm::remove_unused(&warm_dir))
+                .await
+                .map_err(|e| e.to_string())?;
+        println!("removed saved VMs (warm starts): {}", list(&removed));
+    }
+    cleaned
+}
+
+/// Removes what devicelab left on the host `config` names, kept VMs included.
+async fn clean_host(config: HarnessConfig) -> Result {
     let reaped = tokio::task::spawn_blocking(move || -> Result<reaper::Reaped> {
         let lv = Libvirt::open(&config.libvirt_uri).map_err(|e| e.to_string())?;
         // As `Lab::new` does: one process at a time sets up the pool and reaps.
@@ -360,25 +444,20 @@ async fn clean(config: &HarnessConfig, warm: bool) -> Result {
     })
     .await
     .map_err(|e| e.to_string())??;
-    let list = |v: &[String]| {
-        if v.is_empty() {
-            "none".to_owned()
-        } else {
-            v.join(", ")
-        }
-    };
     println!("removed VMs: {}", list(&reaped.vms));
     println!("removed NATS containers: {}", list(&reaped.containers));
     println!(
         "removed unfinished uploads (pool volumes): {}",
         list(&reaped.uploads)
     );
-    if warm {
-        let removed =
-            tokio::task::spawn_blocking(move || devicelab::vm::warm::remove_unused(&warm_dir))
-                .await
-                .map_err(|e| e.to_string())?;
-        println!("removed saved VMs (warm starts): {}", list(&removed));
-    }
     Ok(())
+}
+
+/// `v` joined with commas, or "none".
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".to_owned()
+    } else {
+        v.join(", ")
+    }
 }

@@ -22,6 +22,10 @@ pub const VARIABLES: &[(&str, &str)] = &[
         "libvirt connection, default `qemu:///system`; another host's: [remote-hosts.md](remote-hosts.md)",
     ),
     (
+        "DEVICELAB_HOSTS",
+        "several libvirt hosts for a fleet, as libvirt URIs separated by blanks, each with `#slots=N` to set its VM slots (else derived from that host), e.g. `qemu:///system qemu+ssh://lab@kvm1/system#slots=4`; the first is where a single VM runs (instead of `DEVICELAB_LIBVIRT_URI`): [remote-hosts.md](remote-hosts.md)",
+    ),
+    (
         "DEVICELAB_NETWORK",
         "libvirt network the VMs join, default `default`; guests reach host services at its gateway",
     ),
@@ -43,7 +47,7 @@ pub const VARIABLES: &[(&str, &str)] = &[
     ),
     (
         "DEVICELAB_VM_SLOTS",
-        "how many VMs may run at once on this host, across every test process (default: derived from the cores and the memory, see \"Parallel VMs\")",
+        "how many VMs may run at once on a host, across every test process (default: derived from the host's cores and memory, see \"Parallel VMs\"; a host of `DEVICELAB_HOSTS` may set its own)",
     ),
     (
         "DEVICELAB_UEFI_CODE",
@@ -165,8 +169,75 @@ pub struct HarnessConfig {
     pub uefi: Option<crate::model::arch::FirmwarePair>,
     /// DEVICELAB_START: how a spec that does not choose starts its VM.
     pub start: crate::model::spec::Start,
-    /// DEVICELAB_VM_SLOTS: VMs at once on this host; `None` derives it (see `slots`).
+    /// DEVICELAB_VM_SLOTS: VMs at once on a host (one of DEVICELAB_HOSTS may set its own);
+    /// `None` derives it (see `slots`).
     pub vm_slots: Option<usize>,
+    /// DEVICELAB_HOSTS: every host a fleet spreads across (empty: `libvirt_uri` only).
+    pub hosts: Vec<HostEntry>,
+}
+
+/// One of the hosts DEVICELAB_HOSTS lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostEntry {
+    /// Its libvirt URI.
+    pub uri: String,
+    /// Its VM slots (`#slots=N`); `None` derives them from the host.
+    pub slots: Option<usize>,
+}
+
+/// The host a libvirt URI names (`host`, or `host:port`); `None` for this machine's
+/// (`qemu:///system`).
+pub fn uri_host(uri: &str) -> Option<String> {
+    let uri = url::Url::parse(uri).ok()?;
+    let host = uri.host_str().filter(|h| !h.is_empty())?;
+    Some(match uri.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    })
+}
+
+/// The accepted VM slot counts.
+const SLOTS_RANGE: std::ops::RangeInclusive<usize> = 1..=256;
+
+/// A slot count from `value`, if it is one of [`SLOTS_RANGE`].
+fn slot_count(value: &str) -> Option<usize> {
+    value.parse().ok().filter(|n| SLOTS_RANGE.contains(n))
+}
+
+/// DEVICELAB_HOSTS: blank-separated libvirt URIs, each with an optional `#slots=N`.
+fn host_entries(value: &str) -> Result<Vec<HostEntry>, ConfigError> {
+    let mut entries: Vec<HostEntry> = Vec::new();
+    for word in value.split_whitespace() {
+        let (uri, slots) = match word.split_once('#') {
+            None => (word, None),
+            Some((uri, fragment)) => match fragment.strip_prefix("slots=").and_then(slot_count) {
+                Some(n) => (uri, Some(n)),
+                None => {
+                    return Err(ConfigError::Invalid {
+                        var: "DEVICELAB_HOSTS".into(),
+                        value: word.into(),
+                        expected: "a libvirt URI, optionally followed by `#slots=N` with N from 1 \
+                                   to 256, e.g. `qemu+ssh://lab@kvm1/system#slots=4`"
+                            .into(),
+                    });
+                }
+            },
+        };
+        if !uri.contains(':') || entries.iter().any(|e| e.uri == uri) {
+            return Err(ConfigError::Invalid {
+                var: "DEVICELAB_HOSTS".into(),
+                value: word.into(),
+                expected: "libvirt URIs (`qemu:///system`, `qemu+ssh://user@host/system`), \
+                           each host once"
+                    .into(),
+            });
+        }
+        entries.push(HostEntry {
+            uri: uri.to_owned(),
+            slots,
+        });
+    }
+    Ok(entries)
 }
 
 /// The smallest DEVICELAB_BUDGET_SCALE: below a tenth, waits end before a guest could answer
@@ -284,11 +355,23 @@ impl HarnessConfig {
             get("DEVICELAB_NETWORK").unwrap_or_else(|| "default".into()),
             "libvirt network name",
         )?;
-        let libvirt_uri = one_word(
-            "DEVICELAB_LIBVIRT_URI",
-            get("DEVICELAB_LIBVIRT_URI").unwrap_or_else(|| "qemu:///system".into()),
-            "libvirt URI",
-        )?;
+        let hosts = host_entries(&get("DEVICELAB_HOSTS").unwrap_or_default())?;
+        let libvirt_uri = match (get("DEVICELAB_LIBVIRT_URI"), hosts.first()) {
+            (Some(uri), Some(_)) => {
+                return Err(invalid(
+                    "DEVICELAB_LIBVIRT_URI",
+                    &uri,
+                    "unset it: DEVICELAB_HOSTS is set, and its first host is where a single VM \
+                     runs",
+                ));
+            }
+            (None, Some(first)) => first.uri.clone(),
+            (uri, None) => one_word(
+                "DEVICELAB_LIBVIRT_URI",
+                uri.unwrap_or_else(|| "qemu:///system".into()),
+                "libvirt URI",
+            )?,
+        };
         let uefi = match (get("DEVICELAB_UEFI_CODE"), get("DEVICELAB_UEFI_VARS")) {
             (None, None) => None,
             (Some(code), Some(vars)) => Some(crate::model::arch::FirmwarePair {
@@ -310,9 +393,9 @@ impl HarnessConfig {
         };
         let vm_slots = match get("DEVICELAB_VM_SLOTS") {
             None => None,
-            Some(v) => match v.parse::<usize>() {
-                Ok(n) if (1..=256).contains(&n) => Some(n),
-                _ => {
+            Some(v) => match slot_count(&v) {
+                Some(n) => Some(n),
+                None => {
                     return Err(invalid(
                         "DEVICELAB_VM_SLOTS",
                         &v,
@@ -324,6 +407,7 @@ impl HarnessConfig {
         Ok(Self {
             start,
             vm_slots,
+            hosts,
             data_dir,
             libvirt_uri,
             network,
@@ -341,6 +425,31 @@ impl HarnessConfig {
                 .collect::<Result<_, ConfigError>>()?,
             uefi,
         })
+    }
+
+    /// The VM slots set for the host `libvirt_uri` names: its `#slots=N` in DEVICELAB_HOSTS,
+    /// else DEVICELAB_VM_SLOTS; `None` derives them from the host.
+    pub fn slots_set(&self) -> Option<usize> {
+        self.hosts
+            .iter()
+            .find(|h| h.uri == self.libvirt_uri)
+            .and_then(|h| h.slots)
+            .or(self.vm_slots)
+    }
+
+    /// One configuration per host of DEVICELAB_HOSTS (the first is this one's), each naming
+    /// its host in `libvirt_uri`; this one alone without DEVICELAB_HOSTS.
+    pub fn host_configs(&self) -> Vec<HarnessConfig> {
+        if self.hosts.is_empty() {
+            return vec![self.clone()];
+        }
+        self.hosts
+            .iter()
+            .map(|h| HarnessConfig {
+                libvirt_uri: h.uri.clone(),
+                ..self.clone()
+            })
+            .collect()
     }
 
     /// The DEVICELAB_*_<ARCH> settings for `arch`.
@@ -364,9 +473,22 @@ impl HarnessConfig {
     pub fn warm_dir(&self) -> PathBuf {
         self.data_dir.join("warm")
     }
-    /// The cross-process VM slots' lock files.
+    /// The cross-process VM slots' lock files: this machine's in `slots`, another host's in
+    /// `slots/<host>[-<port>]` (each host counts its own).
     pub fn slots_dir(&self) -> PathBuf {
-        self.data_dir.join("slots")
+        let dir = self.data_dir.join("slots");
+        match uri_host(&self.libvirt_uri) {
+            Some(host) => dir.join(
+                host.chars()
+                    .map(|c| match c {
+                        c if c.is_ascii_alphanumeric() || c == '.' || c == '-' => c,
+                        ':' => '-',
+                        _ => '_',
+                    })
+                    .collect::<String>(),
+            ),
+            None => dir,
+        }
     }
 }
 
@@ -505,6 +627,13 @@ mod tests {
             ("DEVICELAB_DATA_DIR", "relative/dir", "absolute"),
             ("DEVICELAB_START", "hot", "cold or warm"),
             ("DEVICELAB_VM_SLOTS", "0", "from 1 to 256"),
+            (
+                "DEVICELAB_HOSTS",
+                "qemu:///system#slots=0",
+                "`#slots=N` with N from 1",
+            ),
+            ("DEVICELAB_HOSTS", "qemu:///system#cores=2", "`#slots=N`"),
+            ("DEVICELAB_HOSTS", "kvm1", "libvirt URIs"),
             ("ARCH", "mips", "x86_64, aarch64"),
         ] {
             let err = HarnessConfig::from_vars(vars(&[(var, value)]))
@@ -512,6 +641,55 @@ mod tests {
                 .to_string();
             assert!(err.contains(value) && err.contains(hint), "{var}: {err}");
         }
+    }
+
+    #[test]
+    fn hosts_name_each_host_once_with_its_slots_and_the_first_runs_single_vms() {
+        let c = HarnessConfig::from_vars(vars(&[
+            (
+                "DEVICELAB_HOSTS",
+                " qemu:///system\tqemu+ssh://lab@kvm1:2222/system?keyfile=/k#slots=4 ",
+            ),
+            ("DEVICELAB_VM_SLOTS", "2"),
+        ]))
+        .unwrap();
+        assert_eq!(c.libvirt_uri, "qemu:///system");
+        let hosts = c.host_configs();
+        assert_eq!(hosts.len(), 2);
+        assert_eq!(
+            hosts[1].libvirt_uri,
+            "qemu+ssh://lab@kvm1:2222/system?keyfile=/k"
+        );
+        // Each host's own `#slots`, else DEVICELAB_VM_SLOTS.
+        assert_eq!(
+            (hosts[0].slots_set(), hosts[1].slots_set()),
+            (Some(2), Some(4))
+        );
+        // Each host counts its slots in its own directory.
+        assert_eq!(hosts[0].slots_dir(), c.data_dir.join("slots"));
+        assert_eq!(
+            hosts[1].slots_dir(),
+            c.data_dir.join("slots").join("kvm1-2222")
+        );
+        let err = HarnessConfig::from_vars(vars(&[
+            ("DEVICELAB_HOSTS", "qemu:///system"),
+            ("DEVICELAB_LIBVIRT_URI", "qemu:///session"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("unset it") && err.contains("DEVICELAB_HOSTS"),
+            "{err}"
+        );
+        let err = HarnessConfig::from_vars(vars(&[(
+            "DEVICELAB_HOSTS",
+            "qemu:///system qemu+ssh://kvm1/system qemu:///system",
+        )]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("each host once"), "{err}");
+        let one = HarnessConfig::from_vars(BTreeMap::new()).unwrap();
+        assert_eq!(one.host_configs().len(), 1);
     }
 
     #[test]

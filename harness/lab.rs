@@ -11,6 +11,7 @@ use crate::host::pool::{Pool, PoolError};
 use crate::host::qemu_probe;
 use crate::host::reaper;
 use crate::host::remote::{self, RemoteError};
+use crate::host::slots::SlotCount;
 use crate::image::firmware::{self, FirmwareError, FirmwarePair};
 use crate::image::source::{BaseImage, ImageError, ImageSource};
 use crate::model::arch::Accelerator;
@@ -125,6 +126,9 @@ pub struct Lab {
     images: tokio::sync::Mutex<HashMap<VmArchitecture, BaseImage>>,
     accels: Mutex<HashMap<VmArchitecture, AccelDecision>>,
     qemu_args: Arc<Mutex<HashMap<VmArchitecture, Vec<String>>>>,
+    /// A remote host's size (cores, memory in MiB) as its libvirt reports it; `None` on this
+    /// machine, whose own size counts.
+    remote_size: Option<(usize, u64)>,
     /// Architectures whose host pieces passed the preflight.
     ready_archs: Mutex<std::collections::HashSet<VmArchitecture>>,
 }
@@ -268,31 +272,36 @@ impl Lab {
             .await
             .map_err(|misses| LabError::HostNotReady { misses })?;
         let config2 = config.clone();
-        let (libvirt, pool, route) = tokio::task::spawn_blocking(move || -> Result<_, LabError> {
-            // A remote host the guests cannot be reached through fails before anything is made.
-            let route = match remote::ssh_hop(&config2.libvirt_uri)? {
-                None => Route::Direct,
-                Some(host) => Route::through(host.target, Some(host.login.proxy_command())),
-            };
-            prepare_data_dir(&config2.data_dir)?;
-            let libvirt = Libvirt::open(&config2.libvirt_uri)?;
-            // Several test processes start at once: one defines the pool, the others find it.
-            let _lock = pool_setup_lock(&config2)?;
-            let pool = Pool::ensure(&libvirt, &config2.pool_dir())?;
-            // Runs killed with SIGKILL left VMs and containers behind: clean up after them.
-            let dirs = reaper::DataDirs::of(&config2);
-            let reaped = reaper::reap(&libvirt, &pool, &dirs, &config2.podman);
-            if reaped != reaper::Reaped::default() {
-                tracing::warn!(
-                    "reaped leftovers of dead runs: VMs {:?}, containers {:?}",
-                    reaped.vms,
-                    reaped.containers
-                );
-            }
-            Ok((libvirt, pool, route))
-        })
-        .await
-        .map_err(|e| LabError::Task(e.to_string()))??;
+        let (libvirt, pool, route, remote_size) =
+            tokio::task::spawn_blocking(move || -> Result<_, LabError> {
+                // A remote host the guests cannot be reached through fails before anything is made.
+                let route = match remote::ssh_hop(&config2.libvirt_uri)? {
+                    None => Route::Direct,
+                    Some(host) => Route::through(host.target, Some(host.login.proxy_command())),
+                };
+                prepare_data_dir(&config2.data_dir)?;
+                let libvirt = Libvirt::open(&config2.libvirt_uri)?;
+                // Several test processes start at once: one defines the pool, the others find it.
+                let _lock = pool_setup_lock(&config2)?;
+                let pool = Pool::ensure(&libvirt, &config2.pool_dir())?;
+                // Runs killed with SIGKILL left VMs and containers behind: clean up after them.
+                let dirs = reaper::DataDirs::of(&config2);
+                let reaped = reaper::reap(&libvirt, &pool, &dirs, &config2.podman);
+                if reaped != reaper::Reaped::default() {
+                    tracing::warn!(
+                        "reaped leftovers of dead runs: VMs {:?}, containers {:?}",
+                        reaped.vms,
+                        reaped.containers
+                    );
+                }
+                let remote_size = match route {
+                    Route::Direct => None,
+                    Route::Through(_) => Some(libvirt.node_size()?),
+                };
+                Ok((libvirt, pool, route, remote_size))
+            })
+            .await
+            .map_err(|e| LabError::Task(e.to_string()))??;
         let client_key = ClientKey::load_or_generate(&config.keys_dir())?;
         Ok(Arc::new(Self {
             config,
@@ -300,6 +309,7 @@ impl Lab {
             pool,
             client_key,
             route,
+            remote_size,
             owner: run_owner(),
             slot_group: slot_group(),
             images: Default::default(),
@@ -307,6 +317,31 @@ impl Lab {
             qemu_args: Default::default(),
             ready_archs: Default::default(),
         }))
+    }
+
+    /// A lab on each host of DEVICELAB_HOSTS, in its order; on `config`'s host alone without
+    /// it. Each lab checks its host as [`Lab::new`] does.
+    pub async fn on_each_host(config: HarnessConfig) -> Result<Vec<Arc<Self>>, LabError> {
+        Self::open_each(config.host_configs()).await
+    }
+
+    /// A lab on each host of DEVICELAB_HOSTS but this lab's own: what a fleet spreads to.
+    pub async fn other_hosts(&self) -> Result<Vec<Arc<Self>>, LabError> {
+        let others = self
+            .config
+            .host_configs()
+            .into_iter()
+            .filter(|c| c.libvirt_uri != self.config.libvirt_uri)
+            .collect();
+        Self::open_each(others).await
+    }
+
+    async fn open_each(configs: Vec<HarnessConfig>) -> Result<Vec<Arc<Self>>, LabError> {
+        let mut labs = Vec::with_capacity(configs.len());
+        for config in configs {
+            labs.push(Self::new(config).await?);
+        }
+        Ok(labs)
     }
 
     /// The accelerator for `arch` (probed once per process; the choice is logged).
@@ -408,12 +443,7 @@ impl Lab {
         })
         .await
         .map_err(|e| VmError::Task(e.to_string()))??;
-        let slots = crate::host::slots::SlotCount::for_host(
-            self.config.vm_slots,
-            accel.accel,
-            spec.vcpus,
-            spec.memory_mib,
-        );
+        let slots = self.slot_count(accel.accel, &spec);
         Ok(Plan {
             slot_group: self.slot_group.clone(),
             start: self.start_for(&spec),
@@ -476,37 +506,51 @@ impl Lab {
         self.nats_with(&agent.nats_config).await
     }
 
-    /// On a local host the server listens on the network's gateway, where the test and the
-    /// guests both reach it. On a remote one it listens on this machine's loopback, and the
-    /// guests reach it at their own gateway, through a port the host's sshd forwards back.
     async fn nats_with(&self, extra: &str) -> Result<NatsServer, LabNatsError> {
-        let gateway = self.gateway().await?;
-        let Route::Through(_) = self.route else {
-            return Ok(NatsServer::start_with(&self.config, gateway, &self.owner, extra).await?);
+        Self::nats_across(&[self], extra).await
+    }
+
+    /// One NATS server for the guests of every lab of `labs` (`extra`: server configuration
+    /// appended to the run's). With a local host among them it listens on that host's network
+    /// gateway, where the test and its guests both reach it; else on this machine's loopback.
+    /// A remote host's guests reach it at their own gateway, through a port the host's sshd
+    /// forwards back here ([`NatsServer::guest_url_on`]).
+    pub async fn nats_across(labs: &[&Lab], extra: &str) -> Result<NatsServer, LabNatsError> {
+        let Some(first) = labs.first() else {
+            return Err(LabNatsError::NoHost);
         };
-        let mut nats = NatsServer::start_with(
-            &self.config,
-            std::net::Ipv4Addr::LOCALHOST,
-            &self.owner,
-            extra,
-        )
-        .await?;
+        let listen = match labs.iter().find(|l| matches!(l.route, Route::Direct)) {
+            Some(local) => local.gateway().await?,
+            None => std::net::Ipv4Addr::LOCALHOST,
+        };
+        let mut nats = NatsServer::start_with(&first.config, listen, &first.owner, extra).await?;
+        nats.home = first.config.libvirt_uri.clone();
         let here = std::net::SocketAddr::from((nats.gateway, nats.port));
-        let budget = self.config.host_budgets().nats_start;
-        let forward = self
-            .route
-            .forward_here(gateway, here, budget)
-            .await
-            .map_err(|source| LabNatsError::Forward {
-                uri: self.config.libvirt_uri.clone(),
-                source,
-            })?;
-        nats.for_guests = forward;
-        tracing::info!(
-            "NATS: the guests of {} reach it at {}, forwarded by the host's sshd",
-            self.config.libvirt_uri,
-            nats.guest_url()
-        );
+        for lab in labs {
+            let Route::Through(_) = lab.route else {
+                continue;
+            };
+            let uri = lab.config.libvirt_uri.clone();
+            let forward = lab
+                .route
+                .forward_here(
+                    lab.gateway().await?,
+                    here,
+                    lab.config.host_budgets().nats_start,
+                )
+                .await
+                .map_err(|source| LabNatsError::Forward {
+                    uri: uri.clone(),
+                    source,
+                })?;
+            if let Some(forward) = forward {
+                nats.for_guests.insert(uri.clone(), forward);
+            }
+            tracing::info!(
+                "NATS: the guests of {uri} reach it at {}, forwarded by the host's sshd",
+                nats.guest_url_on(&uri)
+            );
+        }
         Ok(nats)
     }
 
@@ -522,10 +566,19 @@ impl Lab {
     /// How many VMs of `arch` (of the default size) this host runs at once: what a fleet
     /// onboards at a time.
     pub fn vm_slots(&self, arch: VmArchitecture) -> crate::host::slots::SlotCount {
-        let spec = VirtualMachineSpec::new("slots", arch);
-        crate::host::slots::SlotCount::for_host(
-            self.config.vm_slots,
+        self.slot_count(
             self.accel(arch).accel,
+            &VirtualMachineSpec::new("slots", arch),
+        )
+    }
+
+    /// How many VMs of `spec`'s size this host runs at once: as configured, else derived
+    /// from its size (this machine's, or what a remote host's libvirt reports).
+    fn slot_count(&self, accel: Accelerator, spec: &VirtualMachineSpec) -> SlotCount {
+        SlotCount::for_size(
+            self.config.slots_set(),
+            self.remote_size,
+            accel,
             spec.vcpus,
             spec.memory_mib,
         )
@@ -554,6 +607,9 @@ pub enum LabNatsError {
     /// The server could not be started.
     #[error(transparent)]
     Nats(#[from] NatsError),
+    /// A server for the guests of no lab was asked for.
+    #[error("a NATS server for no host: give Lab::nats_across at least one lab")]
+    NoHost,
     /// The server could not be offered to the guests of a remote host.
     #[error("cannot offer the NATS server to the guests of {uri}: {source}")]
     Forward {
@@ -562,4 +618,58 @@ pub enum LabNatsError {
         /// What went wrong.
         source: ForwardError,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+
+    /// The size of the future `f` returns, read from its type (nothing is called).
+    fn future_of<A, B, F: Future>(_: impl Fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// [`future_of`] for a function of one argument.
+    fn future_of_1<A, F: Future>(_: impl Fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A test awaits these inline, on its own thread's stack (2 MiB unless RUST_MIN_STACK
+    /// says), and a debug build keeps a copy of each layer's child future in each poll frame:
+    /// the layers below box what they await, so what a test holds stays small.
+    #[test]
+    fn the_futures_a_test_awaits_stay_small() {
+        // A trial's future, which holds the lab's calls, and each layer's below it.
+        const TRIAL: usize = 20 * 1024;
+        const LAYER: usize = 12 * 1024;
+        let sizes = [
+            ("Lab::vm", LAYER, future_of(Lab::vm)),
+            ("run::run", LAYER, future_of_1(run::run)),
+            ("Vm::power_cycle", LAYER, future_of_1(Vm::power_cycle)),
+            ("Vm::wait_for_ssh", LAYER, future_of_1(Vm::wait_for_ssh)),
+            (
+                "SshSession::connect",
+                LAYER,
+                future_of(crate::ssh::SshSession::connect),
+            ),
+            ("ssh_login", LAYER, future_of(crate::ssh::login::ssh_login)),
+            (
+                "scenario::power_cycle",
+                TRIAL,
+                future_of(crate::trials::scenario::power_cycle),
+            ),
+            (
+                "scenario::e2e",
+                TRIAL,
+                future_of(crate::trials::scenario::e2e),
+            ),
+        ];
+        for (name, most, size) in sizes {
+            assert!(
+                size <= most,
+                "{name}'s future is {size} bytes, over {most}: box what it awaits"
+            );
+        }
+    }
 }

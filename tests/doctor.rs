@@ -126,6 +126,31 @@ fn a_remote_host_over_tls_is_a_miss_naming_qemu_ssh() {
     assert!(route.contains("use qemu+ssh://127.0.0.1/system"), "{route}");
 }
 
+/// With DEVICELAB_HOSTS, each host is checked under its URI, and a miss is named under the
+/// host it belongs to.
+#[test]
+fn each_listed_host_is_checked_under_its_uri() {
+    let remote = "qemu+tls://127.0.0.1/system";
+    let (ok, report) = devicelab(
+        &["doctor", "--arch", "x86_64"],
+        &[("DEVICELAB_HOSTS", &format!("qemu:///system {remote}"))],
+        None,
+    );
+    assert!(!ok, "{report}");
+    let (here, there) = report
+        .split_once(&format!("host {remote}:"))
+        .unwrap_or_else(|| panic!("a heading for {remote}:\n{report}"));
+    assert!(here.contains("host qemu:///system:"), "{report}");
+    let route = miss(there, "guest route");
+    assert!(route.contains("use qemu+ssh://127.0.0.1/system"), "{route}");
+    assert!(
+        !here
+            .lines()
+            .any(|l| l.contains('✗') && l.contains("guest route")),
+        "this host's route is fine:\n{here}"
+    );
+}
+
 #[test]
 fn a_missing_and_an_inactive_network_are_named_with_net_start() {
     let (ok, report) = devicelab(

@@ -1,6 +1,6 @@
 //! The reaper's logic against libvirt's own `test:///default` driver: domains and a storage
 //! pool that libvirt keeps in memory, with no QEMU and no VM. A dead run's domain (and its
-//! volumes) go; a live run's and a kept one stay. Fast: part of the suite without a VM.
+//! volumes) go; a live run's, a kept one and another host's stay. Fast: part of the suite without a VM.
 
 use devicelab::host::libvirt::Libvirt;
 use devicelab::host::pool::Pool;
@@ -18,9 +18,10 @@ fn domain_xml(name: &str) -> String {
     )
 }
 
-/// A run dir for `name` whose owner record names `pid` (a live or a dead process).
-fn run_dir(dirs: &DataDirs, name: &str, pid: u32, kept: bool) {
-    let mut owner = OwnerRecord::current("reaper-test", name);
+/// A run dir for `name` whose owner record names `pid` (a live or a dead process) and the
+/// VM's host (`""`: none).
+fn run_dir(dirs: &DataDirs, name: &str, pid: u32, kept: bool, host: &str) {
+    let mut owner = OwnerRecord::current("reaper-test", name, host);
     owner.pid = pid;
     owner.start_time = reaper::process_start_time(pid).unwrap_or(1);
     owner.kept = kept;
@@ -30,7 +31,7 @@ fn run_dir(dirs: &DataDirs, name: &str, pid: u32, kept: bool) {
 }
 
 #[test_log::test]
-fn a_dead_runs_domain_is_reaped_and_a_live_or_kept_one_stays() {
+fn a_dead_runs_domain_is_reaped_and_a_live_kept_or_other_hosts_one_stays() {
     let libvirt = Libvirt::open(URI).unwrap();
     let data = tempfile::tempdir().unwrap();
     let pool = Pool::ensure(&libvirt, &data.path().join("pool")).unwrap();
@@ -55,9 +56,12 @@ fn a_dead_runs_domain_is_reaped_and_a_live_or_kept_one_stays() {
     let mut gone = std::process::Command::new("true").spawn().unwrap();
     let gone_pid = gone.id();
     gone.wait().unwrap();
-    run_dir(&dirs, &dead, gone_pid, false);
-    run_dir(&dirs, &live, std::process::id(), false);
-    run_dir(&dirs, &kept, gone_pid, true);
+    run_dir(&dirs, &dead, gone_pid, false, URI);
+    run_dir(&dirs, &live, std::process::id(), false, "");
+    run_dir(&dirs, &kept, gone_pid, true, "");
+    // A dead run's VM on another host of the same data dir: that host's to reap.
+    let elsewhere = format!("devicelab-elsewhere-{suffix}");
+    run_dir(&dirs, &elsewhere, gone_pid, false, "qemu+ssh://kvm1/system");
 
     let reaped = reaper::reap(
         &libvirt,
@@ -74,6 +78,10 @@ fn a_dead_runs_domain_is_reaped_and_a_live_or_kept_one_stays() {
         "a live run's VM stays"
     );
     assert!(exists(&kept), "a kept VM stays");
+    assert!(
+        dirs.runs.join(&elsewhere).exists(),
+        "another host's record stays for that host"
+    );
     for name in [&live, &kept] {
         let dom = conn.lookup_domain_by_name(name).unwrap();
         let _ = dom.destroy();

@@ -436,15 +436,14 @@ async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arc
     device.vm.remove().await.unwrap();
 }
 
-/// A device on another host: a libvirtd in mount and network namespaces of its own, whose
-/// guests sit on its own network (`192.168.130.0/24`, which does not route from the test),
-/// reached through a real sshd in its namespaces. The device is provisioned, onboarded and
-/// reports to the NATS server here, all through that host's SSH login; nothing reaches its
-/// guest any other way.
+/// Two hosts of one VM slot each (this machine's libvirtd and one on another host, reached
+/// over SSH), a fleet of four real devices: each host onboards one device at a time, the two
+/// hosts at once, a device placed wherever a slot comes free first; every device reports to
+/// the one NATS server, its guests on each host reaching it their own way.
 #[rstest]
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
-#[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
-async fn a_device_on_another_host_is_reached_only_through_it(arch: VmArchitecture) {
+#[cfg_attr(not(feature = "e2e"), ignore = "boots VMs: run with --features e2e")]
+async fn a_fleet_across_two_hosts_onboards_one_device_per_host_slot(arch: VmArchitecture) {
     devicelab::init_logging();
     let (daemon, sshd) = behind_sshd(
         PrivateLibvirtd::another_host,
@@ -453,50 +452,144 @@ async fn a_device_on_another_host_is_reached_only_through_it(arch: VmArchitectur
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = HarnessConfig::from_env().unwrap();
-    config.libvirt_uri = uri(&sshd, &sshd.host_key, dir.path());
-    // Its pool lands in the host's own files (`<dir>/data` is another directory there).
-    config.data_dir = daemon.dir.path().join("data");
-    config.start = Start::Cold;
-    let lab = Lab::new(config).await.unwrap();
-    let device = devicelab::trials::scenario::onboarded_device_with(
-        &lab,
-        arch,
-        "apart",
-        &devicelab::reference::agent(),
-    )
-    .await
-    .unwrap();
-    let ip = device.vm.ip().expect("the lease gave it an address");
-    assert!(
-        ip.to_string().starts_with(common::ANOTHER_HOST_NETWORK),
-        "{ip} is on the other host's network"
+    let mut here = HarnessConfig::from_env().unwrap();
+    here.vm_slots = Some(1);
+    let mut there = here.clone();
+    there.libvirt_uri = uri(&sshd, &sshd.host_key, dir.path());
+    there.data_dir = daemon.dir.path().join("data");
+    let remote_uri = there.libvirt_uri.clone();
+    let (local, remote) = (
+        Lab::new(here).await.unwrap(),
+        Lab::new(there).await.unwrap(),
     );
-    let direct = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect((ip, 22)),
-    )
-    .await;
+    let fleet = Fleet::of(&devicelab::reference::agent())
+        .real(4, arch, "spread")
+        .start_across(&[&local, &remote])
+        .await
+        .unwrap();
+    let all = fleet.group(Select::All);
+    let budget = arch
+        .budgets(local.accel(arch).accel)
+        .scaled(local.config.budget_scale)
+        .power_cycle_recovery;
+    let reporting = fleet.reporting(&all, budget).await;
+    println!("{}", fleet.table());
+    assert_eq!(reporting.passed, 4, "{reporting}");
+    // Each device's time on its host's one slot: from the slot to its first report.
+    let windows = |uri: &str| {
+        let mut on: Vec<(Duration, Duration)> = fleet
+            .members
+            .iter()
+            .filter(|m| m.host.as_deref() == Some(uri))
+            .map(|m| (m.slot_after, m.slot_after + m.started_in))
+            .collect();
+        on.sort();
+        on
+    };
+    let (on_local, on_remote) = (windows(&local.config.libvirt_uri), windows(&remote_uri));
+    assert_eq!(on_local.len() + on_remote.len(), 4);
+    for on in [&on_local, &on_remote] {
+        assert!(
+            !on.is_empty(),
+            "both hosts carry devices: {on_local:?} {on_remote:?}"
+        );
+        for pair in on.windows(2) {
+            assert!(pair[1].0 >= pair[0].1, "one at a time on a host: {on:?}");
+        }
+    }
+    let (first_local, first_remote) = (on_local[0], on_remote[0]);
     assert!(
-        !matches!(direct, Ok(Ok(_))),
-        "{ip} does not route from here: only the host reaches it"
+        first_local.0 < first_remote.1 && first_remote.0 < first_local.1,
+        "the two hosts onboard at once: {on_local:?} {on_remote:?}"
     );
+    for m in &fleet.members {
+        let devicelab::trials::fleet::Device::Real(device) = &m.device else {
+            unreachable!("real devices only")
+        };
+        let ip = device.vm.ip().unwrap();
+        let remote_guest = ip.to_string().starts_with(common::ANOTHER_HOST_NETWORK);
+        assert_eq!(
+            remote_guest,
+            m.host.as_deref() == Some(remote_uri.as_str()),
+            "{} at {ip} runs on the host it was placed on",
+            m.device_id()
+        );
+        if remote_guest {
+            // Only that host reaches its guests: they reported, and were provisioned and
+            // onboarded, through its SSH login.
+            let direct = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::net::TcpStream::connect((ip, 22)),
+            )
+            .await;
+            assert!(
+                !matches!(direct, Ok(Ok(_))),
+                "{ip} does not route from here: only the host reaches it"
+            );
+        }
+    }
+    // The guests of each host reach the one server their own way: the other host's at their
+    // own gateway, forwarded by its sshd.
+    let forwarded = fleet.nats.guest_url_on(&remote_uri);
     assert!(
-        device
-            .nats
-            .guest_url()
-            .contains(&format!("{}.1:", common::ANOTHER_HOST_NETWORK)),
-        "the guest reaches NATS at its own gateway: {}",
-        device.nats.guest_url()
+        forwarded.contains(&format!("{}.1:", common::ANOTHER_HOST_NETWORK)),
+        "{forwarded}"
     );
+    assert_ne!(
+        forwarded,
+        fleet.nats.guest_url_on(&local.config.libvirt_uri)
+    );
+    // `devicelab ls` lists each host's devices under it, and `devicelab ssh` finds a device's
+    // host, with both hosts in DEVICELAB_HOSTS.
+    let hosts = format!("{} {remote_uri}", local.config.libvirt_uri);
+    let cli = tokio::task::spawn_blocking(common::devicelab_cli)
+        .await
+        .unwrap();
+    let devicelab = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(&cli);
+        command
+            .args(args)
+            .env_remove("DEVICELAB_LIBVIRT_URI")
+            .env("DEVICELAB_HOSTS", &hosts);
+        command
+    };
+    let listed = devicelab(&["ls"]).output().await.unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned()
+        + &String::from_utf8_lossy(&listed.stderr);
+    let under = |uri: &str| {
+        let from = listed
+            .find(&format!("host {uri}:"))
+            .unwrap_or_else(|| panic!("a heading for {uri}:\n{listed}"));
+        let rest = &listed[from + 1..];
+        rest[..rest.find("\nhost ").unwrap_or(rest.len())].to_owned()
+    };
+    let on_remote = fleet
+        .members
+        .iter()
+        .find(|m| m.host.as_deref() == Some(remote_uri.as_str()))
+        .unwrap();
+    for m in &fleet.members {
+        let host = m.host.as_deref().unwrap();
+        assert!(
+            // A warm clone is listed as its saved VM's domain, with the request's name.
+            under(host).contains(m.device_id()),
+            "{} is listed under its host:\n{listed}",
+            m.device_id()
+        );
+    }
+    // That host's lab keeps its run dirs and key in its own data dir (see above).
+    let sessions = sshd.sessions();
+    let out = devicelab(&["ssh", on_remote.device_id(), "hostname"])
+        .env("DEVICELAB_DATA_DIR", &remote.config.data_dir)
+        .output()
+        .await
+        .unwrap();
     assert!(
-        !device
-            .vm
-            .succeed("hostname")
-            .await
-            .unwrap()
-            .trim()
-            .is_empty()
+        out.status.success() && sshd.sessions() > sessions,
+        "devicelab ssh reached {} through its host: {}",
+        on_remote.device_id(),
+        String::from_utf8_lossy(&out.stderr)
     );
-    device.vm.remove().await.unwrap();
+    // Removed through the other host while its sshd still runs.
+    fleet.remove().await.unwrap();
 }

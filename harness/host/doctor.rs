@@ -258,7 +258,8 @@ fn guest_route(uri: &str) -> Option<Check> {
         Err(e) => Some(Check::miss(
             "guest route",
             e.to_string(),
-            "change DEVICELAB_LIBVIRT_URI (or the files it names) as the line above says",
+            "change the URI (DEVICELAB_LIBVIRT_URI or DEVICELAB_HOSTS) or the files it names, as \
+             the line above says",
         )),
     }
 }
@@ -498,7 +499,12 @@ fn for_arch(
             },
         ),
     });
-    let slots = crate::host::slots::SlotCount::for_host(config.vm_slots, decision.accel, 2, 2048);
+    // A remote host's own size, as its libvirt reports it (this machine's for a local one).
+    let size = crate::config::uri_host(&config.libvirt_uri)
+        .and_then(|_| Libvirt::open(&config.libvirt_uri).ok())
+        .and_then(|lv| lv.node_size().ok());
+    let slots =
+        crate::host::slots::SlotCount::for_size(config.slots_set(), size, decision.accel, 2, 2048);
     out.push(Check::ok(
         format!("{arch}: VM slots"),
         format!(

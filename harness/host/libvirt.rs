@@ -314,6 +314,15 @@ impl Libvirt {
             .expect("libvirt task panicked")
     }
 
+    /// The host's size as libvirt reports it: its active CPUs and its memory in MiB.
+    pub fn node_size(&self) -> Result<(usize, u64), LibvirtError> {
+        let info = self
+            .conn()?
+            .node_info()
+            .map_err(call_err("read the node info of", &self.uri))?;
+        Ok((info.cpus as usize, info.memory / 1024))
+    }
+
     /// The host's address on `network`: where guests reach services the harness runs.
     pub fn network_gateway(&self, name: &str) -> Result<Ipv4Addr, LibvirtError> {
         let conn = self.conn()?;

@@ -27,6 +27,10 @@ pub struct OwnerRecord {
     /// run dir's). Empty in a record that names none: then the run dir's name.
     #[serde(default)]
     pub domain: String,
+    /// The libvirt URI of the host the VM runs on: hosts share one data dir, and each reaps
+    /// and lists only its own. Empty in a record that names none: then any host's.
+    #[serde(default)]
+    pub host: String,
 }
 
 pub const OWNER_FILE: &str = "owner.json";
@@ -99,8 +103,9 @@ fn reap_nats_dirs_of(temp_dir: &Path, kept_too: bool) -> Vec<std::path::PathBuf>
 }
 
 impl OwnerRecord {
-    /// This process's record for the VM whose domain is `domain`.
-    pub fn current(run_id: &str, domain: &str) -> Self {
+    /// This process's record for the VM whose domain is `domain`, on the host `host` (a
+    /// libvirt URI) names.
+    pub fn current(run_id: &str, domain: &str, host: &str) -> Self {
         let pid = std::process::id();
         Self {
             run_id: run_id.to_owned(),
@@ -108,7 +113,13 @@ impl OwnerRecord {
             start_time: process_start_time(pid).unwrap_or(0),
             kept: false,
             domain: domain.to_owned(),
+            host: host.to_owned(),
         }
+    }
+
+    /// Whether its VM is on the host `libvirt_uri` names (a record naming no host: on any).
+    pub fn is_on(&self, libvirt_uri: &str) -> bool {
+        self.host.is_empty() || self.host == libvirt_uri
     }
 
     /// The domain of the VM recorded in `run_dir`.
@@ -280,7 +291,8 @@ fn reap_runs(
         let Some(owner) = OwnerRecord::read(&dir) else {
             continue;
         };
-        if (owner.kept && !kept_too) || owner.owner_alive() {
+        // Another host's VM is that host's to reap.
+        if (owner.kept && !kept_too) || owner.owner_alive() || !owner.is_on(&libvirt.uri) {
             continue;
         }
         // The name's claim first: a run that claims it meanwhile reaps it itself, and one that

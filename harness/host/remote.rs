@@ -14,7 +14,9 @@ use std::sync::Arc;
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
     /// The URI does not parse.
-    #[error("DEVICELAB_LIBVIRT_URI {uri:?} is not a URI: {message}")]
+    #[error(
+        "the libvirt URI {uri:?} (DEVICELAB_LIBVIRT_URI or DEVICELAB_HOSTS) is not a URI: {message}"
+    )]
     Uri {
         /// The URI.
         uri: String,
@@ -23,7 +25,7 @@ pub enum RemoteError {
     },
     /// A remote host over a transport guest SSH cannot go through.
     #[error(
-        "DEVICELAB_LIBVIRT_URI {uri:?} reaches {host} over {transport}, which guest SSH cannot go \
+        "the libvirt URI {uri:?} (DEVICELAB_LIBVIRT_URI or DEVICELAB_HOSTS) reaches {host} over {transport}, which guest SSH cannot go \
          through: use qemu+ssh://{host}/system (or qemu+libssh://), so the harness reaches the \
          guests through the same SSH login"
     )]
@@ -37,7 +39,7 @@ pub enum RemoteError {
     },
     /// The URI turns host key checking off.
     #[error(
-        "DEVICELAB_LIBVIRT_URI {uri:?} turns host key checking off ({option}): the harness \
+        "the libvirt URI {uri:?} (DEVICELAB_LIBVIRT_URI or DEVICELAB_HOSTS) turns host key checking off ({option}): the harness \
          checks the libvirt host's key before it sends anything through it; remove {option} and \
          record the host's key in known_hosts (ssh-keyscan, after checking its fingerprint)"
     )]
@@ -49,7 +51,7 @@ pub enum RemoteError {
     },
     /// No user in the URI, and none in the environment.
     #[error(
-        "DEVICELAB_LIBVIRT_URI {uri:?} names no user, and neither the effective uid's account \
+        "the libvirt URI {uri:?} (DEVICELAB_LIBVIRT_URI or DEVICELAB_HOSTS) names no user, and neither the effective uid's account \
          nor USER gives one: write the user into it \
          (qemu+ssh://USER@HOST/system)"
     )]
@@ -59,7 +61,7 @@ pub enum RemoteError {
     },
     /// No key file in the URI, and none of the usual ones exists.
     #[error(
-        "DEVICELAB_LIBVIRT_URI {uri:?} names no keyfile and none of {tried:?} exists: add \
+        "the libvirt URI {uri:?} (DEVICELAB_LIBVIRT_URI or DEVICELAB_HOSTS) names no keyfile and none of {tried:?} exists: add \
          ?keyfile=/path/to/key (an unencrypted key the host authorizes)"
     )]
     NoKey {
@@ -71,7 +73,7 @@ pub enum RemoteError {
     /// The key file cannot be read as an unencrypted OpenSSH private key.
     #[error(
         "cannot use {path} as the key for the libvirt host: {message} (the harness needs an \
-         unencrypted OpenSSH private key; name another with ?keyfile= in DEVICELAB_LIBVIRT_URI)"
+         unencrypted OpenSSH private key; name another with ?keyfile= in the URI)"
     )]
     Key {
         /// The key file.
@@ -83,7 +85,7 @@ pub enum RemoteError {
     #[error(
         "{host} (port {port}) has no key in {known_hosts}: record it (`ssh-keyscan -p {port} \
          {host} >> {known_hosts}`, after checking the fingerprint), or name another file with \
-         ?known_hosts= in DEVICELAB_LIBVIRT_URI"
+         ?known_hosts= in the URI"
     )]
     NotPinned {
         /// The host as the URI names it.
@@ -96,7 +98,7 @@ pub enum RemoteError {
     /// `known_hosts` could not be read.
     #[error(
         "cannot read {known_hosts}: {message} (make it readable, or name another file with \
-         ?known_hosts= in DEVICELAB_LIBVIRT_URI)"
+         ?known_hosts= in the URI)"
     )]
     KnownHosts {
         /// The file.
@@ -107,7 +109,7 @@ pub enum RemoteError {
     /// The host name does not resolve.
     #[error(
         "cannot resolve the libvirt host {host}:{port}: {message} (check the host name in \
-         DEVICELAB_LIBVIRT_URI, or write its address)"
+         the URI, or write its address)"
     )]
     Resolve {
         /// The host.

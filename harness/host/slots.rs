@@ -25,7 +25,8 @@ pub enum SlotError {
     },
     #[error(
         "no VM slot came free within {budget:?}: all {count} are held by {holders} \
-         (raise DEVICELAB_VM_SLOTS if this host can carry more VMs, or DEVICELAB_BUDGET_SCALE)"
+         (raise the host's slots if it can carry more VMs: DEVICELAB_VM_SLOTS, or its `#slots=N` \
+         in DEVICELAB_HOSTS; or DEVICELAB_BUDGET_SCALE)"
     )]
     Timeout {
         count: usize,
@@ -70,6 +71,24 @@ impl SlotCount {
         }
     }
 
+    /// A host's count for VMs of this size, unless `configured` says: derived from `size`
+    /// (cores, memory in MiB: a remote host's, as its libvirt reports it), else from this
+    /// machine's.
+    pub fn for_size(
+        configured: Option<usize>,
+        size: Option<(usize, u64)>,
+        accel: Accelerator,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> Self {
+        match (configured, size) {
+            (None, Some((cores, mem_mib))) => {
+                Self::derive(cores, mem_mib, accel, vcpus, memory_mib)
+            }
+            (configured, _) => Self::for_host(configured, accel, vcpus, memory_mib),
+        }
+    }
+
     /// This host's count for VMs of this size, unless `configured` (DEVICELAB_VM_SLOTS) says.
     pub fn for_host(
         configured: Option<usize>,
@@ -80,7 +99,8 @@ impl SlotCount {
         if let Some(count) = configured {
             return Self {
                 count,
-                reason: "DEVICELAB_VM_SLOTS".into(),
+                reason: "set (DEVICELAB_VM_SLOTS, or the host's `#slots=N` in DEVICELAB_HOSTS)"
+                    .into(),
             };
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -122,6 +142,8 @@ pub async fn acquire(
     budget: Duration,
 ) -> Result<Option<SlotLease>, SlotError> {
     let started = Instant::now();
+    // One test's slots on one host: its VMs on another host wait for that host's slots.
+    let group = format!("{group} in {}", dir.display());
     let d = dir.clone();
     tokio::task::spawn_blocking(move || lock::private_dir(&d))
         .await

@@ -572,12 +572,17 @@ pub struct NatsServer {
     /// The port the server listens on: chosen by the server at start, the same after a
     /// restart.
     pub port: u16,
-    /// The address it listens on: the host's on the libvirt network (this machine's loopback
-    /// when the guests are on a remote host, which they reach it through: `for_guests`).
+    /// The address it listens on: the local host's on the libvirt network, or this machine's
+    /// loopback when every host it serves is remote (their guests reach it through
+    /// `for_guests`).
     pub gateway: Ipv4Addr,
-    /// Where a remote host's guests reach it: a port on their gateway that the host's sshd
-    /// forwards back here. `None` on a local host, where they connect where it listens.
-    pub for_guests: Option<Forward>,
+    /// Where each remote host's guests reach it, by the host's libvirt URI: a port on their
+    /// gateway that the host's sshd forwards back here. A local host's guests connect where it
+    /// listens.
+    pub for_guests: std::collections::BTreeMap<String, Forward>,
+    /// The libvirt URI of the host it was started for, whose guests [`Self::guest_url`]
+    /// names (empty for a server started on its own: where it listens).
+    pub home: String,
     /// Held while [`Self::capture`] looks at the streams and changes them: a fleet's devices
     /// ask at once, and each look-then-change must see the last one's result.
     capturing: tokio::sync::Mutex<()>,
@@ -609,7 +614,8 @@ impl NatsServer {
         let this = Self {
             port: server.port,
             gateway,
-            for_guests: None,
+            for_guests: Default::default(),
+            home: String::new(),
             server,
             client,
             capturing: tokio::sync::Mutex::new(()),
@@ -631,10 +637,18 @@ impl NatsServer {
         self.server.url()
     }
 
-    /// Where guests connect: the host's address on the libvirt network (through the forward,
-    /// on a remote host).
+    /// Where the guests of the server's first host connect (the lab it was started for:
+    /// [`Self::guest_url_on`] that host). A server offered to several hosts has a URL per
+    /// host: ask [`Self::guest_url_on`].
     pub fn guest_url(&self) -> String {
-        match &self.for_guests {
+        self.guest_url_on(&self.home)
+    }
+
+    /// Where the guests of the host `libvirt_uri` names connect: the forward on their gateway
+    /// for a remote host, else where the server listens (the host's address on the libvirt
+    /// network).
+    pub fn guest_url_on(&self, libvirt_uri: &str) -> String {
+        match self.for_guests.get(libvirt_uri) {
             Some(forward) => format!("nats://{}", forward.addr),
             None => self.server.url(),
         }

@@ -4,7 +4,7 @@
 //! old version or the new one, never neither; a second onboarding of the new release must
 //! then bring it to the new version without help.
 
-use crate::agent::description::{AgentDescription, Report};
+use crate::agent::description::{AgentDescription, Report, TemplateValues};
 use crate::agent::onboard::Onboarding;
 use crate::lab::Lab;
 use crate::model::arch::VmArchitecture;
@@ -122,13 +122,17 @@ pub async fn cut_during_swap(
             )));
         }
     }
-    let values = device_values_for(
-        &device.nats,
-        &[from.agent, to.agent],
-        &device.device_id,
-        vm.arch(),
-    )
-    .await?;
+    let values = TemplateValues {
+        // The server as the device's own host offers it (a fleet's devices span hosts).
+        nats_url: device.nats.guest_url_on(vm.host_uri()),
+        ..device_values_for(
+            &device.nats,
+            &[from.agent, to.agent],
+            &device.device_id,
+            vm.arch(),
+        )
+        .await?
+    };
     let (old, new) = tokio::join!(
         Onboarding::prepare(&lab.config, from.agent, values.clone()),
         Onboarding::prepare(&lab.config, to.agent, values)

@@ -3,7 +3,7 @@
 
 use crate::agent::build::AgentBinaryError;
 use crate::agent::onboard::OnboardError;
-use crate::lab::LabNatsError;
+use crate::lab::{LabError, LabNatsError};
 use crate::nats::NatsError;
 use crate::vm::VmError;
 use std::path::PathBuf;
@@ -40,6 +40,9 @@ pub enum ScenarioError {
     /// The run's NATS server could not be started.
     #[error(transparent)]
     Nats(#[from] LabNatsError),
+    /// A lab on another host could not be opened.
+    #[error(transparent)]
+    Lab(#[from] Box<LabError>),
     /// Reading the device's reports failed, or the report waited for did not arrive in time
     /// or was rejected.
     #[error(transparent)]

@@ -39,6 +39,10 @@ pub struct Member {
     pub device: Device,
     /// How long it took to start, from its VM slot (or its process) to its first report.
     pub started_in: std::time::Duration,
+    /// How long after the fleet's start it got its VM slot (zero for a simulated device).
+    pub slot_after: std::time::Duration,
+    /// The libvirt URI of the host it runs on (`None` for a simulated device).
+    pub host: Option<String>,
 }
 
 impl Member {
@@ -253,10 +257,34 @@ impl FleetBuilder {
         self
     }
 
-    /// Starts the fleet's NATS server (the agent's `nats_config`) and every device.
+    /// Starts the fleet's NATS server (the agent's `nats_config`) and every device: on `lab`'s
+    /// host, and on every other host its configuration lists (DEVICELAB_HOSTS), as
+    /// [`FleetBuilder::start_across`] places them.
     pub async fn start(self, lab: &Lab) -> Result<Fleet, ScenarioError> {
-        let nats = Arc::new(lab.nats_for(&self.agent).await?);
-        self.start_on(Some(lab), nats).await
+        let others = lab.other_hosts().await.map_err(Box::new)?;
+        let labs: Vec<&Lab> = std::iter::once(lab)
+            .chain(others.iter().map(|l| &**l))
+            .collect();
+        let mut fleet = self.start_across(&labs).await?;
+        fleet.hosts = others;
+        Ok(fleet)
+    }
+
+    /// Starts the fleet's NATS server, offered to the guests of every host of `labs`, and
+    /// every device. Each real device is placed on the host with the most free VM slots when
+    /// its turn comes, else on the first host where one comes free: every host onboards as
+    /// many devices at once as it has slots.
+    pub async fn start_across(self, labs: &[&Lab]) -> Result<Fleet, ScenarioError> {
+        let mut uris: Vec<&str> = labs.iter().map(|l| l.config.libvirt_uri.as_str()).collect();
+        uris.sort_unstable();
+        if let Some(twice) = uris.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ScenarioError::Check(format!(
+                "the fleet's labs name the host {} twice: give each host one lab",
+                twice[0]
+            )));
+        }
+        let nats = Arc::new(Lab::nats_across(labs, &self.agent.nats_config).await?);
+        self.start_on_hosts(labs, nats).await
     }
 
     /// Starts every device against `nats`: the real ones onboarded concurrently, as many at
@@ -267,6 +295,16 @@ impl FleetBuilder {
     pub async fn start_on(
         self,
         lab: Option<&Lab>,
+        nats: Arc<NatsServer>,
+    ) -> Result<Fleet, ScenarioError> {
+        self.start_on_hosts(lab.as_slice(), nats).await
+    }
+
+    /// [`FleetBuilder::start_on`] the hosts of `labs` (placed as
+    /// [`FleetBuilder::start_across`] says; `nats` must be offered to each host's guests).
+    pub async fn start_on_hosts(
+        self,
+        labs: &[&Lab],
         nats: Arc<NatsServer>,
     ) -> Result<Fleet, ScenarioError> {
         let started = Instant::now();
@@ -311,17 +349,16 @@ impl FleetBuilder {
                 )));
             }
         }
-        // As many onboardings at once as the host has slots: a fleet is one test, whose VMs
-        // would otherwise all go over the count at once.
-        let concurrent = match lab {
-            Some(lab) => archs
-                .iter()
-                .map(|a| lab.vm_slots(*a).count)
-                .min()
-                .unwrap_or(1),
-            None => 1,
-        };
-        let slots = tokio::sync::Semaphore::new(concurrent.max(1));
+        // As many onboardings at once on each host as it has slots: a fleet is one test, whose
+        // VMs would otherwise all go over the count at once.
+        let slots: Vec<tokio::sync::Semaphore> = labs
+            .iter()
+            .map(|lab| {
+                let count = archs.iter().map(|a| lab.vm_slots(*a).count).min();
+                tokio::sync::Semaphore::new(count.unwrap_or(1).max(1))
+            })
+            .collect();
+        let concurrent: usize = slots.iter().map(|s| s.available_permits()).sum();
         // Every device's name and identity first, in one reload of the server's
         // configuration (a reload per device would keep JetStream busy while the others start).
         let mut identities: Vec<TemplateValues> = Vec::with_capacity(self.planned.len());
@@ -329,7 +366,7 @@ impl FleetBuilder {
         for (i, (planned, label, agent)) in self.planned.iter().enumerate() {
             let (name, arch) = match planned {
                 Planned::Real(arch) => {
-                    let lab = lab.ok_or_else(|| {
+                    let lab = labs.first().ok_or_else(|| {
                         ScenarioError::Check(
                             "a fleet with real devices needs a lab: start it with \
                              FleetBuilder::start(&lab)"
@@ -360,15 +397,26 @@ impl FleetBuilder {
                     let start = self.start;
                     async move {
                         let mut began = std::time::Instant::now();
+                        let (mut host, mut started_in) = (None, None);
                         let device = match planned {
                             Planned::Real(_) => {
-                                let lab = lab.expect("checked above");
-                                let _slot = slots.acquire().await.expect("never closed");
+                                let (at, _slot) = place(slots).await;
                                 began = std::time::Instant::now();
-                                Device::Real(Box::new(
-                                    scenario::onboard_device(lab, nats, values, agent, start)
-                                        .await?,
+                                let lab = labs[at];
+                                let uri = lab.config.libvirt_uri.clone();
+                                let values = TemplateValues {
+                                    nats_url: nats.guest_url_on(&uri),
+                                    ..values
+                                };
+                                host = Some(uri);
+                                let device = Box::pin(scenario::onboard_device(
+                                    lab, nats, values, agent, start,
                                 ))
+                                .await?;
+                                // Timed while the slot is held: the next device's slot comes
+                                // after this one's start on its host ends.
+                                started_in = Some(began.elapsed());
+                                Device::Real(Box::new(device))
                             }
                             Planned::Simulated => {
                                 let simulator = simulator.clone();
@@ -381,7 +429,12 @@ impl FleetBuilder {
                         Ok::<_, ScenarioError>(Member {
                             label: label.clone(),
                             device,
-                            started_in: began.elapsed(),
+                            started_in: started_in.unwrap_or_else(|| began.elapsed()),
+                            slot_after: match planned {
+                                Planned::Real(_) => began.duration_since(started),
+                                Planned::Simulated => Duration::ZERO,
+                            },
+                            host,
                         })
                     }
                 });
@@ -409,9 +462,17 @@ impl FleetBuilder {
             members,
             started,
             table: Mutex::new(Table::default()),
+            hosts: Vec::new(),
         };
+        if labs.len() > 1 {
+            fleet.note_all("host", |m| m.host.as_deref().map_or("-".into(), host_name));
+        }
         fleet.note_all("started", |m| match &m.device {
-            Device::Real(_) => format!("{:.0} s", m.started_in.as_secs_f64()),
+            Device::Real(_) => format!(
+                "{:.0} s (slot at {:.0} s)",
+                m.started_in.as_secs_f64(),
+                m.slot_after.as_secs_f64()
+            ),
             Device::Simulated(_) => "process".into(),
         });
         tracing::info!(
@@ -444,6 +505,35 @@ pub struct Fleet {
     table: Mutex<Table>,
     /// Each device's power cuts so far: a delivery verdict allows one new boot per cut.
     cuts: Mutex<Vec<usize>>,
+    /// The labs of the hosts beyond the one the fleet was started from (DEVICELAB_HOSTS),
+    /// held as long as their devices.
+    hosts: Vec<Arc<Lab>>,
+}
+
+/// A free VM slot on one of the hosts whose slots `slots` counts (the fleet's own count of
+/// each host's slots: other tests' VMs wait for the host's slot locks later, in
+/// [`Lab::vm`]): the index of that host, and the slot. The host with the most free slots when
+/// asked, else the first host where one comes free.
+async fn place(slots: &[tokio::sync::Semaphore]) -> (usize, tokio::sync::SemaphorePermit<'_>) {
+    let freest = slots
+        .iter()
+        .enumerate()
+        .rev()
+        .max_by_key(|(_, s)| s.available_permits())
+        .and_then(|(at, s)| s.try_acquire().ok().map(|slot| (at, slot)));
+    if let Some(placed) = freest {
+        return placed;
+    }
+    let waits = slots
+        .iter()
+        .enumerate()
+        .map(|(at, s)| Box::pin(async move { (at, s.acquire().await.expect("never closed")) }));
+    futures_util::future::select_all(waits).await.0
+}
+
+/// The host a libvirt URI names, for a table ("local" for this machine's).
+fn host_name(uri: &str) -> String {
+    crate::config::uri_host(uri).unwrap_or_else(|| "local".into())
 }
 
 /// A group power cut as it happened.
@@ -1004,6 +1094,23 @@ impl Fleet {
             ));
         }
         out
+    }
+
+    /// Removes every real device's VM and waits until each is gone (dropping the fleet
+    /// removes them too, in the background): what a test does before a host it placed devices
+    /// on goes away. The simulated devices stop with the fleet. Every VM is removed whatever
+    /// fails; the first failure is returned.
+    pub async fn remove(self) -> Result<(), ScenarioError> {
+        let vms = self.members.into_iter().filter_map(|m| match m.device {
+            Device::Real(d) => Some(d.vm.remove()),
+            Device::Simulated(_) => None,
+        });
+        join_all(vms)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>, _>>()
+            .map(|_| ())
+            .map_err(ScenarioError::from)
     }
 
     /// Where the evidence of each failing device was kept (a VM's failure artifacts, a

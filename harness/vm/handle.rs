@@ -234,6 +234,11 @@ impl Vm {
         }
     }
 
+    /// The libvirt URI of the host the VM runs on.
+    pub fn host_uri(&self) -> &str {
+        &self.owned.libvirt.uri
+    }
+
     /// The VM's libvirt domain name: the spec's name on a cold start, the saved VM's on a
     /// warm one.
     pub fn name(&self) -> &str {

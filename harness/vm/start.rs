@@ -77,7 +77,8 @@ async fn open_handle(
             // A stale log from a reused name would mislead.
             let _ = std::fs::remove_file(run_dir.join("serial.log"));
             // Recorded before anything exists, so a killed run leaves a trail for the reaper.
-            if let Err(source) = OwnerRecord::current(&plan.owner.run_id, &domain).write(&run_dir) {
+            let owner = OwnerRecord::current(&plan.owner.run_id, &domain, &plan.libvirt.uri);
+            if let Err(source) = owner.write(&run_dir) {
                 let _ = std::fs::remove_dir_all(&run_dir); // nothing else exists yet
                 return Err(VmError::RunDir {
                     vm: plan.spec.name.clone(),
