@@ -216,6 +216,9 @@ struct Listed {
 
 async fn ls(config: &HarnessConfig) -> Result {
     let listed = each_host(config, |host| async move { ls_vms(&host).await }).await;
+    if config.host_configs().len() > 1 {
+        println!("this machine:");
+    }
     ls_saved_and_containers(config).await.and(listed)
 }
 

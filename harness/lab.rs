@@ -294,9 +294,19 @@ impl Lab {
                         reaped.containers
                     );
                 }
+                // Only what derives the slots: a host whose libvirt does not say falls back to
+                // this machine's size, with a warning.
                 let remote_size = match route {
-                    Route::Direct => None,
-                    Route::Through(_) => Some(libvirt.node_size()?),
+                    Route::Through(_) if config2.slots_set().is_none() => libvirt
+                        .node_size()
+                        .inspect_err(|e| {
+                            tracing::warn!(
+                                "{}: its VM slots are derived from this machine's size: {e}",
+                                config2.libvirt_uri
+                            )
+                        })
+                        .ok(),
+                    _ => None,
                 };
                 Ok((libvirt, pool, route, remote_size))
             })

@@ -396,6 +396,7 @@ async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arc
     let out = tokio::process::Command::new(cli)
         .args(["ssh", vm.name(), "hostname"])
         .env("DEVICELAB_LIBVIRT_URI", &lab.config.libvirt_uri)
+        .env_remove("DEVICELAB_HOSTS")
         .output()
         .await
         .unwrap();
@@ -453,6 +454,8 @@ async fn a_fleet_across_two_hosts_onboards_one_device_per_host_slot(arch: VmArch
     .await;
     let dir = tempfile::tempdir().unwrap();
     let mut here = HarnessConfig::from_env().unwrap();
+    // This machine's libvirt alone, one slot, whatever DEVICELAB_HOSTS says.
+    here.hosts.clear();
     here.vm_slots = Some(1);
     let mut there = here.clone();
     there.libvirt_uri = uri(&sshd, &sshd.host_key, dir.path());

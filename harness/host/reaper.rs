@@ -291,8 +291,14 @@ fn reap_runs(
         let Some(owner) = OwnerRecord::read(&dir) else {
             continue;
         };
-        // Another host's VM is that host's to reap.
-        if (owner.kept && !kept_too) || owner.owner_alive() || !owner.is_on(&libvirt.uri) {
+        if (owner.kept && !kept_too) || owner.owner_alive() {
+            continue;
+        }
+        // Another host's VM is that host's to reap, unless its domain is here (this host
+        // reached by another URI).
+        if !owner.is_on(&libvirt.uri)
+            && !libvirt.has_domain(&owner.domain_in(&dir)).unwrap_or(false)
+        {
             continue;
         }
         // The name's claim first: a run that claims it meanwhile reaps it itself, and one that

@@ -299,14 +299,13 @@ impl Vm {
 
     /// Sets the guest's clock to the host's; returns how far behind it was (a restored guest
     /// resumes at the time it was saved). The offset is read first ([`Vm::clock_offset`]),
-    /// then taken off the guest's own clock as the command runs, however late it arrives.
+    /// then `date` itself moves the clock by it, from its own reading: however late the
+    /// command arrives, and however long `sudo` takes to start.
     pub(crate) async fn step_clock_to_host(&self) -> Result<Duration, VmError> {
         let (offset, _) = self.clock_offset().await?;
-        self.succeed(&format!(
-            "sudo -n date -u -s @$(awk -v now=$(date +%s.%N) -v off={offset:.9} \
-             'BEGIN {{ printf \"%.9f\", now - off }}') >/dev/null"
-        ))
-        .await?;
+        let by = -offset;
+        self.succeed(&format!("sudo -n date -u -s '{by:+.9} seconds' >/dev/null"))
+            .await?;
         Ok(Duration::from_secs_f64((-offset).max(0.0)))
     }
 
