@@ -119,6 +119,11 @@ pub struct CutOutcome {
     /// The guest's writeback delay for dirty data (`vm.dirty_expire_centisecs`) at that last
     /// look: a cut inside that delay can lose the unflushed key (`None`: it could not be read).
     pub writeback_after: Option<Duration>,
+    /// At that last look, whether the key's data was still in memory only: its extents
+    /// delayed-allocated, not yet on disk (`filefrag`; `None`: it could not be read). Its age
+    /// inside the writeback delay says the kernel had no reason to write it; this says nothing
+    /// else had either.
+    pub host_key_in_memory: Option<bool>,
     /// Power on → SSH back, or the harness's error (with its diagnosis).
     pub ssh: Result<Duration, String>,
     /// Power on → the SSH verdict, whichever it was: a broken device is told apart in
@@ -259,7 +264,7 @@ pub async fn cut_at(
         }
     };
     tokio::time::sleep(point.delay).await;
-    let (host_key_age, writeback_after, old_boot) = last_look(&vm).await?;
+    let (host_key_age, writeback_after, old_boot, host_key_in_memory) = last_look(&vm).await?;
     let looked = Instant::now();
     vm.power_off().await?;
     let to_cut = looked.elapsed();
@@ -312,6 +317,7 @@ pub async fn cut_at(
         host_key_age,
         to_cut,
         writeback_after,
+        host_key_in_memory,
         ssh,
         ssh_decided_after,
         status,
@@ -340,13 +346,21 @@ async fn onboard_after_cut(
         .map_err(|e| e.to_string())
 }
 
+/// What [`last_look`] reads: the host key's age, the writeback delay, the boot id, and
+/// whether the key's data was still in memory only.
+type LastLook = (Option<Duration>, Option<Duration>, String, Option<bool>);
+
 /// Read on the guest in one round trip just before the cut (each costs seconds under TCG):
-/// the host key's age, the dirty-data writeback delay, and the boot id.
-async fn last_look(vm: &Vm) -> Result<(Option<Duration>, Option<Duration>, String), ScenarioError> {
+/// the host key's age, the dirty-data writeback delay, the boot id, and how many of the key's
+/// extents are still delayed-allocated (`x`: unreadable).
+async fn last_look(vm: &Vm) -> Result<LastLook, ScenarioError> {
     let out = vm
         .succeed(
-            "echo $(( $(date +%s) - $(stat -c %Y /etc/ssh/ssh_host_ed25519_key) )) \
-             $(cat /proc/sys/vm/dirty_expire_centisecs) $(cat /proc/sys/kernel/random/boot_id)",
+            "k=/etc/ssh/ssh_host_ed25519_key; \
+             echo $(( $(date +%s) - $(stat -c %Y $k) )) \
+             $(cat /proc/sys/vm/dirty_expire_centisecs) $(cat /proc/sys/kernel/random/boot_id) \
+             $(if f=$(sudo -n filefrag -v $k 2>/dev/null); then echo \"$f\" | grep -c delalloc; \
+             else echo x; fi)",
         )
         .await?;
     let mut fields = out.split_whitespace();
@@ -359,7 +373,11 @@ async fn last_look(vm: &Vm) -> Result<(Option<Duration>, Option<Duration>, Strin
         .and_then(|v| v.parse::<u64>().ok())
         .map(|cs| Duration::from_millis(cs * 10));
     let boot_id = fields.next().unwrap_or_default().to_owned();
-    Ok((age, expire, boot_id))
+    let in_memory = fields
+        .next()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|delayed| delayed > 0);
+    Ok((age, expire, boot_id, in_memory))
 }
 
 /// A Markdown table of `outcomes`, one row per cut.
@@ -418,6 +436,7 @@ mod tests {
             host_key_age: Some(Duration::from_secs(9)),
             to_cut: Duration::from_millis(1500),
             writeback_after: Some(Duration::from_secs(30)),
+            host_key_in_memory: Some(true),
             ssh: Err(ssh.to_owned()),
             ssh_decided_after: Duration::from_secs(31),
             status: Err("not onboarded before the cut, and no SSH to onboard it".into()),
