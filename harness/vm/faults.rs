@@ -251,16 +251,15 @@ impl Vm {
         Ok(())
     }
 
-    /// Runs `command`, which prints the guest's clock first ([`CLOCK_COMMAND`]): that clock, in
-    /// seconds since the epoch, and what it printed.
-    async fn guest_clock(&self, command: &str) -> Result<(f64, String), VmError> {
-        let printed = self.succeed(command).await?;
+    /// The guest's clock ([`CLOCK_COMMAND`]), in seconds since the epoch, and what it printed.
+    async fn guest_clock(&self) -> Result<(f64, String), VmError> {
+        let printed = self.succeed(CLOCK_COMMAND).await?;
         let guest = printed
             .trim()
             .parse()
             .map_err(|_| VmError::UnexpectedOutput {
                 vm: self.name().to_owned(),
-                command: command.into(),
+                command: CLOCK_COMMAND.into(),
                 output: printed.clone(),
                 expected: "seconds since the epoch (GNU date)",
             })?;
@@ -280,7 +279,7 @@ impl Vm {
         let mut best: Option<(f64, f64, String)> = None;
         for _ in 0..3 {
             let sent = host_now();
-            let (guest, printed) = self.guest_clock(CLOCK_COMMAND).await?;
+            let (guest, printed) = self.guest_clock().await?;
             let back = host_now();
             let round_trip = back - sent;
             if best
