@@ -182,14 +182,29 @@ impl OpenAttempt {
     }
 }
 
-/// [`serial::tap`], its failure a [`LibvirtError::Call`] naming the domain.
+/// [`serial::tap`] on a connection of the console's own, its failure a
+/// [`LibvirtError::Call`] naming the domain. Own, because a thread blocked reading a stream
+/// holds its connection's I/O: every other call on that connection would wait for the
+/// keepalive's next tick to be sent (up to its interval, 5 s, for a pause that takes
+/// milliseconds).
 fn tap(
-    conn: &Connect,
+    uri: &str,
+    timeouts: LibvirtTimeouts,
     dom: &Domain,
     name: &str,
     serial_log: &std::path::Path,
 ) -> Result<(), LibvirtError> {
-    serial::tap(conn, dom, name, serial_log).map_err(|e| LibvirtError::Call {
+    let own = open_live(uri, timeouts).map_err(|message| LibvirtError::Connect {
+        uri: uri.to_owned(),
+        message,
+    })?;
+    let uuid = dom
+        .uuid_string()
+        .map_err(call_err("read the UUID of", name))?;
+    let dom = own
+        .lookup_domain_by_uuid_string(&uuid)
+        .map_err(call_err("look up domain", name))?;
+    serial::tap(&own, own.clone(), &dom, name, serial_log).map_err(|e| LibvirtError::Call {
         action: e.action,
         object: name.to_owned(),
         message: e.message,
@@ -463,11 +478,8 @@ impl Libvirt {
         name: &str,
         serial_log: &std::path::Path,
     ) -> Result<(), LibvirtError> {
-        let resumed = self.conn().and_then(|conn| {
-            tap(&conn, dom, name, serial_log)?;
-            dom.resume().map_err(call_err("resume domain", name))?;
-            Ok(())
-        });
+        let resumed = tap(&self.uri, self.timeouts, dom, name, serial_log)
+            .and_then(|()| dom.resume().map_err(call_err("resume domain", name)));
         if resumed.is_err() {
             let _ = dom.destroy();
         }

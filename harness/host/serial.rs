@@ -39,8 +39,16 @@ fn taps() -> &'static Mutex<HashMap<PathBuf, JoinHandle<()>>> {
     TAPS.get_or_init(Default::default)
 }
 
-/// Starts copying `dom`'s serial console into `log` (appended), until the domain stops.
-pub fn tap(conn: &Connect, dom: &Domain, name: &str, log: &Path) -> Result<(), TapError> {
+/// Starts copying `dom`'s serial console into `log` (appended), until the domain stops, on
+/// `conn` (`dom`'s connection); the copying thread keeps `keep` (what holds the connection
+/// open) until then.
+pub fn tap(
+    conn: &Connect,
+    keep: impl Send + 'static,
+    dom: &Domain,
+    name: &str,
+    log: &Path,
+) -> Result<(), TapError> {
     let failed = |action| {
         move |e: &dyn std::fmt::Display| TapError {
             action,
@@ -60,6 +68,7 @@ pub fn tap(conn: &Connect, dom: &Domain, name: &str, log: &Path) -> Result<(), T
     let thread = std::thread::Builder::new()
         .name(TAP_THREAD.into())
         .spawn(move || {
+            let _keep = keep;
             let mut buf = vec![0u8; 16 * 1024];
             loop {
                 match stream.recv(&mut buf) {

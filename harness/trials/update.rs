@@ -140,6 +140,16 @@ pub struct Fired {
     pub after: AfterCut,
 }
 
+impl Fired {
+    /// Whether the plug was pulled, by the host's clock, less than `window` after the trigger
+    /// was seen (the offset included). What the trigger announces (an apply that takes
+    /// `window`) began no later than the trigger was seen, so a cut later than that may have
+    /// found it over: a busy host that pulls the plug late proves nothing about a cut inside.
+    pub fn within(&self, window: Duration) -> bool {
+        self.offset + self.delay < window
+    }
+}
+
 impl OnboardedDevice {
     /// Arms a power cut on `when`: arm it before what triggers it (a report in answer to a
     /// [`desire`](Self::desire) cannot be missed then).
@@ -444,15 +454,28 @@ pub async fn converge_then_cut(
     when: CutWhen,
     state: Option<StateFile>,
 ) -> Result<ApplyCut, ScenarioError> {
-    let started = Instant::now();
-    device.desire(1, "generation 1").await?;
-    device
-        .converged(1, device.vm.budgets().first_status)
-        .await?;
-    // Generation 1 must be durable before the cut: the verdict is about the apply of 2.
-    device.vm.flush().await?;
-    device.timings.record("converged to 1", started.elapsed());
+    converge_durably(device, 1).await?;
     cut_during_apply(device, 1, 2, when, state).await
+}
+
+/// Desires `generation` (the document `generation N`), waits for the device to report it
+/// applied, and flushes its disk: a cut after this is about what comes next.
+pub async fn converge_durably(
+    device: &OnboardedDevice,
+    generation: u64,
+) -> Result<(), ScenarioError> {
+    let started = Instant::now();
+    device
+        .desire(generation, &format!("generation {generation}"))
+        .await?;
+    device
+        .converged(generation, device.vm.budgets().first_status)
+        .await?;
+    device.vm.flush().await?;
+    device
+        .timings
+        .record(&format!("converged to {generation}"), started.elapsed());
+    Ok(())
 }
 
 /// The cut-during-apply sweep: for each offset after the device's "applying 2" report, a
@@ -541,4 +564,32 @@ pub fn median_converged(cuts: &[ApplyCut]) -> Option<Duration> {
 fn median(mut values: Vec<Duration>) -> Option<Duration> {
     values.sort();
     values.get(values.len() / 2).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fired(offset_ms: u64, delay_ms: u64) -> Fired {
+        Fired {
+            on: "applying 2".into(),
+            trigger: "a report".into(),
+            offset: Duration::from_millis(offset_ms),
+            delay: Duration::from_millis(delay_ms),
+            after: AfterCut {
+                report: Default::default(),
+                gate_ms: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn a_cut_counts_as_inside_only_before_the_window_ends() {
+        let apply = Duration::from_secs(4);
+        assert!(fired(2_000, 40).within(apply));
+        assert!(fired(0, 3_999).within(apply));
+        // The late cut of a busy host: 2 s asked, 5 s more to pull the plug.
+        assert!(!fired(2_000, 5_010).within(apply));
+        assert!(!fired(2_000, 2_000).within(apply));
+    }
 }
