@@ -11,8 +11,10 @@ use crate::agent::description::{
 use crate::config::HarnessConfig;
 use crate::model::arch::VmArchitecture;
 use crate::vm::{Vm, VmError};
+use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use crate::agent::reference::{AGENT_UNIT, AGENT_USER};
@@ -160,7 +162,16 @@ pub struct Onboarding {
     files: Vec<script::FileToInstall>,
     debs: Vec<(String, Vec<u8>)>,
     unit: String,
+    /// The VMs (by name) a run of this onboarding completed on, and whether what it wrote
+    /// there is flushed: a later run leaves the large files out of its bundle (the script
+    /// checks them first), and a run that changes nothing on a flushed VM flushes nothing.
+    completed_on: Arc<Mutex<HashMap<String, bool>>>,
 }
+
+/// Files at least this large are left out of a run's bundle on a VM a run already completed
+/// on (the agent's binary, most often): checked on the device instead, and sent again only if
+/// it differs.
+pub const LEAN_FROM_BYTES: usize = 64 * 1024;
 
 impl fmt::Debug for Onboarding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -217,14 +228,19 @@ impl Onboarding {
             files,
             debs,
             unit,
+            completed_on: Arc::default(),
         })
     }
 
     /// Runs every step, then flushes what they wrote (unless the VM's spec turned provisioning
-    /// flushes off): an onboarded device keeps its onboarding through a power cut.
+    /// flushes off): an onboarded device keeps its onboarding through a power cut. A run that
+    /// changed nothing after one of this onboarding's flushes has nothing to flush.
     pub async fn apply(&self, vm: &Vm) -> Result<OnboardReport, OnboardError> {
         let report = self.run(vm, None).await?;
-        vm.flush_harness_writes("onboarding").await?;
+        if self.completed_on().get(vm.name()) != Some(&true) {
+            vm.flush_harness_writes("onboarding").await?;
+            self.completed_on().insert(vm.name().to_owned(), true);
+        }
         Ok(report)
     }
 
@@ -244,19 +260,19 @@ impl Onboarding {
 
     /// One round trip: the bundle and the script on one channel (see [`script`]), its report
     /// read back, a failure mapped to the error that names its fix; every step up to
-    /// `stop_after` (all, without it) must have reported.
+    /// `stop_after` (all, without it) must have reported. On a VM a run completed on before,
+    /// the large files stay out of the bundle, unless the device says it needs them
+    /// ([`script::RESEND`]): then a second round trip with every file.
     async fn run(&self, vm: &Vm, stop_after: Option<&str>) -> Result<OnboardReport, OnboardError> {
-        let run = script::render(
-            &self.description,
-            &self.files,
-            self.unit.as_bytes(),
-            &self.debs,
-            vm.budgets().guest_step,
-            vm.budgets().command / 2,
-            stop_after,
-        )
-        .map_err(OnboardError::Bundle)?;
-        let out = vm.exec_with_input(&run.command, Some(&run.bundle)).await?;
+        let seen = self.completed_on().contains_key(vm.name());
+        let mut out = self.send(vm, stop_after, seen).await?;
+        if seen && out.stdout.lines().any(|l| l == script::RESEND) {
+            tracing::info!(
+                "VM {}: its files differ from the last onboarding's; sending them again",
+                vm.name()
+            );
+            out = self.send(vm, stop_after, false).await?;
+        }
         let report = self.read_report(vm, &out.stdout, &out.stderr, out.success())?;
         let mut expected = self.description.steps();
         if let Some(last) = stop_after
@@ -273,7 +289,37 @@ impl Onboarding {
                 output: format!("{}{}", out.stdout, out.stderr),
             });
         }
+        let unchanged = report.changed_steps().is_empty();
+        self.completed_on()
+            .entry(vm.name().to_owned())
+            .and_modify(|flushed| *flushed &= unchanged)
+            .or_insert(false);
         Ok(report)
+    }
+
+    fn completed_on(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
+        self.completed_on.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One run's round trip, the large files left out if `lean`.
+    async fn send(
+        &self,
+        vm: &Vm,
+        stop_after: Option<&str>,
+        lean: bool,
+    ) -> Result<crate::ssh::ExecOutput, OnboardError> {
+        let run = script::render(
+            &self.description,
+            &self.files,
+            &|f| lean && f.bytes.len() >= LEAN_FROM_BYTES,
+            self.unit.as_bytes(),
+            &self.debs,
+            vm.budgets().guest_step,
+            vm.budgets().command / 2,
+            stop_after,
+        )
+        .map_err(OnboardError::Bundle)?;
+        Ok(vm.exec_with_input(&run.command, Some(&run.bundle)).await?)
     }
 
     /// The steps' outcomes, or the failure the script stopped at.

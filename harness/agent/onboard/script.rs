@@ -6,15 +6,19 @@
 
 use crate::agent::description::{AgentDescription, Package};
 use crate::ssh::session::shell_quote;
-use crate::ssh::user_systemctl;
 use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
 use std::time::Duration;
 
 /// Marks a step's outcome in the script's output.
 pub const STEP: &str = "devicelab-step";
+/// Says a run without some files' bytes found one of them missing or different on the device,
+/// and changed nothing: the run is made again with every file.
+pub const RESEND: &str = "devicelab-resend";
 /// Marks the failure that stopped the script, after the failing command's output.
 pub const FAIL: &str = "devicelab-fail";
+/// How long the unit must have been active, without a restart, for onboarding to end.
+pub const STAYS_ACTIVE: Duration = Duration::from_secs(2);
 /// Before the journal of a unit that did not stay active: its state and how long it was given.
 pub const UNIT_STATE: &str = "devicelab-unit-state";
 
@@ -35,9 +39,14 @@ pub struct Run {
     pub command: String,
 }
 
+/// Renders one run. The files `lean` selects are left out of the bundle: the script first
+/// checks the device holds each already (bytes, mode and group), and if one differs it changes
+/// nothing and prints [`RESEND`], for a run with every file.
+#[allow(clippy::too_many_arguments)]
 pub fn render(
     d: &AgentDescription,
     files: &[FileToInstall],
+    lean: &dyn Fn(&FileToInstall) -> bool,
     unit: &[u8],
     debs: &[(String, Vec<u8>)],
     guest_step: Duration,
@@ -54,6 +63,7 @@ pub fn render(
     };
     let mut script = String::from(PROLOGUE);
     let _ = writeln!(script, "lockwait={}", lock_wait.as_secs());
+    script += &precheck(files, lean);
     if !d.packages.is_empty() {
         for (i, (_, bytes)) in debs.iter().enumerate() {
             add(&format!("deb{i}.deb"), bytes)?;
@@ -64,6 +74,11 @@ pub fn render(
         script += &user_step(user);
     }
     for (i, f) in files.iter().enumerate() {
+        if lean(f) {
+            // Checked before any step: the same bytes are there.
+            let _ = writeln!(script, "report {} unchanged", shell_quote(&f.step));
+            continue;
+        }
         add(&format!("file{i}"), &f.bytes)?;
         script += &file_step(
             &f.step,
@@ -91,7 +106,8 @@ pub fn render(
 }
 
 /// `$b`: the bundle's directory; `$stop`: the step to stop after. `report` prints a step's
-/// outcome (and exits once the step to stop after has run); `fail` ends the run. `pkg` runs a
+/// outcome (and exits once the step to stop after has run); `fail` ends the run; `same` says
+/// whether a file holds the bytes, mode and group given (`<sha256> <mode> <group>`). `pkg` runs a
 /// package manager (in the C locale: its messages are matched): while another process holds
 /// its lock (apt-daily) it tries again every 5 s until `$lockwait` seconds have passed since
 /// the step's first package-manager call (one wait for the whole step, however many calls),
@@ -102,6 +118,7 @@ const PROLOGUE: &str = r#"b=$1; stop=$2; restart=false
 report() { echo "devicelab-step $1 $2"; if [ -n "$stop" ] && [ "$1" = "$stop" ]; then exit 0; fi; }
 fail() { echo "devicelab-fail $*"; exit 1; }
 run() { out=$("$@" 2>&1) || { printf '%s\n' "$out"; return 1; }; }
+same() { h=$(sha256sum "$1" 2>/dev/null) && [ "${h%% *} $(stat -c '%a %G' "$1")" = "$2" ]; }
 pkg() { : "${pkg_t0:=$(date +%s)}"; while ! out=$(LC_ALL=C "$@" 2>&1); do
   case $out in *"Could not get lock"*|*"frontend lock"*|*"database lock"*|*"is locked by another process"*) ;; *) printf '%s\n' "$out"; return 1;; esac
   waited=$(($(date +%s) - pkg_t0))
@@ -158,10 +175,30 @@ fn user_step(user: &str) -> String {
     )
 }
 
+/// Before any step: each file `lean` leaves out must be on the device as it is, or the run
+/// stops there, changing nothing, with [`RESEND`].
+fn precheck(files: &[FileToInstall], lean: &dyn Fn(&FileToInstall) -> bool) -> String {
+    let mut s = String::new();
+    for f in files.iter().filter(|f| lean(f)) {
+        let _ = writeln!(
+            s,
+            "same {} {} || {{ echo {RESEND}; exit 0; }}",
+            shell_quote(&f.path),
+            shell_quote(&wanted(&f.bytes, f.mode, &f.group))
+        );
+    }
+    s
+}
+
+/// What `same` compares a file with: its bytes' SHA-256, mode and group.
+fn wanted(bytes: &[u8], mode: u32, group: &str) -> String {
+    format!("{} {mode:o} {group}", hex::encode(Sha256::digest(bytes)))
+}
+
 /// Installed (owner root, `group`, `mode`) unless the same bytes, mode and group are there;
 /// written beside the target and renamed over it, so a cut never leaves half a file.
 fn file_step(step: &str, path: &str, mode: u32, group: &str, bytes: &[u8], member: &str) -> String {
-    let want = format!("{} {mode:o} {group}", hex::encode(Sha256::digest(bytes)));
+    let want = wanted(bytes, mode, group);
     let (p, tmp) = (
         shell_quote(path),
         shell_quote(&format!("{path}.devicelab-new")),
@@ -174,8 +211,7 @@ fn file_step(step: &str, path: &str, mode: u32, group: &str, bytes: &[u8], membe
     );
     let (s, g) = (shell_quote(step), shell_quote(group));
     format!(
-        r#"have=$(h=$(sha256sum {p} 2>/dev/null) && echo "${{h%% *}} $(stat -c '%a %G' {p})")
-if [ "$have" = {want} ]; then report {s} unchanged; else
+        r#"if same {p} {want}; then report {s} unchanged; else
   run mkdir -p {dir} && run install -m {mode:o} -o root -g {g} "$b/{member}" {tmp} && run mv -f {tmp} {p} || fail {s}
   restart=true; report {s} changed; fi
 "#,
@@ -199,41 +235,55 @@ report linger $l
 }
 
 /// Enabled and started (restarted if a file it uses changed), then it must be active and stay
-/// so for 2 s within `budget`: a unit that fails is a failure with its journal tail.
+/// so for [`STAYS_ACTIVE`] within `budget`: a unit that fails is a failure with its journal
+/// tail. The window counts from the unit's own activation (systemd's
+/// `ActiveEnterTimestampMonotonic`, against the guest's uptime: a guest is never suspended, so
+/// the two clocks agree), so a unit that has run that long already passes at once, and a
+/// restart by systemd starts the window again.
 fn service(d: &AgentDescription, budget: Duration) -> String {
     let unit = shell_quote(d.service.unit());
-    let sc = |args: &str| match d.service.user() {
-        None => format!("systemctl {args}"),
-        Some(user) => user_systemctl(user, args),
+    // The script runs as root: a user's `systemctl --user` through setpriv, not sudo (no PAM
+    // session per call, a few hundred milliseconds each under TCG).
+    let (define, sc) = match d.service.user() {
+        None => (String::new(), "systemctl"),
+        Some(user) => (
+            format!(
+                "u=$(id -u {u}); g=$(id -g {u})\nsc() {{ setpriv --reuid=\"$u\" --regid=\"$g\" --clear-groups env XDG_RUNTIME_DIR=/run/user/$u systemctl --user \"$@\"; }}\n",
+                u = shell_quote(user)
+            ),
+            "sc",
+        ),
     };
+    let show = |props: &str| format!("{sc} show -p {props} {unit}");
     format!(
-        r#"if [ "$restart" = true ]; then
-  run {reload} && run {enable} && run {restart} || fail service; s=changed
-elif [ "$({is_enabled} 2>/dev/null)" = enabled ] && [ "$({is_active} 2>/dev/null)" = active ]; then s=unchanged
-else run {reload} && run {enable} && run {start} || fail service; s=changed; fi
+        r#"{define}state() {{ st=""; since=0; enabled=""
+  for kv in $({show} 2>/dev/null); do case $kv in
+    ActiveState=*) st=${{kv#*=}};; UnitFileState=*) enabled=${{kv#*=}};;
+    ActiveEnterTimestampMonotonic=*) since=$((${{kv#*=}} / 1000));; esac; done; }}
+if [ "$restart" = true ]; then
+  run {sc} daemon-reload && run {sc} enable --quiet {unit} && run {sc} restart {unit} || fail service; s=changed
+elif state && [ "$enabled" = enabled ] && [ "$st" = active ]; then s=unchanged
+else run {sc} daemon-reload && run {sc} enable --quiet {unit} && run {sc} start {unit} || fail service; s=changed; fi
 echo "devicelab-step service $s"
-t0=$(date +%s%3N); since=""
+uptime_ms() {{ read up _ < /proc/uptime; echo $(( ${{up%.*}} * 1000 + 10 * 1${{up#*.}} - 1000 )); }}
+t0=$(uptime_ms)
 while :; do
-  st=$({is_active} 2>/dev/null); now=$(date +%s%3N)
+  state
+  now=$(uptime_ms)
   if [ "$st" = active ]; then
-    [ -n "$since" ] || since=$now
-    [ $((now - since)) -ge 2000 ] && exit 0
+    left=$(({window_ms} - (now - since)))
+    [ $left -le 0 ] && exit 0
+    sleep $((left / 1000)).$(printf %03d $((left % 1000)))
+  elif [ "$st" = failed ] || [ $((now - t0)) -ge {budget_ms} ]; then
+    echo "devicelab-unit-state ${{st:-unknown}} $((now - t0))"; {journal} 2>&1; fail active
   else
-    since=""
-    if [ "$st" = failed ] || [ $((now - t0)) -ge {budget_ms} ]; then
-      echo "devicelab-unit-state ${{st:-unknown}} $((now - t0))"; {journal} 2>&1; fail active
-    fi
+    sleep 0.2
   fi
-  sleep 0.5
 done
 "#,
-        reload = sc("daemon-reload"),
-        enable = sc(&format!("enable --quiet {unit}")),
-        restart = sc(&format!("restart {unit}")),
-        start = sc(&format!("start {unit}")),
-        is_enabled = sc(&format!("is-enabled {unit}")),
-        is_active = sc(&format!("is-active {unit}")),
+        show = show("ActiveState -p UnitFileState -p ActiveEnterTimestampMonotonic"),
         journal = d.service.journal_command(30),
+        window_ms = STAYS_ACTIVE.as_millis(),
         budget_ms = budget.as_millis(),
     )
 }
@@ -257,6 +307,7 @@ mod tests {
         let run = render(
             d,
             &files,
+            &|_| false,
             b"[Service]\n",
             &debs,
             Duration::from_secs(60),
@@ -325,6 +376,173 @@ mod tests {
             assert_eq!(std::fs::read(path).unwrap(), b"payload", "{name:?}");
         }
         assert!(!base.join("pwned").exists(), "a backtick ran a command");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// A fresh directory under the temp dir, for one test.
+    fn scratch(what: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "devicelab-{what}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// `script` run by a real `sh` (`$1` the bundle dir `bundle`, no step to stop after) with
+    /// `bin` first on PATH: whether it succeeded, its stdout, and how long it took.
+    fn run_sh(
+        script: &str,
+        bundle: &std::path::Path,
+        bin: &std::path::Path,
+    ) -> (bool, String, Duration) {
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("onboard")
+            .arg(bundle)
+            .arg("")
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success(), stdout, started.elapsed())
+    }
+
+    /// A run without a large file's bytes checks the device first: the same bytes, mode and
+    /// group there, and the step reports unchanged; any of them different, and the run stops
+    /// before any step with RESEND.
+    #[test]
+    fn a_lean_run_changes_nothing_and_asks_again_when_a_file_it_left_out_differs() {
+        let base = scratch("lean");
+        let target = base.join("agent");
+        let group = String::from_utf8(
+            std::process::Command::new("id")
+                .arg("-gn")
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap()
+        .trim()
+        .to_owned();
+        let file = FileToInstall {
+            step: "binary".into(),
+            path: target.to_str().unwrap().to_owned(),
+            mode: 0o755,
+            group,
+            bytes: b"the agent".to_vec(),
+        };
+        let lean = |_: &FileToInstall| true;
+        let script = format!(
+            "{PROLOGUE}{}report binary unchanged\n",
+            precheck(std::slice::from_ref(&file), &lean)
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let cases: [(&[u8], u32, bool); 4] = [
+            (b"the agent", 0o755, true),
+            (b"the agent", 0o644, false),
+            (b"an older agent", 0o755, false),
+            (b"", 0, false),
+        ];
+        for (bytes, mode, same) in cases {
+            let _ = std::fs::remove_file(&target);
+            if mode != 0 {
+                std::fs::write(&target, bytes).unwrap();
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).unwrap();
+            }
+            let (ok, stdout, _) = run_sh(&script, &base, &base);
+            assert!(ok, "{stdout}");
+            if same {
+                assert_eq!(stdout, "devicelab-step binary unchanged\n");
+            } else {
+                assert_eq!(stdout, format!("{RESEND}\n"), "{mode:o} {bytes:?}");
+            }
+        }
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// The service's window counts from the unit's own activation, read from a `systemctl`
+    /// that says how long ago that was (against the real uptime): a unit active for 10 s
+    /// passes at once; one active since just now is waited for until 2 s have passed; a failed
+    /// one fails the step with its journal.
+    #[test]
+    fn the_unit_must_stay_active_from_its_own_activation() {
+        let mut d = crate::agent::reference::agent();
+        d.service = Service::System {
+            unit: "a.service".into(),
+            text: String::new(),
+        };
+        let base = scratch("active");
+        for (name, body) in [
+            (
+                "systemctl",
+                r#"case "$1" in
+  is-enabled) echo enabled;;
+  is-active) echo active;;
+  show) echo "ActiveState=$(cat "$0.state")"
+    echo "UnitFileState=enabled"
+    echo "ActiveEnterTimestampMonotonic=$(cat "$0.since")";;
+esac"#,
+            ),
+            ("journalctl", "echo the journal of the unit"),
+            ("sudo", r#"[ "$1" = -n ] && shift; exec "$@""#),
+        ] {
+            let path = base.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let script = format!("{PROLOGUE}{}", service(&d, Duration::from_secs(30)));
+        // Activated `ago` seconds before now, on the clock the script reads.
+        let set = |state: &str, ago: f64| {
+            let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let since = ((uptime - ago) * 1e6) as u64;
+            std::fs::write(base.join("systemctl.state"), state).unwrap();
+            std::fs::write(base.join("systemctl.since"), since.to_string()).unwrap();
+        };
+
+        set("active", 10.0);
+        let (ok, stdout, took) = run_sh(&script, &base, &base);
+        assert!(
+            ok && stdout.contains("devicelab-step service unchanged"),
+            "{stdout}"
+        );
+        assert!(
+            took < Duration::from_millis(1500),
+            "waited {took:?} for a unit active for 10 s"
+        );
+
+        set("active", 0.5);
+        let (ok, stdout, took) = run_sh(&script, &base, &base);
+        assert!(ok, "{stdout}");
+        // The window left: 1.5 s, less the uptime's 10 ms steps.
+        assert!(
+            took >= Duration::from_millis(1400),
+            "did not wait: {took:?}"
+        );
+
+        set("failed", 0.0);
+        let (ok, stdout, _) = run_sh(&script, &base, &base);
+        assert!(!ok, "{stdout}");
+        assert!(
+            stdout.contains("devicelab-unit-state failed")
+                && stdout.contains("the journal of the unit\ndevicelab-fail active"),
+            "{stdout}"
+        );
         std::fs::remove_dir_all(&base).unwrap();
     }
 
