@@ -1,5 +1,6 @@
 //! Onboarding any agent description over SSH, idempotently: packages → user → files → unit →
-//! linger → enable/start → active, in one round trip per run (the `script` module). Each step says
+//! linger → enable/start → active, in one round trip per run (two when a run that left the large
+//! files out finds them changed; the `script` module). Each step says
 //! whether it changed anything, and a second run changes nothing.
 
 mod script;
@@ -162,9 +163,11 @@ pub struct Onboarding {
     files: Vec<script::FileToInstall>,
     debs: Vec<(String, Vec<u8>)>,
     unit: String,
-    /// The VMs (by name) a run of this onboarding completed on, and whether what it wrote
-    /// there is flushed: a later run leaves the large files out of its bundle (the script
-    /// checks them first), and a run that changes nothing on a flushed VM flushes nothing.
+    /// The VMs (by name) a run of this onboarding (whole, or up to a step) ended on, and
+    /// whether what its runs wrote there is flushed: a later run leaves the large files out of
+    /// its bundle (the script checks them first), and a run that changes nothing on a flushed
+    /// VM flushes nothing. A run that fails marks the VM unflushed: it may have written before
+    /// it stopped. Runs of one onboarding on one VM are expected one at a time.
     completed_on: Arc<Mutex<HashMap<String, bool>>>,
 }
 
@@ -258,12 +261,29 @@ impl Onboarding {
         self.run(vm, Some(last)).await
     }
 
-    /// One round trip: the bundle and the script on one channel (see [`script`]), its report
-    /// read back, a failure mapped to the error that names its fix; every step up to
-    /// `stop_after` (all, without it) must have reported. On a VM a run completed on before,
-    /// the large files stay out of the bundle, unless the device says it needs them
-    /// ([`script::RESEND`]): then a second round trip with every file.
+    /// The bundle and the script on one channel (see [`script`]), its report read back, a
+    /// failure mapped to the error that names its fix; every step up to `stop_after` (all,
+    /// without it) must have reported. On a VM a run ended on before, the large files stay out
+    /// of the bundle, unless the device says it needs them ([`script::RESEND`]): then a second
+    /// round trip with every file.
     async fn run(&self, vm: &Vm, stop_after: Option<&str>) -> Result<OnboardReport, OnboardError> {
+        let ran = self.run_once(vm, stop_after).await;
+        let changed = ran.as_ref().map_or(true, |r| !r.changed_steps().is_empty());
+        if ran.is_ok() || self.completed_on().contains_key(vm.name()) {
+            self.completed_on()
+                .entry(vm.name().to_owned())
+                .and_modify(|flushed| *flushed &= !changed)
+                .or_insert(false);
+        }
+        ran
+    }
+
+    /// One run of [`Onboarding::run`], its bookkeeping left to it.
+    async fn run_once(
+        &self,
+        vm: &Vm,
+        stop_after: Option<&str>,
+    ) -> Result<OnboardReport, OnboardError> {
         let seen = self.completed_on().contains_key(vm.name());
         let mut out = self.send(vm, stop_after, seen).await?;
         if seen && out.stdout.lines().any(|l| l == script::RESEND) {
@@ -289,14 +309,10 @@ impl Onboarding {
                 output: format!("{}{}", out.stdout, out.stderr),
             });
         }
-        let unchanged = report.changed_steps().is_empty();
-        self.completed_on()
-            .entry(vm.name().to_owned())
-            .and_modify(|flushed| *flushed &= unchanged)
-            .or_insert(false);
         Ok(report)
     }
 
+    /// The VMs runs of this onboarding ended on (see the field).
     fn completed_on(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
         self.completed_on.lock().unwrap_or_else(|p| p.into_inner())
     }

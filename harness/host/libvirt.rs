@@ -194,10 +194,8 @@ fn tap(
     name: &str,
     serial_log: &std::path::Path,
 ) -> Result<(), LibvirtError> {
-    let own = open_live(uri, timeouts).map_err(|message| LibvirtError::Connect {
-        uri: uri.to_owned(),
-        message,
-    })?;
+    // Opened within the budget, as every connection: a start never hangs on it.
+    let own = connect(&Mutex::default(), uri, timeouts)?;
     let uuid = dom
         .uuid_string()
         .map_err(call_err("read the UUID of", name))?;

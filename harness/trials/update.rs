@@ -142,9 +142,11 @@ pub struct Fired {
 
 impl Fired {
     /// Whether the plug was pulled, by the host's clock, less than `window` after the trigger
-    /// was seen (the offset included). What the trigger announces (an apply that takes
-    /// `window`) began no later than the trigger was seen, so a cut later than that may have
-    /// found it over: a busy host that pulls the plug late proves nothing about a cut inside.
+    /// was seen (the offset included): inside what the trigger announces, when that starts as
+    /// the trigger is seen and lasts at least `window` (the reference agent starts its apply
+    /// once its `applying` report is acknowledged, and the apply takes at least
+    /// `reference::APPLY_MS`). A later cut may have found it over, so it proves nothing about a
+    /// cut inside: what a busy host that pulls the plug late gets.
     pub fn within(&self, window: Duration) -> bool {
         self.offset + self.delay < window
     }

@@ -1,4 +1,4 @@
-//! One onboarding run as one round trip: a tar bundle of every file the device needs (the
+//! One onboarding run as one round trip (a lean run aside, see [`RESEND`]): a tar bundle of every file the device needs (the
 //! shipped files, the rendered ones, the unit, the `.deb`s) and the POSIX shell script that
 //! applies every step, sent on one SSH channel's stdin; the script prints one
 //! `devicelab-step <step> changed|unchanged` line per step, or stops at the first failure with
@@ -118,7 +118,7 @@ const PROLOGUE: &str = r#"b=$1; stop=$2; restart=false
 report() { echo "devicelab-step $1 $2"; if [ -n "$stop" ] && [ "$1" = "$stop" ]; then exit 0; fi; }
 fail() { echo "devicelab-fail $*"; exit 1; }
 run() { out=$("$@" 2>&1) || { printf '%s\n' "$out"; return 1; }; }
-same() { h=$(sha256sum "$1" 2>/dev/null) && [ "${h%% *} $(stat -c '%a %G' "$1")" = "$2" ]; }
+same() { h=$(sha256sum < "$1" 2>/dev/null) && [ "${h%% *} $(stat -c '%a %G' "$1")" = "$2" ]; }
 pkg() { : "${pkg_t0:=$(date +%s)}"; while ! out=$(LC_ALL=C "$@" 2>&1); do
   case $out in *"Could not get lock"*|*"frontend lock"*|*"database lock"*|*"is locked by another process"*) ;; *) printf '%s\n' "$out"; return 1;; esac
   waited=$(($(date +%s) - pkg_t0))
@@ -236,10 +236,13 @@ report linger $l
 
 /// Enabled and started (restarted if a file it uses changed), then it must be active and stay
 /// so for [`STAYS_ACTIVE`] within `budget`: a unit that fails is a failure with its journal
-/// tail. The window counts from the unit's own activation (systemd's
-/// `ActiveEnterTimestampMonotonic`, against the guest's uptime: a guest is never suspended, so
-/// the two clocks agree), so a unit that has run that long already passes at once, and a
-/// restart by systemd starts the window again.
+/// tail, and so is one not active for the whole window by `budget`. The window counts from the
+/// unit's own activation (systemd's `ActiveEnterTimestampMonotonic`, against the guest's
+/// uptime: a guest is never suspended, so the two clocks agree), so a unit that has run that
+/// long already passes at once, and a restart by systemd starts the window again. In the
+/// script: `sc` is the unit's `systemctl` (the user's, run as that user, for a user unit);
+/// `state` reads its active state, enablement and activation time in one call; `uptime_ms` is
+/// the guest's uptime in milliseconds.
 fn service(d: &AgentDescription, budget: Duration) -> String {
     let unit = shell_quote(d.service.unit());
     // The script runs as root: a user's `systemctl --user` through setpriv, not sudo (no PAM
@@ -248,7 +251,7 @@ fn service(d: &AgentDescription, budget: Duration) -> String {
         None => (String::new(), "systemctl"),
         Some(user) => (
             format!(
-                "u=$(id -u {u}); g=$(id -g {u})\nsc() {{ setpriv --reuid=\"$u\" --regid=\"$g\" --clear-groups env XDG_RUNTIME_DIR=/run/user/$u systemctl --user \"$@\"; }}\n",
+                "u=$(id -u {u}); g=$(id -g {u})\nsc() {{ setpriv --reuid=\"$u\" --regid=\"$g\" --clear-groups env -i PATH=\"$PATH\" XDG_RUNTIME_DIR=/run/user/$u systemctl --user \"$@\"; }}\n",
                 u = shell_quote(user)
             ),
             "sc",
@@ -270,12 +273,13 @@ t0=$(uptime_ms)
 while :; do
   state
   now=$(uptime_ms)
-  if [ "$st" = active ]; then
-    left=$(({window_ms} - (now - since)))
-    [ $left -le 0 ] && exit 0
-    sleep $((left / 1000)).$(printf %03d $((left % 1000)))
+  [ "$since" -gt 0 ] || since=${{seen:=$now}}
+  if [ "$st" = active ] && [ $((now - since)) -ge {window_ms} ]; then exit 0
   elif [ "$st" = failed ] || [ $((now - t0)) -ge {budget_ms} ]; then
     echo "devicelab-unit-state ${{st:-unknown}} $((now - t0))"; {journal} 2>&1; fail active
+  elif [ "$st" = active ]; then
+    left=$(({window_ms} - (now - since)))
+    sleep $((left / 1000)).$(printf %03d $((left % 1000)))
   else
     sleep 0.2
   fi
@@ -485,8 +489,6 @@ mod tests {
             (
                 "systemctl",
                 r#"case "$1" in
-  is-enabled) echo enabled;;
-  is-active) echo active;;
   show) echo "ActiveState=$(cat "$0.state")"
     echo "UnitFileState=enabled"
     echo "ActiveEnterTimestampMonotonic=$(cat "$0.since")";;
