@@ -101,7 +101,8 @@ pub enum OnboardError {
         output: String,
     },
     #[error(
-        "VM {vm}: {unit} is {state} {waited:.0?} after it was started; its journal:\n{journal}"
+        "VM {vm}: {unit} did not stay active for 2 s since it was started ({state} after \
+         {waited:.0?}); its journal:\n{journal}"
     )]
     UnitFailed {
         vm: String,

@@ -209,7 +209,8 @@ fn tap(
     })
 }
 
-/// The name of the threads that open connections (at most one per [`Libvirt`] at a time).
+/// The name of the threads that open connections (at most one per [`Libvirt`] at a time for its
+/// calls, and one per console being opened).
 pub const OPEN_THREAD: &str = "dl-libvirt-open";
 
 pub(crate) fn call_err(

@@ -41,7 +41,7 @@ fn taps() -> &'static Mutex<HashMap<PathBuf, JoinHandle<()>>> {
 
 /// Starts copying `dom`'s serial console into `log` (appended), until the domain stops, on
 /// `conn` (`dom`'s connection); the copying thread holds `keep` (the connection's own handle,
-/// with its close callback) until then, and drops it before the stream.
+/// with its close callback) until then, past the stream's end (finished or aborted).
 pub fn tap(
     conn: &Connect,
     keep: impl Send + 'static,

@@ -1,4 +1,5 @@
-//! One onboarding run as one round trip (a lean run aside, see [`RESEND`]): a tar bundle of every file the device needs (the
+//! One onboarding run as one round trip (a lean run aside, see [`RESEND`]): a tar bundle of
+//! every file the device needs (the
 //! shipped files, the rendered ones, the unit, the `.deb`s) and the POSIX shell script that
 //! applies every step, sent on one SSH channel's stdin; the script prints one
 //! `devicelab-step <step> changed|unchanged` line per step, or stops at the first failure with
@@ -118,7 +119,7 @@ const PROLOGUE: &str = r#"b=$1; stop=$2; restart=false
 report() { echo "devicelab-step $1 $2"; if [ -n "$stop" ] && [ "$1" = "$stop" ]; then exit 0; fi; }
 fail() { echo "devicelab-fail $*"; exit 1; }
 run() { out=$("$@" 2>&1) || { printf '%s\n' "$out"; return 1; }; }
-same() { h=$(sha256sum < "$1" 2>/dev/null) && [ "${h%% *} $(stat -c '%a %G' "$1")" = "$2" ]; }
+same() { h=$(sha256sum 2>/dev/null < "$1") && [ "${h%% *} $(stat -c '%a %G' "$1")" = "$2" ]; }
 pkg() { : "${pkg_t0:=$(date +%s)}"; while ! out=$(LC_ALL=C "$@" 2>&1); do
   case $out in *"Could not get lock"*|*"frontend lock"*|*"database lock"*|*"is locked by another process"*) ;; *) printf '%s\n' "$out"; return 1;; esac
   waited=$(($(date +%s) - pkg_t0))
@@ -491,7 +492,10 @@ mod tests {
                 r#"case "$1" in
   show) echo "ActiveState=$(cat "$0.state")"
     echo "UnitFileState=enabled"
-    echo "ActiveEnterTimestampMonotonic=$(cat "$0.since")";;
+    since=$(cat "$0.since")
+    # "now": a unit systemd restarts between any two polls.
+    [ "$since" = now ] && { read up _ < /proc/uptime; since=$(( ${up%.*} * 1000000 + 10000 * 1${up#*.} - 1000000 )); }
+    echo "ActiveEnterTimestampMonotonic=$since";;
 esac"#,
             ),
             ("journalctl", "echo the journal of the unit"),
@@ -544,6 +548,19 @@ esac"#,
             stdout.contains("devicelab-unit-state failed")
                 && stdout.contains("the journal of the unit\ndevicelab-fail active"),
             "{stdout}"
+        );
+
+        // Active at every poll, yet started again each time: never 2 s in a row, so the
+        // budget (1 s here) ends it.
+        std::fs::write(base.join("systemctl.state"), "active").unwrap();
+        std::fs::write(base.join("systemctl.since"), "now").unwrap();
+        let restarting = format!("{PROLOGUE}{}", service(&d, Duration::from_secs(1)));
+        let (ok, stdout, took) = run_sh(&restarting, &base, &base);
+        assert!(!ok, "{stdout}");
+        assert!(stdout.contains("devicelab-unit-state active"), "{stdout}");
+        assert!(
+            took < Duration::from_secs(10),
+            "the budget did not end it: {took:?}"
         );
         std::fs::remove_dir_all(&base).unwrap();
     }
