@@ -258,10 +258,9 @@ fn service(d: &AgentDescription, budget: Duration) -> String {
             "sc",
         ),
     };
-    let show = |props: &str| format!("{sc} show -p {props} {unit}");
     format!(
         r#"{define}state() {{ st=""; since=0; enabled=""
-  for kv in $({show} 2>/dev/null); do case $kv in
+  for kv in $({sc} show -p ActiveState -p UnitFileState -p ActiveEnterTimestampMonotonic {unit} 2>/dev/null); do case $kv in
     ActiveState=*) st=${{kv#*=}};; UnitFileState=*) enabled=${{kv#*=}};;
     ActiveEnterTimestampMonotonic=*) since=$((${{kv#*=}} / 1000));; esac; done; }}
 if [ "$restart" = true ]; then
@@ -286,7 +285,6 @@ while :; do
   fi
 done
 "#,
-        show = show("ActiveState -p UnitFileState -p ActiveEnterTimestampMonotonic"),
         journal = d.service.journal_command(30),
         window_ms = STAYS_ACTIVE.as_millis(),
         budget_ms = budget.as_millis(),
@@ -339,11 +337,7 @@ mod tests {
     /// is a shell function here that leaves out `-o`/`-g`, so the test needs no root.)
     #[test]
     fn a_hostile_path_is_installed_as_it_is() {
-        let base = std::env::temp_dir().join(format!(
-            "devicelab-script-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
+        let base = scratch("script");
         let bundle = base.join("bundle");
         std::fs::create_dir_all(&bundle).unwrap();
         std::fs::write(bundle.join("file0"), b"payload").unwrap();
@@ -393,6 +387,15 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    /// An executable `sh` script `name` in `dir`, running `body`: a tool the script under test
+    /// finds first on PATH.
+    fn tool(dir: &std::path::Path, name: &str, body: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 
     /// `script` run by a real `sh` (`$1` the bundle dir `bundle`, no step to stop after) with
@@ -501,10 +504,7 @@ esac"#,
             ("journalctl", "echo the journal of the unit"),
             ("sudo", r#"[ "$1" = -n ] && shift; exec "$@""#),
         ] {
-            let path = base.join(name);
-            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            tool(&base, name, body);
         }
         let script = format!("{PROLOGUE}{}", service(&d, Duration::from_secs(30)));
         // Activated `ago` seconds before now, on the clock the script reads.
@@ -579,33 +579,12 @@ esac"#,
             files: Default::default(),
         }];
         let debs = vec![("netcat-openbsd".to_owned(), vec![1])];
-        let bin = std::env::temp_dir().join(format!(
-            "devicelab-packages-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&bin).unwrap();
-        for (tool, body) in tools {
-            let path = bin.join(tool);
-            std::fs::write(
-                &path,
-                format!("#!/bin/sh\necho \"$*\" >> \"$0.calls\"\n{body}\n"),
-            )
-            .unwrap();
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = scratch("packages");
+        for (name, body) in tools {
+            tool(&bin, name, &format!("echo \"$*\" >> \"$0.calls\"\n{body}"));
         }
         let script = format!("{PROLOGUE}lockwait={lockwait}\n{}", packages(&d, &debs));
-        let path = format!(
-            "{}:{}",
-            bin.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let out = std::process::Command::new("sh")
-            .args(["-c", &script, "onboard", "/nonexistent", ""])
-            .env("PATH", path)
-            .output()
-            .unwrap();
+        let (ok, stdout, _) = run_sh(&script, std::path::Path::new("/nonexistent"), &bin);
         let calls = tools
             .iter()
             .map(|(tool, _)| {
@@ -614,8 +593,7 @@ esac"#,
             })
             .collect();
         std::fs::remove_dir_all(&bin).unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        (out.status.success(), stdout, calls)
+        (ok, stdout, calls)
     }
 
     /// `dpkg-deb` for a `.deb` called netcat-openbsd, version 1.0; `sleep` that returns at
