@@ -39,9 +39,14 @@ fn devicelab(args: &[&str], vars: &[(&str, &str)], path: Option<&Path>) -> (bool
 
 /// The ✗ line (and its fix) about `what`, or a failure that shows the whole report.
 fn miss<'a>(report: &'a str, what: &str) -> &'a str {
+    marked(report, '✗', what)
+}
+
+/// The line marked `mark` (and its fix) about `what`, or a failure that shows the report.
+fn marked<'a>(report: &'a str, mark: char, what: &str) -> &'a str {
     let start = report
-        .find(&format!("✗ {what}"))
-        .unwrap_or_else(|| panic!("no ✗ for {what:?} in:\n{report}"));
+        .find(&format!("{mark} {what}"))
+        .unwrap_or_else(|| panic!("no {mark} for {what:?} in:\n{report}"));
     let rest = &report[start..];
     // The line and its "fix:" line.
     let end = rest
@@ -184,6 +189,65 @@ fn a_missing_and_an_inactive_network_are_named_with_net_start() {
     assert!(
         line.contains("not active") && line.contains(&format!("net-start {name}")),
         "{line}"
+    );
+}
+
+/// With STP on, a bridge holds each newly plugged VM interface for ~4 s (what a warm restore
+/// waits out): a warning whose fix, run as printed, turns it off.
+#[test]
+fn a_bridge_with_stp_on_is_a_warning_whose_fix_turns_it_off() {
+    let lv = common::system_libvirt();
+    let name = format!("devicelab-doctor-stp-{}", std::process::id());
+    let xml = format!(
+        "<network><name>{name}</name><bridge name='virbr-dls{}' stp='on' delay='0'/>\
+         <dns enable='no'/><ip address='198.51.100.1' netmask='255.255.255.0'/></network>",
+        std::process::id() % 10000
+    );
+    let conn = lv.conn().unwrap();
+    conn.define_network_xml(&xml).unwrap().create().unwrap();
+    /// Destroys and undefines the network, however the test ends.
+    struct Gone<'a>(&'a virt::connect::Connect, &'a str);
+    impl Drop for Gone<'_> {
+        fn drop(&mut self) {
+            if let Ok(net) = self.0.lookup_network_by_name(self.1) {
+                let _ = net.destroy();
+                let _ = net.undefine();
+            }
+        }
+    }
+    let _gone = Gone(&conn, &name);
+    let doctor = || {
+        devicelab(
+            &["doctor", "--arch", "x86_64"],
+            &[("DEVICELAB_NETWORK", &name)],
+            None,
+        )
+        .1
+    };
+
+    let report = doctor();
+    let line = marked(&report, '!', &format!("network {name}: bridge"));
+    assert!(line.contains("STP on") && line.contains("~4 s"), "{line}");
+    let fix = line
+        .split_once("fix: with no VM on it: ")
+        .unwrap_or_else(|| panic!("a fix that says when to run it: {line}"))
+        .1;
+    let dir = tempfile::tempdir().unwrap();
+    let ran = Command::new("sh")
+        .args(["-c", fix])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        ran.status.success(),
+        "{fix}: {}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+
+    let report = doctor();
+    assert!(
+        report.contains(&format!("✓ network {name}: bridge: STP off")),
+        "{report}"
     );
 }
 

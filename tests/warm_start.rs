@@ -92,7 +92,10 @@ async fn warm_clones_are_fresh_on_time_distinct_side_by_side_and_power_cycle_for
         "the clone's clock is stepped to the host's: {skew:.1} s off"
     );
     second.fail("test -e ~/written-by-a-clone").await.unwrap();
-    eprintln!("second clone: restore → SSH {:.1} s", restore_time(&second));
+    eprintln!(
+        "second clone: restore → SSH {:.1} s, its clock {skew:+.2} s from the host's",
+        restore_time(&second)
+    );
 
     // Side by side: the second of two clones at once is another saved VM, with its own MAC
     // and address (libvirt restores a saved VM only under its own name, UUID and MAC).

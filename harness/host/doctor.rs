@@ -318,6 +318,9 @@ fn libvirt(config: &HarnessConfig, distro: Distro) -> Vec<Check> {
             ),
         ),
     });
+    if let Ok(stp) = lv.network_stp(&config.network) {
+        out.push(bridge_stp(uri, &config.network, stp));
+    }
     out.push(match lv.network_filters() {
         Ok(n) => Check::ok(
             "network filters",
@@ -334,6 +337,29 @@ fn libvirt(config: &HarnessConfig, distro: Distro) -> Vec<Check> {
         ),
     });
     out
+}
+
+/// The network's bridge: with STP on, a VM's interface passes no traffic for its first ~4 s,
+/// which a warm restore waits out.
+fn bridge_stp(uri: &str, network: &str, stp: bool) -> Check {
+    let what = format!("network {network}: bridge");
+    if !stp {
+        return Check::ok(
+            what,
+            "STP off: a VM's interface passes traffic once plugged",
+        );
+    }
+    Check::warn(
+        what,
+        "STP on: the kernel holds each newly plugged VM interface for twice the forward delay \
+         (2 s at least, whatever delay='0' says) before it passes traffic; every warm restore \
+         waits ~4 s for it",
+        format!(
+            "with no VM on it: virsh -c {uri} net-dumpxml {network} | sed \"s/stp='on'/stp='off'/\" \
+             > {network}.xml && virsh -c {uri} net-define {network}.xml && virsh -c {uri} \
+             net-destroy {network} && virsh -c {uri} net-start {network}"
+        ),
+    )
 }
 
 /// The data dir: writable by us, and every directory above it traversable by libvirt's QEMU

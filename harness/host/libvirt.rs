@@ -11,7 +11,7 @@ use crate::host::domain_xml::{RenderedDomain, digest_of_defined};
 use crate::host::serial;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, Once};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::enumutil::Enum;
@@ -213,6 +213,33 @@ fn tap(
 /// calls, and one per console being opened).
 pub const OPEN_THREAD: &str = "dl-libvirt-open";
 
+fn parse_network<'a>(xml: &'a str, name: &str) -> Result<roxmltree::Document<'a>, LibvirtError> {
+    roxmltree::Document::parse(xml).map_err(|e| LibvirtError::Call {
+        action: "parse the XML of network",
+        object: name.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// `<bridge stp='…'>` of a network's XML: libvirt's default is on.
+fn bridge_stp(doc: &roxmltree::Document) -> bool {
+    doc.descendants()
+        .find(|n| n.has_tag_name("bridge"))
+        .and_then(|b| b.attribute("stp"))
+        != Some("off")
+}
+
+/// Runs `call` (a pause or a resume) and returns the middle of it: when the guest's vCPUs
+/// stopped or ran again, off by at most half the call.
+fn midpoint_of(
+    call: impl FnOnce() -> Result<(), LibvirtError>,
+) -> Result<SystemTime, LibvirtError> {
+    let before = SystemTime::now();
+    call()?;
+    let took = SystemTime::now().duration_since(before).unwrap_or_default();
+    Ok(before + took / 2)
+}
+
 pub(crate) fn call_err(
     action: &'static str,
     object: &str,
@@ -339,6 +366,29 @@ impl Libvirt {
 
     /// The host's address on `network`: where guests reach services the harness runs.
     pub fn network_gateway(&self, name: &str) -> Result<Ipv4Addr, LibvirtError> {
+        let xml = self.active_network_xml(name)?;
+        let doc = parse_network(&xml, name)?;
+        doc.descendants()
+            .filter(|n| n.has_tag_name("ip"))
+            .find_map(|n| n.attribute("address")?.parse::<Ipv4Addr>().ok())
+            .ok_or_else(|| LibvirtError::NetworkWithoutIpv4 {
+                name: name.to_owned(),
+                uri: self.uri.clone(),
+            })
+    }
+
+    /// Whether `network`'s bridge runs the spanning tree protocol (libvirt's `<bridge stp>`,
+    /// on unless it says `off`). With it on, the kernel holds every newly plugged interface
+    /// for twice the bridge's forward delay, 2 s at least whatever `delay` says, before it
+    /// passes traffic: a restored VM's interface is plugged at its restore.
+    pub fn network_stp(&self, name: &str) -> Result<bool, LibvirtError> {
+        let xml = self.active_network_xml(name)?;
+        let doc = parse_network(&xml, name)?;
+        Ok(bridge_stp(&doc))
+    }
+
+    /// The XML of `network`, which must exist and be active.
+    fn active_network_xml(&self, name: &str) -> Result<String, LibvirtError> {
         let conn = self.conn()?;
         let net = conn.lookup_network_by_name(name).map_err(|e| {
             if is_code(&e, ErrorNumber::NoNetwork) {
@@ -369,19 +419,7 @@ impl Libvirt {
                 uri: self.uri.clone(),
             });
         }
-        let xml = net.xml_desc(0).map_err(call_err("read network", name))?;
-        let doc = roxmltree::Document::parse(&xml).map_err(|e| LibvirtError::Call {
-            action: "parse the XML of network",
-            object: name.to_owned(),
-            message: e.to_string(),
-        })?;
-        doc.descendants()
-            .filter(|n| n.has_tag_name("ip"))
-            .find_map(|n| n.attribute("address")?.parse::<Ipv4Addr>().ok())
-            .ok_or_else(|| LibvirtError::NetworkWithoutIpv4 {
-                name: name.to_owned(),
-                uri: self.uri.clone(),
-            })
+        net.xml_desc(0).map_err(call_err("read network", name))
     }
 
     /// Defines the domain. A domain of the same name left by an older run is redefined when
@@ -466,28 +504,35 @@ impl Libvirt {
     ) -> Result<(), LibvirtError> {
         dom.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
             .map_err(call_err("start domain", name))?;
-        self.resume_with_console(dom, name, serial_log)
+        self.resume_with_console(dom, name, serial_log).map(drop)
     }
 
     /// Resumes a domain started or restored paused, its serial console streamed into
     /// `serial_log` first; if either fails, the domain is destroyed (not left paused).
+    /// Returns when the guest's vCPUs ran again: the middle of the resume call.
     pub fn resume_with_console(
         &self,
         dom: &Domain,
         name: &str,
         serial_log: &std::path::Path,
-    ) -> Result<(), LibvirtError> {
+    ) -> Result<SystemTime, LibvirtError> {
         let resumed = tap(&self.uri, self.timeouts, dom, name, serial_log)
-            .and_then(|()| dom.resume().map_err(call_err("resume domain", name)));
+            .and_then(|()| midpoint_of(|| dom.resume().map_err(call_err("resume domain", name))));
         if resumed.is_err() {
             let _ = dom.destroy();
         }
         resumed
     }
 
-    /// Saves the running domain's memory and device state to `to` (libvirt's save): the
-    /// domain stops, still defined; its disks are consistent with the saved memory.
-    pub fn save(&self, dom: &Domain, name: &str, to: &std::path::Path) -> Result<(), LibvirtError> {
+    /// Pauses the running domain, then saves its memory and device state to `to` (libvirt's
+    /// save): the domain stops, still defined; its disks are consistent with the saved memory.
+    /// Returns when the guest's vCPUs (and so its clock) stopped: the middle of the pause call.
+    pub fn pause_and_save(
+        &self,
+        dom: &Domain,
+        name: &str,
+        to: &std::path::Path,
+    ) -> Result<SystemTime, LibvirtError> {
         let path = std::ffi::CString::new(to.as_os_str().as_encoded_bytes()).map_err(|_| {
             LibvirtError::Call {
                 action: "save domain",
@@ -497,6 +542,7 @@ impl Libvirt {
         })?;
         // SAFETY: the domain pointer is valid for `dom`'s lifetime; the path outlives the call;
         // a null dxml keeps the domain's own XML. The `virt` crate does not wrap this call.
+        let paused = midpoint_of(|| dom.suspend().map_err(call_err("suspend domain", name)))?;
         let rc =
             unsafe { sys::virDomainSaveFlags(dom.as_ptr(), path.as_ptr(), std::ptr::null(), 0) };
         if rc < 0 {
@@ -504,7 +550,7 @@ impl Libvirt {
                 virt::error::Error::last_error(),
             ));
         }
-        Ok(())
+        Ok(paused)
     }
 
     /// Restores the domain saved in `from`, paused (see [`Libvirt::resume_with_console`]),

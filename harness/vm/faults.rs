@@ -269,7 +269,7 @@ impl Vm {
     /// The guest's clock minus the host's, in seconds, and what the guest printed: read
     /// against the middle of the round trip, the shortest of up to three (a busy guest answers
     /// late), so it is off by at most half that round trip.
-    async fn clock_offset(&self) -> Result<(f64, String), VmError> {
+    pub(crate) async fn clock_offset(&self) -> Result<(f64, String), VmError> {
         let host_now = || {
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -302,10 +302,18 @@ impl Vm {
     /// command arrives, and however long `sudo` takes to start.
     pub(crate) async fn step_clock_to_host(&self) -> Result<Duration, VmError> {
         let (offset, _) = self.clock_offset().await?;
-        let by = -offset;
-        self.succeed(&format!("sudo -n date -u -s '{by:+.9} seconds' >/dev/null"))
-            .await?;
+        self.step_clock_by(-offset).await?;
         Ok(Duration::from_secs_f64((-offset).max(0.0)))
+    }
+
+    /// Moves the guest's clock by `seconds` (forward if positive) from its own reading when
+    /// `date` runs: one round trip, however late the command arrives.
+    pub(crate) async fn step_clock_by(&self, seconds: f64) -> Result<(), VmError> {
+        self.succeed(&format!(
+            "sudo -n date -u -s '{seconds:+.9} seconds' >/dev/null"
+        ))
+        .await
+        .map(drop)
     }
 
     /// Fills the root file system until at most `leave` bytes are free, counting the blocks

@@ -31,12 +31,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Bumped when what a saved VM directory holds changes.
-const LAYOUT: u32 = 3;
+const LAYOUT: u32 = 4;
 const META: &str = "saved.json";
 
 /// A file as the key sees it: where, how long, when last changed (hashing a 2 GiB image on
@@ -114,6 +114,9 @@ struct Saved {
     host_key: String,
     cold_boot_secs: f64,
     saved_at_unix: u64,
+    /// The guest's clock (seconds since the epoch) when its vCPUs stopped for the save: every
+    /// clone resumes at it, so the host's time at the resume says how far to step it.
+    guest_clock_at_pause: f64,
 }
 
 /// Whether a request can start warm: its handle must come back at "cloud-init done" with its
@@ -182,6 +185,7 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
         saved,
         host_key,
         broken: broken.clone(),
+        resumed_at: Mutex::default(),
     };
     match start::start(plan, restore, held).await {
         // A kept clone (DEVICELAB_KEEP) still runs on the saved VM's disk: it stays, and so
@@ -286,6 +290,11 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The saved VM in `dir`, if it is complete and of `key`.
@@ -424,7 +433,10 @@ async fn build(
         .await
         .map_err(|e| VmError::Task(e.to_string()))?
         .unwrap_or_default();
-    let saved = Saved {
+    // The guest's clock against the host's, read just before the pause: it runs beside the
+    // host's until then.
+    let (guest_ahead, _) = vm.clock_offset().await?;
+    let mut saved = Saved {
         key: key.to_owned(),
         inputs,
         ip,
@@ -432,6 +444,7 @@ async fn build(
         host_key: vm.login.host_key.private_openssh.clone(),
         cold_boot_secs,
         saved_at_unix: unix_now(),
+        guest_clock_at_pause: 0.0,
     };
     vm.session.lock().await.take();
     let building = dir.with_extension("building");
@@ -452,51 +465,53 @@ async fn build(
     let state_saved = {
         let (n, to) = (name.to_owned(), building.join("memory.save"));
         plan.libvirt
-            .run(move |lv| lv.save(&lv.domain(&n)?, &n, &to))
+            .run(move |lv| lv.pause_and_save(&lv.domain(&n)?, &n, &to))
             .await
     };
-    let kept = if let Err(e) = state_saved {
-        Err(e.into())
-    } else {
-        let (pool, dir, building, name, saved, serial_log) = (
-            plan.pool.clone(),
-            dir.to_owned(),
-            building.clone(),
-            name.to_owned(),
-            saved.clone(),
-            vm.serial_log().to_owned(),
-        );
-        tokio::task::spawn_blocking(move || -> Result<(), VmError> {
-            let [disk, seed, vars] = reaper::volume_names(&name);
-            // The disk moves (the pool forgets it); seed and NVRAM are copied (the template's
-            // teardown deletes its own).
-            let disk_to = building.join("disk.qcow2");
-            std::fs::rename(pool.path_of(&disk), &disk_to)
-                .map_err(io("keep the disk", &disk_to))?;
-            pool.refresh()?;
-            std::fs::copy(pool.path_of(&seed), building.join("seed.img"))
-                .map_err(io("keep the seed", &building))?;
-            // The boot a clone resumes in: its console so far belongs to every clone (all of
-            // it, the domain having stopped with the save).
-            serial::settle(&serial_log, SETTLE_BUDGET);
-            std::fs::copy(&serial_log, building.join("serial.log"))
-                .map_err(io("keep the console log", &building))?;
-            if pool.path_of(&vars).exists() {
-                std::fs::copy(pool.path_of(&vars), building.join("VARS.fd"))
-                    .map_err(io("keep the NVRAM", &building))?;
-            }
-            let meta = building.join(META);
-            let json = serde_json::to_vec_pretty(&saved).expect("Saved always serializes");
-            write_synced(&meta, &json).map_err(io("write", &meta))?;
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::rename(&building, &dir).map_err(io("move into place", &dir))?;
-            if let Some(parent) = dir.parent() {
-                let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| VmError::Task(e.to_string()))?
+    let kept = match state_saved {
+        Err(e) => Err(e.into()),
+        Ok(paused) => {
+            saved.guest_clock_at_pause = unix_secs(paused) + guest_ahead;
+            let (pool, dir, building, name, saved, serial_log) = (
+                plan.pool.clone(),
+                dir.to_owned(),
+                building.clone(),
+                name.to_owned(),
+                saved.clone(),
+                vm.serial_log().to_owned(),
+            );
+            tokio::task::spawn_blocking(move || -> Result<(), VmError> {
+                let [disk, seed, vars] = reaper::volume_names(&name);
+                // The disk moves (the pool forgets it); seed and NVRAM are copied (the template's
+                // teardown deletes its own).
+                let disk_to = building.join("disk.qcow2");
+                std::fs::rename(pool.path_of(&disk), &disk_to)
+                    .map_err(io("keep the disk", &disk_to))?;
+                pool.refresh()?;
+                std::fs::copy(pool.path_of(&seed), building.join("seed.img"))
+                    .map_err(io("keep the seed", &building))?;
+                // The boot a clone resumes in: its console so far belongs to every clone (all of
+                // it, the domain having stopped with the save).
+                serial::settle(&serial_log, SETTLE_BUDGET);
+                std::fs::copy(&serial_log, building.join("serial.log"))
+                    .map_err(io("keep the console log", &building))?;
+                if pool.path_of(&vars).exists() {
+                    std::fs::copy(pool.path_of(&vars), building.join("VARS.fd"))
+                        .map_err(io("keep the NVRAM", &building))?;
+                }
+                let meta = building.join(META);
+                let json = serde_json::to_vec_pretty(&saved).expect("Saved always serializes");
+                write_synced(&meta, &json).map_err(io("write", &meta))?;
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::rename(&building, &dir).map_err(io("move into place", &dir))?;
+                if let Some(parent) = dir.parent() {
+                    let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| VmError::Task(e.to_string()))?
+        }
     };
     // The template's domain (saved, shut off) goes whatever happened; a half-built saved VM
     // goes with it.
@@ -556,6 +571,8 @@ pub(crate) struct WarmRestore {
     /// Set when the clone did not come back within the restore budget (its SSH, or the clock
     /// step after it): then its saved VM is deleted.
     broken: Arc<AtomicBool>,
+    /// When libvirt resumed the clone (its guest's clock ran again from the save's).
+    resumed_at: Mutex<Option<SystemTime>>,
 }
 
 impl Boot for WarmRestore {
@@ -608,7 +625,8 @@ impl Boot for WarmRestore {
         );
         let (dir, domain_xml) = (self.dir.clone(), vm.run_dir().join("domain.xml"));
         let serial_log = vm.serial_log().to_owned();
-        plan.libvirt
+        let resumed = plan
+            .libvirt
             .run(move |lv| {
                 let _held = owned.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
                 let (dom, xml) = lv.restore(&from, &owned.name, &owner).map_err(|e| {
@@ -629,6 +647,7 @@ impl Boot for WarmRestore {
                 Ok::<_, VmError>(lv.resume_with_console(&dom, &owned.name, &serial_log)?)
             })
             .await?;
+        *self.resumed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(resumed);
         vm.timings
             .record("warm restore: libvirt restore", part.elapsed());
         vm.set_ip(self.saved.ip)
@@ -638,13 +657,21 @@ impl Boot for WarmRestore {
     async fn wait_ready(&self, plan: &Plan, vm: &Vm, started: Instant) -> Result<(), VmError> {
         let restored = async {
             vm.wait_restored(started).await?;
-            // The guest resumes at the time it was saved: verdicts that compare its clock with
-            // the host's would be fooled.
+            // The guest resumes at the time it was paused for the save: verdicts that compare
+            // its clock with the host's would be fooled. It is behind by the host's time from
+            // that pause to this resume, both known to within half a libvirt call, so one
+            // command steps it: no round trip to read its clock first.
             let part = Instant::now();
-            let skew = vm.step_clock_to_host().await?;
+            let resumed = self
+                .resumed_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .expect("make_domain resumed the clone before its waits");
+            let behind = unix_secs(resumed) - self.saved.guest_clock_at_pause;
+            vm.step_clock_by(behind).await?;
             vm.timings
                 .record("warm restore: clock step", part.elapsed());
-            Ok::<_, VmError>(skew)
+            Ok::<_, VmError>(Duration::from_secs_f64(behind.max(0.0)))
         }
         .await;
         let skew = restored.inspect_err(|_| self.broken.store(true, Ordering::SeqCst))?;
@@ -786,6 +813,7 @@ mod tests {
             host_key: "PRIVATE".into(),
             cold_boot_secs: 1.0,
             saved_at_unix: 1,
+            guest_clock_at_pause: 1.0,
         };
         for name in ["w-0", "w-1"] {
             std::fs::create_dir_all(dir.join(name)).unwrap();
