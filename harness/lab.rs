@@ -172,6 +172,21 @@ fn qemu_args_for(
         .clone()
 }
 
+/// The accelerator for `arch` on the libvirt host `config` names, from what its libvirt says
+/// (logged); TCG, with the reason, if it says nothing. Blocking.
+fn remote_accel(libvirt: &Libvirt, config: &HarnessConfig, arch: VmArchitecture) -> AccelDecision {
+    let host = crate::config::uri_host(&config.libvirt_uri).unwrap_or_default();
+    let facts = libvirt.host_facts(arch).map_err(|e| e.to_string());
+    let d = accel::decide_from_libvirt(
+        arch,
+        config.accel,
+        &host,
+        facts.as_ref().map_err(Clone::clone),
+    );
+    tracing::info!("{host}: {arch}: accelerator {} ({})", d.accel, d.reason);
+    d
+}
+
 /// How long `Lab::new` waits for another run's pool setup (and reaping): seconds, normally.
 const POOL_LOCK_BUDGET: std::time::Duration = std::time::Duration::from_secs(300);
 
@@ -272,7 +287,7 @@ impl Lab {
             .await
             .map_err(|misses| LabError::HostNotReady { misses })?;
         let config2 = config.clone();
-        let (libvirt, pool, route, remote_size) =
+        let (libvirt, pool, route, remote_size, accels) =
             tokio::task::spawn_blocking(move || -> Result<_, LabError> {
                 // A remote host the guests cannot be reached through fails before anything is made.
                 let route = match remote::ssh_hop(&config2.libvirt_uri)? {
@@ -308,7 +323,15 @@ impl Lab {
                         .ok(),
                     _ => None,
                 };
-                Ok((libvirt, pool, route, remote_size))
+                // Another host's accelerator is what its libvirt says, not this machine's.
+                let accels: HashMap<_, _> = match route {
+                    Route::Through(_) => VmArchitecture::ALL
+                        .into_iter()
+                        .map(|arch| (arch, remote_accel(&libvirt, &config2, arch)))
+                        .collect(),
+                    Route::Direct => HashMap::new(),
+                };
+                Ok((libvirt, pool, route, remote_size, accels))
             })
             .await
             .map_err(|e| LabError::Task(e.to_string()))??;
@@ -323,7 +346,7 @@ impl Lab {
             owner: run_owner(),
             slot_group: slot_group(),
             images: Default::default(),
-            accels: Default::default(),
+            accels: Mutex::new(accels),
             qemu_args: Default::default(),
             ready_archs: Default::default(),
         }))

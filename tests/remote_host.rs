@@ -11,10 +11,12 @@ mod common;
 use common::{PrivateLibvirtd, Sshd, require};
 use devicelab::config::HarnessConfig;
 use devicelab::fixtures::*;
+use devicelab::host::accel;
 use devicelab::host::libvirt::Libvirt;
 use devicelab::host::pool::{BASE_PREFIX, Pool};
 use devicelab::host::remote::{self, RemoteError};
 use devicelab::image::{BaseImage, DiskFormat};
+use devicelab::model::arch::AccelChoice;
 use devicelab::model::spec::Start;
 use devicelab::nats::Verdict;
 use devicelab::ssh::keys::HostKey;
@@ -94,6 +96,18 @@ async fn a_host_over_ssh_gets_the_disks_through_libvirt_and_a_wrong_host_key_is_
             .lookup_storage_pool_by_name("devicelab")
             .and_then(|p| p.list_volumes())
             .unwrap_or_default();
+        // The host is this machine: what its libvirt says about KVM gives the accelerator
+        // this machine's own /dev/kvm probe gives.
+        let arch = VmArchitecture::host().expect("a host architecture devicelab runs on");
+        let facts = lv.host_facts(arch).unwrap();
+        assert_eq!(facts.host_arch, arch.name(), "{facts:?}");
+        let there = accel::decide_from_libvirt(arch, AccelChoice::Auto, "it", Ok(&facts));
+        let here = accel::decide(arch, AccelChoice::Auto);
+        assert_eq!(
+            there.accel, here.accel,
+            "through libvirt: {}; here: {}",
+            there.reason, here.reason
+        );
         (overlay, pool.volumes().unwrap(), local)
     })
     .await

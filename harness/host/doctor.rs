@@ -234,8 +234,12 @@ pub fn check(config: &HarnessConfig, scope: &Scope) -> Report {
         checks.push(free_disk(config, scope.archs.len()));
         checks.push(nats(config, distro));
     }
+    // Another host's libvirt, asked for its accelerator and size: one connection for every
+    // architecture.
+    let remote = crate::config::uri_host(&config.libvirt_uri)
+        .and_then(|_| Libvirt::open(&config.libvirt_uri).ok());
     for &arch in &scope.archs {
-        checks.extend(for_arch(config, arch, distro, scope));
+        checks.extend(for_arch(config, arch, distro, scope, remote.as_ref()));
     }
     Report { checks }
 }
@@ -476,6 +480,7 @@ fn for_arch(
     arch: VmArchitecture,
     distro: Distro,
     scope: &Scope,
+    remote: Option<&Libvirt>,
 ) -> Vec<Check> {
     let mut out = Vec::new();
     let emulator = find_emulator(arch);
@@ -506,7 +511,19 @@ fn for_arch(
             ),
         });
     }
-    let decision = accel::decide(arch, config.accel);
+    let decision = match remote {
+        None => accel::decide(arch, config.accel),
+        Some(lv) => {
+            let host = crate::config::uri_host(&config.libvirt_uri).unwrap_or_default();
+            let facts = lv.host_facts(arch).map_err(|e| first_line(&e.to_string()));
+            accel::decide_from_libvirt(
+                arch,
+                config.accel,
+                &host,
+                facts.as_ref().map_err(Clone::clone),
+            )
+        }
+    };
     out.push(match decision.accel {
         Accelerator::Kvm => Check::ok(
             format!("{arch}: accelerator"),
@@ -518,17 +535,18 @@ fn for_arch(
                 "TCG ({}): works, with the slower TCG budgets (boot in minutes, not seconds)",
                 decision.reason
             ),
-            if VmArchitecture::host() == Some(arch) {
+            if remote.is_none() && VmArchitecture::host() == Some(arch) {
                 "a host where /dev/kvm works (bare metal or nested virtualisation), or accept TCG"
+            } else if remote.is_some() {
+                "a libvirt host of the guest's architecture whose /dev/kvm works (bare metal or \
+                 nested virtualisation), or accept TCG"
             } else {
                 "nothing to do: another architecture is always emulated"
             },
         ),
     });
     // A remote host's own size, as its libvirt reports it (this machine's for a local one).
-    let size = crate::config::uri_host(&config.libvirt_uri)
-        .and_then(|_| Libvirt::open(&config.libvirt_uri).ok())
-        .and_then(|lv| lv.node_size().ok());
+    let size = remote.and_then(|lv| lv.node_size().ok());
     let slots =
         crate::host::slots::SlotCount::for_size(config.slots_set(), size, decision.accel, 2, 2048);
     out.push(Check::ok(

@@ -9,6 +9,7 @@
 
 use crate::host::domain_xml::{RenderedDomain, digest_of_defined};
 use crate::host::serial;
+use crate::model::arch::VmArchitecture;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, SystemTime};
@@ -362,6 +363,47 @@ impl Libvirt {
             .node_info()
             .map_err(call_err("read the node info of", &self.uri))?;
         Ok((info.cpus as usize, info.memory / 1024))
+    }
+
+    /// What this libvirt host says about running `arch` guests under KVM: its architecture
+    /// and CPU features (the host's capabilities), and its domain capabilities for KVM.
+    pub fn host_facts(
+        &self,
+        arch: VmArchitecture,
+    ) -> Result<crate::host::accel::HostFacts, LibvirtError> {
+        let conn = self.conn()?;
+        let caps = conn
+            .capabilities()
+            .map_err(call_err("read the capabilities of", &self.uri))?;
+        let doc = roxmltree::Document::parse(&caps).map_err(|e| LibvirtError::Call {
+            action: "parse the capabilities of",
+            object: self.uri.clone(),
+            message: e.to_string(),
+        })?;
+        let cpu = doc
+            .descendants()
+            .find(|n| n.has_tag_name("host"))
+            .and_then(|h| h.children().find(|n| n.has_tag_name("cpu")));
+        let host_arch = cpu
+            .and_then(|c| c.children().find(|n| n.has_tag_name("arch")))
+            .and_then(|a| a.text())
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let cpu_virt = cpu.is_some_and(|c| {
+            c.children().any(|f| {
+                f.has_tag_name("feature") && matches!(f.attribute("name"), Some("vmx" | "svm"))
+            })
+        });
+        let kvm = conn
+            .domain_capabilities(None, Some(arch.name()), None, Some("kvm"), 0)
+            .map(drop)
+            .map_err(|e| e.message().to_owned());
+        Ok(crate::host::accel::HostFacts {
+            host_arch,
+            cpu_virt,
+            kvm,
+        })
     }
 
     /// The host's address on `network`: where guests reach services the harness runs.

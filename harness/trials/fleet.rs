@@ -8,7 +8,7 @@
 
 use crate::agent::description::{AgentDescription, Report, TemplateValues};
 use crate::lab::Lab;
-use crate::model::arch::VmArchitecture;
+use crate::model::arch::{Accelerator, VmArchitecture};
 use crate::model::spec::Start;
 use crate::nats::{NatsServer, ReportLog, Verdict};
 use crate::trials::control::ControlPlane;
@@ -399,8 +399,12 @@ impl FleetBuilder {
                         let mut began = std::time::Instant::now();
                         let (mut host, mut started_in) = (None, None);
                         let device = match planned {
-                            Planned::Real(_) => {
-                                let (at, _slot) = place(slots).await;
+                            Planned::Real(arch) => {
+                                let kvm: Vec<bool> = labs
+                                    .iter()
+                                    .map(|lab| lab.accel(*arch).accel == Accelerator::Kvm)
+                                    .collect();
+                                let (at, _slot) = place(slots, &kvm).await;
                                 began = std::time::Instant::now();
                                 let lab = labs[at];
                                 let uri = lab.config.libvirt_uri.clone();
@@ -512,16 +516,17 @@ pub struct Fleet {
 
 /// A free VM slot on one of the hosts whose slots `slots` counts (the fleet's own count of
 /// each host's slots: other tests' VMs wait for the host's slot locks later, in
-/// [`Lab::vm`]): the index of that host, and the slot. The host with the most free slots when
-/// asked, else the first host where one comes free.
-async fn place(slots: &[tokio::sync::Semaphore]) -> (usize, tokio::sync::SemaphorePermit<'_>) {
-    let freest = slots
-        .iter()
-        .enumerate()
-        .rev()
-        .max_by_key(|(_, s)| s.available_permits())
-        .and_then(|(at, s)| s.try_acquire().ok().map(|slot| (at, slot)));
-    if let Some(placed) = freest {
+/// [`Lab::vm`]): the index of that host, and the slot. Where the device's architecture runs
+/// under KVM (`kvm`, per host) when asked, else anywhere: the host with the most free slots,
+/// the first of equals; with none free, the first host where one comes free.
+async fn place<'a>(
+    slots: &'a [tokio::sync::Semaphore],
+    kvm: &[bool],
+) -> (usize, tokio::sync::SemaphorePermit<'a>) {
+    let free: Vec<usize> = slots.iter().map(|s| s.available_permits()).collect();
+    if let Some(placed) =
+        pick(&free, kvm).and_then(|at| slots[at].try_acquire().ok().map(|slot| (at, slot)))
+    {
         return placed;
     }
     let waits = slots
@@ -529,6 +534,15 @@ async fn place(slots: &[tokio::sync::Semaphore]) -> (usize, tokio::sync::Semapho
         .enumerate()
         .map(|(at, s)| Box::pin(async move { (at, s.acquire().await.expect("never closed")) }));
     futures_util::future::select_all(waits).await.0
+}
+
+/// Of hosts with `free` slots each, the one to place a device on: a KVM host for its
+/// architecture (`kvm`) before one that emulates it, then the most free slots, then the first.
+fn pick(free: &[usize], kvm: &[bool]) -> Option<usize> {
+    (0..free.len())
+        .filter(|&at| free[at] > 0)
+        .rev()
+        .max_by_key(|&at| (kvm.get(at).copied().unwrap_or(false), free[at]))
 }
 
 /// The host a libvirt URI names, for a table ("local" for this machine's).
@@ -1288,6 +1302,31 @@ pub fn judge_across_boots(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_goes_to_a_kvm_host_with_a_free_slot_then_to_the_freest() {
+        // A KVM host with one free slot beats an emulating one with two.
+        assert_eq!(pick(&[2, 1], &[false, true]), Some(1));
+        // A KVM host with none free does not.
+        assert_eq!(pick(&[2, 0], &[false, true]), Some(0));
+        // Among equals in KVM, the most free slots, then the first.
+        assert_eq!(pick(&[1, 2], &[false, false]), Some(1));
+        assert_eq!(pick(&[2, 2], &[true, true]), Some(0));
+        assert_eq!(pick(&[0, 0], &[true, false]), None);
+    }
+
+    #[tokio::test]
+    async fn placing_takes_the_picked_hosts_slot() {
+        let slots = [
+            tokio::sync::Semaphore::new(2),
+            tokio::sync::Semaphore::new(1),
+        ];
+        let (at, _held) = place(&slots, &[false, true]).await;
+        assert_eq!(at, 1);
+        assert_eq!(slots[1].available_permits(), 0);
+        let (at, _held) = place(&slots, &[false, true]).await;
+        assert_eq!(at, 0, "the KVM host is full: the other one");
+    }
 
     fn report(boot: &str, seq: u64) -> Report {
         Report {
