@@ -172,19 +172,22 @@ fn qemu_args_for(
         .clone()
 }
 
-/// The accelerator for `arch` on the libvirt host `config` names, from what its libvirt says
-/// (logged); TCG, with the reason, if it says nothing. Blocking.
-fn remote_accel(libvirt: &Libvirt, config: &HarnessConfig, arch: VmArchitecture) -> AccelDecision {
+/// The accelerator for each architecture on the libvirt host `config` names, from what its
+/// libvirt says (logged); TCG, with the reason, if it says nothing. Blocking.
+fn remote_accels(
+    libvirt: &Libvirt,
+    config: &HarnessConfig,
+) -> HashMap<VmArchitecture, AccelDecision> {
     let host = crate::config::uri_host(&config.libvirt_uri).unwrap_or_default();
-    let facts = libvirt.host_facts(arch).map_err(|e| e.to_string());
-    let d = accel::decide_from_libvirt(
-        arch,
-        config.accel,
-        &host,
-        facts.as_ref().map_err(Clone::clone),
-    );
-    tracing::info!("{host}: {arch}: accelerator {} ({})", d.accel, d.reason);
-    d
+    let facts = libvirt.host_facts().map_err(|e| e.to_string());
+    VmArchitecture::ALL
+        .into_iter()
+        .map(|arch| {
+            let d = accel::decide_from_libvirt(arch, config.accel, &host, &facts);
+            tracing::info!("{host}: {arch}: accelerator {} ({})", d.accel, d.reason);
+            (arch, d)
+        })
+        .collect()
 }
 
 /// How long `Lab::new` waits for another run's pool setup (and reaping): seconds, normally.
@@ -325,10 +328,7 @@ impl Lab {
                 };
                 // Another host's accelerator is what its libvirt says, not this machine's.
                 let accels: HashMap<_, _> = match route {
-                    Route::Through(_) => VmArchitecture::ALL
-                        .into_iter()
-                        .map(|arch| (arch, remote_accel(&libvirt, &config2, arch)))
-                        .collect(),
+                    Route::Through(_) => remote_accels(&libvirt, &config2),
                     Route::Direct => HashMap::new(),
                 };
                 Ok((libvirt, pool, route, remote_size, accels))
@@ -377,7 +377,8 @@ impl Lab {
         Ok(labs)
     }
 
-    /// The accelerator for `arch` (probed once per process; the choice is logged).
+    /// The accelerator for `arch` (this machine's probed once per process, another host's read
+    /// from its libvirt when the lab opened; the choice is logged).
     pub fn accel(&self, arch: VmArchitecture) -> AccelDecision {
         self.accels
             .lock()

@@ -200,8 +200,9 @@ fn a_bridge_with_stp_on_is_a_warning_whose_fix_turns_it_off() {
     let name = format!("devicelab-doctor-stp-{}", std::process::id());
     let xml = format!(
         "<network><name>{name}</name><bridge name='virbr-dls{}' stp='on' delay='0'/>\
-         <dns enable='no'/><ip address='198.51.100.1' netmask='255.255.255.0'/></network>",
-        std::process::id() % 10000
+         <dns enable='no'/><ip address='198.18.{}.1' netmask='255.255.255.0'/></network>",
+        std::process::id() % 10000,
+        std::process::id() % 256
     );
     let conn = lv.conn().unwrap();
     conn.define_network_xml(&xml).unwrap().create().unwrap();

@@ -962,11 +962,11 @@ impl AgentDescription {
         if self.user.is_some() {
             steps.push("user".to_owned());
         }
-        steps.extend(self.files.iter().map(|f| f.step.clone()));
-        steps.push("unit".to_owned());
         if self.service.user().is_some() {
             steps.push("linger".to_owned());
         }
+        steps.extend(self.files.iter().map(|f| f.step.clone()));
+        steps.push("unit".to_owned());
         steps.push("service".to_owned());
         steps
     }

@@ -1,5 +1,5 @@
-//! Onboarding any agent description over SSH, idempotently: packages → user → files → unit →
-//! linger → enable/start → active, in one round trip per run (two when a run that left the large
+//! Onboarding any agent description over SSH, idempotently: packages → user → linger → files →
+//! unit → enable/start → active (and the flush), in one round trip per run (two when a run that left the large
 //! files out finds them changed; the `script` module). Each step says
 //! whether it changed anything, and a second run changes nothing.
 
@@ -12,7 +12,7 @@ use crate::agent::description::{
 use crate::config::HarnessConfig;
 use crate::model::arch::VmArchitecture;
 use crate::vm::{Vm, VmError};
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -36,6 +36,11 @@ pub enum OnboardError {
     },
     #[error("cannot pack the onboarding bundle: {0}")]
     Bundle(std::io::Error),
+    #[error(
+        "VM {vm}: onboarding's flush (sync, once the unit started) failed:\n{output}\n  the \
+         guest's disk or file system is failing: its console log and `dmesg` say which"
+    )]
+    FlushFailed { vm: String, output: String },
     #[error("VM {vm}: onboarding step {step} failed:\n{output}")]
     StepFailed {
         vm: String,
@@ -164,12 +169,10 @@ pub struct Onboarding {
     files: Vec<script::FileToInstall>,
     debs: Vec<(String, Vec<u8>)>,
     unit: String,
-    /// The VMs (by name) a run of this onboarding (whole, or up to a step) ended on, and
-    /// whether what its runs wrote there is flushed: a later run leaves the large files out of
-    /// its bundle (the script checks them first), and a run that changes nothing on a flushed
-    /// VM flushes nothing. A run that fails marks the VM unflushed: it may have written before
-    /// it stopped. Runs of one onboarding on one VM are expected one at a time.
-    completed_on: Arc<Mutex<HashMap<String, bool>>>,
+    /// The VMs (by name) a run of this onboarding (whole, or up to a step) ended on: a later
+    /// run there leaves the large files out of its bundle (the script checks them first).
+    /// Runs of one onboarding on one VM are expected one at a time.
+    completed_on: Arc<Mutex<HashSet<String>>>,
 }
 
 /// Files at least this large are left out of a run's bundle on a VM a run already completed
@@ -236,19 +239,28 @@ impl Onboarding {
         })
     }
 
-    /// Runs every step, then flushes what they wrote (unless the VM's spec turned provisioning
-    /// flushes off): an onboarded device keeps its onboarding through a power cut. A run that
-    /// changed nothing after one of this onboarding's flushes has nothing to flush.
+    /// Runs every step and flushes what they wrote (unless the VM's spec turned provisioning
+    /// flushes off): an onboarded device keeps its onboarding through a power cut. The flush
+    /// is the script's own `sync`, run while the unit's "stays active" window passes.
     pub async fn apply(&self, vm: &Vm) -> Result<OnboardReport, OnboardError> {
-        let report = self.run(vm, None).await?;
-        if self.completed_on().get(vm.name()) != Some(&true) {
+        let flush = vm.flushes_provisioning();
+        let report = self.run(vm, None, flush).await?;
+        if flush {
+            tracing::info!(
+                "VM {}: flushed onboarding (its sync ran in the unit's first {} s)",
+                vm.name(),
+                script::STAYS_ACTIVE.as_secs()
+            );
+            vm.flushed("onboarding");
+        } else {
+            // Says the spec turned flushes off, and flushes nothing.
             vm.flush_harness_writes("onboarding").await?;
-            self.completed_on().insert(vm.name().to_owned(), true);
         }
         Ok(report)
     }
 
-    /// Runs the steps up to and including `last` (one of the description's steps) and stops
+    /// Runs the steps up to and including `last` (one of the description's steps, in their
+    /// order: [`AgentDescription::steps`], where linger comes before the files) and stops
     /// there, flushing nothing: a device caught mid-onboarding, for power-cut tests.
     pub async fn apply_until(&self, vm: &Vm, last: &str) -> Result<OnboardReport, OnboardError> {
         let steps = self.description.steps();
@@ -259,7 +271,7 @@ impl Onboarding {
                 steps,
             });
         }
-        self.run(vm, Some(last)).await
+        self.run(vm, Some(last), false).await
     }
 
     /// The bundle and the script on one channel (see [`script`]), its report read back, a
@@ -267,14 +279,15 @@ impl Onboarding {
     /// without it) must have reported. On a VM a run ended on before, the large files stay out
     /// of the bundle, unless the device says it needs them ([`script::RESEND`]): then a second
     /// round trip with every file.
-    async fn run(&self, vm: &Vm, stop_after: Option<&str>) -> Result<OnboardReport, OnboardError> {
-        let ran = self.run_once(vm, stop_after).await;
-        let changed = ran.as_ref().map_or(true, |r| !r.changed_steps().is_empty());
-        if ran.is_ok() || self.completed_on().contains_key(vm.name()) {
-            self.completed_on()
-                .entry(vm.name().to_owned())
-                .and_modify(|flushed| *flushed &= !changed)
-                .or_insert(false);
+    async fn run(
+        &self,
+        vm: &Vm,
+        stop_after: Option<&str>,
+        flush: bool,
+    ) -> Result<OnboardReport, OnboardError> {
+        let ran = self.run_once(vm, stop_after, flush).await;
+        if ran.is_ok() {
+            self.completed_on().insert(vm.name().to_owned());
         }
         ran
     }
@@ -284,15 +297,16 @@ impl Onboarding {
         &self,
         vm: &Vm,
         stop_after: Option<&str>,
+        flush: bool,
     ) -> Result<OnboardReport, OnboardError> {
-        let seen = self.completed_on().contains_key(vm.name());
-        let mut out = self.send(vm, stop_after, seen).await?;
+        let seen = self.completed_on().contains(vm.name());
+        let mut out = self.send(vm, stop_after, seen, flush).await?;
         if seen && out.stdout.lines().any(|l| l == script::RESEND) {
             tracing::info!(
                 "VM {}: its files differ from the last onboarding's; sending them again",
                 vm.name()
             );
-            out = self.send(vm, stop_after, false).await?;
+            out = self.send(vm, stop_after, false, flush).await?;
         }
         let report = self.read_report(vm, &out.stdout, &out.stderr, out.success())?;
         let mut expected = self.description.steps();
@@ -314,7 +328,7 @@ impl Onboarding {
     }
 
     /// The VMs runs of this onboarding ended on (see the field).
-    fn completed_on(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
+    fn completed_on(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.completed_on.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -324,6 +338,7 @@ impl Onboarding {
         vm: &Vm,
         stop_after: Option<&str>,
         lean: bool,
+        flush: bool,
     ) -> Result<crate::ssh::ExecOutput, OnboardError> {
         let run = script::render(
             &self.description,
@@ -334,6 +349,7 @@ impl Onboarding {
             vm.budgets().guest_step,
             vm.budgets().command / 2,
             stop_after,
+            flush,
         )
         .map_err(OnboardError::Bundle)?;
         Ok(vm.exec_with_input(&run.command, Some(&run.bundle)).await?)
@@ -429,6 +445,7 @@ impl Onboarding {
                     journal: output,
                 }
             }
+            ("flush", _) => OnboardError::FlushFailed { vm, output },
             _ => OnboardError::StepFailed { vm, step, output },
         }
     }

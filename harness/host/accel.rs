@@ -22,15 +22,8 @@ pub fn decide_with(
     host: Option<VmArchitecture>,
     root: &Path,
 ) -> AccelDecision {
-    let tcg = |reason: String| AccelDecision {
-        accel: Accelerator::Tcg,
-        reason,
-    };
-    if let AccelChoice::Force(accel) = choice {
-        return AccelDecision {
-            accel,
-            reason: "forced by DEVICELAB_ACCEL".into(),
-        };
+    if let Some(forced) = forced(choice) {
+        return forced;
     }
     if host != Some(arch) {
         return tcg(format!(
@@ -62,16 +55,34 @@ pub fn decide_with(
     }
 }
 
-/// What a libvirt host says about running guests of one architecture under KVM, read through
-/// its libvirt (for a host that is not this machine: nothing of it is local).
+fn forced(choice: AccelChoice) -> Option<AccelDecision> {
+    match choice {
+        AccelChoice::Force(accel) => Some(AccelDecision {
+            accel,
+            reason: "forced by DEVICELAB_ACCEL".into(),
+        }),
+        AccelChoice::Auto => None,
+    }
+}
+
+fn tcg(reason: String) -> AccelDecision {
+    AccelDecision {
+        accel: Accelerator::Tcg,
+        reason,
+    }
+}
+
+/// What a libvirt host says about running guests under KVM, read through its libvirt (for a
+/// host that is not this machine: nothing of it is local).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostFacts {
     /// The host's architecture as libvirt names it (`x86_64`, `aarch64`).
     pub host_arch: String,
-    /// Whether the host's CPU, as libvirt lists its features, has hardware virtualisation
-    /// (`vmx` or `svm`; listed on x86_64 hosts only).
+    /// Whether the host's CPU, its model's features expanded, has hardware virtualisation
+    /// (`vmx` or `svm`; x86_64 hosts only).
     pub cpu_virt: bool,
-    /// libvirt's domain capabilities for KVM: its message if it has none.
+    /// libvirt's domain capabilities for KVM guests of the host's architecture: its message
+    /// if it has none.
     pub kvm: Result<(), String>,
 }
 
@@ -81,17 +92,10 @@ pub fn decide_from_libvirt(
     arch: VmArchitecture,
     choice: AccelChoice,
     host: &str,
-    facts: Result<&HostFacts, String>,
+    facts: &Result<HostFacts, String>,
 ) -> AccelDecision {
-    let tcg = |reason: String| AccelDecision {
-        accel: Accelerator::Tcg,
-        reason,
-    };
-    if let AccelChoice::Force(accel) = choice {
-        return AccelDecision {
-            accel,
-            reason: "forced by DEVICELAB_ACCEL".into(),
-        };
+    if let Some(forced) = forced(choice) {
+        return forced;
     }
     let facts = match facts {
         Ok(facts) => facts,
@@ -136,17 +140,17 @@ mod tests {
             kvm,
         };
         let x86 = VmArchitecture::X86_64;
-        let decide = |f: &HostFacts| decide_from_libvirt(x86, AccelChoice::Auto, "kvm1", Ok(f));
-        let kvm = decide(&facts("x86_64", true, Ok(())));
+        let decide = |f: HostFacts| decide_from_libvirt(x86, AccelChoice::Auto, "kvm1", &Ok(f));
+        let kvm = decide(facts("x86_64", true, Ok(())));
         assert_eq!(kvm.accel, Accelerator::Kvm, "{}", kvm.reason);
         assert!(kvm.reason.contains("kvm1"), "{}", kvm.reason);
-        let pvm = decide(&facts("x86_64", false, Ok(())));
+        let pvm = decide(facts("x86_64", false, Ok(())));
         assert_eq!(pvm.accel, Accelerator::Tcg);
         assert!(pvm.reason.contains("neither vmx nor svm"), "{}", pvm.reason);
-        let none = decide(&facts("x86_64", true, Err("no /dev/kvm".into())));
+        let none = decide(facts("x86_64", true, Err("no /dev/kvm".into())));
         assert_eq!(none.accel, Accelerator::Tcg);
         assert!(none.reason.contains("no /dev/kvm"), "{}", none.reason);
-        let other = decide(&facts("aarch64", false, Ok(())));
+        let other = decide(facts("aarch64", false, Ok(())));
         assert_eq!(other.accel, Accelerator::Tcg);
         assert!(
             other.reason.contains("host kvm1 is aarch64"),
@@ -158,17 +162,17 @@ mod tests {
             VmArchitecture::Aarch64,
             AccelChoice::Auto,
             "arm1",
-            Ok(&facts("aarch64", false, Ok(()))),
+            &Ok(facts("aarch64", false, Ok(()))),
         );
         assert_eq!(arm.accel, Accelerator::Kvm, "{}", arm.reason);
         let forced = decide_from_libvirt(
             x86,
             AccelChoice::Force(Accelerator::Tcg),
             "kvm1",
-            Err("unreachable".into()),
+            &Err("unreachable".into()),
         );
         assert_eq!(forced.accel, Accelerator::Tcg);
-        let silent = decide_from_libvirt(x86, AccelChoice::Auto, "kvm1", Err("hung".into()));
+        let silent = decide_from_libvirt(x86, AccelChoice::Auto, "kvm1", &Err("hung".into()));
         assert_eq!(silent.accel, Accelerator::Tcg);
         assert!(silent.reason.contains("hung"), "{}", silent.reason);
     }

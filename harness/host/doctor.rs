@@ -8,6 +8,7 @@ use crate::host::libvirt::Libvirt;
 use crate::host::remote;
 use crate::model::arch::Accelerator;
 use crate::model::arch::VmArchitecture;
+use crate::ssh::shell_quote;
 use crate::support::which::{resolve, which};
 use crate::{host::qemu_probe, image::firmware};
 use std::fmt;
@@ -234,14 +235,35 @@ pub fn check(config: &HarnessConfig, scope: &Scope) -> Report {
         checks.push(free_disk(config, scope.archs.len()));
         checks.push(nats(config, distro));
     }
-    // Another host's libvirt, asked for its accelerator and size: one connection for every
-    // architecture.
+    // Another host, asked once for every architecture checked.
     let remote = crate::config::uri_host(&config.libvirt_uri)
-        .and_then(|_| Libvirt::open(&config.libvirt_uri).ok());
+        .filter(|_| !scope.archs.is_empty())
+        .map(|host| RemoteHost::ask(host, &config.libvirt_uri));
     for &arch in &scope.archs {
         checks.extend(for_arch(config, arch, distro, scope, remote.as_ref()));
     }
     Report { checks }
+}
+
+/// Another libvirt host as its libvirt describes itself: its accelerator's grounds, or why it
+/// did not answer, and its size.
+struct RemoteHost {
+    host: String,
+    facts: Result<accel::HostFacts, String>,
+    size: Option<(usize, u64)>,
+}
+
+impl RemoteHost {
+    /// One connection to `uri` (`host`). Blocking.
+    fn ask(host: String, uri: &str) -> Self {
+        let lv = Libvirt::open(uri).map_err(|e| first_line(&e.to_string()));
+        let facts = lv
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|lv| lv.host_facts().map_err(|e| first_line(&e.to_string())));
+        let size = lv.ok().and_then(|lv| lv.node_size().ok());
+        Self { host, facts, size }
+    }
 }
 
 /// For a remote host, how the guests are reached: through its SSH login, read from the URI
@@ -318,11 +340,15 @@ fn libvirt(config: &HarnessConfig, distro: Distro) -> Vec<Check> {
             first_line(&e.to_string()),
             format!(
                 "virsh -c {uri} net-start {n} (and net-autostart {n}); or set DEVICELAB_NETWORK",
-                n = config.network
+                uri = shell_quote(uri),
+                n = shell_quote(&config.network)
             ),
         ),
     });
-    if let Ok(stp) = lv.network_stp(&config.network) {
+    // Warm restores run on this machine only: another host's bridge costs cold boots nothing.
+    if crate::config::uri_host(uri).is_none()
+        && let Ok(Some(stp)) = lv.network_stp(&config.network)
+    {
         out.push(bridge_stp(uri, &config.network, stp));
     }
     out.push(match lv.network_filters() {
@@ -360,8 +386,11 @@ fn bridge_stp(uri: &str, network: &str, stp: bool) -> Check {
          waits ~4 s for it",
         format!(
             "with no VM on it: virsh -c {uri} net-dumpxml {network} | sed \"s/stp='on'/stp='off'/\" \
-             > {network}.xml && virsh -c {uri} net-define {network}.xml && virsh -c {uri} \
-             net-destroy {network} && virsh -c {uri} net-start {network}"
+             > {xml} && virsh -c {uri} net-define {xml} && virsh -c {uri} \
+             net-destroy {network} && virsh -c {uri} net-start {network}",
+            uri = shell_quote(uri),
+            xml = shell_quote(&format!("{network}.xml")),
+            network = shell_quote(network),
         ),
     )
 }
@@ -480,7 +509,7 @@ fn for_arch(
     arch: VmArchitecture,
     distro: Distro,
     scope: &Scope,
-    remote: Option<&Libvirt>,
+    remote: Option<&RemoteHost>,
 ) -> Vec<Check> {
     let mut out = Vec::new();
     let emulator = find_emulator(arch);
@@ -513,16 +542,7 @@ fn for_arch(
     }
     let decision = match remote {
         None => accel::decide(arch, config.accel),
-        Some(lv) => {
-            let host = crate::config::uri_host(&config.libvirt_uri).unwrap_or_default();
-            let facts = lv.host_facts(arch).map_err(|e| first_line(&e.to_string()));
-            accel::decide_from_libvirt(
-                arch,
-                config.accel,
-                &host,
-                facts.as_ref().map_err(Clone::clone),
-            )
-        }
+        Some(r) => accel::decide_from_libvirt(arch, config.accel, &r.host, &r.facts),
     };
     out.push(match decision.accel {
         Accelerator::Kvm => Check::ok(
@@ -546,7 +566,7 @@ fn for_arch(
         ),
     });
     // A remote host's own size, as its libvirt reports it (this machine's for a local one).
-    let size = remote.and_then(|lv| lv.node_size().ok());
+    let size = remote.and_then(|r| r.size);
     let slots =
         crate::host::slots::SlotCount::for_size(config.slots_set(), size, decision.accel, 2, 2048);
     out.push(Check::ok(

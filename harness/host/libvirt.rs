@@ -9,7 +9,6 @@
 
 use crate::host::domain_xml::{RenderedDomain, digest_of_defined};
 use crate::host::serial;
-use crate::model::arch::VmArchitecture;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, SystemTime};
@@ -215,19 +214,36 @@ fn tap(
 pub const OPEN_THREAD: &str = "dl-libvirt-open";
 
 fn parse_network<'a>(xml: &'a str, name: &str) -> Result<roxmltree::Document<'a>, LibvirtError> {
+    parse_xml(xml, "parse the XML of network", name)
+}
+
+fn parse_xml<'a>(
+    xml: &'a str,
+    action: &'static str,
+    object: &str,
+) -> Result<roxmltree::Document<'a>, LibvirtError> {
     roxmltree::Document::parse(xml).map_err(|e| LibvirtError::Call {
-        action: "parse the XML of network",
-        object: name.to_owned(),
+        action,
+        object: object.to_owned(),
         message: e.to_string(),
     })
 }
 
-/// `<bridge stp='…'>` of a network's XML: libvirt's default is on.
-fn bridge_stp(doc: &roxmltree::Document) -> bool {
-    doc.descendants()
+/// `<bridge stp='…'>` of a network's XML (libvirt's default is on), if libvirt makes the
+/// bridge: no `<forward>`, or one of mode `nat`, `route` or `open`.
+fn bridge_stp(doc: &roxmltree::Document) -> Option<bool> {
+    let mode = doc
+        .descendants()
+        .find(|n| n.has_tag_name("forward"))
+        .map(|f| f.attribute("mode").unwrap_or("nat"));
+    if !matches!(mode, None | Some("nat" | "route" | "open")) {
+        return None;
+    }
+    let stp = doc
+        .descendants()
         .find(|n| n.has_tag_name("bridge"))
-        .and_then(|b| b.attribute("stp"))
-        != Some("off")
+        .and_then(|b| b.attribute("stp"));
+    Some(stp != Some("off"))
 }
 
 /// Runs `call` (a pause or a resume) and returns the middle of it: when the guest's vCPUs
@@ -365,21 +381,15 @@ impl Libvirt {
         Ok((info.cpus as usize, info.memory / 1024))
     }
 
-    /// What this libvirt host says about running `arch` guests under KVM: its architecture
-    /// and CPU features (the host's capabilities), and its domain capabilities for KVM.
-    pub fn host_facts(
-        &self,
-        arch: VmArchitecture,
-    ) -> Result<crate::host::accel::HostFacts, LibvirtError> {
+    /// What this libvirt host says about running guests under KVM: its architecture and CPU
+    /// features (the host's capabilities, the CPU's model expanded), and its domain
+    /// capabilities for KVM guests of its own architecture.
+    pub fn host_facts(&self) -> Result<crate::host::accel::HostFacts, LibvirtError> {
         let conn = self.conn()?;
         let caps = conn
             .capabilities()
             .map_err(call_err("read the capabilities of", &self.uri))?;
-        let doc = roxmltree::Document::parse(&caps).map_err(|e| LibvirtError::Call {
-            action: "parse the capabilities of",
-            object: self.uri.clone(),
-            message: e.to_string(),
-        })?;
+        let doc = parse_xml(&caps, "parse the capabilities of", &self.uri)?;
         let cpu = doc
             .descendants()
             .find(|n| n.has_tag_name("host"))
@@ -390,13 +400,27 @@ impl Libvirt {
             .unwrap_or_default()
             .trim()
             .to_owned();
-        let cpu_virt = cpu.is_some_and(|c| {
-            c.children().any(|f| {
-                f.has_tag_name("feature") && matches!(f.attribute("name"), Some("vmx" | "svm"))
-            })
-        });
+        // On x86_64, a CPU model stands for its features (AMD's models include svm):
+        // expanded, every feature is listed.
+        let expanded = match cpu.filter(|_| host_arch == "x86_64") {
+            Some(cpu) => conn
+                .baseline_cpu(
+                    &[&caps[cpu.range()]],
+                    sys::VIR_CONNECT_BASELINE_CPU_EXPAND_FEATURES,
+                )
+                .map_err(call_err("expand the CPU features of", &self.uri))?,
+            None => String::new(),
+        };
+        let cpu_virt =
+            parse_xml(&expanded, "parse the CPU features of", &self.uri).is_ok_and(|d| {
+                d.descendants().any(|f| {
+                    f.has_tag_name("feature")
+                        && f.attribute("policy") != Some("disable")
+                        && matches!(f.attribute("name"), Some("vmx" | "svm"))
+                })
+            });
         let kvm = conn
-            .domain_capabilities(None, Some(arch.name()), None, Some("kvm"), 0)
+            .domain_capabilities(None, Some(&host_arch), None, Some("kvm"), 0)
             .map(drop)
             .map_err(|e| e.message().to_owned());
         Ok(crate::host::accel::HostFacts {
@@ -420,10 +444,12 @@ impl Libvirt {
     }
 
     /// Whether `network`'s bridge runs the spanning tree protocol (libvirt's `<bridge stp>`,
-    /// on unless it says `off`). With it on, the kernel holds every newly plugged interface
-    /// for twice the bridge's forward delay, 2 s at least whatever `delay` says, before it
-    /// passes traffic: a restored VM's interface is plugged at its restore.
-    pub fn network_stp(&self, name: &str) -> Result<bool, LibvirtError> {
+    /// on unless it says `off`), for a network whose bridge libvirt makes (NAT, routed,
+    /// open or isolated); `None` for one on a bridge or device libvirt does not manage. With
+    /// it on, the kernel holds every newly plugged interface for twice the bridge's forward
+    /// delay, 2 s at least whatever `delay` says, before it passes traffic: a restored VM's
+    /// interface is plugged at its restore.
+    pub fn network_stp(&self, name: &str) -> Result<Option<bool>, LibvirtError> {
         let xml = self.active_network_xml(name)?;
         let doc = parse_network(&xml, name)?;
         Ok(bridge_stp(&doc))
@@ -582,9 +608,9 @@ impl Libvirt {
                 message: format!("{} contains a NUL byte", to.display()),
             }
         })?;
+        let paused = midpoint_of(|| dom.suspend().map_err(call_err("suspend domain", name)))?;
         // SAFETY: the domain pointer is valid for `dom`'s lifetime; the path outlives the call;
         // a null dxml keeps the domain's own XML. The `virt` crate does not wrap this call.
-        let paused = midpoint_of(|| dom.suspend().map_err(call_err("suspend domain", name)))?;
         let rc =
             unsafe { sys::virDomainSaveFlags(dom.as_ptr(), path.as_ptr(), std::ptr::null(), 0) };
         if rc < 0 {

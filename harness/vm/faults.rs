@@ -19,6 +19,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// How the guest reads its clock: seconds since the epoch, with nanoseconds (GNU date).
 const CLOCK_COMMAND: &str = "date +%s.%N";
 
+/// How the guest reads how long it has run (`CLOCK_BOOTTIME`, which no clock step moves), in
+/// seconds.
+pub(crate) const UPTIME_COMMAND: &str = "cut -d ' ' -f 1 /proc/uptime";
+
 /// A round trip short enough for a clock reading to be taken as it is (its error is half of
 /// it); a longer one is read again, up to three times.
 const CLOCK_READ_ENOUGH: Duration = Duration::from_millis(500);
@@ -251,25 +255,32 @@ impl Vm {
         Ok(())
     }
 
-    /// The guest's clock ([`CLOCK_COMMAND`]), in seconds since the epoch, and what it printed.
-    async fn guest_clock(&self) -> Result<(f64, String), VmError> {
-        let printed = self.succeed(CLOCK_COMMAND).await?;
+    /// Seconds the guest prints for `command` ([`CLOCK_COMMAND`], [`UPTIME_COMMAND`]), and
+    /// what it printed.
+    async fn guest_seconds(&self, command: &str) -> Result<(f64, String), VmError> {
+        let printed = self.succeed(command).await?;
         let guest = printed
             .trim()
             .parse()
             .map_err(|_| VmError::UnexpectedOutput {
                 vm: self.name().to_owned(),
-                command: CLOCK_COMMAND.into(),
+                command: command.into(),
                 output: printed.clone(),
-                expected: "seconds since the epoch (GNU date)",
+                expected: "a number of seconds",
             })?;
         Ok((guest, printed))
     }
 
-    /// The guest's clock minus the host's, in seconds, and what the guest printed: read
-    /// against the middle of the round trip, the shortest of up to three (a busy guest answers
-    /// late), so it is off by at most half that round trip.
-    pub(crate) async fn clock_offset(&self) -> Result<(f64, String), VmError> {
+    /// The guest's clock minus the host's, in seconds, and what the guest printed.
+    async fn clock_offset(&self) -> Result<(f64, String), VmError> {
+        self.seconds_offset(CLOCK_COMMAND).await
+    }
+
+    /// The seconds the guest prints for `command` minus the host's clock (seconds since the
+    /// epoch), and what the guest printed: read against the middle of the round trip, the
+    /// shortest of up to three (a busy guest answers late), so it is off by at most half that
+    /// round trip.
+    pub(crate) async fn seconds_offset(&self, command: &str) -> Result<(f64, String), VmError> {
         let host_now = || {
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -279,7 +290,7 @@ impl Vm {
         let mut best: Option<(f64, f64, String)> = None;
         for _ in 0..3 {
             let sent = host_now();
-            let (guest, printed) = self.guest_clock().await?;
+            let (guest, printed) = self.guest_seconds(command).await?;
             let back = host_now();
             let round_trip = back - sent;
             if best
@@ -296,21 +307,28 @@ impl Vm {
         Ok((offset, printed))
     }
 
-    /// Sets the guest's clock to the host's; returns how far behind it was (a restored guest
-    /// resumes at the time it was saved). The offset is read first ([`Vm::clock_offset`]),
-    /// then `date` itself moves the clock by it, from its own reading: however late the
-    /// command arrives, and however long `sudo` takes to start.
+    /// Sets the guest's clock to the host's; returns how far behind it was. The offset is read
+    /// first ([`Vm::clock_offset`]), then `date` itself moves the clock by it, from its own
+    /// reading: however late the command arrives, and however long `sudo` takes to start.
     pub(crate) async fn step_clock_to_host(&self) -> Result<Duration, VmError> {
         let (offset, _) = self.clock_offset().await?;
-        self.step_clock_by(-offset).await?;
+        self.succeed(&format!(
+            "sudo -n date -u -s '{:+.9} seconds' >/dev/null",
+            -offset
+        ))
+        .await?;
         Ok(Duration::from_secs_f64((-offset).max(0.0)))
     }
 
-    /// Moves the guest's clock by `seconds` (forward if positive) from its own reading when
-    /// `date` runs: one round trip, however late the command arrives.
-    pub(crate) async fn step_clock_by(&self, seconds: f64) -> Result<(), VmError> {
+    /// Sets the guest's clock to `base` (seconds since the epoch) plus its uptime
+    /// ([`UPTIME_COMMAND`]'s seconds) as the guest reads it when `date` runs: one round trip,
+    /// however late the command arrives, and whatever moved the clock meanwhile (no clock step
+    /// moves the uptime).
+    pub(crate) async fn set_clock_from_uptime(&self, base: f64) -> Result<(), VmError> {
+        // Whole hundredths: /proc/uptime's precision, and the shell's integer arithmetic.
+        let base = (base * 100.0).round() as i64;
         self.succeed(&format!(
-            "sudo -n date -u -s '{seconds:+.9} seconds' >/dev/null"
+            r#"sudo -n sh -c 'read up _ < /proc/uptime; at=$(({base} + ${{up%.*}} * 100 + 1${{up#*.}} - 100)); date -u -s "@$((at / 100)).$(printf %02d $((at % 100)))" >/dev/null'"#
         ))
         .await
         .map(drop)

@@ -404,6 +404,11 @@ impl Vm {
         self.sync_and_record("what the test wrote").await
     }
 
+    /// Whether the harness flushes what it writes while provisioning (the spec's switch).
+    pub(crate) fn flushes_provisioning(&self) -> bool {
+        self.flush_provisioning
+    }
+
     /// Flushes what the harness itself wrote (provisioning, onboarding) unless the spec
     /// turned that off; either way it is logged, so a power cut's report says what was durable.
     pub(crate) async fn flush_harness_writes(&self, what: &str) -> Result<(), VmError> {

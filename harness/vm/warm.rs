@@ -15,6 +15,7 @@
 
 use super::cold;
 use super::error::{MAX_CLONES, VmError, WarmError};
+use super::faults::UPTIME_COMMAND;
 use super::handle::Vm;
 use super::plan::Plan;
 use super::start::{self, Boot};
@@ -33,7 +34,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Bumped when what a saved VM directory holds changes.
 const LAYOUT: u32 = 4;
@@ -114,9 +115,9 @@ struct Saved {
     host_key: String,
     cold_boot_secs: f64,
     saved_at_unix: u64,
-    /// The guest's clock (seconds since the epoch) when its vCPUs stopped for the save: every
-    /// clone resumes at it, so the host's time at the resume says how far to step it.
-    guest_clock_at_pause: f64,
+    /// The guest's uptime (seconds) when its vCPUs stopped for the save: every clone resumes
+    /// at it, so at a clone's uptime `u` the host's time is its resume's plus `u` less this.
+    guest_uptime_at_pause: f64,
 }
 
 /// Whether a request can start warm: its handle must come back at "cloud-init done" with its
@@ -433,9 +434,9 @@ async fn build(
         .await
         .map_err(|e| VmError::Task(e.to_string()))?
         .unwrap_or_default();
-    // The guest's clock against the host's, read just before the pause: it runs beside the
-    // host's until then.
-    let (guest_ahead, _) = vm.clock_offset().await?;
+    // The guest's uptime against the host's clock, read just before the pause: the two run
+    // side by side until then.
+    let (uptime_ahead, _) = vm.seconds_offset(UPTIME_COMMAND).await?;
     let mut saved = Saved {
         key: key.to_owned(),
         inputs,
@@ -444,7 +445,7 @@ async fn build(
         host_key: vm.login.host_key.private_openssh.clone(),
         cold_boot_secs,
         saved_at_unix: unix_now(),
-        guest_clock_at_pause: 0.0,
+        guest_uptime_at_pause: 0.0,
     };
     vm.session.lock().await.take();
     let building = dir.with_extension("building");
@@ -471,7 +472,7 @@ async fn build(
     let kept = match state_saved {
         Err(e) => Err(e.into()),
         Ok(paused) => {
-            saved.guest_clock_at_pause = unix_secs(paused) + guest_ahead;
+            saved.guest_uptime_at_pause = unix_secs(paused) + uptime_ahead;
             let (pool, dir, building, name, saved, serial_log) = (
                 plan.pool.clone(),
                 dir.to_owned(),
@@ -658,29 +659,26 @@ impl Boot for WarmRestore {
         let restored = async {
             vm.wait_restored(started).await?;
             // The guest resumes at the time it was paused for the save: verdicts that compare
-            // its clock with the host's would be fooled. It is behind by the host's time from
-            // that pause to this resume, both known to within half a libvirt call, so one
-            // command steps it: no round trip to read its clock first.
+            // its clock with the host's would be fooled. The host's time at the resume and the
+            // guest's uptime at the pause are both known, so one command sets it from its own
+            // uptime: no round trip to read its clock first.
             let part = Instant::now();
-            let resumed = self
-                .resumed_at
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .expect("make_domain resumed the clone before its waits");
-            let behind = unix_secs(resumed) - self.saved.guest_clock_at_pause;
-            vm.step_clock_by(behind).await?;
+            let resumed = (*self.resumed_at.lock().unwrap_or_else(|p| p.into_inner()))
+                .ok_or_else(|| VmError::Task("a clone's waits began before its resume".into()))?;
+            vm.set_clock_from_uptime(unix_secs(resumed) - self.saved.guest_uptime_at_pause)
+                .await?;
             vm.timings
                 .record("warm restore: clock step", part.elapsed());
-            Ok::<_, VmError>(Duration::from_secs_f64(behind.max(0.0)))
+            Ok::<_, VmError>(())
         }
         .await;
-        let skew = restored.inspect_err(|_| self.broken.store(true, Ordering::SeqCst))?;
+        restored.inspect_err(|_| self.broken.store(true, Ordering::SeqCst))?;
         vm.timings.record("warm restore → SSH", started.elapsed());
         tracing::info!(
-            "VM {}: restored in {:.1} s; the guest's clock was {:.0} s behind the host's, now stepped",
+            "VM {}: restored in {:.1} s; the guest's clock set to the host's (saved {} s ago)",
             self.name,
             started.elapsed().as_secs_f64(),
-            skew.as_secs_f64()
+            unix_now().saturating_sub(self.saved.saved_at_unix)
         );
         vm.wait_all(&plan.spec.extra_waits, started).await?;
         vm.mark_provisioned(Readiness::CloudInitDone);
@@ -813,7 +811,7 @@ mod tests {
             host_key: "PRIVATE".into(),
             cold_boot_secs: 1.0,
             saved_at_unix: 1,
-            guest_clock_at_pause: 1.0,
+            guest_uptime_at_pause: 1.0,
         };
         for name in ["w-0", "w-1"] {
             std::fs::create_dir_all(dir.join(name)).unwrap();

@@ -53,6 +53,7 @@ pub fn render(
     guest_step: Duration,
     lock_wait: Duration,
     stop_after: Option<&str>,
+    flush: bool,
 ) -> std::io::Result<Run> {
     let mut tar = tar::Builder::new(Vec::new());
     let mut add = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
@@ -74,6 +75,10 @@ pub fn render(
     if let Some(user) = &d.user {
         script += &user_step(user);
     }
+    // Linger before the files: the user manager starts while they are installed.
+    if let Some(user) = d.service.user() {
+        script += &linger(user);
+    }
     for (i, f) in files.iter().enumerate() {
         if lean(f) {
             // Checked before any step: the same bytes are there.
@@ -92,16 +97,17 @@ pub fn render(
     }
     add("unit", unit)?;
     script += &file_step("unit", &d.service.path(), 0o644, "root", unit, "unit");
-    if let Some(user) = d.service.user() {
-        script += &linger(user, guest_step);
-    }
-    script += &service(d, guest_step);
+    script += &service(d, guest_step, flush);
     add("onboard.sh", script.as_bytes())?;
-    let bundle = tar.into_inner()?;
+    // Compressed: a guest under TCG unpacks gzip faster than SSH brings it the bytes gzip
+    // saves (an agent binary shrinks to about 40 %).
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar.into_inner()?)?;
+    let bundle = gz.finish()?;
     let stop = shell_quote(stop_after.unwrap_or(""));
     // Unpacked as root into a directory of its own, removed whatever the script did.
     let command = format!(
-        r#"sudo -n sh -c 'd=$(mktemp -d) || exit 1; tar -x --no-same-owner -f - -C "$d" && sh "$d/onboard.sh" "$d" "$1"; rc=$?; rm -rf "$d"; exit $rc' onboard {stop}"#
+        r#"sudo -n sh -c 'd=$(mktemp -d) || exit 1; tar -xz --no-same-owner -f - -C "$d" && sh "$d/onboard.sh" "$d" "$1"; rc=$?; rm -rf "$d"; exit $rc' onboard {stop}"#
     );
     Ok(Run { bundle, command })
 }
@@ -221,15 +227,12 @@ fn file_step(step: &str, path: &str, mode: u32, group: &str, bytes: &[u8], membe
 }
 
 /// Linger starts the user's systemd at boot, without a login: what lets a user unit come back
-/// after a power cycle. Then the wait for that manager's private socket (what `systemctl
-/// --user` uses where there is no user D-Bus, as on minimal images).
-fn linger(user: &str, budget: Duration) -> String {
+/// after a power cycle. Enabling it starts that manager now too; the service step waits for
+/// it.
+fn linger(user: &str) -> String {
     let u = shell_quote(user);
-    let tries = budget.as_millis().div_ceil(100);
     format!(
         r#"if [ -e /var/lib/systemd/linger/{u} ]; then l=unchanged; else run loginctl enable-linger {u} || fail linger; l=changed; fi
-sock=/run/user/$(id -u {u})/systemd/private; i=0
-while [ ! -S "$sock" ]; do i=$((i+1)); if [ $i -gt {tries} ]; then echo "the user manager never opened $sock within {budget:?}"; fail linger; fi; sleep 0.1; done
 report linger $l
 "#
     )
@@ -241,10 +244,13 @@ report linger $l
 /// unit's own activation (systemd's `ActiveEnterTimestampMonotonic`, against the guest's
 /// uptime: a guest is never suspended, so the two clocks agree), so a unit that has run that
 /// long already passes at once, and a restart by systemd starts the window again. In the
-/// script: `sc` is the unit's `systemctl` (the user's, run as that user, for a user unit);
-/// `state` reads its active state, enablement and activation time in one call; `uptime_ms` is
-/// the guest's uptime in milliseconds.
-fn service(d: &AgentDescription, budget: Duration) -> String {
+/// script: `sc` is the unit's `systemctl` (the user's, run as that user, for a user unit,
+/// once that user's manager has opened its private socket: what `systemctl --user` uses where
+/// there is no user D-Bus, as on minimal images); `state` reads its active state, enablement
+/// and activation time in one call; `uptime_ms` is the guest's uptime in milliseconds.
+/// With `flush`, a `sync` runs while the window passes, and the run ends once it is done:
+/// everything the steps wrote is on disk, without a round trip of its own.
+fn service(d: &AgentDescription, budget: Duration, flush: bool) -> String {
     let unit = shell_quote(d.service.unit());
     // The script runs as root: a user's `systemctl --user` through setpriv, not sudo (no PAM
     // session per call, a few hundred milliseconds each under TCG).
@@ -252,11 +258,20 @@ fn service(d: &AgentDescription, budget: Duration) -> String {
         None => (String::new(), "systemctl"),
         Some(user) => (
             format!(
-                "u=$(id -u {u}); g=$(id -g {u})\nsc() {{ setpriv --reuid=\"$u\" --regid=\"$g\" --clear-groups env -i PATH=\"$PATH\" XDG_RUNTIME_DIR=/run/user/$u systemctl --user \"$@\"; }}\n",
-                u = shell_quote(user)
+                r#"u=$(id -u {u}); g=$(id -g {u}); sock=/run/user/$u/systemd/private; i=0
+while [ ! -S "$sock" ]; do i=$((i+1)); if [ $i -gt {tries} ]; then echo "the user manager never opened $sock within {budget:?}"; fail service; fi; sleep 0.1; done
+sc() {{ setpriv --reuid="$u" --regid="$g" --clear-groups env -i PATH="$PATH" XDG_RUNTIME_DIR=/run/user/$u systemctl --user "$@"; }}
+"#,
+                u = shell_quote(user),
+                tries = budget.as_millis().div_ceil(100),
             ),
             "sc",
         ),
+    };
+    let (sync, synced) = if flush {
+        ("sync 2>&1 & fl=$!\n", r#"wait "$fl" || fail flush; "#)
+    } else {
+        ("", "")
     };
     format!(
         r#"{define}state() {{ st=""; since=0; enabled=""
@@ -264,17 +279,17 @@ fn service(d: &AgentDescription, budget: Duration) -> String {
     ActiveState=*) st=${{kv#*=}};; UnitFileState=*) enabled=${{kv#*=}};;
     ActiveEnterTimestampMonotonic=*) since=$((${{kv#*=}} / 1000));; esac; done; }}
 if [ "$restart" = true ]; then
-  run {sc} daemon-reload && run {sc} enable --quiet {unit} && run {sc} restart {unit} || fail service; s=changed
+  run {sc} enable --quiet --no-reload {unit} && run {sc} daemon-reload && run {sc} restart {unit} || fail service; s=changed
 elif state && [ "$enabled" = enabled ] && [ "$st" = active ]; then s=unchanged
-else run {sc} daemon-reload && run {sc} enable --quiet {unit} && run {sc} start {unit} || fail service; s=changed; fi
+else run {sc} enable --quiet --no-reload {unit} && run {sc} daemon-reload && run {sc} start {unit} || fail service; s=changed; fi
 echo "devicelab-step service $s"
-uptime_ms() {{ read up _ < /proc/uptime; echo $(( ${{up%.*}} * 1000 + 10 * 1${{up#*.}} - 1000 )); }}
+{sync}uptime_ms() {{ read up _ < /proc/uptime; echo $(( ${{up%.*}} * 1000 + 10 * 1${{up#*.}} - 1000 )); }}
 t0=$(uptime_ms)
 while :; do
   state
   now=$(uptime_ms)
   [ "$since" -gt 0 ] || since=${{seen:=$now}}
-  if [ "$st" = active ] && [ $((now - since)) -ge {window_ms} ]; then exit 0
+  if [ "$st" = active ] && [ $((now - since)) -ge {window_ms} ]; then {synced}exit 0
   elif [ "$st" = failed ] || [ $((now - t0)) -ge {budget_ms} ]; then
     echo "devicelab-unit-state ${{st:-unknown}} $((now - t0))"; {journal} 2>&1; fail active
   elif [ "$st" = active ]; then
@@ -316,9 +331,10 @@ mod tests {
             Duration::from_secs(60),
             Duration::from_secs(150),
             stop,
+            false,
         )
         .unwrap();
-        let mut archive = tar::Archive::new(run.bundle.as_slice());
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(run.bundle.as_slice()));
         let mut names = Vec::new();
         let mut script = String::new();
         for entry in archive.entries().unwrap() {
@@ -506,7 +522,7 @@ esac"#,
         ] {
             tool(&base, name, body);
         }
-        let script = format!("{PROLOGUE}{}", service(&d, Duration::from_secs(30)));
+        let script = format!("{PROLOGUE}{}", service(&d, Duration::from_secs(30), false));
         // Activated `ago` seconds before now, on the clock the script reads.
         let set = |state: &str, ago: f64| {
             let uptime: f64 = std::fs::read_to_string("/proc/uptime")
@@ -554,7 +570,7 @@ esac"#,
         // budget (1 s here) ends it.
         std::fs::write(base.join("systemctl.state"), "active").unwrap();
         std::fs::write(base.join("systemctl.since"), "now").unwrap();
-        let restarting = format!("{PROLOGUE}{}", service(&d, Duration::from_secs(1)));
+        let restarting = format!("{PROLOGUE}{}", service(&d, Duration::from_secs(1), false));
         let (ok, stdout, took) = run_sh(&restarting, &base, &base);
         assert!(!ok, "{stdout}");
         assert!(stdout.contains("devicelab-unit-state active"), "{stdout}");
@@ -562,6 +578,25 @@ esac"#,
             took < Duration::from_secs(10),
             "the budget did not end it: {took:?}"
         );
+
+        // With the flush: the run ends once its `sync` has, and fails if that fails.
+        let flushing = format!("{PROLOGUE}{}", service(&d, Duration::from_secs(30), true));
+        set("active", 10.0);
+        tool(
+            &base,
+            "sync",
+            "sleep 0.5; echo synced > \"$0.done\"; exit \"$(cat \"$0.rc\")\"",
+        );
+        std::fs::write(base.join("sync.rc"), "0").unwrap();
+        let (ok, stdout, _) = run_sh(&flushing, &base, &base);
+        assert!(ok, "{stdout}");
+        assert!(
+            base.join("sync.done").exists(),
+            "ended before its sync did: {stdout}"
+        );
+        std::fs::write(base.join("sync.rc"), "1").unwrap();
+        let (ok, stdout, _) = run_sh(&flushing, &base, &base);
+        assert!(!ok && stdout.contains("devicelab-fail flush"), "{stdout}");
         std::fs::remove_dir_all(&base).unwrap();
     }
 
