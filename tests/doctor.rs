@@ -187,7 +187,7 @@ fn a_missing_and_an_inactive_network_are_named_with_net_start() {
     assert!(!ok);
     let line = miss(&report, &format!("network {name}"));
     assert!(
-        line.contains("not active") && line.contains(&format!("net-start {name}")),
+        line.contains("not active") && line.contains(&format!("net-start '{name}'")),
         "{line}"
     );
 }

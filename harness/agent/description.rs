@@ -688,7 +688,9 @@ impl AgentDescription {
                 "the user name {user:?} is not one `useradd` accepts: lowercase letters, digits, `_` and `-`, starting with a letter or `_`, at most 32"
             )));
         }
-        let reserved = ["packages", "user", "unit", "linger", "service"];
+        let reserved = [
+            "packages", "user", "unit", "linger", "service", "active", "flush",
+        ];
         let mut steps = std::collections::BTreeSet::new();
         let mut paths = std::collections::BTreeSet::from([self.service.path()]);
         for f in &self.files {

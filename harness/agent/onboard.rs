@@ -247,9 +247,8 @@ impl Onboarding {
         let report = self.run(vm, None, flush).await?;
         if flush {
             tracing::info!(
-                "VM {}: flushed onboarding (its sync ran in the unit's first {} s)",
-                vm.name(),
-                script::STAYS_ACTIVE.as_secs()
+                "VM {}: flushed onboarding (its sync ran while the unit's window passed; the run waited for it)",
+                vm.name()
             );
             vm.flushed("onboarding");
         } else {

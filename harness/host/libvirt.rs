@@ -402,17 +402,17 @@ impl Libvirt {
             .to_owned();
         // On x86_64, a CPU model stands for its features (AMD's models include svm):
         // expanded, every feature is listed.
-        let expanded = match cpu.filter(|_| host_arch == "x86_64") {
-            Some(cpu) => conn
-                .baseline_cpu(
-                    &[&caps[cpu.range()]],
-                    sys::VIR_CONNECT_BASELINE_CPU_EXPAND_FEATURES,
-                )
-                .map_err(call_err("expand the CPU features of", &self.uri))?,
-            None => String::new(),
-        };
-        let cpu_virt =
-            parse_xml(&expanded, "parse the CPU features of", &self.uri).is_ok_and(|d| {
+        // (A libvirt that cannot expand it: the features it lists.)
+        let listed = cpu.map_or("", |c| &caps[c.range()]);
+        let expanded = cpu
+            .filter(|_| host_arch == "x86_64")
+            .and_then(|_| {
+                conn.baseline_cpu(&[listed], sys::VIR_CONNECT_BASELINE_CPU_EXPAND_FEATURES)
+                    .ok()
+            })
+            .unwrap_or_else(|| listed.to_owned());
+        let cpu_virt = host_arch == "x86_64"
+            && parse_xml(&expanded, "parse the CPU features of", &self.uri).is_ok_and(|d| {
                 d.descendants().any(|f| {
                     f.has_tag_name("feature")
                         && f.attribute("policy") != Some("disable")

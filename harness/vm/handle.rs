@@ -409,8 +409,9 @@ impl Vm {
         self.flush_provisioning
     }
 
-    /// Flushes what the harness itself wrote (provisioning, onboarding) unless the spec
-    /// turned that off; either way it is logged, so a power cut's report says what was durable.
+    /// Flushes what the harness itself wrote (provisioning; onboarding flushes in its own
+    /// script) unless the spec turned that off; either way it is logged, so a power cut's
+    /// report says what was durable.
     pub(crate) async fn flush_harness_writes(&self, what: &str) -> Result<(), VmError> {
         if !self.flush_provisioning {
             tracing::info!(

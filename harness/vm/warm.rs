@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Bumped when what a saved VM directory holds changes.
-const LAYOUT: u32 = 4;
+const LAYOUT: u32 = 5;
 const META: &str = "saved.json";
 
 /// A file as the key sees it: where, how long, when last changed (hashing a 2 GiB image on

@@ -1,4 +1,4 @@
-//! One onboarding run as one round trip (a lean run aside, see [`RESEND`]): a tar bundle of
+//! One onboarding run as one round trip (a lean run aside, see [`RESEND`]): a gzip'd tar bundle of
 //! every file the device needs (the
 //! shipped files, the rendered ones, the unit, the `.deb`s) and the POSIX shell script that
 //! applies every step, sent on one SSH channel's stdin; the script prints one
@@ -55,6 +55,10 @@ pub fn render(
     stop_after: Option<&str>,
     flush: bool,
 ) -> std::io::Result<Run> {
+    debug_assert!(
+        !(flush && stop_after.is_some()),
+        "a run stopped early does not flush"
+    );
     let mut tar = tar::Builder::new(Vec::new());
     let mut add = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
         let mut header = tar::Header::new_gnu();
@@ -259,7 +263,7 @@ fn service(d: &AgentDescription, budget: Duration, flush: bool) -> String {
         Some(user) => (
             format!(
                 r#"u=$(id -u {u}); g=$(id -g {u}); sock=/run/user/$u/systemd/private; i=0
-while [ ! -S "$sock" ]; do i=$((i+1)); if [ $i -gt {tries} ]; then echo "the user manager never opened $sock within {budget:?}"; fail service; fi; sleep 0.1; done
+while [ ! -S "$sock" ]; do i=$((i+1)); if [ $i -gt {tries} ]; then echo "the user manager never opened $sock within {budget:?}: see systemctl status user@$u.service and loginctl show-user {u}"; fail service; fi; sleep 0.1; done
 sc() {{ setpriv --reuid="$u" --regid="$g" --clear-groups env -i PATH="$PATH" XDG_RUNTIME_DIR=/run/user/$u systemctl --user "$@"; }}
 "#,
                 u = shell_quote(user),
@@ -269,7 +273,10 @@ sc() {{ setpriv --reuid="$u" --regid="$g" --clear-groups env -i PATH="$PATH" XDG
         ),
     };
     let (sync, synced) = if flush {
-        ("sync 2>&1 & fl=$!\n", r#"wait "$fl" || fail flush; "#)
+        (
+            "sync >\"$b/sync.out\" 2>&1 & fl=$!\n",
+            r#"wait "$fl" || { cat "$b/sync.out"; fail flush; }; "#,
+        )
     } else {
         ("", "")
     };
