@@ -555,13 +555,15 @@ fn for_arch(
                 "TCG ({}): works, with the slower TCG budgets (boot in minutes, not seconds)",
                 decision.reason
             ),
-            if remote.is_none() && VmArchitecture::host() == Some(arch) {
-                "a host where /dev/kvm works (bare metal or nested virtualisation), or accept TCG"
-            } else if remote.is_some() {
-                "a libvirt host of the guest's architecture whose /dev/kvm works (bare metal or \
-                 nested virtualisation), or accept TCG"
-            } else {
-                "nothing to do: another architecture is always emulated"
+            match (remote, VmArchitecture::host() == Some(arch)) {
+                (Some(_), _) => {
+                    "a libvirt host of the guest's architecture whose /dev/kvm works (bare \
+                     metal or nested virtualisation), or accept TCG"
+                }
+                (None, true) => {
+                    "a host where /dev/kvm works (bare metal or nested virtualisation), or accept TCG"
+                }
+                (None, false) => "nothing to do: another architecture is always emulated",
             },
         ),
     });

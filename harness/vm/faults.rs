@@ -307,17 +307,17 @@ impl Vm {
         Ok((offset, printed))
     }
 
-    /// Sets the guest's clock to the host's; returns how far behind it was. The offset is read
-    /// first ([`Vm::clock_offset`]), then `date` itself moves the clock by it, from its own
-    /// reading: however late the command arrives, and however long `sudo` takes to start.
-    pub(crate) async fn step_clock_to_host(&self) -> Result<Duration, VmError> {
+    /// Sets the guest's clock to the host's. The offset is read first ([`Vm::clock_offset`]),
+    /// then `date` itself moves the clock by it, from its own reading: however late the
+    /// command arrives, and however long `sudo` takes to start.
+    async fn step_clock_to_host(&self) -> Result<(), VmError> {
         let (offset, _) = self.clock_offset().await?;
         self.succeed(&format!(
             "sudo -n date -u -s '{:+.9} seconds' >/dev/null",
             -offset
         ))
-        .await?;
-        Ok(Duration::from_secs_f64((-offset).max(0.0)))
+        .await
+        .map(drop)
     }
 
     /// Sets the guest's clock to `base` (seconds since the epoch) plus its uptime

@@ -437,16 +437,7 @@ async fn build(
     // The guest's uptime against the host's clock, read just before the pause: the two run
     // side by side until then.
     let (uptime_ahead, _) = vm.seconds_offset(UPTIME_COMMAND).await?;
-    let mut saved = Saved {
-        key: key.to_owned(),
-        inputs,
-        ip,
-        mac,
-        host_key: vm.login.host_key.private_openssh.clone(),
-        cold_boot_secs,
-        saved_at_unix: unix_now(),
-        guest_uptime_at_pause: 0.0,
-    };
+    let saved_at_unix = unix_now();
     vm.session.lock().await.take();
     let building = dir.with_extension("building");
     let io = |what: &'static str, path: &Path| {
@@ -472,8 +463,17 @@ async fn build(
     let kept = match state_saved {
         Err(e) => Err(e.into()),
         Ok(paused) => {
-            saved.guest_uptime_at_pause = unix_secs(paused) + uptime_ahead;
-            let (pool, dir, building, name, saved, serial_log) = (
+            let saved = Saved {
+                key: key.to_owned(),
+                inputs,
+                ip,
+                mac,
+                host_key: vm.login.host_key.private_openssh.clone(),
+                cold_boot_secs,
+                saved_at_unix,
+                guest_uptime_at_pause: unix_secs(paused) + uptime_ahead,
+            };
+            let (pool, dir, building, name, meta_saved, serial_log) = (
                 plan.pool.clone(),
                 dir.to_owned(),
                 building.clone(),
@@ -501,7 +501,7 @@ async fn build(
                         .map_err(io("keep the NVRAM", &building))?;
                 }
                 let meta = building.join(META);
-                let json = serde_json::to_vec_pretty(&saved).expect("Saved always serializes");
+                let json = serde_json::to_vec_pretty(&meta_saved).expect("Saved always serializes");
                 write_synced(&meta, &json).map_err(io("write", &meta))?;
                 let _ = std::fs::remove_dir_all(&dir);
                 std::fs::rename(&building, &dir).map_err(io("move into place", &dir))?;
@@ -512,6 +512,7 @@ async fn build(
             })
             .await
             .map_err(|e| VmError::Task(e.to_string()))?
+            .map(|()| saved)
         }
     };
     // The template's domain (saved, shut off) goes whatever happened; a half-built saved VM
@@ -520,7 +521,7 @@ async fn build(
     if kept.is_err() {
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(building)).await;
     }
-    kept?;
+    let saved = kept?;
     removed?;
     tracing::info!(
         "saved VM {}: cold boot {cold_boot_secs:.1} s, save {:.1} s",
