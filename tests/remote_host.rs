@@ -1,4 +1,4 @@
-//! A libvirt host reached the way a remote one is: `qemu+libssh://` through a real sshd, with
+//! A libvirt host reached the way a remote one is: `qemu+ssh://` through a real sshd, with
 //! the harness's key and a pinned `known_hosts`. The host is a libvirtd of the test's own in
 //! namespaces of its own, with files of its own; each SSH session runs in its mount namespace,
 //! so what answers over SSH is that libvirtd, not this machine's, and a file written here does
@@ -46,8 +46,9 @@ async fn remote() -> (PrivateLibvirtd, Sshd) {
     behind_sshd(PrivateLibvirtd::apart, &["-m"], "").await
 }
 
-/// `qemu+libssh://` to `sshd`, authenticating with its client key, verifying its host key
-/// against a `known_hosts` that pins `pinned`.
+/// `qemu+ssh://` to `sshd`, authenticating with its client key, verifying its host key
+/// against a `known_hosts` that pins `pinned`: the harness reads it from the URI, and libvirt's
+/// OpenSSH client from the `command` it runs (OpenSSH with that file as its known_hosts).
 fn uri(sshd: &Sshd, pinned: &HostKey, dir: &Path) -> String {
     let known_hosts = dir.join("known_hosts");
     std::fs::write(
@@ -60,12 +61,24 @@ fn uri(sshd: &Sshd, pinned: &HostKey, dir: &Path) -> String {
         ),
     )
     .unwrap();
+    let ssh = dir.join("ssh-pinned");
+    std::fs::write(
+        &ssh,
+        format!(
+            "#!/bin/sh\nexec {} -o UserKnownHostsFile='{}' -o StrictHostKeyChecking=yes \"$@\"\n",
+            require("ssh", "apt install openssh-client").display(),
+            known_hosts.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&ssh, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     format!(
-        "qemu+libssh://root@{}:{}/system?keyfile={}&known_hosts={}&known_hosts_verify=normal&sshauth=privkey",
+        "qemu+ssh://root@{}:{}/system?keyfile={}&known_hosts={}&command={}&no_tty=1",
         sshd.addr.ip(),
         sshd.addr.port(),
         sshd.client.path.display(),
-        known_hosts.display()
+        known_hosts.display(),
+        ssh.display()
     )
 }
 
@@ -158,7 +171,7 @@ async fn a_host_over_ssh_gets_the_disks_through_libvirt_and_a_wrong_host_key_is_
     );
 }
 
-/// The hop a `qemu+libssh://` URI names logs in with the URI's key, checks the host key its
+/// The hop a `qemu+ssh://` URI names logs in with the URI's key, checks the host key its
 /// `known_hosts` pins, and reaches ports beside the host: open ones answer, closed ones are
 /// refused as such; a human's OpenSSH client reaches a guest through it with the login's
 /// `ProxyCommand`. A host `known_hosts` does not list, or lists with another key, is refused,
@@ -229,7 +242,7 @@ async fn the_hop_a_uri_names_uses_its_key_and_pinned_host_key() {
             .replace(' ', "%20")
     };
     let odd_uri = format!(
-        "qemu+libssh://root@{}:{}/system?keyfile={}&known_hosts={}",
+        "qemu+ssh://root@{}:{}/system?keyfile={}&known_hosts={}",
         sshd.addr.ip(),
         sshd.addr.port(),
         encoded(odd.join("key")),

@@ -1,9 +1,10 @@
-//! The SSH hop to a libvirt host named by a remote URI (`qemu+ssh://`, `qemu+libssh://`,
-//! `qemu+libssh2://`): the same user, address, key and `known_hosts` libvirt itself uses, read
-//! from the URI, so a guest on that host's network is reached through the host, its key
-//! checked at both hops. A local URI (no host, or the `test` driver) needs no hop; a remote one
-//! over another transport (`qemu+tls://`, `qemu+tcp://`) is refused with the fix, since guest
-//! SSH has no way through it.
+//! The SSH hop to a libvirt host named by a remote URI (`qemu+ssh://`): the same user, address
+//! and key libvirt itself uses, read from the URI, so a guest on that host's network is reached
+//! through the host, its key checked at both hops. A local URI (no host, or the `test` driver)
+//! needs no hop; a remote one over another transport is refused with the fix: `qemu+tls://` and
+//! `qemu+tcp://` since guest SSH has no way through them, `qemu+libssh://` and
+//! `qemu+libssh2://` since libvirt's client stalls on them and then crashes
+//! ([`RemoteError::Stalls`]).
 
 use crate::ssh::{SshTarget, shell_quote};
 use russh::keys::{Algorithm, PrivateKey, PublicKey};
@@ -26,8 +27,8 @@ pub enum RemoteError {
     /// A remote host over a transport guest SSH cannot go through.
     #[error(
         "the libvirt URI {uri:?} (DEVICELAB_LIBVIRT_URI or DEVICELAB_HOSTS) reaches {host} over {transport}, which guest SSH cannot go \
-         through: use qemu+ssh://{host}/system (or qemu+libssh://), so the harness reaches the \
-         guests through the same SSH login"
+         through: use qemu+ssh://{host}/system, so the harness reaches the guests through the \
+         same SSH login"
     )]
     Transport {
         /// The URI.
@@ -35,6 +36,25 @@ pub enum RemoteError {
         /// Its host.
         host: String,
         /// Its transport (`tls`, `tcp`, ...).
+        transport: String,
+    },
+    /// A transport on which libvirt's client leaves a reply in its SSH library's buffer while
+    /// it waits for the socket: each call that meets it waits for the next keepalive ping, and
+    /// a watch left behind by such a call is later run against a stack frame that is gone
+    /// (GLib's "g_main_loop_quit: assertion" and a SIGSEGV).
+    #[error(
+        "the libvirt URI {uri:?} (DEVICELAB_LIBVIRT_URI or DEVICELAB_HOSTS) uses libvirt's \
+         {transport} transport, whose client leaves replies in its SSH buffer until the next \
+         keepalive: calls stall for seconds and the process then crashes (SIGSEGV after \
+         \"g_main_loop_quit: assertion\"): use {ssh:?} instead (OpenSSH's client, which checks \
+         the host's key against its own known_hosts)"
+    )]
+    Stalls {
+        /// The URI.
+        uri: String,
+        /// The same URI over `ssh`.
+        ssh: String,
+        /// Its transport (`libssh` or `libssh2`).
         transport: String,
     },
     /// The URI turns host key checking off.
@@ -160,7 +180,14 @@ pub fn host_login(
         .split_once('+')
         .map(|(_, t)| t.to_owned())
         .unwrap_or_default();
-    if !matches!(transport.as_str(), "ssh" | "libssh" | "libssh2") {
+    if matches!(transport.as_str(), "libssh" | "libssh2") {
+        return Err(RemoteError::Stalls {
+            uri: uri.to_owned(),
+            ssh: uri.replacen(&format!("+{transport}:"), "+ssh:", 1),
+            transport,
+        });
+    }
+    if transport != "ssh" {
         if transport == "unix" {
             return Ok(None);
         }
@@ -411,7 +438,7 @@ mod tests {
     #[test]
     fn an_ssh_uri_gives_its_user_port_key_and_known_hosts() {
         let l = login(
-            "qemu+libssh://root@kvm.example:2222/system?keyfile=/k/id&known_hosts=/k/kh&sshauth=privkey",
+            "qemu+ssh://root@kvm.example:2222/system?keyfile=/k/id&known_hosts=/k/kh&no_tty=1",
         )
         .unwrap()
         .unwrap();
@@ -463,6 +490,18 @@ mod tests {
         );
         let e = login("qemu://kvm.example/system").unwrap_err();
         assert!(matches!(e, RemoteError::Transport { .. }), "{e}");
+        for transport in ["libssh", "libssh2"] {
+            let e = login(&format!(
+                "qemu+{transport}://root@kvm.example:2222/system?keyfile=/k"
+            ))
+            .unwrap_err();
+            assert!(matches!(e, RemoteError::Stalls { .. }), "{e}");
+            assert!(
+                e.to_string()
+                    .contains("use \"qemu+ssh://root@kvm.example:2222/system?keyfile=/k\" instead"),
+                "{e}"
+            );
+        }
         for option in ["no_verify=1", "known_hosts_verify=ignore"] {
             let e = login(&format!("qemu+ssh://root@kvm.example/system?{option}")).unwrap_err();
             assert!(e.to_string().contains(&format!("remove {option}")), "{e}");
