@@ -131,6 +131,31 @@ fn a_remote_host_over_tls_is_a_miss_naming_qemu_ssh() {
     assert!(route.contains("use qemu+ssh://127.0.0.1/system"), "{route}");
 }
 
+/// A URI over libvirt's libssh transport is a miss naming the same URI over `qemu+ssh://`, and
+/// nothing connects over it (a connection to the port, where nothing listens, would be refused
+/// and said so).
+#[test]
+fn a_host_over_libssh_is_a_miss_naming_qemu_ssh_before_anything_connects() {
+    let (ok, report) = devicelab(
+        &["doctor", "--arch", "x86_64"],
+        &[(
+            "DEVICELAB_LIBVIRT_URI",
+            "qemu+libssh://root@127.0.0.1:1/system?keyfile=/k&sshauth=privkey",
+        )],
+        None,
+    );
+    assert!(!ok, "{report}");
+    let route = miss(&report, "guest route");
+    assert!(
+        route.contains("use \"qemu+ssh://root@127.0.0.1:1/system?keyfile=/k\" instead"),
+        "{route}"
+    );
+    assert!(
+        !report.contains("cannot connect") && !report.to_lowercase().contains("refused"),
+        "nothing connected over libssh:\n{report}"
+    );
+}
+
 /// With DEVICELAB_HOSTS, each host is checked under its URI, and a miss is named under the
 /// host it belongs to.
 #[test]

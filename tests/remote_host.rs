@@ -18,7 +18,7 @@ use devicelab::image::{BaseImage, DiskFormat};
 use devicelab::model::spec::Start;
 use devicelab::nats::Verdict;
 use devicelab::ssh::keys::HostKey;
-use devicelab::ssh::{Route, SshError, SshSession};
+use devicelab::ssh::{Route, SshError, SshSession, shell_quote};
 use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
@@ -61,13 +61,19 @@ fn uri(sshd: &Sshd, pinned: &HostKey, dir: &Path) -> String {
         ),
     )
     .unwrap();
+    // OpenSSH with no configuration of the user's, the pinned file its only known_hosts (ssh
+    // expands `%` in it and splits it on blanks: quoted for both).
     let ssh = dir.join("ssh-pinned");
+    let known = format!(
+        "UserKnownHostsFile=\"{}\"",
+        known_hosts.display().to_string().replace('%', "%%")
+    );
     std::fs::write(
         &ssh,
         format!(
-            "#!/bin/sh\nexec {} -o UserKnownHostsFile='{}' -o StrictHostKeyChecking=yes \"$@\"\n",
-            require("ssh", "apt install openssh-client").display(),
-            known_hosts.display()
+            "#!/bin/sh\nexec {} -F none -o GlobalKnownHostsFile=/dev/null -o {} -o StrictHostKeyChecking=yes \"$@\"\n",
+            shell_quote(&require("ssh", "apt install openssh-client").display().to_string()),
+            shell_quote(&known)
         ),
     )
     .unwrap();

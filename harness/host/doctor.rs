@@ -297,6 +297,17 @@ fn libvirt(config: &HarnessConfig, distro: Distro) -> Vec<Check> {
     let route = guest_route(uri);
     let lv = match Libvirt::open(uri) {
         Ok(lv) => lv,
+        // Refused before connecting: the route's miss says why and what to use instead.
+        Err(crate::host::libvirt::LibvirtError::Refused(_)) => {
+            return route
+                .into_iter()
+                .chain([Check::miss(
+                    format!("network {}", config.network),
+                    "not checked: no libvirt connection",
+                    "fix the URI first",
+                )])
+                .collect();
+        }
         Err(e) => {
             let root = rustix::process::geteuid().is_root();
             let fix = if !root && e.to_string().contains("ermission denied") {

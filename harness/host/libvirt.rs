@@ -20,6 +20,9 @@ use virt::sys;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LibvirtError {
+    /// A URI refused before connecting (see [`crate::host::remote::RemoteError::Stalls`]).
+    #[error(transparent)]
+    Refused(#[from] crate::host::remote::RemoteError),
     #[error(
         "cannot connect to libvirt at {uri}: {message}\n  is libvirtd running? (systemctl start libvirtd, or \
          `libvirtd -d` where systemd is not PID 1; fixtures/host/setup.sh installs it)"
@@ -295,7 +298,10 @@ impl Libvirt {
     }
 
     /// Connects to libvirt at `uri`: within `timeouts.open`, or [`LibvirtError::NotAnswering`].
+    /// A URI over a transport whose client stalls and crashes is refused before anything
+    /// connects ([`LibvirtError::Refused`]).
     pub fn open_with(uri: &str, timeouts: LibvirtTimeouts) -> Result<Self, LibvirtError> {
+        crate::host::remote::refuse_stalling_transport(uri)?;
         let opening = Arc::default();
         let live = connect(&opening, uri, timeouts)?;
         Ok(Self {

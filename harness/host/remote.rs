@@ -45,9 +45,12 @@ pub enum RemoteError {
     #[error(
         "the libvirt URI {uri:?} (DEVICELAB_LIBVIRT_URI or DEVICELAB_HOSTS) uses libvirt's \
          {transport} transport, whose client leaves replies in its SSH buffer until the next \
-         keepalive: calls stall for seconds and the process then crashes (SIGSEGV after \
-         \"g_main_loop_quit: assertion\"): use {ssh:?} instead (OpenSSH's client, which checks \
-         the host's key against its own known_hosts)"
+         keepalive pings: calls stall for seconds and the process then crashes (SIGSEGV after \
+         \"g_main_loop_quit: assertion\"): use {ssh:?} instead. That runs OpenSSH's client, \
+         which checks the host's key against ~/.ssh/known_hosts, not against a known_hosts= \
+         in the URI (only the harness reads that): record the key there, or add \
+         command=/path/to/script, a script that runs \
+         `ssh -o UserKnownHostsFile=/path/to/known_hosts -o StrictHostKeyChecking=yes \"$@\"`"
     )]
     Stalls {
         /// The URI.
@@ -168,6 +171,7 @@ pub fn host_login(
         uri: uri.to_owned(),
         message: e.to_string(),
     })?;
+    refuse_stalling(uri, &parsed)?;
     // As `known_hosts` and the resolver name it (an IPv6 address without brackets), and as a
     // URI writes it (with them).
     let (host, uri_host) = match parsed.host() {
@@ -180,13 +184,6 @@ pub fn host_login(
         .split_once('+')
         .map(|(_, t)| t.to_owned())
         .unwrap_or_default();
-    if matches!(transport.as_str(), "libssh" | "libssh2") {
-        return Err(RemoteError::Stalls {
-            uri: uri.to_owned(),
-            ssh: uri.replacen(&format!("+{transport}:"), "+ssh:", 1),
-            transport,
-        });
-    }
     if transport != "ssh" {
         if transport == "unix" {
             return Ok(None);
@@ -280,10 +277,46 @@ impl HostLogin {
     }
 }
 
-/// [`host_login`] with this process's user and home: the login libvirt itself would use.
+/// Refuses a URI over `libssh` or `libssh2`, local or remote ([`RemoteError::Stalls`]), before
+/// anything connects over it; any other URI, or one that does not parse, passes.
+pub fn refuse_stalling_transport(uri: &str) -> Result<(), RemoteError> {
+    match url::Url::parse(uri) {
+        Ok(parsed) => refuse_stalling(uri, &parsed),
+        Err(_) => Ok(()),
+    }
+}
+
+fn refuse_stalling(uri: &str, parsed: &url::Url) -> Result<(), RemoteError> {
+    let scheme = parsed.scheme();
+    let Some((driver, transport @ ("libssh" | "libssh2"))) = scheme.split_once('+') else {
+        return Ok(());
+    };
+    // The same URI over `ssh`, without the parameters only libssh reads.
+    let rest = uri.split_once(':').map_or("", |(_, rest)| rest);
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(name, _)| name);
+            !pair.is_empty() && !matches!(name, "sshauth" | "known_hosts_verify")
+        })
+        .collect();
+    let ssh = match kept.join("&") {
+        q if q.is_empty() => format!("{driver}+ssh:{path}"),
+        q => format!("{driver}+ssh:{path}?{q}"),
+    };
+    Err(RemoteError::Stalls {
+        uri: uri.to_owned(),
+        ssh,
+        transport: transport.to_owned(),
+    })
+}
+
+/// [`host_login`] with this process's user and home: the login the harness makes to the host
+/// (libvirt's OpenSSH client may take another from `~/.ssh/config`).
 pub fn login_of(uri: &str) -> Result<Option<HostLogin>, RemoteError> {
     let home = std::env::var_os("HOME").map(PathBuf::from);
-    // libvirt logs in as the effective uid's account where the URI names no user.
+    // OpenSSH logs in as the effective uid's account where the URI names no user.
     let user = effective_user().or_else(|| std::env::var("USER").ok());
     host_login(uri, user.as_deref(), home.as_deref())
 }
@@ -490,18 +523,29 @@ mod tests {
         );
         let e = login("qemu://kvm.example/system").unwrap_err();
         assert!(matches!(e, RemoteError::Transport { .. }), "{e}");
-        for transport in ["libssh", "libssh2"] {
-            let e = login(&format!(
-                "qemu+{transport}://root@kvm.example:2222/system?keyfile=/k"
-            ))
-            .unwrap_err();
+        for (uri, instead) in [
+            (
+                "qemu+libssh://root@kvm.example:2222/system?keyfile=/k&known_hosts=/kh&known_hosts_verify=normal&sshauth=privkey",
+                "qemu+ssh://root@kvm.example:2222/system?keyfile=/k&known_hosts=/kh",
+            ),
+            (
+                "QEMU+LIBSSH2://[fd00::5]/system",
+                "qemu+ssh://[fd00::5]/system",
+            ),
+            ("qemu+libssh:///system", "qemu+ssh:///system"),
+        ] {
+            let e = login(uri).unwrap_err();
             assert!(matches!(e, RemoteError::Stalls { .. }), "{e}");
             assert!(
-                e.to_string()
-                    .contains("use \"qemu+ssh://root@kvm.example:2222/system?keyfile=/k\" instead"),
+                e.to_string().contains(&format!("use {instead:?} instead")),
                 "{e}"
             );
+            assert!(
+                refuse_stalling_transport(uri).is_err(),
+                "refused before connecting: {uri}"
+            );
         }
+        assert!(refuse_stalling_transport("qemu+ssh://kvm.example/system").is_ok());
         for option in ["no_verify=1", "known_hosts_verify=ignore"] {
             let e = login(&format!("qemu+ssh://root@kvm.example/system?{option}")).unwrap_err();
             assert!(e.to_string().contains(&format!("remove {option}")), "{e}");
