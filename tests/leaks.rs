@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::domain_running;
+
 use devicelab::Readiness;
 use devicelab::config::HarnessConfig;
 use devicelab::host::libvirt::Libvirt;
@@ -164,13 +166,6 @@ fn spawn(name_of_helper: &str, name: &str) -> Child {
 
 fn libvirt() -> Libvirt {
     Libvirt::open(&HarnessConfig::from_env().unwrap().libvirt_uri).unwrap()
-}
-
-fn domain_running(lv: &Libvirt, name: &str) -> bool {
-    lv.domain(name)
-        .ok()
-        .and_then(|d| d.is_active().ok())
-        .unwrap_or(false)
 }
 
 fn domain_exists(lv: &Libvirt, name: &str) -> bool {

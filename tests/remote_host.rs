@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{PrivateLibvirtd, Sshd, require};
+use common::{KillOnDrop, PrivateLibvirtd, Sshd, domain_running, require};
 use devicelab::config::HarnessConfig;
 use devicelab::fixtures::*;
 use devicelab::host::libvirt::Libvirt;
@@ -489,9 +489,11 @@ async fn a_fleet_across_two_hosts_onboards_one_device_per_host_slot(arch: VmArch
     .await;
     let dir = tempfile::tempdir().unwrap();
     let mut here = HarnessConfig::from_env().unwrap();
-    // This machine's libvirt alone, one slot, whatever DEVICELAB_HOSTS says.
+    // This machine's libvirt alone, one slot, whatever DEVICELAB_HOSTS says; nothing kept
+    // (the other host is checked to keep nothing).
     here.hosts.clear();
     here.vm_slots = Some(1);
+    here.keep = false;
     let mut there = here.clone();
     there.libvirt_uri = uri(&sshd, &sshd.host_key, dir.path());
     there.data_dir = daemon.dir.path().join("data");
@@ -630,4 +632,120 @@ async fn a_fleet_across_two_hosts_onboards_one_device_per_host_slot(arch: VmArch
     );
     // Removed through the other host while its sshd still runs.
     fleet.remove().await.unwrap();
+    assert_eq!(
+        common::leftovers(&daemon.uri()),
+        Vec::<String>::new(),
+        "nothing of devicelab's is left on the other host"
+    );
+}
+
+/// Runs in a child process: a lab on this machine's libvirt and one on the host
+/// `REAP_REMOTE_URI` names (its runs in `REAP_REMOTE_DATA`), a cold VM on each
+/// (`REAP_VM_NAME`, `-here` and `-there`); never returns.
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[ignore = "helper for the killed-run test"]
+async fn helper_a_vm_on_each_host_and_hang() {
+    let var = |name: &str| std::env::var(name).unwrap();
+    let name = var("REAP_VM_NAME");
+    let mut here = HarnessConfig::from_env().unwrap();
+    here.hosts.clear();
+    let mut there = here.clone();
+    there.libvirt_uri = var("REAP_REMOTE_URI");
+    there.data_dir = var("REAP_REMOTE_DATA").into();
+    let (local, remote) = (
+        Lab::new(here).await.unwrap(),
+        Lab::new(there).await.unwrap(),
+    );
+    let spec = |side: &str| {
+        devicelab::VirtualMachineSpec::new(format!("{name}-{side}"), arch()).with_start(Start::Cold)
+    };
+    let (_here, _there) =
+        tokio::try_join!(local.vm(spec("here")), remote.vm(spec("there"))).unwrap();
+    std::future::pending::<()>().await;
+}
+
+/// A run killed (SIGKILL: no handler runs) while it provisions a VM on each of two hosts leaves
+/// both behind; the next run on each host reaps the VM there, and neither host keeps a domain,
+/// a volume or a run dir of it.
+#[test_log::test(tokio::test(flavor = "multi_thread"))]
+#[cfg_attr(not(feature = "e2e"), ignore = "boots VMs: run with --features e2e")]
+async fn a_run_killed_with_a_vm_on_each_host_is_reaped_on_both() {
+    devicelab::init_logging();
+    let (daemon, sshd) = behind_sshd(
+        PrivateLibvirtd::another_host,
+        &["-m", "-n"],
+        "GatewayPorts clientspecified\n",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut here = HarnessConfig::from_env().unwrap();
+    here.hosts.clear();
+    let mut there = here.clone();
+    there.libvirt_uri = uri(&sshd, &sshd.host_key, dir.path());
+    there.data_dir = daemon.dir.path().join("data");
+    let name = format!("devicelab-reap-{}", hex::encode(rand::random::<[u8; 3]>()));
+    let (on_here, on_there) = (format!("{name}-here"), format!("{name}-there"));
+    let mut child = KillOnDrop(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "helper_a_vm_on_each_host_and_hang",
+                "--include-ignored",
+                "--nocapture",
+            ])
+            .env("REAP_VM_NAME", &name)
+            .env("REAP_REMOTE_URI", &there.libvirt_uri)
+            .env("REAP_REMOTE_DATA", &there.data_dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Each host's libvirt, looked at directly (the other host's through its own socket).
+    let (lv_here, lv_there) = (
+        Libvirt::open(&here.libvirt_uri).unwrap(),
+        Libvirt::open(&daemon.uri()).unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    while !(domain_running(&lv_here, &on_here) && domain_running(&lv_there, &on_there)) {
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "the helper exited before both its VMs ran"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the helper's VMs never both ran"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(child); // SIGKILL: no handler runs
+    assert!(
+        lv_here.has_domain(&on_here).unwrap() && lv_there.has_domain(&on_there).unwrap(),
+        "the killed run left a VM on each host (the leak the reaper is for)"
+    );
+
+    // (Another test's lab starting meanwhile may reap the local VM first: either way it goes.)
+    let next_here = Lab::new(here).await.unwrap();
+    assert!(
+        !lv_here.has_domain(&on_here).unwrap(),
+        "this host's next run reaped its VM"
+    );
+    assert!(
+        !next_here.config.runs_dir().join(&on_here).exists(),
+        "and its run dir"
+    );
+    let next_there = Lab::new(there).await.unwrap();
+    assert_eq!(
+        common::leftovers(&daemon.uri()),
+        Vec::<String>::new(),
+        "the other host's next run reaped its VM and volumes"
+    );
+    assert!(
+        !next_there.config.runs_dir().join(&on_there).exists(),
+        "and its run dir"
+    );
+    let local_left: Vec<String> = common::leftovers(&lv_here.uri)
+        .into_iter()
+        .filter(|l| l.contains(&name))
+        .collect();
+    assert_eq!(local_left, Vec::<String>::new(), "and this host's volumes");
 }

@@ -1,6 +1,7 @@
 //! Warm starts (`Start::Warm`, DEVICELAB_START=warm): a clone of a saved, cloud-init-done VM
 //! restored on a fresh overlay. What it must keep true: the clone is fresh (nothing a previous
-//! clone wrote), its clock is the host's (the power-cycle gate compares times), two clones at
+//! clone wrote), it has a generation ID of its own (x86_64), its clock is the host's
+//! (the power-cycle gate compares times), two clones at
 //! once never share an identity, a power cycle boots it for real, and the `onboarded` fixture
 //! works on it. The first run on a host builds the saved VMs (one cold boot each).
 //! The two tests that break a saved VM on purpose break one of their own (its key differs by a
@@ -38,6 +39,45 @@ fn own_saved_vm(name: &str, arch: VmArchitecture, test: &str) -> VirtualMachineS
     spec
 }
 
+/// The generation ID libvirt gave the clone's domain (`<genid>` of its live XML; x86_64 only:
+/// QEMU has no such device for aarch64), and whether its kernel reseeded its random number
+/// generator for the VM fork its restore is. libvirt renews the ID at each restore; a guest
+/// kernel with the vmgenid driver reseeds when it sees a new one, and says so in its log. Where
+/// the guest kernel has no such driver (Debian's cloud kernel), the reseed is not checked (said).
+async fn generation_id(lab: &Lab, vm: &Vm, arch: VmArchitecture) -> Option<String> {
+    if arch != VmArchitecture::X86_64 {
+        return None;
+    }
+    let name = vm.name().to_owned();
+    let xml = lab
+        .libvirt
+        .run(move |lv| lv.domain(&name).map(|d| d.xml_desc(0).unwrap()))
+        .await
+        .unwrap();
+    let id = xml
+        .split_once("<genid>")
+        .and_then(|(_, rest)| rest.split_once("</genid>"))
+        .map(|(id, _)| id.to_owned())
+        .unwrap_or_else(|| panic!("{} has a generation ID:\n{xml}", vm.name()));
+    let driver = vm
+        .succeed("ls -d /sys/bus/*/drivers/vmgenid >/dev/null 2>&1 && echo yes || echo no")
+        .await
+        .unwrap();
+    if driver.trim() == "yes" {
+        vm.wait_until_succeeds(
+            "sudo -n dmesg | grep -q 'crng reseeded due to virtual machine fork'",
+        )
+        .await
+        .unwrap();
+    } else {
+        eprintln!(
+            "{}: the guest kernel has no vmgenid driver: its reseed is not checked",
+            vm.name()
+        );
+    }
+    Some(id)
+}
+
 fn restore_time(vm: &Vm) -> f64 {
     vm.timings
         .entries()
@@ -69,6 +109,7 @@ async fn warm_clones_are_fresh_on_time_distinct_side_by_side_and_power_cycle_for
         .succeed("cloud-init status | grep -q 'status: done'")
         .await
         .unwrap();
+    let first_id = generation_id(&lab, &first, arch).await;
     first
         .succeed("echo first > ~/written-by-a-clone && sync")
         .await
@@ -92,6 +133,12 @@ async fn warm_clones_are_fresh_on_time_distinct_side_by_side_and_power_cycle_for
         "the clone's clock is stepped to the host's: {skew:.1} s off"
     );
     second.fail("test -e ~/written-by-a-clone").await.unwrap();
+    // The same saved memory, restored again: a generation ID of its own.
+    let second_id = generation_id(&lab, &second, arch).await;
+    assert!(
+        first_id.is_none() || first_id != second_id,
+        "each restore has its own generation ID: {first_id:?} {second_id:?}"
+    );
     eprintln!(
         "second clone: restore → SSH {:.1} s, its clock {skew:+.2} s from the host's",
         restore_time(&second)

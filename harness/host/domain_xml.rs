@@ -130,6 +130,14 @@ fn render_with_digest(p: &DomainXmlParams, digest: &str) -> String {
             "<cpu mode='custom' match='exact' check='none'>\n    <model fallback='forbid'>max</model>\n  </cpu>"
         }
     };
+    // A generation ID (x86_64: QEMU has no such device for aarch64): libvirt gives a domain a
+    // new one at each restore from a saved image, and a guest kernel with the vmgenid driver
+    // reseeds its random number generator on the change, so clones of one saved VM do not
+    // share the generator's state.
+    let genid = match p.arch {
+        VmArchitecture::X86_64 => "  <genid/>\n",
+        VmArchitecture::Aarch64 => "",
+    };
     let qemu_commandline = if p.qemu_args.is_empty() {
         String::new()
     } else {
@@ -143,7 +151,7 @@ fn render_with_digest(p: &DomainXmlParams, digest: &str) -> String {
     format!(
         r#"<domain type='{domain_type}'{qemu_ns}>
   <name>{name}</name>
-  <metadata>
+{genid}  <metadata>
     <devicelab:run xmlns:devicelab='{METADATA_NS}' run-id='{run_id}' pid='{pid}' xml-sha256='{digest}'/>
   </metadata>
   <memory unit='MiB'>{memory}</memory>

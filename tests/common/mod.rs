@@ -135,6 +135,56 @@ pub fn system_libvirt() -> devicelab::host::libvirt::Libvirt {
         .expect("libvirtd must be running for the fast suite (fixtures/host/setup.sh)")
 }
 
+/// Whether a domain called `name` exists and runs.
+pub fn domain_running(lv: &devicelab::host::libvirt::Libvirt, name: &str) -> bool {
+    lv.domain(name)
+        .ok()
+        .and_then(|d| d.is_active().ok())
+        .unwrap_or(false)
+}
+
+/// A helper process of the test's, killed (SIGKILL) and waited for when dropped: a test that
+/// fails before it kills it on purpose leaves no process behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What devicelab left on the host libvirt at `uri` answers for: its domains (`domain <name>`)
+/// and its pool's volumes (`volume <name>`), but for what is kept across runs on purpose (a
+/// base image per digest, padded firmware CODE). A partition's filter binding goes with its
+/// domain. The leak check of a host that lives only as long as its test: empty once every run
+/// on it is over.
+pub fn leftovers(uri: &str) -> Vec<String> {
+    use devicelab::host::pool::{BASE_PREFIX, POOL_NAME};
+    use devicelab::image::firmware::PADDED_SUFFIX;
+    let libvirt = devicelab::host::libvirt::Libvirt::open(uri).unwrap();
+    let conn = libvirt.conn().unwrap();
+    let mut left: Vec<String> = conn
+        .list_all_domains(0)
+        .unwrap()
+        .iter()
+        .filter_map(|d| d.name().ok())
+        .filter(|n| n.starts_with("devicelab-"))
+        .map(|n| format!("domain {n}"))
+        .collect();
+    if let Ok(pool) = conn.lookup_storage_pool_by_name(POOL_NAME) {
+        pool.refresh(0).unwrap();
+        left.extend(
+            pool.list_volumes()
+                .unwrap()
+                .into_iter()
+                .filter(|v| !v.starts_with(BASE_PREFIX) && !v.ends_with(PADDED_SUFFIX))
+                .map(|v| format!("volume {v}")),
+        );
+    }
+    left
+}
+
 /// The path of a host program a test needs, or a failure at once that names the fix (never a
 /// hang, never a bare "No such file or directory").
 pub fn require(program: &str, fix: &str) -> std::path::PathBuf {
