@@ -366,6 +366,41 @@ async fn a_service_here_is_offered_beside_a_host_through_its_sshd() {
     server.abort();
 }
 
+/// This machine's libvirt alone (whatever DEVICELAB_HOSTS says, its configuration `tune`d) and
+/// another host's: a libvirtd in namespaces of its own with a network of its own, behind its
+/// sshd, reached over `qemu+ssh://`, its runs in a data dir of their own. Dropped in field
+/// order: the sshd stops before its libvirtd.
+struct TwoHosts {
+    here: HarnessConfig,
+    there: HarnessConfig,
+    _dir: tempfile::TempDir,
+    sshd: Sshd,
+    daemon: PrivateLibvirtd,
+}
+
+async fn two_hosts(tune: impl FnOnce(&mut HarnessConfig)) -> TwoHosts {
+    let (daemon, sshd) = behind_sshd(
+        PrivateLibvirtd::another_host,
+        &["-m", "-n"],
+        "GatewayPorts clientspecified\n",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut here = HarnessConfig::from_env().unwrap();
+    here.hosts.clear();
+    tune(&mut here);
+    let mut there = here.clone();
+    there.libvirt_uri = uri(&sshd, &sshd.host_key, dir.path());
+    there.data_dir = daemon.dir.path().join("data");
+    TwoHosts {
+        here,
+        there,
+        _dir: dir,
+        sshd,
+        daemon,
+    }
+}
+
 /// A device on a libvirt host reached over SSH: the whole onboarding and a power cycle, with
 /// its disks, console, guest SSH and NATS through the host's login (the sshd carries the
 /// libvirt connection, the probes' session, each guest session's hop and the NATS forward),
@@ -481,22 +516,14 @@ async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arc
 #[cfg_attr(not(feature = "e2e"), ignore = "boots VMs: run with --features e2e")]
 async fn a_fleet_across_two_hosts_onboards_one_device_per_host_slot(arch: VmArchitecture) {
     devicelab::init_logging();
-    let (daemon, sshd) = behind_sshd(
-        PrivateLibvirtd::another_host,
-        &["-m", "-n"],
-        "GatewayPorts clientspecified\n",
-    )
+    // One slot each; nothing kept (the other host is checked to keep nothing).
+    let hosts = two_hosts(|here| {
+        here.vm_slots = Some(1);
+        here.keep = false;
+    })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut here = HarnessConfig::from_env().unwrap();
-    // This machine's libvirt alone, one slot, whatever DEVICELAB_HOSTS says; nothing kept
-    // (the other host is checked to keep nothing).
-    here.hosts.clear();
-    here.vm_slots = Some(1);
-    here.keep = false;
-    let mut there = here.clone();
-    there.libvirt_uri = uri(&sshd, &sshd.host_key, dir.path());
-    there.data_dir = daemon.dir.path().join("data");
+    let (daemon, sshd) = (&hosts.daemon, &hosts.sshd);
+    let (here, there) = (hosts.here.clone(), hosts.there.clone());
     let remote_uri = there.libvirt_uri.clone();
     let (local, remote) = (
         Lab::new(here).await.unwrap(),
@@ -671,18 +698,9 @@ async fn helper_a_vm_on_each_host_and_hang() {
 #[cfg_attr(not(feature = "e2e"), ignore = "boots VMs: run with --features e2e")]
 async fn a_run_killed_with_a_vm_on_each_host_is_reaped_on_both() {
     devicelab::init_logging();
-    let (daemon, sshd) = behind_sshd(
-        PrivateLibvirtd::another_host,
-        &["-m", "-n"],
-        "GatewayPorts clientspecified\n",
-    )
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut here = HarnessConfig::from_env().unwrap();
-    here.hosts.clear();
-    let mut there = here.clone();
-    there.libvirt_uri = uri(&sshd, &sshd.host_key, dir.path());
-    there.data_dir = daemon.dir.path().join("data");
+    let hosts = two_hosts(|_| {}).await;
+    let daemon = &hosts.daemon;
+    let (here, there) = (hosts.here.clone(), hosts.there.clone());
     let name = format!("devicelab-reap-{}", hex::encode(rand::random::<[u8; 3]>()));
     let (on_here, on_there) = (format!("{name}-here"), format!("{name}-there"));
     let mut child = KillOnDrop(
