@@ -207,7 +207,9 @@ fn wanted(bytes: &[u8], mode: u32, group: &str) -> String {
 }
 
 /// Installed (owner root, `group`, `mode`) unless the same bytes, mode and group are there;
-/// written beside the target and renamed over it, so a cut never leaves half a file.
+/// written beside the target, flushed to disk (`sync` on the file) and renamed over it, so a
+/// power cut leaves the old file or the new one, whole (without the flush, the rename can reach
+/// the disk before the file's data, and a cut leaves a file of zeros under the target's name).
 fn file_step(step: &str, path: &str, mode: u32, group: &str, bytes: &[u8], member: &str) -> String {
     let want = wanted(bytes, mode, group);
     let (p, tmp) = (
@@ -223,7 +225,7 @@ fn file_step(step: &str, path: &str, mode: u32, group: &str, bytes: &[u8], membe
     let (s, g) = (shell_quote(step), shell_quote(group));
     format!(
         r#"if same {p} {want}; then report {s} unchanged; else
-  run mkdir -p {dir} && run install -m {mode:o} -o root -g {g} "$b/{member}" {tmp} && run mv -f {tmp} {p} || fail {s}
+  run mkdir -p {dir} && run install -m {mode:o} -o root -g {g} "$b/{member}" {tmp} && run sync {tmp} && run mv -f {tmp} {p} || fail {s}
   restart=true; report {s} changed; fi
 "#,
         want = shell_quote(&want),
