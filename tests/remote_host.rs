@@ -378,6 +378,22 @@ struct TwoHosts {
     daemon: PrivateLibvirtd,
 }
 
+/// This machine's configuration for a test of two hosts (whatever DEVICELAB_HOSTS says, then
+/// `tune`d), and the other host's: the same, at `uri` with its runs in `data_dir`.
+fn here_and_there(
+    uri: String,
+    data_dir: std::path::PathBuf,
+    tune: impl FnOnce(&mut HarnessConfig),
+) -> (HarnessConfig, HarnessConfig) {
+    let mut here = HarnessConfig::from_env().unwrap();
+    here.hosts.clear();
+    tune(&mut here);
+    let mut there = here.clone();
+    there.libvirt_uri = uri;
+    there.data_dir = data_dir;
+    (here, there)
+}
+
 async fn two_hosts(tune: impl FnOnce(&mut HarnessConfig)) -> TwoHosts {
     let (daemon, sshd) = behind_sshd(
         PrivateLibvirtd::another_host,
@@ -386,12 +402,11 @@ async fn two_hosts(tune: impl FnOnce(&mut HarnessConfig)) -> TwoHosts {
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let mut here = HarnessConfig::from_env().unwrap();
-    here.hosts.clear();
-    tune(&mut here);
-    let mut there = here.clone();
-    there.libvirt_uri = uri(&sshd, &sshd.host_key, dir.path());
-    there.data_dir = daemon.dir.path().join("data");
+    let (here, there) = here_and_there(
+        uri(&sshd, &sshd.host_key, dir.path()),
+        daemon.dir.path().join("data"),
+        tune,
+    );
     TwoHosts {
         here,
         there,
@@ -674,11 +689,11 @@ async fn a_fleet_across_two_hosts_onboards_one_device_per_host_slot(arch: VmArch
 async fn helper_a_vm_on_each_host_and_hang() {
     let var = |name: &str| std::env::var(name).unwrap();
     let name = var("REAP_VM_NAME");
-    let mut here = HarnessConfig::from_env().unwrap();
-    here.hosts.clear();
-    let mut there = here.clone();
-    there.libvirt_uri = var("REAP_REMOTE_URI");
-    there.data_dir = var("REAP_REMOTE_DATA").into();
+    let (here, there) = here_and_there(
+        var("REAP_REMOTE_URI"),
+        var("REAP_REMOTE_DATA").into(),
+        |_| {},
+    );
     let (local, remote) = (
         Lab::new(here).await.unwrap(),
         Lab::new(there).await.unwrap(),
