@@ -4,7 +4,7 @@
 
 use clap::{Parser, Subcommand};
 use devicelab::VmArchitecture;
-use devicelab::config::{HarnessConfig, NatsMode};
+use devicelab::config::{HarnessConfig, NatsMode, uri_host};
 use devicelab::host::doctor::{self, Scope};
 use devicelab::host::libvirt::Libvirt;
 use devicelab::host::pool::Pool;
@@ -215,7 +215,15 @@ struct Listed {
 }
 
 async fn ls(config: &HarnessConfig) -> Result {
-    let listed = each_host(config, |host| async move { ls_vms(&host).await }).await;
+    let listed = each_host(config, |host| async move {
+        ls_vms(&host).await?;
+        // This machine's are listed below, with its containers.
+        match uri_host(&host.libvirt_uri) {
+            Some(_) => ls_saved(&host).await,
+            None => Ok(()),
+        }
+    })
+    .await;
     if config.host_configs().len() > 1 {
         println!("this machine:");
     }
@@ -307,8 +315,8 @@ async fn ls_vms(config: &HarnessConfig) -> Result {
     Ok(())
 }
 
-/// This machine's saved VMs and NATS containers.
-async fn ls_saved_and_containers(config: &HarnessConfig) -> Result {
+/// The saved VMs of the host `config` names (their records in its warm dir).
+async fn ls_saved(config: &HarnessConfig) -> Result {
     let warm_dir = config.warm_dir();
     let saved = tokio::task::spawn_blocking(move || devicelab::vm::warm::saved_vms(&warm_dir))
         .await
@@ -316,14 +324,26 @@ async fn ls_saved_and_containers(config: &HarnessConfig) -> Result {
     if saved.is_empty() {
         println!("saved VMs (warm starts): none");
     }
+    // Another host's saved VMs are volumes of its pool: only their records count here.
+    let local = uri_host(&config.libvirt_uri).is_none();
     for s in &saved {
+        let size = if local {
+            format!("{} MiB", s.bytes >> 20)
+        } else {
+            "volumes of the host's pool".to_owned()
+        };
         println!(
-            "saved VM {} ({} MiB{}): devicelab clean --warm removes it",
+            "saved VM {} ({size}{}): devicelab clean --warm removes it",
             s.name,
-            s.bytes >> 20,
             if s.in_use { ", a clone is running" } else { "" }
         );
     }
+    Ok(())
+}
+
+/// This machine's saved VMs and NATS containers.
+async fn ls_saved_and_containers(config: &HarnessConfig) -> Result {
+    ls_saved(config).await?;
     let podman = &config.podman;
     if let Ok(out) = tokio::process::Command::new(podman)
         .args(["ps", "-a", "--filter", "label=devicelab.pid"])
@@ -418,32 +438,25 @@ fn host_of(config: &HarnessConfig, vm: &str) -> HarnessConfig {
 }
 
 async fn clean(config: &HarnessConfig, warm: bool) -> Result {
-    let cleaned = each_host(config, clean_host).await;
-    if warm {
-        let warm_dir = config.warm_dir();
-        let removed =
-            tokio::task::spawn_blocking(move || devicelab::vm::warm::remove_unused(&warm_dir))
-                .await
-                .map_err(|e| e.to_string())?;
-        println!("removed saved VMs (warm starts): {}", list(&removed));
-    }
-    cleaned
+    each_host(config, |host| clean_host(host, warm)).await
 }
 
-/// Removes what devicelab left on the host `config` names, kept VMs included.
-async fn clean_host(config: HarnessConfig) -> Result {
-    let reaped = tokio::task::spawn_blocking(move || -> Result<reaper::Reaped> {
+/// Removes what devicelab left on the host `config` names, kept VMs included, and with `warm`
+/// its saved VMs no clone is using.
+async fn clean_host(config: HarnessConfig, warm: bool) -> Result {
+    let (reaped, saved) = tokio::task::spawn_blocking(move || -> Result<_> {
         let lv = Libvirt::open(&config.libvirt_uri).map_err(|e| e.to_string())?;
         // As `Lab::new` does: one process at a time sets up the pool and reaps.
         let _lock = devicelab::lab::pool_setup_lock(&config).map_err(|e| e.to_string())?;
         let pool = Pool::ensure(&lv, &config.pool_dir()).map_err(|e| e.to_string())?;
         let dirs = reaper::DataDirs::of(&config);
-        Ok(reaper::reap_including_kept(
-            &lv,
-            &pool,
-            &dirs,
-            &config.podman,
-        ))
+        let reaped = reaper::reap_including_kept(&lv, &pool, &dirs, &config.podman);
+        // Another host's saved VMs are volumes of its pool; this machine's are files.
+        let remote = uri_host(&config.libvirt_uri).is_some();
+        let saved = warm.then(|| {
+            devicelab::vm::warm::remove_unused(&config.warm_dir(), remote.then_some(&pool))
+        });
+        Ok((reaped, saved))
     })
     .await
     .map_err(|e| e.to_string())??;
@@ -453,6 +466,9 @@ async fn clean_host(config: HarnessConfig) -> Result {
         "removed unfinished uploads (pool volumes): {}",
         list(&reaped.uploads)
     );
+    if let Some(saved) = saved {
+        println!("removed saved VMs (warm starts): {}", list(&saved));
+    }
     Ok(())
 }
 

@@ -469,14 +469,19 @@ impl HarnessConfig {
     pub fn runs_dir(&self) -> PathBuf {
         self.data_dir.join("runs")
     }
-    /// Saved VMs for warm starts (a cache: `devicelab clean --warm` empties it).
+    /// Saved VMs for warm starts (a cache: `devicelab clean --warm` empties it): this
+    /// machine's in `warm`, another host's records in `warm/<host>[-<port>]` (its saved VMs'
+    /// memory and disks are volumes of that host's pool).
     pub fn warm_dir(&self) -> PathBuf {
-        self.data_dir.join("warm")
+        self.per_host(self.data_dir.join("warm"))
     }
     /// The cross-process VM slots' lock files: this machine's in `slots`, another host's in
     /// `slots/<host>[-<port>]` (each host counts its own).
     pub fn slots_dir(&self) -> PathBuf {
-        let dir = self.data_dir.join("slots");
+        self.per_host(self.data_dir.join("slots"))
+    }
+    /// `dir` for this machine; `dir/<host>[-<port>]` for another host.
+    fn per_host(&self, dir: PathBuf) -> PathBuf {
         match uri_host(&self.libvirt_uri) {
             Some(host) => dir.join(
                 host.chars()
@@ -670,6 +675,12 @@ mod tests {
         assert_eq!(
             hosts[1].slots_dir(),
             c.data_dir.join("slots").join("kvm1-2222")
+        );
+        // and keeps the records of its saved VMs in its own directory.
+        assert_eq!(hosts[0].warm_dir(), c.data_dir.join("warm"));
+        assert_eq!(
+            hosts[1].warm_dir(),
+            c.data_dir.join("warm").join("kvm1-2222")
         );
         let err = HarnessConfig::from_vars(vars(&[
             ("DEVICELAB_HOSTS", "qemu:///system"),

@@ -125,7 +125,7 @@ pub struct Lab {
     slot_group: String,
     images: tokio::sync::Mutex<HashMap<VmArchitecture, BaseImage>>,
     accels: Mutex<HashMap<VmArchitecture, AccelDecision>>,
-    qemu_args: Arc<Mutex<HashMap<VmArchitecture, Vec<String>>>>,
+    qemu: Arc<Mutex<HashMap<VmArchitecture, QemuOnHost>>>,
     /// A remote host's size (cores, memory in MiB) as its libvirt reports it; `None` on this
     /// machine, whose own size counts.
     remote_size: Option<(usize, u64)>,
@@ -154,22 +154,67 @@ async fn preflight(config: &HarnessConfig, scope: doctor::Scope) -> Result<(), S
     }
 }
 
-/// Extra QEMU arguments: for emulated aarch64 the knobs of `qemu_probe::AARCH64_TCG_KNOBS`
-/// this host's QEMU accepts (probed once per process, each choice logged). Blocking.
-fn qemu_args_for(
-    cache: &Mutex<HashMap<VmArchitecture, Vec<String>>>,
+/// `arch`'s QEMU on a lab's host, read once per lab.
+#[derive(Clone)]
+struct QemuOnHost {
+    emulator: PathBuf,
+    /// Another host's QEMU version, as its libvirt reports it (this machine's is asked of the
+    /// binary itself when a saved VM's key needs it).
+    version: Option<String>,
+    /// Extra QEMU arguments: for emulated aarch64 the knobs of
+    /// `qemu_probe::AARCH64_TCG_KNOBS` the host's QEMU accepts (each choice logged).
+    args: Vec<String>,
+}
+
+/// `arch`'s QEMU on the host `libvirt` reaches: this machine's from the usual install
+/// locations, probed here; another host's as its libvirt names it, probed through that
+/// libvirt. Blocking.
+fn qemu_on_host(
+    libvirt: &Libvirt,
+    route: &Route,
     arch: VmArchitecture,
     accel: Accelerator,
-    emulator: &Path,
-) -> Vec<String> {
-    if arch != VmArchitecture::Aarch64 || accel != Accelerator::Tcg {
-        return Vec::new();
+) -> Result<QemuOnHost, VmError> {
+    let knobs = arch == VmArchitecture::Aarch64 && accel == Accelerator::Tcg;
+    match route {
+        Route::Direct => {
+            let emulator = doctor::find_emulator(arch)
+                .unwrap_or_else(|| Path::new("/usr/bin").join(arch.emulator_binary()));
+            let args = if knobs {
+                qemu_probe::accepted_args(&emulator, qemu_probe::AARCH64_TCG_KNOBS, |args| {
+                    qemu_probe::probe(&emulator, args)
+                })
+            } else {
+                Vec::new()
+            };
+            Ok(QemuOnHost {
+                emulator,
+                version: None,
+                args,
+            })
+        }
+        Route::Through(_) => {
+            let qemu = libvirt.host_qemu(arch)?;
+            tracing::info!(
+                "{}: {arch} guests run on {}, {}",
+                libvirt.uri,
+                qemu.emulator.display(),
+                qemu.version
+            );
+            let args = if knobs {
+                qemu_probe::accepted_args(&qemu.emulator, qemu_probe::AARCH64_TCG_KNOBS, |args| {
+                    libvirt.qemu_accepts(arch, &qemu.emulator, args)
+                })
+            } else {
+                Vec::new()
+            };
+            Ok(QemuOnHost {
+                emulator: qemu.emulator,
+                version: Some(qemu.version),
+                args,
+            })
+        }
     }
-    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-    cache
-        .entry(arch)
-        .or_insert_with(|| qemu_probe::accepted_args(emulator, qemu_probe::AARCH64_TCG_KNOBS))
-        .clone()
 }
 
 /// The accelerator for each architecture on the libvirt host `config` names, from what its
@@ -347,7 +392,7 @@ impl Lab {
             slot_group: slot_group(),
             images: Default::default(),
             accels: Mutex::new(accels),
-            qemu_args: Default::default(),
+            qemu: Default::default(),
             ready_archs: Default::default(),
         }))
     }
@@ -406,10 +451,27 @@ impl Lab {
         Ok(image)
     }
 
-    /// The QEMU system emulator for `arch`, from the usual install locations.
-    pub fn emulator(&self, arch: VmArchitecture) -> PathBuf {
-        doctor::find_emulator(arch)
-            .unwrap_or_else(|| Path::new("/usr/bin").join(arch.emulator_binary()))
+    /// `arch`'s QEMU on this lab's host (see [`qemu_on_host`]), read once per lab.
+    async fn qemu(&self, arch: VmArchitecture) -> Result<QemuOnHost, VmError> {
+        let accel = self.accel(arch).accel;
+        let (cache, libvirt, route) = (self.qemu.clone(), self.libvirt.clone(), self.route.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(qemu) = cache.get(&arch) {
+                return Ok(qemu.clone());
+            }
+            let qemu = qemu_on_host(&libvirt, &route, arch, accel)?;
+            cache.insert(arch, qemu.clone());
+            Ok(qemu)
+        })
+        .await
+        .map_err(|e| VmError::Task(e.to_string()))?
+    }
+
+    /// The QEMU system emulator `arch`'s VMs run on: this machine's from the usual install
+    /// locations, or the one another host's libvirt names.
+    pub async fn emulator(&self, arch: VmArchitecture) -> Result<PathBuf, VmError> {
+        Ok(self.qemu(arch).await?.emulator)
     }
 
     /// `arch`'s host pieces (QEMU, firmware), checked before its first VM: every miss at once.
@@ -438,21 +500,9 @@ impl Lab {
         Ok(())
     }
 
-    /// How `spec`'s VM comes up: its own choice, else the configuration's; cold on a remote
-    /// host, whose saved VMs the harness does not keep (a warning says so, once).
+    /// How `spec`'s VM comes up: its own choice, else the configuration's.
     fn start_for(&self, spec: &VirtualMachineSpec) -> Start {
-        let wanted = spec.start.unwrap_or(self.config.start);
-        if wanted == Start::Warm && matches!(self.route, Route::Through(_)) {
-            static SAID: std::sync::Once = std::sync::Once::new();
-            SAID.call_once(|| {
-                tracing::warn!(
-                    "warm starts are kept on the local libvirt host only: VMs on {} start cold",
-                    self.config.libvirt_uri
-                )
-            });
-            return Start::Cold;
-        }
-        wanted
+        spec.start.unwrap_or(self.config.start)
     }
 
     /// Resolves `spec` into everything a run needs (architecture facts, accelerator,
@@ -463,14 +513,7 @@ impl Lab {
         self.preflight_arch(arch).await?;
         let accel = self.accel(arch);
         let image = self.base_image(arch).await?;
-        let emulator = self.emulator(arch);
-        let qemu_args = {
-            let (emu, accel) = (emulator.clone(), accel.accel);
-            let cache = self.qemu_args.clone();
-            tokio::task::spawn_blocking(move || qemu_args_for(&cache, arch, accel, &emu))
-                .await
-                .map_err(|e| VmError::Task(e.to_string()))?
-        };
+        let qemu = self.qemu(arch).await?;
         let configured = self.config.uefi.clone();
         let firmware = tokio::task::spawn_blocking(move || {
             plan::firmware_for(arch.firmware(), configured.as_ref())
@@ -490,8 +533,9 @@ impl Lab {
             spec,
             accel,
             image,
-            emulator,
-            qemu_args,
+            emulator: qemu.emulator,
+            qemu_version: qemu.version,
+            qemu_args: qemu.args,
             firmware,
             libvirt: self.libvirt.clone(),
             pool: self.pool.clone(),

@@ -39,7 +39,10 @@ fn an_unknown_property_is_left_out_with_qemus_reason() {
             why: "test",
         },
     ];
-    assert_eq!(accepted_args(qemu(), &knobs), ["-accel", "tcg"]);
+    assert_eq!(
+        accepted_args(qemu(), &knobs, |a| probe(qemu(), a)),
+        ["-accel", "tcg"]
+    );
 }
 
 #[test]
@@ -64,7 +67,12 @@ fn a_missing_emulator_accepts_nothing() {
         args: ["-accel", "tcg"],
         why: "test",
     }];
-    assert!(accepted_args(Path::new("/nonexistent/qemu"), &knobs).is_empty());
+    assert!(
+        accepted_args(Path::new("/nonexistent/qemu"), &knobs, |a| {
+            probe(Path::new("/nonexistent/qemu"), a)
+        })
+        .is_empty()
+    );
 }
 
 /// An emulator that answers every QMP command, `quit` included, and then does not exit is given

@@ -41,9 +41,10 @@ async fn behind_sshd(
     (daemon, sshd)
 }
 
-/// The private libvirtd, and an sshd whose sessions run in its mount namespace.
+/// The private libvirtd of another host (it starts domains: its QEMU answers the knob probes),
+/// and an sshd whose sessions run in its namespaces.
 async fn remote() -> (PrivateLibvirtd, Sshd) {
-    behind_sshd(PrivateLibvirtd::apart, &["-m"], "").await
+    behind_sshd(PrivateLibvirtd::another_host, &["-m", "-n"], "").await
 }
 
 /// `qemu+ssh://` to `sshd`, authenticating with its client key, verifying its host key
@@ -129,6 +130,36 @@ async fn a_host_over_ssh_gets_the_disks_through_libvirt_and_a_wrong_host_key_is_
             Path::new("/dev/kvm").exists(),
             "{facts:?}"
         );
+        // Its QEMU is the one its libvirt names and reports (here this machine's binaries),
+        // and asked through it which aarch64 knobs it takes: QEMU's own complaint otherwise.
+        let x86 = lv.host_qemu(VmArchitecture::X86_64).unwrap();
+        let version = std::process::Command::new(&x86.emulator)
+            .arg("--version")
+            .output()
+            .unwrap();
+        let version = String::from_utf8_lossy(&version.stdout).into_owned();
+        let number = x86.version.split_whitespace().nth(1).unwrap().to_owned();
+        assert!(
+            version.contains(&format!("version {number}")),
+            "{x86:?}\n{version}"
+        );
+        require("qemu-system-aarch64", "apt install qemu-system-arm");
+        let arm = lv.host_qemu(VmArchitecture::Aarch64).unwrap();
+        assert!(arm.emulator.ends_with("qemu-system-aarch64"), "{arm:?}");
+        lv.qemu_accepts(
+            VmArchitecture::Aarch64,
+            &arm.emulator,
+            &["-cpu", "max,pauth-impdef=on"],
+        )
+        .unwrap();
+        let refused = lv
+            .qemu_accepts(
+                VmArchitecture::Aarch64,
+                &arm.emulator,
+                &["-cpu", "max,no-such-knob=on"],
+            )
+            .unwrap_err();
+        assert!(refused.contains("no-such-knob"), "{refused}");
         (overlay, pool.volumes().unwrap(), local)
     })
     .await
@@ -416,20 +447,23 @@ async fn two_hosts(tune: impl FnOnce(&mut HarnessConfig)) -> TwoHosts {
     }
 }
 
-/// A device on a libvirt host reached over SSH: the whole onboarding and a power cycle, with
+/// A device on a libvirt host reached over SSH: the whole onboarding and a power cycle, then the
+/// partition trial, with
 /// its disks, console, guest SSH and NATS through the host's login (the sshd carries the
 /// libvirt connection, the probes' session, each guest session's hop and the NATS forward),
-/// started cold though warm was asked for.
+/// started warm: its saved VM built on that host, its memory and disk kept as volumes of the
+/// host's pool (only the record and console here), removed by `devicelab clean --warm`.
 #[rstest]
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots a VM: run with --features e2e")]
-async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arch: VmArchitecture) {
+async fn a_device_on_a_host_over_ssh_starts_warm_and_survives_a_power_cycle_and_a_partition(
+    arch: VmArchitecture,
+) {
     devicelab::init_logging();
     let sshd = Sshd::start_with(&[], "GatewayPorts clientspecified\n").await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = HarnessConfig::from_env().unwrap();
     config.libvirt_uri = uri(&sshd, &sshd.host_key, dir.path());
-    // Asked for warm: a remote host's VMs start cold (saved VMs are kept on the local host).
     config.start = Start::Warm;
     let lab = Lab::new(config).await.unwrap();
     assert!(matches!(lab.route, Route::Through(_)));
@@ -442,7 +476,26 @@ async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arc
     .await
     .unwrap();
     let vm = &device.vm;
-    assert!(!vm.name().starts_with("devicelab-warm-"), "{}", vm.name());
+    // A clone of a saved VM of that host: its memory and disks are the host's volumes; this
+    // side keeps the record and the console only.
+    assert!(vm.name().starts_with("devicelab-warm-"), "{}", vm.name());
+    let record = lab.config.warm_dir().join(vm.name());
+    let mut kept: Vec<String> = std::fs::read_dir(&record)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["saved.json", "serial.log"], "{}", record.display());
+    let saved_volumes = devicelab::vm::warm::saved_volume_names(vm.name());
+    let on_host = {
+        let pool = lab.pool.clone();
+        tokio::task::spawn_blocking(move || pool.volumes().unwrap())
+            .await
+            .unwrap()
+    };
+    for v in [&saved_volumes[0], &saved_volumes[1], &saved_volumes[3]] {
+        assert!(on_host.contains(v), "{v} on the host: {on_host:?}");
+    }
     assert!(
         device.nats.guest_url() != device.nats.client_url(),
         "the guests reach NATS through the host's forward: {}",
@@ -518,14 +571,62 @@ async fn a_device_on_a_host_over_ssh_is_onboarded_and_survives_a_power_cycle(arc
         "the console came through the host:\n{console}"
     );
     // Removed through the host while this test's sshd still runs (a handle dropped at the end
-    // would be torn down after it stopped, and left to the next run's reaper).
+    // would be torn down after it stopped, and left to the next run's reaper); then its saved
+    // VM, as `devicelab clean --warm` removes it (that command, which also reaps every dead
+    // run's VMs on the host, runs in the fleet test, whose other host is the test's own).
+    let saved = vm.name().to_owned();
     device.vm.remove().await.unwrap();
+    // The partition trial on that host (its partition a network filter there), its device the
+    // next request of that kind: a restore of the same saved VM, no cold boot.
+    let phases: Vec<String> =
+        devicelab::trials::outage::partition_with(&lab, arch, &devicelab::reference::agent())
+            .await
+            .unwrap()
+            .entries()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+    assert!(
+        phases.iter().any(|p| p == "warm restore → SSH")
+            && phases.iter().any(|p| p == "first report after healing")
+            && !phases.iter().any(|p| p == "cloud-init"),
+        "a restore, not a cold boot, then the partition healed: {phases:?}"
+    );
+    // The trial's device went with its handle (its teardown on a thread of its own): its
+    // clone holds the saved VM until that is done, within a budget.
+    let (on_host, removed) = {
+        let (pool, dir) = (lab.pool.clone(), lab.config.warm_dir());
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            loop {
+                let removed = devicelab::vm::warm::remove_unused(&dir, Some(&pool));
+                if !removed.is_empty() || started.elapsed() > Duration::from_secs(120) {
+                    break (pool.volumes().unwrap(), removed);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(removed, [saved]);
+    for v in &saved_volumes {
+        assert!(
+            !on_host.contains(v),
+            "{v} removed from the host: {on_host:?}"
+        );
+    }
+    assert!(!record.exists(), "{} removed", record.display());
+    // Nothing else of that host's is kept here (its clone lock went with its clone).
+    std::fs::remove_dir(lab.config.warm_dir()).unwrap();
 }
 
 /// Two hosts of one VM slot each (this machine's libvirtd and one on another host, reached
 /// over SSH), a fleet of four real devices: each host onboards one device at a time, the two
 /// hosts at once, a device placed wherever a slot comes free first; every device reports to
-/// the one NATS server, its guests on each host reaching it their own way.
+/// the one NATS server, its guests on each host reaching it their own way. The devices start
+/// warm, each a clone of a saved VM built on its own host (a host's second device, its first
+/// still running, gets the next saved VM: clones of one never run side by side).
 #[rstest]
 #[test_log::test(tokio::test(flavor = "multi_thread"))]
 #[cfg_attr(not(feature = "e2e"), ignore = "boots VMs: run with --features e2e")]
@@ -546,6 +647,7 @@ async fn a_fleet_across_two_hosts_onboards_one_device_per_host_slot(arch: VmArch
     );
     let fleet = Fleet::of(&devicelab::reference::agent())
         .real(4, arch, "spread")
+        .start_as(Start::Warm)
         .start_across(&[&local, &remote])
         .await
         .unwrap();
@@ -652,11 +754,16 @@ async fn a_fleet_across_two_hosts_onboards_one_device_per_host_slot(arch: VmArch
         .unwrap();
     for m in &fleet.members {
         let host = m.host.as_deref().unwrap();
+        let devicelab::trials::fleet::Device::Real(device) = &m.device else {
+            unreachable!("real devices only")
+        };
         assert!(
-            // A warm clone is listed as its saved VM's domain, with the request's name.
-            under(host).contains(m.device_id()),
-            "{} is listed under its host:\n{listed}",
-            m.device_id()
+            // A warm clone is listed as its saved VM's domain (with the request's name where
+            // its run dir is in this data dir: the other host's lab keeps its own).
+            under(host).contains(device.vm.name()),
+            "{} ({}) is listed under its host:\n{listed}",
+            m.device_id(),
+            device.vm.name()
         );
     }
     // That host's lab keeps its run dirs and key in its own data dir (see above).
@@ -672,8 +779,61 @@ async fn a_fleet_across_two_hosts_onboards_one_device_per_host_slot(arch: VmArch
         on_remote.device_id(),
         String::from_utf8_lossy(&out.stderr)
     );
-    // Removed through the other host while its sshd still runs.
+    // Every device is a clone of a saved VM of its own host, and that host lists them.
+    let saved_on = |uri: &str| {
+        let mut names: Vec<String> = fleet
+            .members
+            .iter()
+            .filter(|m| m.host.as_deref() == Some(uri))
+            .map(|m| match &m.device {
+                devicelab::trials::fleet::Device::Real(device) => device.vm.name().to_owned(),
+                _ => unreachable!("real devices only"),
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    };
+    let saved_there = saved_on(&remote_uri);
+    for names in [&saved_there, &saved_on(&local.config.libvirt_uri)] {
+        assert!(
+            !names.is_empty() && names.iter().all(|n| n.starts_with("devicelab-warm-")),
+            "{names:?}"
+        );
+    }
+    let on_that_host = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(&cli);
+        command
+            .args(args)
+            .env_remove("DEVICELAB_HOSTS")
+            .env("DEVICELAB_LIBVIRT_URI", &remote_uri)
+            .env("DEVICELAB_DATA_DIR", &remote.config.data_dir);
+        command
+    };
+    let listed = on_that_host(&["ls"]).output().await.unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    for name in &saved_there {
+        assert!(
+            listed.contains(&format!(
+                "saved VM {name} (volumes of the host's pool, a clone is running)"
+            )),
+            "{listed}"
+        );
+    }
+    // Removed through the other host while its sshd still runs; then its saved VM, by
+    // `devicelab clean --warm` on that host (the test's own: nothing else of devicelab's there).
     fleet.remove().await.unwrap();
+    let cleaned = on_that_host(&["clean", "--warm"]).output().await.unwrap();
+    let said = String::from_utf8_lossy(&cleaned.stdout).into_owned();
+    assert!(
+        cleaned.status.success()
+            && said.contains(&format!(
+                "removed saved VMs (warm starts): {}",
+                saved_there.join(", ")
+            )),
+        "devicelab clean --warm: {said}{}",
+        String::from_utf8_lossy(&cleaned.stderr)
+    );
     assert_eq!(
         common::leftovers(&daemon.uri()),
         Vec::<String>::new(),

@@ -251,18 +251,34 @@ struct RemoteHost {
     host: String,
     facts: Result<accel::HostFacts, String>,
     size: Option<(usize, u64)>,
+    /// The connection, asked again per architecture (its QEMU).
+    libvirt: Result<Libvirt, String>,
 }
 
 impl RemoteHost {
     /// One connection to `uri` (`host`). Blocking.
     fn ask(host: String, uri: &str) -> Self {
-        let lv = Libvirt::open(uri).map_err(|e| first_line(&e.to_string()));
-        let facts = lv
+        let libvirt = Libvirt::open(uri).map_err(|e| first_line(&e.to_string()));
+        let facts = libvirt
             .as_ref()
             .map_err(Clone::clone)
             .and_then(|lv| lv.host_facts().map_err(|e| first_line(&e.to_string())));
-        let size = lv.ok().and_then(|lv| lv.node_size().ok());
-        Self { host, facts, size }
+        let size = libvirt.as_ref().ok().and_then(|lv| lv.node_size().ok());
+        Self {
+            host,
+            facts,
+            size,
+            libvirt,
+        }
+    }
+
+    /// The host's QEMU for `arch`, as its libvirt names it. Blocking.
+    fn qemu(&self, arch: VmArchitecture) -> Result<crate::host::libvirt::HostQemu, String> {
+        self.libvirt
+            .as_ref()
+            .map_err(Clone::clone)?
+            .host_qemu(arch)
+            .map_err(|e| first_line(&e.to_string()))
     }
 }
 
@@ -523,15 +539,43 @@ fn for_arch(
     remote: Option<&RemoteHost>,
 ) -> Vec<Check> {
     let mut out = Vec::new();
-    let emulator = find_emulator(arch);
-    out.push(match &emulator {
-        Some(p) => Check::ok(format!("{arch}: QEMU"), p.display().to_string()),
-        None => Check::miss(
-            format!("{arch}: QEMU"),
-            format!("no {}", arch.emulator_binary()),
-            distro.install(Piece::Qemu(arch)),
-        ),
-    });
+    // Another host's QEMU is the one its libvirt names; nothing of this machine's counts.
+    let emulator = match remote {
+        None => {
+            let found = find_emulator(arch);
+            out.push(match &found {
+                Some(p) => Check::ok(format!("{arch}: QEMU"), p.display().to_string()),
+                None => Check::miss(
+                    format!("{arch}: QEMU"),
+                    format!("no {}", arch.emulator_binary()),
+                    distro.install(Piece::Qemu(arch)),
+                ),
+            });
+            found
+        }
+        Some(r) => match r.qemu(arch) {
+            Ok(q) => {
+                out.push(Check::ok(
+                    format!("{arch}: QEMU"),
+                    format!("{} on {}, {}", q.emulator.display(), r.host, q.version),
+                ));
+                Some(q.emulator)
+            }
+            Err(e) => {
+                out.push(Check::miss(
+                    format!("{arch}: QEMU"),
+                    format!("not read from {}'s libvirt: {e}", r.host),
+                    format!(
+                        "on {}: install {} (its package for {arch} guests), then restart \
+                         libvirtd; or, if its libvirt did not answer, the fix above",
+                        r.host,
+                        arch.emulator_binary()
+                    ),
+                ));
+                None
+            }
+        },
+    };
     if arch == VmArchitecture::Aarch64 {
         out.push(match firmware::discover(config.uefi.as_ref()) {
             Ok(fw) => Check::ok(
@@ -596,7 +640,12 @@ fn for_arch(
     {
         for knob in qemu_probe::AARCH64_TCG_KNOBS {
             let shown = knob.args.join(" ");
-            out.push(match qemu_probe::probe(emulator, &knob.args) {
+            let probed = match remote.map(|r| &r.libvirt) {
+                None => qemu_probe::probe(emulator, &knob.args),
+                Some(Ok(lv)) => lv.qemu_accepts(arch, emulator, &knob.args),
+                Some(Err(e)) => Err(e.clone()),
+            };
+            out.push(match probed {
                 Ok(()) => Check::ok(format!("aarch64: QEMU accepts {shown}"), knob.why),
                 Err(why) => Check::warn(
                     format!("aarch64: QEMU accepts {shown}"),

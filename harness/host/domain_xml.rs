@@ -92,14 +92,53 @@ pub fn owner_of_defined(xml: &str) -> Option<RunOwner> {
     })
 }
 
+const QEMU_NS: &str = " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'";
+
+/// `args` passed to QEMU as they are, through `<qemu:commandline>` (empty without any).
+fn qemu_commandline<S: AsRef<str>>(args: &[S]) -> String {
+    if args.is_empty() {
+        return String::new();
+    }
+    let args: String = args
+        .iter()
+        .map(|a| format!("    <qemu:arg value='{}'/>\n", xml_escape(a.as_ref())))
+        .collect();
+    format!("  <qemu:commandline>\n{args}  </qemu:commandline>\n")
+}
+
+/// A transient domain that asks a host's QEMU whether it starts `arch`'s machine with `args`
+/// (started paused, no disk, no network: see `Libvirt::qemu_accepts`).
+pub fn probe_xml(
+    name: &str,
+    arch: VmArchitecture,
+    emulator: &std::path::Path,
+    args: &[&str],
+) -> String {
+    format!(
+        r#"<domain type='qemu'{QEMU_NS}>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='{arch}' machine='{machine}'>hvm</type>
+  </os>
+  <devices>
+    <emulator>{emulator}</emulator>
+  </devices>
+{commandline}</domain>
+"#,
+        name = xml_escape(name),
+        arch = arch.name(),
+        machine = arch.machine(),
+        emulator = xml_escape(&emulator.display().to_string()),
+        commandline = qemu_commandline(args),
+    )
+}
+
 fn render_with_digest(p: &DomainXmlParams, digest: &str) -> String {
     let e = |s: &str| xml_escape(s);
     let path = |p: &PathBuf| xml_escape(&p.display().to_string());
-    let qemu_ns = if p.qemu_args.is_empty() {
-        String::new()
-    } else {
-        " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'".to_owned()
-    };
+    let qemu_ns = if p.qemu_args.is_empty() { "" } else { QEMU_NS };
     let loader = match &p.uefi {
         Some(fw) => format!(
             "    <loader readonly='yes' type='pflash'>{}</loader>\n    <nvram>{}</nvram>\n",
@@ -138,16 +177,7 @@ fn render_with_digest(p: &DomainXmlParams, digest: &str) -> String {
         VmArchitecture::X86_64 => "  <genid/>\n",
         VmArchitecture::Aarch64 => "",
     };
-    let qemu_commandline = if p.qemu_args.is_empty() {
-        String::new()
-    } else {
-        let args: String = p
-            .qemu_args
-            .iter()
-            .map(|a| format!("    <qemu:arg value='{}'/>\n", e(a)))
-            .collect();
-        format!("  <qemu:commandline>\n{args}  </qemu:commandline>\n")
-    };
+    let qemu_commandline = qemu_commandline(&p.qemu_args);
     format!(
         r#"<domain type='{domain_type}'{qemu_ns}>
   <name>{name}</name>

@@ -81,6 +81,15 @@ pub enum LibvirtError {
     },
 }
 
+/// A libvirt host's QEMU for one architecture, as its libvirt describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostQemu {
+    /// The system emulator's path on that host.
+    pub emulator: std::path::PathBuf,
+    /// Its version, as the host's libvirt reports it.
+    pub version: String,
+}
+
 /// The network filter that partitions a VM ([`Libvirt::set_partitioned`]): every frame to and
 /// from its interface dropped on the host (no reset, no ICMP: TCP keeps waiting).
 pub const PARTITION_FILTER: &str = "devicelab-partition";
@@ -434,6 +443,75 @@ impl Libvirt {
             cpu_virt,
             kvm,
         })
+    }
+
+    /// The QEMU system emulator this libvirt host runs `arch`'s guests with (its domain
+    /// capabilities' `<path>`), and the QEMU version its libvirt reports.
+    pub fn host_qemu(
+        &self,
+        arch: crate::model::arch::VmArchitecture,
+    ) -> Result<HostQemu, LibvirtError> {
+        let conn = self.conn()?;
+        let object = format!("{arch} guests on {}", self.uri);
+        let caps = conn
+            .domain_capabilities(None, Some(arch.name()), Some("virt"), Some("qemu"), 0)
+            .or_else(|_| conn.domain_capabilities(None, Some(arch.name()), None, Some("qemu"), 0))
+            .map_err(call_err("read the domain capabilities for", &object))?;
+        let doc = parse_xml(&caps, "parse the domain capabilities for", &object)?;
+        let emulator = doc
+            .root_element()
+            .children()
+            .find(|n| n.has_tag_name("path"))
+            .and_then(|n| n.text())
+            .map(|t| std::path::PathBuf::from(t.trim()))
+            .ok_or_else(|| LibvirtError::Call {
+                action: "find the QEMU emulator for",
+                object: object.clone(),
+                message: "its domain capabilities name no <path>".into(),
+            })?;
+        let v = conn
+            .hyp_version()
+            .map_err(call_err("read the QEMU version of", &self.uri))?;
+        Ok(HostQemu {
+            emulator,
+            version: format!(
+                "QEMU {}.{}.{} (as libvirt reports it)",
+                v / 1_000_000,
+                v / 1000 % 1000,
+                v % 1000
+            ),
+        })
+    }
+
+    /// Does this host's QEMU start `arch`'s `virt` machine with `args`? Asked by starting a
+    /// transient domain paused (its vCPUs never run) with `args` through `<qemu:commandline>`,
+    /// destroyed at once, and by libvirt when this connection closes (a killed process leaves
+    /// none). `Err` is QEMU's own complaint, as libvirt relays it.
+    pub fn qemu_accepts(
+        &self,
+        arch: crate::model::arch::VmArchitecture,
+        emulator: &std::path::Path,
+        args: &[&str],
+    ) -> Result<(), String> {
+        static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Unique among this host's domains while it lives (two machines' processes may share
+        // a pid, not also the nanosecond).
+        let nanos = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let name = format!("devicelab-probe-{}-{nanos}-{n}", std::process::id());
+        let xml = crate::host::domain_xml::probe_xml(&name, arch, emulator, args);
+        let conn = self.conn().map_err(|e| e.to_string())?;
+        let dom = conn
+            .create_domain_xml(
+                &xml,
+                sys::VIR_DOMAIN_START_PAUSED | sys::VIR_DOMAIN_START_AUTODESTROY,
+            )
+            .map_err(|e| e.message().to_owned())?;
+        let _ = dom.destroy();
+        Ok(())
     }
 
     /// The host's address on `network`: where guests reach services the harness runs.

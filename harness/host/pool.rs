@@ -523,6 +523,55 @@ impl Pool {
         ))
     }
 
+    /// An empty raw volume `volume` (replacing one of that name), for libvirt to write on its
+    /// host (a saved VM's memory). Returns its path there.
+    pub fn create_empty(&self, volume: &str) -> Result<PathBuf, PoolError> {
+        self.delete_volume(volume)?;
+        let xml = volume_xml(volume, 0, DiskFormat::Raw, Access::Private);
+        let vol = StorageVol::create_xml(&self.handle()?, &xml, 0)
+            .map_err(call_err("create volume", volume))?;
+        Ok(PathBuf::from(
+            vol.path().map_err(call_err("locate volume", volume))?,
+        ))
+    }
+
+    /// A copy of the volume `from` (of `format`) as `to` (replacing one of that name), made on
+    /// the pool's host: nothing crosses the connection. A qcow2 overlay is copied whole (its
+    /// backing chain flattened into it). Returns the copy's path there.
+    pub fn copy_volume(
+        &self,
+        from: &str,
+        to: &str,
+        format: DiskFormat,
+    ) -> Result<PathBuf, PoolError> {
+        self.delete_volume(to)?;
+        let pool = self.handle()?;
+        let source = pool
+            .lookup_storage_vol_by_name(from)
+            .map_err(call_err("look up volume", from))?;
+        let capacity = source
+            .info()
+            .map_err(call_err("read volume", from))?
+            .capacity;
+        let xml = volume_xml(to, capacity, format, Access::Private);
+        let vol = StorageVol::create_xml_from(&pool, &xml, &source, 0)
+            .map_err(call_err("copy volume", &format!("{from} to {to}")))?;
+        Ok(PathBuf::from(
+            vol.path().map_err(call_err("locate volume", to))?,
+        ))
+    }
+
+    /// The path of the volume `volume` on the pool's host, if the pool has it.
+    pub fn volume_path(&self, volume: &str) -> Result<Option<PathBuf>, PoolError> {
+        match self.handle()?.lookup_storage_vol_by_name(volume) {
+            Ok(vol) => Ok(Some(PathBuf::from(
+                vol.path().map_err(call_err("locate volume", volume))?,
+            ))),
+            Err(e) if is_code(&e, ErrorNumber::NoStorageVolume) => Ok(None),
+            Err(e) => Err(call_err("look up volume", volume)(e).into()),
+        }
+    }
+
     /// Makes libvirt notice what changed in the pool directory outside its calls.
     /// libvirt refuses a refresh while it copies a volume into the pool (a base image's first
     /// upload to this host, by any process): it is tried again until [`REFRESH_BUDGET`].

@@ -148,12 +148,17 @@ fn expect_reply(
     }
 }
 
-/// The knobs `emulator` accepts, each probed on its own and the choice logged.
-pub fn accepted_args(emulator: &Path, knobs: &[Knob]) -> Vec<String> {
+/// The knobs `emulator` accepts, each probed on its own by `probe` (this machine's QEMU
+/// through [`probe`], another host's through its libvirt) and the choice logged.
+pub fn accepted_args(
+    emulator: &Path,
+    knobs: &[Knob],
+    probe: impl Fn(&[&str]) -> Result<(), String>,
+) -> Vec<String> {
     let mut out = Vec::new();
     for knob in knobs {
         let shown = knob.args.join(" ");
-        match probe(emulator, &knob.args) {
+        match probe(&knob.args) {
             Ok(()) => {
                 tracing::info!("{}: passing {shown} ({})", emulator.display(), knob.why);
                 out.extend(knob.args.iter().map(|a| a.to_string()));

@@ -25,6 +25,8 @@ pub struct Plan {
     pub budgets: Budgets,
     pub image: BaseImage,
     pub emulator: PathBuf,
+    /// Another host's QEMU version, as its libvirt reports it (`None` on this machine).
+    pub qemu_version: Option<String>,
     pub qemu_args: Vec<String>,
     pub firmware: Option<FirmwarePair>,
     pub waits: Vec<Wait>,

@@ -7,6 +7,10 @@
 //! the cloud-init seed as devicelab renders them, the firmware, the QEMU binary and its version.
 //! Any change gives another key, so a stale saved VM is never restored.
 //!
+//! Where: a saved VM belongs to the host it was built on. On this machine its memory, disk,
+//! seed and NVRAM are files in its directory; on another libvirt host they are volumes of that
+//! host's pool (see `Store`), and the directory here keeps its record and console.
+//!
 //! Identity: libvirt restores a saved VM only under its own name, UUID and MAC (it refuses
 //! others), and the guest keeps its address and host key. So clones of one saved VM never run
 //! side by side: each saved VM has a lock held by its clone until the clone's teardown, and a
@@ -21,11 +25,12 @@ use super::plan::Plan;
 use super::start::{self, Boot};
 use super::teardown::Held;
 use crate::host::libvirt::Libvirt;
-use crate::host::pool::Access;
+use crate::host::pool::{Access, Pool};
 use crate::host::reaper;
 use crate::host::serial::{self, SETTLE_BUDGET};
 use crate::image::DiskFormat;
 use crate::model::spec::{Readiness, Start};
+use crate::ssh::Route;
 use crate::ssh::keys::HostKey;
 use crate::support::lock::{self, Removal};
 use serde::{Deserialize, Serialize};
@@ -37,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Bumped when what a saved VM directory holds changes.
-const LAYOUT: u32 = 5;
+const LAYOUT: u32 = 6;
 const META: &str = "saved.json";
 
 /// A file as the key sees it: where, how long, when last changed (hashing a 2 GiB image on
@@ -120,6 +125,54 @@ struct Saved {
     guest_uptime_at_pause: f64,
 }
 
+/// Where a saved VM's memory, disk, seed and NVRAM live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    /// Files in its directory (this machine's libvirt: the disk is moved out of the pool).
+    Files,
+    /// Volumes of the host's pool, named by [`saved_volume_names`] (another host: nothing of
+    /// its file system is reachable from here but through libvirt).
+    Volumes,
+}
+
+impl Store {
+    fn of(plan: &Plan) -> Self {
+        match plan.route {
+            Route::Direct => Self::Files,
+            Route::Through(_) => Self::Volumes,
+        }
+    }
+}
+
+/// The pool volumes of the saved VM `name` on another host: its disk (a whole copy, the
+/// backing chain flattened), seed, NVRAM and memory. Kept across runs, as base images are;
+/// `devicelab clean --warm` removes them.
+pub fn saved_volume_names(name: &str) -> [String; 4] {
+    let stem = format!(
+        "devicelab-saved-{}",
+        name.strip_prefix("devicelab-").unwrap_or(name)
+    );
+    [
+        format!("{stem}.qcow2"),
+        format!("{stem}-seed.img"),
+        format!("{stem}-VARS.fd"),
+        format!("{stem}.save"),
+    ]
+}
+
+/// Deletes the saved VM `name` whose record is in `dir`: the directory, and its volumes on
+/// `pool`'s host when it is another host's. Blocking.
+fn forget(dir: &Path, name: &str, pool: Option<&Pool>) {
+    if let Some(pool) = pool {
+        for volume in saved_volume_names(name) {
+            if let Err(e) = pool.delete_volume(&volume) {
+                tracing::warn!("saved VM {name}: cannot delete its volume {volume}: {e}");
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Whether a request can start warm: its handle must come back at "cloud-init done" with its
 /// provisioning flushed (a saved VM is exactly that); otherwise it boots cold, and says why.
 /// Why `plan` cannot start warm, if it cannot.
@@ -151,11 +204,33 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
     let (lock, index) = lock_free_clone(plan, &stem, &key).await?;
     let name = format!("{stem}{index}");
     let dir = plan.warm_dir.join(&name);
+    let store = Store::of(plan);
     let found = {
-        let (dir, key) = (dir.clone(), key.clone());
-        tokio::task::spawn_blocking(move || load(&dir, &key))
-            .await
-            .map_err(|e| VmError::Task(e.to_string()))?
+        let (dir, key, pool, name) = (dir.clone(), key.clone(), plan.pool.clone(), name.clone());
+        tokio::task::spawn_blocking(move || {
+            let saved = load(&dir, &key)?;
+            // Another host's volumes can go without this machine knowing (removed there).
+            let missing = match store {
+                Store::Files => None,
+                Store::Volumes => {
+                    let [disk, seed, _, memory] = saved_volume_names(&name);
+                    [disk, seed, memory]
+                        .into_iter()
+                        .find(|v| !matches!(pool.volume_path(v), Ok(Some(_))))
+                }
+            };
+            match missing {
+                None => Some(saved),
+                Some(volume) => {
+                    tracing::warn!(
+                        "saved VM {name}: its volume {volume} is gone from the host: building it again"
+                    );
+                    None
+                }
+            }
+        })
+        .await
+        .map_err(|e| VmError::Task(e.to_string()))?
     };
     let saved = match found {
         Some(saved)
@@ -181,7 +256,8 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
     let host_key = HostKey::from_openssh(&saved.host_key)?;
     let broken = Arc::new(AtomicBool::new(false));
     let restore = WarmRestore {
-        name,
+        name: name.clone(),
+        store,
         dir: dir.clone(),
         saved,
         host_key,
@@ -198,8 +274,9 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
             let (d, run_dir) = (dir.clone(), plan.runs_dir.join(&plan.spec.name));
             let evidence = run_dir.with_extension("warm-failed");
             let moved = evidence.clone();
+            let pool = (store == Store::Volumes).then(|| plan.pool.clone());
             let _ = tokio::task::spawn_blocking(move || {
-                let _ = std::fs::remove_dir_all(&d);
+                forget(&d, &name, pool.as_ref());
                 let _ = std::fs::remove_dir_all(&moved);
                 std::fs::rename(&run_dir, &moved)
             })
@@ -350,6 +427,19 @@ pub(crate) fn key_inputs(plan: &Plan) -> Result<KeyInputs, VmError> {
         Some(fw) => Some((FileId::of(&fw.code)?, FileId::of(&fw.vars)?)),
         None => None,
     };
+    let (emulator, qemu_version) = match &plan.qemu_version {
+        // Another host's QEMU: its file is not here; its path and the version its libvirt
+        // reports stand for it.
+        Some(version) => (
+            FileId {
+                path: plan.emulator.clone(),
+                len: 0,
+                modified_ns: 0,
+            },
+            version.clone(),
+        ),
+        None => (FileId::of(&plan.emulator)?, qemu_version(&plan.emulator)?),
+    };
     Ok(KeyInputs {
         layout: LAYOUT,
         arch: spec.arch.name().into(),
@@ -364,8 +454,8 @@ pub(crate) fn key_inputs(plan: &Plan) -> Result<KeyInputs, VmError> {
         client_key: plan.client_key.public_line.clone(),
         image: FileId::of(&plan.image.path)?,
         firmware,
-        emulator: FileId::of(&plan.emulator)?,
-        qemu_version: qemu_version(&plan.emulator)?,
+        emulator,
+        qemu_version,
         network: format!(
             "{} {}",
             plan.network,
@@ -453,15 +543,23 @@ async fn build(
         .await
         .map_err(|e| VmError::Task(e.to_string()))??;
     }
+    let store = Store::of(plan);
     let save_started = Instant::now();
     let state_saved = {
-        let (n, to) = (name.to_owned(), building.join("memory.save"));
+        let (n, building, pool) = (name.to_owned(), building.clone(), plan.pool.clone());
         plan.libvirt
-            .run(move |lv| lv.pause_and_save(&lv.domain(&n)?, &n, &to))
+            .run(move |lv| -> Result<SystemTime, VmError> {
+                let to = match store {
+                    Store::Files => building.join("memory.save"),
+                    // Written by libvirt on its host, into a volume made for it.
+                    Store::Volumes => pool.create_empty(&saved_volume_names(&n)[3])?,
+                };
+                Ok(lv.pause_and_save(&lv.domain(&n)?, &n, &to)?)
+            })
             .await
     };
     let kept = match state_saved {
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
         Ok(paused) => {
             let saved = Saved {
                 key: key.to_owned(),
@@ -483,23 +581,37 @@ async fn build(
             );
             tokio::task::spawn_blocking(move || -> Result<(), VmError> {
                 let [disk, seed, vars] = reaper::volume_names(&name);
-                // The disk moves (the pool forgets it); seed and NVRAM are copied (the template's
-                // teardown deletes its own).
-                let disk_to = building.join("disk.qcow2");
-                std::fs::rename(pool.path_of(&disk), &disk_to)
-                    .map_err(io("keep the disk", &disk_to))?;
-                pool.refresh()?;
-                std::fs::copy(pool.path_of(&seed), building.join("seed.img"))
-                    .map_err(io("keep the seed", &building))?;
+                match store {
+                    // The disk moves (the pool forgets it); seed and NVRAM are copied (the
+                    // template's teardown deletes its own).
+                    Store::Files => {
+                        let disk_to = building.join("disk.qcow2");
+                        std::fs::rename(pool.path_of(&disk), &disk_to)
+                            .map_err(io("keep the disk", &disk_to))?;
+                        pool.refresh()?;
+                        std::fs::copy(pool.path_of(&seed), building.join("seed.img"))
+                            .map_err(io("keep the seed", &building))?;
+                        if pool.path_of(&vars).exists() {
+                            std::fs::copy(pool.path_of(&vars), building.join("VARS.fd"))
+                                .map_err(io("keep the NVRAM", &building))?;
+                        }
+                    }
+                    // Copied on the host, beside the memory libvirt wrote there.
+                    Store::Volumes => {
+                        pool.refresh()?;
+                        let [disk_to, seed_to, vars_to, _] = saved_volume_names(&name);
+                        pool.copy_volume(&disk, &disk_to, DiskFormat::Qcow2)?;
+                        pool.copy_volume(&seed, &seed_to, DiskFormat::Raw)?;
+                        if pool.volume_path(&vars)?.is_some() {
+                            pool.copy_volume(&vars, &vars_to, DiskFormat::Raw)?;
+                        }
+                    }
+                }
                 // The boot a clone resumes in: its console so far belongs to every clone (all of
                 // it, the domain having stopped with the save).
                 serial::settle(&serial_log, SETTLE_BUDGET);
                 std::fs::copy(&serial_log, building.join("serial.log"))
                     .map_err(io("keep the console log", &building))?;
-                if pool.path_of(&vars).exists() {
-                    std::fs::copy(pool.path_of(&vars), building.join("VARS.fd"))
-                        .map_err(io("keep the NVRAM", &building))?;
-                }
                 let meta = building.join(META);
                 let json = serde_json::to_vec_pretty(&meta_saved).expect("Saved always serializes");
                 write_synced(&meta, &json).map_err(io("write", &meta))?;
@@ -519,7 +631,11 @@ async fn build(
     // goes with it.
     let removed = vm.remove().await;
     if kept.is_err() {
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(building)).await;
+        let (pool, name) = (
+            (store == Store::Volumes).then(|| plan.pool.clone()),
+            name.to_owned(),
+        );
+        let _ = tokio::task::spawn_blocking(move || forget(&building, &name, pool.as_ref())).await;
     }
     let saved = kept?;
     removed?;
@@ -567,6 +683,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// VM's own name, MAC and host key.
 pub(crate) struct WarmRestore {
     name: String,
+    store: Store,
     dir: PathBuf,
     saved: Saved,
     host_key: HostKey,
@@ -592,21 +709,52 @@ impl Boot for WarmRestore {
     /// restore`), so "restore → SSH" can be read part by part.
     async fn make_domain(&self, plan: &Plan, vm: &Vm) -> Result<(), VmError> {
         let part = Instant::now();
-        let (pool, dir, name, gib, serial_log) = (
+        let (pool, dir, name, gib, serial_log, store) = (
             plan.pool.clone(),
             self.dir.clone(),
             self.name.clone(),
             plan.spec.disk_gib,
             vm.serial_log().to_owned(),
+            self.store,
         );
-        plan.libvirt
-            .run(move |_| -> Result<(), VmError> {
+        let from = plan
+            .libvirt
+            .run(move |_| -> Result<PathBuf, VmError> {
                 let [disk, seed, vars] = reaper::volume_names(&name);
-                pool.create_overlay_on(&disk, &dir.join("disk.qcow2"), DiskFormat::Qcow2, gib)?;
-                pool.upload(&seed, &dir.join("seed.img"), 0, Access::Private)?;
-                if dir.join("VARS.fd").exists() {
-                    pool.upload(&vars, &dir.join("VARS.fd"), 0, Access::Private)?;
-                }
+                let from = match store {
+                    Store::Files => {
+                        pool.create_overlay_on(
+                            &disk,
+                            &dir.join("disk.qcow2"),
+                            DiskFormat::Qcow2,
+                            gib,
+                        )?;
+                        pool.upload(&seed, &dir.join("seed.img"), 0, Access::Private)?;
+                        if dir.join("VARS.fd").exists() {
+                            pool.upload(&vars, &dir.join("VARS.fd"), 0, Access::Private)?;
+                        }
+                        dir.join("memory.save")
+                    }
+                    // Made on the host from the saved VM's volumes there.
+                    Store::Volumes => {
+                        let [saved_disk, saved_seed, saved_vars, memory] =
+                            saved_volume_names(&name);
+                        let gone = |volume: &str| WarmError::Restore {
+                            vm: name.clone(),
+                            dir: dir.clone(),
+                            message: format!("its volume {volume} is gone from the host"),
+                        };
+                        let backing = pool
+                            .volume_path(&saved_disk)?
+                            .ok_or_else(|| gone(&saved_disk))?;
+                        pool.create_overlay_on(&disk, &backing, DiskFormat::Qcow2, gib)?;
+                        pool.copy_volume(&saved_seed, &seed, DiskFormat::Raw)?;
+                        if pool.volume_path(&saved_vars)?.is_some() {
+                            pool.copy_volume(&saved_vars, &vars, DiskFormat::Raw)?;
+                        }
+                        pool.volume_path(&memory)?.ok_or_else(|| gone(&memory))?
+                    }
+                };
                 // The clone's console starts with the boot it resumes in.
                 std::fs::copy(dir.join("serial.log"), &serial_log).map_err(|source| {
                     WarmError::Io {
@@ -615,17 +763,14 @@ impl Boot for WarmRestore {
                         source,
                     }
                 })?;
-                Ok(())
+                Ok(from)
             })
             .await?;
         vm.timings.record("warm restore: volumes", part.elapsed());
         let part = Instant::now();
-        let (owned, from, owner) = (
-            vm.owned.clone(),
-            self.dir.join("memory.save"),
-            plan.owner.clone(),
-        );
+        let (owned, owner) = (vm.owned.clone(), plan.owner.clone());
         let (dir, domain_xml) = (self.dir.clone(), vm.run_dir().join("domain.xml"));
+        let forget_pool = (self.store == Store::Volumes).then(|| plan.pool.clone());
         let serial_log = vm.serial_log().to_owned();
         let resumed = plan
             .libvirt
@@ -633,7 +778,7 @@ impl Boot for WarmRestore {
                 let _held = owned.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
                 let (dom, xml) = lv.restore(&from, &owned.name, &owner).map_err(|e| {
                     // Whatever is wrong with it, it is not restored again.
-                    let _ = std::fs::remove_dir_all(&dir);
+                    forget(&dir, &owned.name, forget_pool.as_ref());
                     WarmError::Restore {
                         vm: owned.name.clone(),
                         dir: dir.clone(),
@@ -730,8 +875,9 @@ pub fn saved_vms(dir: &Path) -> Vec<SavedVm> {
     out
 }
 
-/// Removes every saved VM no clone is using (`devicelab clean --warm`); returns their names.
-pub fn remove_unused(dir: &Path) -> Vec<String> {
+/// Removes every saved VM in `dir` no clone is using (`devicelab clean --warm`), with its
+/// volumes on `pool`'s host when `dir` holds another host's records; returns their names.
+pub fn remove_unused(dir: &Path, pool: Option<&Pool>) -> Vec<String> {
     let mut removed = Vec::new();
     for saved in saved_vms(dir) {
         // Held while removing, so no clone starts from a half-removed saved VM.
@@ -740,7 +886,8 @@ pub fn remove_unused(dir: &Path) -> Vec<String> {
         else {
             continue;
         };
-        if std::fs::remove_dir_all(dir.join(&saved.name)).is_ok() {
+        forget(&dir.join(&saved.name), &saved.name, pool);
+        if !dir.join(&saved.name).exists() {
             removed.push(saved.name.clone());
         }
         let _ = std::fs::remove_dir_all(dir.join(format!("{}.building", saved.name)));
@@ -752,10 +899,11 @@ pub fn remove_unused(dir: &Path) -> Vec<String> {
             continue;
         };
         let path = dir.join(format!("{stem}.lock"));
-        if let Ok(Some(_lock)) = lock::try_lock(&path, "devicelab clean --warm", Removal::Keep)
-            && std::fs::remove_dir_all(entry.path()).is_ok()
-        {
-            removed.push(name);
+        if let Ok(Some(_lock)) = lock::try_lock(&path, "devicelab clean --warm", Removal::Keep) {
+            forget(&entry.path(), stem, pool);
+            if !entry.path().exists() {
+                removed.push(name);
+            }
         }
     }
     removed
@@ -834,12 +982,12 @@ mod tests {
         let listed = saved_vms(&dir);
         let shown: Vec<(&str, bool)> = listed.iter().map(|s| (s.name.as_str(), s.in_use)).collect();
         assert_eq!(shown, [("w-0", false), ("w-1", true)]);
-        let mut removed = remove_unused(&dir);
+        let mut removed = remove_unused(&dir, None);
         removed.sort();
         assert_eq!(removed, ["w-0", "w-2.building"]);
         assert!(dir.join("w-1").join(META).exists(), "the one in use stays");
         drop(in_use);
-        assert_eq!(remove_unused(&dir), ["w-1"]);
+        assert_eq!(remove_unused(&dir, None), ["w-1"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -254,9 +254,9 @@ pub fn devicelab_cli() -> std::path::PathBuf {
 
 /// A libvirtd of the test's own, so restarting it disturbs nothing else: private mount and
 /// network namespaces, its state and config in a temp dir, its socket at `<dir>/run/libvirt-sock`.
-/// `<dir>/data` is a directory it shares with the test, or, started
-/// [`PrivateLibvirtd::apart`], one of its own (`<dir>/host-data` seen from the test), as a
-/// remote host's files are: nothing written there by the test reaches it.
+/// `<dir>/data` is a directory it shares with the test, or, for
+/// [`PrivateLibvirtd::another_host`], one of its own (`<dir>/host-data` seen from the test), as
+/// a remote host's files are: nothing written there by the test reaches it.
 pub struct PrivateLibvirtd {
     pub dir: tempfile::TempDir,
     child: Option<std::process::Child>,
@@ -273,12 +273,7 @@ impl PrivateLibvirtd {
         Self::started(false, false)
     }
 
-    /// Started with a `<dir>/data` of its own.
-    pub fn apart() -> Self {
-        Self::started(true, false)
-    }
-
-    /// [`PrivateLibvirtd::apart`], and a host that boots guests of its own: its loopback up,
+    /// A host that boots guests of its own, with a `<dir>/data` of its own: its loopback up,
     /// an isolated network `default` on `192.168.130.0/24` in its network namespace (which
     /// does not route from the test's), QEMU's output to files (there is no virtlogd there).
     /// Its network is destroyed (its dnsmasq stopped) before the daemon stops.
