@@ -219,7 +219,7 @@ async fn ls(config: &HarnessConfig) -> Result {
         ls_vms(&host).await?;
         // This machine's are listed below, with its containers.
         match uri_host(&host.libvirt_uri) {
-            Some(_) => ls_saved(&host).await,
+            Some(_) => ls_saved(host.warm_dir()).await,
             None => Ok(()),
         }
     })
@@ -316,21 +316,20 @@ async fn ls_vms(config: &HarnessConfig) -> Result {
 }
 
 /// The saved VMs of the host `config` names (their records in its warm dir).
-async fn ls_saved(config: &HarnessConfig) -> Result {
-    let warm_dir = config.warm_dir();
+/// The saved VMs whose records are in `warm_dir`.
+async fn ls_saved(warm_dir: std::path::PathBuf) -> Result {
     let saved = tokio::task::spawn_blocking(move || devicelab::vm::warm::saved_vms(&warm_dir))
         .await
         .map_err(|e| e.to_string())?;
     if saved.is_empty() {
         println!("saved VMs (warm starts): none");
     }
-    // Another host's saved VMs are volumes of its pool: only their records count here.
-    let local = uri_host(&config.libvirt_uri).is_none();
     for s in &saved {
-        let size = if local {
-            format!("{} MiB", s.bytes >> 20)
-        } else {
+        // Another host's saved VMs are volumes of its pool: only their records are here.
+        let size = if s.on_host {
             "volumes of the host's pool".to_owned()
+        } else {
+            format!("{} MiB", s.bytes >> 20)
         };
         println!(
             "saved VM {} ({size}{}): devicelab clean --warm removes it",
@@ -343,7 +342,7 @@ async fn ls_saved(config: &HarnessConfig) -> Result {
 
 /// This machine's saved VMs and NATS containers.
 async fn ls_saved_and_containers(config: &HarnessConfig) -> Result {
-    ls_saved(config).await?;
+    ls_saved(config.local_warm_dir()).await?;
     let podman = &config.podman;
     if let Ok(out) = tokio::process::Command::new(podman)
         .args(["ps", "-a", "--filter", "label=devicelab.pid"])
@@ -438,11 +437,25 @@ fn host_of(config: &HarnessConfig, vm: &str) -> HarnessConfig {
 }
 
 async fn clean(config: &HarnessConfig, warm: bool) -> Result {
-    each_host(config, |host| clean_host(host, warm)).await
+    let cleaned = each_host(config, |host| clean_host(host, warm)).await;
+    if warm {
+        // This machine's saved VMs are files: no libvirt needed to remove them.
+        let warm_dir = config.local_warm_dir();
+        let removed = tokio::task::spawn_blocking(move || {
+            devicelab::vm::warm::remove_unused(&warm_dir, None)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        println!(
+            "removed saved VMs of this machine (warm starts): {}",
+            list(&removed)
+        );
+    }
+    cleaned
 }
 
 /// Removes what devicelab left on the host `config` names, kept VMs included, and with `warm`
-/// its saved VMs no clone is using.
+/// another host's saved VMs no clone is using (their volumes there).
 async fn clean_host(config: HarnessConfig, warm: bool) -> Result {
     let (reaped, saved) = tokio::task::spawn_blocking(move || -> Result<_> {
         let lv = Libvirt::open(&config.libvirt_uri).map_err(|e| e.to_string())?;
@@ -451,11 +464,9 @@ async fn clean_host(config: HarnessConfig, warm: bool) -> Result {
         let pool = Pool::ensure(&lv, &config.pool_dir()).map_err(|e| e.to_string())?;
         let dirs = reaper::DataDirs::of(&config);
         let reaped = reaper::reap_including_kept(&lv, &pool, &dirs, &config.podman);
-        // Another host's saved VMs are volumes of its pool; this machine's are files.
         let remote = uri_host(&config.libvirt_uri).is_some();
-        let saved = warm.then(|| {
-            devicelab::vm::warm::remove_unused(&config.warm_dir(), remote.then_some(&pool))
-        });
+        let saved = (warm && remote)
+            .then(|| devicelab::vm::warm::remove_unused(&config.warm_dir(), Some(&pool)));
         Ok((reaped, saved))
     })
     .await

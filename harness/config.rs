@@ -473,7 +473,11 @@ impl HarnessConfig {
     /// machine's in `warm`, another host's records in `warm/<host>[-<port>]` (its saved VMs'
     /// memory and disks are volumes of that host's pool).
     pub fn warm_dir(&self) -> PathBuf {
-        self.per_host(self.data_dir.join("warm"))
+        self.per_host(self.local_warm_dir())
+    }
+    /// This machine's saved VMs (whatever host the configuration names).
+    pub fn local_warm_dir(&self) -> PathBuf {
+        self.data_dir.join("warm")
     }
     /// The cross-process VM slots' lock files: this machine's in `slots`, another host's in
     /// `slots/<host>[-<port>]` (each host counts its own).

@@ -158,8 +158,8 @@ async fn preflight(config: &HarnessConfig, scope: doctor::Scope) -> Result<(), S
 #[derive(Clone)]
 struct QemuOnHost {
     emulator: PathBuf,
-    /// Another host's QEMU version, as its libvirt reports it (this machine's is asked of the
-    /// binary itself when a saved VM's key needs it).
+    /// Another host's QEMU version: the machine type its libvirt resolves the architecture's
+    /// to (this machine's is asked of the binary itself when a saved VM's key needs it).
     version: Option<String>,
     /// Extra QEMU arguments: for emulated aarch64 the knobs of
     /// `qemu_probe::AARCH64_TCG_KNOBS` the host's QEMU accepts (each choice logged).
@@ -175,46 +175,40 @@ fn qemu_on_host(
     arch: VmArchitecture,
     accel: Accelerator,
 ) -> Result<QemuOnHost, VmError> {
-    let knobs = arch == VmArchitecture::Aarch64 && accel == Accelerator::Tcg;
-    match route {
-        Route::Direct => {
-            let emulator = doctor::find_emulator(arch)
-                .unwrap_or_else(|| Path::new("/usr/bin").join(arch.emulator_binary()));
-            let args = if knobs {
-                qemu_probe::accepted_args(&emulator, qemu_probe::AARCH64_TCG_KNOBS, |args| {
-                    qemu_probe::probe(&emulator, args)
-                })
-            } else {
-                Vec::new()
-            };
-            Ok(QemuOnHost {
-                emulator,
-                version: None,
-                args,
-            })
-        }
+    let (emulator, version) = match route {
+        Route::Direct => (
+            doctor::find_emulator(arch)
+                .unwrap_or_else(|| Path::new("/usr/bin").join(arch.emulator_binary())),
+            None,
+        ),
         Route::Through(_) => {
             let qemu = libvirt.host_qemu(arch)?;
             tracing::info!(
-                "{}: {arch} guests run on {}, {}",
+                "{}: {arch} guests run on {} (machine {})",
                 libvirt.uri,
                 qemu.emulator.display(),
-                qemu.version
+                qemu.machine
             );
-            let args = if knobs {
-                qemu_probe::accepted_args(&qemu.emulator, qemu_probe::AARCH64_TCG_KNOBS, |args| {
-                    libvirt.qemu_accepts(arch, &qemu.emulator, args)
-                })
-            } else {
-                Vec::new()
-            };
-            Ok(QemuOnHost {
-                emulator: qemu.emulator,
-                version: Some(qemu.version),
-                args,
-            })
+            (qemu.emulator, Some(qemu.machine))
         }
-    }
+    };
+    let args = if arch == VmArchitecture::Aarch64 && accel == Accelerator::Tcg {
+        qemu_probe::accepted_args(
+            &emulator,
+            qemu_probe::AARCH64_TCG_KNOBS,
+            |args| match route {
+                Route::Direct => qemu_probe::probe(&emulator, args),
+                Route::Through(_) => libvirt.qemu_accepts(arch, &emulator, args),
+            },
+        )
+    } else {
+        Vec::new()
+    };
+    Ok(QemuOnHost {
+        emulator,
+        version,
+        args,
+    })
 }
 
 /// The accelerator for each architecture on the libvirt host `config` names, from what its

@@ -130,7 +130,7 @@ async fn a_host_over_ssh_gets_the_disks_through_libvirt_and_a_wrong_host_key_is_
             Path::new("/dev/kvm").exists(),
             "{facts:?}"
         );
-        // Its QEMU is the one its libvirt names and reports (here this machine's binaries),
+        // Its QEMU is the one its libvirt names (here this machine's binaries),
         // and asked through it which aarch64 knobs it takes: QEMU's own complaint otherwise.
         let x86 = lv.host_qemu(VmArchitecture::X86_64).unwrap();
         let version = std::process::Command::new(&x86.emulator)
@@ -138,14 +138,18 @@ async fn a_host_over_ssh_gets_the_disks_through_libvirt_and_a_wrong_host_key_is_
             .output()
             .unwrap();
         let version = String::from_utf8_lossy(&version.stdout).into_owned();
-        let number = x86.version.split_whitespace().nth(1).unwrap().to_owned();
+        // The machine type carries the emulator's version (`pc-q35-7.2`).
+        let number = x86.machine.rsplit('-').next().unwrap().to_owned();
         assert!(
-            version.contains(&format!("version {number}")),
+            x86.machine.starts_with("pc-q35-") && version.contains(&format!("version {number}")),
             "{x86:?}\n{version}"
         );
         require("qemu-system-aarch64", "apt install qemu-system-arm");
         let arm = lv.host_qemu(VmArchitecture::Aarch64).unwrap();
-        assert!(arm.emulator.ends_with("qemu-system-aarch64"), "{arm:?}");
+        assert!(
+            arm.emulator.ends_with("qemu-system-aarch64") && arm.machine.starts_with("virt-"),
+            "{arm:?}"
+        );
         lv.qemu_accepts(
             VmArchitecture::Aarch64,
             &arm.emulator,
@@ -486,7 +490,7 @@ async fn a_device_on_a_host_over_ssh_starts_warm_and_survives_a_power_cycle_and_
         .collect();
     kept.sort();
     assert_eq!(kept, ["saved.json", "serial.log"], "{}", record.display());
-    let saved_volumes = devicelab::vm::warm::saved_volume_names(vm.name());
+    let saved_volumes = devicelab::vm::warm::saved_volume_names(&lab.config.warm_dir(), vm.name());
     let on_host = {
         let pool = lab.pool.clone();
         tokio::task::spawn_blocking(move || pool.volumes().unwrap())
@@ -572,9 +576,21 @@ async fn a_device_on_a_host_over_ssh_starts_warm_and_survives_a_power_cycle_and_
     );
     // Removed through the host while this test's sshd still runs (a handle dropped at the end
     // would be torn down after it stopped, and left to the next run's reaper); then its saved
-    // VM, as `devicelab clean --warm` removes it (that command, which also reaps every dead
-    // run's VMs on the host, runs in the fleet test, whose other host is the test's own).
+    // VM, as `devicelab clean --warm` removes it (not run here: it also reaps every ended
+    // run's VMs and containers).
     let saved = vm.name().to_owned();
+    let saved_at = |dir: std::path::PathBuf, name: String| async move {
+        tokio::task::spawn_blocking(move || {
+            devicelab::vm::warm::saved_vms(&dir)
+                .into_iter()
+                .find(|s| s.name == name)
+                .map(|s| s.saved_at_unix)
+        })
+        .await
+        .unwrap()
+    };
+    let built_at = saved_at(lab.config.warm_dir(), saved.clone()).await;
+    assert!(built_at.is_some(), "{saved} has a record");
     device.vm.remove().await.unwrap();
     // The partition trial on that host (its partition a network filter there), its device the
     // next request of that kind: a restore of the same saved VM, no cold boot.
@@ -591,6 +607,11 @@ async fn a_device_on_a_host_over_ssh_starts_warm_and_survives_a_power_cycle_and_
             && phases.iter().any(|p| p == "first report after healing")
             && !phases.iter().any(|p| p == "cloud-init"),
         "a restore, not a cold boot, then the partition healed: {phases:?}"
+    );
+    assert_eq!(
+        saved_at(lab.config.warm_dir(), saved.clone()).await,
+        built_at,
+        "the same saved VM restored, not built again"
     );
     // The trial's device went with its handle (its teardown on a thread of its own): its
     // clone holds the saved VM until that is done, within a budget.
@@ -820,19 +841,27 @@ async fn a_fleet_across_two_hosts_onboards_one_device_per_host_slot(arch: VmArch
             "{listed}"
         );
     }
-    // Removed through the other host while its sshd still runs; then its saved VM, by
-    // `devicelab clean --warm` on that host (the test's own: nothing else of devicelab's there).
+    // Removed through the other host while its sshd still runs; then its saved VMs, as
+    // `devicelab clean --warm` removes them (not run here: it also reaps every ended run's
+    // containers on this machine). One has lost its record, as with a data dir not kept:
+    // its volumes are found by their names and removed too.
     fleet.remove().await.unwrap();
-    let cleaned = on_that_host(&["clean", "--warm"]).output().await.unwrap();
-    let said = String::from_utf8_lossy(&cleaned.stdout).into_owned();
+    let lost = remote.config.warm_dir().join(&saved_there[0]);
+    std::fs::remove_dir_all(&lost).unwrap();
+    let removed = {
+        let (dir, pool) = (remote.config.warm_dir(), remote.pool.clone());
+        tokio::task::spawn_blocking(move || devicelab::vm::warm::remove_unused(&dir, Some(&pool)))
+            .await
+            .unwrap()
+    };
+    for name in &saved_there[1..] {
+        assert!(removed.contains(name), "{name} removed: {removed:?}");
+    }
+    let stem = saved_there[0].trim_start_matches("devicelab-");
     assert!(
-        cleaned.status.success()
-            && said.contains(&format!(
-                "removed saved VMs (warm starts): {}",
-                saved_there.join(", ")
-            )),
-        "devicelab clean --warm: {said}{}",
-        String::from_utf8_lossy(&cleaned.stderr)
+        removed.iter().filter(|v| v.contains(stem)).count() >= 3,
+        "the volumes of {} (its record lost) removed: {removed:?}",
+        saved_there[0]
     );
     assert_eq!(
         common::leftovers(&daemon.uri()),

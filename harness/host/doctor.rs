@@ -372,10 +372,8 @@ fn libvirt(config: &HarnessConfig, distro: Distro) -> Vec<Check> {
             ),
         ),
     });
-    // Warm restores run on this machine only: another host's bridge costs cold boots nothing.
-    if crate::config::uri_host(uri).is_none()
-        && let Ok(Some(stp)) = lv.network_stp(&config.network)
-    {
+    // Each host's bridge: every warm restore there waits it out.
+    if let Ok(Some(stp)) = lv.network_stp(&config.network) {
         out.push(bridge_stp(uri, &config.network, stp));
     }
     out.push(match lv.network_filters() {
@@ -557,7 +555,12 @@ fn for_arch(
             Ok(q) => {
                 out.push(Check::ok(
                     format!("{arch}: QEMU"),
-                    format!("{} on {}, {}", q.emulator.display(), r.host, q.version),
+                    format!(
+                        "{} on {}, machine {}",
+                        q.emulator.display(),
+                        r.host,
+                        q.machine
+                    ),
                 ));
                 Some(q.emulator)
             }

@@ -86,8 +86,9 @@ pub enum LibvirtError {
 pub struct HostQemu {
     /// The system emulator's path on that host.
     pub emulator: std::path::PathBuf,
-    /// Its version, as the host's libvirt reports it.
-    pub version: String,
+    /// The machine type the architecture's machine resolves to there, its QEMU's version in
+    /// it (`pc-q35-7.2`, `virt-7.2`).
+    pub machine: String,
 }
 
 /// The network filter that partitions a VM ([`Libvirt::set_partitioned`]): every frame to and
@@ -445,8 +446,9 @@ impl Libvirt {
         })
     }
 
-    /// The QEMU system emulator this libvirt host runs `arch`'s guests with (its domain
-    /// capabilities' `<path>`), and the QEMU version its libvirt reports.
+    /// The QEMU system emulator this libvirt host runs `arch`'s guests with, and the machine
+    /// type it resolves `arch`'s (`q35`, `virt`) to, which carries that emulator's version
+    /// (`pc-q35-7.2`): both from its domain capabilities.
     pub fn host_qemu(
         &self,
         arch: crate::model::arch::VmArchitecture,
@@ -454,32 +456,30 @@ impl Libvirt {
         let conn = self.conn()?;
         let object = format!("{arch} guests on {}", self.uri);
         let caps = conn
-            .domain_capabilities(None, Some(arch.name()), Some("virt"), Some("qemu"), 0)
-            .or_else(|_| conn.domain_capabilities(None, Some(arch.name()), None, Some("qemu"), 0))
+            .domain_capabilities(
+                None,
+                Some(arch.name()),
+                Some(arch.machine()),
+                Some("qemu"),
+                0,
+            )
             .map_err(call_err("read the domain capabilities for", &object))?;
         let doc = parse_xml(&caps, "parse the domain capabilities for", &object)?;
-        let emulator = doc
-            .root_element()
-            .children()
-            .find(|n| n.has_tag_name("path"))
-            .and_then(|n| n.text())
-            .map(|t| std::path::PathBuf::from(t.trim()))
-            .ok_or_else(|| LibvirtError::Call {
-                action: "find the QEMU emulator for",
-                object: object.clone(),
-                message: "its domain capabilities name no <path>".into(),
-            })?;
-        let v = conn
-            .hyp_version()
-            .map_err(call_err("read the QEMU version of", &self.uri))?;
+        let text = |tag: &str| {
+            doc.root_element()
+                .children()
+                .find(|n| n.has_tag_name(tag))
+                .and_then(|n| n.text())
+                .map(|t| t.trim().to_owned())
+                .ok_or_else(|| LibvirtError::Call {
+                    action: "read the domain capabilities for",
+                    object: object.clone(),
+                    message: format!("they name no <{tag}>"),
+                })
+        };
         Ok(HostQemu {
-            emulator,
-            version: format!(
-                "QEMU {}.{}.{} (as libvirt reports it)",
-                v / 1_000_000,
-                v / 1000 % 1000,
-                v % 1000
-            ),
+            emulator: std::path::PathBuf::from(text("path")?),
+            machine: text("machine")?,
         })
     }
 
@@ -510,7 +510,12 @@ impl Libvirt {
                 sys::VIR_DOMAIN_START_PAUSED | sys::VIR_DOMAIN_START_AUTODESTROY,
             )
             .map_err(|e| e.message().to_owned())?;
-        let _ = dom.destroy();
+        if let Err(e) = dom.destroy() {
+            tracing::warn!(
+                "{name}: the probe domain stays (paused) until this connection to {} closes: {e}",
+                self.uri
+            );
+        }
         Ok(())
     }
 

@@ -25,7 +25,8 @@ pub struct Plan {
     pub budgets: Budgets,
     pub image: BaseImage,
     pub emulator: PathBuf,
-    /// Another host's QEMU version, as its libvirt reports it (`None` on this machine).
+    /// Another host's QEMU version: the machine type its libvirt resolves the architecture's
+    /// to, e.g. `pc-q35-7.2` (`None` on this machine).
     pub qemu_version: Option<String>,
     pub qemu_args: Vec<String>,
     pub firmware: Option<FirmwarePair>,

@@ -142,35 +142,60 @@ impl Store {
             Route::Through(_) => Self::Volumes,
         }
     }
+
+    /// The pool its volumes are in ([`Store::Volumes`]), for [`forget`].
+    fn pool(self, plan: &Plan) -> Option<Pool> {
+        (self == Self::Volumes).then(|| plan.pool.clone())
+    }
 }
 
-/// The pool volumes of the saved VM `name` on another host: its disk (a whole copy, the
-/// backing chain flattened), seed, NVRAM and memory. Kept across runs, as base images are;
-/// `devicelab clean --warm` removes them.
-pub fn saved_volume_names(name: &str) -> [String; 4] {
+/// The names of another host's saved VMs whose records are in `warm_dir` on this machine
+/// start with this: two machines, or two data dirs, sharing a host never take each other's.
+fn saved_prefix(warm_dir: &Path) -> String {
+    let owner = format!(
+        "{}\n{}",
+        crate::host::pool::machine_id(),
+        warm_dir.display()
+    );
+    format!(
+        "devicelab-saved-{}-",
+        &hex::encode(Sha256::digest(owner.as_bytes()))[..8]
+    )
+}
+
+/// The suffixes of a saved VM's volumes, in [`saved_volume_names`]' order.
+const SAVED_SUFFIXES: [&str; 4] = [".qcow2", "-seed.img", "-VARS.fd", ".save"];
+
+/// The pool volumes of the saved VM `name` on another host, its record in `warm_dir`: its disk
+/// (a whole copy, the backing chain flattened), seed, NVRAM and memory. Kept across runs, as
+/// base images are; `devicelab clean --warm` removes them.
+pub fn saved_volume_names(warm_dir: &Path, name: &str) -> [String; 4] {
     let stem = format!(
-        "devicelab-saved-{}",
+        "{}{}",
+        saved_prefix(warm_dir),
         name.strip_prefix("devicelab-").unwrap_or(name)
     );
-    [
-        format!("{stem}.qcow2"),
-        format!("{stem}-seed.img"),
-        format!("{stem}-VARS.fd"),
-        format!("{stem}.save"),
-    ]
+    SAVED_SUFFIXES.map(|suffix| format!("{stem}{suffix}"))
 }
 
-/// Deletes the saved VM `name` whose record is in `dir`: the directory, and its volumes on
-/// `pool`'s host when it is another host's. Blocking.
-fn forget(dir: &Path, name: &str, pool: Option<&Pool>) {
+/// Deletes the saved VM `name` whose record is `record` (in the warm dir): its volumes on
+/// `pool`'s host when it is another host's, then the record, which stays while any volume
+/// does (so `devicelab clean --warm` finds them again). Whether it is gone. Blocking.
+fn forget(record: &Path, name: &str, pool: Option<&Pool>) -> bool {
+    let mut stays = false;
     if let Some(pool) = pool {
-        for volume in saved_volume_names(name) {
+        let warm_dir = record.parent().unwrap_or(record);
+        for volume in saved_volume_names(warm_dir, name) {
             if let Err(e) = pool.delete_volume(&volume) {
                 tracing::warn!("saved VM {name}: cannot delete its volume {volume}: {e}");
+                stays = true;
             }
         }
     }
-    let _ = std::fs::remove_dir_all(dir);
+    if !stays {
+        let _ = std::fs::remove_dir_all(record);
+    }
+    !record.exists()
 }
 
 /// Whether a request can start warm: its handle must come back at "cloud-init done" with its
@@ -207,30 +232,29 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
     let store = Store::of(plan);
     let found = {
         let (dir, key, pool, name) = (dir.clone(), key.clone(), plan.pool.clone(), name.clone());
-        tokio::task::spawn_blocking(move || {
-            let saved = load(&dir, &key)?;
-            // Another host's volumes can go without this machine knowing (removed there).
-            let missing = match store {
-                Store::Files => None,
-                Store::Volumes => {
-                    let [disk, seed, _, memory] = saved_volume_names(&name);
-                    [disk, seed, memory]
-                        .into_iter()
-                        .find(|v| !matches!(pool.volume_path(v), Ok(Some(_))))
-                }
+        let uefi = plan.firmware.is_some();
+        tokio::task::spawn_blocking(move || -> Result<Option<Saved>, VmError> {
+            let Some(saved) = load(&dir, &key) else {
+                return Ok(None);
             };
-            match missing {
-                None => Some(saved),
-                Some(volume) => {
+            if store == Store::Files {
+                return Ok(Some(saved));
+            }
+            // Another host's volumes can go without this machine knowing (removed there).
+            let [disk, seed, vars, memory] = saved_volume_names(dir.parent().unwrap_or(&dir), &name);
+            let needed = [Some(disk), Some(seed), uefi.then_some(vars), Some(memory)];
+            for volume in needed.into_iter().flatten() {
+                if pool.volume_path(&volume)?.is_none() {
                     tracing::warn!(
                         "saved VM {name}: its volume {volume} is gone from the host: building it again"
                     );
-                    None
+                    return Ok(None);
                 }
             }
+            Ok(Some(saved))
         })
         .await
-        .map_err(|e| VmError::Task(e.to_string()))?
+        .map_err(|e| VmError::Task(e.to_string()))??
     };
     let saved = match found {
         Some(saved)
@@ -274,7 +298,7 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
             let (d, run_dir) = (dir.clone(), plan.runs_dir.join(&plan.spec.name));
             let evidence = run_dir.with_extension("warm-failed");
             let moved = evidence.clone();
-            let pool = (store == Store::Volumes).then(|| plan.pool.clone());
+            let pool = store.pool(plan);
             let _ = tokio::task::spawn_blocking(move || {
                 forget(&d, &name, pool.as_ref());
                 let _ = std::fs::remove_dir_all(&moved);
@@ -428,8 +452,8 @@ pub(crate) fn key_inputs(plan: &Plan) -> Result<KeyInputs, VmError> {
         None => None,
     };
     let (emulator, qemu_version) = match &plan.qemu_version {
-        // Another host's QEMU: its file is not here; its path and the version its libvirt
-        // reports stand for it.
+        // Another host's QEMU: its file is not here; its path and the machine type (with its
+        // version) its libvirt resolves stand for it.
         Some(version) => (
             FileId {
                 path: plan.emulator.clone(),
@@ -491,9 +515,10 @@ fn qemu_version(emulator: &Path) -> Result<String, WarmError> {
         })
 }
 
-/// Boots `name` cold to "cloud-init done" (flushed), saves it, and keeps its disk, seed and
-/// NVRAM in `dir` (written beside it and renamed into place: a half-built saved VM never
-/// looks complete).
+/// Boots `name` cold to "cloud-init done" (flushed), saves it, and keeps its memory, disk,
+/// seed and NVRAM (in `dir` on this machine, as volumes of another host's pool) and its record
+/// in `dir` (written beside it and renamed into place: a half-built saved VM never looks
+/// complete).
 async fn build(
     plan: &Plan,
     name: &str,
@@ -547,12 +572,13 @@ async fn build(
     let save_started = Instant::now();
     let state_saved = {
         let (n, building, pool) = (name.to_owned(), building.clone(), plan.pool.clone());
+        let warm_dir = plan.warm_dir.clone();
         plan.libvirt
             .run(move |lv| -> Result<SystemTime, VmError> {
                 let to = match store {
                     Store::Files => building.join("memory.save"),
                     // Written by libvirt on its host, into a volume made for it.
-                    Store::Volumes => pool.create_empty(&saved_volume_names(&n)[3])?,
+                    Store::Volumes => pool.create_empty(&saved_volume_names(&warm_dir, &n)[3])?,
                 };
                 Ok(lv.pause_and_save(&lv.domain(&n)?, &n, &to)?)
             })
@@ -599,7 +625,8 @@ async fn build(
                     // Copied on the host, beside the memory libvirt wrote there.
                     Store::Volumes => {
                         pool.refresh()?;
-                        let [disk_to, seed_to, vars_to, _] = saved_volume_names(&name);
+                        let [disk_to, seed_to, vars_to, _] =
+                            saved_volume_names(dir.parent().unwrap_or(&dir), &name);
                         pool.copy_volume(&disk, &disk_to, DiskFormat::Qcow2)?;
                         pool.copy_volume(&seed, &seed_to, DiskFormat::Raw)?;
                         if pool.volume_path(&vars)?.is_some() {
@@ -631,10 +658,7 @@ async fn build(
     // goes with it.
     let removed = vm.remove().await;
     if kept.is_err() {
-        let (pool, name) = (
-            (store == Store::Volumes).then(|| plan.pool.clone()),
-            name.to_owned(),
-        );
+        let (pool, name) = (store.pool(plan), name.to_owned());
         let _ = tokio::task::spawn_blocking(move || forget(&building, &name, pool.as_ref())).await;
     }
     let saved = kept?;
@@ -738,21 +762,29 @@ impl Boot for WarmRestore {
                     // Made on the host from the saved VM's volumes there.
                     Store::Volumes => {
                         let [saved_disk, saved_seed, saved_vars, memory] =
-                            saved_volume_names(&name);
-                        let gone = |volume: &str| WarmError::Restore {
-                            vm: name.clone(),
-                            dir: dir.clone(),
-                            message: format!("its volume {volume} is gone from the host"),
+                            saved_volume_names(dir.parent().unwrap_or(&dir), &name);
+                        // Checked when the start began; gone since, it is not restored again.
+                        let gone = |volume: &str| {
+                            forget(&dir, &name, Some(&pool));
+                            WarmError::Restore {
+                                vm: name.clone(),
+                                dir: dir.clone(),
+                                message: format!("its volume {volume} is gone from the host"),
+                            }
                         };
-                        let backing = pool
-                            .volume_path(&saved_disk)?
-                            .ok_or_else(|| gone(&saved_disk))?;
+                        let backing = match pool.volume_path(&saved_disk)? {
+                            Some(path) => path,
+                            None => return Err(gone(&saved_disk).into()),
+                        };
                         pool.create_overlay_on(&disk, &backing, DiskFormat::Qcow2, gib)?;
                         pool.copy_volume(&saved_seed, &seed, DiskFormat::Raw)?;
                         if pool.volume_path(&saved_vars)?.is_some() {
                             pool.copy_volume(&saved_vars, &vars, DiskFormat::Raw)?;
                         }
-                        pool.volume_path(&memory)?.ok_or_else(|| gone(&memory))?
+                        match pool.volume_path(&memory)? {
+                            Some(path) => path,
+                            None => return Err(gone(&memory).into()),
+                        }
                     }
                 };
                 // The clone's console starts with the boot it resumes in.
@@ -770,7 +802,7 @@ impl Boot for WarmRestore {
         let part = Instant::now();
         let (owned, owner) = (vm.owned.clone(), plan.owner.clone());
         let (dir, domain_xml) = (self.dir.clone(), vm.run_dir().join("domain.xml"));
-        let forget_pool = (self.store == Store::Volumes).then(|| plan.pool.clone());
+        let forget_pool = self.store.pool(plan);
         let serial_log = vm.serial_log().to_owned();
         let resumed = plan
             .libvirt
@@ -841,6 +873,8 @@ pub struct SavedVm {
     pub saved_at_unix: u64,
     /// A clone of it runs now (its lock is held).
     pub in_use: bool,
+    /// Its memory and disks are volumes of another host's pool (`bytes` is its record's).
+    pub on_host: bool,
 }
 
 /// The saved VMs in `dir` (blocking).
@@ -865,6 +899,7 @@ pub fn saved_vms(dir: &Path) -> Vec<SavedVm> {
             let name = e.file_name().to_string_lossy().into_owned();
             SavedVm {
                 in_use: lock::is_held(&dir.join(format!("{name}.lock"))),
+                on_host: !path.join("memory.save").exists(),
                 saved_at_unix: saved.map_or(0, |s| s.saved_at_unix),
                 bytes,
                 name,
@@ -886,8 +921,7 @@ pub fn remove_unused(dir: &Path, pool: Option<&Pool>) -> Vec<String> {
         else {
             continue;
         };
-        forget(&dir.join(&saved.name), &saved.name, pool);
-        if !dir.join(&saved.name).exists() {
+        if forget(&dir.join(&saved.name), &saved.name, pool) {
             removed.push(saved.name.clone());
         }
         let _ = std::fs::remove_dir_all(dir.join(format!("{}.building", saved.name)));
@@ -899,10 +933,35 @@ pub fn remove_unused(dir: &Path, pool: Option<&Pool>) -> Vec<String> {
             continue;
         };
         let path = dir.join(format!("{stem}.lock"));
-        if let Ok(Some(_lock)) = lock::try_lock(&path, "devicelab clean --warm", Removal::Keep) {
-            forget(&entry.path(), stem, pool);
-            if !entry.path().exists() {
-                removed.push(name);
+        if let Ok(Some(_lock)) = lock::try_lock(&path, "devicelab clean --warm", Removal::Keep)
+            && forget(&entry.path(), stem, pool)
+        {
+            removed.push(name);
+        }
+    }
+    // Another host's volumes of this dir's saved VMs that no record names (their record lost
+    // with a data dir, or a build killed before it wrote one), unless a build holds the lock.
+    if let Some(pool) = pool {
+        let prefix = saved_prefix(dir);
+        let mut orphans: Vec<(String, String)> = pool
+            .volumes()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|volume| {
+                let rest = volume.strip_prefix(&prefix)?;
+                let stem = SAVED_SUFFIXES.iter().find_map(|s| rest.strip_suffix(s))?;
+                Some((format!("devicelab-{stem}"), volume))
+            })
+            .filter(|(name, _)| !dir.join(name).join(META).is_file())
+            .collect();
+        orphans.sort();
+        for (name, volume) in orphans {
+            let path = dir.join(format!("{name}.lock"));
+            if let Ok(Some(_lock)) =
+                lock::try_lock(&path, "devicelab clean --warm", Removal::OnRelease)
+                && pool.delete_volume(&volume).is_ok()
+            {
+                removed.push(volume);
             }
         }
     }
