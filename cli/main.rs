@@ -224,7 +224,8 @@ async fn ls(config: &HarnessConfig) -> Result {
         }
     })
     .await;
-    if config.host_configs().len() > 1 {
+    let hosts = config.host_configs();
+    if hosts.len() > 1 || uri_host(&hosts[0].libvirt_uri).is_some() {
         println!("this machine:");
     }
     ls_saved_and_containers(config).await.and(listed)
@@ -315,7 +316,6 @@ async fn ls_vms(config: &HarnessConfig) -> Result {
     Ok(())
 }
 
-/// The saved VMs of the host `config` names (their records in its warm dir).
 /// The saved VMs whose records are in `warm_dir`.
 async fn ls_saved(warm_dir: std::path::PathBuf) -> Result {
     let saved = tokio::task::spawn_blocking(move || devicelab::vm::warm::saved_vms(&warm_dir))
@@ -437,25 +437,11 @@ fn host_of(config: &HarnessConfig, vm: &str) -> HarnessConfig {
 }
 
 async fn clean(config: &HarnessConfig, warm: bool) -> Result {
-    let cleaned = each_host(config, |host| clean_host(host, warm)).await;
-    if warm {
-        // This machine's saved VMs are files: no libvirt needed to remove them.
-        let warm_dir = config.local_warm_dir();
-        let removed = tokio::task::spawn_blocking(move || {
-            devicelab::vm::warm::remove_unused(&warm_dir, None)
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        println!(
-            "removed saved VMs of this machine (warm starts): {}",
-            list(&removed)
-        );
-    }
-    cleaned
+    each_host(config, |host| clean_host(host, warm)).await
 }
 
 /// Removes what devicelab left on the host `config` names, kept VMs included, and with `warm`
-/// another host's saved VMs no clone is using (their volumes there).
+/// then its saved VMs no clone is using (another host's volumes there too).
 async fn clean_host(config: HarnessConfig, warm: bool) -> Result {
     let (reaped, saved) = tokio::task::spawn_blocking(move || -> Result<_> {
         let lv = Libvirt::open(&config.libvirt_uri).map_err(|e| e.to_string())?;
@@ -464,9 +450,15 @@ async fn clean_host(config: HarnessConfig, warm: bool) -> Result {
         let pool = Pool::ensure(&lv, &config.pool_dir()).map_err(|e| e.to_string())?;
         let dirs = reaper::DataDirs::of(&config);
         let reaped = reaper::reap_including_kept(&lv, &pool, &dirs, &config.podman);
+        // After the reap: a kept clone's disk is backed by its saved VM's.
         let remote = uri_host(&config.libvirt_uri).is_some();
-        let saved = (warm && remote)
-            .then(|| devicelab::vm::warm::remove_unused(&config.warm_dir(), Some(&pool)));
+        let saved = match warm {
+            true => Some(
+                devicelab::vm::warm::remove_unused(&config.warm_dir(), remote.then_some(&pool))
+                    .map_err(|e| e.to_string())?,
+            ),
+            false => None,
+        };
         Ok((reaped, saved))
     })
     .await

@@ -182,7 +182,7 @@ fn qemu_on_host(
             None,
         ),
         Route::Through(_) => {
-            let qemu = libvirt.host_qemu(arch)?;
+            let qemu = libvirt.host_qemu(arch, accel)?;
             tracing::info!(
                 "{}: {arch} guests run on {} (machine {})",
                 libvirt.uri,

@@ -273,11 +273,15 @@ impl RemoteHost {
     }
 
     /// The host's QEMU for `arch`, as its libvirt names it. Blocking.
-    fn qemu(&self, arch: VmArchitecture) -> Result<crate::host::libvirt::HostQemu, String> {
+    fn qemu(
+        &self,
+        arch: VmArchitecture,
+        accel: Accelerator,
+    ) -> Result<crate::host::libvirt::HostQemu, String> {
         self.libvirt
             .as_ref()
             .map_err(Clone::clone)?
-            .host_qemu(arch)
+            .host_qemu(arch, accel)
             .map_err(|e| first_line(&e.to_string()))
     }
 }
@@ -537,6 +541,10 @@ fn for_arch(
     remote: Option<&RemoteHost>,
 ) -> Vec<Check> {
     let mut out = Vec::new();
+    let decision = match remote {
+        None => accel::decide(arch, config.accel),
+        Some(r) => accel::decide_from_libvirt(arch, config.accel, &r.host, &r.facts),
+    };
     // Another host's QEMU is the one its libvirt names; nothing of this machine's counts.
     let emulator = match remote {
         None => {
@@ -551,7 +559,7 @@ fn for_arch(
             });
             found
         }
-        Some(r) => match r.qemu(arch) {
+        Some(r) => match r.qemu(arch, decision.accel) {
             Ok(q) => {
                 out.push(Check::ok(
                     format!("{arch}: QEMU"),
@@ -598,10 +606,6 @@ fn for_arch(
             ),
         });
     }
-    let decision = match remote {
-        None => accel::decide(arch, config.accel),
-        Some(r) => accel::decide_from_libvirt(arch, config.accel, &r.host, &r.facts),
-    };
     out.push(match decision.accel {
         Accelerator::Kvm => Check::ok(
             format!("{arch}: accelerator"),

@@ -446,12 +446,13 @@ impl Libvirt {
         })
     }
 
-    /// The QEMU system emulator this libvirt host runs `arch`'s guests with, and the machine
-    /// type it resolves `arch`'s (`q35`, `virt`) to, which carries that emulator's version
-    /// (`pc-q35-7.2`): both from its domain capabilities.
+    /// The QEMU system emulator this libvirt host runs `arch`'s guests with under `accel`, and
+    /// the machine type it resolves `arch`'s (`q35`, `virt`) to, which carries that emulator's
+    /// version (`pc-q35-7.2`): both from its domain capabilities.
     pub fn host_qemu(
         &self,
         arch: crate::model::arch::VmArchitecture,
+        accel: crate::model::arch::Accelerator,
     ) -> Result<HostQemu, LibvirtError> {
         let conn = self.conn()?;
         let object = format!("{arch} guests on {}", self.uri);
@@ -460,7 +461,10 @@ impl Libvirt {
                 None,
                 Some(arch.name()),
                 Some(arch.machine()),
-                Some("qemu"),
+                Some(match accel {
+                    crate::model::arch::Accelerator::Kvm => "kvm",
+                    crate::model::arch::Accelerator::Tcg => "qemu",
+                }),
                 0,
             )
             .map_err(call_err("read the domain capabilities for", &object))?;

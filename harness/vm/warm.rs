@@ -149,18 +149,57 @@ impl Store {
     }
 }
 
+/// The file in a warm dir that names its owner on another host's pool.
+const OWNER: &str = "owner";
+
 /// The names of another host's saved VMs whose records are in `warm_dir` on this machine
-/// start with this: two machines, or two data dirs, sharing a host never take each other's.
-fn saved_prefix(warm_dir: &Path) -> String {
-    let owner = format!(
-        "{}\n{}",
-        crate::host::pool::machine_id(),
-        warm_dir.display()
-    );
-    format!(
-        "devicelab-saved-{}-",
-        &hex::encode(Sha256::digest(owner.as_bytes()))[..8]
-    )
+/// start with this: a random id kept in the warm dir (made once, by whichever process comes
+/// first), so two machines or data dirs sharing a host never take each other's, whatever their
+/// machine ids or paths. Blocking.
+fn saved_prefix(warm_dir: &Path) -> Result<String, WarmError> {
+    use std::io::{Read, Write};
+    let path = warm_dir.join(OWNER);
+    let io = |source| WarmError::Io {
+        what: "keep the owner of its volumes",
+        dir: path.clone(),
+        source,
+    };
+    let read = || std::fs::read_to_string(&path).map(|s| s.trim().to_owned());
+    let owner = match read() {
+        Ok(owner) if !owner.is_empty() => owner,
+        _ => {
+            let mut random = [0u8; 6];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut random))
+                .map_err(io)?;
+            lock::traversable_dir(warm_dir).map_err(io)?;
+            match std::fs::File::options()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    f.write_all(hex::encode(random).as_bytes())
+                        .and_then(|()| f.sync_all())
+                        .map_err(io)?;
+                }
+                // Another process made it first: its id counts.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io(e)),
+            }
+            // Read back, so two processes racing to make it agree.
+            let mut owner = read().map_err(io)?;
+            for _ in 0..50 {
+                if !owner.is_empty() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                owner = read().map_err(io)?;
+            }
+            owner
+        }
+    };
+    Ok(format!("devicelab-saved-{owner}-"))
 }
 
 /// The suffixes of a saved VM's volumes, in [`saved_volume_names`]' order.
@@ -168,14 +207,14 @@ const SAVED_SUFFIXES: [&str; 4] = [".qcow2", "-seed.img", "-VARS.fd", ".save"];
 
 /// The pool volumes of the saved VM `name` on another host, its record in `warm_dir`: its disk
 /// (a whole copy, the backing chain flattened), seed, NVRAM and memory. Kept across runs, as
-/// base images are; `devicelab clean --warm` removes them.
-pub fn saved_volume_names(warm_dir: &Path, name: &str) -> [String; 4] {
+/// base images are; `devicelab clean --warm` removes them. Blocking.
+pub fn saved_volume_names(warm_dir: &Path, name: &str) -> Result<[String; 4], WarmError> {
     let stem = format!(
         "{}{}",
-        saved_prefix(warm_dir),
+        saved_prefix(warm_dir)?,
         name.strip_prefix("devicelab-").unwrap_or(name)
     );
-    SAVED_SUFFIXES.map(|suffix| format!("{stem}{suffix}"))
+    Ok(SAVED_SUFFIXES.map(|suffix| format!("{stem}{suffix}")))
 }
 
 /// Deletes the saved VM `name` whose record is `record` (in the warm dir): its volumes on
@@ -185,9 +224,17 @@ fn forget(record: &Path, name: &str, pool: Option<&Pool>) -> bool {
     let mut stays = false;
     if let Some(pool) = pool {
         let warm_dir = record.parent().unwrap_or(record);
-        for volume in saved_volume_names(warm_dir, name) {
-            if let Err(e) = pool.delete_volume(&volume) {
-                tracing::warn!("saved VM {name}: cannot delete its volume {volume}: {e}");
+        match saved_volume_names(warm_dir, name) {
+            Ok(volumes) => {
+                for volume in volumes {
+                    if let Err(e) = pool.delete_volume(&volume) {
+                        tracing::warn!("saved VM {name}: cannot delete its volume {volume}: {e}");
+                        stays = true;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!("saved VM {name}: its volumes are not known: {e}");
                 stays = true;
             }
         }
@@ -241,7 +288,8 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
                 return Ok(Some(saved));
             }
             // Another host's volumes can go without this machine knowing (removed there).
-            let [disk, seed, vars, memory] = saved_volume_names(dir.parent().unwrap_or(&dir), &name);
+            let [disk, seed, vars, memory] =
+                saved_volume_names(dir.parent().unwrap_or(&dir), &name)?;
             let needed = [Some(disk), Some(seed), uefi.then_some(vars), Some(memory)];
             for volume in needed.into_iter().flatten() {
                 if pool.volume_path(&volume)?.is_none() {
@@ -578,7 +626,10 @@ async fn build(
                 let to = match store {
                     Store::Files => building.join("memory.save"),
                     // Written by libvirt on its host, into a volume made for it.
-                    Store::Volumes => pool.create_empty(&saved_volume_names(&warm_dir, &n)[3])?,
+                    Store::Volumes => {
+                        let [_, _, _, memory] = saved_volume_names(&warm_dir, &n)?;
+                        pool.create_empty(&memory)?
+                    }
                 };
                 Ok(lv.pause_and_save(&lv.domain(&n)?, &n, &to)?)
             })
@@ -626,7 +677,7 @@ async fn build(
                     Store::Volumes => {
                         pool.refresh()?;
                         let [disk_to, seed_to, vars_to, _] =
-                            saved_volume_names(dir.parent().unwrap_or(&dir), &name);
+                            saved_volume_names(dir.parent().unwrap_or(&dir), &name)?;
                         pool.copy_volume(&disk, &disk_to, DiskFormat::Qcow2)?;
                         pool.copy_volume(&seed, &seed_to, DiskFormat::Raw)?;
                         if pool.volume_path(&vars)?.is_some() {
@@ -762,7 +813,7 @@ impl Boot for WarmRestore {
                     // Made on the host from the saved VM's volumes there.
                     Store::Volumes => {
                         let [saved_disk, saved_seed, saved_vars, memory] =
-                            saved_volume_names(dir.parent().unwrap_or(&dir), &name);
+                            saved_volume_names(dir.parent().unwrap_or(&dir), &name)?;
                         // Checked when the start began; gone since, it is not restored again.
                         let gone = |volume: &str| {
                             forget(&dir, &name, Some(&pool));
@@ -911,8 +962,10 @@ pub fn saved_vms(dir: &Path) -> Vec<SavedVm> {
 }
 
 /// Removes every saved VM in `dir` no clone is using (`devicelab clean --warm`), with its
-/// volumes on `pool`'s host when `dir` holds another host's records; returns their names.
-pub fn remove_unused(dir: &Path, pool: Option<&Pool>) -> Vec<String> {
+/// volumes on `pool`'s host when `dir` holds another host's records; returns their names (a
+/// half-built one's with `.building`). Run after the host's dead and kept VMs are reaped: a
+/// kept clone outlives its lock, and its disk is backed by its saved VM's. Blocking.
+pub fn remove_unused(dir: &Path, pool: Option<&Pool>) -> Result<Vec<String>, VmError> {
     let mut removed = Vec::new();
     for saved in saved_vms(dir) {
         // Held while removing, so no clone starts from a half-removed saved VM.
@@ -939,33 +992,49 @@ pub fn remove_unused(dir: &Path, pool: Option<&Pool>) -> Vec<String> {
             removed.push(name);
         }
     }
-    // Another host's volumes of this dir's saved VMs that no record names (their record lost
-    // with a data dir, or a build killed before it wrote one), unless a build holds the lock.
-    if let Some(pool) = pool {
-        let prefix = saved_prefix(dir);
-        let mut orphans: Vec<(String, String)> = pool
-            .volumes()
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|volume| {
-                let rest = volume.strip_prefix(&prefix)?;
-                let stem = SAVED_SUFFIXES.iter().find_map(|s| rest.strip_suffix(s))?;
-                Some((format!("devicelab-{stem}"), volume))
-            })
-            .filter(|(name, _)| !dir.join(name).join(META).is_file())
-            .collect();
-        orphans.sort();
-        for (name, volume) in orphans {
-            let path = dir.join(format!("{name}.lock"));
-            if let Ok(Some(_lock)) =
-                lock::try_lock(&path, "devicelab clean --warm", Removal::OnRelease)
-                && pool.delete_volume(&volume).is_ok()
-            {
-                removed.push(volume);
-            }
+    // Another host's volumes of this dir's saved VMs that no record names (a record removed
+    // by hand, or a build killed before it wrote one), each saved VM under its lock, its
+    // record looked for again under it (a build may have finished meanwhile).
+    let Some(pool) = pool else {
+        return Ok(removed);
+    };
+    if !dir.join(OWNER).is_file() {
+        return Ok(removed); // this dir never had a volume
+    }
+    let prefix = saved_prefix(dir)?;
+    let mut orphans: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for volume in pool.volumes()? {
+        let Some(rest) = volume.strip_prefix(&prefix) else {
+            continue;
+        };
+        if let Some(stem) = SAVED_SUFFIXES.iter().find_map(|s| rest.strip_suffix(s)) {
+            orphans
+                .entry(format!("devicelab-{stem}"))
+                .or_default()
+                .push(volume);
         }
     }
-    removed
+    for (name, volumes) in orphans {
+        let path = dir.join(format!("{name}.lock"));
+        let Ok(Some(_lock)) = lock::try_lock(&path, "devicelab clean --warm", Removal::OnRelease)
+        else {
+            continue;
+        };
+        if dir.join(&name).join(META).is_file() {
+            continue;
+        }
+        let mut all = true;
+        for volume in &volumes {
+            if let Err(e) = pool.delete_volume(volume) {
+                tracing::warn!("saved VM {name}: cannot delete its volume {volume}: {e}");
+                all = false;
+            }
+        }
+        if all {
+            removed.push(name);
+        }
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]
@@ -1041,12 +1110,12 @@ mod tests {
         let listed = saved_vms(&dir);
         let shown: Vec<(&str, bool)> = listed.iter().map(|s| (s.name.as_str(), s.in_use)).collect();
         assert_eq!(shown, [("w-0", false), ("w-1", true)]);
-        let mut removed = remove_unused(&dir, None);
+        let mut removed = remove_unused(&dir, None).unwrap();
         removed.sort();
         assert_eq!(removed, ["w-0", "w-2.building"]);
         assert!(dir.join("w-1").join(META).exists(), "the one in use stays");
         drop(in_use);
-        assert_eq!(remove_unused(&dir, None), ["w-1"]);
+        assert_eq!(remove_unused(&dir, None).unwrap(), ["w-1"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
