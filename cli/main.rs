@@ -342,7 +342,15 @@ async fn ls_saved(warm_dir: std::path::PathBuf) -> Result {
 
 /// This machine's saved VMs and NATS containers.
 async fn ls_saved_and_containers(config: &HarnessConfig) -> Result {
-    ls_saved(config.local_warm_dir()).await?;
+    // This machine's libvirt's, when the configuration names it (another host's are listed
+    // under it; `devicelab clean --warm` removes a host's after reaping it).
+    if config
+        .host_configs()
+        .iter()
+        .any(|h| uri_host(&h.libvirt_uri).is_none())
+    {
+        ls_saved(config.local_warm_dir()).await?;
+    }
     let podman = &config.podman;
     if let Ok(out) = tokio::process::Command::new(podman)
         .args(["ps", "-a", "--filter", "label=devicelab.pid"])
@@ -450,15 +458,13 @@ async fn clean_host(config: HarnessConfig, warm: bool) -> Result {
         let pool = Pool::ensure(&lv, &config.pool_dir()).map_err(|e| e.to_string())?;
         let dirs = reaper::DataDirs::of(&config);
         let reaped = reaper::reap_including_kept(&lv, &pool, &dirs, &config.podman);
-        // After the reap: a kept clone's disk is backed by its saved VM's.
-        let remote = uri_host(&config.libvirt_uri).is_some();
-        let saved = match warm {
-            true => Some(
-                devicelab::vm::warm::remove_unused(&config.warm_dir(), remote.then_some(&pool))
-                    .map_err(|e| e.to_string())?,
-            ),
-            false => None,
-        };
+        // After the reap: a kept clone's disk is backed by its saved VM's. Another host's
+        // (reached over SSH, as `Lab` reaches it) are volumes of its pool.
+        let volumes = matches!(remote::ssh_hop(&config.libvirt_uri), Ok(Some(_)));
+        let saved = warm.then(|| {
+            devicelab::vm::warm::remove_unused(&config.warm_dir(), volumes.then_some(&pool))
+                .map_err(|e| e.to_string())
+        });
         Ok((reaped, saved))
     })
     .await
@@ -470,7 +476,7 @@ async fn clean_host(config: HarnessConfig, warm: bool) -> Result {
         list(&reaped.uploads)
     );
     if let Some(saved) = saved {
-        println!("removed saved VMs (warm starts): {}", list(&saved));
+        println!("removed saved VMs (warm starts): {}", list(&saved?));
     }
     Ok(())
 }

@@ -477,11 +477,12 @@ async fn a_device_on_a_host_over_ssh_starts_warm_and_survives_a_power_cycle_and_
     config.start = Start::Warm;
     let lab = Lab::new(config).await.unwrap();
     assert!(matches!(lab.route, Route::Through(_)));
-    // This host is this machine's libvirtd: whatever happens, its saved VMs go with the test.
-    let _gone = SavedVmsGone {
+    // This host is this machine's libvirtd: whatever happens, its saved VMs go with the test
+    // (unless DEVICELAB_KEEP keeps its clone running on them).
+    let _gone = (!lab.config.keep).then(|| SavedVmsGone {
         dir: lab.config.warm_dir(),
         pool: lab.pool.clone(),
-    };
+    });
     let device = devicelab::trials::scenario::onboarded_device_with(
         &lab,
         arch,

@@ -153,10 +153,11 @@ impl Store {
 const OWNER: &str = "owner";
 
 /// The names of another host's saved VMs whose records are in `warm_dir` on this machine
-/// start with this: a random id kept in the warm dir (made once, by whichever process comes
-/// first), so two machines or data dirs sharing a host never take each other's, whatever their
-/// machine ids or paths. Blocking.
-fn saved_prefix(warm_dir: &Path) -> Result<String, WarmError> {
+/// start with this: a random id kept in the warm dir, made by the first build there (`make`;
+/// whichever process comes first), so two data dirs sharing a host never take each other's,
+/// whatever their machine ids or paths (a warm dir is one machine's at a time). Without `make`,
+/// a warm dir with no id has no volumes anyone can name: an error. Blocking.
+fn saved_prefix(warm_dir: &Path, make: bool) -> Result<String, WarmError> {
     use std::io::{Read, Write};
     let path = warm_dir.join(OWNER);
     let io = |source| WarmError::Io {
@@ -164,42 +165,39 @@ fn saved_prefix(warm_dir: &Path) -> Result<String, WarmError> {
         dir: path.clone(),
         source,
     };
-    let read = || std::fs::read_to_string(&path).map(|s| s.trim().to_owned());
-    let owner = match read() {
-        Ok(owner) if !owner.is_empty() => owner,
-        _ => {
-            let mut random = [0u8; 6];
-            std::fs::File::open("/dev/urandom")
-                .and_then(|mut f| f.read_exact(&mut random))
-                .map_err(io)?;
-            lock::traversable_dir(warm_dir).map_err(io)?;
-            match std::fs::File::options()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut f) => {
-                    f.write_all(hex::encode(random).as_bytes())
-                        .and_then(|()| f.sync_all())
-                        .map_err(io)?;
-                }
-                // Another process made it first: its id counts.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(io(e)),
-            }
-            // Read back, so two processes racing to make it agree.
-            let mut owner = read().map_err(io)?;
-            for _ in 0..50 {
-                if !owner.is_empty() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                owner = read().map_err(io)?;
-            }
-            owner
+    // Twelve hex digits, or not an id (written whole before it is linked into place).
+    let read = || -> std::io::Result<String> {
+        let owner = std::fs::read_to_string(&path)?.trim().to_owned();
+        match owner.len() == 12 && owner.chars().all(|c| c.is_ascii_hexdigit()) {
+            true => Ok(owner),
+            false => Err(std::io::Error::other(format!("not an owner id: {owner:?}"))),
         }
     };
-    Ok(format!("devicelab-saved-{owner}-"))
+    match read() {
+        Ok(owner) => return Ok(format!("devicelab-saved-{owner}-")),
+        Err(e) if !make || e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        Err(_) => {}
+    }
+    let mut random = [0u8; 6];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .map_err(io)?;
+    lock::traversable_dir(warm_dir).map_err(io)?;
+    // Written and synced under a name of this process's, then linked: never seen half-written;
+    // a process that loses the race to link reads the winner's.
+    let tmp = warm_dir.join(format!(".{OWNER}.{}", std::process::id()));
+    let made = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(hex::encode(random).as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|()| match std::fs::hard_link(&tmp, &path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+            _ => std::fs::File::open(warm_dir).and_then(|d| d.sync_all()),
+        });
+    let _ = std::fs::remove_file(&tmp);
+    made.map_err(io)?;
+    Ok(format!("devicelab-saved-{}-", read().map_err(io)?))
 }
 
 /// The suffixes of a saved VM's volumes, in [`saved_volume_names`]' order.
@@ -207,11 +205,17 @@ const SAVED_SUFFIXES: [&str; 4] = [".qcow2", "-seed.img", "-VARS.fd", ".save"];
 
 /// The pool volumes of the saved VM `name` on another host, its record in `warm_dir`: its disk
 /// (a whole copy, the backing chain flattened), seed, NVRAM and memory. Kept across runs, as
-/// base images are; `devicelab clean --warm` removes them. Blocking.
+/// base images are; `devicelab clean --warm` removes them. An error if `warm_dir` has no
+/// owner id yet (see [`saved_prefix`]). Blocking.
 pub fn saved_volume_names(warm_dir: &Path, name: &str) -> Result<[String; 4], WarmError> {
+    names_in(warm_dir, name, false)
+}
+
+/// [`saved_volume_names`], the owner id made first if there is none (a build).
+fn names_in(warm_dir: &Path, name: &str, make: bool) -> Result<[String; 4], WarmError> {
     let stem = format!(
         "{}{}",
-        saved_prefix(warm_dir)?,
+        saved_prefix(warm_dir, make)?,
         name.strip_prefix("devicelab-").unwrap_or(name)
     );
     Ok(SAVED_SUFFIXES.map(|suffix| format!("{stem}{suffix}")))
@@ -289,7 +293,13 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
             }
             // Another host's volumes can go without this machine knowing (removed there).
             let [disk, seed, vars, memory] =
-                saved_volume_names(dir.parent().unwrap_or(&dir), &name)?;
+                match saved_volume_names(dir.parent().unwrap_or(&dir), &name) {
+                    Ok(names) => names,
+                    Err(e) => {
+                        tracing::warn!("saved VM {name}: its volumes are not known ({e}): building it again");
+                        return Ok(None);
+                    }
+                };
             let needed = [Some(disk), Some(seed), uefi.then_some(vars), Some(memory)];
             for volume in needed.into_iter().flatten() {
                 if pool.volume_path(&volume)?.is_none() {
@@ -627,7 +637,7 @@ async fn build(
                     Store::Files => building.join("memory.save"),
                     // Written by libvirt on its host, into a volume made for it.
                     Store::Volumes => {
-                        let [_, _, _, memory] = saved_volume_names(&warm_dir, &n)?;
+                        let [_, _, _, memory] = names_in(&warm_dir, &n, true)?;
                         pool.create_empty(&memory)?
                     }
                 };
@@ -1001,7 +1011,7 @@ pub fn remove_unused(dir: &Path, pool: Option<&Pool>) -> Result<Vec<String>, VmE
     if !dir.join(OWNER).is_file() {
         return Ok(removed); // this dir never had a volume
     }
-    let prefix = saved_prefix(dir)?;
+    let prefix = saved_prefix(dir, false)?;
     let mut orphans: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for volume in pool.volumes()? {
         let Some(rest) = volume.strip_prefix(&prefix) else {
