@@ -206,7 +206,7 @@ const SAVED_SUFFIXES: [&str; 4] = [".qcow2", "-seed.img", "-VARS.fd", ".save"];
 /// The pool volumes of the saved VM `name` on another host, its record in `warm_dir`: its disk
 /// (a whole copy, the backing chain flattened), seed, NVRAM and memory. Kept across runs, as
 /// base images are; `devicelab clean --warm` removes them. An error if `warm_dir` has no
-/// owner id yet (see [`saved_prefix`]). Blocking.
+/// owner id yet (a build makes one). Blocking.
 pub fn saved_volume_names(warm_dir: &Path, name: &str) -> Result<[String; 4], WarmError> {
     names_in(warm_dir, name, false)
 }
