@@ -283,7 +283,7 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
     let store = Store::of(plan);
     let found = {
         let (dir, key, pool, name) = (dir.clone(), key.clone(), plan.pool.clone(), name.clone());
-        let uefi = plan.firmware.is_some();
+        let (warm_dir, uefi) = (plan.warm_dir.clone(), plan.firmware.is_some());
         tokio::task::spawn_blocking(move || -> Result<Option<Saved>, VmError> {
             let Some(saved) = load(&dir, &key) else {
                 return Ok(None);
@@ -293,7 +293,7 @@ pub(crate) async fn start(plan: &Plan, held: Vec<Held>) -> Result<Vm, VmError> {
             }
             // Another host's volumes can go without this machine knowing (removed there).
             let [disk, seed, vars, memory] =
-                match saved_volume_names(dir.parent().unwrap_or(&dir), &name) {
+                match saved_volume_names(&warm_dir, &name) {
                     Ok(names) => names,
                     Err(e) => {
                         tracing::warn!("saved VM {name}: its volumes are not known ({e}): building it again");
@@ -632,22 +632,23 @@ async fn build(
         let (n, building, pool) = (name.to_owned(), building.clone(), plan.pool.clone());
         let warm_dir = plan.warm_dir.clone();
         plan.libvirt
-            .run(move |lv| -> Result<SystemTime, VmError> {
-                let to = match store {
-                    Store::Files => building.join("memory.save"),
-                    // Written by libvirt on its host, into a volume made for it.
+            .run(move |lv| -> Result<_, VmError> {
+                // Another host's: its volumes' names (the warm dir's owner id made first if
+                // there is none), the memory written by libvirt on its host into one made for it.
+                let (to, names) = match store {
+                    Store::Files => (building.join("memory.save"), None),
                     Store::Volumes => {
-                        let [_, _, _, memory] = names_in(&warm_dir, &n, true)?;
-                        pool.create_empty(&memory)?
+                        let names = names_in(&warm_dir, &n, true)?;
+                        (pool.create_empty(&names[3])?, Some(names))
                     }
                 };
-                Ok(lv.pause_and_save(&lv.domain(&n)?, &n, &to)?)
+                Ok((lv.pause_and_save(&lv.domain(&n)?, &n, &to)?, names))
             })
             .await
     };
     let kept = match state_saved {
         Err(e) => Err(e),
-        Ok(paused) => {
+        Ok((paused, saved_names)) => {
             let saved = Saved {
                 key: key.to_owned(),
                 inputs,
@@ -668,10 +669,10 @@ async fn build(
             );
             tokio::task::spawn_blocking(move || -> Result<(), VmError> {
                 let [disk, seed, vars] = reaper::volume_names(&name);
-                match store {
+                match saved_names {
                     // The disk moves (the pool forgets it); seed and NVRAM are copied (the
                     // template's teardown deletes its own).
-                    Store::Files => {
+                    None => {
                         let disk_to = building.join("disk.qcow2");
                         std::fs::rename(pool.path_of(&disk), &disk_to)
                             .map_err(io("keep the disk", &disk_to))?;
@@ -684,10 +685,8 @@ async fn build(
                         }
                     }
                     // Copied on the host, beside the memory libvirt wrote there.
-                    Store::Volumes => {
+                    Some([disk_to, seed_to, vars_to, _]) => {
                         pool.refresh()?;
-                        let [disk_to, seed_to, vars_to, _] =
-                            saved_volume_names(dir.parent().unwrap_or(&dir), &name)?;
                         pool.copy_volume(&disk, &disk_to, DiskFormat::Qcow2)?;
                         pool.copy_volume(&seed, &seed_to, DiskFormat::Raw)?;
                         if pool.volume_path(&vars)?.is_some() {
@@ -802,6 +801,7 @@ impl Boot for WarmRestore {
             vm.serial_log().to_owned(),
             self.store,
         );
+        let warm_dir = plan.warm_dir.clone();
         let from = plan
             .libvirt
             .run(move |_| -> Result<PathBuf, VmError> {
@@ -823,7 +823,7 @@ impl Boot for WarmRestore {
                     // Made on the host from the saved VM's volumes there.
                     Store::Volumes => {
                         let [saved_disk, saved_seed, saved_vars, memory] =
-                            saved_volume_names(dir.parent().unwrap_or(&dir), &name)?;
+                            saved_volume_names(&warm_dir, &name)?;
                         // Checked when the start began; gone since, it is not restored again.
                         let gone = |volume: &str| {
                             forget(&dir, &name, Some(&pool));
