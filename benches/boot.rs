@@ -18,8 +18,15 @@
 //! before and after).
 //!
 //!     BENCH_RUNS=1 ARCH=x86_64 BENCH_REMOTE_URI='qemu+ssh://ci@kvm-server/system' cargo bench --bench boot
+//!
+//! With `BENCH_KNOBS=1` it measures only what each QEMU knob of an emulated aarch64 guest
+//! (`host::qemu_probe::AARCH64_TCG_KNOBS`) buys: per run, the bare baseline with every knob the
+//! host's QEMU accepts, without each one in turn, and with none.
+//!
+//!     BENCH_KNOBS=1 BENCH_RUNS=1 cargo bench --bench boot
 
 use devicelab::VirtualMachineSpec;
+use devicelab::host::qemu_probe::AARCH64_TCG_KNOBS;
 use devicelab::{Lab, VmArchitecture, trials::scenario, vm::run};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -91,13 +98,18 @@ async fn bench(runs: usize) -> Report {
         load_before: load(),
         ..Default::default()
     };
+    if std::env::var("BENCH_KNOBS").is_ok_and(|v| v == "1") {
+        knobs(&lab, runs, &mut report).await;
+        report.load_after = load();
+        return report;
+    }
     for arch in archs {
         eprintln!("bench: {arch}: building the saved VM for the warm starts (once, not measured)");
         warm_vm(&lab, arch).await;
         let phases = report.phases.entry(arch.name().to_owned()).or_default();
         for run in 1..=runs {
             eprintln!("bench: {arch} run {run}/{runs}: bare baseline");
-            let bare = bare_baseline(&lab, arch, run).await;
+            let bare = bare_baseline(&lab, arch, &format!("bare{run}"), None).await;
             let mut add =
                 |phase: &str, secs: f64| phases.entry(phase.to_owned()).or_default().push(secs);
             add("bare: define → lease", bare.lease);
@@ -179,13 +191,61 @@ async fn warm_vm(lab: &Arc<Lab>, arch: VmArchitecture) -> (Vec<(String, f64)>, f
     (parts, whole)
 }
 
+/// The aarch64 bare baseline `runs` times with each set of knobs: every knob the host's QEMU
+/// accepts, each left out in turn, and none.
+async fn knobs(lab: &Arc<Lab>, runs: usize, report: &mut Report) {
+    let arch = VmArchitecture::Aarch64;
+    let spec = VirtualMachineSpec::new(lab.vm_name("knobs", arch), arch);
+    let all = lab.plan(spec).await.unwrap_or_else(|e| panic!("{e}")).qemu_args;
+    if all.is_empty() {
+        panic!("BENCH_KNOBS: this host's QEMU takes none of the aarch64 TCG knobs (or runs aarch64 under KVM)");
+    }
+    let mut variants = vec![("every knob".to_owned(), all.clone())];
+    for knob in AARCH64_TCG_KNOBS {
+        let without: Vec<String> = all
+            .chunks(2)
+            .filter(|pair| *pair != knob.args)
+            .flatten()
+            .cloned()
+            .collect();
+        if without.len() < all.len() {
+            variants.push((format!("without {}", knob.args.join(" ")), without));
+        }
+    }
+    variants.push(("no knob".to_owned(), Vec::new()));
+    let phases = report.phases.entry(arch.name().to_owned()).or_default();
+    for run in 1..=runs {
+        for (i, (variant, args)) in variants.iter().enumerate() {
+            eprintln!("bench: {arch} run {run}/{runs}: bare baseline, {variant}: {args:?}");
+            let bare = bare_baseline(lab, arch, &format!("knobs{run}-{i}"), Some(args.clone())).await;
+            let mut add = |phase: &str, secs: f64| {
+                phases
+                    .entry(format!("{variant}: {phase}"))
+                    .or_default()
+                    .push(secs)
+            };
+            add("define → ssh true", bare.ssh);
+            add("define → cloud-init done", bare.cloud_init);
+        }
+    }
+}
+
 /// The same plan the harness boots (image, XML, cloud-config), with none of its waits: the
-/// domain is defined and started, and the clock runs from there.
-async fn bare_baseline(lab: &Arc<Lab>, arch: VmArchitecture, run: usize) -> Bare {
-    let name = lab.vm_name(&format!("bare{run}"), arch);
+/// domain is defined and started, and the clock runs from there. `qemu_args`, if given,
+/// replaces the plan's extra QEMU arguments.
+async fn bare_baseline(
+    lab: &Arc<Lab>,
+    arch: VmArchitecture,
+    name: &str,
+    qemu_args: Option<Vec<String>>,
+) -> Bare {
+    let name = lab.vm_name(name, arch);
     let spec = VirtualMachineSpec::new(&name, arch).with_provisioning_flush(false);
     let mut plan = lab.plan(spec).await.unwrap_or_else(|e| panic!("{e}"));
     plan.waits.clear();
+    if let Some(args) = qemu_args {
+        plan.qemu_args = args;
+    }
     let started = Instant::now();
     let vm = run::run(plan).await.unwrap_or_else(|e| panic!("{e}"));
     let lv = lab.libvirt.clone();

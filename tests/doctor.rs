@@ -360,7 +360,7 @@ fn fetch_without_a_route_names_the_mirror_and_the_override_variables() {
         "the mirror it tried: {out}"
     );
     assert!(
-        out.contains("DEVICELAB_IMAGE_<ARCH>") && out.contains("build-debian12.sh"),
+        out.contains("DEVICELAB_IMAGE_<ARCH>") && out.contains("build-debian.sh"),
         "the way out: {out}"
     );
 }

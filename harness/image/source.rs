@@ -52,7 +52,7 @@ pub enum ImageError {
     Config(#[from] ConfigError),
     #[error(
         "{0}\n  offline, or no route to these mirrors? point DEVICELAB_IMAGE_<ARCH> at a local image \
-         instead (fixtures/images/build-debian12.sh builds one; docs/images.md: air-gapped hosts), or \
+         instead (fixtures/images/build-debian.sh builds one; docs/images.md: air-gapped hosts), or \
          DEVICELAB_IMAGE_URL_<ARCH> + DEVICELAB_IMAGE_SHA256_<ARCH> at a mirror you can reach"
     )]
     Download(#[from] DownloadError),
