@@ -196,9 +196,15 @@ async fn warm_vm(lab: &Arc<Lab>, arch: VmArchitecture) -> (Vec<(String, f64)>, f
 async fn knobs(lab: &Arc<Lab>, runs: usize, report: &mut Report) {
     let arch = VmArchitecture::Aarch64;
     let spec = VirtualMachineSpec::new(lab.vm_name("knobs", arch), arch);
-    let all = lab.plan(spec).await.unwrap_or_else(|e| panic!("{e}")).qemu_args;
+    let all = lab
+        .plan(spec)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .qemu_args;
     if all.is_empty() {
-        panic!("BENCH_KNOBS: this host's QEMU takes none of the aarch64 TCG knobs (or runs aarch64 under KVM)");
+        panic!(
+            "BENCH_KNOBS: this host's QEMU takes none of the aarch64 TCG knobs (or runs aarch64 under KVM)"
+        );
     }
     let mut variants = vec![("every knob".to_owned(), all.clone())];
     for knob in AARCH64_TCG_KNOBS {
@@ -217,7 +223,8 @@ async fn knobs(lab: &Arc<Lab>, runs: usize, report: &mut Report) {
     for run in 1..=runs {
         for (i, (variant, args)) in variants.iter().enumerate() {
             eprintln!("bench: {arch} run {run}/{runs}: bare baseline, {variant}: {args:?}");
-            let bare = bare_baseline(lab, arch, &format!("knobs{run}-{i}"), Some(args.clone())).await;
+            let bare =
+                bare_baseline(lab, arch, &format!("knobs{run}-{i}"), Some(args.clone())).await;
             let mut add = |phase: &str, secs: f64| {
                 phases
                     .entry(format!("{variant}: {phase}"))

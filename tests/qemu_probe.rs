@@ -33,10 +33,12 @@ fn an_unknown_property_is_left_out_with_qemus_reason() {
         Knob {
             args: ["-cpu", "max,no-such-property=on"],
             why: "test",
+            without: None,
         },
         Knob {
             args: ["-accel", "tcg"],
             why: "test",
+            without: None,
         },
     ];
     assert_eq!(
@@ -66,6 +68,7 @@ fn a_missing_emulator_accepts_nothing() {
     let knobs = [Knob {
         args: ["-accel", "tcg"],
         why: "test",
+        without: None,
     }];
     assert!(
         accepted_args(Path::new("/nonexistent/qemu"), &knobs, |a| {

@@ -43,7 +43,7 @@ fn own_saved_vm(name: &str, arch: VmArchitecture, test: &str) -> VirtualMachineS
 /// QEMU has no such device for aarch64), and whether its kernel reseeded its random number
 /// generator for the VM fork its restore is. libvirt renews the ID at each restore; a guest
 /// kernel with the vmgenid driver reseeds when it sees a new one, and says so in its log. Where
-/// the guest kernel has no such driver (Debian's cloud kernel), the reseed is not checked (said).
+/// the guest kernel has no such driver (Debian 12's cloud kernel), the reseed is not checked (said).
 async fn generation_id(lab: &Lab, vm: &Vm, arch: VmArchitecture) -> Option<String> {
     if arch != VmArchitecture::X86_64 {
         return None;
