@@ -99,6 +99,9 @@ async fn bench(runs: usize) -> Report {
         ..Default::default()
     };
     if std::env::var("BENCH_KNOBS").is_ok_and(|v| v == "1") {
+        if archs != [VmArchitecture::Aarch64] && archs != VmArchitecture::ALL {
+            panic!("BENCH_KNOBS measures aarch64's QEMU knobs: unset ARCH, or set ARCH=aarch64");
+        }
         knobs(&lab, runs, &mut report).await;
         report.load_after = load();
         return report;

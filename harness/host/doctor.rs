@@ -652,18 +652,18 @@ fn for_arch(
                 Some(Ok(lv)) => lv.qemu_accepts(arch, emulator, &knob.args),
                 Some(Err(e)) => Err(e.clone()),
             };
-            let what = format!("aarch64: QEMU accepts {shown}");
+            let accepts = format!("aarch64: QEMU accepts {shown}");
             out.push(match (probed, knob.without) {
-                (Ok(()), _) => Check::ok(what, knob.why),
+                (Ok(()), _) => Check::ok(accepts, knob.why),
                 (Err(why), Some(cost)) => Check::warn(
-                    what,
+                    accepts,
                     format!("no ({}); without it: {cost}", first_line(&why)),
                     "a newer QEMU (7.0 or later)",
                 ),
                 (Err(why), None) => Check::ok(
-                    what,
+                    format!("aarch64: QEMU refuses {shown}"),
                     format!(
-                        "no ({}); nothing measured is lost: {}",
+                        "{}; nothing measured is lost: {}",
                         first_line(&why),
                         knob.why
                     ),
