@@ -113,6 +113,11 @@ async fn waits_verbs_and_remove(#[future] lab: Arc<Lab>, arch: VmArchitecture) {
     ))
     .await
     .unwrap();
+    // An image may ship netcat already (Debian 13's cloud-init depends on it): it is taken out
+    // first, so that the install from the mirror is what puts it back.
+    vm.succeed("sudo -n dpkg --purge --force-depends netcat-openbsd >/dev/null 2>&1; true")
+        .await
+        .unwrap();
     vm.fail("command -v nc").await.unwrap();
     let mut from_mirror = agents::heartbeat();
     from_mirror.packages = vec![Package::Mirror("netcat-openbsd".into())];
