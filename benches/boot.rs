@@ -99,7 +99,11 @@ async fn bench(runs: usize) -> Report {
         ..Default::default()
     };
     if std::env::var("BENCH_KNOBS").is_ok_and(|v| v == "1") {
-        if archs != [VmArchitecture::Aarch64] && archs != VmArchitecture::ALL {
+        if lab
+            .config
+            .arch_filter
+            .is_some_and(|a| a != VmArchitecture::Aarch64)
+        {
             panic!("BENCH_KNOBS measures aarch64's QEMU knobs: unset ARCH, or set ARCH=aarch64");
         }
         knobs(&lab, runs, &mut report).await;
