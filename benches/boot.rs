@@ -24,6 +24,13 @@
 //! host's QEMU accepts, without each one in turn, and with none.
 //!
 //!     BENCH_KNOBS=1 BENCH_RUNS=1 cargo bench --bench boot
+//!
+//! With `BENCH_COLD_BUILD=1` it measures only what a new user's first build costs: per run,
+//! `cargo build --workspace --all-targets` into a target directory of its own
+//! (`target/devicelab-bench/cold-build`, emptied before and removed after), with the crates
+//! already downloaded (`--offline`: the registry's cache is not the build). No VM is booted.
+//!
+//!     BENCH_COLD_BUILD=1 BENCH_RUNS=1 cargo bench --bench boot
 
 use devicelab::VirtualMachineSpec;
 use devicelab::host::qemu_probe::AARCH64_TCG_KNOBS;
@@ -61,10 +68,14 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     // `cargo bench` passes `--bench`; a filter, if any, is not ours to read.
-    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    let report = rt.block_on(bench(runs));
-    print_table(&report);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/devicelab-bench");
+    let report = if std::env::var("BENCH_COLD_BUILD").is_ok_and(|v| v == "1") {
+        cold_build(runs, &dir.join("cold-build"))
+    } else {
+        let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+        rt.block_on(bench(runs))
+    };
+    print_table(&report);
     std::fs::create_dir_all(&dir).expect("target/devicelab-bench");
     let path = dir.join("boot.json");
     std::fs::write(
@@ -196,6 +207,47 @@ async fn warm_vm(lab: &Arc<Lab>, arch: VmArchitecture) -> (Vec<(String, f64)>, f
         .collect();
     vm.remove().await.unwrap_or_else(|e| panic!("{e}"));
     (parts, whole)
+}
+
+/// The workspace's every target built `runs` times from nothing into `target_dir` (emptied
+/// before each run, removed after): seconds per run, under "host".
+fn cold_build(runs: usize, target_dir: &std::path::Path) -> Report {
+    let mut report = Report {
+        runs_per_arch: runs,
+        load_before: load(),
+        ..Default::default()
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut times = Vec::new();
+    for run in 1..=runs {
+        let _ = std::fs::remove_dir_all(target_dir);
+        eprintln!(
+            "bench: cold build run {run}/{runs}: cargo build --workspace --all-targets --offline into {}",
+            target_dir.display()
+        );
+        let started = Instant::now();
+        let status = std::process::Command::new(&cargo)
+            .args(["build", "--workspace", "--all-targets", "--offline"])
+            .arg("--manifest-path")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+            .env("CARGO_TARGET_DIR", target_dir)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run cargo ({cargo:?}): {e}"));
+        let secs = started.elapsed().as_secs_f64();
+        assert!(
+            status.success(),
+            "the cold build failed ({status}): its output is above; with `--offline`, run \
+             `cargo fetch` first if a crate is missing"
+        );
+        times.push(secs);
+    }
+    let _ = std::fs::remove_dir_all(target_dir);
+    report.phases.entry("host".to_owned()).or_default().insert(
+        "cold cargo build --workspace --all-targets (s)".to_owned(),
+        times,
+    );
+    report.load_after = load();
+    report
 }
 
 /// The aarch64 bare baseline `runs` times with each set of knobs: every knob the host's QEMU
