@@ -27,8 +27,10 @@
 //!
 //! With `BENCH_COLD_BUILD=1` it measures only what a new user's first build costs: per run,
 //! `cargo build --workspace --all-targets` into a target directory of its own
-//! (`target/devicelab-bench/cold-build`, emptied before and removed after), with the crates
-//! already downloaded (`--offline`: the registry's cache is not the build). No VM is booted.
+//! (`target/devicelab-bench/cold-build`, emptied before and removed after, also when the build
+//! fails), with the crates already downloaded (`--offline --locked`: the registry's cache is not
+//! the build) and no compiler cache (`RUSTC_WRAPPER` and its kin unset for it). No VM is
+//! booted; the report goes to `target/devicelab-bench/cold-build.json`.
 //!
 //!     BENCH_COLD_BUILD=1 BENCH_RUNS=1 cargo bench --bench boot
 
@@ -63,21 +65,24 @@ const POLL: Duration = Duration::from_millis(100);
 
 fn main() {
     devicelab::init_logging();
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let runs: usize =
+        match std::env::var("BENCH_RUNS") {
+            Err(_) => 3,
+            Ok(v) => v.parse().ok().filter(|n| *n > 0).unwrap_or_else(|| {
+                panic!("BENCH_RUNS={v:?}: give a whole number of runs, 1 or more")
+            }),
+        };
     // `cargo bench` passes `--bench`; a filter, if any, is not ours to read.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/devicelab-bench");
-    let report = if std::env::var("BENCH_COLD_BUILD").is_ok_and(|v| v == "1") {
-        cold_build(runs, &dir.join("cold-build"))
+    let (report, file) = if std::env::var("BENCH_COLD_BUILD").is_ok_and(|v| v == "1") {
+        (cold_build(runs, &dir.join("cold-build")), "cold-build.json")
     } else {
         let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
-        rt.block_on(bench(runs))
+        (rt.block_on(bench(runs)), "boot.json")
     };
     print_table(&report);
     std::fs::create_dir_all(&dir).expect("target/devicelab-bench");
-    let path = dir.join("boot.json");
+    let path = dir.join(file);
     std::fs::write(
         &path,
         serde_json::to_vec_pretty(&report).expect("serializes"),
@@ -220,34 +225,59 @@ fn cold_build(runs: usize, target_dir: &std::path::Path) -> Report {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut times = Vec::new();
     for run in 1..=runs {
-        let _ = std::fs::remove_dir_all(target_dir);
+        empty(target_dir);
         eprintln!(
-            "bench: cold build run {run}/{runs}: cargo build --workspace --all-targets --offline into {}",
+            "bench: cold build run {run}/{runs}: cargo build --workspace --all-targets --offline --locked into {}",
             target_dir.display()
         );
         let started = Instant::now();
+        // A compiler cache or a shared build directory would make the build warm.
         let status = std::process::Command::new(&cargo)
-            .args(["build", "--workspace", "--all-targets", "--offline"])
+            .args([
+                "build",
+                "--workspace",
+                "--all-targets",
+                "--offline",
+                "--locked",
+            ])
             .arg("--manifest-path")
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
             .env("CARGO_TARGET_DIR", target_dir)
+            .env_remove("RUSTC_WRAPPER")
+            .env_remove("CARGO_BUILD_RUSTC_WRAPPER")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .env_remove("CARGO_BUILD_RUSTC_WORKSPACE_WRAPPER")
+            .env_remove("CARGO_BUILD_BUILD_DIR")
+            .env_remove("CARGO_BUILD_TARGET")
             .status()
             .unwrap_or_else(|e| panic!("cannot run cargo ({cargo:?}): {e}"));
         let secs = started.elapsed().as_secs_f64();
-        assert!(
-            status.success(),
-            "the cold build failed ({status}): its output is above; with `--offline`, run \
-             `cargo fetch` first if a crate is missing"
-        );
+        if !status.success() {
+            empty(target_dir);
+            panic!(
+                "the cold build failed ({status}): its output is above; with `--offline \
+                 --locked`, run `cargo fetch` first if a crate is missing"
+            );
+        }
         times.push(secs);
     }
-    let _ = std::fs::remove_dir_all(target_dir);
+    empty(target_dir);
     report.phases.entry("host".to_owned()).or_default().insert(
         "cold cargo build --workspace --all-targets (s)".to_owned(),
         times,
     );
     report.load_after = load();
     report
+}
+
+/// Removes `dir` and everything in it, if it is there: a build into what is left would not be
+/// cold.
+fn empty(dir: &std::path::Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("cannot empty {}: {e}: remove it by hand", dir.display()),
+    }
 }
 
 /// The aarch64 bare baseline `runs` times with each set of knobs: every knob the host's QEMU
@@ -412,7 +442,7 @@ fn load() -> String {
 
 fn print_table(report: &Report) {
     println!(
-        "\nboot benchmark: {} run(s) per architecture",
+        "\nboot benchmark: {} run(s) per architecture (or of the cold build)",
         report.runs_per_arch
     );
     println!(
