@@ -284,12 +284,7 @@ fn empty(dir: &std::path::Path) {
 /// accepts, each left out in turn, and none.
 async fn knobs(lab: &Arc<Lab>, runs: usize, report: &mut Report) {
     let arch = VmArchitecture::Aarch64;
-    let spec = VirtualMachineSpec::new(lab.vm_name("knobs", arch), arch);
-    let all = lab
-        .plan(spec)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .qemu_args;
+    let all = lab.qemu_args(arch).await.unwrap_or_else(|e| panic!("{e}"));
     if all.is_empty() {
         panic!(
             "BENCH_KNOBS: this host's QEMU takes none of the aarch64 TCG knobs (or runs aarch64 under KVM)"

@@ -468,6 +468,12 @@ impl Lab {
         Ok(self.qemu(arch).await?.emulator)
     }
 
+    /// The extra QEMU arguments `arch`'s VMs get on this lab's host: for emulated aarch64, the
+    /// knobs of `qemu_probe::AARCH64_TCG_KNOBS` its QEMU accepts; none otherwise.
+    pub async fn qemu_args(&self, arch: VmArchitecture) -> Result<Vec<String>, VmError> {
+        Ok(self.qemu(arch).await?.args)
+    }
+
     /// `arch`'s host pieces (QEMU, firmware), checked before its first VM: every miss at once.
     async fn preflight_arch(&self, arch: VmArchitecture) -> Result<(), VmError> {
         if self
