@@ -459,9 +459,13 @@ async fn clean_host(config: HarnessConfig, warm: bool) -> Result {
         let dirs = reaper::DataDirs::of(&config);
         let reaped = reaper::reap_including_kept(&lv, &pool, &dirs, &config.podman);
         // After the reap: a kept clone's disk is backed by its saved VM's. Another host's
-        // (reached over SSH, as `Lab` reaches it) are volumes of its pool.
-        let volumes = matches!(remote::ssh_hop(&config.libvirt_uri), Ok(Some(_)));
+        // (reached over SSH, as `Lab` reaches it) are volumes of its pool; a hop that cannot
+        // be made fails here as it fails `Lab`, rather than removing records whose volumes
+        // would stay on that host.
         let saved = warm.then(|| {
+            let volumes = remote::ssh_hop(&config.libvirt_uri)
+                .map_err(|e| e.to_string())?
+                .is_some();
             devicelab::vm::warm::remove_unused(&config.warm_dir(), volumes.then_some(&pool))
                 .map_err(|e| e.to_string())
         });
